@@ -1,0 +1,21 @@
+"""Errors a user can act on. The CLI prints them as one line, `error: <message>`, and exits 1."""
+
+
+class VlcacheError(Exception):
+    """Base class: anything raised as a VlcacheError is the user's input or environment, not a bug."""
+
+
+class ImageError(VlcacheError):
+    """The image is missing, unreadable, not an image, or too large."""
+
+
+class CacheFileError(VlcacheError):
+    """The cache file is missing, empty, truncated, corrupt, foreign, or from a newer format."""
+
+
+class ModelMismatchError(VlcacheError):
+    """The cache was made with other model weights than the engine holds."""
+
+
+class ModelLoadError(VlcacheError):
+    """The model or its processor could not be loaded."""

@@ -1,0 +1,187 @@
+"""ImageState: the model's state after the system prompt and the image, and its file format.
+
+The file is safetensors whatever its name (the guide's `.pt` names work): per-layer K/V in the model's compute
+dtype, the prefix token ids and their multimodal bookkeeping, and JSON metadata in the header. Loading reads
+the header first and refuses anything that is not a vlcache file before a tensor is touched; nothing is ever
+unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .errors import CacheFileError
+
+FORMAT_NAME = "vlcache"
+FORMAT_VERSION = 1
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+# Stored narrow, restored to long: ids fit int32, masks and token types fit int8.
+_NARROW = {"input_ids": torch.int32, "attention_mask": torch.int8, "mm_token_type_ids": torch.int8}
+_SMALL_TENSORS = ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw", "rope_deltas")
+
+
+@dataclass
+class StateMetadata:
+    model: str
+    fingerprint: str
+    dtype: str
+    system_prompt: str | None
+    image_path: str | None
+    image_sha256: str
+    image_size: list[int]  # [width, height] of the image as given
+    max_pixels: int | None
+    prefix_tokens: int
+    image_tokens: int
+    created: str
+    versions: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+
+@dataclass
+class ImageState:
+    """Prefix KV and everything needed to continue from it. Asking never changes a state."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer, each [1, kv_heads, prefix_tokens, head_dim]
+    input_ids: torch.Tensor  # [1, prefix_tokens] long
+    attention_mask: torch.Tensor  # [1, prefix_tokens] long
+    mm_token_type_ids: torch.Tensor  # [1, prefix_tokens] long (1 marks image tokens)
+    image_grid_thw: torch.Tensor  # [1, 3] long
+    rope_deltas: torch.Tensor  # [1, 1] long: M-RoPE position shift of every token after the image
+    metadata: StateMetadata
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    @property
+    def kv_bytes(self) -> int:
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.kv)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "ImageState":
+        kv = [(k.to(device=device, dtype=dtype or k.dtype), v.to(device=device, dtype=dtype or v.dtype)) for k, v in self.kv]
+        small = {name: getattr(self, name).to(device) for name in _SMALL_TENSORS}
+        return ImageState(kv=kv, metadata=self.metadata, **small)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write atomically: a temporary file beside the target, then a rename."""
+        path = Path(path)
+        tensors = {}
+        for i, (k, v) in enumerate(self.kv):
+            tensors[f"layers.{i}.keys"] = k.detach().contiguous().cpu()
+            tensors[f"layers.{i}.values"] = v.detach().contiguous().cpu()
+        for name in _SMALL_TENSORS:
+            tensors[name] = getattr(self, name).to("cpu", _NARROW.get(name, torch.long)).contiguous()
+        header = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "metadata": json.dumps(asdict(self.metadata))}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=header)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+
+def read_header(path: str | os.PathLike) -> dict:
+    """The safetensors header of a vlcache file, validated; CacheFileError for anything else."""
+    path = Path(path)
+    if not path.exists():
+        raise CacheFileError(f"cache file not found: {path}")
+    if path.is_dir():
+        raise CacheFileError(f"cache path is a folder, not a file: {path}")
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            head = fh.read(8)
+            if size == 0:
+                raise CacheFileError(f"cache file is empty: {path}")
+            _refuse_foreign(head, path)
+            if len(head) < 8:
+                raise CacheFileError(f"cache file is truncated: {path}")
+            header_len = int.from_bytes(head, "little")
+            if header_len > min(size - 8, _MAX_HEADER_BYTES):
+                raise CacheFileError(f"not a vlcache cache file (or truncated): {path}")
+            raw = fh.read(header_len)
+    except OSError as exc:
+        raise CacheFileError(f"cannot read cache file {path}: {exc.strerror or exc}") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CacheFileError(f"cache file is corrupt (unreadable header): {path}") from None
+    if not isinstance(header, dict):
+        raise CacheFileError(f"cache file is corrupt (unreadable header): {path}")
+    meta = header.get("__metadata__") or {}
+    if meta.get("format") != FORMAT_NAME:
+        raise CacheFileError(f"not a vlcache cache file: {path} (a safetensors file without vlcache metadata)")
+    try:
+        version = int(meta.get("format_version", ""))
+    except ValueError:
+        raise CacheFileError(f"cache file is corrupt (bad format version): {path}") from None
+    if version > FORMAT_VERSION:
+        raise CacheFileError(
+            f"cache file {path} has format version {version}, newer than this vlcache reads ({FORMAT_VERSION}); "
+            "upgrade vlcache or re-create the cache"
+        )
+    ends = [t["data_offsets"][1] for name, t in header.items() if name != "__metadata__" and isinstance(t, dict) and "data_offsets" in t]
+    if 8 + header_len + max(ends, default=0) != size:
+        raise CacheFileError(f"cache file is truncated or corrupt (size does not match its header): {path}")
+    return header
+
+
+def read_metadata(path: str | os.PathLike) -> StateMetadata:
+    header = read_header(path)
+    try:
+        fields = json.loads(header["__metadata__"]["metadata"])
+        return StateMetadata(**fields)
+    except (KeyError, TypeError, json.JSONDecodeError):
+        raise CacheFileError(f"cache file is corrupt (bad metadata): {path}") from None
+
+
+def load_state(path: str | os.PathLike, device: torch.device | str = "cpu") -> ImageState:
+    """Read a state file onto `device`; checks structure, not which model it belongs to (the Engine does)."""
+    metadata = read_metadata(path)
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as fh:
+            names = set(fh.keys())
+            n_layers = sum(1 for n in names if n.endswith(".keys"))
+            kv = [(fh.get_tensor(f"layers.{i}.keys"), fh.get_tensor(f"layers.{i}.values")) for i in range(n_layers)]
+            small = {name: fh.get_tensor(name).long() for name in _SMALL_TENSORS}
+    except (SafetensorError, KeyError, OSError, RuntimeError) as exc:
+        raise CacheFileError(f"cache file is corrupt: {path}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+    state = ImageState(kv=kv, metadata=metadata, **small)
+    _check_shapes(state, path)
+    return state
+
+
+def _check_shapes(state: ImageState, path) -> None:
+    n = state.metadata.prefix_tokens
+    ok = bool(state.kv) and all(
+        k.ndim == 4 and k.shape == v.shape and k.shape[2] == n and k.shape[0] == 1 for k, v in state.kv
+    )
+    ok = ok and all(getattr(state, name).shape == (1, n) for name in ("input_ids", "attention_mask", "mm_token_type_ids"))
+    ok = ok and tuple(state.image_grid_thw.shape) == (1, 3) and tuple(state.rope_deltas.shape) == (1, 1)
+    if not ok:
+        raise CacheFileError(f"cache file is corrupt (tensor shapes disagree with its metadata): {path}")
+
+
+def _refuse_foreign(head: bytes, path: Path) -> None:
+    if head.startswith(b"PK\x03\x04"):
+        raise CacheFileError(
+            f"not a vlcache cache file: {path} is a zip archive (a torch.save checkpoint?); vlcache never "
+            "unpickles files. Re-create the cache with `vlcache cache`"
+        )
+    if head[:1] == b"\x80":
+        raise CacheFileError(
+            f"not a vlcache cache file: {path} looks like a Python pickle; vlcache never unpickles files. "
+            "Re-create the cache with `vlcache cache`"
+        )

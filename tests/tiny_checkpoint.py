@@ -1,0 +1,127 @@
+"""Build a tiny random Qwen3-VL checkpoint on disk, loadable with from_pretrained.
+
+Tests need the real loading path (AutoProcessor / AutoModelForImageTextToText) without any download, so this
+writes a config, random weights, a byte-level BPE tokenizer with Qwen's special tokens, a Qwen3-VL style chat
+template and the Qwen2-VL image processor into a folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import (
+    Qwen2Tokenizer,
+    Qwen2VLImageProcessor,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLProcessor,
+    Qwen3VLVideoProcessor,
+)
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# Qwen3-VL's template, reduced to what vlcache uses: system turn only when given, images as
+# <|vision_start|><|image_pad|><|vision_end|>, text parts appended, generation prompt "<|im_start|>assistant\n".
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' or 'image' in part -%}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{ '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
+CORPUS = [
+    "What objects are visible in this image? What colors dominate the scene?",
+    "Describe the lighting and mood. Describe this image in one sentence.",
+    "You are a helpful AI assistant analyzing an image. You are analyzing this image.",
+    "The quick brown fox jumps over the lazy dog. A cat, a cup of coffee, a rocket, an astronaut.",
+    "How many people are there? Is it day or night? What is written on the sign? 0123456789",
+    "What is artificial intelligence? Hello! Tell me more about the picture, please.",
+]
+
+
+def _train_tokenizer(vocab_size: int) -> Qwen2Tokenizer:
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+    )
+    bpe.train_from_iterator(CORPUS * 4, trainer=trainer)
+    model_json = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model_json["merges"]]
+    tok = Qwen2Tokenizer(vocab=model_json["vocab"], merges=merges)
+    tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
+    tok.eos_token = "<|im_end|>"
+    tok.pad_token = "<|endoftext|>"
+    return tok
+
+
+def build_tiny_checkpoint(folder: Path, seed: int = 0, init_std: float = 0.2) -> Path:
+    """Write a tiny random Qwen3-VL checkpoint to `folder` and return it.
+
+    `init_std` is far above the usual 0.02 so that greedy decoding produces varied tokens: a model that
+    repeats one token hides position bugs.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = _train_tokenizer(vocab_size=400)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    vocab_size = len(tokenizer)
+
+    config = Qwen3VLConfig(
+        text_config=dict(
+            vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+            rope_theta=10000.0, rope_scaling={"rope_type": "default", "mrope_section": [4, 2, 2], "mrope_interleaved": True},
+            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+            initializer_range=init_std, tie_word_embeddings=False,
+        ),
+        vision_config=dict(
+            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
+            spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=256, deepstack_visual_indexes=[0],
+            initializer_range=init_std,
+        ),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    with torch.no_grad():  # norms start at exactly 1; jitter them so every weight matters to the output
+        for name, param in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                param.add_(torch.randn_like(param) * init_std)
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.generation_config.do_sample = False
+    model.save_pretrained(folder)
+
+    processor = Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(patch_size=16, merge_size=2, temporal_patch_size=2,
+                                              image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                                              size={"shortest_edge": 65536, "longest_edge": 16777216}),
+        tokenizer=tokenizer,
+        video_processor=Qwen3VLVideoProcessor(patch_size=16, merge_size=2, temporal_patch_size=2),
+        chat_template=CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(folder)
+    return folder
