@@ -208,11 +208,13 @@ class Engine:
         for token_id in steps:
             first_token_at = first_token_at or time.perf_counter()
             token_ids.append(token_id)
+            if len(token_ids) == max_new_tokens or token_id in self._eos_ids:
+                break  # the last token goes out with the answer below
             text = self.processor.tokenizer.decode(token_ids, skip_special_tokens=True)
-            piece = "" if text.endswith("\ufffd") else text[len(shown):]
+            # Hold back a trailing partial character; emit only text that extends what was shown.
+            piece = text[len(shown):] if not text.endswith("\ufffd") and text.startswith(shown) else ""
             shown += piece
-            if len(token_ids) < max_new_tokens and token_id not in self._eos_ids:
-                yield Delta(text=piece, token_id=token_id)
+            yield Delta(text=piece, token_id=token_id)
         # 3. The last delta carries the whole answer with its counts and timings.
         end = time.perf_counter()
         first_token_at = first_token_at or end
@@ -230,7 +232,8 @@ class Engine:
                 "tokens_per_s": (len(token_ids) - 1) / (end - first_token_at) if len(token_ids) > 1 and end > first_token_at else 0.0,
             },
         )
-        yield Delta(text=text[len(shown):], token_id=token_ids[-1] if token_ids else -1, answer=answer)
+        tail = text[len(shown):] if text.startswith(shown) else text  # (a decoder that rewrote the past: resend)
+        yield Delta(text=tail, token_id=token_ids[-1], answer=answer)
 
     # -- helpers ---------------------------------------------------------------------------------------------
 
@@ -288,10 +291,14 @@ def _eos_ids(generation_config) -> frozenset[int]:
 def _available_memory(device: torch.device) -> int | None:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+    try:  # Linux: MemAvailable counts reclaimable page cache, unlike free pages
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _versions() -> dict:

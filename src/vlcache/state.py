@@ -84,12 +84,19 @@ class ImageState:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         try:
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a cache is as shareable as any file
             save_file(tensors, tmp, metadata=header)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
         return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def read_header(path: str | os.PathLike) -> dict:
