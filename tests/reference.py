@@ -12,7 +12,7 @@ def reference_tokens(engine, image, system_prompt, question, max_new_tokens, max
     if image is not None:
         messages[-1]["content"][0]["image"] = load_image(image).image
     if max_pixels is not None:
-        kwargs["images_kwargs"] = engine._images_kwargs(max_pixels)
+        kwargs["images_kwargs"] = engine.images_kwargs(max_pixels)
     inputs = engine.processor.apply_chat_template(
         messages, tokenize=True, add_generation_prompt=True, return_dict=True, return_tensors="pt", **kwargs
     )

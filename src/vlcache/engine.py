@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,10 +23,10 @@ DEFAULT_MAX_NEW_TOKENS = 128
 class Answer:
     text: str
     token_ids: list[int]  # generated ids, an end-of-turn token included when the model produced one
-    prompt_tokens: int  # all tokens before the answer: cached prefix + new suffix
+    prompt_tokens: int  # all tokens before the answer: cached + newly computed
     cached_tokens: int  # tokens taken from the state instead of being computed
     finish_reason: str  # "stop" (end-of-turn token) or "length" (max_new_tokens reached)
-    timings: dict[str, float] = field(default_factory=dict)  # seconds: prefill_s, ttft_s, decode_s, total_s
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: ttft_s, decode_s, total_s; tokens_per_s
 
     def to_dict(self) -> dict:
         return {
@@ -48,12 +48,28 @@ class Delta:
     answer: Answer | None = None  # set on the last delta only
 
 
+@dataclass
+class GenerationOptions:
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    temperature: float | None = None  # None: the model's generation config; 0: greedy
+    top_p: float | None = None
+    seed: int | None = None
+
+    def check(self) -> None:
+        if self.max_new_tokens < 1:
+            raise VlcacheError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature is not None and self.temperature < 0:
+            raise VlcacheError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise VlcacheError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
 class Engine:
     def __init__(self, loaded: model_loading.LoadedModel):
         self._loaded = loaded
         self.model = loaded.model
         self.processor = loaded.processor
-        self._eos_ids = _eos_ids(self.model.generation_config)
+        self.eos_ids = _eos_ids(self.model.generation_config)
 
     @classmethod
     def load(cls, model: str | None = None, device: str = "auto", dtype: str = "auto") -> "Engine":
@@ -87,12 +103,13 @@ class Engine:
         """Run the vision encoder and the prefill over system prompt + image once; return the state."""
         # 1. Open the image (any mode, first frame) and check it fits in memory at the chosen resolution.
         loaded = images.load_image(image)
-        images_kwargs = self._images_kwargs(max_pixels)
+        images_kwargs = self.images_kwargs(max_pixels)
         self._check_memory(loaded, images_kwargs)
-        # 2. Tokenize the prefix the chat template gives: system turn, user turn up to the image.
-        split = prompt.split_image_prompt(self.processor, system_prompt)
+        # 2. Tokenize what the chat template puts before the question: system turn, user turn up to the image.
+        messages = prompt.image_conversation(system_prompt)
         inputs = self.processor(
-            text=[split.prefix_text], images=[loaded.image], return_tensors="pt", images_kwargs=images_kwargs
+            text=[prompt.covered_text(self.processor, messages)], images=[loaded.image], return_tensors="pt",
+            images_kwargs=images_kwargs,
         ).to(self.device)
         # 3. Vision encoder + prefill with the model's own M-RoPE positions; keep the KV.
         positions, rope_delta = generate.mrope_positions(
@@ -120,7 +137,9 @@ class Engine:
             max_pixels=max_pixels,
             prefix_tokens=n,
             image_tokens=int(inputs["mm_token_type_ids"].sum()),
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            created=_now(),
+            messages=messages,
+            processor_settings=self.processor_settings(max_pixels),
             versions=_versions(),
         )
         return ImageState(
@@ -155,95 +174,138 @@ class Engine:
 
     # -- asking ----------------------------------------------------------------------------------------------
 
-    def ask(
-        self,
-        state: ImageState | None,
-        prompt_text: str,
-        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-        system_prompt: str | None = None,
-    ) -> Answer:
+    def ask(self, state: ImageState | None, prompt_text: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+            temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
+            system_prompt: str | None = None) -> Answer:
         """Answer a prompt about a cached image (state) or, with state None, a text-only prompt."""
         delta = None
         for delta in self.stream(state, prompt_text, max_new_tokens, temperature, top_p, seed, system_prompt):
             pass
         return delta.answer
 
-    def stream(
-        self,
-        state: ImageState | None,
-        prompt_text: str,
-        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-        system_prompt: str | None = None,
-    ) -> Iterator[Delta]:
+    def stream(self, state: ImageState | None, prompt_text: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+               temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
+               system_prompt: str | None = None) -> Iterator[Delta]:
         """Like ask, yielding text as it is generated; the last Delta carries the Answer."""
-        _check_generation_args(max_new_tokens, temperature, top_p)
-        start = time.perf_counter()
-        # 1. The new tokens and the cache they continue: the state's prefix, or nothing for text-only.
-        if state is not None:
-            self.check_state(state)
-            split = prompt.split_image_prompt(self.processor, state.metadata.system_prompt)
-            new_ids = prompt.encode_text(self.processor, split.suffix_text(prompt_text)).to(self.device)
-            cache = generate.cache_from_kv(self.model.config, state.kv)
-            history, rope_delta = state.input_ids, int(state.rope_deltas.view(-1)[0])
-        else:
+        options = GenerationOptions(max_new_tokens, temperature, top_p, seed)
+        if state is None:
             new_ids = prompt.text_only_ids(self.processor, system_prompt, prompt_text).to(self.device)
-            cache = generate.DynamicCache(config=self.model.config)
-            history, rope_delta = new_ids[:, :0], 0
-        cached = int(history.shape[1])
-        # 2. Prefill the new tokens, then decode, streaming text as whole characters become available.
-        params = generate.sampling_params(self.model.generation_config, temperature, top_p, seed)
-        steps = generate.generate_step(
-            self.model, cache, history, new_ids, rope_delta, generate.make_sampler(params, self.device),
-            max_new_tokens, self._eos_ids,
-        )
+            return self.stream_ids(self.empty_kv(), new_ids[:, :0], new_ids, 0, options)
+        self.check_state(state)
+        new_ids = self.question_ids(state.metadata.messages, prompt_text)
+        return self.stream_ids(state.kv, state.input_ids, new_ids, _delta(state), options)
+
+    def ask_many(self, state: ImageState, prompts: Sequence[str], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                 temperature: float | None = None, top_p: float | None = None, seed: int | None = None) -> list[Answer]:
+        """Answer several prompts about one state in one batched generation over the shared prefix.
+
+        With greedy decoding each answer equals asking its prompt alone. With sampling and a seed, row i
+        samples with seed + i, so a batch is repeatable.
+        """
+        options = GenerationOptions(max_new_tokens, temperature, top_p, seed)
+        options.check()
+        if not prompts:
+            return []
+        self.check_state(state)
+        new_ids = [self.question_ids(state.metadata.messages, p) for p in prompts]
+        start = time.perf_counter()
+        steps = self._steps(state.kv, state.input_ids, new_ids, _delta(state), options)
+        tokens: list[list[int]] = [[] for _ in prompts]
+        first = None
+        for step in steps:
+            first = first or time.perf_counter()
+            for row, token in zip(tokens, step):
+                if token is not None:
+                    row.append(token)
+        timing = _Timing(start, first)
+        return [self._answer(ids, state.num_tokens, state.num_tokens + n.shape[1], timing) for ids, n in zip(tokens, new_ids)]
+
+    # -- the layers under ask, stream and ask_many -------------------------------------------------------------
+
+    def question_ids(self, messages: list[dict], question: str) -> torch.Tensor:
+        return prompt.encode_text(self.processor, prompt.question_text(self.processor, messages, question)).to(self.device)
+
+    def stream_ids(self, kv, history: torch.Tensor, new_ids: torch.Tensor, rope_delta: int,
+                   options: GenerationOptions, cache=None) -> Iterator[Delta]:
+        """Generate after `history` (whose KV is `kv`) and `new_ids`; stream Deltas, the last with the Answer.
+
+        `cache` may be a live cache holding exactly `history` (conversations continue in place); otherwise
+        one is built over `kv`, which is never written.
+        """
+        options.check()
+        start = time.perf_counter()
         token_ids: list[int] = []
-        shown = ""
-        first_token_at = None
-        for token_id in steps:
-            first_token_at = first_token_at or time.perf_counter()
+        shown, first = "", None
+        for (token_id,) in self._steps(kv, history, [new_ids], rope_delta, options, cache):
+            first = first or time.perf_counter()
             token_ids.append(token_id)
-            if len(token_ids) == max_new_tokens or token_id in self._eos_ids:
+            if len(token_ids) == options.max_new_tokens or token_id in self.eos_ids:
                 break  # the last token goes out with the answer below
             text = self.processor.tokenizer.decode(token_ids, skip_special_tokens=True)
             # Hold back a trailing partial character; emit only text that extends what was shown.
             piece = text[len(shown):] if not text.endswith("\ufffd") and text.startswith(shown) else ""
             shown += piece
             yield Delta(text=piece, token_id=token_id)
-        # 3. The last delta carries the whole answer with its counts and timings.
-        end = time.perf_counter()
-        first_token_at = first_token_at or end
-        text = self.processor.tokenizer.decode(token_ids, skip_special_tokens=True)
-        answer = Answer(
-            text=text,
-            token_ids=token_ids,
-            prompt_tokens=cached + int(new_ids.shape[1]),
-            cached_tokens=cached,
-            finish_reason="stop" if token_ids and token_ids[-1] in self._eos_ids else "length",
-            timings={
-                "ttft_s": first_token_at - start,
-                "decode_s": end - first_token_at,
-                "total_s": end - start,
-                "tokens_per_s": (len(token_ids) - 1) / (end - first_token_at) if len(token_ids) > 1 and end > first_token_at else 0.0,
-            },
-        )
-        tail = text[len(shown):] if text.startswith(shown) else text  # (a decoder that rewrote the past: resend)
+        answer = self._answer(token_ids, history.shape[1], history.shape[1] + new_ids.shape[1], _Timing(start, first))
+        tail = answer.text[len(shown):] if answer.text.startswith(shown) else answer.text
         yield Delta(text=tail, token_id=token_ids[-1], answer=answer)
 
-    # -- helpers ---------------------------------------------------------------------------------------------
+    def _steps(self, kv, history, new_ids: list[torch.Tensor], rope_delta: int, options: GenerationOptions, cache=None):
+        params = generate.sampling_params(self.model.generation_config, options.temperature, options.top_p, options.seed)
+        samplers = [
+            generate.make_sampler(params if params.seed is None else _with_seed(params, params.seed + i), self.device)
+            for i in range(len(new_ids))
+        ]
+        if cache is None:
+            capacity = history.shape[1] + max(n.shape[1] for n in new_ids) + options.max_new_tokens
+            cache = generate.cache_from_kv(self.model.config, kv, batch=len(new_ids), capacity=capacity)
+        return generate.generate_steps(
+            self.model, cache, history, new_ids, rope_delta, samplers, options.max_new_tokens, self.eos_ids
+        )
 
-    def _images_kwargs(self, max_pixels: int | None) -> dict:
+    def _answer(self, token_ids: list[int], cached: int, prompt_tokens: int, timing: "_Timing") -> Answer:
+        end = time.perf_counter()
+        first = timing.first or end
+        decode = end - first
+        return Answer(
+            text=self.processor.tokenizer.decode(token_ids, skip_special_tokens=True),
+            token_ids=token_ids,
+            prompt_tokens=prompt_tokens,
+            cached_tokens=cached,
+            finish_reason="stop" if token_ids and token_ids[-1] in self.eos_ids else "length",
+            timings={
+                "ttft_s": first - timing.start,
+                "decode_s": decode,
+                "total_s": end - timing.start,
+                "tokens_per_s": (len(token_ids) - 1) / decode if len(token_ids) > 1 and decode > 0 else 0.0,
+            },
+        )
+
+    def empty_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        cfg = self.model.config.get_text_config()
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        empty = torch.empty(1, cfg.num_key_value_heads, 0, head_dim, dtype=self.dtype, device=self.device)
+        return [(empty, empty) for _ in range(cfg.num_hidden_layers)]
+
+    # -- image sizes and memory ------------------------------------------------------------------------------
+
+    def images_kwargs(self, max_pixels: int | None) -> dict:
         if max_pixels is None:
             return {}
         if max_pixels <= 0:
-            raise ImageError(f"--max-pixels must be positive, got {max_pixels}")
+            raise ImageError(f"max_pixels must be positive, got {max_pixels}")
         size = dict(self.processor.image_processor.size)
         return {"size": {"shortest_edge": min(size.get("shortest_edge", max_pixels), max_pixels), "longest_edge": max_pixels}}
+
+    def processor_settings(self, max_pixels: int | None) -> dict:
+        """What decides an image's tokens besides its pixels: part of a cache's identity."""
+        ip = self.processor.image_processor
+        size = self.images_kwargs(max_pixels).get("size") or dict(ip.size)
+        return {
+            "min_pixels": size["shortest_edge"], "max_pixels": size["longest_edge"], "patch_size": ip.patch_size,
+            "merge_size": ip.merge_size, "temporal_patch_size": ip.temporal_patch_size,
+            "image_mean": list(ip.image_mean), "image_std": list(ip.image_std),
+        }
 
     def _check_memory(self, loaded: images.LoadedImage, images_kwargs: dict) -> None:
         """Refuse an image whose KV cache and activations would not fit in the memory at hand."""
@@ -272,13 +334,20 @@ class Engine:
         return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * torch.finfo(self.dtype).bits // 8
 
 
-def _check_generation_args(max_new_tokens, temperature, top_p) -> None:
-    if max_new_tokens < 1:
-        raise VlcacheError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if temperature is not None and temperature < 0:
-        raise VlcacheError(f"temperature must be >= 0, got {temperature}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise VlcacheError(f"top_p must be in (0, 1], got {top_p}")
+@dataclass
+class _Timing:
+    start: float
+    first: float | None
+
+
+def _delta(state: ImageState) -> int:
+    return int(state.rope_deltas.view(-1)[0])
+
+
+def _with_seed(params: generate.SamplingParams, seed: int) -> generate.SamplingParams:
+    from dataclasses import replace
+
+    return replace(params, seed=seed)
 
 
 def _eos_ids(generation_config) -> frozenset[int]:
@@ -299,6 +368,10 @@ def _available_memory(device: torch.device) -> int | None:
     except OSError:
         pass
     return None
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _versions() -> dict:

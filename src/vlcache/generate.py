@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, LogitsProcessorList
+from transformers.cache_utils import DynamicLayer
 from transformers.generation.logits_process import (
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
@@ -96,16 +97,47 @@ def mrope_positions(model, input_ids, attention_mask, mm_token_type_ids, image_g
     return torch.cat([index, vision.to(input_ids.device)], dim=0), int(deltas.view(-1)[0])
 
 
-def cache_from_kv(config, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    """A DynamicCache over existing K/V tensors without copying them.
+class BufferedLayer(DynamicLayer):
+    """A DynamicLayer that appends into a preallocated buffer instead of torch.cat-ing the whole KV each step.
 
-    DynamicLayer.update appends with torch.cat, which makes new tensors: the given ones are never written, so
-    a state can be shared by any number of asks.
+    `keys`/`values` are always views of the buffer up to the current length, so everything transformers reads
+    from a DynamicLayer (lengths, mask sizes, crop) keeps working. The state the buffer was filled from is
+    never written.
     """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, batch: int, capacity: int):
+        super().__init__()
+        length = keys.shape[-2]
+        shape = (batch, keys.shape[1], max(capacity, length), keys.shape[-1])
+        self._key_buffer = keys.new_empty(shape)
+        self._value_buffer = values.new_empty(shape)
+        self._key_buffer[:, :, :length] = keys  # broadcast: one copy of the prefix per row
+        self._value_buffer[:, :, :length] = values
+        self.lazy_initialization(keys, values)
+        self.keys, self.values = self._key_buffer[:, :, :length], self._value_buffer[:, :, :length]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        start, end = self.keys.shape[-2], self.keys.shape[-2] + key_states.shape[-2]
+        if end > self._key_buffer.shape[-2]:
+            self._grow(end)
+        self._key_buffer[:, :, start:end] = key_states
+        self._value_buffer[:, :, start:end] = value_states
+        self.keys, self.values = self._key_buffer[:, :, :end], self._value_buffer[:, :, :end]
+        return self.keys, self.values
+
+    def _grow(self, needed: int) -> None:
+        size = max(needed, 2 * self._key_buffer.shape[-2])
+        for name in ("_key_buffer", "_value_buffer"):
+            old = getattr(self, name)
+            new = old.new_empty(old.shape[:2] + (size, old.shape[-1]))
+            new[:, :, : old.shape[-2]] = old
+            setattr(self, name, new)
+
+
+def cache_from_kv(config, kv: list[tuple[torch.Tensor, torch.Tensor]], batch: int = 1, capacity: int = 0) -> DynamicCache:
+    """A cache holding `kv` (batch 1) for `batch` rows, with room for `capacity` tokens in all."""
     cache = DynamicCache(config=config)
-    for layer, (k, v) in zip(cache.layers, kv, strict=True):
-        layer.lazy_initialization(k, v)
-        layer.keys, layer.values = k, v
+    cache.layers = [BufferedLayer(k, v, batch, capacity) for k, v in kv]
     return cache
 
 
@@ -114,13 +146,14 @@ def kv_from_cache(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]
 
 
 @torch.inference_mode()
-def forward(model, input_ids, position_ids, cache, **vision) -> torch.Tensor:
-    """Run new tokens through the model, appending to `cache`; return the last position's logits [1, V]."""
-    total = cache.get_seq_length() + input_ids.shape[1]
-    mask = torch.ones(input_ids.shape[0], total, dtype=torch.long, device=input_ids.device)
+def forward(model, input_ids, position_ids, cache, attention_mask=None, **vision) -> torch.Tensor:
+    """Run new tokens through the model, appending to `cache`; return the last position's logits [B, V]."""
+    if attention_mask is None:
+        total = cache.get_seq_length() + input_ids.shape[1]
+        attention_mask = torch.ones(input_ids.shape[0], total, dtype=torch.long, device=input_ids.device)
     out = model(
         input_ids=input_ids,
-        attention_mask=mask,
+        attention_mask=attention_mask,
         position_ids=position_ids,
         cache=cache,
         use_cache=True,
@@ -131,31 +164,60 @@ def forward(model, input_ids, position_ids, cache, **vision) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def generate_step(
+def generate_steps(
     model,
     cache: DynamicCache,
     history: torch.Tensor,
-    new_ids: torch.Tensor,
+    new_ids: list[torch.Tensor],
     rope_delta: int,
-    sampler: Sampler,
+    samplers: list[Sampler],
     max_new_tokens: int,
     eos_ids: frozenset[int],
-) -> Iterator[int]:
-    """Prefill `new_ids` after the `history` already in `cache`, then yield up to max_new_tokens token ids.
+) -> Iterator[list[int | None]]:
+    """Prefill each row's new ids after the shared `history` in `cache`, then decode all rows together.
 
-    Stops after an end-of-sequence token (which is yielded). `history` is only read by samplers that look
-    back (repetition penalty).
+    Yields one list per step with each row's token, or None for a row that already finished (after its
+    end-of-sequence token, which is yielded, or max_new_tokens). Rows of unequal length are padded on the left
+    of their new ids, between history and question; padding is masked out and skipped in the M-RoPE
+    positions, so each row computes what it would alone.
     """
-    device = new_ids.device
-    start = cache.get_seq_length()
-    logits = forward(model, new_ids, text_positions(start, new_ids.shape[1], rope_delta, device), cache)
-    ids = torch.cat([history.to(device), new_ids], dim=1)
+    # 1. Lay the rows out: [history | padding | new ids], and their masks and positions.
+    device = history.device
+    rows, start = len(new_ids), cache.get_seq_length()
+    width = max(ids.shape[1] for ids in new_ids)
+    pads = [width - ids.shape[1] for ids in new_ids]
+    input_ids = torch.zeros(rows, width, dtype=torch.long, device=device)
+    mask = torch.ones(rows, start + width, dtype=torch.long, device=device)
+    logical = torch.zeros(rows, width, dtype=torch.long, device=device)
+    for i, (ids, pad) in enumerate(zip(new_ids, pads)):
+        input_ids[i, pad:] = ids[0]
+        mask[i, start : start + pad] = 0
+        logical[i, pad:] = torch.arange(start, start + ids.shape[1], device=device)
+    slots = torch.arange(start, start + width, device=device).expand(rows, -1)
+    positions = torch.stack([slots, logical + rope_delta, logical + rope_delta, logical + rope_delta])
+    # 2. Prefill all rows at once.
+    logits = forward(model, input_ids, positions, cache, attention_mask=mask)
+    seen = [torch.cat([history[0], ids[0]]).unsqueeze(0) for ids in new_ids]  # for samplers that look back
+    next_logical = torch.tensor([start + ids.shape[1] for ids in new_ids], device=device)
+    done = [False] * rows
+    # 3. Decode: every row advances one token a step; finished rows keep a slot but their output is dropped.
     for step in range(max_new_tokens):
-        token = sampler(ids, logits)
-        token_id = int(token)
-        yield token_id
-        if token_id in eos_ids or step == max_new_tokens - 1:
+        tokens = torch.stack([samplers[i](seen[i], logits[i : i + 1])[0] for i in range(rows)])
+        out: list[int | None] = []
+        for i in range(rows):
+            if done[i]:
+                out.append(None)
+                continue
+            token_id = int(tokens[i])
+            out.append(token_id)
+            seen[i] = torch.cat([seen[i], tokens[i].view(1, 1)], dim=1)
+            done[i] = token_id in eos_ids
+        yield out
+        if all(done) or step == max_new_tokens - 1:
             return
-        ids = torch.cat([ids, token.view(1, 1)], dim=1)
-        position = text_positions(ids.shape[1] - 1, 1, rope_delta, device)
-        logits = forward(model, token.view(1, 1), position, cache)
+        slot = cache.get_seq_length()
+        mask = torch.cat([mask, torch.ones(rows, 1, dtype=torch.long, device=device)], dim=1)
+        rope = (next_logical + rope_delta).view(1, rows, 1)
+        positions = torch.cat([torch.full((1, rows, 1), slot, device=device), rope.expand(3, rows, 1)])
+        logits = forward(model, tokens.view(rows, 1), positions, cache, attention_mask=mask)
+        next_logical = next_logical + 1

@@ -1,47 +1,70 @@
-"""Split a conversation into the cached prefix (system + image) and the per-question suffix.
+"""Conversations as the chat template renders them, and the tokens a new question adds to a state.
 
-The split comes from the model's own chat template: the conversation is rendered with a sentinel in place of
-the question, and everything before the sentinel is the prefix. The prefix ends in <|vision_end|>, a special
-token, so tokenizing the two halves apart gives the same ids as tokenizing the whole.
+A state covers a conversation: `[system], user(image)` for a freshly cached image (the user turn is still
+open: its question comes next), or a whole exchange `..., assistant(answer)` for a saved conversation. The
+text a question adds is the model's own chat template rendered with the question, minus the text the state
+already covers. The covered text always ends in a special token (<|vision_end|>) or a newline after one
+(<|im_end|>), so tokenizing the two halves apart gives the same ids as tokenizing the whole (tested).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
 
 import torch
 
 _SENTINEL = "\u2063vlcache-question\u2063"
 
+IMAGE_PART = {"type": "image"}
 
-def conversation(system_prompt: str | None, question: str, with_image: bool) -> list[dict]:
-    """The messages transformers' chat template expects: [system], user(image?, text)."""
+
+def image_conversation(system_prompt: str | None) -> list[dict]:
+    """What an image state covers: [system], and a user turn holding the image, open for the question."""
     messages: list[dict] = []
     if system_prompt:
         messages.append({"role": "system", "content": system_prompt})
-    content: list[dict] = [{"type": "image"}] if with_image else []
-    content.append({"type": "text", "text": question})
-    messages.append({"role": "user", "content": content})
+    messages.append({"role": "user", "content": [dict(IMAGE_PART)]})
     return messages
 
 
-@dataclass(frozen=True)
-class PromptSplit:
-    prefix_text: str  # system turn and user turn up to and including the image
-    suffix_template: str  # what follows the question: end of user turn and the assistant header
+def with_question(messages: list[dict], question: str) -> list[dict]:
+    """The conversation with the question added: into the open user turn, or as a new one."""
+    messages = copy.deepcopy(messages)
+    part = {"type": "text", "text": question}
+    if messages and messages[-1]["role"] == "user":
+        messages[-1]["content"].append(part)
+    else:
+        messages.append({"role": "user", "content": [part]})
+    return messages
 
-    def suffix_text(self, question: str) -> str:
-        return question + self.suffix_template
+
+def conversation(system_prompt: str | None, question: str, with_image: bool) -> list[dict]:
+    """The messages for a one-question conversation (the uncached reference uses this too)."""
+    base = image_conversation(system_prompt) if with_image else ([{"role": "system", "content": system_prompt}] if system_prompt else [])
+    return with_question(base, question)
 
 
-def split_image_prompt(processor, system_prompt: str | None) -> PromptSplit:
-    full = processor.apply_chat_template(
-        conversation(system_prompt, _SENTINEL, with_image=True), tokenize=False, add_generation_prompt=True
-    )
-    if full.count(_SENTINEL) != 1:
-        raise ValueError("the chat template does not place the question exactly once; cannot split the prompt")
-    prefix, suffix = full.split(_SENTINEL)
-    return PromptSplit(prefix_text=prefix, suffix_template=suffix)
+def render(processor, messages: list[dict], add_generation_prompt: bool) -> str:
+    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def covered_text(processor, messages: list[dict]) -> str:
+    """The template text a state of these messages holds in its KV."""
+    if messages and messages[-1]["role"] == "user":  # open turn: everything before the question
+        full = render(processor, with_question(messages, _SENTINEL), add_generation_prompt=True)
+        if full.count(_SENTINEL) != 1:
+            raise ValueError("the chat template does not place the question exactly once; cannot split the prompt")
+        return full.split(_SENTINEL)[0]
+    return render(processor, messages, add_generation_prompt=False)
+
+
+def question_text(processor, messages: list[dict], question: str) -> str:
+    """The text a question adds after what a state of `messages` covers, up to the assistant header."""
+    covered = covered_text(processor, messages)
+    full = render(processor, with_question(messages, question), add_generation_prompt=True)
+    if not full.startswith(covered):
+        raise ValueError("the chat template re-renders earlier turns differently; cannot continue the cached state")
+    return full[len(covered):]
 
 
 def encode_text(processor, text: str) -> torch.Tensor:
@@ -51,7 +74,5 @@ def encode_text(processor, text: str) -> torch.Tensor:
 
 
 def text_only_ids(processor, system_prompt: str | None, question: str) -> torch.Tensor:
-    text = processor.apply_chat_template(
-        conversation(system_prompt, question, with_image=False), tokenize=False, add_generation_prompt=True
-    )
-    return encode_text(processor, text)
+    messages = conversation(system_prompt, question, with_image=False)
+    return encode_text(processor, render(processor, messages, add_generation_prompt=True))

@@ -41,6 +41,10 @@ class StateMetadata:
     prefix_tokens: int
     image_tokens: int
     created: str
+    # The conversation the KV covers, as the chat template takes it: [system], user(image) for a cached image
+    # (its turn open for the question), then any saved exchange. Images appear as {"type": "image"}.
+    messages: list = field(default_factory=list)
+    processor_settings: dict = field(default_factory=dict)  # what decides the image tokens (pixels, patch, ...)
     versions: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
