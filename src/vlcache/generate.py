@@ -125,6 +125,10 @@ class BufferedLayer(DynamicLayer):
         self.keys, self.values = self._key_buffer[:, :, :end], self._value_buffer[:, :, :end]
         return self.keys, self.values
 
+    def truncate(self, length: int) -> None:
+        """Forget everything after `length` tokens (a conversation that diverges from what was cached)."""
+        self.keys, self.values = self._key_buffer[:, :, :length], self._value_buffer[:, :, :length]
+
     def _grow(self, needed: int) -> None:
         size = max(needed, 2 * self._key_buffer.shape[-2])
         for name in ("_key_buffer", "_value_buffer"):
@@ -161,6 +165,11 @@ def forward(model, input_ids, position_ids, cache, attention_mask=None, **vision
         **vision,
     )
     return out.logits[:, -1, :]
+
+
+def prefill(model, cache: DynamicCache, new_ids: torch.Tensor, rope_delta: int) -> None:
+    """Append `new_ids` (one row) to the cache without generating."""
+    forward(model, new_ids, text_positions(cache.get_seq_length(), new_ids.shape[1], rope_delta, new_ids.device), cache)
 
 
 @torch.inference_mode()

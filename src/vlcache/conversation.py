@@ -1,0 +1,119 @@
+"""Multi-turn conversations about a cached image, continuing in place from the KV of earlier turns."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterator
+from dataclasses import replace
+
+import torch
+
+from . import generate, prompt
+from .engine import Answer, Delta, Engine, GenerationOptions, _delta, _now
+from .state import ImageState
+
+
+class Conversation:
+    """A chat about one state. Each turn prefills only what is new since the tokens already in the cache.
+
+    What is new comes from the chat template: the whole conversation is rendered and tokenized, and the
+    longest run of tokens that the live cache already holds is kept. Usually that is everything up to the new
+    user turn; when an answer's text re-tokenizes differently from the ids the model generated, the cache is
+    cut back to where they part, so every turn equals generate() on the whole uncached conversation.
+    """
+
+    def __init__(self, engine: Engine, state: ImageState):
+        engine.check_state(state)
+        self.engine = engine
+        self.state = state
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to the cached state: earlier turns are forgotten."""
+        self.messages: list[dict] = copy.deepcopy(self.state.metadata.messages)
+        self._ids = self.state.input_ids  # what the live cache holds, [1, n]
+        self._cache = None
+
+    @property
+    def turns(self) -> int:
+        return sum(1 for m in self.messages if m["role"] == "assistant") - sum(
+            1 for m in self.state.metadata.messages if m["role"] == "assistant"
+        )
+
+    def ask(self, text: str, max_new_tokens: int = 128, temperature: float | None = None,
+            top_p: float | None = None, seed: int | None = None) -> Answer:
+        delta = None
+        for delta in self.stream(text, max_new_tokens, temperature, top_p, seed):
+            pass
+        return delta.answer
+
+    def stream(self, text: str, max_new_tokens: int = 128, temperature: float | None = None,
+               top_p: float | None = None, seed: int | None = None) -> Iterator[Delta]:
+        options = GenerationOptions(max_new_tokens, temperature, top_p, seed)
+        options.check()
+        messages = prompt.with_question(self.messages, text)
+        return self._stream(messages, options)
+
+    def _stream(self, messages: list[dict], options: GenerationOptions) -> Iterator[Delta]:
+        # 1. The whole conversation's tokens, and how many of them the live cache already holds.
+        target = self._target_ids(messages, add_generation_prompt=True)
+        keep = self._sync(target, options.max_new_tokens)
+        # 2. Generate in the live cache: it grows by the new tokens and the answer.
+        delta = None
+        for delta in self.engine.stream_ids(None, target[:, :keep], target[:, keep:], _delta(self.state), options, cache=self._cache):
+            yield delta
+        # 3. Remember the turn. The last generated token was never run through the model.
+        answer = delta.answer
+        self._ids = torch.cat([target, torch.tensor([answer.token_ids[:-1]], dtype=torch.long, device=target.device)], dim=1)
+        self.messages = messages + [{"role": "assistant", "content": answer.text}]
+
+    def to_state(self) -> ImageState:
+        """The conversation so far as a state that `ask` and `chat` can resume (new questions follow it)."""
+        target = self._target_ids(self.messages, add_generation_prompt=False)
+        keep = self._sync(target, 0, at_least_one_new=False)
+        if keep < target.shape[1]:
+            generate.prefill(self.engine.model, self._cache, target[:, keep:], _delta(self.state))
+            self._ids = target
+        n = target.shape[1]
+        kv = [(k[:, :, :n].clone(), v[:, :, :n].clone()) for k, v in generate.kv_from_cache(self._cache)]
+        base = self.state
+        extra = n - base.num_tokens
+        zeros = torch.zeros(1, extra, dtype=torch.long, device=target.device)
+        return ImageState(
+            kv=kv,
+            input_ids=target,
+            attention_mask=torch.ones_like(target),
+            mm_token_type_ids=torch.cat([base.mm_token_type_ids, zeros], dim=1),
+            image_grid_thw=base.image_grid_thw,
+            rope_deltas=base.rope_deltas,
+            metadata=replace(base.metadata, messages=copy.deepcopy(self.messages), prefix_tokens=n, created=_now()),
+        )
+
+    def save(self, path: str | os.PathLike):
+        return self.to_state().save(path)
+
+    # -- helpers ---------------------------------------------------------------------------------------------
+
+    def _target_ids(self, messages: list[dict], add_generation_prompt: bool) -> torch.Tensor:
+        processor = self.engine.processor
+        covered = prompt.covered_text(processor, self.state.metadata.messages)
+        full = prompt.render(processor, messages, add_generation_prompt)
+        if not full.startswith(covered):
+            raise ValueError("the chat template re-renders earlier turns differently; cannot continue the conversation")
+        rest = prompt.encode_text(processor, full[len(covered):]).to(self.state.input_ids.device)
+        return torch.cat([self.state.input_ids, rest], dim=1)
+
+    def _sync(self, target: torch.Tensor, max_new_tokens: int, at_least_one_new: bool = True) -> int:
+        """Cut the live cache back to the longest prefix it shares with `target`; return that length."""
+        if self._cache is None:
+            capacity = target.shape[1] + max_new_tokens + 256
+            self._cache = generate.cache_from_kv(self.engine.model.config, self.state.kv, capacity=capacity)
+        held = self._ids[0, : self._cache.get_seq_length()]
+        limit = min(held.shape[0], target.shape[1] - (1 if at_least_one_new else 0))
+        same = (held[:limit] == target[0, :limit]).long()
+        keep = int(same.cumprod(0).sum()) if limit else 0
+        for layer in self._cache.layers:
+            layer.truncate(keep)
+        self._ids = self._ids[:, :keep]
+        return keep
