@@ -11,7 +11,7 @@ from vlcache import cli
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Process an image once and cache the model state.")
-    parser.add_argument("--image", required=True, help="path to the image file")
+    parser.add_argument("--image", dest="images", type=lambda text: [text], required=True, help="path to the image file")
     parser.add_argument("--output", required=True, help="where to save the cache file (.pt works: it is safetensors)")
     cli.add_cache_arguments(parser)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")

@@ -9,7 +9,7 @@ from vlcache.images import load_image
 N = 16
 
 
-def reference_conversation(engine, image, turns, question):
+def reference_conversation(engine, image, turns, question, max_new_tokens=N):
     """generate() on [system, user(image, q1), assistant(a1), ..., user(question)], uncached."""
     messages = [{"role": "system", "content": SYSTEM}]
     for i, (q, a) in enumerate(turns):
@@ -19,7 +19,7 @@ def reference_conversation(engine, image, turns, question):
     messages.append({"role": "user", "content": content})
     inputs = engine.processor.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True, return_tensors="pt")
     with torch.inference_mode():
-        out = engine.model.generate(**inputs, max_new_tokens=N, do_sample=False)
+        out = engine.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return out[0, inputs["input_ids"].shape[1]:].tolist(), inputs["input_ids"].shape[1]
 
 

@@ -1,6 +1,7 @@
 """The cache file: round trip, size, dtype, atomic writes, and refusal of anything that is not ours."""
 
 import json
+from dataclasses import replace
 import pickle
 import struct
 from pathlib import Path
@@ -168,3 +169,19 @@ def test_a_state_saved_from_any_device_is_plain_cpu_tensors(astronaut_state, tmp
     assert "device" not in json.loads(read_header(path)["__metadata__"]["metadata"])
     loaded = state_module.load_state(path, device="cpu")
     assert all(k.device.type == "cpu" for k, _ in loaded.kv)
+
+
+def test_a_header_length_that_starts_like_a_pickle_is_still_read(astronaut_state, tmp_path):
+    # safetensors starts with the header length, little-endian: its first byte may well be 0x80.
+    path = astronaut_state.save(tmp_path / "c.pt")
+    header_len = int.from_bytes(path.read_bytes()[:8], "little")
+    pad = (0x80 - header_len) % 256
+    state = astronaut_state.to("cpu")
+    for extra in range(0, 16):  # safetensors aligns the header to 8 bytes: nudge until the low byte is 0x80
+        state.metadata = replace(astronaut_state.metadata, system_prompt=SYSTEM + " " * (pad + extra))
+        path = state.save(tmp_path / "c.pt")
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    assert read_metadata(path).system_prompt.startswith(SYSTEM)
+    assert state_module.load_state(path).num_tokens == astronaut_state.num_tokens

@@ -15,6 +15,10 @@ from pathlib import Path
 
 from .errors import VlcacheError
 
+
+class UsageError(VlcacheError):
+    """Arguments that parse but do not fit together: exit 2 like argparse's own errors."""
+
 DEFAULT_SYSTEM_PROMPT = "You are a helpful AI assistant analyzing an image."  # the guide's default
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -59,19 +63,33 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT, help=f'default: "{DEFAULT_SYSTEM_PROMPT}"')
     add_model_arguments(parser, "model id or local folder (default: $VLCACHE_MODEL or Qwen/Qwen3-VL-2B-Instruct)")
     parser.add_argument("--max-pixels", type=positive_int, default=None, help="downscale larger images to this many pixels")
+    parser.set_defaults(output_dir=None, force=False, progress=False)
 
 
-def add_ask_arguments(parser: argparse.ArgumentParser, max_tokens_flags: tuple[str, ...]) -> None:
-    parser.add_argument("--cache", default=None, help="cache file from `vlcache cache` (omit for a text-only chat)")
-    parser.add_argument("--prompt", required=True, help="the question")
+def add_generation_arguments(parser: argparse.ArgumentParser, max_tokens_flags: tuple[str, ...]) -> None:
     parser.add_argument(*max_tokens_flags, dest="max_new_tokens", type=positive_int, default=128, help="default: 128")
     parser.add_argument("--temperature", type=non_negative_float, default=None, help="0 = greedy (default: the model's generation config)")
     parser.add_argument("--top-p", type=probability, default=None)
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling, for repeatable answers")
-    parser.add_argument("--system-prompt", default=None, help="system turn for a text-only chat (ignored with --cache)")
     add_model_arguments(parser, "model id or local folder (default: the model recorded in the cache)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per answer instead of the text")
     parser.add_argument("--stream", action="store_true", help="print tokens as they come (default when stdout is a terminal)")
+
+
+def add_ask_arguments(parser: argparse.ArgumentParser, max_tokens_flags: tuple[str, ...], many: bool = False) -> None:
+    """`many`: --cache and --prompt repeat (vlcache ask); otherwise one of each (the guide's script)."""
+    if many:
+        parser.add_argument("--cache", dest="caches", action="append", default=None,
+                            help="cache file or folder of caches; repeat for several (omit for a text-only chat)")
+        parser.add_argument("--prompt", dest="prompts", action="append", default=None, help="a question; repeat for several")
+        parser.add_argument("--prompts-file", default=None, help="a file of questions, one a line")
+    else:
+        parser.add_argument("--cache", dest="caches", type=lambda text: [text], default=None,
+                            help="cache file from save_embeddings.py (omit for a text-only prompt)")
+        parser.add_argument("--prompt", dest="prompts", type=lambda text: [text], required=True, help="your question")
+        parser.set_defaults(prompts_file=None)
+    parser.add_argument("--system-prompt", default=None, help="system turn for a text-only chat (ignored with --cache)")
+    add_generation_arguments(parser, max_tokens_flags)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,53 +98,187 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vlcache {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    cache = sub.add_parser("cache", help="process an image and save the model state after it")
-    cache.add_argument("image", help="image file (any common format)")
-    cache.add_argument("--output", "-o", required=True, help="cache file to write (safetensors, any name)")
+    cache = sub.add_parser("cache", help="process images and save the model state after each")
+    cache.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders or glob patterns")
+    where = cache.add_mutually_exclusive_group(required=True)
+    where.add_argument("--output", "-o", help="cache file to write, for one image (safetensors, any name)")
+    where.add_argument("--output-dir", "-d", help="folder for many caches, named <image stem>_cache.pt")
     add_cache_arguments(cache)
-    cache.set_defaults(run=run_cache)
+    cache.add_argument("--force", action="store_true", help="re-cache images whose cache is up to date")
+    cache.add_argument("--progress", action="store_true", help="show the progress bar even when stderr is not a terminal")
+    cache.set_defaults(run=run_cache, subparser=cache)
 
-    ask = sub.add_parser("ask", help="answer a prompt from a cache file (or text-only without --cache)")
-    add_ask_arguments(ask, ("--max-new-tokens", "--max_new_tokens"))
-    ask.set_defaults(run=run_ask)
+    ask = sub.add_parser("ask", help="answer prompts from cache files (or text-only without --cache)")
+    add_ask_arguments(ask, ("--max-new-tokens", "--max_new_tokens"), many=True)
+    ask.set_defaults(run=run_ask, subparser=ask)
+
+    chat = sub.add_parser("chat", help="a conversation about a cached image (reads stdin; /reset, /save PATH)")
+    chat.add_argument("--cache", required=True, help="cache file (an image or a saved conversation)")
+    add_generation_arguments(chat, ("--max-new-tokens", "--max_new_tokens"))
+    chat.set_defaults(run=run_chat)
 
     inspect = sub.add_parser("inspect", help="show what a cache file holds")
     inspect.add_argument("path")
     inspect.add_argument("--json", action="store_true")
     inspect.set_defaults(run=run_inspect)
 
-    for p in (cache, ask, inspect):
+    for p in (cache, ask, chat, inspect):
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return parser
 
 
 # -- commands ----------------------------------------------------------------------------------------------
 
+def usage_problem(args: argparse.Namespace) -> str | None:
+    """Checks that need more than one argument, made before anything runs."""
+    if args.command == "cache" and args.output_dir is None and (len(args.images) != 1 or Path(args.images[0]).is_dir()):
+        return "--output takes one image; use --output-dir DIR for several"
+    if args.command == "ask" and not (args.prompts or args.prompts_file):
+        return "give a question with --prompt or --prompts-file"
+    return None
+
+
 def run_cache(args: argparse.Namespace) -> int:
-    _check_image_arg(args.image)
+    return _cache_one(args) if args.output_dir is None else _cache_many(args)
+
+
+def _cache_one(args: argparse.Namespace) -> int:
+    _check_image_arg(args.images[0])
     engine = _load_engine(args.model, args.device, args.dtype or "auto")
     start = time.perf_counter()
-    state = engine.cache_image(args.image, system_prompt=args.system_prompt, max_pixels=args.max_pixels)
+    state = engine.cache_image(args.images[0], system_prompt=args.system_prompt, max_pixels=args.max_pixels)
     path = state.save(args.output)
     _info(
-        f"cached {args.image}: {state.num_tokens} tokens ({state.metadata.image_tokens} image tokens) in "
+        f"cached {args.images[0]}: {state.num_tokens} tokens ({state.metadata.image_tokens} image tokens) in "
         f"{time.perf_counter() - start:.2f}s -> {path} ({path.stat().st_size / 2**20:.1f} MiB)"
     )
     return 0
 
 
+def _cache_many(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    engine = _load_engine(args.model, args.device, args.dtype or "auto")
+    bar = tqdm(total=0, unit="image", file=sys.stderr, disable=not (args.progress or sys.stderr.isatty()))
+    started = False  # arguments that name nothing are reported before the count of images is known
+
+    def on_start(total: int) -> None:
+        nonlocal started
+        started = True
+        bar.total = total
+        bar.refresh()
+
+    def on_result(result) -> None:
+        if result.status == "failed":
+            tqdm.write(f"error: {result.error}", file=sys.stderr)
+        if started:
+            bar.update(1)
+
+    results = engine.cache_images(args.images, args.output_dir, args.system_prompt, args.max_pixels, args.force,
+                                  on_result=on_result, on_start=on_start)
+    bar.close()
+    counts = {status: sum(r.status == status for r in results) for status in ("cached", "skipped", "failed")}
+    _info(f"{counts['cached']} cached, {counts['skipped']} up to date (skipped), {counts['failed']} failed -> {args.output_dir}")
+    return 1 if counts["failed"] else 0
+
+
 def run_ask(args: argparse.Namespace) -> int:
+    from .batch import expand_caches
     from .state import read_metadata
 
-    meta = read_metadata(args.cache) if args.cache else None
+    prompts = _prompts(args)
+    caches = expand_caches(args.caches) if args.caches else []
+    meta = read_metadata(caches[0]) if caches else None
     model = args.model or (meta.model if meta else None)
     dtype = args.dtype or (meta.dtype if meta else "auto")
     engine = _load_engine(model, args.device, dtype)
-    state = engine.load_state(args.cache) if args.cache else None
-    stream = engine.stream(
-        state, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed,
-        system_prompt=None if state else args.system_prompt,
-    )
+    if not caches:
+        return _ask_text_only(engine, prompts, args)
+    single = len(caches) == 1 and len(prompts) == 1
+    failed = 0
+    for cache in caches:
+        try:
+            state = engine.load_state(cache)
+        except VlcacheError as exc:
+            if single:
+                raise
+            print(f"error: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        if single:
+            _print_streamed(engine.stream(state, prompts[0], args.max_new_tokens, args.temperature, args.top_p, args.seed), args)
+            continue
+        answers = engine.ask_many(state, prompts, args.max_new_tokens, args.temperature, args.top_p, args.seed)
+        for prompt_text, answer in zip(prompts, answers):
+            _print_answer(answer, args, cache=str(cache), prompt=prompt_text)
+    return 1 if failed else 0
+
+
+def _ask_text_only(engine, prompts: list[str], args: argparse.Namespace) -> int:
+    for prompt_text in prompts:
+        stream = engine.stream(None, prompt_text, args.max_new_tokens, args.temperature, args.top_p, args.seed,
+                               system_prompt=args.system_prompt)
+        if len(prompts) == 1:
+            _print_streamed(stream, args)
+        else:
+            _print_answer(_last(stream).answer, args, cache=None, prompt=prompt_text)
+    return 0
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    from .conversation import Conversation
+    from .state import read_metadata
+
+    meta = read_metadata(args.cache)
+    engine = _load_engine(args.model or meta.model, args.device, args.dtype or meta.dtype)
+    chat = Conversation(engine, engine.load_state(args.cache))
+    interactive = sys.stdin.isatty()
+    failed = 0
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/quit", "/exit"):
+            break
+        try:
+            if text == "/reset":
+                chat.reset()
+                _info("conversation reset to the cached image")
+            elif text.startswith("/save"):
+                target = text[len("/save"):].strip()
+                if not target:
+                    raise VlcacheError("/save needs a path: /save PATH")
+                path = chat.save(target)
+                _info(f"saved the conversation ({chat.turns} turns) to {path}")
+            elif text.startswith("/"):
+                raise VlcacheError(f"unknown command {text.split()[0]}; use /reset, /save PATH or /quit")
+            else:
+                _print_streamed(chat.stream(text, args.max_new_tokens, args.temperature, args.top_p, args.seed), args)
+        except (VlcacheError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            failed += 1
+    return 1 if failed else 0
+
+
+def _prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompts or [])
+    if args.prompts_file:
+        try:
+            text = Path(args.prompts_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise VlcacheError(f"cannot read prompts file {args.prompts_file}: {exc}") from None
+        prompts += [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise UsageError(f"no questions in {args.prompts_file}")
+    return prompts
+
+
+def _print_streamed(stream, args: argparse.Namespace) -> None:
     live = not args.json and (args.stream or sys.stdout.isatty())
     answer = None
     for delta in stream:
@@ -134,18 +286,39 @@ def run_ask(args: argparse.Namespace) -> int:
             sys.stdout.write(delta.text)
             sys.stdout.flush()
         answer = delta.answer or answer
-    if args.json:
-        print(json.dumps(answer.to_dict()))
-    elif live:
-        print()
+    if live:
+        print(flush=True)
     else:
-        print(answer.text)
+        _print_answer(answer, args)
+    _report(answer)
+
+
+def _print_answer(answer, args: argparse.Namespace, **fields) -> None:
+    if args.json:
+        print(json.dumps({**fields, **answer.to_dict()}) if fields else json.dumps(answer.to_dict()), flush=True)
+        return
+    if fields:
+        print(f"==> {fields['cache'] or '(text only)'} | {fields['prompt']} <==")
+        print(answer.text, end="\n\n", flush=True)
+    else:
+        print(answer.text, flush=True)
+    if fields:
+        _report(answer)
+
+
+def _report(answer) -> None:
     t = answer.timings
     _info(
         f"{len(answer.token_ids)} tokens; prompt {answer.prompt_tokens} ({answer.cached_tokens} cached); "
         f"first token {t['ttft_s']:.3f}s, total {t['total_s']:.3f}s"
     )
-    return 0
+
+
+def _last(iterable):
+    item = None
+    for item in iterable:
+        pass
+    return item
 
 
 def run_inspect(args: argparse.Namespace) -> int:
@@ -162,6 +335,7 @@ def run_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(info))
         return 0
     w, h = meta.image_size
+    turns = sum(1 for m in meta.messages if m.get("role") == "assistant")
     lines = [
         f"file:          {args.path} ({size:,} bytes; KV {kv_bytes:,} bytes)",
         f"model:         {meta.model}",
@@ -171,6 +345,7 @@ def run_inspect(args: argparse.Namespace) -> int:
         f"image:         {meta.image_path or '(bytes)'} ({w}x{h}, sha256 {meta.image_sha256[:16]}...)",
         f"max pixels:    {meta.max_pixels or 'processor default'}",
         f"tokens:        {meta.prefix_tokens} ({meta.image_tokens} image tokens)",
+        f"conversation:  {turns} saved turns" if turns else "conversation:  none (image state)",
         f"created:       {meta.created}",
         f"versions:      " + ", ".join(f"{k} {v}" for k, v in meta.versions.items()),
         f"format:        vlcache {meta.format_version}",
@@ -214,6 +389,9 @@ def run_command(run: Callable[[argparse.Namespace], int], args: argparse.Namespa
     """Run a command with the CLI's error policy: one line on stderr and a non-zero exit, never a traceback."""
     try:
         return run(args)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except VlcacheError as exc:
         if getattr(args, "debug", False):
             raise
@@ -238,6 +416,9 @@ def run_command(run: Callable[[argparse.Namespace], int], args: argparse.Namespa
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    problem = usage_problem(args)
+    if problem:
+        args.subparser.error(problem)  # exits 2 with the usage line, like any argument error
     return run_command(args.run, args)
 
 

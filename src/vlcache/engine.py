@@ -152,6 +152,18 @@ class Engine:
             metadata=metadata,
         )
 
+    def cache_images(self, images: Sequence[str], output_dir: str | os.PathLike,
+                     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, max_pixels: int | None = None,
+                     force: bool = False, on_result=None, on_start=None) -> list:
+        """Cache many images (files, folders, globs) into output_dir with this one model load.
+
+        Outputs are named `<stem>_cache.pt` (see vlcache.batch.output_names); a cache that is up to date is
+        skipped unless force; a bad image is reported in its CacheResult and the rest go on.
+        """
+        from .batch import cache_images
+
+        return cache_images(self, images, output_dir, system_prompt, max_pixels, force, on_result, on_start)
+
     def load_state(self, path: str | os.PathLike) -> ImageState:
         """Read a cache file made for this engine's model (refused with 'model mismatch' otherwise)."""
         state = load_state(path, device=self.device)

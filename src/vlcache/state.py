@@ -8,6 +8,7 @@ unpickled.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
@@ -72,7 +73,7 @@ class ImageState:
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "ImageState":
         kv = [(k.to(device=device, dtype=dtype or k.dtype), v.to(device=device, dtype=dtype or v.dtype)) for k, v in self.kv]
         small = {name: getattr(self, name).to(device) for name in _SMALL_TENSORS}
-        return ImageState(kv=kv, metadata=self.metadata, **small)
+        return ImageState(kv=kv, metadata=copy.deepcopy(self.metadata), **small)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically: a temporary file beside the target, then a rename."""
@@ -114,23 +115,13 @@ def read_header(path: str | os.PathLike) -> dict:
         size = path.stat().st_size
         with path.open("rb") as fh:
             head = fh.read(8)
-            if size == 0:
-                raise CacheFileError(f"cache file is empty: {path}")
-            _refuse_foreign(head, path)
-            if len(head) < 8:
-                raise CacheFileError(f"cache file is truncated: {path}")
-            header_len = int.from_bytes(head, "little")
-            if header_len > min(size - 8, _MAX_HEADER_BYTES):
-                raise CacheFileError(f"not a vlcache cache file (or truncated): {path}")
-            raw = fh.read(header_len)
+            header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
+            raw = fh.read(header_len) if 0 < header_len <= min(size - 8, _MAX_HEADER_BYTES) else b""
     except OSError as exc:
         raise CacheFileError(f"cannot read cache file {path}: {exc.strerror or exc}") from None
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CacheFileError(f"cache file is corrupt (unreadable header): {path}") from None
-    if not isinstance(header, dict):
-        raise CacheFileError(f"cache file is corrupt (unreadable header): {path}")
+    header = _parse_json(raw)
+    if header is None:
+        raise CacheFileError(_diagnose_foreign(head, size, path))
     meta = header.get("__metadata__") or {}
     if meta.get("format") != FORMAT_NAME:
         raise CacheFileError(f"not a vlcache cache file: {path} (a safetensors file without vlcache metadata)")
@@ -147,6 +138,36 @@ def read_header(path: str | os.PathLike) -> dict:
     if 8 + header_len + max(ends, default=0) != size:
         raise CacheFileError(f"cache file is truncated or corrupt (size does not match its header): {path}")
     return header
+
+
+def _parse_json(raw: bytes) -> dict | None:
+    if not raw.startswith(b"{"):
+        return None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return header if isinstance(header, dict) else None
+
+
+def _diagnose_foreign(head: bytes, size: int, path: Path) -> str:
+    """Why a file that is not a readable safetensors file was refused, as precisely as its first bytes say."""
+    if size == 0:
+        return f"cache file is empty: {path}"
+    if head.startswith(b"PK\x03\x04"):
+        return (f"not a vlcache cache file: {path} is a zip archive (a torch.save checkpoint?); vlcache never "
+                "unpickles files. Re-create the cache with `vlcache cache`")
+    if head[:1] == b"\x80":
+        return (f"not a vlcache cache file: {path} looks like a Python pickle; vlcache never unpickles files. "
+                "Re-create the cache with `vlcache cache`")
+    if len(head) < 8:
+        return f"cache file is truncated: {path}"
+    header_len = int.from_bytes(head, "little")
+    if 0 < header_len <= _MAX_HEADER_BYTES and header_len > size - 8:
+        return f"cache file is truncated: {path}"
+    if 0 < header_len <= min(size - 8, _MAX_HEADER_BYTES):
+        return f"cache file is corrupt (unreadable header): {path}"
+    return f"not a vlcache cache file: {path} (unrecognised format)"
 
 
 def read_metadata(path: str | os.PathLike) -> StateMetadata:
@@ -183,16 +204,3 @@ def _check_shapes(state: ImageState, path) -> None:
     ok = ok and tuple(state.image_grid_thw.shape) == (1, 3) and tuple(state.rope_deltas.shape) == (1, 1)
     if not ok:
         raise CacheFileError(f"cache file is corrupt (tensor shapes disagree with its metadata): {path}")
-
-
-def _refuse_foreign(head: bytes, path: Path) -> None:
-    if head.startswith(b"PK\x03\x04"):
-        raise CacheFileError(
-            f"not a vlcache cache file: {path} is a zip archive (a torch.save checkpoint?); vlcache never "
-            "unpickles files. Re-create the cache with `vlcache cache`"
-        )
-    if head[:1] == b"\x80":
-        raise CacheFileError(
-            f"not a vlcache cache file: {path} looks like a Python pickle; vlcache never unpickles files. "
-            "Re-create the cache with `vlcache cache`"
-        )

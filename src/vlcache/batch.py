@@ -1,0 +1,140 @@
+"""Cache many images with one model load: expand arguments, name outputs, skip what is up to date."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import CacheFileError, VlcacheError
+from .state import read_metadata
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
+CACHE_SUFFIX = "_cache.pt"
+
+
+@dataclass
+class CacheResult:
+    image: str
+    output: Path | None
+    status: str  # "cached", "skipped" (up to date) or "failed"
+    error: str | None = None
+    tokens: int = 0
+    seconds: float = 0.0
+
+
+def expand_images(arguments: Sequence[str]) -> tuple[list[Path], list[CacheResult]]:
+    """Files as given, folders as their image files (sorted, not recursive), globs as their matches.
+
+    Returns the images and a failure for each argument that names nothing.
+    """
+    found: list[Path] = []
+    missing: list[CacheResult] = []
+    for arg in arguments:
+        path = Path(arg)
+        if path.is_dir():
+            found += sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.exists():
+            found.append(path)
+        elif glob.has_magic(arg):
+            matches = sorted(Path(p) for p in glob.glob(arg) if Path(p).is_file())
+            found += matches
+            if not matches:
+                missing.append(CacheResult(arg, None, "failed", f"no files match {arg}"))
+        else:
+            missing.append(CacheResult(arg, None, "failed", f"image not found: {arg}"))
+    unique, seen = [], set()
+    for p in found:  # the same file named twice (a folder and a glob, say) is cached once
+        if p.resolve() not in seen:
+            seen.add(p.resolve())
+            unique.append(p)
+    return unique, missing
+
+
+def expand_caches(arguments: Sequence[str]) -> list[Path]:
+    """Cache files as given, folders as the .pt and .safetensors files in them (sorted)."""
+    caches: list[Path] = []
+    for arg in arguments:
+        path = Path(arg)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".pt", ".safetensors"))
+            if not found:
+                raise CacheFileError(f"no cache files (.pt, .safetensors) in folder {path}")
+            caches += found
+        else:
+            caches.append(path)
+    return caches
+
+
+def output_names(images: Sequence[Path]) -> dict[Path, str]:
+    """`<stem>_cache.pt`; images that share a stem get `<stem>-<8 hex of their resolved path>_cache.pt`."""
+    stems = Counter(p.stem for p in images)
+    names = {}
+    for p in images:
+        if stems[p.stem] == 1:
+            names[p] = f"{p.stem}{CACHE_SUFFIX}"
+        else:
+            tag = hashlib.sha256(str(p.resolve()).encode()).hexdigest()[:8]
+            names[p] = f"{p.stem}-{tag}{CACHE_SUFFIX}"
+    return names
+
+
+def is_up_to_date(cache: Path, image: Path, engine, system_prompt: str | None, max_pixels: int | None) -> bool:
+    """Same image bytes, system prompt, processor settings and model weights as the cache on disk."""
+    if not cache.exists():
+        return False
+    try:
+        meta = read_metadata(cache)
+        digest = hashlib.sha256(image.read_bytes()).hexdigest()
+    except (CacheFileError, OSError):
+        return False
+    return (
+        meta.image_sha256 == digest
+        and meta.system_prompt == system_prompt
+        and meta.processor_settings == engine.processor_settings(max_pixels)
+        and meta.fingerprint == engine.fingerprint
+        and len(meta.messages) == (2 if system_prompt else 1)  # an image state, not a saved conversation
+    )
+
+
+def cache_images(
+    engine,
+    arguments: Sequence[str],
+    output_dir: str | os.PathLike,
+    system_prompt: str | None,
+    max_pixels: int | None = None,
+    force: bool = False,
+    on_result: Callable[[CacheResult], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
+) -> list[CacheResult]:
+    """Cache every image the arguments name into `output_dir`; a bad image fails alone, the rest go on."""
+    images, results = expand_images(arguments)
+    if on_start:
+        on_start(len(images))
+    if on_result:
+        for failure in results:
+            on_result(failure)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for image, name in output_names(images).items():
+        target = out / name
+        start = time.perf_counter()
+        if not force and is_up_to_date(target, image, engine, system_prompt, max_pixels):
+            result = CacheResult(str(image), target, "skipped")
+        else:
+            try:
+                state = engine.cache_image(image, system_prompt=system_prompt, max_pixels=max_pixels)
+                state.save(target)
+                result = CacheResult(str(image), target, "cached", tokens=state.num_tokens)
+            except VlcacheError as exc:
+                result = CacheResult(str(image), None, "failed", str(exc))
+        result.seconds = time.perf_counter() - start
+        results.append(result)
+        if on_result:
+            on_result(result)
+    return results
