@@ -9,7 +9,7 @@ import pytest  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_checkpoint import build_tiny_checkpoint  # noqa: E402
+from vlcache.testing import build_tiny_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGES = REPO.parent / "shared" / "images"

@@ -47,3 +47,28 @@ def test_batch_on_another_image(engine):
     state = engine.cache_image(photo("hubble_deep_field.jpg"))
     batch = engine.ask_many(state, QUESTIONS[:4], max_new_tokens=N, temperature=0)
     assert [a.token_ids for a in batch] == [engine.ask(state, q, max_new_tokens=N, temperature=0).token_ids for q in QUESTIONS[:4]]
+
+
+def test_rows_share_the_prefix_without_copies(engine, astronaut_state, monkeypatch):
+    from vlcache import attention, generate
+
+    cache = generate.cache_from_kv(engine.model.config, astronaut_state.kv, batch=4, capacity=64)
+    for layer, (k, v) in zip(cache.layers, astronaut_state.kv):
+        assert layer.prefix_keys.data_ptr() == k.data_ptr() and layer.prefix_values.data_ptr() == v.data_ptr()
+        assert layer._key_buffer.shape[2] == 64  # per-row storage holds only what follows the prefix
+    calls = []
+    original = attention.shared_prefix_attention
+
+    def counting(module, *args, shared_prefix_cache=None, **kwargs):
+        calls.append(shared_prefix_cache is not None)
+        return original(module, *args, shared_prefix_cache=shared_prefix_cache, **kwargs)
+
+    monkeypatch.setattr(attention, "shared_prefix_attention", counting)
+    attention.install(engine.model)  # re-register the wrapper under the same name
+    try:
+        engine.ask_many(astronaut_state, QUESTIONS[:2], max_new_tokens=3, temperature=0)
+    finally:
+        monkeypatch.undo()
+        attention.install(engine.model)
+    layers = engine.model.config.get_text_config().num_hidden_layers
+    assert calls.count(True) == 3 * layers  # prefill + 2 decode steps, every layer on the shared path

@@ -76,7 +76,7 @@ class Conversation:
             generate.prefill(self.engine.model, self._cache, target[:, keep:], _delta(self.state))
             self._ids = target
         n = target.shape[1]
-        kv = [(k[:, :, :n].clone(), v[:, :, :n].clone()) for k, v in generate.kv_from_cache(self._cache)]
+        kv = generate.kv_from_cache(self._cache)  # fresh tensors: later turns may overwrite the live buffer
         base = self.state
         extra = n - base.num_tokens
         zeros = torch.zeros(1, extra, dtype=torch.long, device=target.device)

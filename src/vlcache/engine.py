@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from . import generate, images, model as model_loading, prompt
+from . import attention, generate, images, model as model_loading, prompt
 from .errors import ImageError, ModelMismatchError, VlcacheError
 from .state import ImageState, StateMetadata, load_state
 
@@ -70,6 +70,7 @@ class Engine:
         self.model = loaded.model
         self.processor = loaded.processor
         self.eos_ids = _eos_ids(self.model.generation_config)
+        attention.install(self.model)
 
     @classmethod
     def load(cls, model: str | None = None, device: str = "auto", dtype: str = "auto") -> "Engine":

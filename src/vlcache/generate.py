@@ -13,13 +13,14 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, LogitsProcessorList
-from transformers.cache_utils import DynamicLayer
 from transformers.generation.logits_process import (
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+
+from .attention import SharedPrefixLayer, shared_prefix_cache
 
 Sampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (ids so far [1, n], logits [1, V]) -> [1]
 
@@ -97,56 +98,14 @@ def mrope_positions(model, input_ids, attention_mask, mm_token_type_ids, image_g
     return torch.cat([index, vision.to(input_ids.device)], dim=0), int(deltas.view(-1)[0])
 
 
-class BufferedLayer(DynamicLayer):
-    """A DynamicLayer that appends into a preallocated buffer instead of torch.cat-ing the whole KV each step.
-
-    `keys`/`values` are always views of the buffer up to the current length, so everything transformers reads
-    from a DynamicLayer (lengths, mask sizes, crop) keeps working. The state the buffer was filled from is
-    never written.
-    """
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, batch: int, capacity: int):
-        super().__init__()
-        length = keys.shape[-2]
-        shape = (batch, keys.shape[1], max(capacity, length), keys.shape[-1])
-        self._key_buffer = keys.new_empty(shape)
-        self._value_buffer = values.new_empty(shape)
-        self._key_buffer[:, :, :length] = keys  # broadcast: one copy of the prefix per row
-        self._value_buffer[:, :, :length] = values
-        self.lazy_initialization(keys, values)
-        self.keys, self.values = self._key_buffer[:, :, :length], self._value_buffer[:, :, :length]
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        start, end = self.keys.shape[-2], self.keys.shape[-2] + key_states.shape[-2]
-        if end > self._key_buffer.shape[-2]:
-            self._grow(end)
-        self._key_buffer[:, :, start:end] = key_states
-        self._value_buffer[:, :, start:end] = value_states
-        self.keys, self.values = self._key_buffer[:, :, :end], self._value_buffer[:, :, :end]
-        return self.keys, self.values
-
-    def truncate(self, length: int) -> None:
-        """Forget everything after `length` tokens (a conversation that diverges from what was cached)."""
-        self.keys, self.values = self._key_buffer[:, :, :length], self._value_buffer[:, :, :length]
-
-    def _grow(self, needed: int) -> None:
-        size = max(needed, 2 * self._key_buffer.shape[-2])
-        for name in ("_key_buffer", "_value_buffer"):
-            old = getattr(self, name)
-            new = old.new_empty(old.shape[:2] + (size, old.shape[-1]))
-            new[:, :, : old.shape[-2]] = old
-            setattr(self, name, new)
-
-
 def cache_from_kv(config, kv: list[tuple[torch.Tensor, torch.Tensor]], batch: int = 1, capacity: int = 0) -> DynamicCache:
-    """A cache holding `kv` (batch 1) for `batch` rows, with room for `capacity` tokens in all."""
-    cache = DynamicCache(config=config)
-    cache.layers = [BufferedLayer(k, v, batch, capacity) for k, v in kv]
-    return cache
+    """A cache continuing from `kv` (batch 1) for `batch` rows that share it, with room for `capacity` tokens."""
+    return shared_prefix_cache(config, kv, batch=batch, capacity=capacity)
 
 
 def kv_from_cache(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(layer.keys, layer.values) for layer in cache.layers]
+    """Per-layer [1, kv_heads, n, D] K/V of a batch-1 cache: a plain one, or a shared prefix and its suffix."""
+    return [layer.full() if isinstance(layer, SharedPrefixLayer) else (layer.keys, layer.values) for layer in cache.layers]
 
 
 @torch.inference_mode()
@@ -155,6 +114,7 @@ def forward(model, input_ids, position_ids, cache, attention_mask=None, **vision
     if attention_mask is None:
         total = cache.get_seq_length() + input_ids.shape[1]
         attention_mask = torch.ones(input_ids.shape[0], total, dtype=torch.long, device=input_ids.device)
+    shared = cache if cache.layers and isinstance(cache.layers[0], SharedPrefixLayer) else None
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -162,6 +122,7 @@ def forward(model, input_ids, position_ids, cache, attention_mask=None, **vision
         cache=cache,
         use_cache=True,
         logits_to_keep=1,
+        shared_prefix_cache=shared,
         **vision,
     )
     return out.logits[:, -1, :]

@@ -1,8 +1,9 @@
-"""Build a tiny random Qwen3-VL checkpoint on disk, loadable with from_pretrained.
+"""Random Qwen3-VL checkpoints on disk, loadable with from_pretrained, for tests and benchmarks.
 
-Tests need the real loading path (AutoProcessor / AutoModelForImageTextToText) without any download, so this
-writes a config, random weights, a byte-level BPE tokenizer with Qwen's special tokens, a Qwen3-VL style chat
-template and the Qwen2-VL image processor into a folder.
+No weights can be downloaded in tests or CI, yet the real loading path (AutoProcessor,
+AutoModelForImageTextToText) should be what runs. So these write a config, random weights, a byte-level BPE
+tokenizer with Qwen's special tokens, a Qwen3-VL style chat template and the Qwen2-VL image processor into a
+folder: a tiny model for tests, and the real 2B architecture (from its config.json) for benchmarks.
 """
 
 from __future__ import annotations
@@ -56,7 +57,18 @@ CORPUS = [
 ]
 
 
-def _train_tokenizer(vocab_size: int) -> Qwen2Tokenizer:
+# Qwen's special tokens from id 151643 on, in order, as the real tokenizer numbers them.
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>",
+]
+QWEN_FIRST_SPECIAL_ID = 151643
+
+
+def _train_tokenizer(vocab_size: int, pad_vocab_to: int | None = None) -> Qwen2Tokenizer:
+    """A byte-level BPE trained on a few sentences. `pad_vocab_to` fills the vocabulary with unused entries so
+    that the special tokens that follow get the ids the real Qwen tokenizer gives them."""
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(
@@ -68,8 +80,16 @@ def _train_tokenizer(vocab_size: int) -> Qwen2Tokenizer:
     bpe.train_from_iterator(CORPUS * 4, trainer=trainer)
     model_json = json.loads(bpe.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model_json["merges"]]
-    tok = Qwen2Tokenizer(vocab=model_json["vocab"], merges=merges)
-    tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
+    vocab = model_json["vocab"]
+    if pad_vocab_to is not None:
+        vocab = {t: i for t, i in vocab.items() if t != "<|endoftext|>"}
+        vocab = {t: i for i, t in enumerate(sorted(vocab, key=vocab.get))}
+        vocab.update({f"\u2060unused{i}": i for i in range(len(vocab), pad_vocab_to)})
+        tok = Qwen2Tokenizer(vocab=vocab, merges=merges)
+        tok.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS[1:]})
+    else:
+        tok = Qwen2Tokenizer(vocab=vocab, merges=merges)
+        tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
     tok.eos_token = "<|im_end|>"
     tok.pad_token = "<|endoftext|>"
     return tok
@@ -115,6 +135,12 @@ def build_tiny_checkpoint(folder: Path, seed: int = 0, init_std: float = 0.2) ->
     model.generation_config.do_sample = False
     model.save_pretrained(folder)
 
+    _save_processor(tokenizer, folder)
+    return folder
+
+
+def _save_processor(tokenizer, folder: Path) -> None:
+    # Qwen3-VL-2B-Instruct's image processor settings: 16-pixel patches merged 2x2, 64 to 16,384 image tokens.
     processor = Qwen3VLProcessor(
         image_processor=Qwen2VLImageProcessor(patch_size=16, merge_size=2, temporal_patch_size=2,
                                               image_mean=[0.5] * 3, image_std=[0.5] * 3,
@@ -124,4 +150,27 @@ def build_tiny_checkpoint(folder: Path, seed: int = 0, init_std: float = 0.2) ->
         chat_template=CHAT_TEMPLATE,
     )
     processor.save_pretrained(folder)
+
+
+def build_random_checkpoint(config_json: Path, folder: Path, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """A model of the architecture in `config_json` (e.g. the real Qwen3-VL-2B) with random weights.
+
+    Every cost caching changes (vision encoder, prefill, KV bytes, load time) depends on the architecture, not
+    on the weights' values, so benchmarks measure this. The tokenizer is a small BPE whose special tokens have
+    the real ids; questions tokenize to somewhat more tokens than with Qwen's 151k-entry vocabulary.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = Qwen3VLConfig.from_pretrained(Path(config_json).parent if Path(config_json).is_file() else config_json)
+    tokenizer = _train_tokenizer(vocab_size=400, pad_vocab_to=QWEN_FIRST_SPECIAL_ID)
+    for offset, token in enumerate(QWEN_SPECIAL_TOKENS):
+        assert tokenizer.convert_tokens_to_ids(token) == QWEN_FIRST_SPECIAL_ID + offset, token
+    tokenizer.eos_token = "<|im_end|>"
+    tokenizer.pad_token = "<|endoftext|>"
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(config).to(dtype).eval()
+    model.generation_config.eos_token_id = [151645, 151643]
+    model.generation_config.pad_token_id = 151643
+    model.save_pretrained(folder)
+    _save_processor(tokenizer, folder)
     return folder
