@@ -130,3 +130,23 @@ def test_chat_in_process_reads_stdin(astronaut_state, tmp_path, capsys, monkeypa
     assert cli.main(["chat", "--cache", str(cache), "--max-new-tokens", "4"]) == 1
     captured = capsys.readouterr()
     assert captured.out.strip() and "error: /save needs a path" in captured.err
+
+
+def test_ask_image_uncached_equals_cached_and_sequential_equals_batch(engine, tiny_model_dir, astronaut_state, tmp_path, capsys):
+    question = "What colors dominate the scene?"
+    argv = ["ask", "--image", str(photo("astronaut.png")), "--prompt", question, "--model", str(tiny_model_dir),
+            "--json", "--max-new-tokens", str(N), "--temperature", "0"]
+    assert cli.main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["token_ids"] == engine.ask(astronaut_state, question, max_new_tokens=N, temperature=0).token_ids
+    assert result["timings"]["image_prefill_s"] > 0 and result["timings"]["model_load_s"] > 0
+    path = astronaut_state.save(tmp_path / "a.pt")
+    many = ["ask", "--cache", str(path), "--prompt", question, "--prompt", "Is it day or night?", "--json",
+            "--max-new-tokens", str(N), "--temperature", "0"]
+    assert cli.main(many) == 0
+    batched = [json.loads(line)["token_ids"] for line in capsys.readouterr().out.splitlines()]
+    assert cli.main(many + ["--sequential"]) == 0
+    assert [json.loads(line)["token_ids"] for line in capsys.readouterr().out.splitlines()] == batched
+    with pytest.raises(SystemExit) as info:
+        cli.main(["ask", "--cache", str(path), "--image", "x.png", "--prompt", "q"])
+    assert info.value.code == 2

@@ -83,11 +83,14 @@ def add_ask_arguments(parser: argparse.ArgumentParser, max_tokens_flags: tuple[s
                             help="cache file or folder of caches; repeat for several (omit for a text-only chat)")
         parser.add_argument("--prompt", dest="prompts", action="append", default=None, help="a question; repeat for several")
         parser.add_argument("--prompts-file", default=None, help="a file of questions, one a line")
+        parser.add_argument("--image", default=None,
+                            help="ask about an image without a cache file (processes it now: the uncached path)")
+        parser.add_argument("--sequential", action="store_true", help="answer several questions one by one, not as a batch")
     else:
         parser.add_argument("--cache", dest="caches", type=lambda text: [text], default=None,
                             help="cache file from save_embeddings.py (omit for a text-only prompt)")
         parser.add_argument("--prompt", dest="prompts", type=lambda text: [text], required=True, help="your question")
-        parser.set_defaults(prompts_file=None)
+        parser.set_defaults(prompts_file=None, image=None, sequential=False)
     parser.add_argument("--system-prompt", default=None, help="system turn for a text-only chat (ignored with --cache)")
     add_generation_arguments(parser, max_tokens_flags)
 
@@ -135,6 +138,8 @@ def usage_problem(args: argparse.Namespace) -> str | None:
         return "--output takes one image; use --output-dir DIR for several"
     if args.command == "ask" and not (args.prompts or args.prompts_file):
         return "give a question with --prompt or --prompts-file"
+    if args.command == "ask" and args.image and args.caches:
+        return "--image and --cache exclude each other"
     return None
 
 
@@ -191,35 +196,56 @@ def run_ask(args: argparse.Namespace) -> int:
     meta = read_metadata(caches[0]) if caches else None
     model = args.model or (meta.model if meta else None)
     dtype = args.dtype or (meta.dtype if meta else "auto")
+    if args.image:
+        _check_image_arg(args.image)
+    start = time.perf_counter()
     engine = _load_engine(model, args.device, dtype)
+    extra = {"model_load_s": time.perf_counter() - start}
+    if args.image:  # the uncached path: process the image now, in memory
+        start = time.perf_counter()
+        state = engine.cache_image(args.image, system_prompt=args.system_prompt or DEFAULT_SYSTEM_PROMPT)
+        extra["image_prefill_s"] = time.perf_counter() - start
+        return _ask_state(engine, state, args.image, prompts, args, extra, single=len(prompts) == 1)
     if not caches:
-        return _ask_text_only(engine, prompts, args)
-    single = len(caches) == 1 and len(prompts) == 1
+        return _ask_text_only(engine, prompts, args, extra)
     failed = 0
     for cache in caches:
         try:
+            start = time.perf_counter()
             state = engine.load_state(cache)
+            extra["state_load_s"] = time.perf_counter() - start
         except VlcacheError as exc:
-            if single:
+            if len(caches) == 1:
                 raise
             print(f"error: {exc}", file=sys.stderr)
             failed += 1
             continue
-        if single:
-            _print_streamed(engine.stream(state, prompts[0], args.max_new_tokens, args.temperature, args.top_p, args.seed), args)
-            continue
-        answers = engine.ask_many(state, prompts, args.max_new_tokens, args.temperature, args.top_p, args.seed)
-        for prompt_text, answer in zip(prompts, answers):
-            _print_answer(answer, args, cache=str(cache), prompt=prompt_text)
+        _ask_state(engine, state, str(cache), prompts, args, extra, single=len(prompts) == 1 and len(caches) == 1)
     return 1 if failed else 0
 
 
-def _ask_text_only(engine, prompts: list[str], args: argparse.Namespace) -> int:
+def _ask_state(engine, state, label: str, prompts: list[str], args: argparse.Namespace, extra: dict, single: bool) -> int:
+    """One question about one source prints (and may stream) the bare answer; otherwise one per pair."""
+    options = (args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    if single:
+        _print_streamed(engine.stream(state, prompts[0], *options), args, extra)
+        return 0
+    if args.sequential:
+        answers = [engine.ask(state, p, *options) for p in prompts]
+    else:
+        answers = engine.ask_many(state, prompts, *options)
+    for prompt_text, answer in zip(prompts, answers):
+        answer.timings.update(extra)
+        _print_answer(answer, args, cache=label, prompt=prompt_text)
+    return 0
+
+
+def _ask_text_only(engine, prompts: list[str], args: argparse.Namespace, extra: dict) -> int:
     for prompt_text in prompts:
         stream = engine.stream(None, prompt_text, args.max_new_tokens, args.temperature, args.top_p, args.seed,
                                system_prompt=args.system_prompt)
         if len(prompts) == 1:
-            _print_streamed(stream, args)
+            _print_streamed(stream, args, extra)
         else:
             _print_answer(_last(stream).answer, args, cache=None, prompt=prompt_text)
     return 0
@@ -278,7 +304,7 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def _print_streamed(stream, args: argparse.Namespace) -> None:
+def _print_streamed(stream, args: argparse.Namespace, extra: dict | None = None) -> None:
     live = not args.json and (args.stream or sys.stdout.isatty())
     answer = None
     for delta in stream:
@@ -286,6 +312,7 @@ def _print_streamed(stream, args: argparse.Namespace) -> None:
             sys.stdout.write(delta.text)
             sys.stdout.flush()
         answer = delta.answer or answer
+    answer.timings.update(extra or {})
     if live:
         print(flush=True)
     else:
