@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -51,6 +52,24 @@ def probability(text: str) -> float:
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
     return value
+
+
+def port_number(text: str) -> int:
+    value = positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"ports go up to 65535, got {value}")
+    return value
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def byte_size(text: str) -> int:
+    """'4GiB', '512MB', '1048576' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"expected a size like 4GiB, 512MB or 1048576, got {text!r}")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, model_help: str) -> None:
@@ -120,12 +139,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_generation_arguments(chat, ("--max-new-tokens", "--max_new_tokens"))
     chat.set_defaults(run=run_chat)
 
+    serve = sub.add_parser("serve", help="an OpenAI-compatible server that reuses image states automatically")
+    add_model_arguments(serve, "model id or local folder (default: $VLCACHE_MODEL or Qwen/Qwen3-VL-2B-Instruct)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=port_number, default=8000)
+    serve.add_argument("--cache-dir", default=None, help="where states are written (default: ~/.cache/vlcache/states)")
+    serve.add_argument("--memory-budget", type=byte_size, default=byte_size("4GiB"), help="bytes of states kept in memory (default: 4GiB)")
+    serve.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs")
+    serve.add_argument("--allow-local-files", default=None, metavar="DIR", help="allow image paths under DIR")
+    serve.add_argument("--max-body", type=byte_size, default=byte_size("32MiB"), help="largest request body (default: 32MiB)")
+    serve.add_argument("--max-batch", type=positive_int, default=16, help="most requests decoded together (default: 16)")
+    serve.set_defaults(run=run_serve, subparser=serve)
+
     inspect = sub.add_parser("inspect", help="show what a cache file holds")
     inspect.add_argument("path")
     inspect.add_argument("--json", action="store_true")
     inspect.set_defaults(run=run_inspect)
 
-    for p in (cache, ask, chat, inspect):
+    for p in (cache, ask, chat, serve, inspect):
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return parser
 
@@ -346,6 +377,24 @@ def _last(iterable):
     for item in iterable:
         pass
     return item
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .server import ServeOptions, create_app
+
+    local = Path(args.allow_local_files) if args.allow_local_files else None
+    if local is not None and not local.is_dir():
+        raise VlcacheError(f"--allow-local-files: not a folder: {local}")
+    cache_dir = Path(args.cache_dir) if args.cache_dir else Path.home() / ".cache" / "vlcache" / "states"
+    engine = _load_engine(args.model, args.device, args.dtype or "auto")
+    options = ServeOptions(cache_dir=cache_dir, memory_budget=args.memory_budget, allow_remote_images=args.allow_remote_images,
+                           allow_local_files=local, max_body_bytes=args.max_body, max_batch=args.max_batch)
+    app = create_app(engine, options)
+    _info(f"serving {engine.model_name} on http://{args.host}:{args.port}/v1 (states in {cache_dir})")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
 
 
 def run_inspect(args: argparse.Namespace) -> int:

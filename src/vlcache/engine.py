@@ -102,12 +102,16 @@ class Engine:
         max_pixels: int | None = None,
     ) -> ImageState:
         """Run the vision encoder and the prefill over system prompt + image once; return the state."""
+        return self.cache_prefix(image, prompt.image_conversation(system_prompt), max_pixels)
+
+    def cache_prefix(self, image, messages: list[dict], max_pixels: int | None = None) -> ImageState:
+        """Like cache_image for any conversation that ends in an open user turn whose last part is the image."""
         # 1. Open the image (any mode, first frame) and check it fits in memory at the chosen resolution.
         loaded = images.load_image(image)
         images_kwargs = self.images_kwargs(max_pixels)
         self._check_memory(loaded, images_kwargs)
+        system_prompt = next((m["content"] for m in messages if m["role"] == "system"), None)
         # 2. Tokenize what the chat template puts before the question: system turn, user turn up to the image.
-        messages = prompt.image_conversation(system_prompt)
         inputs = self.processor(
             text=[prompt.covered_text(self.processor, messages)], images=[loaded.image], return_tensors="pt",
             images_kwargs=images_kwargs,
@@ -231,7 +235,7 @@ class Engine:
                 if token is not None:
                     row.append(token)
         timing = _Timing(start, first)
-        return [self._answer(ids, state.num_tokens, state.num_tokens + n.shape[1], timing) for ids, n in zip(tokens, new_ids)]
+        return [self.answer(ids, state.num_tokens, state.num_tokens + n.shape[1], timing) for ids, n in zip(tokens, new_ids)]
 
     # -- the layers under ask, stream and ask_many -------------------------------------------------------------
 
@@ -247,28 +251,25 @@ class Engine:
         """
         options.check()
         start = time.perf_counter()
-        token_ids: list[int] = []
-        shown, first = "", None
+        text = TextAssembler(self.processor.tokenizer)
+        first = None
         for (token_id,) in self._steps(kv, history, [new_ids], rope_delta, options, cache):
             first = first or time.perf_counter()
-            token_ids.append(token_id)
-            if len(token_ids) == options.max_new_tokens or token_id in self.eos_ids:
+            if len(text.token_ids) + 1 == options.max_new_tokens or token_id in self.eos_ids:
+                text.token_ids.append(token_id)
                 break  # the last token goes out with the answer below
-            text = self.processor.tokenizer.decode(token_ids, skip_special_tokens=True)
-            # Hold back a trailing partial character; emit only text that extends what was shown.
-            piece = text[len(shown):] if not text.endswith("\ufffd") and text.startswith(shown) else ""
-            shown += piece
-            yield Delta(text=piece, token_id=token_id)
-        answer = self._answer(token_ids, history.shape[1], history.shape[1] + new_ids.shape[1], _Timing(start, first))
-        tail = answer.text[len(shown):] if answer.text.startswith(shown) else answer.text
-        yield Delta(text=tail, token_id=token_ids[-1], answer=answer)
+            yield Delta(text=text.add(token_id), token_id=token_id)
+        answer = self.answer(text.token_ids, history.shape[1], history.shape[1] + new_ids.shape[1], _Timing(start, first))
+        yield Delta(text=text.rest(answer.text), token_id=text.token_ids[-1], answer=answer)
+
+    def sampler(self, options: GenerationOptions, seed_offset: int = 0) -> generate.Sampler:
+        params = generate.sampling_params(self.model.generation_config, options.temperature, options.top_p, options.seed)
+        if params.seed is not None:
+            params = _with_seed(params, params.seed + seed_offset)
+        return generate.make_sampler(params, self.device)
 
     def _steps(self, kv, history, new_ids: list[torch.Tensor], rope_delta: int, options: GenerationOptions, cache=None):
-        params = generate.sampling_params(self.model.generation_config, options.temperature, options.top_p, options.seed)
-        samplers = [
-            generate.make_sampler(params if params.seed is None else _with_seed(params, params.seed + i), self.device)
-            for i in range(len(new_ids))
-        ]
+        samplers = [self.sampler(options, i) for i in range(len(new_ids))]
         if cache is None:
             capacity = history.shape[1] + max(n.shape[1] for n in new_ids) + options.max_new_tokens
             cache = generate.cache_from_kv(self.model.config, kv, batch=len(new_ids), capacity=capacity)
@@ -276,7 +277,7 @@ class Engine:
             self.model, cache, history, new_ids, rope_delta, samplers, options.max_new_tokens, self.eos_ids
         )
 
-    def _answer(self, token_ids: list[int], cached: int, prompt_tokens: int, timing: "_Timing") -> Answer:
+    def answer(self, token_ids: list[int], cached: int, prompt_tokens: int, timing: "_Timing") -> Answer:
         end = time.perf_counter()
         first = timing.first or end
         decode = end - first
@@ -345,6 +346,27 @@ class Engine:
         cfg = self.model.config.get_text_config()
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * torch.finfo(self.dtype).bits // 8
+
+
+class TextAssembler:
+    """Turns generated ids into text pieces: whole characters only, each piece extending what was shown."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.token_ids: list[int] = []
+        self.shown = ""
+
+    def add(self, token_id: int) -> str:
+        self.token_ids.append(token_id)
+        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        # Hold back a trailing partial character; emit only text that extends what was shown.
+        piece = text[len(self.shown):] if not text.endswith("\ufffd") and text.startswith(self.shown) else ""
+        self.shown += piece
+        return piece
+
+    def rest(self, final_text: str) -> str:
+        """What of the final text was not shown yet."""
+        return final_text[len(self.shown):] if final_text.startswith(self.shown) else final_text
 
 
 @dataclass

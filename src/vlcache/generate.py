@@ -141,15 +141,17 @@ def generate_steps(
     new_ids: list[torch.Tensor],
     rope_delta: int,
     samplers: list[Sampler],
-    max_new_tokens: int,
+    max_new_tokens: int | list[int],
     eos_ids: frozenset[int],
+    stopped: Callable[[int], bool] | None = None,
 ) -> Iterator[list[int | None]]:
     """Prefill each row's new ids after the shared `history` in `cache`, then decode all rows together.
 
     Yields one list per step with each row's token, or None for a row that already finished (after its
     end-of-sequence token, which is yielded, or max_new_tokens). Rows of unequal length are padded on the left
     of their new ids, between history and question; padding is masked out and skipped in the M-RoPE
-    positions, so each row computes what it would alone.
+    positions, so each row computes what it would alone. `max_new_tokens` may differ by row; `stopped(row)`
+    lets a caller end a row early (a client that went away, a stop string).
     """
     # 1. Lay the rows out: [history | padding | new ids], and their masks and positions.
     device = history.device
@@ -169,9 +171,10 @@ def generate_steps(
     logits = forward(model, input_ids, positions, cache, attention_mask=mask)
     seen = [torch.cat([history[0], ids[0]]).unsqueeze(0) for ids in new_ids]  # for samplers that look back
     next_logical = torch.tensor([start + ids.shape[1] for ids in new_ids], device=device)
+    limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * rows
     done = [False] * rows
     # 3. Decode: every row advances one token a step; finished rows keep a slot but their output is dropped.
-    for step in range(max_new_tokens):
+    for step in range(max(limits)):
         tokens = torch.stack([samplers[i](seen[i], logits[i : i + 1])[0] for i in range(rows)])
         out: list[int | None] = []
         for i in range(rows):
@@ -181,9 +184,11 @@ def generate_steps(
             token_id = int(tokens[i])
             out.append(token_id)
             seen[i] = torch.cat([seen[i], tokens[i].view(1, 1)], dim=1)
-            done[i] = token_id in eos_ids
+            done[i] = token_id in eos_ids or step + 1 >= limits[i]
         yield out
-        if all(done) or step == max_new_tokens - 1:
+        if stopped is not None:
+            done = [d or stopped(i) for i, d in enumerate(done)]
+        if all(done):
             return
         slot = cache.get_seq_length()
         mask = torch.cat([mask, torch.ones(rows, 1, dtype=torch.long, device=device)], dim=1)

@@ -1,0 +1,142 @@
+"""Two tiers of image states for the server: hot in memory under a byte budget (LRU), all of them on disk.
+
+States are keyed by what decides their tokens and KV: model fingerprint, image content hash, the template
+text before the image (the system prompt) and the processor settings. On disk each lives under its key,
+in the same file format as `vlcache cache`, so a restarted server, or a second one sharing the folder, finds
+it; a file made by `vlcache cache` and dropped into the folder is found by its metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+from .errors import CacheFileError
+from .state import ImageState, StateMetadata, load_state, read_metadata
+
+KEY_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+
+
+def state_key(fingerprint: str, image_sha256: str, messages: list, processor_settings: dict) -> str:
+    identity = {"fingerprint": fingerprint, "image": image_sha256, "messages": messages, "processor": processor_settings}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def metadata_key(meta: StateMetadata) -> str:
+    return state_key(meta.fingerprint, meta.image_sha256, meta.messages, meta.processor_settings)
+
+
+class StateStore:
+    def __init__(self, cache_dir: str | Path, memory_budget: int, fingerprint: str, device):
+        self.dir = Path(cache_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.budget = memory_budget
+        self.fingerprint = fingerprint
+        self.device = device
+        self._hot: OrderedDict[str, ImageState] = OrderedDict()
+        self._hot_bytes = 0
+        self._index: dict[str, Path] = {}  # key -> file, for files not named by their key
+        self._lock = threading.RLock()
+        self.rescan()
+
+    # -- lookups ---------------------------------------------------------------------------------------------
+
+    def get(self, key: str) -> tuple[ImageState | None, str]:
+        """The state and where it came from: "memory", "disk", or (None, "miss")."""
+        with self._lock:
+            if key in self._hot:
+                self._hot.move_to_end(key)
+                return self._hot[key], "memory"
+        path = self._path_for(key)
+        if path is None:
+            return None, "miss"
+        try:
+            state = load_state(path, device=self.device)
+        except CacheFileError:
+            return None, "miss"
+        self._keep_hot(key, state)
+        return state, "disk"
+
+    def put(self, key: str, state: ImageState) -> None:
+        target = self.dir / f"{key}.safetensors"
+        if not target.exists():
+            state.save(target)
+        with self._lock:
+            self._index[key] = target
+        self._keep_hot(key, state)
+
+    def delete(self, key: str) -> bool:
+        with self._lock:
+            found = False
+            if key in self._hot:
+                self._hot_bytes -= self._hot.pop(key).kv_bytes
+                found = True
+            path = self._index.pop(key, None) or (self.dir / f"{key}.safetensors")
+        if path.exists():
+            path.unlink()
+            found = True
+        return found
+
+    def metadata(self, key: str) -> StateMetadata | None:
+        with self._lock:
+            if key in self._hot:
+                return self._hot[key].metadata
+        path = self._path_for(key)
+        try:
+            return read_metadata(path) if path else None
+        except CacheFileError:
+            return None
+
+    @property
+    def hot_bytes(self) -> int:
+        return self._hot_bytes
+
+    @property
+    def hot_count(self) -> int:
+        return len(self._hot)
+
+    # -- internals -------------------------------------------------------------------------------------------
+
+    def rescan(self) -> None:
+        """Index cache files in the folder by the key their metadata gives (files of other models are ignored)."""
+        index = {}
+        for path in sorted(self.dir.iterdir()):
+            if path.suffix not in (".safetensors", ".pt") or not path.is_file():
+                continue
+            try:
+                meta = read_metadata(path)
+            except CacheFileError:
+                continue
+            if meta.fingerprint == self.fingerprint:
+                index[metadata_key(meta)] = path
+        with self._lock:
+            self._index = index
+
+    def _path_for(self, key: str) -> Path | None:
+        named = self.dir / f"{key}.safetensors"
+        if named.exists():
+            return named
+        with self._lock:
+            path = self._index.get(key)
+        if path is None or not path.exists():
+            self.rescan()  # another server, or a user, may have added files since
+            with self._lock:
+                path = self._index.get(key)
+        return path if path is not None and path.exists() else None
+
+    def _keep_hot(self, key: str, state: ImageState) -> None:
+        with self._lock:
+            if key in self._hot:
+                self._hot.move_to_end(key)
+                return
+            self._hot[key] = state
+            self._hot_bytes += state.kv_bytes
+            while self._hot_bytes > self.budget and len(self._hot) > 1:
+                _, evicted = self._hot.popitem(last=False)
+                self._hot_bytes -= evicted.kv_bytes
+            if self._hot_bytes > self.budget:  # one state larger than the whole budget: serve it, do not keep it
+                self._hot_bytes -= self._hot.pop(key).kv_bytes

@@ -1,0 +1,124 @@
+"""The model worker: one thread owns the model; requests that wait together are decoded together.
+
+Requests about the same state (same image prefix, or text-only) form one batch over the shared prefix; each
+row has its own sampler, token limit and stop flag, so rows never see each other's tokens. Image states are
+also computed here, one at a time, so the model is only ever used by this thread.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from . import generate
+from .engine import Answer, Engine, GenerationOptions, TextAssembler, _Timing
+
+
+@dataclass
+class Job:
+    group: str  # rows with the same group share a prefix: the state key, or "" for text-only
+    kv: list  # the prefix K/V ([1, kv_heads, n, D] per layer)
+    history: torch.Tensor  # the prefix ids [1, n]
+    new_ids: torch.Tensor  # [1, m]
+    rope_delta: int
+    options: GenerationOptions
+    emit: Callable[[str, object], None]  # ("delta", text) and finally ("done", Answer) or ("error", message)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
+
+
+class ModelWorker:
+    def __init__(self, engine: Engine, max_batch: int = 16):
+        self.engine = engine
+        self.max_batch = max_batch
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="vlcache-model", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        self._queue.put(job)
+
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run fn on the model thread (computing an image state); the Future carries its result."""
+        future: Future = Future()
+        self._queue.put((fn, future))
+        return future
+
+    def stop(self) -> None:
+        self._queue.put(None)
+
+    # -- the model thread ------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            waiting = [item]
+            while True:  # everything that queued up meanwhile joins this round
+                try:
+                    waiting.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            if None in waiting:
+                return
+            jobs = []
+            for entry in waiting:
+                if isinstance(entry, Job):
+                    jobs.append(entry)
+                else:
+                    self._call(*entry)
+            groups: dict[str, list[Job]] = {}
+            for job in jobs:
+                groups.setdefault(job.group, []).append(job)
+            for group in groups.values():
+                for start in range(0, len(group), self.max_batch):
+                    self._generate(group[start : start + self.max_batch])
+
+    @staticmethod
+    def _call(fn, future: Future) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn())
+        except BaseException as exc:  # handed to the waiting request, which turns it into an HTTP error
+            future.set_exception(exc)
+
+    def _generate(self, jobs: list[Job]) -> None:
+        engine = self.engine
+        try:
+            samplers = [engine.sampler(job.options) for job in jobs]
+            limits = [job.options.max_new_tokens for job in jobs]
+            capacity = max(job.new_ids.shape[1] for job in jobs) + max(limits)
+            cache = generate.cache_from_kv(engine.model.config, jobs[0].kv, batch=len(jobs), capacity=capacity)
+            texts = [TextAssembler(engine.processor.tokenizer) for _ in jobs]
+            firsts: list[float | None] = [None] * len(jobs)
+            steps = generate.generate_steps(
+                engine.model, cache, jobs[0].history, [job.new_ids for job in jobs], jobs[0].rope_delta, samplers,
+                limits, engine.eos_ids, stopped=lambda row: jobs[row].cancelled.is_set(),
+            )
+            for step in steps:
+                for row, token in enumerate(step):
+                    if token is None or jobs[row].cancelled.is_set():
+                        continue
+                    firsts[row] = firsts[row] or time.perf_counter()
+                    piece = texts[row].add(token)
+                    if piece:
+                        jobs[row].emit("delta", piece)
+            for job, text, first in zip(jobs, texts, firsts):
+                answer: Answer = engine.answer(
+                    text.token_ids, job.history.shape[1], job.history.shape[1] + job.new_ids.shape[1], _Timing(job.submitted, first)
+                )
+                tail = text.rest(answer.text)
+                if tail:
+                    job.emit("delta", tail)
+                job.emit("done", answer)
+        except Exception as exc:  # noqa: BLE001 - every waiting client gets an answer, never a hang
+            for job in jobs:
+                job.emit("error", f"generation failed: {exc}")
