@@ -83,7 +83,9 @@ def parse_chat(body: object, default_max_tokens: int) -> ChatRequest:
         raise APIError(400, "one image per conversation is supported", "messages")
     if body.get("n", 1) != 1:
         raise APIError(400, "only n=1 is supported", "n")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens")) or default_max_tokens
+    max_tokens = body.get("max_completion_tokens")
+    max_tokens = body.get("max_tokens") if max_tokens is None else max_tokens
+    max_tokens = default_max_tokens if max_tokens is None else max_tokens
     options = GenerationOptions(
         max_new_tokens=_number(max_tokens, "max_tokens", int, 1, MAX_TOKENS_CAP),
         temperature=_number(body.get("temperature"), "temperature", float, 0, 2),
@@ -499,9 +501,19 @@ class BodyLimit:
         try:
             await self.app(scope, counted, send)
         except _BodyTooLarge:
-            await self._too_large(scope, receive, send)
+            await self._too_large(scope, receive, send, drain=False)
 
-    async def _too_large(self, scope, receive, send):
+    async def _too_large(self, scope, receive, send, drain: bool = True):
+        # Read (and drop) what the client is still sending, up to a bound, so that it sees the 413 rather
+        # than a connection reset mid-upload.
+        drained = 0
+        while drain and drained < 4 * self.limit:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            drained += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
         response = error_response(413, f"request body over the {self.limit:,}-byte limit")
         await response(scope, receive, send)
 
