@@ -101,23 +101,25 @@ class Bench:
         runs = self.args.runs
         results = {"machine": machine(), "config": self.args.config, "runs": runs,
                    "command": "python bench/run.py " + " ".join(sys.argv[1:])}
-        print("1/5 warm time to first token, cache size and load time ...", file=sys.stderr)
+        print("1/6 warm time to first token, cache size and load time ...", file=sys.stderr)
         warm = self.measure("warm", model=model, device=self.args.device, images=[str(p) for p in self.images()],
                             question=QUESTION, runs=runs, out_dir=str(self.work), system_prompt=SYSTEM)
         results["warm"] = warm
-        print("2/5 model load ...", file=sys.stderr)
+        print("2/6 model load ...", file=sys.stderr)
         loads = [self.measure("model_load", model=model) for _ in range(runs)]
         weights = [p for p in Path(model).iterdir() if p.suffix == ".safetensors"]
         cat = [timed_cat(weights) for _ in range(runs)]
         results["model_load"] = {k: stats([l[k] for l in loads]) for k in loads[0]}
         results["model_load"]["cat_weights_s"] = stats(cat)
         results["model_load"]["weights_bytes"] = sum(p.stat().st_size for p in weights)
-        print("3/5 fresh process per prompt (the guide's flow) ...", file=sys.stderr)
+        print("3/6 fresh process per prompt (the guide's flow) ...", file=sys.stderr)
         results["fresh"] = self.fresh_process(model, warm["images"][1], runs)
-        print("4/5 many questions: batch vs one by one ...", file=sys.stderr)
+        print("4/6 many questions: batch vs one by one ...", file=sys.stderr)
         results["many"] = self.many_questions(model, warm["images"][1]["cache_path"], runs)
-        print("5/5 caching the photographs: one call vs one call each ...", file=sys.stderr)
+        print("5/6 caching the photographs: one call vs one call each ...", file=sys.stderr)
         results["cache_many"] = self.cache_many(model, runs)
+        print("6/6 servers: vlcache serve vs transformers serve ...", file=sys.stderr)
+        results["serve"] = ServeBench(self, model).run(runs)
         return results
 
     def fresh_process(self, model: str, image_result: dict, runs: int) -> dict:
@@ -160,6 +162,102 @@ class Bench:
         return {"photos": len(photos), "one_call_s": stats(one_call), "separate_calls_s": stats(separate)}
 
 
+class ServeBench:
+    """Time to first token of repeat questions and requests per second: vlcache serve vs transformers serve."""
+
+    def __init__(self, bench: Bench, model: str):
+        self.bench, self.model = bench, model
+        self.image = SHARED / "images" / ("hubble_deep_field.jpg" if bench.args.config == "full" else "astronaut.png")
+        self.small = SHARED / "images" / "astronaut.png"
+
+    def run(self, runs: int) -> dict:
+        out = {"image": self.image.name, "rps_image": self.small.name}
+        servers = {"vlcache serve": self._vlcache_cmd()}
+        transformers_cli = Path(sys.executable).with_name("transformers")
+        if transformers_cli.exists() and not self.bench.args.skip_transformers_serve:
+            servers["transformers serve"] = [str(transformers_cli), "serve", self.model, "--port", "{port}"]
+        for name, cmd in servers.items():
+            with _Process(cmd, self.bench.env) as server:
+                out[name] = {"ttft": self._ttft(server.url, runs), "rps": self._rps(server.url)}
+        return out
+
+    def _vlcache_cmd(self) -> list[str]:
+        states = tempfile.mkdtemp(dir=self.bench.work)
+        return [sys.executable, "-m", "vlcache", "serve", "--model", self.model, "--port", "{port}", "--cache-dir", states,
+                "--device", self.bench.args.device]
+
+    def _request(self, url: str, image: Path, question: str, max_tokens: int) -> float:
+        import base64
+        import urllib.request
+
+        data = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
+        body = {"model": self.model, "max_tokens": max_tokens, "temperature": 0, "messages": [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data}}, {"type": "text", "text": question}]}]}
+        request = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        start = time.perf_counter()
+        with urllib.request.urlopen(request, timeout=1800) as response:
+            json.loads(response.read())
+        return time.perf_counter() - start
+
+    def _ttft(self, url: str, runs: int) -> dict:
+        """One-token answers: the first question (the image is new) and then two more, `runs` times."""
+        first = self._request(url, self.image, QUESTIONS[0], 1)
+        second = [self._request(url, self.image, QUESTIONS[1 + 2 * i], 1) for i in range(runs)]
+        third = [self._request(url, self.image, QUESTIONS[2 + 2 * i], 1) for i in range(runs)]
+        return {"first_s": first, "second_s": stats(second), "third_s": stats(third)}
+
+    def _rps(self, url: str) -> dict:
+        import concurrent.futures
+
+        out = {}
+        self._request(url, self.small, QUESTIONS[0], 1)  # the image state exists before the clock starts
+        for clients in (1, 4, 16):
+            n = max(4, clients) if self.bench.args.config == "full" else clients
+            questions = [QUESTIONS[i % len(QUESTIONS)] + f" ({i})" for i in range(n)]
+            start = time.perf_counter()
+            with concurrent.futures.ThreadPoolExecutor(max_workers=clients) as pool:
+                list(pool.map(lambda q: self._request(url, self.small, q, 8), questions))
+            wall = time.perf_counter() - start
+            out[str(clients)] = {"requests": n, "wall_s": wall, "rps": n / wall}
+        return out
+
+
+class _Process:
+    """A server subprocess on a free loopback port, up when /health answers, stopped on exit."""
+
+    def __init__(self, cmd: list[str], env: dict):
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.cmd = [part.replace("{port}", str(self.port)) for part in cmd]
+        self.env, self.url = env, f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self):
+        import urllib.request
+
+        self.process = subprocess.Popen(self.cmd, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 600
+        while True:
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=5):
+                    return self
+            except OSError:
+                if self.process.poll() is not None or time.time() > deadline:
+                    raise SystemExit(f"error: {' '.join(self.cmd[:3])} did not start:\n{self.process.stderr.read()[-2000:]}")
+                time.sleep(0.5)
+
+    def __exit__(self, *exc):
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
 def timed_cat(paths: list[Path]) -> float:
     for p in paths:  # warm
         subprocess.run(["cat", str(p)], stdout=subprocess.DEVNULL, check=True)
@@ -195,11 +293,11 @@ def summarize(r: dict) -> dict:
     out = {"images": []}
     for row in r["warm"]["images"]:
         u, c, f = stats(row["uncached_ttft_s"]), stats(row["cached_ttft_s"]), stats(row["floor_s"])
-        load, cat = stats(row["cache_load_s"]), stats(row["cat_s"])
+        load, cat, read = stats(row["cache_load_s"]), stats(row["cat_s"]), stats(row["cache_load_read_s"])
         out["images"].append({
             "image": row["image"], "prefix_tokens": row["prefix_tokens"], "uncached": u, "cached": c, "floor": f,
             "speedup": ratio(u, c), "cached_over_floor": ratio(c, f), "size_ratio": row["file_bytes"] / row["kv_bytes"],
-            "load": load, "cat": cat, "load_over_cat": ratio(load, cat),
+            "load": load, "cat": cat, "load_over_cat": ratio(load, cat), "load_read": read, "load_read_over_cat": ratio(read, cat),
         })
     ml = r["model_load"]
     out["model_load_over_cat"] = ml["from_pretrained_s"]["median"] / ml["cat_weights_s"]["median"]
@@ -237,11 +335,13 @@ def markdown(r: dict, s: dict, png: str | None) -> str:
     if png:
         lines += ["", f"![time to first token against image tokens]({png})"]
     lines += ["", "### Cache file size and load time", "",
-              "| image | file bytes | raw KV bytes | file / KV (target <= 1.01) | load | `cat` (warm page cache) | load / cat (target <= 1.5) |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+              "Load: `load_state` (memory-mapped; pages are read when the first question uses them). Load + read: the "
+              "same, then a copy of every tensor, so every byte is read, as `cat` does.", "",
+              "| image | file bytes | raw KV bytes | file / KV (target <= 1.01) | load | load + read | `cat` (warm page cache) | load + read / cat (target <= 1.5) |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row, raw in zip(s["images"], r["warm"]["images"]):
         lines.append(f"| {row['image']} | {raw['file_bytes']:,} | {raw['kv_bytes']:,} | {row['size_ratio']:.4f} | {fmt(row['load'])} | "
-                     f"{fmt(row['cat'])} | {row['load_over_cat']:.2f} |")
+                     f"{fmt(row['load_read'])} | {fmt(row['cat'])} | {row['load_read_over_cat']:.2f} |")
     ml = r["model_load"]
     lines += ["", "### Model load", "",
               f"Weights: {ml['weights_bytes'] / 2**30:.2f} GiB. `cat` of the weight files (warm page cache): {fmt(ml['cat_weights_s'])}.",
@@ -275,7 +375,29 @@ def markdown(r: dict, s: dict, png: str | None) -> str:
     lines += ["", f"### Caching {cm['photos']} photographs", "",
               f"One `vlcache cache ... --output-dir` call: {fmt(cm['one_call_s'])}; {cm['photos']} separate `vlcache cache` calls: "
               f"{fmt(cm['separate_calls_s'])} ({s['cache_many_speedup']:.1f}x)."]
+    lines += serve_markdown(r["serve"], fresh)
     return "\n".join(lines) + "\n"
+
+
+def serve_markdown(sv: dict, fresh: dict) -> list[str]:
+    names = [n for n in ("vlcache serve", "transformers serve") if n in sv]
+    lines = ["", "### Servers: a second and third question about the same image", "",
+             f"Image: {sv['image']}. One-token answers (time to first token, through HTTP), temperature 0. The first "
+             "question is the uncached path on both servers (the image is new); transformers serve runs the vision "
+             "encoder and the whole prefill again for every request.", "",
+             "| | first question (uncached) | second question | third question |", "| --- | --- | --- | --- |"]
+    for name in names:
+        t = sv[name]["ttft"]
+        lines.append(f"| `{name}` | {t['first_s']:.3f} s | {fmt(t['second_s'])} | {fmt(t['third_s'])} |")
+    c = fresh["cached"]
+    to_first = c["startup_s"]["median"] + c["model_load_s"]["median"] + c["restore_s"]["median"] + c["ttft_s"]["median"]
+    lines.append(f"| `vlcache ask --cache` (fresh process, each question) | | {to_first:.3f} s | {to_first:.3f} s |")
+    lines += ["", f"Requests per second (image {sv['rps_image']}, 8 new tokens, each client a different question):", "",
+              "| clients | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
+    for clients in ("1", "4", "16"):
+        cells = [f"{sv[n]['rps'][clients]['rps']:.3f} req/s ({sv[n]['rps'][clients]['requests']} requests)" for n in names]
+        lines.append(f"| {clients} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot(r: dict, path: Path) -> bool:
@@ -308,6 +430,7 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=None, help="runs per figure (default: 3 full, 1 small)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="tokens per question in the batch test (default: 16 full, 4 small)")
+    parser.add_argument("--skip-transformers-serve", action="store_true", help="measure vlcache serve alone")
     parser.add_argument("--out-dir", default=str(REPO / "docs"), help="where benchmarks.md/.json and ttft.png go")
     parser.add_argument("--work-dir", default=None, help="checkpoints and caches (default: ~/.cache/vlcache-bench, or a temp dir for small)")
     args = parser.parse_args(argv)
