@@ -114,7 +114,9 @@ def forward(model, input_ids, position_ids, cache, attention_mask=None, **vision
     if attention_mask is None:
         total = cache.get_seq_length() + input_ids.shape[1]
         attention_mask = torch.ones(input_ids.shape[0], total, dtype=torch.long, device=input_ids.device)
-    shared = cache if cache.layers and isinstance(cache.layers[0], SharedPrefixLayer) else None
+    # With no prefix (text-only) the suffix K/V are all the K/V: the plain SDPA path needs no scores buffer.
+    layer = cache.layers[0] if cache.layers else None
+    shared = cache if isinstance(layer, SharedPrefixLayer) and layer.prefix_length > 0 else None
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
