@@ -8,8 +8,8 @@ fresh() { [ -f "$1" ] && [ "$1" -nt pyproject.toml ]; }
 if ! fresh "$stamp" && ! fresh .venv/.installed-test; then  # the test install is a superset
   echo "setting up .venv (first run: installs torch, transformers and friends)..." >&2
   [ -x .venv/bin/python ] || python3 -m venv .venv
-  .venv/bin/python -m pip install -q --upgrade pip >&2
-  .venv/bin/python -m pip install -q -e ".${extra:+[$extra]}" >&2
+  quiet() { grep -v "^WARNING: Location .* is ignored" >&2 || true; }  # this machine's pip config is noisy
+  .venv/bin/python -m pip install -q -e ".${extra:+[$extra]}" 2>&1 | quiet
   touch "$stamp"
 fi
 export PATH="$PWD/.venv/bin:$PATH"

@@ -267,3 +267,35 @@ def test_serve_command_starts_and_answers(tiny_model_dir, tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_remote_and_local_images_only_when_allowed(engine, tmp_path):
+    import http.server
+    import shutil
+
+    served = tmp_path / "www"
+    served.mkdir()
+    shutil.copy(photo("rocket.jpg"), served / "rocket.jpg")
+    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(served), **k)  # noqa: E731
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    remote_url = f"http://127.0.0.1:{web.server_address[1]}/rocket.jpg"
+    live = LiveServer(engine, tmp_path / "states", allow_remote_images=True, allow_local_files=served)
+    try:
+        def with_url(url):
+            return live.client.chat.completions.create(model="any", max_tokens=N, temperature=0, messages=[
+                {"role": "system", "content": SYSTEM},
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is this?"}]}])
+
+        expected = ask(live.client, "rocket.jpg", "What is this?").choices[0].message.content
+        assert with_url(remote_url).choices[0].message.content == expected
+        local = with_url(str(served / "rocket.jpg"))
+        assert local.choices[0].message.content == expected
+        assert local.usage.prompt_tokens_details.cached_tokens > 0  # same bytes, same state, whatever the URL
+        outside = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(photo("coffee.png"))}}]}]}
+        assert "not a file under the allowed folder" in _error(live.post("/v1/chat/completions", json.dumps(outside).encode()), 400)
+        escape = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "../../../../etc/passwd"}}]}]}
+        assert "not a file under the allowed folder" in _error(live.post("/v1/chat/completions", json.dumps(escape).encode()), 400)
+    finally:
+        live.close()
+        web.shutdown()
