@@ -14,13 +14,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SYSTEM_PROMPT
 from .errors import VlcacheError
 
 
 class UsageError(VlcacheError):
     """Arguments that parse but do not fit together: exit 2 like argparse's own errors."""
 
-DEFAULT_SYSTEM_PROMPT = "You are a helpful AI assistant analyzing an image."  # the guide's default
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
@@ -86,7 +86,8 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser, max_tokens_flags: tuple[str, ...]) -> None:
-    parser.add_argument(*max_tokens_flags, dest="max_new_tokens", type=positive_int, default=128, help="default: 128")
+    parser.add_argument(*max_tokens_flags, dest="max_new_tokens", type=positive_int, default=DEFAULT_MAX_NEW_TOKENS,
+                        help=f"default: {DEFAULT_MAX_NEW_TOKENS}")
     parser.add_argument("--temperature", type=non_negative_float, default=None, help="0 = greedy (default: the model's generation config)")
     parser.add_argument("--top-p", type=probability, default=None)
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling, for repeatable answers")
@@ -353,7 +354,7 @@ def _print_streamed(stream, args: argparse.Namespace, extra: dict | None = None)
 
 def _print_answer(answer, args: argparse.Namespace, **fields) -> None:
     if args.json:
-        print(json.dumps({**fields, **answer.to_dict()}) if fields else json.dumps(answer.to_dict()), flush=True)
+        print(json.dumps({**fields, **answer.to_dict()}), flush=True)
         return
     if fields:
         print(f"==> {fields['cache'] or '(text only)'} | {fields['prompt']} <==")

@@ -12,11 +12,9 @@ from pathlib import Path
 import torch
 
 from . import attention, generate, images, model as model_loading, prompt
+from .defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SYSTEM_PROMPT
 from .errors import ImageError, ModelMismatchError, VlcacheError
 from .state import ImageState, StateMetadata, load_state
-
-DEFAULT_SYSTEM_PROMPT = "You are a helpful AI assistant analyzing an image."
-DEFAULT_MAX_NEW_TOKENS = 128
 
 
 @dataclass

@@ -8,11 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .defaults import DEFAULT_MODEL, MODEL_ENV_VAR
 from .errors import ModelLoadError
-
-DEFAULT_MODEL = "Qwen/Qwen3-VL-2B-Instruct"
-# Points every command at a local model folder (or another hub id) without repeating --model.
-MODEL_ENV_VAR = "VLCACHE_MODEL"
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 FINGERPRINT_SAMPLES = 4096  # elements read from each weight tensor
