@@ -299,3 +299,30 @@ def test_remote_and_local_images_only_when_allowed(engine, tmp_path):
     finally:
         live.close()
         web.shutdown()
+
+
+def test_multi_turn_requests_continue_from_the_earlier_turn(engine, server):
+    from test_conversation import reference_conversation
+
+    q1, q2, q3 = "What objects are visible in this image?", "What colors dominate the scene?", "Describe the mood."
+    messages = image_messages("astronaut.png", q1)
+    first = server.client.chat.completions.create(model="any", messages=messages, max_tokens=N, temperature=0)
+    a1 = first.choices[0].message.content
+    messages += [{"role": "assistant", "content": a1}, {"role": "user", "content": q2}]
+    second = server.client.chat.completions.create(model="any", messages=messages, max_tokens=N, temperature=0)
+    expected, prompt_len = reference_conversation(engine, photo("astronaut.png"), [(q1, a1)], q2, N)
+    assert second.choices[0].message.content == engine.processor.tokenizer.decode(expected, skip_special_tokens=True)
+    assert second.usage.prompt_tokens == prompt_len
+    # Turn 1's prompt, image included, came from memory, and as much of its answer as re-tokenizes the same.
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+    a2 = second.choices[0].message.content
+    messages += [{"role": "assistant", "content": a2}, {"role": "user", "content": q3}]
+    third = server.client.chat.completions.create(model="any", messages=messages, max_tokens=N, temperature=0)
+    expected, _ = reference_conversation(engine, photo("astronaut.png"), [(q1, a1), (q2, a2)], q3, N)
+    assert third.choices[0].message.content == engine.processor.tokenizer.decode(expected, skip_special_tokens=True)
+    assert third.usage.prompt_tokens_details.cached_tokens >= second.usage.prompt_tokens
+    # Another question on turn 1 still gets turn 1's reuse and its own, correct answer.
+    other = image_messages("astronaut.png", "Is it day or night?")
+    again = server.client.chat.completions.create(model="any", messages=other, max_tokens=N, temperature=0)
+    expected = reference_tokens(engine, photo("astronaut.png"), SYSTEM, "Is it day or night?", N)
+    assert again.choices[0].message.content == engine.processor.tokenizer.decode(expected, skip_special_tokens=True)

@@ -26,10 +26,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+import torch
+
 from . import images, prompt
 from .engine import Engine, GenerationOptions
 from .errors import ImageError, VlcacheError
-from .store import KEY_PATTERN, StateStore, state_key
+from .store import KEY_PATTERN, Continuation, StateStore, state_key
 from .worker import Job, ModelWorker
 
 MAX_TOKENS_CAP = 8192
@@ -246,6 +248,7 @@ class Service:
             text = prompt.render(engine.processor, request.messages, add_generation_prompt=True)
             new_ids = prompt.encode_text(engine.processor, text).to(engine.device)
             kv, history, delta, group, cached = engine.empty_kv(), new_ids[:, :0], 0, "", 0
+            keep = None
         else:
             m, p = request.image_at
             prefix = request.messages[:m] + [{"role": "user", "content": request.messages[m]["content"][: p + 1]}]
@@ -258,15 +261,35 @@ class Service:
             new_ids = prompt.encode_text(engine.processor, full[len(covered):]).to(engine.device)
             kv, history, delta, group = state.kv, state.input_ids, int(state.rope_deltas.view(-1)[0]), key
             cached = state.num_tokens if hit else 0
+            # A later turn of a conversation served before: start from where that one ended, if further on.
+            ids = torch.cat([history, new_ids], dim=1)
+            cont_key, cont, same = self.store.best_continuation(key, ids)
+            same = min(same, ids.shape[1] - 1)
+            if cont is not None and same > history.shape[1]:
+                kv = await run_in_threadpool(cont.kv_until, same)
+                history, new_ids, group, cached = ids[:, :same], ids[:, same:], f"{cont_key}:{same}", same
+            keep = self._keeper(key, state, kv)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
         def emit(kind, value):
             loop.call_soon_threadsafe(events.put_nowait, (kind, value))
 
-        job = Job(group=group, kv=kv, history=history, new_ids=new_ids, rope_delta=delta, options=request.options, emit=emit)
+        job = Job(group=group, kv=kv, history=history, new_ids=new_ids, rope_delta=delta, options=request.options, emit=emit,
+                  keep=keep)
         return job, cached, events
 
+    def _keeper(self, image_key: str, image_state, prefix_kv: list):
+        """Keeps a finished row as a continuation of the image state (runs on the model thread)."""
+        base = image_state.num_tokens
+
+        def keep(ids, suffix_kv):
+            if prefix_kv[0][0].shape[2] > base:  # the row started from a continuation: put its part in front
+                suffix_kv = [(torch.cat([pk[:, :, base:], sk], dim=-2), torch.cat([pv[:, :, base:], sv], dim=-2))
+                             for (pk, pv), (sk, sv) in zip(prefix_kv, suffix_kv)]
+            self.store.add_continuation(image_key, Continuation(base=image_state, input_ids=ids, suffix_kv=suffix_kv))
+
+        return keep
 
 def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
     service = Service(engine, options)

@@ -12,13 +12,40 @@ import hashlib
 import json
 import re
 import threading
+import uuid
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from .errors import CacheFileError
 from .state import ImageState, StateMetadata, load_state, read_metadata
 
 KEY_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass
+class Continuation:
+    """A conversation after its image state: the state itself is shared, only what follows is held here."""
+
+    base: ImageState
+    input_ids: torch.Tensor  # [1, n]: the base's ids, then the turn's new ids and answer
+    suffix_kv: list  # per layer, K/V of the tokens after the base
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    @property
+    def kv_bytes(self) -> int:
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.suffix_kv)
+
+    def kv_until(self, n: int) -> list:
+        """Contiguous K/V of the first n tokens (the base's and part of what follows)."""
+        extra = n - self.base.num_tokens
+        return [(torch.cat([bk, sk[:, :, :extra]], dim=-2), torch.cat([bv, sv[:, :, :extra]], dim=-2))
+                for (bk, bv), (sk, sv) in zip(self.base.kv, self.suffix_kv)]
 
 
 def state_key(fingerprint: str, image_sha256: str, messages: list, processor_settings: dict) -> str:
@@ -40,6 +67,8 @@ class StateStore:
         self._hot: OrderedDict[str, ImageState] = OrderedDict()
         self._hot_bytes = 0
         self._index: dict[str, Path] = {}  # key -> file, for files not named by their key
+        # Conversations that went on after an image state, in memory only: image key -> continuation keys.
+        self._continuations: dict[str, list[str]] = {}
         self._lock = threading.RLock()
         self.rescan()
 
@@ -69,12 +98,35 @@ class StateStore:
             self._index[key] = target
         self._keep_hot(key, state)
 
+    def add_continuation(self, image_key: str, state: Continuation) -> None:
+        """Keep, in memory under the same budget, what followed an image state: a next turn starts from it."""
+        key = f"{image_key}:{uuid.uuid4().hex}"
+        with self._lock:
+            if image_key not in self._hot:  # its image state left memory meanwhile: keeping this would pin it
+                return
+            self._continuations.setdefault(image_key, []).append(key)
+        self._keep_hot(key, state)
+
+    def best_continuation(self, image_key: str, ids: torch.Tensor) -> tuple[str | None, Continuation | None, int]:
+        """The kept continuation sharing the longest run of leading tokens with `ids` [1, n], and that length."""
+        best: tuple[str | None, Continuation | None, int] = (None, None, 0)
+        with self._lock:
+            keys = [k for k in self._continuations.get(image_key, []) if k in self._hot]
+            self._continuations[image_key] = keys
+            for key in keys:
+                state = self._hot[key]
+                n = min(state.num_tokens, ids.shape[1])
+                same = (state.input_ids[0, :n].to(ids.device) == ids[0, :n]).long().cumprod(0).sum()
+                if int(same) > best[2]:
+                    best = (key, state, int(same))
+            if best[0] is not None:
+                self._hot.move_to_end(best[0])
+        return best
+
     def delete(self, key: str) -> bool:
         with self._lock:
-            found = False
-            if key in self._hot:
-                self._hot_bytes -= self._hot.pop(key).kv_bytes
-                found = True
+            found = key in self._hot
+            self._evict(key)
             path = self._index.pop(key, None) or (self.dir / f"{key}.safetensors")
         if path.exists():
             path.unlink()
@@ -97,7 +149,8 @@ class StateStore:
 
     @property
     def hot_count(self) -> int:
-        return len(self._hot)
+        """Image states in memory (continuations of conversations not counted)."""
+        return sum(1 for key in self._hot if ":" not in key)
 
     # -- internals -------------------------------------------------------------------------------------------
 
@@ -128,7 +181,7 @@ class StateStore:
                 path = self._index.get(key)
         return path if path is not None and path.exists() else None
 
-    def _keep_hot(self, key: str, state: ImageState) -> None:
+    def _keep_hot(self, key: str, state) -> None:
         with self._lock:
             if key in self._hot:
                 self._hot.move_to_end(key)
@@ -136,7 +189,12 @@ class StateStore:
             self._hot[key] = state
             self._hot_bytes += state.kv_bytes
             while self._hot_bytes > self.budget and len(self._hot) > 1:
-                _, evicted = self._hot.popitem(last=False)
-                self._hot_bytes -= evicted.kv_bytes
+                self._evict(next(iter(self._hot)))
             if self._hot_bytes > self.budget:  # one state larger than the whole budget: serve it, do not keep it
-                self._hot_bytes -= self._hot.pop(key).kv_bytes
+                self._evict(key)
+
+    def _evict(self, key: str) -> None:
+        # A continuation holds its image state: they leave memory together, or the budget would be a fiction.
+        for dependent in [key] + self._continuations.pop(key, []):
+            if dependent in self._hot:
+                self._hot_bytes -= self._hot.pop(dependent).kv_bytes

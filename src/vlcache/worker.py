@@ -31,6 +31,8 @@ class Job:
     emit: Callable[[str, object], None]  # ("delta", text) and finally ("done", Answer) or ("error", message)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
+    # Called with the row's ids and the K/V after the prefix (all but the answer's last token), to continue from.
+    keep: Callable[[torch.Tensor, list], None] | None = None
 
 
 class ModelWorker:
@@ -111,6 +113,10 @@ class ModelWorker:
                     piece = texts[row].add(token)
                     if piece:
                         jobs[row].emit("delta", piece)
+            width = max(job.new_ids.shape[1] for job in jobs)
+            for row, (job, text) in enumerate(zip(jobs, texts)):
+                if job.keep is not None and text.token_ids and not job.cancelled.is_set():
+                    job.keep(*_row_state(cache, row, job, width, text.token_ids))
             for job, text, first in zip(jobs, texts, firsts):
                 answer: Answer = engine.answer(
                     text.token_ids, job.history.shape[1], job.history.shape[1] + job.new_ids.shape[1], _Timing(job.submitted, first)
@@ -122,3 +128,12 @@ class ModelWorker:
         except Exception as exc:  # noqa: BLE001 - every waiting client gets an answer, never a hang
             for job in jobs:
                 job.emit("error", f"generation failed: {exc}")
+
+
+def _row_state(cache, row: int, job: Job, width: int, generated: list[int]) -> tuple[torch.Tensor, list]:
+    """One row's tokens (prefix included) and the K/V of what followed the prefix, without the padding."""
+    pad = width - job.new_ids.shape[1]
+    end = width + len(generated) - 1  # the last generated token never went through the model
+    ids = torch.cat([job.history, job.new_ids, torch.tensor([generated[:-1]], device=job.new_ids.device)], dim=1)
+    kv = [(layer.keys[row : row + 1, :, pad:end].clone(), layer.values[row : row + 1, :, pad:end].clone()) for layer in cache.layers]
+    return ids, kv
