@@ -326,3 +326,27 @@ def test_multi_turn_requests_continue_from_the_earlier_turn(engine, server):
     again = server.client.chat.completions.create(model="any", messages=other, max_tokens=N, temperature=0)
     expected = reference_tokens(engine, photo("astronaut.png"), SYSTEM, "Is it day or night?", N)
     assert again.choices[0].message.content == engine.processor.tokenizer.decode(expected, skip_special_tokens=True)
+
+
+def test_single_questions_on_one_image_batch_together(server):
+    for warm_up in ("Question number 3 or 4?", "Question?"):  # kept answers sharing more or fewer tokens
+        ask(server.client, "rocket.jpg", warm_up)
+    rounds = []
+    original = server.service.worker._generate
+
+    def recording(jobs):
+        rounds.append(len(jobs))
+        return original(jobs)
+
+    server.service.worker._generate = recording
+    blocker = threading.Event()
+    server.service.worker.call(blocker.wait)  # hold the model thread so that all eight requests queue up
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        futures = [pool.submit(ask, server.client, "rocket.jpg", f"Question number {i}?") for i in range(8)]
+        deadline = time.time() + 30
+        while server.service.worker._queue.qsize() < 8 and time.time() < deadline:
+            time.sleep(0.05)
+        blocker.set()
+        answers = [f.result() for f in futures]
+    assert rounds == [8]  # one batch over the shared image state, although earlier answers were kept
+    assert all(a.usage.prompt_tokens_details.cached_tokens > 0 for a in answers)

@@ -261,9 +261,11 @@ class Service:
             new_ids = prompt.encode_text(engine.processor, full[len(covered):]).to(engine.device)
             kv, history, delta, group = state.kv, state.input_ids, int(state.rope_deltas.view(-1)[0]), key
             cached = state.num_tokens if hit else 0
-            # A later turn of a conversation served before: start from where that one ended, if further on.
+            # A later turn of a conversation served before: start from where that one ended. Only for requests
+            # with an answer after the image: single questions share the image state and batch together.
+            later_turn = any(msg["role"] == "assistant" for msg in request.messages[m + 1:])
             ids = torch.cat([history, new_ids], dim=1)
-            cont_key, cont, same = self.store.best_continuation(key, ids)
+            cont_key, cont, same = self.store.best_continuation(key, ids) if later_turn else (None, None, 0)
             same = min(same, ids.shape[1] - 1)
             if cont is not None and same > history.shape[1]:
                 kv = await run_in_threadpool(cont.kv_until, same)
