@@ -97,11 +97,8 @@ class Conversation:
 
     def _target_ids(self, messages: list[dict], add_generation_prompt: bool) -> torch.Tensor:
         processor = self.engine.processor
-        covered = prompt.covered_text(processor, self.state.metadata.messages)
-        full = prompt.render(processor, messages, add_generation_prompt)
-        if not full.startswith(covered):
-            raise ValueError("the chat template re-renders earlier turns differently; cannot continue the conversation")
-        rest = prompt.encode_text(processor, full[len(covered):]).to(self.state.input_ids.device)
+        text = prompt.text_after(processor, self.state.metadata.messages, messages, add_generation_prompt)
+        rest = prompt.encode_text(processor, text).to(self.state.input_ids.device)
         return torch.cat([self.state.input_ids, rest], dim=1)
 
     def _sync(self, target: torch.Tensor, max_new_tokens: int, at_least_one_new: bool = True) -> int:

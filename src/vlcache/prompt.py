@@ -58,13 +58,18 @@ def covered_text(processor, messages: list[dict]) -> str:
     return render(processor, messages, add_generation_prompt=False)
 
 
-def question_text(processor, messages: list[dict], question: str) -> str:
-    """The text a question adds after what a state of `messages` covers, up to the assistant header."""
-    covered = covered_text(processor, messages)
-    full = render(processor, with_question(messages, question), add_generation_prompt=True)
+def text_after(processor, covered_messages: list[dict], messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """The template text of `messages` after what a state of `covered_messages` holds (which must lead it)."""
+    covered = covered_text(processor, covered_messages)
+    full = render(processor, messages, add_generation_prompt)
     if not full.startswith(covered):
         raise ValueError("the chat template re-renders earlier turns differently; cannot continue the cached state")
     return full[len(covered):]
+
+
+def question_text(processor, messages: list[dict], question: str) -> str:
+    """The text a question adds after what a state of `messages` covers, up to the assistant header."""
+    return text_after(processor, messages, with_question(messages, question))
 
 
 def encode_text(processor, text: str) -> torch.Tensor:

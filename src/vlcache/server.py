@@ -254,11 +254,11 @@ class Service:
             prefix = request.messages[:m] + [{"role": "user", "content": request.messages[m]["content"][: p + 1]}]
             data = await run_in_threadpool(fetch_image_bytes, request.image_url, self.options)
             key, state, hit = await self.state_for(data, prefix)
-            covered = prompt.covered_text(engine.processor, prefix)
-            full = prompt.render(engine.processor, request.messages, add_generation_prompt=True)
-            if not full.startswith(covered):
-                raise APIError(400, "the conversation cannot be split at its image with this chat template", "messages")
-            new_ids = prompt.encode_text(engine.processor, full[len(covered):]).to(engine.device)
+            try:
+                text = prompt.text_after(engine.processor, prefix, request.messages)
+            except ValueError:
+                raise APIError(400, "the conversation cannot be split at its image with this chat template", "messages") from None
+            new_ids = prompt.encode_text(engine.processor, text).to(engine.device)
             kv, history, delta, group = state.kv, state.input_ids, int(state.rope_deltas.view(-1)[0]), key
             cached = state.num_tokens if hit else 0
             # A later turn of a conversation served before: start from where that one ended. Only for requests

@@ -68,7 +68,7 @@ class ImageState:
 
     @property
     def kv_bytes(self) -> int:
-        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.kv)
+        return kv_nbytes(self.kv)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "ImageState":
         kv = [(k.to(device=device, dtype=dtype or k.dtype), v.to(device=device, dtype=dtype or v.dtype)) for k, v in self.kv]
@@ -96,6 +96,11 @@ class ImageState:
             Path(tmp).unlink(missing_ok=True)
             raise
         return path
+
+
+def kv_nbytes(kv) -> int:
+    """Bytes of per-layer (keys, values) tensors."""
+    return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
 
 
 def _umask() -> int:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .errors import CacheFileError
-from .state import ImageState, StateMetadata, load_state, read_metadata
+from .state import ImageState, StateMetadata, kv_nbytes, load_state, read_metadata
 
 KEY_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 
@@ -39,7 +39,7 @@ class Continuation:
 
     @property
     def kv_bytes(self) -> int:
-        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.suffix_kv)
+        return kv_nbytes(self.suffix_kv)
 
     def kv_until(self, n: int) -> list:
         """Contiguous K/V of the first n tokens (the base's and part of what follows)."""
