@@ -1,9 +1,12 @@
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Remembered fingerprints go to a folder of this run, never the user's ~/.cache (subprocesses inherit it).
+os.environ["VLCACHE_HOME"] = tempfile.mkdtemp(prefix="vlcache-home-")
 
 import pytest  # noqa: E402
 

@@ -75,7 +75,8 @@ def byte_size(text: str) -> int:
 def add_model_arguments(parser: argparse.ArgumentParser, model_help: str) -> None:
     parser.add_argument("--model", default=None, help=model_help)
     parser.add_argument("--device", choices=DEVICES, default="auto", help="where to run (default: auto-detect)")
-    parser.add_argument("--dtype", choices=DTYPES, default=None, help="compute dtype (default: the checkpoint's)")
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
+                        help="compute dtype (default: a cache's own; else auto: what the device computes fastest)")
 
 
 def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
@@ -441,7 +442,8 @@ def _load_engine(model: str | None, device: str, dtype: str):
     _info(f"loading {name} ({device}, {dtype})...")
     start = time.perf_counter()
     engine = Engine.load(name, device=device, dtype=dtype)
-    _info(f"loaded in {time.perf_counter() - start:.1f}s on {engine.device} as {str(engine.dtype).removeprefix('torch.')}")
+    _info(f"loaded in {time.perf_counter() - start:.1f}s on {engine.device} as "
+          f"{str(engine.dtype).removeprefix('torch.')} ({engine.dtype_reason})")
     return engine
 
 
@@ -464,6 +466,7 @@ def _version() -> str:
 
 def run_command(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Run a command with the CLI's error policy: one line on stderr and a non-zero exit, never a traceback."""
+    _log_to_stderr()
     try:
         return run(args)
     except UsageError as exc:
@@ -489,6 +492,20 @@ def run_command(run: Callable[[argparse.Namespace], int], args: argparse.Namespa
         else:
             print(f"error: unexpected {type(exc).__name__}: {message} (rerun with --debug for details)", file=sys.stderr)
         return 1
+
+
+def _log_to_stderr() -> None:
+    """The library's notes (logger "vlcache") go to stderr as plain lines, like every other message."""
+    import logging
+
+    logger = logging.getLogger("vlcache")
+    if not any(getattr(h, "_vlcache_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._vlcache_cli = True
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 def main(argv: list[str] | None = None) -> int:

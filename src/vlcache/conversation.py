@@ -26,7 +26,7 @@ class Conversation:
     def __init__(self, engine: Engine, state: ImageState):
         engine.check_state(state)
         self.engine = engine
-        self.state = state
+        self.state = engine.adopt(state)
         self.reset()
 
     def reset(self) -> None:

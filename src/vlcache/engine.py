@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -15,6 +16,8 @@ from . import attention, generate, images, model as model_loading, prompt
 from .defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SYSTEM_PROMPT
 from .errors import ImageError, ModelMismatchError, VlcacheError
 from .state import ImageState, StateMetadata, load_state
+
+log = logging.getLogger("vlcache")
 
 
 @dataclass
@@ -68,6 +71,7 @@ class Engine:
         self.model = loaded.model
         self.processor = loaded.processor
         self.eos_ids = _eos_ids(self.model.generation_config)
+        self._dtype_notes: set[str] = set()
         attention.install(self.model)
 
     @classmethod
@@ -90,6 +94,11 @@ class Engine:
     @property
     def dtype(self) -> torch.dtype:
         return self._loaded.dtype
+
+    @property
+    def dtype_reason(self) -> str:
+        """Why the engine computes in its dtype: "requested", or what --dtype auto saw."""
+        return self._loaded.dtype_reason
 
     # -- caching ---------------------------------------------------------------------------------------------
 
@@ -171,9 +180,21 @@ class Engine:
         """Read a cache file made for this engine's model (refused with 'model mismatch' otherwise)."""
         state = load_state(path, device=self.device)
         self.check_state(state, source=str(path))
-        if state.kv[0][0].dtype != self.dtype:
-            state = state.to(self.device, self.dtype)
-        return state
+        return self.adopt(state)
+
+    def adopt(self, state: ImageState) -> ImageState:
+        """The state in this engine's dtype: cast if it was computed in another, with a note (once per dtype)."""
+        stored = state.kv[0][0].dtype
+        if stored == self.dtype:
+            return state
+        name, mine = str(stored).removeprefix("torch."), str(self.dtype).removeprefix("torch.")
+        if name not in self._dtype_notes:
+            self._dtype_notes.add(name)
+            log.warning(
+                f"note: a state computed in {name} is used in {mine}; answers equal the uncached ones only within "
+                f"one dtype (pass --dtype {name}, or re-create the cache in {mine})"
+            )
+        return state.to(self.device, self.dtype)
 
     def check_state(self, state: ImageState, source: str = "the state") -> None:
         meta = state.metadata
@@ -207,6 +228,7 @@ class Engine:
             new_ids = prompt.text_only_ids(self.processor, system_prompt, prompt_text).to(self.device)
             return self.stream_ids(self.empty_kv(), new_ids[:, :0], new_ids, 0, options)
         self.check_state(state)
+        state = self.adopt(state)
         new_ids = self.question_ids(state.metadata.messages, prompt_text)
         return self.stream_ids(state.kv, state.input_ids, new_ids, _delta(state), options)
 
@@ -222,6 +244,7 @@ class Engine:
         if not prompts:
             return []
         self.check_state(state)
+        state = self.adopt(state)
         new_ids = [self.question_ids(state.metadata.messages, p) for p in prompts]
         start = time.perf_counter()
         steps = self._steps(state.kv, state.input_ids, new_ids, _delta(state), options)
@@ -323,7 +346,7 @@ class Engine:
         """Refuse an image whose KV cache and activations would not fit in the memory at hand."""
         tokens = self.image_tokens(loaded.width, loaded.height, images_kwargs)
         need = 3 * tokens * self.kv_bytes_per_token()
-        free = _available_memory(self.device)
+        free = model_loading.available_memory(self.device)
         if free is not None and need > free:
             raise ImageError(
                 f"image too large for the memory at hand: {loaded.width}x{loaded.height} becomes {tokens:,} image "
@@ -388,19 +411,6 @@ def _eos_ids(generation_config) -> frozenset[int]:
     if eos is None:
         return frozenset()
     return frozenset([eos] if isinstance(eos, int) else eos)
-
-
-def _available_memory(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:  # Linux: MemAvailable counts reclaimable page cache, unlike free pages
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def _now() -> str:

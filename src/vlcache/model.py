@@ -1,15 +1,20 @@
-"""Load a Qwen3-VL model and processor through transformers, and fingerprint the weights."""
+"""Load a model and processor through transformers, choose its compute dtype, and fingerprint the weights."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import platform
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from .defaults import DEFAULT_MODEL, MODEL_ENV_VAR
 from .errors import ModelLoadError
+
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 FINGERPRINT_SAMPLES = 4096  # elements read from each weight tensor
@@ -23,6 +28,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     fingerprint: str
+    dtype_reason: str = ""  # why this dtype: "requested", or what --dtype auto saw
 
 
 def default_model() -> str:
@@ -46,7 +52,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
-    """A torch dtype, or "auto" to keep the checkpoint's own dtype."""
+    """A torch dtype, or "auto" to let choose_dtype pick one for the device."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
@@ -54,22 +60,162 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
     return DTYPES[dtype] or "auto"
 
 
+# -- the dtype --dtype auto picks ---------------------------------------------------------------------------
+
+_NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # x86; Arm's is "bf16" in the Features line
+
+
+def cpu_bf16_support() -> str | None:
+    """The CPU feature that computes bfloat16 natively (e.g. "avx512_bf16"), or None.
+
+    Without one, torch emulates bfloat16 matmuls through float32 conversions: measured 6x slower than
+    float32 on an AVX2 EPYC (docs/benchmarks.md), so a bfloat16 checkpoint is computed in float32 there.
+    """
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    for flag in _NATIVE_BF16_FLAGS:
+        if flag in flags:
+            return flag
+    if "bf16" in flags:  # Armv8.6 BF16 (Graviton 3, Neoverse V1 and later)
+        return "bf16"
+    if platform.system() == "Darwin" and platform.machine() == "arm64":
+        return None  # Apple silicon's CPU cores: no bf16 matmul units that torch uses
+    return None
+
+
+def choose_dtype(device: torch.device, checkpoint_dtype: torch.dtype | None) -> tuple[torch.dtype, str]:
+    """What --dtype auto computes in on `device`, and why (for the load line on stderr)."""
+    stored = checkpoint_dtype or torch.float32
+    name = str(stored).removeprefix("torch.")
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "auto: this GPU computes bfloat16"
+        return torch.float16, "auto: this GPU has no bfloat16, float16 instead"
+    if device.type == "mps":
+        return torch.float16, "auto: float16 on Apple MPS"
+    if stored == torch.float32:
+        return torch.float32, "auto: the checkpoint's float32"
+    feature = cpu_bf16_support()
+    if feature and stored == torch.bfloat16:
+        return torch.bfloat16, f"auto: the checkpoint's bfloat16, which this CPU computes natively ({feature})"
+    capability = _cpu_capability()
+    return torch.float32, (
+        f"auto: float32, not the checkpoint's {name}: this CPU ({capability}) has no native {name} "
+        "arithmetic, which makes prefill several times slower (pass --dtype to override)"
+    )
+
+
+def _cpu_capability() -> str:
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except Exception:  # noqa: BLE001 - informational only
+        return platform.machine()
+
+
+def checkpoint_dtype(config) -> torch.dtype | None:
+    """The dtype the checkpoint's weights are stored in, from its config (None when it does not say)."""
+    for cfg in (config, getattr(config, "text_config", None)):
+        value = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+        if isinstance(value, str):
+            value = getattr(torch, value, None)
+        if isinstance(value, torch.dtype):
+            return value
+    return None
+
+
+# -- memory, before loading ---------------------------------------------------------------------------------
+
+def weight_files(name: str) -> list[Path]:
+    """The checkpoint's safetensors files when they are on this machine (a folder, or the hub cache)."""
+    folder = Path(name)
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(name, local_files_only=True))
+        except Exception:  # noqa: BLE001 - not downloaded yet, or not a hub id: nothing local to read
+            return []
+    return sorted(folder.glob("*.safetensors"))
+
+
+def parameter_count(files: list[Path]) -> int:
+    """Elements of every tensor in safetensors files, from their headers (no tensor is read)."""
+    total = 0
+    for path in files:
+        with path.open("rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(size))
+        for key, info in header.items():
+            if key != "__metadata__":
+                count = 1
+                for dim in info["shape"]:
+                    count *= dim
+                total += count
+    return total
+
+
+def check_memory(name: str, device: torch.device, dtype: torch.dtype, files: list[Path]) -> None:
+    """Refuse, before reading any weight, a model that will not fit in the memory at hand in `dtype`."""
+    try:
+        params = parameter_count(files)
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # unreadable headers: from_pretrained will say what is wrong
+    need = params * torch.finfo(dtype).bits // 8
+    free = available_memory(device)
+    if not params or free is None or need <= free:
+        return
+    hint = " (try --dtype bfloat16)" if dtype == torch.float32 else ""
+    raise ModelLoadError(
+        f"not enough memory for {name}: {params / 1e9:.2f}B parameters in {str(dtype).removeprefix('torch.')} need "
+        f"{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB is available{hint}"
+    )
+
+
+def available_memory(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:  # Linux: MemAvailable counts reclaimable page cache, unlike free pages
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def load(name: str, device: str = "auto", dtype: str | torch.dtype = "auto") -> LoadedModel:
     """from_pretrained on a hub id or a local folder; errors become one-line ModelLoadErrors."""
     # Imported here so that `vlcache --help` and argument errors do not pay for transformers.
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype)
+    requested = resolve_dtype(dtype)
     try:
+        # 1. The config says the family and the stored dtype: enough to choose and check before the weights.
+        config = AutoConfig.from_pretrained(name)
+        if getattr(config, "model_type", None) not in ("qwen3_vl", "qwen2_5_vl", "qwen2_vl"):
+            raise ModelLoadError(f"model {name!r} is a {config.model_type!r}; vlcache supports Qwen-VL models")
+        if requested == "auto":
+            torch_dtype, reason = choose_dtype(torch_device, checkpoint_dtype(config))
+        else:
+            torch_dtype, reason = requested, "requested"
+        files = weight_files(name)
+        check_memory(name, torch_device, torch_dtype, files)
+        # 2. The processor and the weights.
         processor = AutoProcessor.from_pretrained(name)
         model = AutoModelForImageTextToText.from_pretrained(name, dtype=torch_dtype)
     except OSError as exc:
         raise ModelLoadError(f"cannot load model {name!r}: {_first_line(exc)}") from None
     except (ValueError, KeyError) as exc:
         raise ModelLoadError(f"cannot load model {name!r}: {_first_line(exc)}") from None
-    if getattr(model.config, "model_type", None) not in ("qwen3_vl", "qwen2_5_vl", "qwen2_vl"):
-        raise ModelLoadError(f"model {name!r} is a {model.config.model_type!r}; vlcache supports Qwen-VL models")
     model.to(torch_device).eval()
     return LoadedModel(
         model=model,
@@ -77,8 +223,71 @@ def load(name: str, device: str = "auto", dtype: str | torch.dtype = "auto") -> 
         name=name,
         device=torch_device,
         dtype=model.dtype,
-        fingerprint=fingerprint(model),
+        fingerprint=remembered_fingerprint(model, files or weight_files(name)),
+        dtype_reason=reason,
     )
+
+
+# -- the weight fingerprint -----------------------------------------------------------------------------------
+
+def fingerprint_cache_path() -> Path:
+    """Where fingerprints are remembered: $VLCACHE_HOME/fingerprints.json (default ~/.cache/vlcache)."""
+    home = os.environ.get("VLCACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "vlcache")
+    return Path(home) / "fingerprints.json"
+
+
+def checkpoint_identity(model: torch.nn.Module, files: list[Path]) -> str | None:
+    """A key that changes whenever any weight file changes: resolved path, size, inode, mtime and ctime.
+
+    Hub snapshots resolve to content-addressed blobs; a rewritten local file gets a new mtime and ctime
+    (ctime cannot be set back by a user). None when the weights did not come from files we can see.
+    """
+    if not files:
+        return None
+    parts = [type(model).__name__]
+    for path in files:
+        real = path.resolve()
+        st = real.stat()
+        parts.append(f"{real}:{st.st_size}:{st.st_ino}:{st.st_mtime_ns}:{st.st_ctime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def remembered_fingerprint(model: torch.nn.Module, files: list[Path]) -> str:
+    """fingerprint(model), computed once per checkpoint and remembered under its identity."""
+    try:
+        identity = checkpoint_identity(model, files)
+    except OSError:
+        identity = None
+    if identity is None:
+        return fingerprint(model)
+    path = fingerprint_cache_path()
+    known = _read_json(path)
+    if isinstance(known.get(identity), str):
+        return known[identity]
+    value = fingerprint(model)
+    known[identity] = value
+    _write_json(path, dict(list(known.items())[-256:]))  # a bounded memory: the newest 256 checkpoints
+    return value
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Atomic and best effort: a read-only home only costs recomputing the fingerprint next time."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh)
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 def fingerprint(model: torch.nn.Module) -> str:

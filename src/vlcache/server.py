@@ -206,7 +206,7 @@ class Service:
     def __init__(self, engine: Engine, options: ServeOptions):
         self.engine = engine
         self.options = options
-        self.store = StateStore(options.cache_dir, options.memory_budget, engine.fingerprint, engine.device)
+        self.store = StateStore(options.cache_dir, options.memory_budget, engine.fingerprint, engine.device, adopt=engine.adopt)
         self.worker = ModelWorker(engine, max_batch=options.max_batch)
         self.metrics = Metrics()
         self._pending: dict[str, asyncio.Future] = {}

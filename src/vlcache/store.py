@@ -58,12 +58,13 @@ def metadata_key(meta: StateMetadata) -> str:
 
 
 class StateStore:
-    def __init__(self, cache_dir: str | Path, memory_budget: int, fingerprint: str, device):
+    def __init__(self, cache_dir: str | Path, memory_budget: int, fingerprint: str, device, adopt=None):
         self.dir = Path(cache_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.budget = memory_budget
         self.fingerprint = fingerprint
         self.device = device
+        self._adopt = adopt or (lambda state: state)  # e.g. Engine.adopt: states of another dtype are cast
         self._hot: OrderedDict[str, ImageState] = OrderedDict()
         self._hot_bytes = 0
         self._index: dict[str, Path] = {}  # key -> file, for files not named by their key
@@ -84,7 +85,7 @@ class StateStore:
         if path is None:
             return None, "miss"
         try:
-            state = load_state(path, device=self.device)
+            state = self._adopt(load_state(path, device=self.device))
         except CacheFileError:
             return None, "miss"
         self._keep_hot(key, state)
