@@ -64,7 +64,7 @@ def warm(args: dict) -> dict:
         floor_s = []
         for _ in range(runs):
             cache = DynamicCache(ddp_cache_data=[(k.clone(), v.clone()) for k, v in state.kv], config=engine.model.config)
-            positions = generate.text_positions(state.num_tokens, new_ids.shape[1], delta, engine.device)
+            positions = generate.text_positions(engine.family.positions, state.num_tokens, new_ids.shape[1], delta, engine.device)
             start = time.perf_counter()
             with torch.inference_mode():
                 engine.model(input_ids=new_ids, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)

@@ -84,9 +84,9 @@ def test_bad_images_are_refused(tmp_path, make, message):
 
 
 def test_image_too_big_for_memory_is_refused_or_downscaled(engine, monkeypatch):
-    from vlcache import engine as engine_module
+    from vlcache import model as model_loading
 
-    monkeypatch.setattr(engine_module, "_available_memory", lambda device: 1024 * 1024)
+    monkeypatch.setattr(model_loading, "available_memory", lambda device: 1024 * 1024)
     with pytest.raises(ImageError, match="--max-pixels"):
         engine.cache_image(photo("hubble_deep_field.jpg"))
     state = engine.cache_image(photo("hubble_deep_field.jpg"), max_pixels=256 * 256)

@@ -73,7 +73,7 @@ class Conversation:
         target = self._target_ids(self.messages, add_generation_prompt=False)
         keep = self._sync(target, 0, at_least_one_new=False)
         if keep < target.shape[1]:
-            generate.prefill(self.engine.model, self._cache, target[:, keep:], _delta(self.state))
+            generate.prefill(self.engine.model, self._cache, target[:, keep:], _delta(self.state), self.engine.family.positions)
             self._ids = target
         n = target.shape[1]
         kv = generate.kv_from_cache(self._cache)  # fresh tensors: later turns may overwrite the live buffer

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from . import attention, generate, images, model as model_loading, prompt
+from .families import family_class
 from .defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SYSTEM_PROMPT
 from .errors import ImageError, ModelMismatchError, VlcacheError
 from .state import ImageState, StateMetadata, load_state
@@ -70,6 +71,7 @@ class Engine:
         self._loaded = loaded
         self.model = loaded.model
         self.processor = loaded.processor
+        self.family = family_class(self.model.config.model_type)(self.model, self.processor)
         self.eos_ids = _eos_ids(self.model.generation_config)
         self._dtype_notes: set[str] = set()
         attention.install(self.model)
@@ -119,24 +121,12 @@ class Engine:
         self._check_memory(loaded, images_kwargs)
         system_prompt = next((m["content"] for m in messages if m["role"] == "system"), None)
         # 2. Tokenize what the chat template puts before the question: system turn, user turn up to the image.
-        inputs = self.processor(
-            text=[prompt.covered_text(self.processor, messages)], images=[loaded.image], return_tensors="pt",
-            images_kwargs=images_kwargs,
-        ).to(self.device)
-        # 3. Vision encoder + prefill with the model's own M-RoPE positions; keep the KV.
-        positions, rope_delta = generate.mrope_positions(
-            self.model, inputs["input_ids"], inputs["attention_mask"], inputs["mm_token_type_ids"], inputs["image_grid_thw"]
-        )
+        inputs = self.family.prefix_inputs(prompt.covered_text(self.processor, messages), loaded.image, images_kwargs)
+        inputs = inputs.to(self.device)
+        # 3. Vision encoder + prefill with the family's own positions; keep the KV.
         cache = generate.DynamicCache(config=self.model.config)
-        generate.forward(
-            self.model,
-            inputs["input_ids"],
-            positions,
-            cache,
-            pixel_values=inputs["pixel_values"].to(self.dtype),
-            image_grid_thw=inputs["image_grid_thw"],
-            mm_token_type_ids=inputs["mm_token_type_ids"],
-        )
+        rope_delta = self.family.prefill(inputs, cache, self.dtype)
+        image_mask = self.family.image_token_mask(inputs)
         n = int(inputs["input_ids"].shape[1])
         metadata = StateMetadata(
             model=self.model_name,
@@ -148,18 +138,20 @@ class Engine:
             image_size=[loaded.width, loaded.height],
             max_pixels=max_pixels,
             prefix_tokens=n,
-            image_tokens=int(inputs["mm_token_type_ids"].sum()),
+            image_tokens=int(image_mask.sum()),
             created=_now(),
             messages=messages,
             processor_settings=self.processor_settings(max_pixels),
             versions=_versions(),
+            family=self.family.name,
+            layer_kinds=self.family.layer_kinds(),
         )
         return ImageState(
             kv=generate.kv_from_cache(cache),
             input_ids=inputs["input_ids"],
             attention_mask=inputs["attention_mask"],
-            mm_token_type_ids=inputs["mm_token_type_ids"].long(),
-            image_grid_thw=inputs["image_grid_thw"],
+            mm_token_type_ids=image_mask,
+            image_grid_thw=inputs.get("image_grid_thw", torch.zeros(1, 3, dtype=torch.long, device=self.device)),
             rope_deltas=torch.tensor([[rope_delta]], device=self.device),
             metadata=metadata,
         )
@@ -295,7 +287,8 @@ class Engine:
             capacity = history.shape[1] + max(n.shape[1] for n in new_ids) + options.max_new_tokens
             cache = generate.cache_from_kv(self.model.config, kv, batch=len(new_ids), capacity=capacity)
         return generate.generate_steps(
-            self.model, cache, history, new_ids, rope_delta, samplers, options.max_new_tokens, self.eos_ids
+            self.model, cache, history, new_ids, rope_delta, samplers, options.max_new_tokens, self.eos_ids,
+            self.family.positions,
         )
 
     def answer(self, token_ids: list[int], cached: int, prompt_tokens: int, timing: "_Timing") -> Answer:
@@ -325,26 +318,20 @@ class Engine:
     # -- image sizes and memory ------------------------------------------------------------------------------
 
     def images_kwargs(self, max_pixels: int | None) -> dict:
-        if max_pixels is None:
-            return {}
-        if max_pixels <= 0:
-            raise ImageError(f"max_pixels must be positive, got {max_pixels}")
-        size = dict(self.processor.image_processor.size)
-        return {"size": {"shortest_edge": min(size.get("shortest_edge", max_pixels), max_pixels), "longest_edge": max_pixels}}
+        try:
+            return self.family.images_kwargs(max_pixels)
+        except ValueError as exc:
+            raise ImageError(str(exc)) from None
 
     def processor_settings(self, max_pixels: int | None) -> dict:
         """What decides an image's tokens besides its pixels: part of a cache's identity."""
-        ip = self.processor.image_processor
-        size = self.images_kwargs(max_pixels).get("size") or dict(ip.size)
-        return {
-            "min_pixels": size["shortest_edge"], "max_pixels": size["longest_edge"], "patch_size": ip.patch_size,
-            "merge_size": ip.merge_size, "temporal_patch_size": ip.temporal_patch_size,
-            "image_mean": list(ip.image_mean), "image_std": list(ip.image_std),
-        }
+        return self.family.processor_settings(max_pixels)
 
     def _check_memory(self, loaded: images.LoadedImage, images_kwargs: dict) -> None:
         """Refuse an image whose KV cache and activations would not fit in the memory at hand."""
         tokens = self.image_tokens(loaded.width, loaded.height, images_kwargs)
+        if tokens is None:
+            return
         need = 3 * tokens * self.kv_bytes_per_token()
         free = model_loading.available_memory(self.device)
         if free is not None and need > free:
@@ -354,14 +341,8 @@ class Engine:
                 "(e.g. 1048576) to downscale it"
             )
 
-    def image_tokens(self, width: int, height: int, images_kwargs: dict | None = None) -> int:
-        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
-
-        ip = self.processor.image_processor
-        size = (images_kwargs or {}).get("size") or dict(ip.size)
-        factor = ip.patch_size * ip.merge_size
-        h, w = smart_resize(height, width, factor=factor, min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])
-        return (h // factor) * (w // factor)
+    def image_tokens(self, width: int, height: int, images_kwargs: dict | None = None) -> int | None:
+        return self.family.image_tokens(width, height, images_kwargs or {})
 
     def kv_bytes_per_token(self) -> int:
         cfg = self.model.config.get_text_config()

@@ -1,9 +1,10 @@
-"""Token generation on a Qwen-VL model from a KV cache, with explicit M-RoPE positions.
+"""Token generation from a cached state, with explicit positions from the model's family.
 
-Layered like mlx-lm: `generate_step` yields token ids; the Engine builds streaming and plain calls on it.
-Positions are always passed explicitly. transformers otherwise derives them from `rope_deltas` kept on the
-model object, which is stale in a fresh process or after another image was served; a token after the image
-at sequence index i sits at M-RoPE position i + rope_delta, and that delta travels with every ImageState.
+Layered like mlx-lm: `generate_steps` yields token ids; the Engine builds streaming and plain calls on it.
+Positions are always passed explicitly, computed by the family (`Positions`): transformers otherwise derives
+them from state kept on the model object (M-RoPE's `rope_deltas`), stale in a fresh process or after another
+image was served. A token after the image at sequence index i gets the family's position for i and the
+state's rope_delta (0 for 1D RoPE families).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from transformers.generation.logits_process import (
 from .attention import SharedPrefixLayer, shared_prefix_cache
 
 Sampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (ids so far [1, n], logits [1, V]) -> [1]
+# (cache slots [B, L], unpadded sequence index [B, L], rope_delta) -> the model's position_ids
+Positions = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -79,23 +82,10 @@ def make_sampler(params: SamplingParams, device: torch.device) -> Sampler:
     return sample
 
 
-def text_positions(start: int, length: int, rope_delta: int, device) -> torch.Tensor:
-    """[4, 1, length]: row 0 the sequence index (for the mask), rows 1-3 the M-RoPE (t, h, w) positions."""
-    index = torch.arange(start, start + length, device=device)
-    return torch.stack([index, index + rope_delta, index + rope_delta, index + rope_delta]).unsqueeze(1)
-
-
-def mrope_positions(model, input_ids, attention_mask, mm_token_type_ids, image_grid_thw) -> tuple[torch.Tensor, int]:
-    """Positions for a prompt that holds an image, computed by the model's own get_rope_index."""
-    vision, deltas = model.model.get_rope_index(
-        input_ids,
-        image_grid_thw=image_grid_thw,
-        video_grid_thw=None,
-        attention_mask=attention_mask,
-        mm_token_type_ids=mm_token_type_ids,
-    )
-    index = torch.arange(input_ids.shape[1], device=input_ids.device).view(1, 1, -1)
-    return torch.cat([index, vision.to(input_ids.device)], dim=0), int(deltas.view(-1)[0])
+def text_positions(positions: Positions, start: int, length: int, rope_delta: int, device) -> torch.Tensor:
+    """Positions of `length` unpadded tokens from cache slot `start` on (one row)."""
+    index = torch.arange(start, start + length, device=device).unsqueeze(0)
+    return positions(index, index, rope_delta)
 
 
 def cache_from_kv(config, kv: list[tuple[torch.Tensor, torch.Tensor]], batch: int = 1, capacity: int = 0) -> DynamicCache:
@@ -130,9 +120,10 @@ def forward(model, input_ids, position_ids, cache, attention_mask=None, **vision
     return out.logits[:, -1, :]
 
 
-def prefill(model, cache: DynamicCache, new_ids: torch.Tensor, rope_delta: int) -> None:
+def prefill(model, cache: DynamicCache, new_ids: torch.Tensor, rope_delta: int, positions: Positions) -> None:
     """Append `new_ids` (one row) to the cache without generating."""
-    forward(model, new_ids, text_positions(cache.get_seq_length(), new_ids.shape[1], rope_delta, new_ids.device), cache)
+    where = text_positions(positions, cache.get_seq_length(), new_ids.shape[1], rope_delta, new_ids.device)
+    forward(model, new_ids, where, cache)
 
 
 @torch.inference_mode()
@@ -145,14 +136,15 @@ def generate_steps(
     samplers: list[Sampler],
     max_new_tokens: int | list[int],
     eos_ids: frozenset[int],
+    positions: Positions,
     stopped: Callable[[int], bool] | None = None,
 ) -> Iterator[list[int | None]]:
     """Prefill each row's new ids after the shared `history` in `cache`, then decode all rows together.
 
     Yields one list per step with each row's token, or None for a row that already finished (after its
     end-of-sequence token, which is yielded, or max_new_tokens). Rows of unequal length are padded on the left
-    of their new ids, between history and question; padding is masked out and skipped in the M-RoPE
-    positions, so each row computes what it would alone. `max_new_tokens` may differ by row; `stopped(row)`
+    of their new ids, between history and question; padding is masked out and skipped in the positions, so
+    each row computes what it would alone. `max_new_tokens` may differ by row; `stopped(row)`
     lets a caller end a row early (a client that went away, a stop string).
     """
     # 1. Lay the rows out: [history | padding | new ids], and their masks and positions.
@@ -168,9 +160,8 @@ def generate_steps(
         mask[i, start : start + pad] = 0
         logical[i, pad:] = torch.arange(start, start + ids.shape[1], device=device)
     slots = torch.arange(start, start + width, device=device).expand(rows, -1)
-    positions = torch.stack([slots, logical + rope_delta, logical + rope_delta, logical + rope_delta])
     # 2. Prefill all rows at once.
-    logits = forward(model, input_ids, positions, cache, attention_mask=mask)
+    logits = forward(model, input_ids, positions(slots, logical, rope_delta), cache, attention_mask=mask)
     seen = [torch.cat([history[0], ids[0]]).unsqueeze(0) for ids in new_ids]  # for samplers that look back
     next_logical = torch.tensor([start + ids.shape[1] for ids in new_ids], device=device)
     limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * rows
@@ -192,9 +183,8 @@ def generate_steps(
             done = [d or stopped(i) for i, d in enumerate(done)]
         if all(done):
             return
-        slot = cache.get_seq_length()
+        slot = torch.full((rows, 1), cache.get_seq_length(), device=device)
         mask = torch.cat([mask, torch.ones(rows, 1, dtype=torch.long, device=device)], dim=1)
-        rope = (next_logical + rope_delta).view(1, rows, 1)
-        positions = torch.cat([torch.full((1, rows, 1), slot, device=device), rope.expand(3, rows, 1)])
-        logits = forward(model, tokens.view(rows, 1), positions, cache, attention_mask=mask)
+        where = positions(slot, next_logical.view(rows, 1), rope_delta)
+        logits = forward(model, tokens.view(rows, 1), where, cache, attention_mask=mask)
         next_logical = next_logical + 1

@@ -14,6 +14,7 @@ import torch
 
 from .defaults import DEFAULT_MODEL, MODEL_ENV_VAR
 from .errors import ModelLoadError
+from .families import family_class, supported_model_types
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -201,8 +202,10 @@ def load(name: str, device: str = "auto", dtype: str | torch.dtype = "auto") -> 
     try:
         # 1. The config says the family and the stored dtype: enough to choose and check before the weights.
         config = AutoConfig.from_pretrained(name)
-        if getattr(config, "model_type", None) not in ("qwen3_vl", "qwen2_5_vl", "qwen2_vl"):
-            raise ModelLoadError(f"model {name!r} is a {config.model_type!r}; vlcache supports Qwen-VL models")
+        model_type = getattr(config, "model_type", None)
+        if family_class(model_type) is None:
+            raise ModelLoadError(f"model {name!r} is a {model_type!r}, which vlcache does not support; supported: "
+                                 + ", ".join(supported_model_types()))
         if requested == "auto":
             torch_dtype, reason = choose_dtype(torch_device, checkpoint_dtype(config))
         else:

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from .errors import CacheFileError
 
 FORMAT_NAME = "vlcache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: metadata names the family and each layer's kind (version 1 files read as Qwen-VL)
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 # Stored narrow, restored to long: ids fit int32, masks and token types fit int8.
 _NARROW = {"input_ids": torch.int32, "attention_mask": torch.int8, "mm_token_type_ids": torch.int8}
@@ -48,6 +48,8 @@ class StateMetadata:
     processor_settings: dict = field(default_factory=dict)  # what decides the image tokens (pixels, patch, ...)
     versions: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    family: str = "qwen-vl"  # vlcache.families: how positions and the image prefill work
+    layer_kinds: list = field(default_factory=list)  # per text layer: full_attention, sliding_attention, ...
 
 
 @dataclass

@@ -103,7 +103,7 @@ class ModelWorker:
             firsts: list[float | None] = [None] * len(jobs)
             steps = generate.generate_steps(
                 engine.model, cache, jobs[0].history, [job.new_ids for job in jobs], jobs[0].rope_delta, samplers,
-                limits, engine.eos_ids, stopped=lambda row: jobs[row].cancelled.is_set(),
+                limits, engine.eos_ids, engine.family.positions, stopped=lambda row: jobs[row].cancelled.is_set(),
             )
             for step in steps:
                 for row, token in enumerate(step):

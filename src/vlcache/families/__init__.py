@@ -1,0 +1,21 @@
+"""Model families: one module each, behind the small interface in base.py. `for_model` picks one."""
+
+from __future__ import annotations
+
+from .base import FULL, LINEAR, SLIDING, Family
+from .qwen import QwenMRoPE
+
+FAMILIES: tuple[type[Family], ...] = (QwenMRoPE,)
+
+__all__ = ["FAMILIES", "FULL", "LINEAR", "SLIDING", "Family", "family_class", "supported_model_types"]
+
+
+def supported_model_types() -> list[str]:
+    return [t for family in FAMILIES for t in family.model_types]
+
+
+def family_class(model_type: str | None) -> type[Family] | None:
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
+    return None

@@ -1,0 +1,64 @@
+"""The one interface every model family implements: prompt inputs, positions, the image prefill, identity.
+
+The engine, the file format, batching, conversations and the server go through a Family and never look at
+model_type themselves. A family computes positions explicitly for every forward: nothing is taken from
+state kept on the model object (M-RoPE models keep `rope_deltas` there, stale after another image).
+"""
+
+from __future__ import annotations
+
+import torch
+
+FULL, SLIDING, LINEAR = "full_attention", "sliding_attention", "linear_attention"
+
+
+class Family:
+    name = "base"
+    model_types: tuple[str, ...] = ()
+
+    def __init__(self, model, processor):
+        self.model = model
+        self.processor = processor
+        self.config = model.config
+        self.text_config = model.config.get_text_config()
+
+    # -- identity ------------------------------------------------------------------------------------------------
+
+    def layer_kinds(self) -> list[str]:
+        """Per text layer: FULL, SLIDING or LINEAR (what its state is, and so what a file stores for it)."""
+        kinds = getattr(self.text_config, "layer_types", None) or [FULL] * self.text_config.num_hidden_layers
+        return [kind if kind in (FULL, SLIDING, LINEAR) else FULL for kind in kinds]
+
+    def images_kwargs(self, max_pixels: int | None) -> dict:
+        """Processor arguments for `max_pixels` (empty: the processor's own settings)."""
+        if max_pixels is not None and max_pixels <= 0:
+            raise ValueError(f"max_pixels must be positive, got {max_pixels}")
+        return {}
+
+    def processor_settings(self, max_pixels: int | None) -> dict:
+        """What decides an image's tokens besides its pixels (sizes, tiling, splitting): part of a state's identity."""
+        raise NotImplementedError
+
+    def image_tokens(self, width: int, height: int, images_kwargs: dict) -> int | None:
+        """How many tokens the image becomes (for the memory check before the vision encoder); None if unknown."""
+        return None
+
+    # -- the image prefill -----------------------------------------------------------------------------------
+
+    def prefix_inputs(self, text: str, image, images_kwargs: dict):
+        """Tokenized template text with the image expanded into its tokens, and the vision tensors."""
+        return self.processor(text=[text], images=[image], return_tensors="pt", images_kwargs=images_kwargs)
+
+    def image_token_mask(self, inputs) -> torch.Tensor:
+        """[1, n] long: 1 where a prompt token is an image token."""
+        return (inputs["input_ids"] == self.config.image_token_id).long()
+
+    def prefill(self, inputs, cache, dtype: torch.dtype) -> int:
+        """Vision encoder and prefill of the prefix into `cache`; returns the position shift after the image."""
+        raise NotImplementedError
+
+    # -- positions -------------------------------------------------------------------------------------------
+
+    def positions(self, slots: torch.Tensor, logical: torch.Tensor, rope_delta: int) -> torch.Tensor:
+        """Position ids for tokens at cache `slots` [B, L] whose unpadded sequence index is `logical` [B, L]."""
+        raise NotImplementedError

@@ -1,0 +1,69 @@
+"""Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3-VL-MoE: M-RoPE, full attention.
+
+A text token at sequence index i sits at M-RoPE position i + rope_delta after the image (the image's tokens
+span fewer positions than tokens); the delta comes from the model's own get_rope_index over the prefix and
+travels with every state. Position ids are [4, B, L]: row 0 the cache slot (for the mask), rows 1-3 (t, h, w).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Family
+
+
+class QwenMRoPE(Family):
+    name = "qwen-vl"
+    model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+
+    # -- identity --------------------------------------------------------------------------------------------
+
+    def images_kwargs(self, max_pixels: int | None) -> dict:
+        super().images_kwargs(max_pixels)
+        if max_pixels is None:
+            return {}
+        size = dict(self.processor.image_processor.size)
+        return {"size": {"shortest_edge": min(size.get("shortest_edge", max_pixels), max_pixels), "longest_edge": max_pixels}}
+
+    def processor_settings(self, max_pixels: int | None) -> dict:
+        ip = self.processor.image_processor
+        size = self.images_kwargs(max_pixels).get("size") or dict(ip.size)
+        return {
+            "min_pixels": size["shortest_edge"], "max_pixels": size["longest_edge"], "patch_size": ip.patch_size,
+            "merge_size": ip.merge_size, "temporal_patch_size": ip.temporal_patch_size,
+            "image_mean": list(ip.image_mean), "image_std": list(ip.image_std),
+        }
+
+    def image_tokens(self, width: int, height: int, images_kwargs: dict) -> int:
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+        ip = self.processor.image_processor
+        size = images_kwargs.get("size") or dict(ip.size)
+        factor = ip.patch_size * ip.merge_size
+        h, w = smart_resize(height, width, factor=factor, min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"])
+        return (h // factor) * (w // factor)
+
+    # -- the image prefill -----------------------------------------------------------------------------------
+
+    def image_token_mask(self, inputs) -> torch.Tensor:
+        return inputs["mm_token_type_ids"].long()
+
+    def prefill(self, inputs, cache, dtype: torch.dtype) -> int:
+        from ..generate import forward
+
+        ids = inputs["input_ids"]
+        vision, deltas = self.model.model.get_rope_index(
+            ids, image_grid_thw=inputs["image_grid_thw"], video_grid_thw=None,
+            attention_mask=inputs["attention_mask"], mm_token_type_ids=inputs["mm_token_type_ids"],
+        )
+        index = torch.arange(ids.shape[1], device=ids.device).view(1, 1, -1)
+        positions = torch.cat([index, vision.to(ids.device)], dim=0)
+        forward(self.model, ids, positions, cache, pixel_values=inputs["pixel_values"].to(dtype),
+                image_grid_thw=inputs["image_grid_thw"], mm_token_type_ids=inputs["mm_token_type_ids"])
+        return int(deltas.view(-1)[0])
+
+    # -- positions -------------------------------------------------------------------------------------------
+
+    def positions(self, slots: torch.Tensor, logical: torch.Tensor, rope_delta: int) -> torch.Tensor:
+        rope = logical + rope_delta
+        return torch.stack([slots, rope, rope, rope])
