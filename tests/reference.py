@@ -3,14 +3,21 @@
 import torch
 
 from vlcache.images import load_image
-from vlcache.prompt import conversation
+from vlcache.prompt import conversation, template_messages
 
 
 def reference_tokens(engine, image, system_prompt, question, max_new_tokens, max_pixels=None) -> list[int]:
     messages = conversation(system_prompt, question, with_image=image is not None)
+    return reference_for_messages(engine, messages, image, max_new_tokens, max_pixels)
+
+
+def reference_for_messages(engine, messages, image, max_new_tokens, max_pixels=None) -> list[int]:
+    """generate() on `messages` (chat-template form; the image part, if any, is filled with `image`)."""
+    messages = template_messages(engine.processor, messages)
     kwargs = {}
     if image is not None:
-        messages[-1]["content"][0]["image"] = load_image(image).image
+        part = next(p for m in messages if isinstance(m["content"], list) for p in m["content"] if p.get("type") == "image")
+        part["image"] = engine.family.prepare_image(load_image(image).image, max_pixels)
     if max_pixels is not None:
         kwargs["images_kwargs"] = engine.images_kwargs(max_pixels)
     inputs = engine.processor.apply_chat_template(

@@ -121,7 +121,8 @@ class Engine:
         self._check_memory(loaded, images_kwargs)
         system_prompt = next((m["content"] for m in messages if m["role"] == "system"), None)
         # 2. Tokenize what the chat template puts before the question: system turn, user turn up to the image.
-        inputs = self.family.prefix_inputs(prompt.covered_text(self.processor, messages), loaded.image, images_kwargs)
+        image = self.family.prepare_image(loaded.image, max_pixels)
+        inputs = self.family.prefix_inputs(prompt.covered_text(self.processor, messages), image, images_kwargs)
         inputs = inputs.to(self.device)
         # 3. Vision encoder + prefill with the family's own positions; keep the KV.
         cache = generate.DynamicCache(config=self.model.config)

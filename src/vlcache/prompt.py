@@ -45,7 +45,34 @@ def conversation(system_prompt: str | None, question: str, with_image: bool) -> 
 
 
 def render(processor, messages: list[dict], add_generation_prompt: bool) -> str:
+    messages = template_messages(processor, messages)
     return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def template_messages(processor, messages: list[dict]) -> list[dict]:
+    """The messages in the form the chat template reads: some templates (LLaVA-OneVision's) only render
+    content given as a list of parts and silently drop plain strings, so strings become one text part there."""
+    if _renders_plain_strings(processor.chat_template or ""):
+        return messages
+    return [{**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m.get("content"), str) else m
+            for m in messages]
+
+
+_string_support: dict[str, bool] = {}
+
+
+def _renders_plain_strings(template: str) -> bool:
+    """Whether the template renders a message whose content is a plain string (probed once per template)."""
+    if template not in _string_support:
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        probe = "\u2063probe\u2063"
+        try:
+            rendered, _ = render_jinja_template(conversations=[[{"role": "user", "content": probe}]], chat_template=template)
+            _string_support[template] = probe in rendered[0]
+        except Exception:  # noqa: BLE001 - a template that fails on strings needs parts
+            _string_support[template] = False
+    return _string_support[template]
 
 
 def covered_text(processor, messages: list[dict]) -> str:

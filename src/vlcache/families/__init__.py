@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from .base import FULL, LINEAR, SLIDING, Family
+from .llava import LlavaOnevision
 from .qwen import QwenMRoPE
 
-FAMILIES: tuple[type[Family], ...] = (QwenMRoPE,)
+FAMILIES: tuple[type[Family], ...] = (QwenMRoPE, LlavaOnevision)
 
 __all__ = ["FAMILIES", "FULL", "LINEAR", "SLIDING", "Family", "family_class", "supported_model_types"]
 

@@ -41,7 +41,15 @@ class Family:
 
     def image_tokens(self, width: int, height: int, images_kwargs: dict) -> int | None:
         """How many tokens the image becomes (for the memory check before the vision encoder); None if unknown."""
-        return None
+        try:
+            counts = self.processor._get_num_multimodal_tokens(image_sizes=[[height, width]], **images_kwargs)
+            return int(counts["num_image_tokens"][0])
+        except (AttributeError, KeyError, IndexError, TypeError, ValueError):
+            return None
+
+    def prepare_image(self, image, max_pixels: int | None):
+        """The image as the processor gets it. Families whose processor has no pixel limit downscale here."""
+        return image
 
     # -- the image prefill -----------------------------------------------------------------------------------
 
@@ -62,3 +70,19 @@ class Family:
     def positions(self, slots: torch.Tensor, logical: torch.Tensor, rope_delta: int) -> torch.Tensor:
         """Position ids for tokens at cache `slots` [B, L] whose unpadded sequence index is `logical` [B, L]."""
         raise NotImplementedError
+
+
+class OneDimPositions:
+    """Plain 1D RoPE: a token's position is its unpadded sequence index; `max_pixels` downscales the image."""
+
+    def positions(self, slots: torch.Tensor, logical: torch.Tensor, rope_delta: int) -> torch.Tensor:
+        return logical
+
+    def prepare_image(self, image, max_pixels: int | None):
+        if max_pixels is None or image.width * image.height <= max_pixels:
+            return image
+        from PIL import Image
+
+        scale = (max_pixels / (image.width * image.height)) ** 0.5
+        size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
+        return image.resize(size, Image.Resampling.BICUBIC)

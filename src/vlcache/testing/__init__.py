@@ -1,4 +1,4 @@
-"""Random Qwen3-VL checkpoints on disk, loadable with from_pretrained, for tests and benchmarks.
+"""Random checkpoints on disk, loadable with from_pretrained, for tests and benchmarks.
 
 No weights can be downloaded in tests or CI, yet the real loading path (AutoProcessor,
 AutoModelForImageTextToText) should be what runs. So these write a config, random weights, a byte-level BPE
@@ -66,7 +66,7 @@ QWEN_SPECIAL_TOKENS = [
 QWEN_FIRST_SPECIAL_ID = 151643
 
 
-def _train_tokenizer(vocab_size: int, pad_vocab_to: int | None = None) -> Qwen2Tokenizer:
+def _train_tokenizer(vocab_size: int, pad_vocab_to: int | None = None, extra_special: list[str] | None = None) -> Qwen2Tokenizer:
     """A byte-level BPE trained on a few sentences. `pad_vocab_to` fills the vocabulary with unused entries so
     that the special tokens that follow get the ids the real Qwen tokenizer gives them."""
     bpe = Tokenizer(models.BPE())
@@ -87,6 +87,9 @@ def _train_tokenizer(vocab_size: int, pad_vocab_to: int | None = None) -> Qwen2T
         vocab.update({f"\u2060unused{i}": i for i in range(len(vocab), pad_vocab_to)})
         tok = Qwen2Tokenizer(vocab=vocab, merges=merges)
         tok.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS[1:]})
+    elif extra_special is not None:  # another family's placeholders after Qwen's chat tokens
+        tok = Qwen2Tokenizer(vocab=vocab, merges=merges)
+        tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", *extra_special]})
     else:
         tok = Qwen2Tokenizer(vocab=vocab, merges=merges)
         tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
