@@ -21,9 +21,9 @@ from vlcache.conversation import Conversation
 from vlcache.errors import ModelMismatchError
 from vlcache.testing.families import build_family_checkpoint
 
-KINDS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl_moe", "qwen3_vl_real", "llava_onevision"]
+KINDS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl_moe", "qwen3_vl_real", "llava_onevision", "gemma3"]
 FAMILY = {"qwen2_vl": "qwen-vl", "qwen2_5_vl": "qwen-vl", "qwen3_vl_moe": "qwen-vl", "qwen3_vl_real": "qwen-vl",
-          "llava_onevision": "llava-onevision"}
+          "llava_onevision": "llava-onevision", "gemma3": "gemma3"}
 PIXELS = 160 * 160  # small images keep the suite fast; the split and positions are the same at any size
 N = 12
 QUESTIONS = ["What objects are visible in this image?", "What colors dominate the scene?", "Describe the lighting and mood."]
@@ -69,7 +69,9 @@ def test_cli_cache_then_ask_in_fresh_processes_equals_generate(kind, family_dir,
     inspected = run("inspect", cache, "--json")
     info = json.loads(inspected.stdout)
     assert info["family"] == FAMILY[kind]
-    assert info["layer_kinds"] == ["full_attention"] * engine.model.config.get_text_config().num_hidden_layers
+    layers = engine.model.config.get_text_config().num_hidden_layers
+    expected_kinds = ["sliding_attention"] * 3 + ["full_attention"] if kind == "gemma3" else ["full_attention"] * layers
+    assert info["layer_kinds"] == expected_kinds
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -120,16 +122,17 @@ def test_the_server_answers_exactly_and_reports_cached_tokens(kind, family_engin
     assert replies[1].usage.prompt_tokens_details.cached_tokens > 0
 
 
-@pytest.mark.parametrize("kind", ["qwen2_5_vl", "llava_onevision"])
+@pytest.mark.parametrize("kind", ["qwen2_5_vl", "llava_onevision", "gemma3"])
 def test_wrong_positions_would_be_caught(kind, family_engine, monkeypatch):
-    """Control per position scheme: shifting the positions of what follows the state changes the answer."""
+    """Control per position scheme: shifting the positions of what follows the state changes the answers."""
     engine = family_engine(kind)
     state = engine.cache_image(photo("rocket.jpg"), system_prompt=SYSTEM, max_pixels=PIXELS)
-    expected = reference_tokens(engine, photo("rocket.jpg"), SYSTEM, QUESTIONS[0], N, max_pixels=PIXELS)
-    assert engine.ask(state, QUESTIONS[0], max_new_tokens=N, temperature=0).token_ids == expected
+    expected = [reference_tokens(engine, photo("rocket.jpg"), SYSTEM, q, N, max_pixels=PIXELS) for q in QUESTIONS]
+    assert [engine.ask(state, q, max_new_tokens=N, temperature=0).token_ids for q in QUESTIONS] == expected
     right = engine.family.positions
     monkeypatch.setattr(engine.family, "positions", lambda slots, logical, delta: right(slots, logical + 3, delta))
-    assert engine.ask(state, QUESTIONS[0], max_new_tokens=N, temperature=0).token_ids != expected
+    shifted = [engine.ask(state, q, max_new_tokens=N, temperature=0).token_ids for q in QUESTIONS]
+    assert any(got != want for got, want in zip(shifted, expected))
 
 
 def test_a_file_of_one_family_is_refused_by_another(family_engine, engine, tmp_path):
@@ -166,3 +169,56 @@ def test_layer_kinds_follow_the_config(family_engine):
     engine = family_engine("qwen2_vl")
     assert engine.family.layer_kinds() == ["full_attention", "full_attention"]
     assert torch.is_tensor(engine.cache_image(photo("rocket.jpg"), max_pixels=PIXELS).rope_deltas)
+
+
+# -- Gemma 3: sliding windows and bidirectional image attention ----------------------------------------------
+
+def test_gemma3_sliding_layers_store_only_the_window(family_engine, tmp_path):
+    from vlcache.testing.families import GEMMA3_SLIDING_WINDOW as W
+
+    engine = family_engine("gemma3")
+    state = engine.cache_image(photo("rocket.jpg"), system_prompt=SYSTEM)
+    n = state.num_tokens
+    assert n > 3 * W  # the prefix is far longer than the window
+    assert [k.shape[2] for k, _ in state.kv] == [W - 1, W - 1, W - 1, n]
+    path = state.save(tmp_path / "g.pt")
+    loaded = engine.load_state(path)
+    assert [k.shape[2] for k, _ in loaded.kv] == [W - 1, W - 1, W - 1, n]
+    for question in QUESTIONS:
+        answer = engine.ask(loaded, question, max_new_tokens=N, temperature=0)
+        assert answer.token_ids == reference_tokens(engine, photo("rocket.jpg"), SYSTEM, question, N)
+
+
+def test_gemma3_controls_windows_and_image_attention(family_engine, monkeypatch):
+    """Each kind of state, restored wrongly, changes the answers: so the equality tests above can fail."""
+    from vlcache import attention
+
+    engine = family_engine("gemma3")
+    expected = [reference_tokens(engine, photo("rocket.jpg"), SYSTEM, q, N) for q in QUESTIONS]
+    state = engine.cache_image(photo("rocket.jpg"), system_prompt=SYSTEM)
+
+    def answers(s):
+        return [engine.ask(s, q, max_new_tokens=N, temperature=0).token_ids for q in QUESTIONS]
+
+    assert answers(state) == expected
+    # 1. Sliding layers whose stored window is misplaced (its tokens in reverse order).
+    wrong = state.to("cpu")
+    wrong.kv = [(k.flip(2), v.flip(2)) if k.shape[2] < state.num_tokens else (k, v) for k, v in state.kv]
+    assert answers(wrong) != expected
+    # 2. No window applied when a question attends to the restored prefix.
+    real_bias = attention._bias
+    with monkeypatch.context() as m:
+        m.setattr(attention, "_bias", lambda book, offset, p, s, g, window: real_bias(book, offset, p, s, g, None))
+        assert answers(state) != expected
+    # 3. Image tokens prefilled causally (no token_type_ids): the bidirectional image block is lost.
+    real_prefill = type(engine.family).prefill
+
+    def causal_prefill(self, inputs, cache, dtype):
+        inputs = dict(inputs)
+        inputs["token_type_ids"] = None
+        return real_prefill(self, inputs, cache, dtype)
+
+    with monkeypatch.context() as m:
+        m.setattr(type(engine.family), "prefill", causal_prefill)
+        causal = engine.cache_image(photo("rocket.jpg"), system_prompt=SYSTEM)
+    assert answers(causal) != expected

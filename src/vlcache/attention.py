@@ -5,6 +5,11 @@ after. The attention function scores every row's queries against the prefix in o
 the query dimension, grouped-query heads folded the same way, so K/V are never repeated) and against the
 row's own suffix, then takes one softmax over both. It follows transformers' eager attention numerically:
 matmuls in the model dtype, softmax in float32.
+
+Which keys a query sees is decided here, from logical positions (a row's unpadded sequence index), not from
+cache slots: a `PositionBook` on the cache records each suffix slot's logical position (-1 for padding) and
+the current queries'. So padding between the prefix and a short question, and sliding windows (a layer
+that stores only the last window - 1 prefix tokens), give each row exactly what it would compute alone.
 """
 
 from __future__ import annotations
@@ -18,12 +23,44 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 ATTENTION = "vlcache_shared_prefix"
 
 
-class SharedPrefixLayer(DynamicLayer):
-    """`keys`/`values` are the per-row suffix (views of a growable buffer); the prefix sits beside them."""
+class PositionBook:
+    """Logical positions of a shared-prefix cache's suffix slots per row (-1: padding), and of the queries."""
 
-    def __init__(self, prefix_keys: torch.Tensor, prefix_values: torch.Tensor, batch: int, capacity: int):
+    def __init__(self, batch: int, capacity: int, device):
+        self._keys = torch.full((batch, max(capacity, 1)), -1, dtype=torch.long, device=device)
+        self.length = 0
+        self.queries: torch.Tensor | None = None  # [B, L] of the forward in progress
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self._keys[:, : self.length]
+
+    def append(self, logical: torch.Tensor, valid: torch.Tensor) -> None:
+        """`logical` [B, L] positions of new tokens; `valid` [B, L] False for padding (never attended to)."""
+        end = self.length + logical.shape[1]
+        if end > self._keys.shape[1]:
+            grown = self._keys.new_full((self._keys.shape[0], max(end, 2 * self._keys.shape[1])), -1)
+            grown[:, : self.length] = self.keys
+            self._keys = grown
+        self._keys[:, self.length : end] = torch.where(valid, logical, torch.full_like(logical, -1))
+        self.length = end
+        self.queries = logical
+
+    def truncate(self, length: int) -> None:
+        self.length = length
+
+
+class SharedPrefixLayer(DynamicLayer):
+    """`keys`/`values` are the per-row suffix (views of a growable buffer); the prefix sits beside them.
+
+    `offset` counts prefix tokens the layer does not store: a sliding-window layer keeps only the last
+    window - 1 of them, which is all any later token can see.
+    """
+
+    def __init__(self, prefix_keys: torch.Tensor, prefix_values: torch.Tensor, batch: int, capacity: int, offset: int = 0):
         super().__init__()
         self.prefix_keys, self.prefix_values = prefix_keys, prefix_values  # never written
+        self.offset = offset
         shape = (batch, prefix_keys.shape[1], max(capacity, 1), prefix_keys.shape[-1])
         self._key_buffer = prefix_keys.new_empty(shape)
         self._value_buffer = prefix_values.new_empty(shape)
@@ -35,7 +72,7 @@ class SharedPrefixLayer(DynamicLayer):
         return self.prefix_keys.shape[-2]
 
     def get_seq_length(self) -> int:
-        return self.prefix_length + self.keys.shape[-2]
+        return self.offset + self.prefix_length + self.keys.shape[-2]
 
     def update(self, key_states, value_states, *args, **kwargs):
         start = self.keys.shape[-2]
@@ -49,9 +86,9 @@ class SharedPrefixLayer(DynamicLayer):
 
     def truncate(self, length: int) -> None:
         """Keep the first `length` tokens (prefix included) and forget the rest."""
-        if length < self.prefix_length:
+        if length < self.offset + self.prefix_length:
             raise ValueError("cannot cut into the shared prefix")
-        self._view(length - self.prefix_length)
+        self._view(length - self.offset - self.prefix_length)
 
     def full(self, row: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Prefix and one row's suffix as contiguous [1, kv_heads, n, D] tensors (for saving a conversation)."""
@@ -72,18 +109,35 @@ class SharedPrefixLayer(DynamicLayer):
             setattr(self, name, new)
 
 
-def shared_prefix_cache(config, kv: list[tuple[torch.Tensor, torch.Tensor]], batch: int = 1, capacity: int = 0) -> DynamicCache:
-    """A cache over the state's K/V (shared by `batch` rows, never copied) with room for `capacity` more tokens."""
+def shared_prefix_cache(config, kv: list[tuple[torch.Tensor, torch.Tensor]], batch: int = 1, capacity: int = 0,
+                        prefix_tokens: int | None = None) -> DynamicCache:
+    """A cache over the state's K/V (shared by `batch` rows, never copied) with room for `capacity` more tokens.
+
+    `prefix_tokens` is the state's length; layers that store fewer (sliding windows) hold its last tokens.
+    """
+    total = max(k.shape[-2] for k, _ in kv) if prefix_tokens is None else prefix_tokens
     cache = DynamicCache(config=config)
-    cache.layers = [SharedPrefixLayer(k, v, batch, capacity) for k, v in kv]
+    cache.layers = [SharedPrefixLayer(k, v, batch, capacity, offset=total - k.shape[-2]) for k, v in kv]
+    cache.book = PositionBook(batch, capacity, kv[0][0].device)
     return cache
 
 
+def truncate(cache: DynamicCache, length: int) -> None:
+    """Cut a shared-prefix cache back to its first `length` tokens (prefix included)."""
+    for layer in cache.layers:
+        layer.truncate(length)
+    book = getattr(cache, "book", None)
+    if book is not None and cache.layers:
+        first = cache.layers[0]
+        book.truncate(length - first.offset - first.prefix_length)
+
+
 def shared_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                            shared_prefix_cache=None, **kwargs):
+                            shared_prefix_cache=None, sliding_window=None, **kwargs):
     """transformers attention interface: query [B, Hq, L, D], key/value [B, Hkv, S, D] -> [B, L, Hq, D]."""
     if shared_prefix_cache is None:  # a plain forward (the image prefill): the usual SDPA path
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      sliding_window=sliding_window, **kwargs)
     layer = shared_prefix_cache.layers[module.layer_idx]
     pk, pv = layer.prefix_keys[0], layer.prefix_values[0]  # [Hkv, P, D]
     batch, q_heads, length, dim = query.shape
@@ -96,8 +150,9 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
     prefix_scores = torch.matmul(q_rows, pk.transpose(-1, -2)).view(kv_heads, batch, groups * length, prefix).transpose(0, 1)
     suffix_scores = torch.matmul(q, key.transpose(-1, -2))
     scores = torch.cat([prefix_scores, suffix_scores], dim=-1).float() * scale  # [B, Hkv, g*L, P+S]
-    # 2. Mask: padding and causality as transformers built it, or plain causality within the suffix.
-    scores = scores + _bias(attention_mask, batch, groups, length, prefix, suffix, scores.device)
+    # 2. Mask from logical positions: padding, causality and the layer's sliding window.
+    book = shared_prefix_cache.book
+    scores = scores + _bias(book, layer.offset, prefix, suffix, groups, sliding_window)
     probs = torch.softmax(scores, dim=-1).to(value.dtype)
     # 3. Weighted values, prefix part again in one matmul.
     p_rows = probs[..., :prefix].transpose(0, 1).reshape(kv_heads, batch * groups * length, prefix)
@@ -106,21 +161,18 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
     return out.reshape(batch, q_heads, length, dim).transpose(1, 2).contiguous(), None
 
 
-def _bias(mask, batch, groups, length, prefix, suffix, device) -> torch.Tensor:
-    """Additive float mask [B or 1, 1, g*L, P+S]: 0 where a query may look, -inf where not."""
-    total = prefix + suffix
-    if mask is None:
-        if length == 1:
-            return torch.zeros((), device=device)
-        query_pos = torch.arange(length, device=device).view(-1, 1) + (total - length)
-        allowed = torch.arange(total, device=device).view(1, -1) <= query_pos  # [L, P+S]
-        allowed = allowed.view(1, 1, 1, length, total)
-    else:
-        mask = mask[..., -total:]
-        allowed = mask if mask.dtype == torch.bool else mask == 0
-        allowed = allowed.unsqueeze(2)  # [B, 1, 1, L, P+S]
-    allowed = allowed.expand(allowed.shape[0], 1, groups, length, total).reshape(allowed.shape[0], 1, groups * length, total)
-    return torch.zeros(allowed.shape, device=device).masked_fill(~allowed, float("-inf"))
+def _bias(book: PositionBook, offset: int, prefix: int, suffix: int, groups: int, window: int | None) -> torch.Tensor:
+    """Additive float mask [B, 1, g*L, P+S]: 0 where a query may look, -inf where not."""
+    queries = book.queries  # [B, L]
+    batch, length = queries.shape
+    prefix_pos = torch.arange(offset, offset + prefix, device=queries.device).expand(batch, prefix)
+    keys = torch.cat([prefix_pos, book.keys[:, -suffix:] if suffix else book.keys[:, :0]], dim=1)  # [B, P+S]
+    q, k = queries.unsqueeze(-1), keys.unsqueeze(1)  # [B, L, 1], [B, 1, P+S]
+    allowed = (k >= 0) & (k <= q)
+    if window is not None:
+        allowed = allowed & (k > q - window)
+    allowed = allowed.unsqueeze(1).expand(batch, groups, length, prefix + suffix).reshape(batch, 1, groups * length, prefix + suffix)
+    return torch.zeros(allowed.shape, device=queries.device).masked_fill(~allowed, float("-inf"))
 
 
 def install(model) -> None:

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import torch
 
-from . import generate, prompt
+from . import attention, generate, prompt
 from .engine import Answer, Delta, Engine, GenerationOptions, _delta, _now
 from .state import ImageState
 
@@ -105,12 +105,12 @@ class Conversation:
         """Cut the live cache back to the longest prefix it shares with `target`; return that length."""
         if self._cache is None:
             capacity = target.shape[1] + max_new_tokens + 256
-            self._cache = generate.cache_from_kv(self.engine.model.config, self.state.kv, capacity=capacity)
+            self._cache = generate.cache_from_kv(self.engine.model.config, self.state.kv, capacity=capacity,
+                                                prefix_tokens=self.state.num_tokens)
         held = self._ids[0, : self._cache.get_seq_length()]
         limit = min(held.shape[0], target.shape[1] - (1 if at_least_one_new else 0))
         same = (held[:limit] == target[0, :limit]).long()
         keep = int(same.cumprod(0).sum()) if limit else 0
-        for layer in self._cache.layers:
-            layer.truncate(keep)
+        attention.truncate(self._cache, keep)
         self._ids = self._ids[:, :keep]
         return keep

@@ -286,7 +286,8 @@ class Engine:
         samplers = [self.sampler(options, i) for i in range(len(new_ids))]
         if cache is None:
             capacity = history.shape[1] + max(n.shape[1] for n in new_ids) + options.max_new_tokens
-            cache = generate.cache_from_kv(self.model.config, kv, batch=len(new_ids), capacity=capacity)
+            cache = generate.cache_from_kv(self.model.config, kv, batch=len(new_ids), capacity=capacity,
+                                           prefix_tokens=history.shape[1])
         return generate.generate_steps(
             self.model, cache, history, new_ids, rope_delta, samplers, options.max_new_tokens, self.eos_ids,
             self.family.positions,

@@ -88,9 +88,10 @@ def text_positions(positions: Positions, start: int, length: int, rope_delta: in
     return positions(index, index, rope_delta)
 
 
-def cache_from_kv(config, kv: list[tuple[torch.Tensor, torch.Tensor]], batch: int = 1, capacity: int = 0) -> DynamicCache:
-    """A cache continuing from `kv` (batch 1) for `batch` rows that share it, with room for `capacity` tokens."""
-    return shared_prefix_cache(config, kv, batch=batch, capacity=capacity)
+def cache_from_kv(config, kv: list[tuple[torch.Tensor, torch.Tensor]], batch: int = 1, capacity: int = 0,
+                  prefix_tokens: int | None = None) -> DynamicCache:
+    """A cache continuing from `kv` (batch 1, `prefix_tokens` long) for `batch` rows, room for `capacity` tokens."""
+    return shared_prefix_cache(config, kv, batch=batch, capacity=capacity, prefix_tokens=prefix_tokens)
 
 
 def kv_from_cache(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -99,14 +100,22 @@ def kv_from_cache(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]
 
 
 @torch.inference_mode()
-def forward(model, input_ids, position_ids, cache, attention_mask=None, **vision) -> torch.Tensor:
-    """Run new tokens through the model, appending to `cache`; return the last position's logits [B, V]."""
+def forward(model, input_ids, position_ids, cache, attention_mask=None, logical=None, **vision) -> torch.Tensor:
+    """Run new tokens through the model, appending to `cache`; return the last position's logits [B, V].
+
+    `logical` [B, L]: each new token's unpadded sequence index (default: its cache slot). A shared-prefix
+    cache records it, and the attention decides from it what each query may see.
+    """
+    start = cache.get_seq_length()
     if attention_mask is None:
-        total = cache.get_seq_length() + input_ids.shape[1]
-        attention_mask = torch.ones(input_ids.shape[0], total, dtype=torch.long, device=input_ids.device)
+        attention_mask = torch.ones(input_ids.shape[0], start + input_ids.shape[1], dtype=torch.long, device=input_ids.device)
     # With no prefix (text-only) the suffix K/V are all the K/V: the plain SDPA path needs no scores buffer.
     layer = cache.layers[0] if cache.layers else None
     shared = cache if isinstance(layer, SharedPrefixLayer) and layer.prefix_length > 0 else None
+    if shared is not None:
+        if logical is None:
+            logical = torch.arange(start, start + input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+        shared.book.append(logical, attention_mask[:, -input_ids.shape[1]:].bool())
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -154,14 +163,15 @@ def generate_steps(
     pads = [width - ids.shape[1] for ids in new_ids]
     input_ids = torch.zeros(rows, width, dtype=torch.long, device=device)
     mask = torch.ones(rows, start + width, dtype=torch.long, device=device)
-    logical = torch.zeros(rows, width, dtype=torch.long, device=device)
+    # Padding queries look at the last prefix token (every layer stores it): never at nothing, which gives NaN.
+    logical = torch.full((rows, width), max(start - 1, 0), dtype=torch.long, device=device)
     for i, (ids, pad) in enumerate(zip(new_ids, pads)):
         input_ids[i, pad:] = ids[0]
         mask[i, start : start + pad] = 0
         logical[i, pad:] = torch.arange(start, start + ids.shape[1], device=device)
     slots = torch.arange(start, start + width, device=device).expand(rows, -1)
     # 2. Prefill all rows at once.
-    logits = forward(model, input_ids, positions(slots, logical, rope_delta), cache, attention_mask=mask)
+    logits = forward(model, input_ids, positions(slots, logical, rope_delta), cache, attention_mask=mask, logical=logical)
     seen = [torch.cat([history[0], ids[0]]).unsqueeze(0) for ids in new_ids]  # for samplers that look back
     next_logical = torch.tensor([start + ids.shape[1] for ids in new_ids], device=device)
     limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * rows
@@ -186,5 +196,5 @@ def generate_steps(
         slot = torch.full((rows, 1), cache.get_seq_length(), device=device)
         mask = torch.cat([mask, torch.ones(rows, 1, dtype=torch.long, device=device)], dim=1)
         where = positions(slot, next_logical.view(rows, 1), rope_delta)
-        logits = forward(model, tokens.view(rows, 1), where, cache, attention_mask=mask)
+        logits = forward(model, tokens.view(rows, 1), where, cache, attention_mask=mask, logical=next_logical.view(rows, 1))
         next_logical = next_logical + 1

@@ -270,7 +270,7 @@ class Service:
             if cont is not None and same > history.shape[1]:
                 kv = await run_in_threadpool(cont.kv_until, same)
                 history, new_ids, group, cached = ids[:, :same], ids[:, same:], f"{cont_key}:{same}", same
-            keep = self._keeper(key, state, kv)
+            keep = self._keeper(key, state, kv, history.shape[1])
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
@@ -281,13 +281,13 @@ class Service:
                   keep=keep)
         return job, cached, events
 
-    def _keeper(self, image_key: str, image_state, prefix_kv: list):
+    def _keeper(self, image_key: str, image_state, prefix_kv: list, prefix_tokens: int):
         """Keeps a finished row as a continuation of the image state (runs on the model thread)."""
-        base = image_state.num_tokens
+        extra = prefix_tokens - image_state.num_tokens  # tokens of a continuation the row started from
 
         def keep(ids, suffix_kv):
-            if prefix_kv[0][0].shape[2] > base:  # the row started from a continuation: put its part in front
-                suffix_kv = [(torch.cat([pk[:, :, base:], sk], dim=-2), torch.cat([pv[:, :, base:], sv], dim=-2))
+            if extra > 0:  # put the continuation's part in front: the last `extra` of every layer's prefix K/V
+                suffix_kv = [(torch.cat([pk[:, :, -extra:], sk], dim=-2), torch.cat([pv[:, :, -extra:], sv], dim=-2))
                              for (pk, pv), (sk, sv) in zip(prefix_kv, suffix_kv)]
             self.store.add_continuation(image_key, Continuation(base=image_state, input_ids=ids, suffix_kv=suffix_kv))
 
@@ -440,7 +440,7 @@ class _StopText:
 
 
 async def _events(service: Service, job: Job, events: asyncio.Queue, chat: ChatRequest, started: float):
-    """Yield ("text", piece) then ("done", answer, finish_reason); stop strings end a job early."""
+    """Yield ("text", piece) then ("done", answer, finish_reason, stopped); stop strings end a job early."""
     stops = _StopText(chat.stop)
     first = True
     while True:
@@ -461,7 +461,7 @@ async def _events(service: Service, job: Job, events: asyncio.Queue, chat: ChatR
         tail = stops.flush()
         if tail:
             yield "text", tail
-        yield "done", value, "stop" if stops.hit else value.finish_reason
+        yield "done", value, "stop" if stops.hit else value.finish_reason, stops.hit
         return
 
 
@@ -470,6 +470,9 @@ async def _collect(service, job, events, chat, started):
     async for event in _events(service, job, events, chat, started):
         if event[0] == "text":
             pieces.append(event[1])
+        elif not event[3]:  # no stop string cut it: the whole answer's own decoding
+            # (streamed pieces can disagree with it where byte-fallback tokens decode differently in context)
+            return event[1].text, event[1], event[2]
         else:
             return "".join(pieces), event[1], event[2]
 
@@ -488,7 +491,7 @@ async def _stream(service, job, events, chat, cached, completion_id, created, mo
             if event[0] == "text":
                 yield chunk({"content": event[1]})
             else:
-                _, answer, finish = event
+                _, answer, finish, _ = event
                 yield chunk({}, finish=finish)
                 if chat.include_usage:
                     yield chunk({}, usage=_usage(answer, cached), choices=False)

@@ -204,8 +204,12 @@ def load_state(path: str | os.PathLike, device: torch.device | str = "cpu") -> I
 
 def _check_shapes(state: ImageState, path) -> None:
     n = state.metadata.prefix_tokens
-    ok = bool(state.kv) and all(
-        k.ndim == 4 and k.shape == v.shape and k.shape[2] == n and k.shape[0] == 1 for k, v in state.kv
+    kinds = state.metadata.layer_kinds or ["full_attention"] * len(state.kv)
+    # A sliding-window layer stores the last tokens of the prefix (at least one); every other layer all of them.
+    ok = bool(state.kv) and len(kinds) == len(state.kv) and all(
+        k.ndim == 4 and k.shape == v.shape and k.shape[0] == 1
+        and (0 < k.shape[2] <= n if kind == "sliding_attention" else k.shape[2] == n)
+        for (k, v), kind in zip(state.kv, kinds)
     )
     ok = ok and all(getattr(state, name).shape == (1, n) for name in ("input_ids", "attention_mask", "mm_token_type_ids"))
     ok = ok and tuple(state.image_grid_thw.shape) == (1, 3) and tuple(state.rope_deltas.shape) == (1, 1)

@@ -98,7 +98,8 @@ class ModelWorker:
             samplers = [engine.sampler(job.options) for job in jobs]
             limits = [job.options.max_new_tokens for job in jobs]
             capacity = max(job.new_ids.shape[1] for job in jobs) + max(limits)
-            cache = generate.cache_from_kv(engine.model.config, jobs[0].kv, batch=len(jobs), capacity=capacity)
+            cache = generate.cache_from_kv(engine.model.config, jobs[0].kv, batch=len(jobs), capacity=capacity,
+                                          prefix_tokens=jobs[0].history.shape[1])
             texts = [TextAssembler(engine.processor.tokenizer) for _ in jobs]
             firsts: list[float | None] = [None] * len(jobs)
             steps = generate.generate_steps(

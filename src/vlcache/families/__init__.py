@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from .base import FULL, LINEAR, SLIDING, Family
+from .gemma import Gemma3
 from .llava import LlavaOnevision
 from .qwen import QwenMRoPE
 
-FAMILIES: tuple[type[Family], ...] = (QwenMRoPE, LlavaOnevision)
+FAMILIES: tuple[type[Family], ...] = (QwenMRoPE, LlavaOnevision, Gemma3)
 
 __all__ = ["FAMILIES", "FULL", "LINEAR", "SLIDING", "Family", "family_class", "supported_model_types"]
 
