@@ -26,3 +26,4 @@ def reference_for_messages(engine, messages, image, max_new_tokens, max_pixels=N
     with torch.inference_mode():
         out = engine.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return out[0, inputs["input_ids"].shape[1]:].tolist()
+

@@ -21,9 +21,12 @@ from vlcache.conversation import Conversation
 from vlcache.errors import ModelMismatchError
 from vlcache.testing.families import build_family_checkpoint
 
-KINDS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl_moe", "qwen3_vl_real", "llava_onevision", "gemma3"]
+KINDS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl_moe", "qwen3_vl_real", "llava_onevision", "gemma3", "qwen3_5", "qwen3_5_moe"]
 FAMILY = {"qwen2_vl": "qwen-vl", "qwen2_5_vl": "qwen-vl", "qwen3_vl_moe": "qwen-vl", "qwen3_vl_real": "qwen-vl",
-          "llava_onevision": "llava-onevision", "gemma3": "gemma3"}
+          "llava_onevision": "llava-onevision", "gemma3": "gemma3", "qwen3_5": "qwen-vl", "qwen3_5_moe": "qwen-vl"}
+LAYER_KINDS = {"gemma3": ["sliding_attention"] * 3 + ["full_attention"],
+               "qwen3_5": ["linear_attention"] * 3 + ["full_attention"],
+               "qwen3_5_moe": ["linear_attention"] * 3 + ["full_attention"]}
 PIXELS = 160 * 160  # small images keep the suite fast; the split and positions are the same at any size
 N = 12
 QUESTIONS = ["What objects are visible in this image?", "What colors dominate the scene?", "Describe the lighting and mood."]
@@ -70,8 +73,7 @@ def test_cli_cache_then_ask_in_fresh_processes_equals_generate(kind, family_dir,
     info = json.loads(inspected.stdout)
     assert info["family"] == FAMILY[kind]
     layers = engine.model.config.get_text_config().num_hidden_layers
-    expected_kinds = ["sliding_attention"] * 3 + ["full_attention"] if kind == "gemma3" else ["full_attention"] * layers
-    assert info["layer_kinds"] == expected_kinds
+    assert info["layer_kinds"] == LAYER_KINDS.get(kind, ["full_attention"] * layers)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -122,7 +124,7 @@ def test_the_server_answers_exactly_and_reports_cached_tokens(kind, family_engin
     assert replies[1].usage.prompt_tokens_details.cached_tokens > 0
 
 
-@pytest.mark.parametrize("kind", ["qwen2_5_vl", "llava_onevision", "gemma3"])
+@pytest.mark.parametrize("kind", ["qwen2_5_vl", "llava_onevision", "gemma3", "qwen3_5"])
 def test_wrong_positions_would_be_caught(kind, family_engine, monkeypatch):
     """Control per position scheme: shifting the positions of what follows the state changes the answers."""
     engine = family_engine(kind)
@@ -222,3 +224,46 @@ def test_gemma3_controls_windows_and_image_attention(family_engine, monkeypatch)
         m.setattr(type(engine.family), "prefill", causal_prefill)
         causal = engine.cache_image(photo("rocket.jpg"), system_prompt=SYSTEM)
     assert answers(causal) != expected
+
+
+# -- Qwen3.5: linear-attention (Gated DeltaNet) layers ----------------------------------------------------------
+
+def test_qwen3_5_linear_layers_store_a_fixed_size_state(family_engine, tmp_path):
+    engine = family_engine("qwen3_5")
+    small = engine.cache_image(photo("rocket.jpg"), system_prompt=SYSTEM, max_pixels=64 * 64)
+    large = engine.cache_image(photo("rocket.jpg"), system_prompt=SYSTEM, max_pixels=PIXELS)
+    assert large.num_tokens > small.num_tokens
+    for (ks, vs), (kl, vl) in zip(small.kv[:3], large.kv[:3]):  # conv and recurrent state: the same size at any length
+        assert ks.shape == kl.shape and vs.shape == vl.shape and vl.dtype == torch.float32
+    assert large.kv[3][0].shape[2] == large.num_tokens  # the full-attention layer holds every token
+    loaded = engine.load_state(large.save(tmp_path / "q.pt"))
+    assert engine.ask(loaded, QUESTIONS[2], max_new_tokens=N, temperature=0).token_ids == reference_tokens(
+        engine, photo("rocket.jpg"), SYSTEM, QUESTIONS[2], N, max_pixels=PIXELS)
+
+
+def test_qwen3_5_control_linear_state_not_restored(family_engine):
+    """Control: a state whose linear layers start fresh (their state dropped) answers differently."""
+    engine = family_engine("qwen3_5")
+    state = engine.cache_image(photo("rocket.jpg"), system_prompt=SYSTEM, max_pixels=PIXELS)
+    expected = [reference_tokens(engine, photo("rocket.jpg"), SYSTEM, q, N, max_pixels=PIXELS) for q in QUESTIONS]
+    assert [engine.ask(state, q, max_new_tokens=N, temperature=0).token_ids for q in QUESTIONS] == expected
+    fresh = state.to("cpu")
+    fresh.kv = [(None, None) if kind == "linear_attention" else kv for kv, kind in zip(state.kv, engine.family.layer_kinds())]
+    assert [engine.ask(fresh, q, max_new_tokens=N, temperature=0).token_ids for q in QUESTIONS] != expected
+
+
+def test_qwen3_5_conversation_rolls_back_to_a_turn_boundary(family_engine):
+    """The <think> the generation prompt opens is not re-rendered in history: the cache cannot be cut back
+    there, so a turn restarts from the last snapshot, and every turn still equals generate()."""
+    engine = family_engine("qwen3_5")
+    state = engine.cache_image(photo("chelsea.png"), system_prompt=SYSTEM, max_pixels=PIXELS)
+    chat = Conversation(engine, state)
+    messages = [{"role": "system", "content": SYSTEM}]
+    for i, question in enumerate(QUESTIONS):
+        answer = chat.ask(question, max_new_tokens=N, temperature=0)
+        messages.append({"role": "user", "content": ([{"type": "image"}] if i == 0 else []) + [{"type": "text", "text": question}]})
+        assert answer.token_ids == reference_for_messages(engine, messages, photo("chelsea.png"), N, max_pixels=PIXELS)
+        messages.append({"role": "assistant", "content": answer.text})
+    # Each turn went back to the image state (the earlier answer's <think> never re-renders): the image state
+    # and the last turn's boundary are kept.
+    assert [n for n, _ in chat._snapshots] == [state.num_tokens, chat._ids.shape[1]]

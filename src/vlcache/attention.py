@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 from transformers import AttentionInterface, DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, LinearAttentionLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -114,21 +114,83 @@ def shared_prefix_cache(config, kv: list[tuple[torch.Tensor, torch.Tensor]], bat
     """A cache over the state's K/V (shared by `batch` rows, never copied) with room for `capacity` more tokens.
 
     `prefix_tokens` is the state's length; layers that store fewer (sliding windows) hold its last tokens.
+    Linear-attention layers get their (conv, recurrent) state copied per row: it is small, and updated in place.
     """
-    total = max(k.shape[-2] for k, _ in kv) if prefix_tokens is None else prefix_tokens
     cache = DynamicCache(config=config)
-    cache.layers = [SharedPrefixLayer(k, v, batch, capacity, offset=total - k.shape[-2]) for k, v in kv]
-    cache.book = PositionBook(batch, capacity, kv[0][0].device)
+    linear = [isinstance(layer, LinearAttentionLayer) for layer in cache.layers]
+    attention_kv = [k for (k, _), is_linear in zip(kv, linear) if not is_linear]
+    total = max(k.shape[-2] for k in attention_kv) if prefix_tokens is None else prefix_tokens
+    layers = []
+    for (a, b), layer, is_linear in zip(kv, cache.layers, linear):
+        if is_linear:
+            restore_linear(layer, a, b, batch)
+            layers.append(layer)
+        else:
+            layers.append(SharedPrefixLayer(a, b, batch, capacity, offset=total - a.shape[-2]))
+    cache.layers = layers
+    cache.book = PositionBook(batch, capacity, attention_kv[0].device)
     return cache
 
 
-def truncate(cache: DynamicCache, length: int) -> None:
-    """Cut a shared-prefix cache back to its first `length` tokens (prefix included)."""
+def restore_linear(layer: LinearAttentionLayer, conv: torch.Tensor | None, recurrent: torch.Tensor | None, rows: int) -> None:
+    """Put a saved (batch 1) linear-attention state into `layer` for `rows` rows; None leaves the layer fresh."""
+    if conv is None:
+        return
+    conv, recurrent = conv.expand(rows, *conv.shape[1:]), recurrent.expand(rows, *recurrent.shape[1:])
+    layer.lazy_initialization(conv_states=conv, recurrent_states=recurrent)
+    layer.conv_states[0].copy_(conv)  # copies: the layer updates its state in place
+    layer.recurrent_states[0].copy_(recurrent)
+    layer.has_previous_state[0] = True  # without it the layer silently starts from an empty state
+
+
+def linear_state(layer: LinearAttentionLayer, row: int = 0) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """One row's (conv, recurrent) state, as fresh tensors (the layer keeps updating its own)."""
+    if not layer.has_previous_state[0]:
+        return None, None
+    return layer.conv_states[0][row : row + 1].clone(), layer.recurrent_states[0][row : row + 1].clone()
+
+
+def linear_states(cache: DynamicCache) -> list:
+    """Row 0's (conv, recurrent) state of every linear-attention layer, as fresh tensors (a snapshot)."""
+    return [linear_state(layer) for layer in cache.layers if isinstance(layer, LinearAttentionLayer)]
+
+
+def restore(cache: DynamicCache, length: int, states: list) -> None:
+    """Back to a snapshot: attention layers cut to `length` tokens, linear layers given `states` (row 0)."""
+    first = attention_layer(cache)
+    linear = iter(states)
     for layer in cache.layers:
-        layer.truncate(length)
+        if isinstance(layer, SharedPrefixLayer):
+            layer.truncate(length)
+        elif isinstance(layer, LinearAttentionLayer):
+            conv, recurrent = next(linear)
+            layer.conv_states[0].copy_(conv)
+            layer.recurrent_states[0].copy_(recurrent)
+            layer.has_previous_state[0] = True
+    cache.book.truncate(length - first.offset - first.prefix_length)
+
+
+def attention_layer(cache: DynamicCache) -> SharedPrefixLayer | None:
+    """The first shared-prefix (attention) layer: what says how long the cache is and whether it has a prefix."""
+    return next((layer for layer in cache.layers if isinstance(layer, SharedPrefixLayer)), None)
+
+
+def truncate(cache: DynamicCache, length: int) -> None:
+    """Cut a shared-prefix cache back to its first `length` tokens (prefix included).
+
+    Linear-attention states cannot be cut back: a cache holding them only "truncates" to its own length
+    (callers restore a snapshot instead, see Conversation).
+    """
+    first = attention_layer(cache)
+    if first is None:
+        return
+    if any(isinstance(layer, LinearAttentionLayer) for layer in cache.layers) and length != first.get_seq_length():
+        raise ValueError("a linear-attention state cannot be cut back; restore a snapshot")
+    for layer in cache.layers:
+        if isinstance(layer, SharedPrefixLayer):
+            layer.truncate(length)
     book = getattr(cache, "book", None)
-    if book is not None and cache.layers:
-        first = cache.layers[0]
+    if book is not None:
         book.truncate(length - first.offset - first.prefix_length)
 
 

@@ -11,6 +11,7 @@ import torch
 
 from . import attention, generate, prompt
 from .engine import Answer, Delta, Engine, GenerationOptions, _delta, _now
+from .families import LINEAR
 from .state import ImageState
 
 
@@ -34,6 +35,9 @@ class Conversation:
         self.messages: list[dict] = copy.deepcopy(self.state.metadata.messages)
         self._ids = self.state.input_ids  # what the live cache holds, [1, n]
         self._cache = None
+        # Linear-attention states cannot be cut back: (tokens held, their states) at each turn boundary.
+        linear = [kv for kv, kind in zip(self.state.kv, self.engine.family.layer_kinds()) if kind == LINEAR]
+        self._snapshots: list[tuple[int, list]] = [(self.state.num_tokens, linear)]
 
     @property
     def turns(self) -> int:
@@ -67,6 +71,8 @@ class Conversation:
         answer = delta.answer
         self._ids = torch.cat([target, torch.tensor([answer.token_ids[:-1]], dtype=torch.long, device=target.device)], dim=1)
         self.messages = messages + [{"role": "assistant", "content": answer.text}]
+        if self.engine.family.has_linear_layers:
+            self._snapshots.append((self._ids.shape[1], attention.linear_states(self._cache)))
 
     def to_state(self) -> ImageState:
         """The conversation so far as a state that `ask` and `chat` can resume (new questions follow it)."""
@@ -111,6 +117,12 @@ class Conversation:
         limit = min(held.shape[0], target.shape[1] - (1 if at_least_one_new else 0))
         same = (held[:limit] == target[0, :limit]).long()
         keep = int(same.cumprod(0).sum()) if limit else 0
-        attention.truncate(self._cache, keep)
+        if self.engine.family.has_linear_layers and keep < held.shape[0]:
+            # Back to the latest turn boundary at or before `keep`; what follows it is computed again.
+            self._snapshots = [snap for snap in self._snapshots if snap[0] <= keep]  # later ones held other tokens
+            keep, states = self._snapshots[-1]
+            attention.restore(self._cache, keep, states)
+        else:
+            attention.truncate(self._cache, keep)
         self._ids = self._ids[:, :keep]
         return keep

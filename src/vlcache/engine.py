@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from . import attention, generate, images, model as model_loading, prompt
-from .families import family_class
+from .families import LINEAR, family_class
 from .defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SYSTEM_PROMPT
 from .errors import ImageError, ModelMismatchError, VlcacheError
 from .state import ImageState, StateMetadata, load_state
@@ -177,7 +177,7 @@ class Engine:
 
     def adopt(self, state: ImageState) -> ImageState:
         """The state in this engine's dtype: cast if it was computed in another, with a note (once per dtype)."""
-        stored = state.kv[0][0].dtype
+        stored = next(k.dtype for k, _ in state.kv if k is not None)
         if stored == self.dtype:
             return state
         name, mine = str(stored).removeprefix("torch."), str(self.dtype).removeprefix("torch.")
@@ -240,14 +240,16 @@ class Engine:
         state = self.adopt(state)
         new_ids = [self.question_ids(state.metadata.messages, p) for p in prompts]
         start = time.perf_counter()
-        steps = self._steps(state.kv, state.input_ids, new_ids, _delta(state), options)
         tokens: list[list[int]] = [[] for _ in prompts]
         first = None
-        for step in steps:
-            first = first or time.perf_counter()
-            for row, token in zip(tokens, step):
-                if token is not None:
-                    row.append(token)
+        # Rows that cannot be padded (linear-attention layers) are batched by question length.
+        for rows in generate.batch_groups([n.shape[1] for n in new_ids], can_pad=not self.family.has_linear_layers):
+            steps = self._steps(state.kv, state.input_ids, [new_ids[r] for r in rows], _delta(state), options, seed_rows=rows)
+            for step in steps:
+                first = first or time.perf_counter()
+                for r, token in zip(rows, step):
+                    if token is not None:
+                        tokens[r].append(token)
         timing = _Timing(start, first)
         return [self.answer(ids, state.num_tokens, state.num_tokens + n.shape[1], timing) for ids, n in zip(tokens, new_ids)]
 
@@ -282,8 +284,9 @@ class Engine:
             params = _with_seed(params, params.seed + seed_offset)
         return generate.make_sampler(params, self.device)
 
-    def _steps(self, kv, history, new_ids: list[torch.Tensor], rope_delta: int, options: GenerationOptions, cache=None):
-        samplers = [self.sampler(options, i) for i in range(len(new_ids))]
+    def _steps(self, kv, history, new_ids: list[torch.Tensor], rope_delta: int, options: GenerationOptions, cache=None,
+               seed_rows: list[int] | None = None):
+        samplers = [self.sampler(options, i) for i in (seed_rows if seed_rows is not None else range(len(new_ids)))]
         if cache is None:
             capacity = history.shape[1] + max(n.shape[1] for n in new_ids) + options.max_new_tokens
             cache = generate.cache_from_kv(self.model.config, kv, batch=len(new_ids), capacity=capacity,
@@ -312,10 +315,11 @@ class Engine:
         )
 
     def empty_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The state of no tokens: empty K/V, and no state (a fresh start) for linear-attention layers."""
         cfg = self.model.config.get_text_config()
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         empty = torch.empty(1, cfg.num_key_value_heads, 0, head_dim, dtype=self.dtype, device=self.device)
-        return [(empty, empty) for _ in range(cfg.num_hidden_layers)]
+        return [(None, None) if kind == LINEAR else (empty, empty) for kind in self.family.layer_kinds()]
 
     # -- image sizes and memory ------------------------------------------------------------------------------
 

@@ -21,7 +21,9 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from .attention import SharedPrefixLayer, shared_prefix_cache
+from transformers.cache_utils import LinearAttentionLayer
+
+from .attention import SharedPrefixLayer, attention_layer, linear_state, shared_prefix_cache
 
 Sampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (ids so far [1, n], logits [1, V]) -> [1]
 # (cache slots [B, L], unpadded sequence index [B, L], rope_delta) -> the model's position_ids
@@ -82,6 +84,17 @@ def make_sampler(params: SamplingParams, device: torch.device) -> Sampler:
     return sample
 
 
+def batch_groups(lengths: list[int], can_pad: bool = True) -> list[list[int]]:
+    """Row indices that decode together: all of them, or, where rows cannot be padded (linear-attention state
+    runs through every input token, padding included), those whose new tokens are equally long."""
+    if can_pad:
+        return [list(range(len(lengths)))]
+    groups: dict[int, list[int]] = {}
+    for row, length in enumerate(lengths):
+        groups.setdefault(length, []).append(row)
+    return list(groups.values())
+
+
 def text_positions(positions: Positions, start: int, length: int, rope_delta: int, device) -> torch.Tensor:
     """Positions of `length` unpadded tokens from cache slot `start` on (one row)."""
     index = torch.arange(start, start + length, device=device).unsqueeze(0)
@@ -94,9 +107,18 @@ def cache_from_kv(config, kv: list[tuple[torch.Tensor, torch.Tensor]], batch: in
     return shared_prefix_cache(config, kv, batch=batch, capacity=capacity, prefix_tokens=prefix_tokens)
 
 
-def kv_from_cache(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per-layer [1, kv_heads, n, D] K/V of a batch-1 cache: a plain one, or a shared prefix and its suffix."""
-    return [layer.full() if isinstance(layer, SharedPrefixLayer) else (layer.keys, layer.values) for layer in cache.layers]
+def kv_from_cache(cache: DynamicCache, row: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer state of one row: [1, kv_heads, n, D] K/V (a plain layer, or a shared prefix and its suffix),
+    or a linear-attention layer's (conv, recurrent) state."""
+    out = []
+    for layer in cache.layers:
+        if isinstance(layer, SharedPrefixLayer):
+            out.append(layer.full(row))
+        elif isinstance(layer, LinearAttentionLayer):
+            out.append(linear_state(layer, row))
+        else:
+            out.append((layer.keys[row : row + 1], layer.values[row : row + 1]))
+    return out
 
 
 @torch.inference_mode()
@@ -110,8 +132,8 @@ def forward(model, input_ids, position_ids, cache, attention_mask=None, logical=
     if attention_mask is None:
         attention_mask = torch.ones(input_ids.shape[0], start + input_ids.shape[1], dtype=torch.long, device=input_ids.device)
     # With no prefix (text-only) the suffix K/V are all the K/V: the plain SDPA path needs no scores buffer.
-    layer = cache.layers[0] if cache.layers else None
-    shared = cache if isinstance(layer, SharedPrefixLayer) and layer.prefix_length > 0 else None
+    layer = attention_layer(cache)
+    shared = cache if layer is not None and layer.prefix_length > 0 else None
     if shared is not None:
         if logical is None:
             logical = torch.arange(start, start + input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)

@@ -263,14 +263,16 @@ class Service:
             cached = state.num_tokens if hit else 0
             # A later turn of a conversation served before: start from where that one ended. Only for requests
             # with an answer after the image: single questions share the image state and batch together.
+            # Linear-attention states cannot be cut back to a shared run of tokens: no continuations for them.
             later_turn = any(msg["role"] == "assistant" for msg in request.messages[m + 1:])
+            later_turn = later_turn and not engine.family.has_linear_layers
             ids = torch.cat([history, new_ids], dim=1)
             cont_key, cont, same = self.store.best_continuation(key, ids) if later_turn else (None, None, 0)
             same = min(same, ids.shape[1] - 1)
             if cont is not None and same > history.shape[1]:
                 kv = await run_in_threadpool(cont.kv_until, same)
                 history, new_ids, group, cached = ids[:, :same], ids[:, same:], f"{cont_key}:{same}", same
-            keep = self._keeper(key, state, kv, history.shape[1])
+            keep = None if engine.family.has_linear_layers else self._keeper(key, state, kv, history.shape[1])
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 

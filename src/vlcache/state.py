@@ -73,7 +73,13 @@ class ImageState:
         return kv_nbytes(self.kv)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "ImageState":
-        kv = [(k.to(device=device, dtype=dtype or k.dtype), v.to(device=device, dtype=dtype or v.dtype)) for k, v in self.kv]
+        """On `device`, K/V and conv states in `dtype`; recurrent states stay float32, as the model keeps them."""
+        kv = []
+        for (k, v), kind in zip(self.kv, self.metadata.layer_kinds or [FULL_ATTENTION] * len(self.kv)):
+            if kind == LINEAR_ATTENTION:
+                kv.append((k.to(device=device, dtype=dtype or k.dtype), v.to(device=device)))
+            else:
+                kv.append((k.to(device=device, dtype=dtype or k.dtype), v.to(device=device, dtype=dtype or v.dtype)))
         small = {name: getattr(self, name).to(device) for name in _SMALL_TENSORS}
         return ImageState(kv=kv, metadata=copy.deepcopy(self.metadata), **small)
 
@@ -82,8 +88,9 @@ class ImageState:
         path = Path(path)
         tensors = {}
         for i, (k, v) in enumerate(self.kv):
-            tensors[f"layers.{i}.keys"] = k.detach().contiguous().cpu()
-            tensors[f"layers.{i}.values"] = v.detach().contiguous().cpu()
+            first, second = _layer_tensor_names(self.metadata.layer_kinds, i)
+            tensors[f"layers.{i}.{first}"] = k.detach().contiguous().cpu()
+            tensors[f"layers.{i}.{second}"] = v.detach().contiguous().cpu()
         for name in _SMALL_TENSORS:
             tensors[name] = getattr(self, name).to("cpu", _NARROW.get(name, torch.long)).contiguous()
         header = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "metadata": json.dumps(asdict(self.metadata))}
@@ -98,6 +105,16 @@ class ImageState:
             Path(tmp).unlink(missing_ok=True)
             raise
         return path
+
+
+FULL_ATTENTION, LINEAR_ATTENTION = "full_attention", "linear_attention"
+
+
+def _layer_tensor_names(kinds: list, i: int) -> tuple[str, str]:
+    """A layer's two tensors: keys and values, or a linear-attention layer's conv and recurrent state."""
+    if kinds and i < len(kinds) and kinds[i] == LINEAR_ATTENTION:
+        return "conv_state", "recurrent_state"
+    return "keys", "values"
 
 
 def kv_nbytes(kv) -> int:
@@ -192,8 +209,9 @@ def load_state(path: str | os.PathLike, device: torch.device | str = "cpu") -> I
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as fh:
             names = set(fh.keys())
-            n_layers = sum(1 for n in names if n.endswith(".keys"))
-            kv = [(fh.get_tensor(f"layers.{i}.keys"), fh.get_tensor(f"layers.{i}.values")) for i in range(n_layers)]
+            n_layers = sum(1 for n in names if n.endswith((".keys", ".conv_state")))
+            kinds = metadata.layer_kinds
+            kv = [tuple(fh.get_tensor(f"layers.{i}.{name}") for name in _layer_tensor_names(kinds, i)) for i in range(n_layers)]
             small = {name: fh.get_tensor(name).long() for name in _SMALL_TENSORS}
     except (SafetensorError, KeyError, OSError, RuntimeError) as exc:
         raise CacheFileError(f"cache file is corrupt: {path}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
@@ -206,9 +224,11 @@ def _check_shapes(state: ImageState, path) -> None:
     n = state.metadata.prefix_tokens
     kinds = state.metadata.layer_kinds or ["full_attention"] * len(state.kv)
     # A sliding-window layer stores the last tokens of the prefix (at least one); every other layer all of them.
+    # A linear-attention layer stores a conv state [1, channels, kernel] and a recurrent state [1, heads, dk, dv].
     ok = bool(state.kv) and len(kinds) == len(state.kv) and all(
-        k.ndim == 4 and k.shape == v.shape and k.shape[0] == 1
-        and (0 < k.shape[2] <= n if kind == "sliding_attention" else k.shape[2] == n)
+        (k.ndim == 3 and v.ndim == 4 and k.shape[0] == v.shape[0] == 1) if kind == LINEAR_ATTENTION else
+        (k.ndim == 4 and k.shape == v.shape and k.shape[0] == 1
+         and (0 < k.shape[2] <= n if kind == "sliding_attention" else k.shape[2] == n))
         for (k, v), kind in zip(state.kv, kinds)
     )
     ok = ok and all(getattr(state, name).shape == (1, n) for name in ("input_ids", "attention_mask", "mm_token_type_ids"))

@@ -79,9 +79,11 @@ class ModelWorker:
             groups: dict[str, list[Job]] = {}
             for job in jobs:
                 groups.setdefault(job.group, []).append(job)
+            can_pad = not self.engine.family.has_linear_layers
             for group in groups.values():
-                for start in range(0, len(group), self.max_batch):
-                    self._generate(group[start : start + self.max_batch])
+                for rows in generate.batch_groups([job.new_ids.shape[1] for job in group], can_pad):
+                    for start in range(0, len(rows), self.max_batch):
+                        self._generate([group[r] for r in rows[start : start + self.max_batch]])
 
     @staticmethod
     def _call(fn, future: Future) -> None:

@@ -29,6 +29,11 @@ class Family:
         kinds = getattr(self.text_config, "layer_types", None) or [FULL] * self.text_config.num_hidden_layers
         return [kind if kind in (FULL, SLIDING, LINEAR) else FULL for kind in kinds]
 
+    @property
+    def has_linear_layers(self) -> bool:
+        """Linear-attention layers keep a fixed-size state that cannot be cut back or padded into."""
+        return LINEAR in self.layer_kinds()
+
     def images_kwargs(self, max_pixels: int | None) -> dict:
         """Processor arguments for `max_pixels` (empty: the processor's own settings)."""
         if max_pixels is not None and max_pixels <= 0:

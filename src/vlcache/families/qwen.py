@@ -1,4 +1,7 @@
-"""Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3-VL-MoE: M-RoPE, full attention.
+"""Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE and Qwen3.5 (and its MoE): M-RoPE.
+
+Qwen3.5's text model is a hybrid: 3 of 4 layers are Gated DeltaNet (linear attention) whose state is a
+fixed-size conv state and recurrent state, the rest full attention; its position scheme is Qwen3-VL's.
 
 A text token at sequence index i sits at M-RoPE position i + rope_delta after the image (the image's tokens
 span fewer positions than tokens); the delta comes from the model's own get_rope_index over the prefix and
@@ -14,7 +17,7 @@ from .base import Family
 
 class QwenMRoPE(Family):
     name = "qwen-vl"
-    model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+    model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 
     # -- identity --------------------------------------------------------------------------------------------
 

@@ -142,7 +142,7 @@ def build_tiny_checkpoint(folder: Path, seed: int = 0, init_std: float = 0.2) ->
     return folder
 
 
-def _save_processor(tokenizer, folder: Path) -> None:
+def _save_processor(tokenizer, folder: Path, chat_template: str = CHAT_TEMPLATE) -> None:
     # Qwen3-VL-2B-Instruct's image processor settings: 16-pixel patches merged 2x2, 64 to 16,384 image tokens.
     processor = Qwen3VLProcessor(
         image_processor=Qwen2VLImageProcessor(patch_size=16, merge_size=2, temporal_patch_size=2,
@@ -150,7 +150,7 @@ def _save_processor(tokenizer, folder: Path) -> None:
                                               size={"shortest_edge": 65536, "longest_edge": 16777216}),
         tokenizer=tokenizer,
         video_processor=Qwen3VLVideoProcessor(patch_size=16, merge_size=2, temporal_patch_size=2),
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template,
     )
     processor.save_pretrained(folder)
 

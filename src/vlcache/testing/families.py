@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import CORPUS, SPECIAL_TOKENS, _train_tokenizer, build_tiny_checkpoint
+from . import CHAT_TEMPLATE, CORPUS, SPECIAL_TOKENS, _train_tokenizer, build_tiny_checkpoint
 
 REAL_QWEN3_VL = Path(__file__).resolve().parents[4] / "shared" / "models" / "qwen3-vl-2b-instruct"
 
@@ -93,7 +93,11 @@ GEMMA3_TEMPLATE = """{{ bos_token }}
     {{'<start_of_turn>model\n'}}
 {%- endif -%}"""
 
-KINDS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_vl_real", "llava_onevision", "gemma3")
+# Qwen3.5 thinks: its generation prompt opens a <think> block; earlier answers re-render without it.
+QWEN3_5_TEMPLATE = CHAT_TEMPLATE.replace("{{ '<|im_start|>assistant\\n' }}", "{{ '<|im_start|>assistant\\n<think>\\n' }}")
+
+KINDS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_vl_real", "llava_onevision", "gemma3", "qwen3_5",
+         "qwen3_5_moe")
 
 
 def build_family_checkpoint(kind: str, folder: Path, seed: int = 0, init_std: float = 0.2) -> Path:
@@ -105,10 +109,14 @@ def build_family_checkpoint(kind: str, folder: Path, seed: int = 0, init_std: fl
     builders = {
         "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_5_vl, "qwen3_vl_moe": _qwen3_vl_moe,
         "qwen3_vl_real": _qwen3_vl_real, "llava_onevision": _llava_onevision, "gemma3": _gemma3,
+        "qwen3_5": _qwen3_5, "qwen3_5_moe": _qwen3_5,
     }
     if kind not in builders:
         raise ValueError(f"unknown kind {kind!r}; one of {', '.join(KINDS)}")
-    builders[kind](folder, seed, init_std)
+    if kind == "qwen3_5_moe":
+        _qwen3_5(folder, seed, init_std, moe=True)
+    else:
+        builders[kind](folder, seed, init_std)
     return folder
 
 
@@ -131,7 +139,7 @@ def _vision_ids(ids: dict) -> dict:
 
 
 def _save_model(model_class, config, folder: Path, seed: int, init_std: float, eos: int, pad: int,
-                randomize=("language_model", "lm_head", "multi_modal_projector")) -> None:
+                randomize=("language_model", "lm_head", "multi_modal_projector"), adjust=None) -> None:
     """Random weights wide enough that greedy decoding varies (a model repeating one token hides bugs)."""
     torch.manual_seed(seed)
     model = model_class(config).eval()
@@ -141,6 +149,8 @@ def _save_model(model_class, config, folder: Path, seed: int, init_std: float, e
                 param.add_(torch.randn_like(param) * init_std)
             elif param.dim() == 2 and any(part in name for part in randomize):
                 param.normal_(0.0, init_std)
+        if adjust is not None:
+            adjust(model)
     model.generation_config.eos_token_id = eos
     model.generation_config.pad_token_id = pad
     model.generation_config.do_sample = False
@@ -311,6 +321,44 @@ def _gemma3(folder: Path, seed: int, init_std: float) -> None:
                 randomize=("language_model", "lm_head", "multi_modal_projector", "mm_input_projection"))
     Gemma3Processor(image_processor=Gemma3ImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer,
                     chat_template=GEMMA3_TEMPLATE, image_seq_length=4).save_pretrained(folder)
+
+
+def _qwen3_5(folder: Path, seed: int, init_std: float, moe: bool = False) -> None:
+    """Qwen3.5: 3 Gated DeltaNet (linear-attention) layers then 1 full-attention layer, M-RoPE on a quarter of
+    each head; Qwen3-VL's processor classes (as transformers maps qwen3_5 to them)."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration, Qwen3_5MoeConfig
+    from transformers import Qwen3_5MoeForConditionalGeneration
+
+    from . import _save_processor
+
+    tokenizer, ids = _qwen_tokenizer()
+    text = _text(tokenizer, ids, init_std, num_hidden_layers=4, head_dim=32,
+                 layer_types=["linear_attention"] * 3 + ["full_attention"], linear_conv_kernel_dim=4,
+                 linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                                  "mrope_section": [2, 1, 1], "mrope_interleaved": True})
+    del text["rope_theta"]
+    if moe:
+        text.update(moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2)
+    config_class, model_class = ((Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration) if moe
+                                 else (Qwen3_5Config, Qwen3_5ForConditionalGeneration))
+    vision = _qwen3_vision(init_std)
+    del vision["deepstack_visual_indexes"]
+    config = config_class(text_config=text, vision_config=vision, tie_word_embeddings=False, **_vision_ids(ids))
+    _save_model(model_class, config, folder, seed, init_std, ids["<|im_end|>"], ids["<|endoftext|>"], randomize=(),
+                adjust=_long_memory)
+    _save_processor(tokenizer, folder, chat_template=QWEN3_5_TEMPLATE)
+
+
+def _long_memory(model) -> None:
+    """Slow decays (per-token factors of about 0.9-0.999), as trained DeltaNet heads have: with the default
+    initialisation the recurrent state forgets within a token and a lost state would go unnoticed."""
+    generator = torch.Generator().manual_seed(0)
+    for name, param in model.named_parameters():
+        if name.endswith("linear_attn.A_log"):
+            param.copy_(torch.empty(param.shape).uniform_(-7, -2.5, generator=generator))
+        elif name.endswith("linear_attn.dt_bias"):
+            param.zero_()
 
 
 __all__ = ["CORPUS", "KINDS", "build_family_checkpoint"]
