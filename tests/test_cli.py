@@ -76,6 +76,7 @@ def test_inspect(astronaut_state, tmp_path, capsys):
     assert cli.main(["inspect", str(path)]) == 0
     text = capsys.readouterr().out
     assert "fingerprint:" in text and f"{astronaut_state.num_tokens} (256 image tokens)" in text
+    assert "family:        qwen-vl; layers: 2 full_attention" in text
 
 
 def test_mismatch_from_the_cli(astronaut_state, other_model_dir, tmp_path, capsys):

@@ -16,7 +16,7 @@ from conftest import SYSTEM, photo
 from reference import reference_for_messages, reference_tokens
 from test_cli import run
 from test_server import LiveServer, image_messages
-from vlcache import Engine
+from vlcache import Engine, cli
 from vlcache.conversation import Conversation
 from vlcache.errors import ModelMismatchError
 from vlcache.testing.families import build_family_checkpoint
@@ -57,7 +57,7 @@ def family_engine(family_dir):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_cli_cache_then_ask_in_fresh_processes_equals_generate(kind, family_dir, family_engine, tmp_path):
+def test_cli_cache_then_ask_in_fresh_processes_equals_generate(kind, family_dir, family_engine, tmp_path, capsys):
     engine = family_engine(kind)
     cache = tmp_path / "c.pt"
     made = run("cache", photo("rocket.jpg"), "--output", cache, "--model", family_dir(kind), "--max-pixels", PIXELS,
@@ -69,8 +69,8 @@ def test_cli_cache_then_ask_in_fresh_processes_equals_generate(kind, family_dir,
     expected = reference_tokens(engine, photo("rocket.jpg"), SYSTEM, QUESTIONS[0], N, max_pixels=PIXELS)
     assert answer["token_ids"] == expected
     assert len(set(expected)) >= 4  # varied output: a model repeating one token would hide position bugs
-    inspected = run("inspect", cache, "--json")
-    info = json.loads(inspected.stdout)
+    assert cli.main(["inspect", str(cache), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
     assert info["family"] == FAMILY[kind]
     layers = engine.model.config.get_text_config().num_hidden_layers
     assert info["layer_kinds"] == LAYER_KINDS.get(kind, ["full_attention"] * layers)

@@ -417,6 +417,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     lines = [
         f"file:          {args.path} ({size:,} bytes; KV {kv_bytes:,} bytes)",
         f"model:         {meta.model}",
+        f"family:        {meta.family}; layers: {_layer_summary(meta.layer_kinds)}",
         f"fingerprint:   {meta.fingerprint}",
         f"dtype:         {meta.dtype}",
         f"system prompt: {meta.system_prompt!r}",
@@ -430,6 +431,14 @@ def run_inspect(args: argparse.Namespace) -> int:
     ]
     print("\n".join(lines))
     return 0
+
+
+def _layer_summary(kinds: list) -> str:
+    """'3 sliding_attention, 1 full_attention' in layer order of first appearance."""
+    if not kinds:
+        return "full_attention (a format 1 file)"
+    counts = {kind: kinds.count(kind) for kind in dict.fromkeys(kinds)}
+    return ", ".join(f"{n} {kind}" for kind, n in counts.items())
 
 
 # -- plumbing ----------------------------------------------------------------------------------------------
