@@ -23,12 +23,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
-SYSTEM = "You are a helpful AI assistant analyzing an image."
-QUESTIONS = [
-    "What objects are visible in this image?", "What colors dominate the scene?", "Describe the lighting and mood.",
-    "Is it day or night?", "How many people are there?", "What is written on the sign?",
-    "Describe this image in one sentence.", "Tell me more about the picture, please.",
-]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import QUESTIONS, SYSTEM  # noqa: E402 - bench/run.py: the same questions in every benchmark
 
 
 def _median_time(fn, runs: int) -> float:

@@ -22,7 +22,7 @@ def reference_for_messages(engine, messages, image, max_new_tokens, max_pixels=N
         kwargs["images_kwargs"] = engine.images_kwargs(max_pixels)
     inputs = engine.processor.apply_chat_template(
         messages, tokenize=True, add_generation_prompt=True, return_dict=True, return_tensors="pt", **kwargs
-    )
+    ).to(engine.device)
     with torch.inference_mode():
         out = engine.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return out[0, inputs["input_ids"].shape[1]:].tolist()
