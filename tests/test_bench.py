@@ -32,3 +32,30 @@ def test_small_benchmark_writes_results(tmp_path):
                     "Servers"):
         assert heading in report, heading
     assert (out / "ttft-small.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_benchmark_model_uses_the_real_processor_beside_its_config(tmp_path):
+    """build_random_checkpoint takes the real tokenizer, template and processor settings from the config's folder."""
+    import json
+    import shutil
+
+    from transformers import AutoProcessor
+
+    from vlcache.testing import REAL_PROCESSOR_FILES, build_random_checkpoint
+    from vlcache.testing.families import REAL_QWEN3_VL
+
+    source = tmp_path / "real"
+    source.mkdir()
+    for name in REAL_PROCESSOR_FILES:
+        shutil.copy(REAL_QWEN3_VL / name, source / name)
+    config = json.loads((REAL_QWEN3_VL / "config.json").read_text())
+    config["text_config"].update(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                 num_key_value_heads=2, head_dim=16,
+                                 rope_scaling={"rope_type": "default", "mrope_section": [4, 2, 2], "mrope_interleaved": True})
+    config["vision_config"].update(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                                   deepstack_visual_indexes=[0])
+    (source / "config.json").write_text(json.dumps(config))
+    folder = build_random_checkpoint(source / "config.json", tmp_path / "model")
+    processor = AutoProcessor.from_pretrained(folder)
+    assert len(processor.tokenizer) == 151669
+    assert processor.chat_template == (REAL_QWEN3_VL / "chat_template.jinja").read_text()

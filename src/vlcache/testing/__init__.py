@@ -155,25 +155,37 @@ def _save_processor(tokenizer, folder: Path, chat_template: str = CHAT_TEMPLATE)
     processor.save_pretrained(folder)
 
 
+REAL_PROCESSOR_FILES = ("chat_template.jinja", "merges.txt", "vocab.json", "tokenizer.json", "tokenizer_config.json",
+                        "preprocessor_config.json", "video_preprocessor_config.json", "generation_config.json")
+
+
 def build_random_checkpoint(config_json: Path, folder: Path, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> Path:
     """A model of the architecture in `config_json` (e.g. the real Qwen3-VL-2B) with random weights.
 
     Every cost caching changes (vision encoder, prefill, KV bytes, load time) depends on the architecture, not
-    on the weights' values, so benchmarks measure this. The tokenizer is a small BPE whose special tokens have
-    the real ids; questions tokenize to somewhat more tokens than with Qwen's 151k-entry vocabulary.
+    on the weights' values, so benchmarks measure this. When the real processor files lie beside the config
+    (../shared/models/qwen3-vl-2b-instruct has them) they are used, so token counts and the prefix/question
+    split are the real ones; otherwise a small BPE whose special tokens have the real ids stands in.
     """
+    import shutil
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config = Qwen3VLConfig.from_pretrained(Path(config_json).parent if Path(config_json).is_file() else config_json)
-    tokenizer = _train_tokenizer(vocab_size=400, pad_vocab_to=QWEN_FIRST_SPECIAL_ID)
-    for offset, token in enumerate(QWEN_SPECIAL_TOKENS):
-        assert tokenizer.convert_tokens_to_ids(token) == QWEN_FIRST_SPECIAL_ID + offset, token
-    tokenizer.eos_token = "<|im_end|>"
-    tokenizer.pad_token = "<|endoftext|>"
+    source = Path(config_json).parent if Path(config_json).is_file() else Path(config_json)
+    config = Qwen3VLConfig.from_pretrained(source)
     torch.manual_seed(seed)
     model = Qwen3VLForConditionalGeneration(config).to(dtype).eval()
     model.generation_config.eos_token_id = [151645, 151643]
     model.generation_config.pad_token_id = 151643
     model.save_pretrained(folder)
+    if all((source / name).is_file() for name in REAL_PROCESSOR_FILES):
+        for name in REAL_PROCESSOR_FILES:
+            shutil.copy(source / name, folder / name)
+        return folder
+    tokenizer = _train_tokenizer(vocab_size=400, pad_vocab_to=QWEN_FIRST_SPECIAL_ID)
+    for offset, token in enumerate(QWEN_SPECIAL_TOKENS):
+        assert tokenizer.convert_tokens_to_ids(token) == QWEN_FIRST_SPECIAL_ID + offset, token
+    tokenizer.eos_token = "<|im_end|>"
+    tokenizer.pad_token = "<|endoftext|>"
     _save_processor(tokenizer, folder)
     return folder
