@@ -231,10 +231,14 @@ def markdown(results: dict) -> str:
         "included); cached: median of 3 `engine.ask` from a state loaded from its file. Each model in the dtype "
         "`--dtype auto` chose.",
         "",
+        "State bytes per token count the full-attention layers' K/V, which grow with every token. Bounded state: "
+        "linear-attention layers' conv and recurrent states (a fixed size whatever the length) and sliding-window "
+        "layers' K/V (which grow until the window, 1,024 tokens for Gemma 3, then stay).",
+        "",
         f"Command: `{results['command']}`",
         "",
         "| family | dtype | layers | image / prompt tokens | state bytes per token (full-attention layers) | "
-        "fixed-size state bytes | file bytes | uncached TTFT | cached TTFT | speed-up |",
+        "bounded state bytes | file bytes | uncached TTFT | cached TTFT | speed-up |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for kind, r in results["families"].items():

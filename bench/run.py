@@ -279,8 +279,11 @@ def machine() -> dict:
                 break
     except OSError:
         pass
+    from vlcache.model import cpu_bf16_support
+
     return {
         "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": cpu_bf16_support(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
     }
@@ -313,6 +316,8 @@ def summarize(r: dict) -> dict:
 def markdown(r: dict, s: dict, png: str | None) -> str:
     m = r["machine"]
     where = f"{m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads)" + (f", GPU {m['gpu']}" if m["gpu"] else ", no GPU")
+    if "cpu_capability" in m:  # runs before this field existed did not record it
+        where += f", CPU capability {m['cpu_capability']}, native bfloat16: {m['native_bf16'] or 'none'}"
     bpt = r["warm"]["kv_bytes_per_token"]
     lines = [
         f"## {'Qwen3-VL-2B architecture, random weights' if r['config'] == 'full' else 'tiny test model'} ({r['warm']['dtype'].removeprefix('torch.')}) on {where}",

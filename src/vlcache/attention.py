@@ -30,6 +30,7 @@ class PositionBook:
         self._keys = torch.full((batch, max(capacity, 1)), -1, dtype=torch.long, device=device)
         self.length = 0
         self.queries: torch.Tensor | None = None  # [B, L] of the forward in progress
+        self.masks: dict = {}  # this forward's attention biases, shared by the layers that ask for the same one
 
     @property
     def keys(self) -> torch.Tensor:
@@ -45,9 +46,11 @@ class PositionBook:
         self._keys[:, self.length : end] = torch.where(valid, logical, torch.full_like(logical, -1))
         self.length = end
         self.queries = logical
+        self.masks = {}
 
     def truncate(self, length: int) -> None:
         self.length = length
+        self.masks = {}
 
 
 class SharedPrefixLayer(DynamicLayer):
@@ -224,7 +227,14 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
 
 
 def _bias(book: PositionBook, offset: int, prefix: int, suffix: int, groups: int, window: int | None) -> torch.Tensor:
-    """Additive float mask [B, 1, g*L, P+S]: 0 where a query may look, -inf where not."""
+    """Additive float mask [B, 1, g*L, P+S]: 0 where a query may look, -inf where not (built once a forward)."""
+    key = (offset, prefix, suffix, groups, window)
+    if key not in book.masks:
+        book.masks[key] = _build_bias(book, offset, prefix, suffix, groups, window)
+    return book.masks[key]
+
+
+def _build_bias(book: PositionBook, offset: int, prefix: int, suffix: int, groups: int, window: int | None) -> torch.Tensor:
     queries = book.queries  # [B, L]
     batch, length = queries.shape
     prefix_pos = torch.arange(offset, offset + prefix, device=queries.device).expand(batch, prefix)
