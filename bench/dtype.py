@@ -110,20 +110,11 @@ def _copy(cache):
 
 
 def cpu_facts() -> dict:
-    import torch
+    from run import machine  # bench/run.py: the one place that reads the CPU's name and features
 
-    from vlcache.model import cpu_bf16_support
-
-    name = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": name, "capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": cpu_bf16_support(),
-            "cores": os.cpu_count(), "torch": torch.__version__}
+    m = machine()
+    return {"cpu": m["cpu"], "capability": m["cpu_capability"], "native_bf16": m["native_bf16"], "cores": m["cores"],
+            "torch": m["torch"]}
 
 
 def markdown(results: dict) -> str:

@@ -59,3 +59,17 @@ def test_the_benchmark_model_uses_the_real_processor_beside_its_config(tmp_path)
     processor = AutoProcessor.from_pretrained(folder)
     assert len(processor.tokenizer) == 151669
     assert processor.chat_template == (REAL_QWEN3_VL / "chat_template.jinja").read_text()
+
+
+def test_dtype_benchmark_runs_on_the_tiny_model(tmp_path):
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "dtype.py"), "--config", "small", "--runs", "1", "--tokens", "2",
+         "--work-dir", str(tmp_path / "work"), "--out-dir", str(out)],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((out / "benchmarks-dtype.json").read_text())
+    assert [row["dtype"] for row in data["dtypes"]] == ["bfloat16", "float32"]
+    assert all(row["vlcache_b8_s_per_step"] > 0 and row["transformers_b1_s_per_token"] > 0 for row in data["dtypes"])
+    assert data["machine"]["capability"] and "| decode batch 8, vlcache, s/step |" in (out / "benchmarks-dtype.md").read_text()

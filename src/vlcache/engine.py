@@ -75,6 +75,11 @@ class Engine:
         self.eos_ids = _eos_ids(self.model.generation_config)
         self._dtype_notes: set[str] = set()
         attention.install(self.model)
+        if self.device.type == "cuda" and self.dtype in (torch.bfloat16, torch.float16):
+            # Measured (docs/benchmarks-cuda.md): fused SDPA kernels in generate and vlcache's shared-prefix
+            # attention round differently in 16-bit; in float32 the tokens are equal.
+            log.warning(f"note: on CUDA in {str(self.dtype).removeprefix('torch.')}, cached greedy answers can differ from "
+                        "an uncached generate() by attention-kernel rounding; --dtype float32 gives equal tokens")
 
     @classmethod
     def load(cls, model: str | None = None, device: str = "auto", dtype: str = "auto") -> "Engine":
