@@ -267,3 +267,33 @@ def test_qwen3_5_conversation_rolls_back_to_a_turn_boundary(family_engine):
     # Each turn went back to the image state (the earlier answer's <think> never re-renders): the image state
     # and the last turn's boundary are kept.
     assert [n for n, _ in chat._snapshots] == [state.num_tokens, chat._ids.shape[1]]
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "llava_onevision", "qwen3_5"])
+def test_server_multi_turn_is_exact(kind, family_engine, tmp_path):
+    """Later turns continue from kept K/V (sliding windows included); Qwen3.5 recomputes from the image state."""
+    engine = family_engine(kind)
+    live = LiveServer(engine, tmp_path / "states")
+    try:
+        messages = image_messages("camera.png", QUESTIONS[0])
+        reference = [{"role": "system", "content": SYSTEM},
+                     {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTIONS[0]}]}]
+        cached = []
+        for question in QUESTIONS[1:]:
+            reply = live.client.chat.completions.create(model="m", messages=messages, max_tokens=N, temperature=0)
+            answer = reply.choices[0].message.content
+            expected = reference_for_messages(engine, reference, photo("camera.png"), N)
+            assert answer == engine.processor.tokenizer.decode(expected, skip_special_tokens=True)
+            cached.append(reply.usage.prompt_tokens_details.cached_tokens)
+            messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": question}]
+            reference += [{"role": "assistant", "content": answer}, {"role": "user", "content": [{"type": "text", "text": question}]}]
+        reply = live.client.chat.completions.create(model="m", messages=messages, max_tokens=N, temperature=0)
+        expected = reference_for_messages(engine, reference, photo("camera.png"), N)
+        assert reply.choices[0].message.content == engine.processor.tokenizer.decode(expected, skip_special_tokens=True)
+        cached.append(reply.usage.prompt_tokens_details.cached_tokens)
+    finally:
+        live.close()
+    state_tokens = cached[1]  # turn 2 starts from the image state at least
+    assert cached[0] == 0 and state_tokens > 0
+    if kind != "qwen3_5":  # K/V models continue from the kept turn: more cached tokens each turn
+        assert cached[2] > cached[1]
