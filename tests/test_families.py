@@ -297,3 +297,12 @@ def test_server_multi_turn_is_exact(kind, family_engine, tmp_path):
     assert cached[0] == 0 and state_tokens > 0
     if kind != "qwen3_5":  # K/V models continue from the kept turn: more cached tokens each turn
         assert cached[2] > cached[1]
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "llava_onevision", "qwen3_5"])
+def test_text_only_equals_generate(kind, family_engine):
+    engine = family_engine(kind)
+    for question in ("What is artificial intelligence?", "Hello!"):
+        answer = engine.ask(None, question, max_new_tokens=N, temperature=0)
+        assert answer.cached_tokens == 0
+        assert answer.token_ids == reference_tokens(engine, None, None, question, N)
