@@ -166,10 +166,7 @@ def restore(cache: DynamicCache, length: int, states: list) -> None:
         if isinstance(layer, SharedPrefixLayer):
             layer.truncate(length)
         elif isinstance(layer, LinearAttentionLayer):
-            conv, recurrent = next(linear)
-            layer.conv_states[0].copy_(conv)
-            layer.recurrent_states[0].copy_(recurrent)
-            layer.has_previous_state[0] = True
+            restore_linear(layer, *next(linear), rows=1)
     cache.book.truncate(length - first.offset - first.prefix_length)
 
 

@@ -86,9 +86,7 @@ def cpu_bf16_support() -> str | None:
             return flag
     if "bf16" in flags:  # Armv8.6 BF16 (Graviton 3, Neoverse V1 and later)
         return "bf16"
-    if platform.system() == "Darwin" and platform.machine() == "arm64":
-        return None  # Apple silicon's CPU cores: no bf16 matmul units that torch uses
-    return None
+    return None  # no /proc/cpuinfo (macOS, Windows): not known to be native, so float32
 
 
 def choose_dtype(device: torch.device, checkpoint_dtype: torch.dtype | None) -> tuple[torch.dtype, str]:
@@ -286,11 +284,14 @@ def _write_json(path: Path, data: dict) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError:
+        return
+    try:
         with os.fdopen(fd, "w") as fh:
             json.dump(data, fh)
         os.replace(tmp, path)
     except OSError:
-        pass
+        Path(tmp).unlink(missing_ok=True)
 
 
 def fingerprint(model: torch.nn.Module) -> str:

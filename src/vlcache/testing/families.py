@@ -164,41 +164,37 @@ def _qwen_tokenizer():
 
 # -- the families ----------------------------------------------------------------------------------------------
 
-def _qwen2_vl(folder: Path, seed: int, init_std: float) -> None:
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor
-    from transformers import Qwen2VLVideoProcessor
+def _qwen2_family(folder: Path, seed: int, init_std: float, config_class, model_class, processor_class, vision: dict) -> None:
+    """Qwen2-VL and Qwen2.5-VL: the same text model, tokenizer, template and image processor; their own vision."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
     tokenizer, ids = _qwen_tokenizer()
-    config = Qwen2VLConfig(
+    config = config_class(
         text_config=_text(tokenizer, ids, init_std, rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3]}),
-        vision_config=dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
-                           temporal_patch_size=2, initializer_range=init_std),
+        vision_config={**vision, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                       "initializer_range": init_std},
         tie_word_embeddings=False, **_vision_ids(ids),
     )
-    _save_model(Qwen2VLForConditionalGeneration, config, folder, seed, init_std, ids["<|im_end|>"], ids["<|endoftext|>"])
+    _save_model(model_class, config, folder, seed, init_std, ids["<|im_end|>"], ids["<|endoftext|>"])
     image = Qwen2VLImageProcessor(patch_size=14, merge_size=2, temporal_patch_size=2,
                                   size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280})
-    Qwen2VLProcessor(image_processor=image, tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(),
-                     chat_template=QWEN2_VL_TEMPLATE).save_pretrained(folder)
+    processor_class(image_processor=image, tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(),
+                    chat_template=QWEN2_VL_TEMPLATE).save_pretrained(folder)
+
+
+def _qwen2_vl(folder: Path, seed: int, init_std: float) -> None:
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+
+    _qwen2_family(folder, seed, init_std, Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor,
+                  dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2))
 
 
 def _qwen2_5_vl(folder: Path, seed: int, init_std: float) -> None:
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
-                              Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
-    tokenizer, ids = _qwen_tokenizer()
-    config = Qwen2_5_VLConfig(
-        text_config=_text(tokenizer, ids, init_std, rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3]}),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1],
-                           tokens_per_second=2, initializer_range=init_std),
-        tie_word_embeddings=False, **_vision_ids(ids),
-    )
-    _save_model(Qwen2_5_VLForConditionalGeneration, config, folder, seed, init_std, ids["<|im_end|>"], ids["<|endoftext|>"])
-    image = Qwen2VLImageProcessor(patch_size=14, merge_size=2, temporal_patch_size=2,
-                                  size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280})
-    Qwen2_5_VLProcessor(image_processor=image, tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(),
-                        chat_template=QWEN2_VL_TEMPLATE).save_pretrained(folder)
+    _qwen2_family(folder, seed, init_std, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+                  dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, window_size=56,
+                       fullatt_block_indexes=[1], tokens_per_second=2))
 
 
 def _qwen3_vision(init_std: float) -> dict:
