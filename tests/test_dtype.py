@@ -11,7 +11,7 @@ from conftest import SYSTEM, photo
 from reference import reference_tokens
 from vlcache import Engine, cli, model as model_loading
 from vlcache.errors import ModelLoadError
-from vlcache.store import StateStore, metadata_key
+from vlcache.serving.store import StateStore, metadata_key
 
 N = 12
 CPU = torch.device("cpu")

@@ -306,3 +306,32 @@ def test_text_only_equals_generate(kind, family_engine):
         answer = engine.ask(None, question, max_new_tokens=N, temperature=0)
         assert answer.cached_tokens == 0
         assert answer.token_ids == reference_tokens(engine, None, None, question, N)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_continuous_batching_is_exact(kind, family_engine):
+    """Rows on two images and text-only rows join and leave a batch of two, questions prefilled 8 tokens a
+    step (sliding windows and linear-attention states are per row): each answers as it does alone."""
+    from churn import churn
+
+    engine = family_engine(kind)
+    rocket, coffee = (engine.cache_image(photo(name), system_prompt=SYSTEM, max_pixels=PIXELS) for name in ("rocket.jpg", "coffee.png"))
+    requests = [(rocket, "rocket", QUESTIONS[0], 10), (None, "", QUESTIONS[1], 6), (coffee, "coffee", QUESTIONS[2], 12),
+                (rocket, "rocket", QUESTIONS[1], 3), (None, "", "Hi", 8), (coffee, "coffee", QUESTIONS[0], 9)]
+    out = churn(engine, requests, seed=3, max_batch=2, prefill_chunk=8)
+    for i, (state, _, question, n) in enumerate(requests):
+        assert out[i][-1][0] == "done", out[i][-1]
+        assert out[i][-1][1].token_ids == engine.ask(state, question, max_new_tokens=n, temperature=0).token_ids, i
+
+
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl_moe", "qwen3_5"])
+def test_an_image_state_in_pieces_is_exact(kind, family_engine):
+    """The server computes new image states in pieces (vision encoder, then the prefix 8 tokens at a time)."""
+    from vlcache.families.base import run_steps
+
+    engine = family_engine(kind)
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": [{"type": "image"}]}]
+    state = run_steps(engine.cache_prefix_steps(photo("rocket.jpg"), messages, max_pixels=PIXELS, chunk=8))
+    for question in QUESTIONS[:2]:
+        expected = reference_tokens(engine, photo("rocket.jpg"), SYSTEM, question, N, max_pixels=PIXELS)
+        assert engine.ask(state, question, max_new_tokens=N, temperature=0).token_ids == expected

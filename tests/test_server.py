@@ -18,7 +18,7 @@ from openai import OpenAI
 
 from conftest import SYSTEM, photo
 from reference import reference_tokens
-from vlcache.server import ServeOptions, create_app
+from vlcache.serving.server import ServeOptions, create_app
 
 N = 12
 
@@ -331,22 +331,18 @@ def test_multi_turn_requests_continue_from_the_earlier_turn(engine, server):
 def test_single_questions_on_one_image_batch_together(server):
     for warm_up in ("Question number 3 or 4?", "Question?"):  # kept answers sharing more or fewer tokens
         ask(server.client, "rocket.jpg", warm_up)
-    rounds = []
-    original = server.service.worker._generate
-
-    def recording(jobs):
-        rounds.append(len(jobs))
-        return original(jobs)
-
-    server.service.worker._generate = recording
+    sizes = []
+    scheduler = server.service.scheduler
+    original = scheduler.stats.batch_size
+    scheduler.stats.batch_size = lambda rows: (sizes.append(rows), original(rows))
     blocker = threading.Event()
-    server.service.worker.call(blocker.wait)  # hold the model thread so that all eight requests queue up
+    scheduler.call(blocker.wait)  # hold the model thread so that all eight requests queue up
     with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
         futures = [pool.submit(ask, server.client, "rocket.jpg", f"Question number {i}?") for i in range(8)]
         deadline = time.time() + 30
-        while server.service.worker._queue.qsize() < 8 and time.time() < deadline:
+        while scheduler._inbox.qsize() < 8 and time.time() < deadline:
             time.sleep(0.05)
         blocker.set()
         answers = [f.result() for f in futures]
-    assert rounds == [8]  # one batch over the shared image state, although earlier answers were kept
+    assert sizes[0] == 8  # one batch over the shared image state, although earlier answers were kept
     assert all(a.usage.prompt_tokens_details.cached_tokens > 0 for a in answers)

@@ -200,6 +200,9 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
     if shared_prefix_cache is None:  # a plain forward (the image prefill): the usual SDPA path
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       sliding_window=sliding_window, **kwargs)
+    attend = getattr(shared_prefix_cache, "attend", None)
+    if attend is not None:  # rows with their own prefixes (vlcache.rows: continuous batching)
+        return attend(module.layer_idx, query, key, value, scaling, sliding_window)
     layer = shared_prefix_cache.layers[module.layer_idx]
     pk, pv = layer.prefix_keys[0], layer.prefix_values[0]  # [Hkv, P, D]
     batch, q_heads, length, dim = query.shape

@@ -37,6 +37,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def non_negative_float(text: str) -> float:
     try:
         value = float(text)
@@ -151,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allow-local-files", default=None, metavar="DIR", help="allow image paths under DIR")
     serve.add_argument("--max-body", type=byte_size, default=byte_size("32MiB"), help="largest request body (default: 32MiB)")
     serve.add_argument("--max-batch", type=positive_int, default=16, help="most requests decoded together (default: 16)")
+    serve.add_argument("--max-queue", type=non_negative_int, default=64,
+                       help="requests that may wait beyond the batch; more get 429 (default: 64)")
+    serve.add_argument("--prefill-chunk", type=positive_int, default=256,
+                       help="most prefill tokens between two decode steps (default: 256)")
     serve.set_defaults(run=run_serve, subparser=serve)
 
     inspect = sub.add_parser("inspect", help="show what a cache file holds")
@@ -384,7 +398,7 @@ def _last(iterable):
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .server import ServeOptions, create_app
+    from .serving.server import ServeOptions, create_app
 
     local = Path(args.allow_local_files) if args.allow_local_files else None
     if local is not None and not local.is_dir():
@@ -392,7 +406,8 @@ def run_serve(args: argparse.Namespace) -> int:
     cache_dir = Path(args.cache_dir) if args.cache_dir else Path.home() / ".cache" / "vlcache" / "states"
     engine = _load_engine(args.model, args.device, args.dtype or "auto")
     options = ServeOptions(cache_dir=cache_dir, memory_budget=args.memory_budget, allow_remote_images=args.allow_remote_images,
-                           allow_local_files=local, max_body_bytes=args.max_body, max_batch=args.max_batch)
+                           allow_local_files=local, max_body_bytes=args.max_body, max_batch=args.max_batch,
+                           max_queue=args.max_queue, prefill_chunk=args.prefill_chunk)
     app = create_app(engine, options)
     _info(f"serving {engine.model_name} on http://{args.host}:{args.port}/v1 (states in {cache_dir})")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

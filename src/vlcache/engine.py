@@ -14,6 +14,7 @@ import torch
 
 from . import attention, generate, images, model as model_loading, prompt
 from .families import LINEAR, family_class
+from .families.base import run_steps
 from .defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SYSTEM_PROMPT
 from .errors import ImageError, ModelMismatchError, VlcacheError
 from .state import ImageState, StateMetadata, load_state
@@ -120,6 +121,11 @@ class Engine:
 
     def cache_prefix(self, image, messages: list[dict], max_pixels: int | None = None) -> ImageState:
         """Like cache_image for any conversation that ends in an open user turn whose last part is the image."""
+        return run_steps(self.cache_prefix_steps(image, messages, max_pixels))
+
+    def cache_prefix_steps(self, image, messages: list[dict], max_pixels: int | None = None, chunk: int | None = None):
+        """cache_prefix as a generator: yields between units of work (the vision encoder, pieces of at most
+        `chunk` prefix tokens where the family can split its prefill) and returns the ImageState."""
         # 1. Open the image (any mode, first frame) and check it fits in memory at the chosen resolution.
         loaded = images.load_image(image)
         images_kwargs = self.images_kwargs(max_pixels)
@@ -131,7 +137,7 @@ class Engine:
         inputs = inputs.to(self.device)
         # 3. Vision encoder + prefill with the family's own positions; keep the KV.
         cache = generate.DynamicCache(config=self.model.config)
-        rope_delta = self.family.prefill(inputs, cache, self.dtype)
+        rope_delta = yield from self.family.prefill_steps(inputs, cache, self.dtype, chunk)
         image_mask = self.family.image_token_mask(inputs)
         n = int(inputs["input_ids"].shape[1])
         metadata = StateMetadata(

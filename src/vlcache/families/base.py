@@ -70,6 +70,13 @@ class Family:
         """Vision encoder and prefill of the prefix into `cache`; returns the position shift after the image."""
         raise NotImplementedError
 
+    def prefill_steps(self, inputs, cache, dtype: torch.dtype, chunk: int | None):
+        """prefill() as a generator that yields between units of work of at most `chunk` prefix tokens (so a
+        server can decode for others in between) and returns the position shift. Here: one unit; families
+        that can run their prefix in pieces override it."""
+        return self.prefill(inputs, cache, dtype)
+        yield  # noqa: unreachable - makes this a generator
+
     # -- positions -------------------------------------------------------------------------------------------
 
     def positions(self, slots: torch.Tensor, logical: torch.Tensor, rope_delta: int) -> torch.Tensor:
@@ -91,3 +98,12 @@ class OneDimPositions:
         scale = (max_pixels / (image.width * image.height)) ** 0.5
         size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
         return image.resize(size, Image.Resampling.BICUBIC)
+
+
+def run_steps(steps):
+    """Run a generator of units of work (prefill_steps) to its end; its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value

@@ -10,9 +10,11 @@ travels with every state. Position ids are [4, B, L]: row 0 the cache slot (for 
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
-from .base import Family
+from .base import Family, run_steps
 
 
 class QwenMRoPE(Family):
@@ -52,6 +54,11 @@ class QwenMRoPE(Family):
         return inputs["mm_token_type_ids"].long()
 
     def prefill(self, inputs, cache, dtype: torch.dtype) -> int:
+        return run_steps(self.prefill_steps(inputs, cache, dtype, None))
+
+    def prefill_steps(self, inputs, cache, dtype: torch.dtype, chunk: int | None):
+        """The vision encoder as one unit, then the prefix in pieces of `chunk` tokens, each given the image
+        features (and Qwen3-VL's deepstack features) of the image tokens inside it."""
         from ..generate import forward
 
         ids = inputs["input_ids"]
@@ -61,12 +68,39 @@ class QwenMRoPE(Family):
         )
         index = torch.arange(ids.shape[1], device=ids.device).view(1, 1, -1)
         positions = torch.cat([index, vision.to(ids.device)], dim=0)
-        forward(self.model, ids, positions, cache, pixel_values=inputs["pixel_values"].to(dtype),
-                image_grid_thw=inputs["image_grid_thw"], mm_token_type_ids=inputs["mm_token_type_ids"])
-        return int(deltas.view(-1)[0])
+        delta = int(deltas.view(-1)[0])
+        n = ids.shape[1]
+        if chunk is None or n <= chunk:
+            forward(self.model, ids, positions, cache, pixel_values=inputs["pixel_values"].to(dtype),
+                    image_grid_thw=inputs["image_grid_thw"], mm_token_type_ids=inputs["mm_token_type_ids"])
+            return delta
+        with torch.inference_mode():
+            features = self.model.model.get_image_features(inputs["pixel_values"].to(dtype), inputs["image_grid_thw"], return_dict=True)
+        yield
+        image = inputs["mm_token_type_ids"][0] == 1
+        before = torch.cumsum(image.long(), 0) - image.long()  # image tokens before each position
+        for start in range(0, n, chunk):
+            end = min(n, start + chunk)
+            first, count = int(before[start]), int(image[start:end].sum())
+            outputs = {"image": _slice_features(features, first, first + count)} if count else None
+            forward(self.model, ids[:, start:end], positions[..., start:end], cache, mm_encoder_outputs=outputs,
+                    mm_token_type_ids=inputs["mm_token_type_ids"][:, start:end])
+            if end < n:
+                yield
+        return delta
 
     # -- positions -------------------------------------------------------------------------------------------
 
     def positions(self, slots: torch.Tensor, logical: torch.Tensor, rope_delta: int) -> torch.Tensor:
         rope = logical + rope_delta
         return torch.stack([slots, rope, rope, rope])
+
+
+def _slice_features(features, start: int, end: int):
+    """The vision encoder's output for image tokens start..end (in order), shaped as the model takes it."""
+    sliced = copy.copy(features)
+    sliced["pooler_output"] = (torch.cat(features.pooler_output, dim=0)[start:end],)
+    deepstack = getattr(features, "deepstack_features", None)
+    if deepstack is not None:
+        sliced["deepstack_features"] = [(torch.cat(level, dim=0)[start:end],) for level in deepstack]
+    return sliced

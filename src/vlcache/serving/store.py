@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import CacheFileError
-from .state import ImageState, StateMetadata, kv_nbytes, load_state, read_metadata
+from ..errors import CacheFileError
+from ..state import ImageState, StateMetadata, kv_nbytes, load_state, read_metadata
 
 KEY_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 

@@ -28,11 +28,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import torch
 
-from . import images, prompt
-from .engine import Engine, GenerationOptions
-from .errors import ImageError, VlcacheError
+from .. import images, prompt
+from ..engine import Engine, GenerationOptions
+from ..errors import ImageError, VlcacheError
 from .store import KEY_PATTERN, Continuation, StateStore, state_key
-from .worker import Job, ModelWorker
+from .scheduler import Job, Scheduler, Stats
 
 MAX_TOKENS_CAP = 8192
 
@@ -45,18 +45,22 @@ class ServeOptions:
     allow_local_files: Path | None = None
     max_body_bytes: int = 32 * 1024 * 1024
     max_batch: int = 16
+    max_queue: int = 64  # questions waiting beyond the running batch; more get 429
+    prefill_chunk: int = 256  # tokens of prefill work between two decode steps
     default_max_tokens: int = 512
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 headers: dict | None = None):
         super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
+        self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers
 
 
-def error_response(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> JSONResponse:
+def error_response(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                   headers: dict | None = None) -> JSONResponse:
     body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 # -- requests ------------------------------------------------------------------------------------------------
@@ -189,7 +193,10 @@ def fetch_image_bytes(url: str, options: ServeOptions) -> bytes:
 
 # -- the app -------------------------------------------------------------------------------------------------
 
-class Metrics:
+SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics(Stats):
     def __init__(self):
         self.registry = CollectorRegistry()
         self.requests = Counter("vlcache_requests", "HTTP requests", ["endpoint", "status"], registry=self.registry)
@@ -197,7 +204,20 @@ class Metrics:
         self.hot_bytes = Gauge("vlcache_hot_bytes", "bytes of image states held in memory", registry=self.registry)
         self.hot_states = Gauge("vlcache_hot_states", "image states held in memory", registry=self.registry)
         self.ttft = Histogram("vlcache_time_to_first_token_seconds", "time from request to first token", registry=self.registry,
-                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+                              buckets=SECONDS)
+        self.running = Gauge("vlcache_running_rows", "rows decoding in the batch", registry=self.registry)
+        self.queued = Gauge("vlcache_queued_requests", "questions waiting for a row or in prefill", registry=self.registry)
+        self.rejected = Counter("vlcache_rejected_requests", "requests refused with 429 (queue full)", registry=self.registry)
+        self.wait = Histogram("vlcache_queue_wait_seconds", "time from request to the start of its prefill",
+                              registry=self.registry, buckets=SECONDS)
+        self.batch = Histogram("vlcache_batch_size", "rows in each decode step", registry=self.registry,
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+
+    def queue_wait(self, seconds: float) -> None:
+        self.wait.observe(seconds)
+
+    def batch_size(self, rows: int) -> None:
+        self.batch.observe(rows)
 
 
 class Service:
@@ -207,10 +227,22 @@ class Service:
         self.engine = engine
         self.options = options
         self.store = StateStore(options.cache_dir, options.memory_budget, engine.fingerprint, engine.device, adopt=engine.adopt)
-        self.worker = ModelWorker(engine, max_batch=options.max_batch)
         self.metrics = Metrics()
+        self.scheduler = Scheduler(engine, max_batch=options.max_batch, prefill_chunk=options.prefill_chunk, stats=self.metrics)
         self._pending: dict[str, asyncio.Future] = {}
         self._lock = threading.Lock()
+        self.in_flight = 0  # chat requests accepted and not answered yet (event loop only)
+
+    def admit(self) -> None:
+        """Count a chat request in flight, or refuse it (429) when the batch and the queue are full."""
+        if self.in_flight >= self.options.max_batch + self.options.max_queue:
+            self.metrics.rejected.inc()
+            raise APIError(429, f"the server is busy: {self.in_flight} requests in flight; retry shortly",
+                           kind="rate_limit_exceeded", headers={"Retry-After": "1"})
+        self.in_flight += 1
+
+    def release(self) -> None:
+        self.in_flight -= 1
 
     async def state_for(self, image_bytes: bytes, prefix_messages: list[dict]):
         """The state for an image and what precedes it: (state, hit), computing and storing it on a miss."""
@@ -224,7 +256,9 @@ class Service:
             future = self._pending.get(key)
             owner = future is None
             if owner:
-                future = asyncio.wrap_future(self.worker.call(lambda: self.engine.cache_prefix(image_bytes, prefix_messages)))
+                chunk = self.options.prefill_chunk
+                future = asyncio.wrap_future(self.scheduler.compute(
+                    lambda: self.engine.cache_prefix_steps(image_bytes, prefix_messages, chunk=chunk)))
                 self._pending[key] = future
         try:
             state = await asyncio.shield(future)
@@ -240,6 +274,8 @@ class Service:
     def _gauges(self) -> None:
         self.metrics.hot_bytes.set(self.store.hot_bytes)
         self.metrics.hot_states.set(self.store.hot_count)
+        self.metrics.running.set(self.scheduler.running)
+        self.metrics.queued.set(self.scheduler.queued)
 
     async def prepare(self, request: ChatRequest) -> tuple[Job, int, asyncio.Queue]:
         """Build the generation job for a chat request; returns it with its cached-token count and event queue."""
@@ -301,7 +337,7 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
-        service.worker.stop()
+        service.scheduler.stop()
 
     app = FastAPI(title="vlcache", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.service = service
@@ -310,7 +346,7 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
         service.metrics.requests.labels(endpoint=request.url.path, status=str(exc.status)).inc()
-        return error_response(exc.status, exc.message, exc.param, exc.kind)
+        return error_response(exc.status, exc.message, exc.param, exc.kind, exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
@@ -337,22 +373,27 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
     async def chat_completions(request: Request):
         started = time.perf_counter()
         chat = parse_chat(await _json_body(request), options.default_max_tokens)
+        service.admit()
+        streaming = False
         try:
-            job, cached, events = await service.prepare(chat)
-        except ImageError as exc:
-            raise APIError(400, str(exc), "messages") from None
-        except VlcacheError as exc:
-            raise APIError(400, str(exc)) from None
-        service.worker.submit(job)
-        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
-        service.metrics.requests.labels(endpoint="/v1/chat/completions", status="200").inc()
-        if chat.stream:
-            return StreamingResponse(
-                _stream(service, job, events, chat, cached, completion_id, created, model_id, started, request),
-                media_type="text/event-stream",
-            )
-        text, answer, finish = await _collect(service, job, events, chat, started)
+            try:
+                job, cached, events = await service.prepare(chat)
+            except ImageError as exc:
+                raise APIError(400, str(exc), "messages") from None
+            except VlcacheError as exc:
+                raise APIError(400, str(exc)) from None
+            service.scheduler.submit(job)
+            completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+            created = int(time.time())
+            service.metrics.requests.labels(endpoint="/v1/chat/completions", status="200").inc()
+            if chat.stream:  # the stream counts as in flight until it ends
+                stream = _stream(service, job, events, chat, cached, completion_id, created, model_id, started, request)
+                streaming = True
+                return StreamingResponse(_released(stream, service), media_type="text/event-stream")
+            text, answer, finish = await _collect(service, job, events, chat, started, request)
+        finally:
+            if not streaming:
+                service.release()
         return {
             "id": completion_id, "object": "chat.completion", "created": created, "model": model_id,
             "system_fingerprint": engine.fingerprint[:16],
@@ -467,16 +508,37 @@ async def _events(service: Service, job: Job, events: asyncio.Queue, chat: ChatR
         return
 
 
-async def _collect(service, job, events, chat, started):
-    pieces = []
-    async for event in _events(service, job, events, chat, started):
-        if event[0] == "text":
-            pieces.append(event[1])
-        elif not event[3]:  # no stop string cut it: the whole answer's own decoding
-            # (streamed pieces can disagree with it where byte-fallback tokens decode differently in context)
-            return event[1].text, event[1], event[2]
-        else:
-            return "".join(pieces), event[1], event[2]
+async def _collect(service, job, events, chat, started, request):
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
+    try:
+        pieces = []
+        async for event in _events(service, job, events, chat, started):
+            if event[0] == "text":
+                pieces.append(event[1])
+            elif not event[3]:  # no stop string cut it: the whole answer's own decoding
+                # (streamed pieces can disagree with it where byte-fallback tokens decode differently in context)
+                return event[1].text, event[1], event[2]
+            else:
+                return "".join(pieces), event[1], event[2]
+    finally:
+        watcher.cancel()
+
+
+async def _cancel_on_disconnect(request: Request, job: Job, every: float = 0.1) -> None:
+    """A client that hangs up on a non-streaming request frees its row (streams notice on their own)."""
+    while not job.cancelled.is_set():
+        if await request.is_disconnected():
+            job.cancelled.set()
+            return
+        await asyncio.sleep(every)
+
+
+async def _released(stream, service: Service):
+    try:
+        async for chunk in stream:
+            yield chunk
+    finally:
+        service.release()
 
 
 async def _stream(service, job, events, chat, cached, completion_id, created, model_id, started, request):

@@ -1,0 +1,353 @@
+"""The model thread's step scheduler: continuous batching.
+
+One thread owns the model. Each iteration it
+1. takes what arrived, first come first served: questions wait for a row of the batch (at most max_batch),
+   image states to compute queue as tasks;
+2. ends rows whose client went away or hit a stop string;
+3. does one unit of prefill work, at most `prefill_chunk` tokens: the next piece of an image state (the
+   vision encoder is one unit, the prefix prefill goes in pieces where the family can split it), or the
+   questions of rows joining the batch (several short ones together, a long one in pieces); the two take
+   turns when both wait;
+4. runs one decode step for every running row; finished rows leave at once and free their row.
+
+Rows about different image states (and text-only rows) share one batch: each attends to its own prefix,
+held once however many rows use it (vlcache.rows). So a new question waits at most one prefill unit and
+one decode step before its own prefill starts, never for someone else's answer to end.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import rows as batch_rows
+from ..engine import Answer, Engine, GenerationOptions, TextAssembler, _Timing
+
+log = logging.getLogger("vlcache")
+
+
+@dataclass
+class Job:
+    kv: list  # the prefix state per layer ([1, kv_heads, n, D] K/V, or a linear layer's state)
+    history: torch.Tensor  # the prefix ids [1, n]
+    new_ids: torch.Tensor  # [1, m]
+    rope_delta: int
+    options: GenerationOptions
+    emit: Callable[[str, object], None]  # ("delta", text) and finally ("done", Answer) or ("error", message)
+    group: str = ""  # jobs with the same group continue from the same prefix: the state key, "" for text-only
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
+    # Called with the row's ids and the K/V after the prefix (all but the answer's last token), to continue from.
+    keep: Callable[[torch.Tensor, list], None] | None = None
+
+
+@dataclass(eq=False)
+class _Row:
+    job: Job
+    prefix: batch_rows.Prefix
+    sampler: Callable
+    seen: torch.Tensor  # ids so far, for samplers that look back (repetition penalty)
+    text: TextAssembler
+    fed: int = 0  # new ids prefilled so far
+    first: float | None = None
+
+    @property
+    def remaining(self) -> int:
+        return self.job.new_ids.shape[1] - self.fed
+
+
+@dataclass(eq=False)
+class _Task:
+    make: Callable  # () -> a generator of units of work that returns the result
+    future: Future
+    steps: object = None
+
+
+@dataclass(eq=False)
+class _Prefill:
+    rows: list[_Row]
+    cache: batch_rows.RowsCache
+
+
+class Stats:
+    """What the scheduler reports (the server turns these into Prometheus metrics)."""
+
+    def queue_wait(self, seconds: float) -> None: ...
+
+    def batch_size(self, rows: int) -> None: ...
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, max_batch: int = 16, prefill_chunk: int = 256, stats: Stats | None = None):
+        if max_batch < 1 or prefill_chunk < 1:
+            raise ValueError("max_batch and prefill_chunk must be at least 1")
+        self.engine = engine
+        self.max_batch = max_batch
+        self.prefill_chunk = prefill_chunk
+        self.stats = stats or Stats()
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._waiting: deque[_Row] = deque()
+        self._tasks: deque[_Task] = deque()
+        self._prefill: _Prefill | None = None
+        self._running: list[_Row] = []  # row i sits in slot i of self._cache
+        self._cache: batch_rows.RowsCache | None = None
+        self._prefixes: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # group -> Prefix in use
+        self._tasks_turn = False
+        self._thread = threading.Thread(target=self._run, name="vlcache-model", daemon=True)
+        self._thread.start()
+
+    # -- called from other threads ---------------------------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        self._inbox.put(job)
+
+    def compute(self, make: Callable) -> Future:
+        """Run `make()` (a generator of units of work that returns a result, e.g. Engine.cache_prefix_steps)
+        on the model thread, between decode steps; the Future carries the result."""
+        future: Future = Future()
+        self._inbox.put(_Task(make, future))
+        return future
+
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run fn on the model thread as one unit."""
+
+        def steps():
+            return fn()
+            yield  # noqa: unreachable - makes this a generator
+
+        return self.compute(steps)
+
+    def stop(self) -> None:
+        self._inbox.put(None)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def queued(self) -> int:
+        """Questions admitted but not decoding yet (waiting for a row, or being prefilled)."""
+        prefill = self._prefill
+        return len(self._waiting) + (len(prefill.rows) if prefill else 0)
+
+    # -- the model thread ------------------------------------------------------------------------------------
+
+    @torch.inference_mode()  # every tensor the batch keeps is made and updated here
+    def _run(self) -> None:
+        while True:
+            idle = not (self._running or self._waiting or self._tasks or self._prefill)
+            if not self._take(block=idle):
+                return
+            try:
+                self._drop_cancelled()
+                self._prefill_unit()
+                if self._running:
+                    self._decode()
+            except Exception as exc:  # noqa: BLE001 - a failed forward: its rows get an error, the server goes on
+                log.exception("generation failed")
+                self._fail_rows(f"generation failed: {type(exc).__name__}: {exc}")
+
+    def _take(self, block: bool) -> bool:
+        """Move what arrived into the queues; False when asked to stop."""
+        items = []
+        if block:
+            items.append(self._inbox.get())
+        while True:
+            try:
+                items.append(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        for item in items:
+            if item is None:
+                return False
+            if isinstance(item, _Task):
+                self._tasks.append(item)
+            else:
+                self._waiting.append(self._row(item))
+        return True
+
+    def _row(self, job: Job) -> _Row:
+        prefix = self._prefixes.get(job.group)
+        if prefix is None:  # one Prefix object per state in use: rows on it are grouped in attention
+            prefix = batch_rows.Prefix(kv=job.kv, tokens=job.history.shape[1], rope_delta=job.rope_delta)
+            self._prefixes[job.group] = prefix
+        seen = torch.cat([job.history, job.new_ids], dim=1)
+        return _Row(job, prefix, self.engine.sampler(job.options), seen, TextAssembler(self.engine.processor.tokenizer))
+
+    def _drop_cancelled(self) -> None:
+        for row in [r for r in self._waiting if r.job.cancelled.is_set()]:
+            self._waiting.remove(row)
+            self._finish(row)
+        for slot in reversed(range(len(self._running))):
+            if self._running[slot].job.cancelled.is_set():
+                self._finish(self._running[slot])
+                self._leave(slot)
+
+    # -- prefill ---------------------------------------------------------------------------------------------
+
+    def _prefill_unit(self) -> None:
+        rows_ready = self._prefill is not None or (self._waiting and len(self._running) < self.max_batch)
+        if self._tasks and (self._tasks_turn or not rows_ready):
+            self._task_unit()
+            self._tasks_turn = False
+        elif rows_ready:
+            self._question_unit()
+            self._tasks_turn = True
+
+    def _task_unit(self) -> None:
+        task = self._tasks[0]
+        try:
+            if task.steps is None:
+                if not task.future.set_running_or_notify_cancel():
+                    self._tasks.popleft()
+                    return
+                task.steps = task.make()
+            next(task.steps)
+        except StopIteration as done:
+            self._tasks.popleft()
+            task.future.set_result(done.value)
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting request, which turns it into an error
+            self._tasks.popleft()
+            task.future.set_exception(exc)
+
+    def _question_unit(self) -> None:
+        if self._prefill is None:
+            self._prefill = self._start_prefill()
+        prefill = self._prefill
+        engine = self.engine
+        device = engine.device
+        # 1. This unit's tokens: everything for a group of short questions, a piece of a long one.
+        widths = [min(row.remaining, self.prefill_chunk) for row in prefill.rows]
+        width = max(widths)
+        ids = torch.zeros(len(widths), width, dtype=torch.long, device=device)
+        valid = torch.zeros(len(widths), width, dtype=torch.bool, device=device)
+        logical = torch.empty(len(widths), width, dtype=torch.long, device=device)
+        for i, (row, n) in enumerate(zip(prefill.rows, widths)):
+            ids[i, width - n:] = row.job.new_ids[0, row.fed : row.fed + n]
+            valid[i, width - n:] = True
+            start = row.prefix.tokens + row.fed
+            logical[i] = start  # left padding looks at the first real token: never at nothing
+            logical[i, width - n:] = torch.arange(start, start + n, device=device)
+            row.fed += n
+        deltas = torch.tensor([[row.prefix.rope_delta] for row in prefill.rows], device=device)
+        positions = engine.family.positions(logical, logical, deltas)
+        logits = batch_rows.forward(engine.model, ids, positions, prefill.cache, logical, valid)
+        if any(row.remaining for row in prefill.rows):
+            return
+        # 2. Prefilled: each row's first token; rows that go on join the running batch.
+        self._prefill = None
+        for i, row in enumerate(prefill.rows):
+            token = self._sample(row, logits[i])
+            if token is None:
+                continue
+            if self._advance(row, token):
+                self._finish(row, prefill.cache, i)
+                continue
+            if self._cache is None:
+                self._cache = batch_rows.RowsCache(engine.model.config, device)
+            self._cache.adopt(prefill.cache, i)
+            self._running.append(row)
+
+    def _start_prefill(self) -> _Prefill:
+        """The next rows to prefill together, first come first served, within the token budget."""
+        first = self._waiting.popleft()
+        chosen = [first]
+        budget = self.prefill_chunk - first.remaining
+        linear = self.engine.family.has_linear_layers
+        while self._waiting and len(self._running) + len(chosen) < self.max_batch:
+            row = self._waiting[0]
+            if row.remaining > budget:
+                break
+            # Linear-attention states cannot be padded into, and fresh ones cannot share a batch with restored ones.
+            if linear and (row.remaining != first.remaining or _fresh(row) != _fresh(first)):
+                break
+            chosen.append(self._waiting.popleft())
+            budget -= row.remaining
+        cache = batch_rows.RowsCache(self.engine.model.config, self.engine.device)
+        now = time.perf_counter()
+        for row in chosen:
+            cache.add(row.prefix)
+            self.stats.queue_wait(now - row.job.submitted)
+        return _Prefill(chosen, cache)
+
+    # -- decode ----------------------------------------------------------------------------------------------
+
+    def _decode(self) -> None:
+        engine, cache, running = self.engine, self._cache, self._running
+        device = engine.device
+        tokens = torch.tensor([[row.text.token_ids[-1]] for row in running], device=device)
+        logical = cache.book.next_logical()
+        deltas = torch.tensor([[row.prefix.rope_delta] for row in running], device=device)
+        positions = engine.family.positions(logical, logical, deltas)
+        logits = batch_rows.forward(engine.model, tokens, positions, cache, logical, torch.ones_like(tokens, dtype=torch.bool))
+        self.stats.batch_size(len(running))
+        finished = []
+        for slot, row in enumerate(running):
+            token = self._sample(row, logits[slot])
+            if token is None:
+                finished.append((slot, False))
+            elif self._advance(row, token):
+                finished.append((slot, True))
+        for slot, ok in reversed(finished):
+            if ok:
+                self._finish(running[slot], cache, slot)
+            self._leave(slot)
+
+    def _leave(self, slot: int) -> None:
+        self._cache.remove(slot)
+        self._running[slot] = self._running[-1]
+        self._running.pop()
+
+    # -- rows ------------------------------------------------------------------------------------------------
+
+    def _sample(self, row: _Row, logits: torch.Tensor) -> int | None:
+        """The row's next token; a sampler that fails (NaN probabilities) fails its row alone."""
+        try:
+            return int(row.sampler(row.seen, logits.unsqueeze(0))[0])
+        except (RuntimeError, ValueError) as exc:
+            row.job.emit("error", f"sampling failed: {exc}")
+            return None
+
+    def _advance(self, row: _Row, token: int) -> bool:
+        """Record and stream a token; True when the row is done."""
+        row.first = row.first or time.perf_counter()
+        row.seen = torch.cat([row.seen, row.seen.new_tensor([[token]])], dim=1)
+        piece = row.text.add(token)
+        if piece and not row.job.cancelled.is_set():
+            row.job.emit("delta", piece)
+        return (token in self.engine.eos_ids or len(row.text.token_ids) >= row.job.options.max_new_tokens
+                or row.job.cancelled.is_set())
+
+    def _finish(self, row: _Row, cache: batch_rows.RowsCache | None = None, slot: int | None = None) -> None:
+        job, tokens = row.job, row.text.token_ids
+        if job.keep is not None and cache is not None and tokens and not job.cancelled.is_set():
+            length = job.new_ids.shape[1] + len(tokens) - 1  # the last token never went through the model
+            ids = torch.cat([job.history, job.new_ids, job.new_ids.new_tensor([tokens[:-1]])], dim=1)
+            job.keep(ids, cache.suffix_kv(slot, length))
+        prompt = job.history.shape[1] + job.new_ids.shape[1]
+        answer: Answer = self.engine.answer(tokens, job.history.shape[1], prompt, _Timing(job.submitted, row.first))
+        tail = row.text.rest(answer.text)
+        if tail and not job.cancelled.is_set():
+            job.emit("delta", tail)
+        job.emit("done", answer)
+
+    def _fail_rows(self, message: str) -> None:
+        """After a failed forward: every row in it gets the error; the batch starts over."""
+        rows = self._running + (self._prefill.rows if self._prefill else [])
+        for row in rows:
+            row.job.emit("error", message)
+        self._running, self._prefill, self._cache = [], None, None
+
+
+def _fresh(row: _Row) -> bool:
+    """A row whose linear-attention layers start from nothing (text-only)."""
+    return any(k is None for k, _ in row.prefix.kv)
