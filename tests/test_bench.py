@@ -73,3 +73,23 @@ def test_dtype_benchmark_runs_on_the_tiny_model(tmp_path):
     assert [row["dtype"] for row in data["dtypes"]] == ["bfloat16", "float32"]
     assert all(row["vlcache_b8_s_per_step"] > 0 and row["transformers_b1_s_per_token"] > 0 for row in data["dtypes"])
     assert data["machine"]["capability"] and "| decode batch 8, vlcache, s/step |" in (out / "benchmarks-dtype.md").read_text()
+
+
+def test_the_load_test_runs_and_reports_every_label(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    for label in ("before", "after"):  # two labels, as the before/after comparison uses them
+        result = subprocess.run(
+            [sys.executable, str(REPO / "bench" / "load.py"), "--config", "small", "--label", label, "--out-dir", str(out),
+             "--work-dir", str(work)],
+            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((out / "benchmarks-load.json").read_text())
+    assert list(data["labels"]) == ["before", "after"]
+    for label in data["labels"].values():
+        (row,) = label["rates"]
+        assert row["requests"] > 0 and row["completed"] == row["requests"] and row["failed"] == 0
+        assert row["output_tokens"] == sum(r["tokens"] for r in row["records"]) > 0
+        assert 0 < row["ttft_s"]["p50"] <= row["ttft_s"]["p95"]
+    report = (out / "benchmarks-load.md").read_text()
+    assert report.count("| before |") == 1 and report.count("| after |") == 1
