@@ -82,14 +82,21 @@ def test_alone_equals_generate(engine, states):
         assert events[-1][1].token_ids == reference_tokens(engine, photo(name), SYSTEM, question, 12)
 
 
-def test_a_failing_sampler_fails_its_row_alone(engine, states):
+def test_a_failing_sampler_fails_its_row_alone(engine, states, monkeypatch):
     good, good_events, good_done = job_for(engine, states["rocket.jpg"], QUESTIONS[0], 10, "rocket.jpg")
     bad, bad_events, bad_done = job_for(engine, states["rocket.jpg"], QUESTIONS[2], 10, "rocket.jpg")
-    bad.options = GenerationOptions(max_new_tokens=10, temperature=1e-300)  # NaN probabilities
+    bad.options = GenerationOptions(max_new_tokens=10, temperature=1.0, seed=666)
+    real = engine.sampler
+
+    def failing(ids, logits):
+        raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+
+    monkeypatch.setattr(engine, "sampler", lambda options, *rest: failing if options.seed == 666 else real(options, *rest))
     scheduler = Scheduler(engine, max_batch=4)
     try:
-        blocker = threading.Event()
-        scheduler.call(blocker.wait)
+        blocker, blocking = threading.Event(), threading.Event()
+        scheduler.call(lambda: (blocking.set(), blocker.wait()))
+        assert blocking.wait(30)  # both rows arrive while the model thread is held: they share the batch
         scheduler.submit(bad)
         scheduler.submit(good)
         blocker.set()
@@ -243,7 +250,7 @@ def test_a_full_queue_answers_429_with_retry_after(engine, tmp_path):
 def test_a_client_that_hangs_up_frees_its_row(busy_server):
     scheduler = busy_server.service.scheduler
     for stream in (False, True):
-        body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5000,
+        body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4000,
                            "temperature": 0, "stream": stream})
         connection = http.client.HTTPConnection("127.0.0.1", busy_server.port, timeout=30)
         connection.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
@@ -277,3 +284,28 @@ def test_run_steps_returns_the_result():
         return "done"
 
     assert run_steps(steps()) == "done"
+
+
+def test_memory_grows_with_what_rows_hold_not_with_their_limits(engine, states):
+    """Issue 13, finding 17: no buffer sized by max_tokens up front; a queued row holds no copy of its prefix."""
+    scheduler = Scheduler(engine, max_batch=4)
+    made = []
+    try:
+        blocker, blocking = threading.Event(), threading.Event()
+        scheduler.call(lambda: (blocking.set(), blocker.wait()))
+        assert blocking.wait(30)  # the model thread is held: what arrives now queues
+        job, events, finished = job_for(engine, states["rocket.jpg"], QUESTIONS[0], 4000, "continued")
+        kv = job.kv
+        job.kv = lambda: (made.append(1), kv)[1]  # how the server hands over a kept conversation's K/V
+        scheduler.submit(job)
+        time.sleep(0.2)
+        assert made == []  # queued: nothing built yet
+        blocker.set()
+        while sum(1 for kind, _ in events if kind == "delta") < 5:
+            time.sleep(0.005)
+        layer = next(layer for layer in scheduler._cache.layers if hasattr(layer, "_keys"))
+        assert made == [1] and layer._keys.shape[2] < 256  # grown to what the row holds, not 4,000 slots
+        job.cancelled.set()
+        assert finished.wait(60)
+    finally:
+        scheduler.stop()

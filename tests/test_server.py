@@ -18,7 +18,7 @@ from openai import OpenAI
 
 from conftest import SYSTEM, photo
 from reference import reference_tokens
-from vlcache.serving.server import ServeOptions, create_app
+from vlcache.serving.server import ServeOptions, create_app, server_config
 
 N = 12
 
@@ -27,7 +27,7 @@ class LiveServer:
     def __init__(self, engine, cache_dir, memory_budget=2**30, **options):
         app = create_app(engine, ServeOptions(cache_dir=cache_dir, memory_budget=memory_budget, **options))
         self.service = app.state.service
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
+        self.server = uvicorn.Server(server_config(app, "127.0.0.1", 0, log_level="error"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.time() + 30
@@ -280,7 +280,7 @@ def test_remote_and_local_images_only_when_allowed(engine, tmp_path):
     web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=web.serve_forever, daemon=True).start()
     remote_url = f"http://127.0.0.1:{web.server_address[1]}/rocket.jpg"
-    live = LiveServer(engine, tmp_path / "states", allow_remote_images=True, allow_local_files=served)
+    live = LiveServer(engine, tmp_path / "states", allow_remote_images=True, allow_private_urls=True, allow_local_files=served)
     try:
         def with_url(url):
             return live.client.chat.completions.create(model="any", max_tokens=N, temperature=0, messages=[

@@ -7,6 +7,7 @@ argument errors exit 2 (argparse), and no traceback is shown unless --debug is g
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import re
 import sys
@@ -27,24 +28,22 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 # -- argument types: validated at parse time ---------------------------------------------------------------
 
-def positive_int(text: str) -> int:
+def _whole_number(text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _whole_number(text, 1)
 
 
 def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+    return _whole_number(text, 0)
 
 
 def non_negative_float(text: str) -> float:
@@ -158,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cache-dir", default=None, help="where states are written (default: ~/.cache/vlcache/states)")
     serve.add_argument("--memory-budget", type=byte_size, default=byte_size("4GiB"), help="bytes of states kept in memory (default: 4GiB)")
     serve.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs")
+    serve.add_argument("--allow-private-urls", action="store_true",
+                       help="with --allow-remote-images: also private, loopback and link-local addresses")
+    serve.add_argument("--max-image-pixels", type=positive_int, default=25_000_000,
+                       help="refuse images declaring more pixels, before decoding them (default: 25000000)")
     serve.add_argument("--allow-local-files", default=None, metavar="DIR", help="allow image paths under DIR")
     serve.add_argument("--max-body", type=byte_size, default=byte_size("32MiB"), help="largest request body (default: 32MiB)")
     serve.add_argument("--max-batch", type=positive_int, default=16, help="most requests decoded together (default: 16)")
@@ -196,6 +199,11 @@ def run_cache(args: argparse.Namespace) -> int:
 
 def _cache_one(args: argparse.Namespace) -> int:
     _check_image_arg(args.images[0])
+    output = Path(args.output)
+    if output.is_dir():
+        raise VlcacheError(f"--output is a folder: {output} (name a file, or use --output-dir for many caches)")
+    if output.exists() and output.resolve() == Path(args.images[0]).resolve():
+        raise VlcacheError(f"--output {output} is the input image; refusing to write over it")
     engine = _load_engine(args.model, args.device, args.dtype or "auto")
     start = time.perf_counter()
     state = engine.cache_image(args.images[0], system_prompt=args.system_prompt, max_pixels=args.max_pixels)
@@ -210,6 +218,8 @@ def _cache_one(args: argparse.Namespace) -> int:
 def _cache_many(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        raise VlcacheError(f"--output-dir is a file, not a folder: {args.output_dir}")
     engine = _load_engine(args.model, args.device, args.dtype or "auto")
     bar = tqdm(total=0, unit="image", file=sys.stderr, disable=not (args.progress or sys.stderr.isatty()))
     started = False  # arguments that name nothing are reported before the count of images is known
@@ -239,9 +249,11 @@ def run_ask(args: argparse.Namespace) -> int:
     from .state import read_metadata
 
     prompts = _prompts(args)
+    for i, text in enumerate(prompts):
+        _check_prompt(text, "--prompt" if len(prompts) == 1 else f"prompt {i + 1}")
     caches = expand_caches(args.caches) if args.caches else []
-    meta = read_metadata(caches[0]) if caches else None
-    model = args.model or (meta.model if meta else None)
+    meta = _first_metadata(caches)
+    model = args.model or (_model_named_by(meta) if meta else None)
     dtype = args.dtype or (meta.dtype if meta else "auto")
     if args.image:
         _check_image_arg(args.image)
@@ -303,7 +315,7 @@ def run_chat(args: argparse.Namespace) -> int:
     from .state import read_metadata
 
     meta = read_metadata(args.cache)
-    engine = _load_engine(args.model or meta.model, args.device, args.dtype or meta.dtype)
+    engine = _load_engine(args.model or _model_named_by(meta), args.device, args.dtype or meta.dtype)
     chat = Conversation(engine, engine.load_state(args.cache))
     interactive = sys.stdin.isatty()
     failed = 0
@@ -398,7 +410,7 @@ def _last(iterable):
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .serving.server import ServeOptions, create_app
+    from .serving.server import ServeOptions, create_app, server_config
 
     local = Path(args.allow_local_files) if args.allow_local_files else None
     if local is not None and not local.is_dir():
@@ -406,11 +418,12 @@ def run_serve(args: argparse.Namespace) -> int:
     cache_dir = Path(args.cache_dir) if args.cache_dir else Path.home() / ".cache" / "vlcache" / "states"
     engine = _load_engine(args.model, args.device, args.dtype or "auto")
     options = ServeOptions(cache_dir=cache_dir, memory_budget=args.memory_budget, allow_remote_images=args.allow_remote_images,
+                           allow_private_urls=args.allow_private_urls, max_image_pixels=args.max_image_pixels,
                            allow_local_files=local, max_body_bytes=args.max_body, max_batch=args.max_batch,
                            max_queue=args.max_queue, prefill_chunk=args.prefill_chunk)
     app = create_app(engine, options)
     _info(f"serving {engine.model_name} on http://{args.host}:{args.port}/v1 (states in {cache_dir})")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    uvicorn.Server(server_config(app, args.host, args.port, log_level="warning")).run()
     return 0
 
 
@@ -469,6 +482,44 @@ def _load_engine(model: str | None, device: str, dtype: str):
     _info(f"loaded in {time.perf_counter() - start:.1f}s on {engine.device} as "
           f"{str(engine.dtype).removeprefix('torch.')} ({engine.dtype_reason})")
     return engine
+
+
+def _first_metadata(caches: list):
+    """The metadata of the first readable cache (which model and dtype to load); one file's error if none is."""
+    from .state import read_metadata
+
+    error = None
+    for cache in caches:
+        try:
+            return read_metadata(cache)
+        except VlcacheError as exc:
+            error = error or exc
+    if error is not None:
+        raise error
+    return None
+
+
+def _model_named_by(meta) -> str:
+    """The model a cache file names, when no --model or VLCACHE_MODEL says otherwise: a stranger's file must not
+    decide what is downloaded, so only a local folder or a model already in the Hugging Face cache is taken."""
+    from .model import MODEL_ENV_VAR, is_available_locally
+
+    if not is_available_locally(meta.model):
+        if os.environ.get(MODEL_ENV_VAR):
+            return os.environ[MODEL_ENV_VAR]
+        raise VlcacheError(
+            f"the cache was made with {meta.model}, which is not on this machine; pass --model {meta.model} to "
+            "download and use it (vlcache does not download what a cache file names on its own)"
+        )
+    _info(f"using {meta.model}, the model the cache names")
+    return meta.model
+
+
+def _check_prompt(text: str, where: str) -> None:
+    """Before the model loads: text that cannot be a prompt (lone surrogates, vlcache's own marker)."""
+    from .prompt import check_plain_text
+
+    check_plain_text(text, where)
 
 
 def _check_image_arg(path: str) -> None:

@@ -65,6 +65,8 @@ class GenerationOptions:
             raise VlcacheError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise VlcacheError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**63:
+            raise VlcacheError(f"seed must be a 64-bit integer, got {self.seed}")
 
 
 class Engine:
@@ -123,11 +125,16 @@ class Engine:
         """Like cache_image for any conversation that ends in an open user turn whose last part is the image."""
         return run_steps(self.cache_prefix_steps(image, messages, max_pixels))
 
-    def cache_prefix_steps(self, image, messages: list[dict], max_pixels: int | None = None, chunk: int | None = None):
+    def cache_prefix_steps(self, image, messages: list[dict], max_pixels: int | None = None, chunk: int | None = None,
+                           max_decode_pixels: int = images.MAX_DECODE_PIXELS):
         """cache_prefix as a generator: yields between units of work (the vision encoder, pieces of at most
-        `chunk` prefix tokens where the family can split its prefill) and returns the ImageState."""
+        `chunk` prefix tokens where the family can split its prefill) and returns the ImageState. Images that
+        declare more than `max_decode_pixels` are refused before they are decoded."""
         # 1. Open the image (any mode, first frame) and check it fits in memory at the chosen resolution.
-        loaded = images.load_image(image)
+        for message in messages:
+            for part in message["content"] if isinstance(message["content"], list) else [{"text": message["content"]}]:
+                prompt.check_text(self.processor, part.get("text", ""), f"the {message['role']} message")
+        loaded = images.load_image(image, max_pixels=max_decode_pixels)
         images_kwargs = self.images_kwargs(max_pixels)
         self._check_memory(loaded, images_kwargs)
         system_prompt = next((m["content"] for m in messages if m["role"] == "system"), None)
@@ -229,6 +236,8 @@ class Engine:
         """Like ask, yielding text as it is generated; the last Delta carries the Answer."""
         options = GenerationOptions(max_new_tokens, temperature, top_p, seed)
         if state is None:
+            prompt.check_text(self.processor, prompt_text, "the question")
+            prompt.check_text(self.processor, system_prompt or "", "the system prompt")
             new_ids = prompt.text_only_ids(self.processor, system_prompt, prompt_text).to(self.device)
             return self.stream_ids(self.empty_kv(), new_ids[:, :0], new_ids, 0, options)
         self.check_state(state)
@@ -267,6 +276,7 @@ class Engine:
     # -- the layers under ask, stream and ask_many -------------------------------------------------------------
 
     def question_ids(self, messages: list[dict], question: str) -> torch.Tensor:
+        prompt.check_text(self.processor, question, "the question")
         return prompt.encode_text(self.processor, prompt.question_text(self.processor, messages, question)).to(self.device)
 
     def stream_ids(self, kv, history: torch.Tensor, new_ids: torch.Tensor, rope_delta: int,

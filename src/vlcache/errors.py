@@ -19,3 +19,7 @@ class ModelMismatchError(VlcacheError):
 
 class ModelLoadError(VlcacheError):
     """The model or its processor could not be loaded."""
+
+
+class PromptError(VlcacheError):
+    """Prompt text that cannot be used as given (the model's control tokens in it, invalid characters)."""

@@ -30,9 +30,12 @@ Sampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (ids so far [1
 Positions = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
+GREEDY_BELOW = 1e-5  # temperatures this small are greedy: dividing logits by them overflows to NaN
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float  # 0 means greedy
+    temperature: float  # 0 (or below GREEDY_BELOW) means greedy
     top_p: float | None = None
     top_k: int | None = None
     repetition_penalty: float | None = None
@@ -40,7 +43,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 def sampling_params(generation_config, temperature=None, top_p=None, seed=None) -> SamplingParams:

@@ -15,6 +15,7 @@ from .errors import ImageError
 # Above this many pixels an image is refused before it is decoded (Pillow's own bomb threshold is 2x its
 # MAX_IMAGE_PIXELS; we refuse at 1x so that a decode never allocates gigabytes on a user's say-so).
 MAX_DECODE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+MAX_IMAGE_BYTES = 256 * 1024 * 1024  # an image file larger than this is refused before it is read
 
 
 @dataclass(frozen=True)
@@ -26,16 +27,19 @@ class LoadedImage:
     height: int
 
 
-def load_image(source: str | os.PathLike | bytes | Image.Image) -> LoadedImage:
-    """Open a path, encoded bytes or a PIL image as RGB; raise ImageError with a one-line reason."""
+def load_image(source: str | os.PathLike | bytes | Image.Image, max_pixels: int = MAX_DECODE_PIXELS) -> LoadedImage:
+    """Open a path, encoded bytes or a PIL image as RGB; raise ImageError with a one-line reason.
+
+    Images that declare more than `max_pixels` are refused before they are decoded.
+    """
     if isinstance(source, Image.Image):
         return _from_pil(source, sha256=_pil_sha256(source), path=None)
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
-        return _from_pil(_decode(data, "the image bytes"), sha256=hashlib.sha256(data).hexdigest(), path=None)
+        return _from_pil(_decode(data, "the image bytes", max_pixels), sha256=hashlib.sha256(data).hexdigest(), path=None)
     path = Path(source)
     data = _read(path)
-    return _from_pil(_decode(data, str(path)), sha256=hashlib.sha256(data).hexdigest(), path=str(path))
+    return _from_pil(_decode(data, str(path), max_pixels), sha256=hashlib.sha256(data).hexdigest(), path=str(path))
 
 
 def _read(path: Path) -> bytes:
@@ -43,7 +47,12 @@ def _read(path: Path) -> bytes:
         raise ImageError(f"image not found: {path}")
     if path.is_dir():
         raise ImageError(f"image path is a folder, not a file: {path}")
+    if not path.is_file():  # a FIFO would block forever, a device never end
+        raise ImageError(f"image path is not a regular file: {path}")
     try:
+        size = path.stat().st_size
+        if size > MAX_IMAGE_BYTES:
+            raise ImageError(f"image file is too large: {path} is {size:,} bytes, over the {MAX_IMAGE_BYTES:,}-byte limit")
         data = path.read_bytes()
     except OSError as exc:
         raise ImageError(f"cannot read image {path}: {exc.strerror or exc}") from None
@@ -52,7 +61,7 @@ def _read(path: Path) -> bytes:
     return data
 
 
-def _decode(data: bytes, name: str) -> Image.Image:
+def _decode(data: bytes, name: str, max_pixels: int = MAX_DECODE_PIXELS) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
@@ -62,10 +71,10 @@ def _decode(data: bytes, name: str) -> Image.Image:
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"cannot open image {name}: {exc}") from None
     width, height = img.size
-    if width * height > MAX_DECODE_PIXELS:
+    if width * height > max_pixels:
         raise ImageError(
             f"image is too large: {name} is {width}x{height} = {width * height:,} pixels, over the "
-            f"{MAX_DECODE_PIXELS:,}-pixel safety limit (possible decompression bomb); downscale it first"
+            f"{max_pixels:,}-pixel safety limit (possible decompression bomb); downscale it first"
         )
     try:
         img.seek(0)  # animated GIF/PNG/WebP: the first frame

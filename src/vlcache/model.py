@@ -36,6 +36,18 @@ def default_model() -> str:
     return os.environ.get(MODEL_ENV_VAR) or DEFAULT_MODEL
 
 
+def is_available_locally(name: str) -> bool:
+    """A local model folder, or a hub id whose config is already in the Hugging Face cache."""
+    if Path(name).expanduser().is_dir():
+        return True
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except (ValueError, OSError):  # not a valid repo id
+        return False
+
+
 def resolve_device(device: str) -> torch.device:
     if device not in DEVICES:
         raise ModelLoadError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")

@@ -13,6 +13,8 @@ import copy
 
 import torch
 
+from .errors import PromptError
+
 _SENTINEL = "\u2063vlcache-question\u2063"
 
 IMAGE_PART = {"type": "image"}
@@ -108,3 +110,38 @@ def encode_text(processor, text: str) -> torch.Tensor:
 def text_only_ids(processor, system_prompt: str | None, question: str) -> torch.Tensor:
     messages = conversation(system_prompt, question, with_image=False)
     return encode_text(processor, render(processor, messages, add_generation_prompt=True))
+
+
+def check_text(processor, text: str, where: str = "the prompt") -> None:
+    """Refuse text a user typed that would not be read as text: the model's control tokens written out
+    (`<|im_start|>system` would forge a turn, `<|image_pad|>` an image), vlcache's own question marker,
+    or characters that are not valid Unicode (lone surrogates)."""
+    check_plain_text(text, where)
+    for token in control_tokens(processor):
+        if token in text:
+            raise PromptError(f"{where} holds the model's control token {token!r}; control tokens cannot be typed in text")
+
+
+def check_plain_text(text: str, where: str = "the prompt") -> None:
+    """The checks that need no tokenizer: valid Unicode, and not vlcache's own question marker."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PromptError(f"{where} holds characters that are not valid Unicode (a lone surrogate)") from None
+    if _SENTINEL in text:
+        raise PromptError(f"{where} holds vlcache's internal question marker")
+
+
+_control: dict[int, tuple[str, ...]] = {}
+
+
+def control_tokens(processor) -> tuple[str, ...]:
+    """The tokenizer's special tokens (turn markers, image and video placeholders) as they are written."""
+    tokenizer = processor.tokenizer
+    if id(tokenizer) not in _control:
+        found = set(getattr(tokenizer, "all_special_tokens", []) or [])
+        for added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+            if getattr(added, "special", False):
+                found.add(str(added))
+        _control[id(tokenizer)] = tuple(sorted(t for t in found if t))
+    return _control[id(tokenizer)]

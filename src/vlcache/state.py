@@ -9,21 +9,25 @@ unpickled.
 from __future__ import annotations
 
 import copy
+import glob
 import json
 import os
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 
 from .errors import CacheFileError
 
 FORMAT_NAME = "vlcache"
 FORMAT_VERSION = 2  # 2: metadata names the family and each layer's kind (version 1 files read as Qwen-VL)
-_MAX_HEADER_BYTES = 100 * 1024 * 1024
+_MAX_HEADER_BYTES = 8 * 1024 * 1024  # real headers are kilobytes; a hostile one must not cost every reader
+_STALE_TMP_SECONDS = 3600  # a save killed midway leaves a temporary file; later saves remove ones this old
 # Stored narrow, restored to long: ids fit int32, masks and token types fit int8.
 _NARROW = {"input_ids": torch.int32, "attention_mask": torch.int8, "mm_token_type_ids": torch.int8}
 _SMALL_TENSORS = ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw", "rope_deltas")
@@ -95,11 +99,12 @@ class ImageState:
             tensors[name] = getattr(self, name).to("cpu", _NARROW.get(name, torch.long)).contiguous()
         header = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "metadata": json.dumps(asdict(self.metadata))}
         path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(path)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         try:
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a cache is as shareable as any file
             save_file(tensors, tmp, metadata=header)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a cache is as shareable as any file
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -122,6 +127,17 @@ def kv_nbytes(kv) -> int:
     return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
 
 
+def _remove_stale_temporaries(path: Path) -> None:
+    """Temporary files of saves to `path` that were killed midway (old enough that no save is still writing)."""
+    now = time.time()
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        try:
+            if now - tmp.stat().st_mtime > _STALE_TMP_SECONDS:
+                tmp.unlink()
+        except OSError:
+            pass
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -130,11 +146,7 @@ def _umask() -> int:
 
 def read_header(path: str | os.PathLike) -> dict:
     """The safetensors header of a vlcache file, validated; CacheFileError for anything else."""
-    path = Path(path)
-    if not path.exists():
-        raise CacheFileError(f"cache file not found: {path}")
-    if path.is_dir():
-        raise CacheFileError(f"cache path is a folder, not a file: {path}")
+    path = _cache_path(path)
     try:
         size = path.stat().st_size
         with path.open("rb") as fh:
@@ -143,22 +155,45 @@ def read_header(path: str | os.PathLike) -> dict:
             raw = fh.read(header_len) if 0 < header_len <= min(size - 8, _MAX_HEADER_BYTES) else b""
     except OSError as exc:
         raise CacheFileError(f"cannot read cache file {path}: {exc.strerror or exc}") from None
+    return _check_header(head, raw, size, path)
+
+
+def _cache_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise CacheFileError(f"cache file not found: {path}")
+    if path.is_dir():
+        raise CacheFileError(f"cache path is a folder, not a file: {path}")
+    if not path.is_file():  # a FIFO or a device would block or never end
+        raise CacheFileError(f"cache path is not a regular file: {path}")
+    return path
+
+
+def _check_header(head: bytes, raw: bytes, size: int, path) -> dict:
+    """Validate a header of any shape a hostile file may give it (lists, ints, deep nesting): a dict, or CacheFileError."""
+    header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
     header = _parse_json(raw)
     if header is None:
         raise CacheFileError(_diagnose_foreign(head, size, path))
-    meta = header.get("__metadata__") or {}
-    if meta.get("format") != FORMAT_NAME:
+    meta = header.get("__metadata__")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise CacheFileError(f"not a vlcache cache file: {path} (a safetensors file without vlcache metadata)")
-    try:
-        version = int(meta.get("format_version", ""))
-    except ValueError:
-        raise CacheFileError(f"cache file is corrupt (bad format version): {path}") from None
-    if version > FORMAT_VERSION:
+    version = meta.get("format_version")
+    if not isinstance(version, str) or not version.isdigit() or len(version) > 6:
+        raise CacheFileError(f"cache file is corrupt (bad format version): {path}")
+    if int(version) > FORMAT_VERSION:
         raise CacheFileError(
             f"cache file {path} has format version {version}, newer than this vlcache reads ({FORMAT_VERSION}); "
             "upgrade vlcache or re-create the cache"
         )
-    ends = [t["data_offsets"][1] for name, t in header.items() if name != "__metadata__" and isinstance(t, dict) and "data_offsets" in t]
+    ends = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+            raise CacheFileError(f"cache file is corrupt (bad tensor entry {str(name)[:40]!r}): {path}")
+        ends.append(offsets[1])
     if 8 + header_len + max(ends, default=0) != size:
         raise CacheFileError(f"cache file is truncated or corrupt (size does not match its header): {path}")
     return header
@@ -169,7 +204,7 @@ def _parse_json(raw: bytes) -> dict | None:
         return None
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # bad UTF-8 or JSON, numbers too long, nesting too deep
         return None
     return header if isinstance(header, dict) else None
 
@@ -195,25 +230,50 @@ def _diagnose_foreign(head: bytes, size: int, path: Path) -> str:
 
 
 def read_metadata(path: str | os.PathLike) -> StateMetadata:
-    header = read_header(path)
+    return _metadata(read_header(path), path)
+
+
+# Field types a file must have: what the readers of the metadata rely on.
+_FIELD_TYPES = {"model": str, "fingerprint": str, "dtype": str, "image_sha256": str, "image_size": list,
+                "prefix_tokens": int, "image_tokens": int, "created": str, "messages": list, "processor_settings": dict,
+                "versions": dict, "format_version": int, "family": str, "layer_kinds": list}
+
+
+def _metadata(header: dict, path) -> StateMetadata:
     try:
         fields = json.loads(header["__metadata__"]["metadata"])
-        return StateMetadata(**fields)
-    except (KeyError, TypeError, json.JSONDecodeError):
+        meta = StateMetadata(**fields)
+    except (KeyError, TypeError, ValueError, RecursionError):
         raise CacheFileError(f"cache file is corrupt (bad metadata): {path}") from None
+    if not all(isinstance(getattr(meta, name), kind) for name, kind in _FIELD_TYPES.items()) or not all(
+        isinstance(getattr(meta, name), (str, type(None))) for name in ("system_prompt", "image_path")
+    ):
+        raise CacheFileError(f"cache file is corrupt (bad metadata): {path}")
+    return meta
 
 
 def load_state(path: str | os.PathLike, device: torch.device | str = "cpu") -> ImageState:
-    """Read a state file onto `device`; checks structure, not which model it belongs to (the Engine does)."""
+    """Read a state file onto `device`; checks structure, not which model it belongs to (the Engine does).
+
+    The header is read and checked first; then the whole file is read into memory (no memory map: a file that
+    another process truncates meanwhile would kill this one with SIGBUS) and checked against that header again.
+    """
     metadata = read_metadata(path)
     try:
-        with safe_open(str(path), framework="pt", device=str(device)) as fh:
-            names = set(fh.keys())
-            n_layers = sum(1 for n in names if n.endswith((".keys", ".conv_state")))
-            kinds = metadata.layer_kinds
-            kv = [tuple(fh.get_tensor(f"layers.{i}.{name}") for name in _layer_tensor_names(kinds, i)) for i in range(n_layers)]
-            small = {name: fh.get_tensor(name).long() for name in _SMALL_TENSORS}
-    except (SafetensorError, KeyError, OSError, RuntimeError) as exc:
+        data = _cache_path(path).read_bytes()
+    except OSError as exc:
+        raise CacheFileError(f"cannot read cache file {path}: {exc.strerror or exc}") from None
+    header_len = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    raw = data[8 : 8 + header_len] if 0 < header_len <= min(len(data) - 8, _MAX_HEADER_BYTES) else b""
+    metadata = _metadata(_check_header(data[:8], raw, len(data), path), path)  # the bytes read, not the earlier look
+    try:
+        tensors = safetensors_load(data)
+        del data
+        n_layers = sum(1 for n in tensors if n.endswith((".keys", ".conv_state")))
+        kinds = metadata.layer_kinds
+        kv = [tuple(tensors[f"layers.{i}.{name}"].to(device) for name in _layer_tensor_names(kinds, i)) for i in range(n_layers)]
+        small = {name: tensors[name].long().to(device) for name in _SMALL_TENSORS}
+    except (SafetensorError, KeyError, OSError, RuntimeError, ValueError) as exc:
         raise CacheFileError(f"cache file is corrupt: {path}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
     state = ImageState(kv=kv, metadata=metadata, **small)
     _check_shapes(state, path)

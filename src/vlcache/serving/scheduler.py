@@ -37,7 +37,9 @@ log = logging.getLogger("vlcache")
 
 @dataclass
 class Job:
-    kv: list  # the prefix state per layer ([1, kv_heads, n, D] K/V, or a linear layer's state)
+    # The prefix state per layer ([1, kv_heads, n, D] K/V, or a linear layer's state), or a function that makes
+    # it: called on the model thread when the row's prefill starts, so that queued rows hold no copies.
+    kv: list | Callable[[], list]
     history: torch.Tensor  # the prefix ids [1, n]
     new_ids: torch.Tensor  # [1, m]
     rope_delta: int
@@ -46,14 +48,15 @@ class Job:
     group: str = ""  # jobs with the same group continue from the same prefix: the state key, "" for text-only
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
-    # Called with the row's ids and the K/V after the prefix (all but the answer's last token), to continue from.
-    keep: Callable[[torch.Tensor, list], None] | None = None
+    # Called with the row's ids, the K/V after the prefix (all but the answer's last token) and the number of
+    # tokens before the answer, to continue from.
+    keep: Callable[[torch.Tensor, list, int], None] | None = None
 
 
 @dataclass(eq=False)
 class _Row:
     job: Job
-    prefix: batch_rows.Prefix
+    prefix: batch_rows.Prefix | None  # set when its prefill starts
     sampler: Callable
     seen: torch.Tensor  # ids so far, for samplers that look back (repetition penalty)
     text: TextAssembler
@@ -176,12 +179,17 @@ class Scheduler:
         return True
 
     def _row(self, job: Job) -> _Row:
-        prefix = self._prefixes.get(job.group)
-        if prefix is None:  # one Prefix object per state in use: rows on it are grouped in attention
-            prefix = batch_rows.Prefix(kv=job.kv, tokens=job.history.shape[1], rope_delta=job.rope_delta)
-            self._prefixes[job.group] = prefix
         seen = torch.cat([job.history, job.new_ids], dim=1)
-        return _Row(job, prefix, self.engine.sampler(job.options), seen, TextAssembler(self.engine.processor.tokenizer))
+        return _Row(job, None, self.engine.sampler(job.options), seen, TextAssembler(self.engine.processor.tokenizer))
+
+    def _prefix(self, job: Job) -> batch_rows.Prefix:
+        """One Prefix object per state in use: rows on it are grouped in attention, its K/V held once."""
+        prefix = self._prefixes.get(job.group)
+        if prefix is None:
+            kv = job.kv() if callable(job.kv) else job.kv
+            prefix = batch_rows.Prefix(kv=kv, tokens=job.history.shape[1], rope_delta=job.rope_delta)
+            self._prefixes[job.group] = prefix
+        return prefix
 
     def _drop_cancelled(self) -> None:
         for row in [r for r in self._waiting if r.job.cancelled.is_set()]:
@@ -275,6 +283,7 @@ class Scheduler:
         cache = batch_rows.RowsCache(self.engine.model.config, self.engine.device)
         now = time.perf_counter()
         for row in chosen:
+            row.prefix = self._prefix(row.job)
             cache.add(row.prefix)
             self.stats.queue_wait(now - row.job.submitted)
         return _Prefill(chosen, cache)
@@ -332,7 +341,7 @@ class Scheduler:
         if job.keep is not None and cache is not None and tokens and not job.cancelled.is_set():
             length = job.new_ids.shape[1] + len(tokens) - 1  # the last token never went through the model
             ids = torch.cat([job.history, job.new_ids, job.new_ids.new_tensor([tokens[:-1]])], dim=1)
-            job.keep(ids, cache.suffix_kv(slot, length))
+            job.keep(ids, cache.suffix_kv(slot, length), job.history.shape[1] + job.new_ids.shape[1])
         prompt = job.history.shape[1] + job.new_ids.shape[1]
         answer: Answer = self.engine.answer(tokens, job.history.shape[1], prompt, _Timing(job.submitted, row.first))
         tail = row.text.rest(answer.text)
@@ -349,5 +358,6 @@ class Scheduler:
 
 
 def _fresh(row: _Row) -> bool:
-    """A row whose linear-attention layers start from nothing (text-only)."""
-    return any(k is None for k, _ in row.prefix.kv)
+    """A row whose linear-attention layers start from nothing (text-only). Such models keep no continuations,
+    so their rows' K/V are always given as lists."""
+    return any(k is None for k, _ in row.job.kv)

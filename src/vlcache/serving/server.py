@@ -11,20 +11,28 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import hashlib
+import ipaddress
 import json
+import math
 import re
+import socket
+import http.client
 import threading
 import time
+import urllib.parse
 import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 import torch
 
@@ -42,11 +50,13 @@ class ServeOptions:
     cache_dir: Path
     memory_budget: int
     allow_remote_images: bool = False
+    allow_private_urls: bool = False  # remote images from private, loopback and link-local addresses too
     allow_local_files: Path | None = None
     max_body_bytes: int = 32 * 1024 * 1024
     max_batch: int = 16
     max_queue: int = 64  # questions waiting beyond the running batch; more get 429
     prefill_chunk: int = 256  # tokens of prefill work between two decode steps
+    max_image_pixels: int = 25_000_000  # images declaring more are refused before they are decoded
     default_max_tokens: int = 512
 
 
@@ -74,6 +84,8 @@ class ChatRequest:
     stop: list[str]
     stream: bool
     include_usage: bool
+    max_tokens_given: bool = True  # False: the server's default, shortened to fit the context
+    salt: str | None = None  # cache_salt or user: states and conversations kept apart from other tenants
 
 
 def parse_chat(body: object, default_max_tokens: int) -> ChatRequest:
@@ -87,10 +99,12 @@ def parse_chat(body: object, default_max_tokens: int) -> ChatRequest:
         messages.append(_message(message, i, found))
     if len(found) > 1:
         raise APIError(400, "one image per conversation is supported", "messages")
-    if body.get("n", 1) != 1:
+    n = body.get("n", 1)
+    if type(n) is not int or n != 1:
         raise APIError(400, "only n=1 is supported", "n")
     max_tokens = body.get("max_completion_tokens")
     max_tokens = body.get("max_tokens") if max_tokens is None else max_tokens
+    given = max_tokens is not None
     max_tokens = default_max_tokens if max_tokens is None else max_tokens
     options = GenerationOptions(
         max_new_tokens=_number(max_tokens, "max_tokens", int, 1, MAX_TOKENS_CAP),
@@ -107,14 +121,23 @@ def parse_chat(body: object, default_max_tokens: int) -> ChatRequest:
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise APIError(400, "'stream_options' must be an object", "stream_options")
+    stream = body.get("stream", False)
+    include_usage = stream_options.get("include_usage", False)
+    if not isinstance(stream, bool) or not isinstance(include_usage, bool):  # "false" is a string, not false
+        raise APIError(400, "'stream' and 'stream_options.include_usage' must be true or false", "stream")
+    salt = body.get("cache_salt", body.get("user"))
+    if salt is not None and (not isinstance(salt, str) or not salt or len(salt) > 256):
+        raise APIError(400, "'cache_salt' and 'user' must be strings of 1 to 256 characters", "cache_salt")
     return ChatRequest(
         messages=messages,
         image_url=found[0][2] if found else None,
         image_at=found[0][:2] if found else None,
         options=options,
         stop=stop,
-        stream=bool(body.get("stream", False)),
-        include_usage=bool(stream_options.get("include_usage", False)),
+        stream=stream,
+        include_usage=include_usage,
+        max_tokens_given=given,
+        salt=salt,
     )
 
 
@@ -150,9 +173,13 @@ def _message(message: object, index: int, found: list) -> dict:
 def _number(value, name: str, kind, low, high):
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise APIError(400, f"'{name}' must be a number", name)
-    if not low <= value <= high:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise APIError(400, f"'{name}' must be a finite number", name)
+    if kind is int and isinstance(value, float) and not value.is_integer():
+        raise APIError(400, f"'{name}' must be a whole number", name)
+    if not low <= value <= high:  # exact for any size of int: no float conversion that could overflow
         raise APIError(400, f"'{name}' must be between {low} and {high}", name)
     return kind(value)
 
@@ -173,14 +200,7 @@ def fetch_image_bytes(url: str, options: ServeOptions) -> bytes:
     if url.startswith(("http://", "https://")):
         if not options.allow_remote_images:
             raise APIError(400, "remote image URLs are disabled; send a data: URL, or start the server with --allow-remote-images", "messages")
-        try:
-            with urllib.request.urlopen(url, timeout=15) as response:  # noqa: S310 - scheme checked above
-                data = response.read(options.max_body_bytes + 1)
-        except OSError as exc:
-            raise APIError(400, f"cannot fetch the image: {exc}", "messages") from None
-        if len(data) > options.max_body_bytes:
-            raise APIError(413, "the remote image is too large", "messages")
-        return data
+        return fetch_remote(url, options)
     if options.allow_local_files is None:
         raise APIError(400, "image URLs must be data: URLs (local files need --allow-local-files DIR)", "messages")
     root = options.allow_local_files.resolve()
@@ -188,7 +208,72 @@ def fetch_image_bytes(url: str, options: ServeOptions) -> bytes:
     path = (root / path if not path.is_absolute() else path).resolve()
     if not path.is_relative_to(root) or not path.is_file():
         raise APIError(400, "the image path is not a file under the allowed folder", "messages")
+    if path.stat().st_size > options.max_body_bytes:
+        raise APIError(413, "the image file is too large", "messages")
     return path.read_bytes()
+
+
+REMOTE_SECONDS = 20.0  # the whole download, not each read: a slow drip cannot hold a thread longer
+_REMOTE_SLOTS = threading.BoundedSemaphore(8)  # downloads at once: the rest of the thread pool stays free
+_REMOTE_FAILED = "cannot fetch the image URL"  # one text for every failure: no port scanner
+
+
+def fetch_remote(url: str, options: ServeOptions) -> bytes:
+    """Download an image: http(s) only (redirects too), public addresses only unless --allow-private-urls,
+    at most --max-body bytes within REMOTE_SECONDS in total."""
+    if not _REMOTE_SLOTS.acquire(timeout=REMOTE_SECONDS):
+        raise APIError(503, "too many image downloads at once; retry shortly", "messages", kind="server_error")
+    try:
+        deadline = time.monotonic() + REMOTE_SECONDS
+        opener = urllib.request.build_opener(_CheckedRedirects(options))
+        _check_host(url, options)
+        try:
+            with opener.open(url, timeout=REMOTE_SECONDS) as response:  # noqa: S310 - scheme and host checked
+                chunks, size = [], 0
+                while True:
+                    if time.monotonic() > deadline:
+                        raise APIError(400, _REMOTE_FAILED + " (took too long)", "messages")
+                    chunk = response.read1(65536) if hasattr(response, "read1") else response.read(65536)
+                    if not chunk:
+                        break
+                    size += len(chunk)
+                    if size > options.max_body_bytes:
+                        raise APIError(413, "the remote image is too large", "messages")
+                    chunks.append(chunk)
+        except (OSError, ValueError, http.client.HTTPException):
+            raise APIError(400, _REMOTE_FAILED, "messages") from None
+        return b"".join(chunks)
+    finally:
+        _REMOTE_SLOTS.release()
+
+
+def _check_host(url: str, options: ServeOptions) -> None:
+    """Refuse other schemes, and hosts that resolve to private, loopback or link-local addresses."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise APIError(400, _REMOTE_FAILED, "messages")
+    if options.allow_private_urls:
+        return
+    try:
+        infos = socket.getaddrinfo(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+    except (OSError, UnicodeError):
+        raise APIError(400, _REMOTE_FAILED, "messages") from None
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0].split("%")[0])
+        if not address.is_global:
+            raise APIError(400, _REMOTE_FAILED + " (private and local addresses are refused; see --allow-private-urls)",
+                           "messages")
+
+
+class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow a redirect only to http(s) on an allowed host."""
+
+    def __init__(self, options: ServeOptions):
+        self.options = options
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        _check_host(newurl, self.options)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
 # -- the app -------------------------------------------------------------------------------------------------
@@ -212,6 +297,8 @@ class Metrics(Stats):
                               registry=self.registry, buckets=SECONDS)
         self.batch = Histogram("vlcache_batch_size", "rows in each decode step", registry=self.registry,
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+        self.write_errors = Gauge("vlcache_state_write_errors", "states that could not be written to --cache-dir "
+                                  "(disk full, read-only) and are served from memory only", registry=self.registry)
 
     def queue_wait(self, seconds: float) -> None:
         self.wait.observe(seconds)
@@ -244,10 +331,14 @@ class Service:
     def release(self) -> None:
         self.in_flight -= 1
 
-    async def state_for(self, image_bytes: bytes, prefix_messages: list[dict]):
-        """The state for an image and what precedes it: (state, hit), computing and storing it on a miss."""
-        loaded = await run_in_threadpool(images.load_image, image_bytes)
-        key = state_key(self.engine.fingerprint, loaded.sha256, prefix_messages, self.engine.processor_settings(None))
+    async def state_for(self, image_bytes: bytes, prefix_messages: list[dict], salt: str | None = None):
+        """The state for an image and what precedes it: (key, state, reused), computing and storing it on a miss.
+
+        The key hashes the encoded bytes: nothing is decoded unless the state must be computed, and decoding
+        happens on the model thread only, one image at a time.
+        """
+        digest = hashlib.sha256(image_bytes).hexdigest()
+        key = state_key(self.engine.fingerprint, digest, prefix_messages, self.engine.processor_settings(None), salt)
         state, source = await run_in_threadpool(self.store.get, key)
         self.metrics.states.labels(result=source).inc()
         if state is not None:
@@ -256,9 +347,9 @@ class Service:
             future = self._pending.get(key)
             owner = future is None
             if owner:
-                chunk = self.options.prefill_chunk
+                chunk, pixels = self.options.prefill_chunk, self.options.max_image_pixels
                 future = asyncio.wrap_future(self.scheduler.compute(
-                    lambda: self.engine.cache_prefix_steps(image_bytes, prefix_messages, chunk=chunk)))
+                    lambda: self.engine.cache_prefix_steps(image_bytes, prefix_messages, chunk=chunk, max_decode_pixels=pixels)))
                 self._pending[key] = future
         try:
             state = await asyncio.shield(future)
@@ -269,46 +360,44 @@ class Service:
         if owner:
             await run_in_threadpool(self.store.put, key, state)
         self._gauges()
-        return key, state, False
+        return key, state, not owner  # a request that waited for another's computation did not compute it
 
     def _gauges(self) -> None:
         self.metrics.hot_bytes.set(self.store.hot_bytes)
         self.metrics.hot_states.set(self.store.hot_count)
         self.metrics.running.set(self.scheduler.running)
         self.metrics.queued.set(self.scheduler.queued)
+        self.metrics.write_errors.set(self.store.write_errors)
 
     async def prepare(self, request: ChatRequest) -> tuple[Job, int, asyncio.Queue]:
         """Build the generation job for a chat request; returns it with its cached-token count and event queue."""
         engine = self.engine
+        for i, message in enumerate(request.messages):
+            for part in message["content"] if isinstance(message["content"], list) else [{"text": message["content"]}]:
+                if "text" in part:
+                    try:
+                        prompt.check_text(engine.processor, part["text"], f"messages[{i}]")
+                    except VlcacheError as exc:
+                        raise APIError(400, str(exc), f"messages[{i}]") from None
         if request.image_url is None:
-            text = prompt.render(engine.processor, request.messages, add_generation_prompt=True)
-            new_ids = prompt.encode_text(engine.processor, text).to(engine.device)
+            new_ids = await run_in_threadpool(self._encode, request.messages, None)
             kv, history, delta, group, cached = engine.empty_kv(), new_ids[:, :0], 0, "", 0
             keep = None
         else:
             m, p = request.image_at
             prefix = request.messages[:m] + [{"role": "user", "content": request.messages[m]["content"][: p + 1]}]
             data = await run_in_threadpool(fetch_image_bytes, request.image_url, self.options)
-            key, state, hit = await self.state_for(data, prefix)
-            try:
-                text = prompt.text_after(engine.processor, prefix, request.messages)
-            except ValueError:
-                raise APIError(400, "the conversation cannot be split at its image with this chat template", "messages") from None
-            new_ids = prompt.encode_text(engine.processor, text).to(engine.device)
+            new_ids = await run_in_threadpool(self._encode, request.messages, prefix)
+            key, state, hit = await self.state_for(data, prefix, request.salt)
             kv, history, delta, group = state.kv, state.input_ids, int(state.rope_deltas.view(-1)[0]), key
             cached = state.num_tokens if hit else 0
-            # A later turn of a conversation served before: start from where that one ended. Only for requests
-            # with an answer after the image: single questions share the image state and batch together.
-            # Linear-attention states cannot be cut back to a shared run of tokens: no continuations for them.
-            later_turn = any(msg["role"] == "assistant" for msg in request.messages[m + 1:])
-            later_turn = later_turn and not engine.family.has_linear_layers
-            ids = torch.cat([history, new_ids], dim=1)
-            cont_key, cont, same = self.store.best_continuation(key, ids) if later_turn else (None, None, 0)
-            same = min(same, ids.shape[1] - 1)
-            if cont is not None and same > history.shape[1]:
-                kv = await run_in_threadpool(cont.kv_until, same)
-                history, new_ids, group, cached = ids[:, :same], ids[:, same:], f"{cont_key}:{same}", same
-            keep = None if engine.family.has_linear_layers else self._keeper(key, state, kv, history.shape[1])
+            cont, same = await self._continuation(request, key, history, new_ids)
+            if cont is not None:
+                kv = lambda cont=cont, same=same: cont.kv_until(same)  # noqa: E731 - built on the model thread, when the row starts
+                ids = torch.cat([history, new_ids], dim=1)
+                history, new_ids, group, cached = ids[:, :same], ids[:, same:], f"{cont.key}:{same}", same
+            keep = None if engine.family.has_linear_layers else self._keeper(key, state, cont, history.shape[1])
+        self._fit_context(request, history.shape[1] + new_ids.shape[1])
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
@@ -319,17 +408,78 @@ class Service:
                   keep=keep)
         return job, cached, events
 
-    def _keeper(self, image_key: str, image_state, prefix_kv: list, prefix_tokens: int):
+    def _encode(self, messages: list[dict], prefix: list[dict] | None) -> torch.Tensor:
+        """Token ids of the conversation after the image prefix (all of it without one); off the event loop."""
+        processor = self.engine.processor
+        if prefix is None:
+            text = prompt.render(processor, messages, add_generation_prompt=True)
+        else:
+            try:
+                text = prompt.text_after(processor, prefix, messages)
+            except ValueError:
+                raise APIError(400, "the conversation cannot be split at its image with this chat template", "messages") from None
+        return prompt.encode_text(processor, text).to(self.engine.device)
+
+    def _fit_context(self, request: ChatRequest, prompt_tokens: int) -> None:
+        """Refuse what the model cannot hold; the default answer length shrinks to fit."""
+        context = self.context_length
+        options = request.options
+        if prompt_tokens >= context or (request.max_tokens_given and prompt_tokens + options.max_new_tokens > context):
+            raise APIError(400, f"this model's maximum context length is {context:,} tokens; the messages have "
+                                f"{prompt_tokens:,} and max_tokens asks for {options.max_new_tokens:,} more", "messages",
+                           kind="invalid_request_error")
+        options.max_new_tokens = min(options.max_new_tokens, context - prompt_tokens)
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.engine.model.config.get_text_config(), "max_position_embeddings", None) or 2**31)
+
+    async def _continuation(self, request: ChatRequest, key: str, history: torch.Tensor, new_ids: torch.Tensor):
+        """A kept conversation this request continues, and how many of its tokens to reuse (None, 0 if none).
+
+        Only for requests with an answer after the image (single questions share the image state and batch
+        together); never for linear-attention models (their state cannot be cut back to a shared run). The
+        reuse ends at a message boundary, never inside a message: otherwise the cached-token count would tell
+        a client, token by token, what another client wrote.
+        """
+        m = request.image_at[0]
+        if self.engine.family.has_linear_layers or not any(msg["role"] == "assistant" for msg in request.messages[m + 1:]):
+            return None, 0
+        ids = torch.cat([history, new_ids], dim=1)
+        cont, same = self.store.best_continuation(key, ids)
+        if cont is None:
+            return None, 0
+        same = _message_boundary(ids[0].tolist(), min(same, ids.shape[1] - 1), history.shape[1], cont, self.engine.eos_ids)
+        return (cont, same) if same > history.shape[1] else (None, 0)
+
+    def _keeper(self, image_key: str, image_state, cont: Continuation | None, prefix_tokens: int):
         """Keeps a finished row as a continuation of the image state (runs on the model thread)."""
         extra = prefix_tokens - image_state.num_tokens  # tokens of a continuation the row started from
 
-        def keep(ids, suffix_kv):
-            if extra > 0:  # put the continuation's part in front: the last `extra` of every layer's prefix K/V
-                suffix_kv = [(torch.cat([pk[:, :, -extra:], sk], dim=-2), torch.cat([pv[:, :, -extra:], sv], dim=-2))
-                             for (pk, pv), (sk, sv) in zip(prefix_kv, suffix_kv)]
-            self.store.add_continuation(image_key, Continuation(base=image_state, input_ids=ids, suffix_kv=suffix_kv))
+        def keep(ids, suffix_kv, answer_start):
+            if extra > 0:  # the continuation's part in front: the first `extra` tokens after the image state
+                suffix_kv = [(torch.cat([ck[:, :, :extra], sk], dim=-2), torch.cat([cv[:, :, :extra], sv], dim=-2))
+                             for (ck, cv), (sk, sv) in zip(cont.suffix_kv, suffix_kv)]
+            self.store.add_continuation(image_key, Continuation(base=image_state, input_ids=ids, suffix_kv=suffix_kv,
+                                                                answer_start=answer_start))
 
         return keep
+
+
+def _message_boundary(ids: list[int], same: int, start: int, cont: Continuation, turn_ends: frozenset[int]) -> int:
+    """The longest reuse up to `same` tokens that ends where a message ends: after an end-of-turn token, at the
+    kept answer's start (its assistant header), or after the whole kept answer when the request's copy of it
+    ends there too."""
+    best = start
+    for i in range(start, same):
+        if ids[i] in turn_ends:
+            best = i + 1
+    if cont.answer_start <= same:
+        best = max(best, cont.answer_start)
+    if same == cont.num_tokens and same < len(ids) and ids[same] in turn_ends:
+        best = same
+    return best
+
 
 def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
     service = Service(engine, options)
@@ -345,7 +495,7 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        service.metrics.requests.labels(endpoint=request.url.path, status=str(exc.status)).inc()
+        service.metrics.requests.labels(endpoint=_endpoint(request), status=str(exc.status)).inc()
         return error_response(exc.status, exc.message, exc.param, exc.kind, exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
@@ -409,7 +559,7 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
         system_prompt = body.get("system_prompt")
         if system_prompt is not None and not isinstance(system_prompt, str):
             raise APIError(400, "'system_prompt' must be a string", "system_prompt")
-        url = body["image"] if body["image"].startswith("data:") else "data:image/*;base64," + body["image"]
+        url = body["image"] if body["image"].startswith("data:") else "data:;base64," + body["image"]
         data = await run_in_threadpool(fetch_image_bytes, url, options)
         try:
             key, state, hit = await service.state_for(data, prompt.image_conversation(system_prompt))
@@ -420,7 +570,7 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
 
     @app.get("/v1/images/{image_id}")
     async def get_image(image_id: str):
-        meta = service.store.metadata(_valid_id(image_id))
+        meta = await run_in_threadpool(service.store.metadata, _valid_id(image_id))
         if meta is None:
             raise APIError(404, f"no image state {image_id}", "image_id")
         return {"id": image_id, "object": "image_state", "tokens": meta.prefix_tokens, "image_tokens": meta.image_tokens,
@@ -437,18 +587,29 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
     return BodyLimit(app, options.max_body_bytes)
 
 
+def _endpoint(request: Request) -> str:
+    """The route's template (/v1/images/{image_id}), never the raw path: metric labels stay few."""
+    route = request.scope.get("route")
+    return getattr(route, "path", "other")
+
+
 def _valid_id(image_id: str) -> str:
-    if not KEY_PATTERN.match(image_id):
+    if not KEY_PATTERN.fullmatch(image_id):
         raise APIError(400, "image ids are 64 lowercase hex digits", "image_id")
     return image_id
 
 
 async def _json_body(request: Request):
-    raw = await request.body()
+    try:
+        raw = await request.body()
+    except BodyTooLarge as exc:  # a chunked body: the size shows only while reading it
+        raise APIError(413, str(exc)) from None
+    except BodyTimeout:
+        raise APIError(408, f"the request body did not arrive within {BODY_SECONDS:.0f} s") from None
     try:
         return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise APIError(400, "the request body is not valid JSON") from None
+    except (ValueError, RecursionError):  # bad JSON or UTF-8, integers of thousands of digits, nesting too deep
+        raise APIError(400, "the request body is not valid JSON (or nests or numbers beyond the limits)") from None
 
 
 def _usage(answer, cached: int) -> dict:
@@ -579,20 +740,27 @@ class BodyLimit:
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
             return await self._too_large(scope, receive, send)
-        received = 0
+        received, complete = 0, False
+        deadline = time.monotonic() + BODY_SECONDS
 
         async def counted():
-            nonlocal received
-            message = await receive()
+            nonlocal received, complete
+            if complete:  # after the body: waiting for a disconnect, however long the answer takes
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise BodyTimeout from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:
-                    raise _BodyTooLarge
+                    raise BodyTooLarge(self.limit)
+                complete = not message.get("more_body", False)
             return message
 
         try:
             await self.app(scope, counted, send)
-        except _BodyTooLarge:
+        except BodyTooLarge:
             await self._too_large(scope, receive, send, drain=False)
 
     async def _too_large(self, scope, receive, send, drain: bool = True):
@@ -610,5 +778,39 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
-class _BodyTooLarge(Exception):
+class BodyTooLarge(Exception):
+    def __init__(self, limit: int):
+        super().__init__(f"request body over the {limit:,}-byte limit")
+
+
+class BodyTimeout(Exception):
     pass
+
+
+BODY_SECONDS = 60.0  # the whole request body must arrive within this (a slow-loris body is cut off: 408)
+HEADER_SECONDS = 10.0  # a connection whose request headers take longer is closed
+
+
+class TimedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol, closing connections whose request headers do not arrive within HEADER_SECONDS
+    (uvicorn itself waits for slow headers forever)."""
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._arm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm()
+
+    def _arm(self) -> None:
+        self.loop.call_later(HEADER_SECONDS, self._no_headers, self.cycle)
+
+    def _no_headers(self, cycle) -> None:
+        if self.cycle is cycle and not self.transport.is_closing():  # no new request began meanwhile
+            self.transport.close()
+
+
+def server_config(app, host: str, port: int, **kwargs) -> uvicorn.Config:
+    """uvicorn's configuration for vlcache's app: header and keep-alive timeouts against idle connections."""
+    return uvicorn.Config(app, host=host, port=port, http=TimedH11Protocol, timeout_keep_alive=5, **kwargs)

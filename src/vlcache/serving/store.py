@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -22,7 +24,9 @@ import torch
 from ..errors import CacheFileError
 from ..state import ImageState, StateMetadata, kv_nbytes, load_state, read_metadata
 
-KEY_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+KEY_PATTERN = re.compile(r"[0-9a-f]{64}")  # use fullmatch: "$" would also accept a trailing newline
+RESCAN_SECONDS = 1.0  # a miss looks for files others added at most this often
+log = logging.getLogger("vlcache")
 
 
 @dataclass
@@ -32,6 +36,8 @@ class Continuation:
     base: ImageState
     input_ids: torch.Tensor  # [1, n]: the base's ids, then the turn's new ids and answer
     suffix_kv: list  # per layer, K/V of the tokens after the base
+    answer_start: int = 0  # tokens before the kept answer (its assistant header included)
+    key: str = ""  # set when kept
 
     @property
     def num_tokens(self) -> int:
@@ -48,8 +54,11 @@ class Continuation:
                 for (bk, bv), (sk, sv) in zip(self.base.kv, self.suffix_kv)]
 
 
-def state_key(fingerprint: str, image_sha256: str, messages: list, processor_settings: dict) -> str:
+def state_key(fingerprint: str, image_sha256: str, messages: list, processor_settings: dict, salt: str | None = None) -> str:
+    """A state's identity. `salt` (a tenant's cache_salt or user) keeps its states apart from everyone else's."""
     identity = {"fingerprint": fingerprint, "image": image_sha256, "messages": messages, "processor": processor_settings}
+    if salt is not None:
+        identity["salt"] = salt
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
@@ -68,6 +77,9 @@ class StateStore:
         self._hot: OrderedDict[str, ImageState] = OrderedDict()
         self._hot_bytes = 0
         self._index: dict[str, Path] = {}  # key -> file, for files not named by their key
+        self._scanned: dict[Path, tuple[float, int]] = {}  # file -> (mtime, size) when its header was read
+        self._last_scan = 0.0
+        self.write_errors = 0  # states that could not be written to disk (kept in memory only)
         # Conversations that went on after an image state, in memory only: image key -> continuation keys.
         self._continuations: dict[str, list[str]] = {}
         self._lock = threading.RLock()
@@ -92,23 +104,30 @@ class StateStore:
         return state, "disk"
 
     def put(self, key: str, state: ImageState) -> None:
+        """Keep a computed state in memory and write it to the folder; a failed write (disk full, read-only
+        folder) is logged and counted, and the state is still served from memory."""
         target = self.dir / f"{key}.safetensors"
-        if not target.exists():
-            state.save(target)
-        with self._lock:
-            self._index[key] = target
+        try:
+            if not target.exists():
+                state.save(target)
+            with self._lock:
+                self._index[key] = target
+        except OSError as exc:
+            self.write_errors += 1
+            log.warning(f"warning: could not write state {key[:12]} to {self.dir}: {exc.strerror or exc}; serving it from memory")
         self._keep_hot(key, state)
 
     def add_continuation(self, image_key: str, state: Continuation) -> None:
         """Keep, in memory under the same budget, what followed an image state: a next turn starts from it."""
         key = f"{image_key}:{uuid.uuid4().hex}"
+        state.key = key
         with self._lock:
             if image_key not in self._hot:  # its image state left memory meanwhile: keeping this would pin it
                 return
             self._continuations.setdefault(image_key, []).append(key)
         self._keep_hot(key, state)
 
-    def best_continuation(self, image_key: str, ids: torch.Tensor) -> tuple[str | None, Continuation | None, int]:
+    def best_continuation(self, image_key: str, ids: torch.Tensor) -> tuple[Continuation | None, int]:
         """The kept continuation sharing the longest run of leading tokens with `ids` [1, n], and that length."""
         best: tuple[str | None, Continuation | None, int] = (None, None, 0)
         with self._lock:
@@ -122,7 +141,7 @@ class StateStore:
                     best = (key, state, int(same))
             if best[0] is not None:
                 self._hot.move_to_end(best[0])
-        return best
+        return best[1], best[2]
 
     def delete(self, key: str) -> bool:
         with self._lock:
@@ -156,19 +175,46 @@ class StateStore:
     # -- internals -------------------------------------------------------------------------------------------
 
     def rescan(self) -> None:
-        """Index cache files in the folder by the key their metadata gives (files of other models are ignored)."""
-        index = {}
-        for path in sorted(self.dir.iterdir()):
-            if path.suffix not in (".safetensors", ".pt") or not path.is_file():
+        """Index the folder's cache files by the key their metadata gives (files of other models are ignored).
+
+        Incremental: only files that are new or changed since the last scan have their header read, and a
+        broken file is skipped (and not read again until it changes).
+        """
+        with self._lock:
+            self._last_scan = time.monotonic()
+        seen: dict[Path, tuple[float, int]] = {}
+        found: dict[Path, str | None] = {}
+        try:
+            entries = list(self.dir.iterdir())
+        except OSError:
+            return
+        for path in entries:
+            if path.suffix not in (".safetensors", ".pt"):
                 continue
             try:
-                meta = read_metadata(path)
-            except CacheFileError:
+                info = path.stat()
+            except OSError:
                 continue
-            if meta.fingerprint == self.fingerprint:
-                index[metadata_key(meta)] = path
+            if not path.is_file():
+                continue
+            seen[path] = (info.st_mtime, info.st_size)
+            if self._scanned.get(path) != seen[path]:
+                found[path] = self._key_of(path)
         with self._lock:
-            self._index = index
+            gone = [key for key, path in self._index.items() if path not in seen or path in found]
+            for key in gone:
+                del self._index[key]
+            for path, key in found.items():
+                if key is not None:
+                    self._index[key] = path
+            self._scanned = seen
+
+    def _key_of(self, path: Path) -> str | None:
+        try:
+            meta = read_metadata(path)
+        except CacheFileError:
+            return None
+        return metadata_key(meta) if meta.fingerprint == self.fingerprint else None
 
     def _path_for(self, key: str) -> Path | None:
         named = self.dir / f"{key}.safetensors"
@@ -176,7 +222,8 @@ class StateStore:
             return named
         with self._lock:
             path = self._index.get(key)
-        if path is None or not path.exists():
+            due = time.monotonic() - self._last_scan >= RESCAN_SECONDS
+        if (path is None or not path.exists()) and due:
             self.rescan()  # another server, or a user, may have added files since
             with self._lock:
                 path = self._index.get(key)
@@ -187,12 +234,12 @@ class StateStore:
             if key in self._hot:
                 self._hot.move_to_end(key)
                 return
+            if state.kv_bytes > self.budget:  # larger than the whole budget: serve it, keep nothing else out for it
+                return
             self._hot[key] = state
             self._hot_bytes += state.kv_bytes
             while self._hot_bytes > self.budget and len(self._hot) > 1:
                 self._evict(next(iter(self._hot)))
-            if self._hot_bytes > self.budget:  # one state larger than the whole budget: serve it, do not keep it
-                self._evict(key)
 
     def _evict(self, key: str) -> None:
         # A continuation holds its image state: they leave memory together, or the budget would be a fiction.
