@@ -148,8 +148,9 @@ def report(results: dict) -> str:
     lines = [
         "# Open-loop load test of `vlcache serve`",
         "",
-        f"Command: `{any_label['command']}` (per label; `before` ran the same script against a git worktree of the "
-        "commit before continuous batching, with `--src`).",
+        "Commands: " + "; ".join(f"`{results['labels'][label]['command']}` ({label})" for label in labels)
+        + " (a label with `--src` ran that checkout's server, e.g. a git worktree of an earlier commit).",
+        "",
         f"Machine: {m['cpu']}, {m['cores']} cores, CPU capability {m['cpu_capability']}, native bf16: {m['native_bf16']}; "
         f"torch {m['torch']}, transformers {m['transformers']}. Model: {any_label['model']} (random weights, "
         f"{any_label['dtype']}), server `--max-batch 16`. Poisson arrivals for {any_label['duration']:.0f} s per rate, "
@@ -189,7 +190,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", default=str(REPO / "docs"))
     parser.add_argument("--work-dir", default=str(Path.home() / ".cache" / "vlcache-bench"))
+    parser.add_argument("--report-only", action="store_true", help="rewrite the .md from the .json and stop")
     args = parser.parse_args()
+    if args.report_only:
+        out = Path(args.out_dir)
+        (out / "benchmarks-load.md").write_text(report(json.loads((out / "benchmarks-load.json").read_text())))
+        return
     config = dict(CONFIGS[args.config])
     config["rates"] = args.rates or config["rates"]
     config["duration"] = args.duration or config["duration"]

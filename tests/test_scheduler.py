@@ -288,7 +288,7 @@ def test_run_steps_returns_the_result():
 
 def test_memory_grows_with_what_rows_hold_not_with_their_limits(engine, states):
     """Issue 13, finding 17: no buffer sized by max_tokens up front; a queued row holds no copy of its prefix."""
-    scheduler = Scheduler(engine, max_batch=4)
+    scheduler = Scheduler(engine, max_batch=16)
     made = []
     try:
         blocker, blocking = threading.Event(), threading.Event()
@@ -303,8 +303,14 @@ def test_memory_grows_with_what_rows_hold_not_with_their_limits(engine, states):
         blocker.set()
         while sum(1 for kind, _ in events if kind == "delta") < 5:
             time.sleep(0.005)
+        others = [job_for(engine, states["chelsea.png"], f"Question {i}?", 60, "chelsea.png") for i in range(12)]
+        for other, _, _ in others:  # rows joining one by one grow the batch's rows, not its length
+            scheduler.submit(other)
+            time.sleep(0.01)
+        assert all(done.wait(60) for _, _, done in others)
         layer = next(layer for layer in scheduler._cache.layers if hasattr(layer, "_keys"))
-        assert made == [1] and layer._keys.shape[2] < 256  # grown to what the row holds, not 4,000 slots
+        assert made == [1] and layer._keys.shape[2] <= 256  # grown to what rows hold, not 4,000 slots
+        assert scheduler._cache.book.keys.shape[1] <= 256
         job.cancelled.set()
         assert finished.wait(60)
     finally:

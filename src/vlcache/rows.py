@@ -86,9 +86,14 @@ class RowsBook:
         have_rows, have_len = self.keys.shape
         if rows <= have_rows and length <= have_len:
             return
-        grown = self.keys.new_full((max(rows, have_rows), max(length, 2 * have_len, 16)), -1)
+        grown = self.keys.new_full((_grow(have_rows, rows), _grow(have_len, length)), -1)
         grown[:have_rows, :have_len] = self.keys
         self.keys = grown
+
+
+def _grow(have: int, need: int) -> int:
+    """A buffer dimension's new size: as it is if it fits, else doubled (at least `need`, at least 16)."""
+    return have if need <= have else max(need, 2 * have, 16)
 
 
 def _groups(prefixes: list[Prefix], device) -> list[_Group]:
@@ -133,7 +138,7 @@ class RowsLayer(DynamicLayer):
         if self._keys is not None and rows <= self._keys.shape[0] and length <= self._keys.shape[2]:
             return
         old = self._keys.shape if self._keys is not None else (0, like.shape[1], 0, like.shape[-1])
-        shape = (max(rows, old[0]), like.shape[1], max(length, 2 * old[2], 16), like.shape[-1])
+        shape = (_grow(old[0], rows), like.shape[1], _grow(old[2], length), like.shape[-1])
         for name in ("_keys", "_values"):
             # Zeros, not empty memory: masked slots still go through the matmuls, and 0 * NaN garbage is NaN.
             buffer = like.new_zeros(shape)
