@@ -315,3 +315,25 @@ def test_memory_grows_with_what_rows_hold_not_with_their_limits(engine, states):
         assert finished.wait(60)
     finally:
         scheduler.stop()
+
+
+def test_a_job_that_cannot_start_fails_alone(engine, states, monkeypatch):
+    real = engine.sampler
+
+    def sampler(options, *rest):
+        if options.seed == 13:
+            raise ValueError("no sampler for these options")
+        return real(options, *rest)
+
+    monkeypatch.setattr(engine, "sampler", sampler)
+    scheduler = Scheduler(engine, max_batch=4)
+    try:
+        bad, bad_events, bad_done = job_for(engine, states["rocket.jpg"], QUESTIONS[0], 4, "rocket.jpg")
+        bad.options = GenerationOptions(max_new_tokens=4, temperature=1.0, seed=13)
+        scheduler.submit(bad)
+        assert bad_done.wait(30) and bad_events[-1][0] == "error"
+        good, good_events, good_done = job_for(engine, states["rocket.jpg"], QUESTIONS[0], 4, "rocket.jpg")
+        scheduler.submit(good)  # the model thread is still there
+        assert good_done.wait(30) and good_events[-1][0] == "done"
+    finally:
+        scheduler.stop()

@@ -174,8 +174,11 @@ class Scheduler:
                 return False
             if isinstance(item, _Task):
                 self._tasks.append(item)
-            else:
+                continue
+            try:
                 self._waiting.append(self._row(item))
+            except Exception as exc:  # noqa: BLE001 - options no sampler takes: this job fails, the thread goes on
+                item.emit("error", f"cannot start generation: {type(exc).__name__}: {exc}")
         return True
 
     def _row(self, job: Job) -> _Row:
