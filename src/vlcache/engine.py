@@ -131,9 +131,7 @@ class Engine:
         `chunk` prefix tokens where the family can split its prefill) and returns the ImageState. Images that
         declare more than `max_decode_pixels` are refused before they are decoded."""
         # 1. Open the image (any mode, first frame) and check it fits in memory at the chosen resolution.
-        for message in messages:
-            for part in message["content"] if isinstance(message["content"], list) else [{"text": message["content"]}]:
-                prompt.check_text(self.processor, part.get("text", ""), f"the {message['role']} message")
+        prompt.check_messages(self.processor, messages)
         loaded = images.load_image(image, max_pixels=max_decode_pixels)
         images_kwargs = self.images_kwargs(max_pixels)
         self._check_memory(loaded, images_kwargs)

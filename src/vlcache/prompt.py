@@ -122,6 +122,15 @@ def check_text(processor, text: str, where: str = "the prompt") -> None:
             raise PromptError(f"{where} holds the model's control token {token!r}; control tokens cannot be typed in text")
 
 
+def check_messages(processor, messages: list[dict]) -> None:
+    """check_text on every text of a conversation (plain-string contents and text parts)."""
+    for i, message in enumerate(messages):
+        content = message["content"]
+        for part in content if isinstance(content, list) else [{"text": content}]:
+            if "text" in part:
+                check_text(processor, part["text"], f"messages[{i}] ({message['role']})")
+
+
 def check_plain_text(text: str, where: str = "the prompt") -> None:
     """The checks that need no tokenizer: valid Unicode, and not vlcache's own question marker."""
     try:

@@ -61,6 +61,10 @@ class RowsBook:
     def rows(self) -> int:
         return len(self.lengths)
 
+    def longest(self) -> int:
+        """Prefix and suffix tokens of the longest row (what transformers asks a cache's length for masks)."""
+        return max((p.tokens + n for p, n in zip(self.prefixes, self.lengths)), default=0)
+
     def next_logical(self) -> torch.Tensor:
         """[B, 1]: each row's next logical position (its prefix and its real suffix tokens before it)."""
         return torch.tensor([[p.tokens + n] for p, n in zip(self.prefixes, self.lengths)], device=self.device)
@@ -124,7 +128,7 @@ class RowsLayer(DynamicLayer):
         self.keys = self.values = None
 
     def get_seq_length(self) -> int:
-        return max((p.tokens + n for p, n in zip(self.book.prefixes, self.book.lengths)), default=0)
+        return self.book.longest()
 
     def update(self, key_states, value_states, *args, **kwargs):
         book = self.book
@@ -191,7 +195,7 @@ class RowsCache(DynamicCache):
         return self.book.rows
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return max((p.tokens + n for p, n in zip(self.book.prefixes, self.book.lengths)), default=0)
+        return self.book.longest()
 
     # -- rows in and out ---------------------------------------------------------------------------------------
 

@@ -36,7 +36,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 import torch
 
-from .. import images, prompt
+from .. import prompt
 from ..engine import Engine, GenerationOptions
 from ..errors import ImageError, VlcacheError
 from .store import KEY_PATTERN, Continuation, StateStore, state_key
@@ -372,13 +372,10 @@ class Service:
     async def prepare(self, request: ChatRequest) -> tuple[Job, int, asyncio.Queue]:
         """Build the generation job for a chat request; returns it with its cached-token count and event queue."""
         engine = self.engine
-        for i, message in enumerate(request.messages):
-            for part in message["content"] if isinstance(message["content"], list) else [{"text": message["content"]}]:
-                if "text" in part:
-                    try:
-                        prompt.check_text(engine.processor, part["text"], f"messages[{i}]")
-                    except VlcacheError as exc:
-                        raise APIError(400, str(exc), f"messages[{i}]") from None
+        try:
+            prompt.check_messages(engine.processor, request.messages)
+        except VlcacheError as exc:
+            raise APIError(400, str(exc), "messages") from None
         if request.image_url is None:
             new_ids = await run_in_threadpool(self._encode, request.messages, None)
             kv, history, delta, group, cached = engine.empty_kv(), new_ids[:, :0], 0, "", 0
