@@ -337,3 +337,32 @@ def test_a_job_that_cannot_start_fails_alone(engine, states, monkeypatch):
         assert good_done.wait(30) and good_events[-1][0] == "done"
     finally:
         scheduler.stop()
+
+
+def test_control_rows_that_attend_to_another_rows_image_are_caught(engine, states, monkeypatch):
+    """Control: if the batch let every row attend to the first row's image state, the churn test would fail."""
+    from vlcache import rows
+
+    real = rows._groups
+
+    def first_prefix_for_all(prefixes, device):
+        groups = real(prefixes, device)
+        return [rows._Group(groups[0].prefix, slice(0, len(prefixes)))] if len(groups) > 1 else groups
+
+    monkeypatch.setattr(rows, "_groups", first_prefix_for_all)
+    requests = [(states["rocket.jpg"], "rocket.jpg", QUESTIONS[0], 8), (states["chelsea.png"], "chelsea.png", QUESTIONS[0], 8)]
+    scheduler = Scheduler(engine, max_batch=4)
+    try:
+        blocker, blocking = threading.Event(), threading.Event()
+        scheduler.call(lambda: (blocking.set(), blocker.wait()))
+        assert blocking.wait(30)
+        jobs = [job_for(engine, state, question, n, key) for state, key, question, n in requests]
+        for job, _, _ in jobs:
+            scheduler.submit(job)  # both arrive together: one batch, two image states
+        blocker.set()
+        assert all(done.wait(60) for _, _, done in jobs)
+    finally:
+        scheduler.stop()
+    answers = [events[-1][1].token_ids for _, events, _ in jobs]
+    assert answers[0] == alone(engine, requests[0])  # the first row's own image: unharmed
+    assert answers[1] != alone(engine, requests[1])  # the second row saw the wrong image: caught
