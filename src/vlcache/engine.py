@@ -12,11 +12,12 @@ from pathlib import Path
 
 import torch
 
-from . import attention, generate, images, model as model_loading, prompt
+from . import attention, generate, images, media, model as model_loading, prompt
 from .families import LINEAR, family_class
 from .families.base import run_steps
 from .defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SYSTEM_PROMPT
 from .errors import ImageError, ModelMismatchError, VlcacheError
+from .media import MediaOptions
 from .state import ImageState, StateMetadata, load_state
 
 log = logging.getLogger("vlcache")
@@ -112,6 +113,19 @@ class Engine:
 
     # -- caching ---------------------------------------------------------------------------------------------
 
+    def cache(
+        self,
+        parts: Sequence[str | os.PathLike | bytes],
+        system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
+        options: MediaOptions | None = None,
+    ) -> ImageState:
+        """Run the vision encoder and the prefill once over system prompt + images and videos, in order, in one
+        user turn; return the state. A path with a video suffix (.mp4, .webm, .mov, ...) is a video."""
+        if not parts:
+            raise ImageError("nothing to cache: give at least one image or video")
+        kinds = [media.kind_of(p) for p in parts]
+        return run_steps(self.cache_media_steps(parts, prompt.media_conversation(system_prompt, kinds), options))
+
     def cache_image(
         self,
         image: str | os.PathLike | bytes,
@@ -123,54 +137,74 @@ class Engine:
 
     def cache_prefix(self, image, messages: list[dict], max_pixels: int | None = None) -> ImageState:
         """Like cache_image for any conversation that ends in an open user turn whose last part is the image."""
-        return run_steps(self.cache_prefix_steps(image, messages, max_pixels))
+        return run_steps(self.cache_media_steps([image], messages, MediaOptions(max_pixels=max_pixels)))
 
-    def cache_prefix_steps(self, image, messages: list[dict], max_pixels: int | None = None, chunk: int | None = None,
-                           max_decode_pixels: int = images.MAX_DECODE_PIXELS):
-        """cache_prefix as a generator: yields between units of work (the vision encoder, pieces of at most
-        `chunk` prefix tokens where the family can split its prefill) and returns the ImageState. Images that
-        declare more than `max_decode_pixels` are refused before they are decoded."""
-        # 1. Open the image (any mode, first frame) and check it fits in memory at the chosen resolution.
+    def cache_media_steps(self, sources: Sequence, messages: list[dict], options: MediaOptions | None = None,
+                          chunk: int | None = None, max_decode_pixels: int = images.MAX_DECODE_PIXELS,
+                          base: ImageState | None = None):
+        """The state of `messages` (ending in an open user turn whose last part is media), whose image and
+        video parts are `sources` in order, as a generator: yields between units of work (the vision encoder,
+        pieces of at most `chunk` prefix tokens where the family can split its prefill) and returns the
+        ImageState. Images and video frames that declare more than `max_decode_pixels` are refused before
+        they are decoded. `base`, a state of a leading part of the same conversation that ends after a media
+        part, is continued instead of starting over where the family can (only the media after it are encoded).
+        """
+        options = options or MediaOptions()
+        # 1. Open the media (videos: probe and choose frames) and check that all of it fits in memory.
         prompt.check_messages(self.processor, messages)
-        loaded = images.load_image(image, max_pixels=max_decode_pixels)
-        images_kwargs = self.images_kwargs(max_pixels)
-        self._check_memory(loaded, images_kwargs)
-        system_prompt = next((m["content"] for m in messages if m["role"] == "system"), None)
-        # 2. Tokenize what the chat template puts before the question: system turn, user turn up to the image.
-        image = self.family.prepare_image(loaded.image, max_pixels)
-        inputs = self.family.prefix_inputs(prompt.covered_text(self.processor, messages), image, images_kwargs)
-        inputs = inputs.to(self.device)
-        # 3. Vision encoder + prefill with the family's own positions; keep the KV.
-        cache = generate.DynamicCache(config=self.model.config)
-        rope_delta = yield from self.family.prefill_steps(inputs, cache, self.dtype, chunk)
-        image_mask = self.family.image_token_mask(inputs)
-        n = int(inputs["input_ids"].shape[1])
-        metadata = StateMetadata(
-            model=self.model_name,
-            fingerprint=self.fingerprint,
-            dtype=str(self.dtype).removeprefix("torch."),
-            system_prompt=system_prompt,
-            image_path=str(Path(loaded.path).resolve()) if loaded.path else None,
-            image_sha256=loaded.sha256,
-            image_size=[loaded.width, loaded.height],
-            max_pixels=max_pixels,
-            prefix_tokens=n,
-            image_tokens=int(image_mask.sum()),
-            created=_now(),
-            messages=messages,
-            processor_settings=self.processor_settings(max_pixels),
-            versions=_versions(),
-            family=self.family.name,
-            layer_kinds=self.family.layer_kinds(),
-        )
+        kinds = prompt.media_kinds(messages)
+        if len(kinds) != len(sources):
+            raise ImageError(f"the conversation has {len(kinds)} media parts but {len(sources)} sources were given")
+        images_kwargs = self.images_kwargs(options.max_pixels)
+        parts = media.load_parts(sources, kinds, self.family, options, images_kwargs, max_decode_pixels, self._check_memory)
+        # 2. Tokenize what the chat template puts before the question, every image and video expanded.
+        inputs = self.family.prefix_inputs(
+            prompt.covered_text(self.processor, messages), [p.image for p in parts if p.kind == media.IMAGE],
+            [p.video for p in parts if p.kind == media.VIDEO], images_kwargs,
+        ).to(self.device)
+        # 3. Vision encoder + prefill with the family's own positions (after `base` where it leads); keep the KV.
+        start = _leading(base, inputs["input_ids"]) if base is not None and self.family.extends else 0
+        if start:
+            cache = generate.cache_from_kv(self.model.config, self.adopt(base).kv, capacity=inputs["input_ids"].shape[1],
+                                           prefix_tokens=start)
+        else:
+            cache = generate.DynamicCache(config=self.model.config)
+        rope_delta = yield from self.family.prefill_steps(inputs, cache, self.dtype, chunk, start)
         return ImageState(
             kv=generate.kv_from_cache(cache),
             input_ids=inputs["input_ids"],
             attention_mask=inputs["attention_mask"],
-            mm_token_type_ids=image_mask,
-            image_grid_thw=inputs.get("image_grid_thw", torch.zeros(1, 3, dtype=torch.long, device=self.device)),
+            mm_token_type_ids=self.family.image_token_mask(inputs),
+            image_grid_thw=_grids(inputs, self.device),
             rope_deltas=torch.tensor([[rope_delta]], device=self.device),
-            metadata=metadata,
+            metadata=self._metadata(messages, parts, inputs, options, reused=start),
+        )
+
+    def _metadata(self, messages: list[dict], parts: list[media.Part], inputs, options: MediaOptions, reused: int) -> StateMetadata:
+        first = parts[0]
+        grids = _part_grids(parts, inputs)
+        settings = self.processor_settings(options.max_pixels)
+        if any(p.kind == media.VIDEO for p in parts):
+            settings["video"] = self.family.video_settings(options.fps, options.max_frames)
+        return StateMetadata(
+            model=self.model_name,
+            fingerprint=self.fingerprint,
+            dtype=str(self.dtype).removeprefix("torch."),
+            system_prompt=next((m["content"] for m in messages if m["role"] == "system"), None),
+            image_path=str(Path(first.path).resolve()) if first.path else None,
+            image_sha256=first.sha256,
+            image_size=[first.width, first.height],
+            max_pixels=options.max_pixels,
+            prefix_tokens=int(inputs["input_ids"].shape[1]),
+            image_tokens=int(self.family.image_token_mask(inputs).sum()),
+            created=_now(),
+            messages=messages,
+            processor_settings=settings,
+            versions=_versions(),
+            family=self.family.name,
+            layer_kinds=self.family.layer_kinds(),
+            parts=[p.record(g) for p, g in zip(parts, grids)],
+            reused_tokens=reused,
         )
 
     def cache_images(self, images: Sequence[str], output_dir: str | os.PathLike,
@@ -352,18 +386,20 @@ class Engine:
         """What decides an image's tokens besides its pixels: part of a cache's identity."""
         return self.family.processor_settings(max_pixels)
 
-    def _check_memory(self, loaded: images.LoadedImage, images_kwargs: dict) -> None:
-        """Refuse an image whose KV cache and activations would not fit in the memory at hand."""
-        tokens = self.image_tokens(loaded.width, loaded.height, images_kwargs)
-        if tokens is None:
+    def _check_memory(self, parts: list[media.Part]) -> None:
+        """Refuse media whose KV cache and activations would not fit in the memory at hand (before any video
+        frame is decoded)."""
+        tokens = sum(p.tokens or 0 for p in parts)
+        if not tokens:
             return
         need = 3 * tokens * self.kv_bytes_per_token()
         free = model_loading.available_memory(self.device)
         if free is not None and need > free:
+            what = ", ".join(f"{p.kind} {p.width}x{p.height}" for p in parts)
             raise ImageError(
-                f"image too large for the memory at hand: {loaded.width}x{loaded.height} becomes {tokens:,} image "
-                f"tokens, needing about {need / 2**30:.1f} GiB with {free / 2**30:.1f} GiB free; pass --max-pixels "
-                "(e.g. 1048576) to downscale it"
+                f"media too large for the memory at hand: {what} become {tokens:,} tokens, needing about "
+                f"{need / 2**30:.1f} GiB with {free / 2**30:.1f} GiB free; pass --max-pixels (e.g. 1048576)"
+                + (" or --max-frames" if any(p.kind == media.VIDEO for p in parts) else "")
             )
 
     def image_tokens(self, width: int, height: int, images_kwargs: dict | None = None) -> int | None:
@@ -400,6 +436,32 @@ class TextAssembler:
 class _Timing:
     start: float
     first: float | None
+
+
+def _leading(base: ImageState, ids: torch.Tensor) -> int:
+    """How many tokens of `ids` the base state holds: all of its own if they lead `ids` (0 otherwise)."""
+    n = base.num_tokens
+    if n >= ids.shape[1] or not torch.equal(base.input_ids[0].to(ids.device), ids[0, :n]):
+        return 0
+    return n
+
+
+def _grids(inputs, device) -> torch.Tensor:
+    """[k, 3]: the (t, h, w) grid of every image, then every video, where the family has grids (else zeros)."""
+    grids = [inputs[name] for name in ("image_grid_thw", "video_grid_thw") if inputs.get(name) is not None]
+    return torch.cat(grids).long() if grids else torch.zeros(1, 3, dtype=torch.long, device=device)
+
+
+def _part_grids(parts: list[media.Part], inputs) -> list:
+    """Each part's grid, in the parts' order (None where the family has none)."""
+    queues = {media.IMAGE: inputs.get("image_grid_thw"), media.VIDEO: inputs.get("video_grid_thw")}
+    seen = {media.IMAGE: 0, media.VIDEO: 0}
+    out = []
+    for p in parts:
+        grids = queues[p.kind]
+        out.append(grids[seen[p.kind]].tolist() if grids is not None and seen[p.kind] < len(grids) else None)
+        seen[p.kind] += 1
+    return out
 
 
 def _delta(state: ImageState) -> int:

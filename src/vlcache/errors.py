@@ -9,6 +9,10 @@ class ImageError(VlcacheError):
     """The image is missing, unreadable, not an image, or too large."""
 
 
+class VideoError(ImageError):
+    """The video is missing, unreadable, not a video, has no frames, or is too large."""
+
+
 class CacheFileError(VlcacheError):
     """The cache file is missing, empty, truncated, corrupt, foreign, or from a newer format."""
 

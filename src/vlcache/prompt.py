@@ -22,11 +22,23 @@ IMAGE_PART = {"type": "image"}
 
 def image_conversation(system_prompt: str | None) -> list[dict]:
     """What an image state covers: [system], and a user turn holding the image, open for the question."""
+    return media_conversation(system_prompt, ["image"])
+
+
+def media_conversation(system_prompt: str | None, kinds: list[str]) -> list[dict]:
+    """What a state of several media covers: [system], and a user turn holding the images and videos in
+    order ("image", "video"), open for the question."""
     messages: list[dict] = []
     if system_prompt:
         messages.append({"role": "system", "content": system_prompt})
-    messages.append({"role": "user", "content": [dict(IMAGE_PART)]})
+    messages.append({"role": "user", "content": [{"type": kind} for kind in kinds]})
     return messages
+
+
+def media_kinds(messages: list[dict]) -> list[str]:
+    """The media parts of a conversation in order: "image" and "video"."""
+    return [part["type"] for m in messages if isinstance(m.get("content"), list) for part in m["content"]
+            if part.get("type") in ("image", "video")]
 
 
 def with_question(messages: list[dict], question: str) -> list[dict]:
@@ -42,8 +54,7 @@ def with_question(messages: list[dict], question: str) -> list[dict]:
 
 def conversation(system_prompt: str | None, question: str, with_image: bool) -> list[dict]:
     """The messages for a one-question conversation (the uncached reference uses this too)."""
-    base = image_conversation(system_prompt) if with_image else ([{"role": "system", "content": system_prompt}] if system_prompt else [])
-    return with_question(base, question)
+    return with_question(media_conversation(system_prompt, ["image"] if with_image else []), question)
 
 
 def render(processor, messages: list[dict], add_generation_prompt: bool) -> str:

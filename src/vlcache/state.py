@@ -25,7 +25,9 @@ from safetensors.torch import save_file
 from .errors import CacheFileError
 
 FORMAT_NAME = "vlcache"
-FORMAT_VERSION = 2  # 2: metadata names the family and each layer's kind (version 1 files read as Qwen-VL)
+# 2: metadata names the family and each layer's kind (version 1 files read as Qwen-VL)
+# 3: metadata lists every image and video part; image_grid_thw holds one row per part with a grid
+FORMAT_VERSION = 3
 _MAX_HEADER_BYTES = 8 * 1024 * 1024  # real headers are kilobytes; a hostile one must not cost every reader
 _STALE_TMP_SECONDS = 3600  # a save killed midway leaves a temporary file; later saves remove ones this old
 # Stored narrow, restored to long: ids fit int32, masks and token types fit int8.
@@ -54,6 +56,10 @@ class StateMetadata:
     format_version: int = FORMAT_VERSION
     family: str = "qwen-vl"  # vlcache.families: how positions and the image prefill work
     layer_kinds: list = field(default_factory=list)  # per text layer: full_attention, sliding_attention, ...
+    # Every image and video in order: type, sha256, path, size, grid; videos also frames sampled, their
+    # indices and timestamps, the source fps and duration. Files before version 3: empty (one image, above).
+    parts: list = field(default_factory=list)
+    reused_tokens: int = 0  # tokens taken from an earlier state when this one was made (not computed again)
 
 
 @dataclass
@@ -64,7 +70,7 @@ class ImageState:
     input_ids: torch.Tensor  # [1, prefix_tokens] long
     attention_mask: torch.Tensor  # [1, prefix_tokens] long
     mm_token_type_ids: torch.Tensor  # [1, prefix_tokens] long (1 marks image tokens)
-    image_grid_thw: torch.Tensor  # [1, 3] long
+    image_grid_thw: torch.Tensor  # [k, 3] long: grids of the images, then the videos (zeros if the family has none)
     rope_deltas: torch.Tensor  # [1, 1] long: M-RoPE position shift of every token after the image
     metadata: StateMetadata
 
@@ -236,7 +242,8 @@ def read_metadata(path: str | os.PathLike) -> StateMetadata:
 # Field types a file must have: what the readers of the metadata rely on.
 _FIELD_TYPES = {"model": str, "fingerprint": str, "dtype": str, "image_sha256": str, "image_size": list,
                 "prefix_tokens": int, "image_tokens": int, "created": str, "messages": list, "processor_settings": dict,
-                "versions": dict, "format_version": int, "family": str, "layer_kinds": list}
+                "versions": dict, "format_version": int, "family": str, "layer_kinds": list, "parts": list,
+                "reused_tokens": int}
 
 
 def _metadata(header: dict, path) -> StateMetadata:
@@ -292,6 +299,8 @@ def _check_shapes(state: ImageState, path) -> None:
         for (k, v), kind in zip(state.kv, kinds)
     )
     ok = ok and all(getattr(state, name).shape == (1, n) for name in ("input_ids", "attention_mask", "mm_token_type_ids"))
-    ok = ok and tuple(state.image_grid_thw.shape) == (1, 3) and tuple(state.rope_deltas.shape) == (1, 1)
+    grids = state.image_grid_thw.shape
+    ok = ok and len(grids) == 2 and 1 <= grids[0] <= max(1, len(state.metadata.parts)) and grids[1] == 3
+    ok = ok and tuple(state.rope_deltas.shape) == (1, 1)
     if not ok:
         raise CacheFileError(f"cache file is corrupt (tensor shapes disagree with its metadata): {path}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 FULL, SLIDING, LINEAR = "full_attention", "sliding_attention", "linear_attention"
+DEFAULT_VIDEO_FPS = 2.0
 
 
 class Family:
@@ -58,22 +59,78 @@ class Family:
 
     # -- the image prefill -----------------------------------------------------------------------------------
 
-    def prefix_inputs(self, text: str, image, images_kwargs: dict):
-        """Tokenized template text with the image expanded into its tokens, and the vision tensors."""
-        return self.processor(text=[text], images=[image], return_tensors="pt", images_kwargs=images_kwargs)
+    def prefix_inputs(self, text: str, images: list, videos: list, images_kwargs: dict):
+        """Tokenized template text with every image and video expanded into its tokens, and the vision tensors.
+        Videos come as vlcache.video.LoadedVideo: frames already sampled, with their metadata (timestamps)."""
+        return self.processor(text=[text], return_tensors="pt", **self.media_kwargs(images, videos, images_kwargs))
+
+    def media_kwargs(self, images: list, videos: list, images_kwargs: dict) -> dict:
+        kwargs: dict = {"images_kwargs": images_kwargs}
+        if images:
+            kwargs["images"] = images
+        if videos:
+            kwargs.update(videos=[v.frames for v in videos], video_metadata=[v.metadata() for v in videos],
+                          do_sample_frames=False)
+            if getattr(self.processor.video_processor, "cap_pixels_per_frame", False) is None:
+                kwargs["cap_pixels_per_frame"] = False  # transformers' default, said out loud (it warns otherwise)
+        return kwargs
+
+    # -- videos ----------------------------------------------------------------------------------------------
+
+    takes_video = False  # families whose video path vlcache runs and tests
+
+    def video_fps(self, fps: float | None) -> float:
+        """Frames sampled per second: `fps`, else the video processor's own, else 2 (what Qwen's reference
+        sampler, qwen-vl-utils, uses; Qwen2-VL's processor names none and would keep every frame)."""
+        return fps or getattr(self.processor.video_processor, "fps", None) or DEFAULT_VIDEO_FPS
+
+    def video_indices(self, info, fps: float | None, max_frames: int | None) -> list[int]:
+        """Which source frames to sample: the model's own video processor decides (its sample_frames with
+        its min and max frames) at video_fps(fps); `max_frames` caps the count."""
+        from transformers.video_utils import VideoMetadata
+
+        vp = self.processor.video_processor
+        meta = VideoMetadata(total_num_frames=info.total_frames, fps=info.fps, width=info.width, height=info.height,
+                             duration=info.duration)
+        indices = [int(i) for i in vp.sample_frames(meta, fps=self.video_fps(fps))]
+        if max_frames is not None and len(indices) > max_frames:
+            indices = [int(i) for i in vp.sample_frames(meta, num_frames=max_frames)]
+        return sorted(set(indices))
+
+    def video_settings(self, fps: float | None, max_frames: int | None) -> dict:
+        """What decides a video's frames and tokens besides its content: part of a state's identity."""
+        vp = self.processor.video_processor
+        settings = {"fps": self.video_fps(fps), "max_frames": max_frames}
+        for name in ("min_frames", "max_frames", "size", "patch_size", "temporal_patch_size", "merge_size",
+                     "image_mean", "image_std", "cap_pixels_per_frame"):
+            value = getattr(vp, name, None)
+            settings[f"processor_{name}"] = dict(value) if hasattr(value, "keys") else value
+        return settings
+
+    def video_tokens(self, frames: int, width: int, height: int) -> int | None:
+        """How many tokens `frames` sampled frames become (for the memory check before decoding)."""
+        try:
+            counts = self.processor._get_num_multimodal_tokens(video_sizes=[[frames, height, width]])
+            return int(counts["num_video_tokens"][0])
+        except (AttributeError, KeyError, IndexError, TypeError, ValueError):
+            return None
 
     def image_token_mask(self, inputs) -> torch.Tensor:
-        """[1, n] long: 1 where a prompt token is an image token."""
+        """[1, n] long: 1 where a prompt token is an image (or video) token."""
         return (inputs["input_ids"] == self.config.image_token_id).long()
 
     def prefill(self, inputs, cache, dtype: torch.dtype) -> int:
         """Vision encoder and prefill of the prefix into `cache`; returns the position shift after the image."""
         raise NotImplementedError
 
-    def prefill_steps(self, inputs, cache, dtype: torch.dtype, chunk: int | None):
+    extends = False  # whether prefill_steps can start from a state holding the first `start` tokens
+
+    def prefill_steps(self, inputs, cache, dtype: torch.dtype, chunk: int | None, start: int = 0):
         """prefill() as a generator that yields between units of work of at most `chunk` prefix tokens (so a
         server can decode for others in between) and returns the position shift. Here: one unit; families
-        that can run their prefix in pieces override it."""
+        that can run their prefix in pieces override it (and those that set `extends`, from `start` on)."""
+        if start:
+            raise ValueError(f"{self.name} cannot extend a state")
         return self.prefill(inputs, cache, dtype)
         yield  # noqa: unreachable - makes this a generator
 

@@ -32,9 +32,9 @@ class Gemma3(OneDimPositions, Family):
     def sliding_window(self) -> int | None:
         return getattr(self.text_config, "sliding_window", None) if SLIDING in self.layer_kinds() else None
 
-    def prefix_inputs(self, text: str, image, images_kwargs: dict):
-        return self.processor(text=[text], images=[image], return_tensors="pt", add_special_tokens=False,
-                              images_kwargs=images_kwargs)
+    def prefix_inputs(self, text: str, images: list, videos: list, images_kwargs: dict):
+        return self.processor(text=[text], return_tensors="pt", add_special_tokens=False,
+                              **self.media_kwargs(images, videos, images_kwargs))
 
     def image_token_mask(self, inputs) -> torch.Tensor:
         return (inputs["token_type_ids"] == 1).long()

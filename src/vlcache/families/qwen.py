@@ -20,6 +20,8 @@ from .base import Family, run_steps
 class QwenMRoPE(Family):
     name = "qwen-vl"
     model_types = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+    takes_video = True
+    extends = True
 
     # -- identity --------------------------------------------------------------------------------------------
 
@@ -51,43 +53,72 @@ class QwenMRoPE(Family):
     # -- the image prefill -----------------------------------------------------------------------------------
 
     def image_token_mask(self, inputs) -> torch.Tensor:
-        return inputs["mm_token_type_ids"].long()
+        return (inputs["mm_token_type_ids"] > 0).long()  # 1: image tokens, 2: video tokens
 
     def prefill(self, inputs, cache, dtype: torch.dtype) -> int:
         return run_steps(self.prefill_steps(inputs, cache, dtype, None))
 
-    def prefill_steps(self, inputs, cache, dtype: torch.dtype, chunk: int | None):
+    def prefill_steps(self, inputs, cache, dtype: torch.dtype, chunk: int | None, start: int = 0):
         """The vision encoder as one unit, then the prefix in pieces of `chunk` tokens, each given the image
-        features (and Qwen3-VL's deepstack features) of the image tokens inside it."""
+        and video features (and Qwen3-VL's deepstack features) of the media tokens inside it.
+
+        With `start` > 0 the cache already holds the first `start` tokens (a state that ends after a media
+        part): only the media after it go through the encoder and only the tokens after it are computed.
+        """
         from ..generate import forward
 
-        ids = inputs["input_ids"]
+        ids, types = inputs["input_ids"], inputs["mm_token_type_ids"]
+        # Positions of the whole prefix from the model's own rope index: images, videos (timestamps between
+        # Qwen3-VL's frames are text tokens; Qwen2.5-VL spaces frames by second_per_grid_ts).
         vision, deltas = self.model.model.get_rope_index(
-            ids, image_grid_thw=inputs["image_grid_thw"], video_grid_thw=None,
-            attention_mask=inputs["attention_mask"], mm_token_type_ids=inputs["mm_token_type_ids"],
+            ids, image_grid_thw=inputs.get("image_grid_thw"), video_grid_thw=inputs.get("video_grid_thw"),
+            second_per_grid_ts=inputs.get("second_per_grid_ts"), attention_mask=inputs["attention_mask"],
+            mm_token_type_ids=types,
         )
         index = torch.arange(ids.shape[1], device=ids.device).view(1, 1, -1)
         positions = torch.cat([index, vision.to(ids.device)], dim=0)
         delta = int(deltas.view(-1)[0])
         n = ids.shape[1]
-        if chunk is None or n <= chunk:
-            forward(self.model, ids, positions, cache, pixel_values=inputs["pixel_values"].to(dtype),
-                    image_grid_thw=inputs["image_grid_thw"], mm_token_type_ids=inputs["mm_token_type_ids"])
+        if start == 0 and (chunk is None or n <= chunk):  # all at once, as generate() does it
+            forward(self.model, ids, positions, cache, mm_token_type_ids=types, **_vision_inputs(inputs, dtype))
             return delta
-        with torch.inference_mode():
-            features = self.model.model.get_image_features(inputs["pixel_values"].to(dtype), inputs["image_grid_thw"], return_dict=True)
+        encoded = {kind: self._encode(inputs, kind, dtype, start) for kind in _KINDS if inputs.get(_KINDS[kind][1]) is not None}
+        encoded = {kind: value for kind, value in encoded.items() if value is not None}
         yield
-        image = inputs["mm_token_type_ids"][0] == 1
-        before = torch.cumsum(image.long(), 0) - image.long()  # image tokens before each position
-        for start in range(0, n, chunk):
-            end = min(n, start + chunk)
-            first, count = int(before[start]), int(image[start:end].sum())
-            outputs = {"image": _slice_features(features, first, first + count)} if count else None
-            forward(self.model, ids[:, start:end], positions[..., start:end], cache, mm_encoder_outputs=outputs,
-                    mm_token_type_ids=inputs["mm_token_type_ids"][:, start:end])
+        chunk = chunk or n
+        for piece in range(start, n, chunk):
+            end = min(n, piece + chunk)
+            outputs = {}
+            for kind, (features, skipped) in encoded.items():
+                mine = types[0] == _KINDS[kind][0]
+                first, count = int(mine[:piece].sum()) - skipped, int(mine[piece:end].sum())
+                if count:
+                    outputs[kind] = _slice_features(features, first, first + count)
+            forward(self.model, ids[:, piece:end], positions[..., piece:end], cache, mm_encoder_outputs=outputs or None,
+                    mm_token_type_ids=types[:, piece:end])
             if end < n:
                 yield
         return delta
+
+    def _encode(self, inputs, kind: str, dtype: torch.dtype, start: int):
+        """The encoder's output for the `kind` media items whose tokens lie at or after `start`, and how many
+        tokens of that kind come before the first of them (None if there are no such items)."""
+        code, pixels_name, grid_name = _KINDS[kind]
+        grids = inputs[grid_name]
+        merge = self.model.model.visual.spatial_merge_size ** 2
+        tokens = (grids.prod(-1) // merge).tolist()
+        before = int((inputs["mm_token_type_ids"][0, :start] == code).sum())
+        skip, skipped = 0, 0
+        while skip < len(tokens) and skipped + tokens[skip] <= before:
+            skipped += tokens[skip]
+            skip += 1
+        if skip == len(tokens):
+            return None  # all of them are in the state already
+        patches = int(grids[:skip].prod(-1).sum())
+        encoder = self.model.model.get_image_features if kind == "image" else self.model.model.get_video_features
+        with torch.inference_mode():
+            features = encoder(inputs[pixels_name][patches:].to(dtype), grids[skip:], return_dict=True)
+        return features, skipped
 
     # -- positions -------------------------------------------------------------------------------------------
 
@@ -96,8 +127,21 @@ class QwenMRoPE(Family):
         return torch.stack([slots, rope, rope, rope])
 
 
+# mm_token_type_ids code, pixel tensor and grid tensor of each kind of media
+_KINDS = {"image": (1, "pixel_values", "image_grid_thw"), "video": (2, "pixel_values_videos", "video_grid_thw")}
+
+
+def _vision_inputs(inputs, dtype: torch.dtype) -> dict:
+    """The processor's vision tensors as forward() takes them (pixels in the compute dtype)."""
+    out = {}
+    for _, pixels, grid in _KINDS.values():
+        if inputs.get(pixels) is not None:
+            out[pixels], out[grid] = inputs[pixels].to(dtype), inputs[grid]
+    return out
+
+
 def _slice_features(features, start: int, end: int):
-    """The vision encoder's output for image tokens start..end (in order), shaped as the model takes it."""
+    """The vision encoder's output for media tokens start..end (in order), shaped as the model takes it."""
     sliced = copy.copy(features)
     sliced["pooler_output"] = (torch.cat(features.pooler_output, dim=0)[start:end],)
     deepstack = getattr(features, "deepstack_features", None)

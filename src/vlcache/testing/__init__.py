@@ -33,13 +33,14 @@ SPECIAL_TOKENS = [
 ]
 
 # Qwen3-VL's template, reduced to what vlcache uses: system turn only when given, images as
-# <|vision_start|><|image_pad|><|vision_end|>, text parts appended, generation prompt "<|im_start|>assistant\n".
+# <|vision_start|><|image_pad|><|vision_end|> (videos with <|video_pad|>), text parts appended, generation prompt "<|im_start|>assistant\n".
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{{ '<|im_start|>' + message['role'] + '\\n' }}"
     "{%- if message['content'] is string -%}{{ message['content'] }}"
     "{%- else -%}{%- for part in message['content'] -%}"
     "{%- if part['type'] == 'image' or 'image' in part -%}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif part['type'] == 'video' or 'video' in part -%}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
     "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
     "{{ '<|im_end|>\\n' }}"

@@ -1,0 +1,209 @@
+"""Open user videos safely with PyAV (its wheels bundle FFmpeg): probe, sample frames, decode only those.
+
+Which frames are sampled is the model's own video processor's choice (its `sample_frames` with its fps, min
+and max frames), overridable by fps and max_frames. The container is probed first, so a frame size or a
+decoded size that would not fit is refused before any frame is decoded; then only the sampled frames are
+converted to RGB, each downscaled to at most `max_pixels` pixels when given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import VideoError
+
+# Files with these suffixes are videos; anything else is opened as an image (a GIF too: its first frame).
+VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi", ".mpg", ".mpeg", ".ogv", ".3gp", ".flv",
+                            ".wmv", ".ts"})
+MAX_VIDEO_BYTES = 1024 * 1024 * 1024  # a video file larger than this is refused before it is read
+MAX_DECODED_BYTES = 4 * 1024 * 1024 * 1024  # sampled RGB frames kept in memory at once
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What the container says before anything is decoded."""
+
+    width: int
+    height: int
+    fps: float
+    total_frames: int
+    duration: float  # seconds
+
+
+@dataclass(frozen=True)
+class LoadedVideo:
+    frames: np.ndarray = field(repr=False)  # [T, H, W, 3] uint8, the sampled frames
+    indices: list[int]  # which source frames they are
+    info: VideoInfo
+    sha256: str  # of the encoded bytes
+    path: str | None
+
+    @property
+    def timestamps(self) -> list[float]:
+        """Seconds into the clip of each sampled frame."""
+        return [round(i / self.info.fps, 3) for i in self.indices]
+
+    def metadata(self):
+        """transformers' VideoMetadata of the sampled frames (the processor takes timestamps from it)."""
+        from transformers.video_utils import VideoMetadata
+
+        return VideoMetadata(total_num_frames=self.info.total_frames, fps=self.info.fps, width=self.info.width,
+                             height=self.info.height, duration=self.info.duration, video_backend="pyav",
+                             frames_indices=list(self.indices))
+
+
+def is_video_path(source) -> bool:
+    return isinstance(source, (str, os.PathLike)) and Path(source).suffix.lower() in VIDEO_SUFFIXES
+
+
+def read_video_bytes(source: str | os.PathLike | bytes) -> tuple[bytes, str | None]:
+    """The encoded bytes of a video file (or bytes as given), and its path."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        if not data:
+            raise VideoError("the video bytes are empty")
+        return data, None
+    path = Path(source)
+    if not path.exists():
+        raise VideoError(f"video not found: {path}")
+    if not path.is_file():
+        raise VideoError(f"video path is not a regular file: {path}")
+    try:
+        size = path.stat().st_size
+        if size > MAX_VIDEO_BYTES:
+            raise VideoError(f"video file is too large: {path} is {size:,} bytes, over the {MAX_VIDEO_BYTES:,}-byte limit")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise VideoError(f"cannot read video {path}: {exc.strerror or exc}") from None
+    if not data:
+        raise VideoError(f"video file is empty: {path}")
+    return data, str(path)
+
+
+def probe(data: bytes, name: str, max_decode_pixels: int) -> VideoInfo:
+    """Frame size, rate, count and duration from the container; VideoError for anything that is not a
+    decodable video with at least one frame of an acceptable size."""
+    with _open(data, name) as container:
+        stream = _video_stream(container, name)
+        width, height = stream.codec_context.width, stream.codec_context.height
+        if width <= 0 or height <= 0:
+            raise VideoError(f"video has no frame size: {name}")
+        if width * height > max_decode_pixels:
+            raise VideoError(f"video frames are too large: {name} is {width}x{height} = {width * height:,} pixels a "
+                             f"frame, over the {max_decode_pixels:,}-pixel safety limit; downscale it first")
+        rate = stream.average_rate or stream.base_rate or stream.guessed_rate
+        fps = float(rate) if rate else 0.0
+        duration = _duration(stream, container)
+        total = int(stream.frames or 0)
+        if total <= 0 or fps <= 0:  # some containers (WebM, MKV) do not say: count the frames
+            total = _count_frames(container, stream, name)
+            fps = fps or (total / duration if duration else 24.0)
+        if total <= 0:
+            raise VideoError(f"video has no frames: {name}")
+        return VideoInfo(width=width, height=height, fps=fps, total_frames=total, duration=duration or total / fps)
+
+
+def decode(data: bytes, name: str, info: VideoInfo, indices: list[int], max_pixels: int | None) -> np.ndarray:
+    """The frames at `indices` (sorted, unique) as RGB, downscaled to at most `max_pixels` pixels each."""
+    width, height = frame_size(info.width, info.height, max_pixels)
+    need = len(indices) * width * height * 3
+    if need > MAX_DECODED_BYTES:
+        raise VideoError(f"video too large to decode: {len(indices)} frames of {width}x{height} need {need / 2**30:.1f} GiB "
+                         f"(limit {MAX_DECODED_BYTES / 2**30:.0f} GiB); pass --max-frames or --max-pixels")
+    wanted = set(indices)
+    frames = []
+    with _open(data, name) as container:
+        stream = _video_stream(container, name)
+        try:
+            for i, frame in enumerate(container.decode(stream)):
+                if i in wanted:
+                    frames.append(frame.to_ndarray(format="rgb24", width=width, height=height))
+                if i >= indices[-1]:
+                    break
+        except _av_errors() as exc:
+            raise VideoError(f"video is corrupt: {name}: {_reason(exc)}") from None
+    if len(frames) < len(indices):
+        raise VideoError(f"video is truncated or corrupt: {name}: {len(frames)} of the {len(indices)} sampled frames "
+                         f"could be decoded (the container promised {info.total_frames})")
+    return np.stack(frames)
+
+
+def frame_size(width: int, height: int, max_pixels: int | None) -> tuple[int, int]:
+    if max_pixels is None or width * height <= max_pixels:
+        return width, height
+    scale = math.sqrt(max_pixels / (width * height))
+    return max(1, int(width * scale)), max(1, int(height * scale))
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# -- PyAV ----------------------------------------------------------------------------------------------------
+
+def _av():
+    try:
+        import av
+    except ImportError:  # a dependency; only a broken install lacks it
+        raise VideoError("videos need PyAV: pip install av") from None
+    return av
+
+
+def _av_errors() -> tuple[type[BaseException], ...]:
+    av = _av()
+    return (av.FFmpegError, OSError, ValueError, EOFError)
+
+
+def _reason(exc: BaseException) -> str:
+    return (getattr(exc, "strerror", None) or str(exc) or type(exc).__name__).splitlines()[0]
+
+
+class _open:
+    """av.open over bytes as a context manager whose failures are VideoErrors."""
+
+    def __init__(self, data: bytes, name: str):
+        self.data, self.name = data, name
+
+    def __enter__(self):
+        av = _av()
+        try:
+            self.container = av.open(io.BytesIO(self.data), mode="r")
+        except _av_errors() as exc:
+            raise VideoError(f"not a video (unrecognised or corrupt container): {self.name}: {_reason(exc)}") from None
+        return self.container
+
+    def __exit__(self, *exc):
+        self.container.close()
+        return False
+
+
+def _video_stream(container, name: str):
+    if not container.streams.video:
+        kinds = sorted({s.type for s in container.streams})
+        raise VideoError(f"no video stream in {name}" + (f" (it holds only {', '.join(kinds)})" if kinds else ""))
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    return stream
+
+
+def _duration(stream, container) -> float:
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    if container.duration:
+        return container.duration / 1_000_000
+    return 0.0
+
+
+def _count_frames(container, stream, name: str) -> int:
+    try:
+        count = sum(1 for _ in container.decode(stream))
+    except _av_errors() as exc:
+        raise VideoError(f"video is corrupt: {name}: {_reason(exc)}") from None
+    return count
