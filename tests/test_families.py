@@ -17,6 +17,7 @@ from reference import reference_for_messages, reference_tokens
 from test_cli import run
 from test_server import LiveServer, image_messages
 from vlcache import Engine, cli
+from vlcache.media import MediaOptions
 from vlcache.conversation import Conversation
 from vlcache.errors import ModelMismatchError
 from vlcache.testing.families import build_family_checkpoint
@@ -331,7 +332,7 @@ def test_an_image_state_in_pieces_is_exact(kind, family_engine):
 
     engine = family_engine(kind)
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": [{"type": "image"}]}]
-    state = run_steps(engine.cache_prefix_steps(photo("rocket.jpg"), messages, max_pixels=PIXELS, chunk=8))
+    state = run_steps(engine.cache_media_steps([photo("rocket.jpg")], messages, MediaOptions(max_pixels=PIXELS), chunk=8))
     for question in QUESTIONS[:2]:
         expected = reference_tokens(engine, photo("rocket.jpg"), SYSTEM, question, N, max_pixels=PIXELS)
         assert engine.ask(state, question, max_new_tokens=N, temperature=0).token_ids == expected

@@ -301,7 +301,7 @@ def test_13_cache_refuses_to_write_over_its_input(tiny_model_dir, tmp_path):
     image = tmp_path / "x.jpg"
     image.write_bytes(photo("rocket.jpg").read_bytes())
     result = run("cache", image, "--output", image, "--model", tiny_model_dir)
-    assert result.returncode == 1 and "is the input image" in result.stderr and "loading" not in result.stderr
+    assert result.returncode == 1 and "is an input; refusing to write over it" in result.stderr and "loading" not in result.stderr
     assert image.read_bytes() == photo("rocket.jpg").read_bytes()
 
 

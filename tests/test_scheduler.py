@@ -109,7 +109,7 @@ def test_a_failing_sampler_fails_its_row_alone(engine, states, monkeypatch):
 
 
 def test_an_image_state_in_pieces_equals_generate(engine):
-    steps = engine.cache_prefix_steps(photo("hubble_deep_field.jpg"), [{"role": "system", "content": SYSTEM},
+    steps = engine.cache_media_steps([photo("hubble_deep_field.jpg")], [{"role": "system", "content": SYSTEM},
                                       {"role": "user", "content": [{"type": "image"}]}], chunk=16)
     units = 0
     while True:
@@ -139,7 +139,7 @@ def test_an_image_state_is_computed_between_decode_steps(engine, states):
         scheduler.submit(long)
         while not any(kind == "delta" for kind, _ in events):
             time.sleep(0.01)
-        future = scheduler.compute(lambda: engine.cache_prefix_steps(photo("coffee.png"), messages, chunk=16))
+        future = scheduler.compute(lambda: engine.cache_media_steps([photo("coffee.png")], messages, chunk=16))
         state = future.result(timeout=120)
         long.cancelled.set()
         assert finished.wait(60)

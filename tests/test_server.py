@@ -228,9 +228,9 @@ def test_malformed_and_hostile_requests_get_4xx_and_the_server_keeps_serving(ser
         body = {"messages": [{"role": "user", "content": "hi"}], field: value}
         _error(server.post(chat, json.dumps(body).encode()), 400)
     _error(server.post(chat, json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}).encode()), 400)
-    two_images = image_messages("astronaut.png", "q")
-    two_images[1]["content"].append({"type": "image_url", "image_url": {"url": data_url("rocket.jpg")}})
-    assert "one image" in _error(server.post(chat, json.dumps({"messages": two_images}).encode()), 400)
+    a_video_for_an_image = image_messages("astronaut.png", "q")
+    a_video_for_an_image[1]["content"][0] = {"type": "video_url", "video_url": {"url": data_url("rocket.jpg")}}
+    assert "not a video" in _error(server.post(chat, json.dumps({"messages": a_video_for_an_image}).encode()), 400)
     huge = b'{"messages": "' + b"A" * (33 * 1024 * 1024) + b'"}'
     assert "limit" in _error(server.post(chat, huge), 413)
     for bad_id in ("abc", "G" * 64, "..", "%2E%2E"):

@@ -1,4 +1,5 @@
-"""Cache many images with one model load: expand arguments, name outputs, skip what is up to date."""
+"""Cache many images and videos with one model load, one state each: expand arguments, name outputs, skip
+what is up to date."""
 
 from __future__ import annotations
 
@@ -12,9 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CacheFileError, VlcacheError
+from .media import MediaOptions, kind_of as media_kind
 from .state import read_metadata
+from .video import VIDEO_SUFFIXES
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
+MEDIA_SUFFIXES = IMAGE_SUFFIXES | VIDEO_SUFFIXES  # what a folder argument contributes
 CACHE_SUFFIX = "_cache.pt"
 
 
@@ -29,7 +33,7 @@ class CacheResult:
 
 
 def expand_images(arguments: Sequence[str]) -> tuple[list[Path], list[CacheResult]]:
-    """Files as given, folders as their image files (sorted, not recursive), globs as their matches.
+    """Files as given, folders as their image and video files (sorted, not recursive), globs as their matches.
 
     Returns the images and a failure for each argument that names nothing.
     """
@@ -38,7 +42,7 @@ def expand_images(arguments: Sequence[str]) -> tuple[list[Path], list[CacheResul
     for arg in arguments:
         path = Path(arg)
         if path.is_dir():
-            found += sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found += sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in MEDIA_SUFFIXES)
         elif path.exists():
             found.append(path)
         elif glob.has_magic(arg):
@@ -84,8 +88,8 @@ def output_names(images: Sequence[Path]) -> dict[Path, str]:
     return names
 
 
-def is_up_to_date(cache: Path, image: Path, engine, system_prompt: str | None, max_pixels: int | None) -> bool:
-    """Same image bytes, system prompt, processor settings and model weights as the cache on disk."""
+def is_up_to_date(cache: Path, image: Path, engine, system_prompt: str | None, options: MediaOptions) -> bool:
+    """Same image (or video) bytes, system prompt, processor settings and model weights as the cache on disk."""
     if not cache.exists():
         return False
     try:
@@ -96,7 +100,7 @@ def is_up_to_date(cache: Path, image: Path, engine, system_prompt: str | None, m
     return (
         meta.image_sha256 == digest
         and meta.system_prompt == system_prompt
-        and meta.processor_settings == engine.processor_settings(max_pixels)
+        and meta.processor_settings == engine.media_settings(options, [media_kind(image)])
         and meta.fingerprint == engine.fingerprint
         and len(meta.messages) == (2 if system_prompt else 1)  # an image state, not a saved conversation
     )
@@ -107,12 +111,14 @@ def cache_images(
     arguments: Sequence[str],
     output_dir: str | os.PathLike,
     system_prompt: str | None,
-    max_pixels: int | None = None,
+    options: MediaOptions | None = None,
     force: bool = False,
     on_result: Callable[[CacheResult], None] | None = None,
     on_start: Callable[[int], None] | None = None,
 ) -> list[CacheResult]:
-    """Cache every image the arguments name into `output_dir`; a bad image fails alone, the rest go on."""
+    """Cache every image and video the arguments name into `output_dir`, one state each; a bad one fails
+    alone, the rest go on."""
+    options = options or MediaOptions()
     images, results = expand_images(arguments)
     if on_start:
         on_start(len(images))
@@ -124,11 +130,11 @@ def cache_images(
     for image, name in output_names(images).items():
         target = out / name
         start = time.perf_counter()
-        if not force and is_up_to_date(target, image, engine, system_prompt, max_pixels):
+        if not force and is_up_to_date(target, image, engine, system_prompt, options):
             result = CacheResult(str(image), target, "skipped")
         else:
             try:
-                state = engine.cache_image(image, system_prompt=system_prompt, max_pixels=max_pixels)
+                state = engine.cache([image], system_prompt=system_prompt, options=options)
                 state.save(target)
                 result = CacheResult(str(image), target, "cached", tokens=state.num_tokens)
             except VlcacheError as exc:

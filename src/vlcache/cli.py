@@ -56,6 +56,13 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    value = non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def probability(text: str) -> float:
     value = non_negative_float(text)
     if not 0 < value <= 1:
@@ -91,7 +98,12 @@ def add_model_arguments(parser: argparse.ArgumentParser, model_help: str) -> Non
 def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT, help=f'default: "{DEFAULT_SYSTEM_PROMPT}"')
     add_model_arguments(parser, "model id or local folder (default: $VLCACHE_MODEL or Qwen/Qwen3-VL-2B-Instruct)")
-    parser.add_argument("--max-pixels", type=positive_int, default=None, help="downscale larger images to this many pixels")
+    parser.add_argument("--max-pixels", type=positive_int, default=None,
+                        help="downscale larger images and video frames to this many pixels")
+    parser.add_argument("--fps", type=positive_float, default=None,
+                        help="video frames sampled per second (default: the model's video processor's, e.g. 2)")
+    parser.add_argument("--max-frames", type=positive_int, default=None,
+                        help="at most this many frames per video (default: the video processor's limit)")
     parser.set_defaults(output_dir=None, force=False, progress=False)
 
 
@@ -131,11 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vlcache {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    cache = sub.add_parser("cache", help="process images and save the model state after each")
-    cache.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders or glob patterns")
+    cache = sub.add_parser("cache", help="process images and videos and save the model state after them")
+    cache.add_argument("images", nargs="+", metavar="MEDIA",
+                       help="image and video files (.mp4, .webm, .mov, ...); with --output-dir also folders or globs")
     where = cache.add_mutually_exclusive_group(required=True)
-    where.add_argument("--output", "-o", help="cache file to write, for one image (safetensors, any name)")
-    where.add_argument("--output-dir", "-d", help="folder for many caches, named <image stem>_cache.pt")
+    where.add_argument("--output", "-o", help="cache file to write: ONE state holding all the inputs, in order, in one "
+                                              "user turn (safetensors, any name)")
+    where.add_argument("--output-dir", "-d", help="folder for one cache per input, named <stem>_cache.pt")
     add_cache_arguments(cache)
     cache.add_argument("--force", action="store_true", help="re-cache images whose cache is up to date")
     cache.add_argument("--progress", action="store_true", help="show the progress bar even when stderr is not a terminal")
@@ -156,12 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=port_number, default=8000)
     serve.add_argument("--cache-dir", default=None, help="where states are written (default: ~/.cache/vlcache/states)")
     serve.add_argument("--memory-budget", type=byte_size, default=byte_size("4GiB"), help="bytes of states kept in memory (default: 4GiB)")
-    serve.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs")
+    serve.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image and video URLs")
     serve.add_argument("--allow-private-urls", action="store_true",
                        help="with --allow-remote-images: also private, loopback and link-local addresses")
     serve.add_argument("--max-image-pixels", type=positive_int, default=25_000_000,
-                       help="refuse images declaring more pixels, before decoding them (default: 25000000)")
-    serve.add_argument("--allow-local-files", default=None, metavar="DIR", help="allow image paths under DIR")
+                       help="refuse images and video frames declaring more pixels, before decoding them (default: 25000000)")
+    serve.add_argument("--fps", type=positive_float, default=None,
+                       help="video frames sampled per second (default: the model's video processor's, e.g. 2)")
+    serve.add_argument("--max-frames", type=positive_int, default=None,
+                       help="at most this many frames per video (default: the video processor's limit)")
+    serve.add_argument("--allow-local-files", default=None, metavar="DIR", help="allow image and video paths under DIR")
     serve.add_argument("--max-body", type=byte_size, default=byte_size("32MiB"), help="largest request body (default: 32MiB)")
     serve.add_argument("--max-batch", type=positive_int, default=16, help="most requests decoded together (default: 16)")
     serve.add_argument("--max-queue", type=non_negative_int, default=64,
@@ -184,8 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def usage_problem(args: argparse.Namespace) -> str | None:
     """Checks that need more than one argument, made before anything runs."""
-    if args.command == "cache" and args.output_dir is None and (len(args.images) != 1 or Path(args.images[0]).is_dir()):
-        return "--output takes one image; use --output-dir DIR for several"
+    if args.command == "cache" and args.output_dir is None and any(Path(p).is_dir() for p in args.images):
+        return "--output takes files (their images and videos make one state); use --output-dir DIR for a folder"
     if args.command == "ask" and not (args.prompts or args.prompts_file):
         return "give a question with --prompt or --prompts-file"
     if args.command == "ask" and args.image and args.caches:
@@ -198,19 +216,27 @@ def run_cache(args: argparse.Namespace) -> int:
 
 
 def _cache_one(args: argparse.Namespace) -> int:
-    _check_image_arg(args.images[0])
+    """All inputs into one state (an image, a video, or several of them in order)."""
+    from .media import MediaOptions
+
+    for source in args.images:
+        _check_media_arg(source)
     output = Path(args.output)
     if output.is_dir():
         raise VlcacheError(f"--output is a folder: {output} (name a file, or use --output-dir for many caches)")
-    if output.exists() and output.resolve() == Path(args.images[0]).resolve():
-        raise VlcacheError(f"--output {output} is the input image; refusing to write over it")
+    if output.exists() and any(output.resolve() == Path(p).resolve() for p in args.images):
+        raise VlcacheError(f"--output {output} is an input; refusing to write over it")
+    options = MediaOptions(max_pixels=args.max_pixels, fps=args.fps, max_frames=args.max_frames)
+    options.check()
     engine = _load_engine(args.model, args.device, args.dtype or "auto")
     start = time.perf_counter()
-    state = engine.cache_image(args.images[0], system_prompt=args.system_prompt, max_pixels=args.max_pixels)
+    state = engine.cache(args.images, system_prompt=args.system_prompt, options=options)
     path = state.save(args.output)
+    frames = sum(p.get("frames", 0) for p in state.metadata.parts)
     _info(
-        f"cached {args.images[0]}: {state.num_tokens} tokens ({state.metadata.image_tokens} image tokens) in "
-        f"{time.perf_counter() - start:.2f}s -> {path} ({path.stat().st_size / 2**20:.1f} MiB)"
+        f"cached {', '.join(args.images)}: {state.num_tokens} tokens ({state.metadata.image_tokens} {_media_words(state.metadata)} tokens"
+        + (f"; {frames} video frames" if frames else "")
+        + f") in {time.perf_counter() - start:.2f}s -> {path} ({path.stat().st_size / 2**20:.1f} MiB)"
     )
     return 0
 
@@ -237,7 +263,7 @@ def _cache_many(args: argparse.Namespace) -> int:
             bar.update(1)
 
     results = engine.cache_images(args.images, args.output_dir, args.system_prompt, args.max_pixels, args.force,
-                                  on_result=on_result, on_start=on_start)
+                                  on_result=on_result, on_start=on_start, fps=args.fps, max_frames=args.max_frames)
     bar.close()
     counts = {status: sum(r.status == status for r in results) for status in ("cached", "skipped", "failed")}
     _info(f"{counts['cached']} cached, {counts['skipped']} up to date (skipped), {counts['failed']} failed -> {args.output_dir}")
@@ -256,13 +282,13 @@ def run_ask(args: argparse.Namespace) -> int:
     model = args.model or (_model_named_by(meta) if meta else None)
     dtype = args.dtype or (meta.dtype if meta else "auto")
     if args.image:
-        _check_image_arg(args.image)
+        _check_media_arg(args.image)
     start = time.perf_counter()
     engine = _load_engine(model, args.device, dtype)
     extra = {"model_load_s": time.perf_counter() - start}
     if args.image:  # the uncached path: process the image now, in memory
         start = time.perf_counter()
-        state = engine.cache_image(args.image, system_prompt=args.system_prompt or DEFAULT_SYSTEM_PROMPT)
+        state = engine.cache([args.image], system_prompt=args.system_prompt or DEFAULT_SYSTEM_PROMPT)
         extra["image_prefill_s"] = time.perf_counter() - start
         return _ask_state(engine, state, args.image, prompts, args, extra, single=len(prompts) == 1)
     if not caches:
@@ -410,6 +436,7 @@ def _last(iterable):
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from .media import MediaOptions
     from .serving.server import ServeOptions, create_app, server_config
 
     local = Path(args.allow_local_files) if args.allow_local_files else None
@@ -420,7 +447,8 @@ def run_serve(args: argparse.Namespace) -> int:
     options = ServeOptions(cache_dir=cache_dir, memory_budget=args.memory_budget, allow_remote_images=args.allow_remote_images,
                            allow_private_urls=args.allow_private_urls, max_image_pixels=args.max_image_pixels,
                            allow_local_files=local, max_body_bytes=args.max_body, max_batch=args.max_batch,
-                           max_queue=args.max_queue, prefill_chunk=args.prefill_chunk)
+                           max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
+                           media=MediaOptions(fps=args.fps, max_frames=args.max_frames))
     app = create_app(engine, options)
     _info(f"serving {engine.model_name} on http://{args.host}:{args.port}/v1 (states in {cache_dir})")
     uvicorn.Server(server_config(app, args.host, args.port, log_level="warning")).run()
@@ -440,7 +468,6 @@ def run_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info))
         return 0
-    w, h = meta.image_size
     turns = sum(1 for m in meta.messages if m.get("role") == "assistant")
     lines = [
         f"file:          {args.path} ({size:,} bytes; KV {kv_bytes:,} bytes)",
@@ -449,9 +476,9 @@ def run_inspect(args: argparse.Namespace) -> int:
         f"fingerprint:   {meta.fingerprint}",
         f"dtype:         {meta.dtype}",
         f"system prompt: {meta.system_prompt!r}",
-        f"image:         {meta.image_path or '(bytes)'} ({w}x{h}, sha256 {meta.image_sha256[:16]}...)",
+        *_part_lines(meta),
         f"max pixels:    {meta.max_pixels or 'processor default'}",
-        f"tokens:        {meta.prefix_tokens} ({meta.image_tokens} image tokens)",
+        f"tokens:        {meta.prefix_tokens} ({meta.image_tokens} {_media_words(meta)} tokens)",
         f"conversation:  {turns} saved turns" if turns else "conversation:  none (image state)",
         f"created:       {meta.created}",
         f"versions:      " + ", ".join(f"{k} {v}" for k, v in meta.versions.items()),
@@ -459,6 +486,24 @@ def run_inspect(args: argparse.Namespace) -> int:
     ]
     print("\n".join(lines))
     return 0
+
+
+def _media_words(meta) -> str:
+    return "image and video" if any(p["type"] == "video" for p in meta.parts) else "image"
+
+
+def _part_lines(meta) -> list[str]:
+    """One line per image and video of the state (files before format 3 name one image)."""
+    parts = meta.parts or [{"type": "image", "path": meta.image_path, "size": meta.image_size, "sha256": meta.image_sha256}]
+    lines = []
+    for part in parts:
+        w, h = part["size"]
+        line = f"{part['type'] + ':':<15}{part.get('path') or '(bytes)'} ({w}x{h}, sha256 {part['sha256'][:16]}...)"
+        if part["type"] == "video":
+            stamps = part.get("timestamps") or [0]
+            line += f"; {part['frames']} of {part['total_frames']} frames at {part['fps']:g} fps, {stamps[0]:g}-{stamps[-1]:g} s"
+        lines.append(line)
+    return lines
 
 
 def _layer_summary(kinds: list) -> str:
@@ -527,6 +572,16 @@ def _check_image_arg(path: str) -> None:
     from .images import load_image
 
     load_image(path)
+
+
+def _check_media_arg(path: str) -> None:
+    """An image opens; a video's container is probed (no frame decoded): before the model load."""
+    from . import video
+
+    if not video.is_video_path(path):
+        return _check_image_arg(path)
+    data, name = video.read_video_bytes(path)
+    video.probe(data, name, video.MAX_DECODE_PIXELS)
 
 
 def _info(message: str) -> None:

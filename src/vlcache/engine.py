@@ -149,6 +149,13 @@ class Engine:
         they are decoded. `base`, a state of a leading part of the same conversation that ends after a media
         part, is continued instead of starting over where the family can (only the media after it are encoded).
         """
+        prepared = self.prepare_media(sources, messages, options, max_decode_pixels)
+        return (yield from self.prefill_media_steps(prepared, chunk, base))
+
+    def prepare_media(self, sources: Sequence, messages: list[dict], options: MediaOptions | None = None,
+                      max_decode_pixels: int = images.MAX_DECODE_PIXELS) -> "PreparedMedia":
+        """The model-free half of cache_media_steps: open the media, check they fit, run the processor. A
+        server runs this beside the model thread (decoding a long video must not pause running answers)."""
         options = options or MediaOptions()
         # 1. Open the media (videos: probe and choose frames) and check that all of it fits in memory.
         prompt.check_messages(self.processor, messages)
@@ -162,7 +169,12 @@ class Engine:
             prompt.covered_text(self.processor, messages), [p.image for p in parts if p.kind == media.IMAGE],
             [p.video for p in parts if p.kind == media.VIDEO], images_kwargs,
         ).to(self.device)
-        # 3. Vision encoder + prefill with the family's own positions (after `base` where it leads); keep the KV.
+        return PreparedMedia(messages=messages, parts=parts, inputs=inputs, options=options)
+
+    def prefill_media_steps(self, prepared: "PreparedMedia", chunk: int | None = None, base: ImageState | None = None):
+        """The model half of cache_media_steps: vision encoder + prefill with the family's own positions
+        (after `base` where it leads the prepared prefix), as a generator; returns the ImageState."""
+        inputs = prepared.inputs
         start = _leading(base, inputs["input_ids"]) if base is not None and self.family.extends else 0
         if start:
             cache = generate.cache_from_kv(self.model.config, self.adopt(base).kv, capacity=inputs["input_ids"].shape[1],
@@ -177,15 +189,13 @@ class Engine:
             mm_token_type_ids=self.family.image_token_mask(inputs),
             image_grid_thw=_grids(inputs, self.device),
             rope_deltas=torch.tensor([[rope_delta]], device=self.device),
-            metadata=self._metadata(messages, parts, inputs, options, reused=start),
+            metadata=self._metadata(prepared.messages, prepared.parts, inputs, prepared.options, reused=start),
         )
 
     def _metadata(self, messages: list[dict], parts: list[media.Part], inputs, options: MediaOptions, reused: int) -> StateMetadata:
         first = parts[0]
         grids = _part_grids(parts, inputs)
-        settings = self.processor_settings(options.max_pixels)
-        if any(p.kind == media.VIDEO for p in parts):
-            settings["video"] = self.family.video_settings(options.fps, options.max_frames)
+        settings = self.media_settings(options, [p.kind for p in parts])
         return StateMetadata(
             model=self.model_name,
             fingerprint=self.fingerprint,
@@ -209,15 +219,18 @@ class Engine:
 
     def cache_images(self, images: Sequence[str], output_dir: str | os.PathLike,
                      system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, max_pixels: int | None = None,
-                     force: bool = False, on_result=None, on_start=None) -> list:
-        """Cache many images (files, folders, globs) into output_dir with this one model load.
+                     force: bool = False, on_result=None, on_start=None, fps: float | None = None,
+                     max_frames: int | None = None) -> list:
+        """Cache many images and videos (files, folders, globs) into output_dir, one state each, with this
+        one model load.
 
         Outputs are named `<stem>_cache.pt` (see vlcache.batch.output_names); a cache that is up to date is
         skipped unless force; a bad image is reported in its CacheResult and the rest go on.
         """
         from .batch import cache_images
 
-        return cache_images(self, images, output_dir, system_prompt, max_pixels, force, on_result, on_start)
+        options = MediaOptions(max_pixels=max_pixels, fps=fps, max_frames=max_frames)
+        return cache_images(self, images, output_dir, system_prompt, options, force, on_result, on_start)
 
     def load_state(self, path: str | os.PathLike) -> ImageState:
         """Read a cache file made for this engine's model (refused with 'model mismatch' otherwise)."""
@@ -386,6 +399,13 @@ class Engine:
         """What decides an image's tokens besides its pixels: part of a cache's identity."""
         return self.family.processor_settings(max_pixels)
 
+    def media_settings(self, options: MediaOptions, kinds: Sequence[str]) -> dict:
+        """processor_settings, and with videos among `kinds` what decides their frames and tokens."""
+        settings = self.processor_settings(options.max_pixels)
+        if media.VIDEO in kinds:
+            settings["video"] = self.family.video_settings(options.fps, options.max_frames)
+        return settings
+
     def _check_memory(self, parts: list[media.Part]) -> None:
         """Refuse media whose KV cache and activations would not fit in the memory at hand (before any video
         frame is decoded)."""
@@ -430,6 +450,16 @@ class TextAssembler:
     def rest(self, final_text: str) -> str:
         """What of the final text was not shown yet."""
         return final_text[len(self.shown):] if final_text.startswith(self.shown) else final_text
+
+
+@dataclass
+class PreparedMedia:
+    """Opened media and processor outputs for a state, ready for the model (Engine.prepare_media)."""
+
+    messages: list[dict]
+    parts: list[media.Part]
+    inputs: dict
+    options: MediaOptions
 
 
 @dataclass

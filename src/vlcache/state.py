@@ -256,6 +256,9 @@ def _metadata(header: dict, path) -> StateMetadata:
         isinstance(getattr(meta, name), (str, type(None))) for name in ("system_prompt", "image_path")
     ):
         raise CacheFileError(f"cache file is corrupt (bad metadata): {path}")
+    if not all(isinstance(p, dict) and p.get("type") in ("image", "video") and isinstance(p.get("sha256"), str)
+               and isinstance(p.get("size"), list) for p in meta.parts):
+        raise CacheFileError(f"cache file is corrupt (bad media parts): {path}")
     return meta
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import VideoError
+from .images import MAX_DECODE_PIXELS  # noqa: F401 - frames declaring more pixels are refused, as images are
 
 # Files with these suffixes are videos; anything else is opened as an image (a GIF too: its first frame).
 VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".webm", ".mkv", ".avi", ".mpg", ".mpeg", ".ogv", ".3gp", ".flv",
@@ -128,7 +129,8 @@ def decode(data: bytes, name: str, info: VideoInfo, indices: list[int], max_pixe
                 if i >= indices[-1]:
                     break
         except _av_errors() as exc:
-            raise VideoError(f"video is corrupt: {name}: {_reason(exc)}") from None
+            raise VideoError(f"video is truncated or corrupt: {name}: {_reason(exc)} (after {len(frames)} of the "
+                             f"{len(indices)} sampled frames)") from None
     if len(frames) < len(indices):
         raise VideoError(f"video is truncated or corrupt: {name}: {len(frames)} of the {len(indices)} sampled frames "
                          f"could be decoded (the container promised {info.total_frames})")
@@ -205,5 +207,5 @@ def _count_frames(container, stream, name: str) -> int:
     try:
         count = sum(1 for _ in container.decode(stream))
     except _av_errors() as exc:
-        raise VideoError(f"video is corrupt: {name}: {_reason(exc)}") from None
+        raise VideoError(f"video is truncated or corrupt: {name}: {_reason(exc)}") from None
     return count

@@ -49,7 +49,7 @@ class Family:
         """How many tokens the image becomes (for the memory check before the vision encoder); None if unknown."""
         try:
             counts = self.processor._get_num_multimodal_tokens(image_sizes=[[height, width]], **images_kwargs)
-            return int(counts["num_image_tokens"][0])
+            return int(_field(counts, "num_image_tokens")[0])
         except (AttributeError, KeyError, IndexError, TypeError, ValueError):
             return None
 
@@ -103,15 +103,14 @@ class Family:
         settings = {"fps": self.video_fps(fps), "max_frames": max_frames}
         for name in ("min_frames", "max_frames", "size", "patch_size", "temporal_patch_size", "merge_size",
                      "image_mean", "image_std", "cap_pixels_per_frame"):
-            value = getattr(vp, name, None)
-            settings[f"processor_{name}"] = dict(value) if hasattr(value, "keys") else value
+            settings[f"processor_{name}"] = _plain(getattr(vp, name, None))
         return settings
 
     def video_tokens(self, frames: int, width: int, height: int) -> int | None:
         """How many tokens `frames` sampled frames become (for the memory check before decoding)."""
         try:
             counts = self.processor._get_num_multimodal_tokens(video_sizes=[[frames, height, width]])
-            return int(counts["num_video_tokens"][0])
+            return int(_field(counts, "num_video_tokens")[0])
         except (AttributeError, KeyError, IndexError, TypeError, ValueError):
             return None
 
@@ -155,6 +154,20 @@ class OneDimPositions:
         scale = (max_pixels / (image.width * image.height)) ** 0.5
         size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
         return image.resize(size, Image.Resampling.BICUBIC)
+
+
+def _plain(value):
+    """A processor setting as plain JSON data (transformers keeps sizes as SizeDict dataclasses)."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(value):
+        return {k: v for k, v in dataclasses.asdict(value).items() if v is not None}
+    return dict(value) if isinstance(value, dict) else value
+
+
+def _field(counts, name: str):
+    """A field of transformers' MultiModalData (an object in 5.x, a dict before)."""
+    return counts[name] if isinstance(counts, dict) else getattr(counts, name)
 
 
 def run_steps(steps):

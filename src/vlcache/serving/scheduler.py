@@ -114,7 +114,7 @@ class Scheduler:
         self._inbox.put(job)
 
     def compute(self, make: Callable) -> Future:
-        """Run `make()` (a generator of units of work that returns a result, e.g. Engine.cache_prefix_steps)
+        """Run `make()` (a generator of units of work that returns a result, e.g. Engine.prefill_media_steps)
         on the model thread, between decode steps; the Future carries the result."""
         future: Future = Future()
         self._inbox.put(_Task(make, future))

@@ -1,8 +1,10 @@
-"""`vlcache serve`: an OpenAI-compatible Chat Completions server that reuses image states automatically.
+"""`vlcache serve`: an OpenAI-compatible Chat Completions server that reuses image and video states automatically.
 
-A request's conversation is split at its image: everything up to and including the image is a state, keyed
-by what decides its tokens (model fingerprint, image bytes, the messages before it, processor settings). A
-known state skips the vision encoder and the prefix prefill; only the rest of the conversation is computed.
+A request's conversation is split after its last image or video: everything up to there is a state, keyed by
+what decides its tokens (model fingerprint, the bytes of every image and video in it, the messages around
+them, processor settings). A known state skips the vision encoder and the prefix prefill; only the rest of the
+conversation is computed. Without one, the longest known state that ends after an earlier media part is
+continued (a conversation that adds a second image to a cached first computes from the second image on).
 """
 
 from __future__ import annotations
@@ -39,10 +41,12 @@ import torch
 from .. import prompt
 from ..engine import Engine, GenerationOptions
 from ..errors import ImageError, VlcacheError
-from .store import KEY_PATTERN, Continuation, StateStore, state_key
+from ..media import IMAGE, VIDEO, MediaOptions
+from .store import KEY_PATTERN, Continuation, StateStore, media_identity, state_key
 from .scheduler import Job, Scheduler, Stats
 
 MAX_TOKENS_CAP = 8192
+MAX_MEDIA_PARTS = 32  # images and videos in one conversation
 
 
 @dataclass
@@ -56,7 +60,8 @@ class ServeOptions:
     max_batch: int = 16
     max_queue: int = 64  # questions waiting beyond the running batch; more get 429
     prefill_chunk: int = 256  # tokens of prefill work between two decode steps
-    max_image_pixels: int = 25_000_000  # images declaring more are refused before they are decoded
+    max_image_pixels: int = 25_000_000  # images and video frames declaring more are refused before decoding
+    media: MediaOptions = MediaOptions()  # how videos are sampled (fps, max frames): part of every key
     default_max_tokens: int = 512
 
 
@@ -75,11 +80,17 @@ def error_response(status: int, message: str, param: str | None = None, kind: st
 
 # -- requests ------------------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class MediaRef:
+    kind: str  # IMAGE or VIDEO
+    url: str
+    at: tuple[int, int]  # (message, part)
+
+
 @dataclass
 class ChatRequest:
-    messages: list[dict]  # the chat template's form; the image as {"type": "image"}
-    image_url: str | None
-    image_at: tuple[int, int] | None  # (message, part) of the image
+    messages: list[dict]  # the chat template's form; images as {"type": "image"}, videos as {"type": "video"}
+    media: list[MediaRef]  # in conversation order
     options: GenerationOptions
     stop: list[str]
     stream: bool
@@ -97,8 +108,8 @@ def parse_chat(body: object, default_max_tokens: int) -> ChatRequest:
     messages, found = [], []
     for i, message in enumerate(raw):
         messages.append(_message(message, i, found))
-    if len(found) > 1:
-        raise APIError(400, "one image per conversation is supported", "messages")
+    if len(found) > MAX_MEDIA_PARTS:
+        raise APIError(400, f"at most {MAX_MEDIA_PARTS} images and videos per conversation, got {len(found)}", "messages")
     n = body.get("n", 1)
     if type(n) is not int or n != 1:
         raise APIError(400, "only n=1 is supported", "n")
@@ -130,8 +141,7 @@ def parse_chat(body: object, default_max_tokens: int) -> ChatRequest:
         raise APIError(400, "'cache_salt' and 'user' must be strings of 1 to 256 characters", "cache_salt")
     return ChatRequest(
         messages=messages,
-        image_url=found[0][2] if found else None,
-        image_at=found[0][:2] if found else None,
+        media=found,
         options=options,
         stop=stop,
         stream=stream,
@@ -155,16 +165,17 @@ def _message(message: object, index: int, found: list) -> dict:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
             parts.append({"type": "text", "text": part["text"]})
-        elif kind == "image_url" and role == "user":
-            url = part.get("image_url")
+        elif kind in ("image_url", "video_url") and role == "user":
+            url = part.get(kind)
             url = url.get("url") if isinstance(url, dict) else url
             if not isinstance(url, str) or not url:
-                raise APIError(400, f"messages[{index}].content[{j}].image_url.url is missing", f"messages[{index}].content")
-            found.append((index, j, url))
-            parts.append({"type": "image"})
+                raise APIError(400, f"messages[{index}].content[{j}].{kind}.url is missing", f"messages[{index}].content")
+            media = IMAGE if kind == "image_url" else VIDEO
+            found.append(MediaRef(media, url, (index, j)))
+            parts.append({"type": media})
         else:
-            raise APIError(400, f"messages[{index}].content[{j}] is not a supported part (text, or image_url in a user message)",
-                           f"messages[{index}].content")
+            raise APIError(400, f"messages[{index}].content[{j}] is not a supported part (text, or image_url and "
+                                "video_url in a user message)", f"messages[{index}].content")
     if role == "user":
         return {"role": role, "content": parts}
     return {"role": role, "content": "".join(p["text"] for p in parts)}
@@ -186,11 +197,11 @@ def _number(value, name: str, kind, low, high):
 
 # -- images --------------------------------------------------------------------------------------------------
 
-_DATA_URL = re.compile(r"^data:(image/[\w.+-]+)?(;[\w=.+-]+)*;base64,(.*)$", re.DOTALL)
+_DATA_URL = re.compile(r"^data:([\w.+-]+/[\w.+-]+)?(;[\w=.+-]+)*;base64,(.*)$", re.DOTALL)
 
 
 def fetch_image_bytes(url: str, options: ServeOptions) -> bytes:
-    """Image bytes from a data: URL; http(s) and local files only where the server allows them."""
+    """Image (or video) bytes from a data: URL; http(s) and local files only where the server allows them."""
     match = _DATA_URL.match(url)
     if match:
         try:
@@ -331,36 +342,61 @@ class Service:
     def release(self) -> None:
         self.in_flight -= 1
 
-    async def state_for(self, image_bytes: bytes, prefix_messages: list[dict], salt: str | None = None):
-        """The state for an image and what precedes it: (key, state, reused), computing and storing it on a miss.
+    def keys(self, digests: list[tuple[str, str]], prefixes: list[list[dict]], salt: str | None) -> list[str]:
+        """The key of the state ending after each media part: (kind, sha256) of the parts up to it, the
+        messages it covers, the settings that decide their tokens."""
+        fingerprint, options = self.engine.fingerprint, self.options.media
+        return [state_key(fingerprint, media_identity(digests[: j + 1]), prefixes[j],
+                          self.engine.media_settings(options, [kind for kind, _ in digests[: j + 1]]), salt)
+                for j in range(len(digests))]
 
-        The key hashes the encoded bytes: nothing is decoded unless the state must be computed, and decoding
-        happens on the model thread only, one image at a time.
+    async def state_for(self, sources: list[bytes], kinds: list[str], prefixes: list[list[dict]], salt: str | None = None):
+        """The state for a conversation up to its last image or video: (key, state, cached tokens), computing
+        and storing it on a miss, from the longest known state that ends after an earlier media part.
+
+        `prefixes[j]` is the conversation up to and including media part j. Keys hash the encoded bytes:
+        nothing is decoded unless a state must be computed, and decoding happens on the model thread only.
         """
-        digest = hashlib.sha256(image_bytes).hexdigest()
-        key = state_key(self.engine.fingerprint, digest, prefix_messages, self.engine.processor_settings(None), salt)
+        digests = [(kind, hashlib.sha256(data).hexdigest()) for kind, data in zip(kinds, sources)]
+        keys = self.keys(digests, prefixes, salt)
+        key = keys[-1]
         state, source = await run_in_threadpool(self.store.get, key)
         self.metrics.states.labels(result=source).inc()
         if state is not None:
-            return key, state, True
-        with self._lock:  # concurrent misses on one image compute it once
-            future = self._pending.get(key)
-            owner = future is None
-            if owner:
-                chunk, pixels = self.options.prefill_chunk, self.options.max_image_pixels
-                future = asyncio.wrap_future(self.scheduler.compute(
-                    lambda: self.engine.cache_prefix_steps(image_bytes, prefix_messages, chunk=chunk, max_decode_pixels=pixels)))
-                self._pending[key] = future
-        try:
-            state = await asyncio.shield(future)
-        finally:
-            if owner:
-                with self._lock:
-                    self._pending.pop(key, None)
-        if owner:
-            await run_in_threadpool(self.store.put, key, state)
+            return key, state, state.num_tokens
+        with self._lock:  # concurrent misses on one conversation compute it once
+            task = self._pending.get(key)
+            owner = task is None
+            if owner:  # a task of its own: a client that hangs up does not cancel what others wait for
+                task = asyncio.ensure_future(self._computed(key, sources, prefixes[-1], keys[:-1]))
+                self._pending[key] = task
+        state = await asyncio.shield(task)
         self._gauges()
-        return key, state, not owner  # a request that waited for another's computation did not compute it
+        # A request that waited for another's computation computed nothing itself.
+        return key, state, state.metadata.reused_tokens if owner else state.num_tokens
+
+    async def _computed(self, key: str, sources: list[bytes], messages: list[dict], earlier: list[str]):
+        try:
+            state = await self._compute(sources, messages, earlier)
+            await run_in_threadpool(self.store.put, key, state)
+            return state
+        finally:
+            with self._lock:
+                self._pending.pop(key, None)
+
+    async def _compute(self, sources: list[bytes], messages: list[dict], earlier: list[str]):
+        """Compute a state on the model thread, continuing the longest known state among `earlier` keys."""
+        base = None
+        if self.engine.family.extends:
+            for key in reversed(earlier):
+                base, _ = await run_in_threadpool(self.store.get, key)
+                if base is not None:
+                    break
+        # Decoding and the processor run here, beside the model thread: a long video does not pause answers.
+        prepared = await run_in_threadpool(self.engine.prepare_media, sources, messages, self.options.media,
+                                           self.options.max_image_pixels)
+        chunk = self.options.prefill_chunk
+        return await asyncio.wrap_future(self.scheduler.compute(lambda: self.engine.prefill_media_steps(prepared, chunk, base)))
 
     def _gauges(self) -> None:
         self.metrics.hot_bytes.set(self.store.hot_bytes)
@@ -376,18 +412,16 @@ class Service:
             prompt.check_messages(engine.processor, request.messages)
         except VlcacheError as exc:
             raise APIError(400, str(exc), "messages") from None
-        if request.image_url is None:
+        if not request.media:
             new_ids = await run_in_threadpool(self._encode, request.messages, None)
             kv, history, delta, group, cached = engine.empty_kv(), new_ids[:, :0], 0, "", 0
             keep = None
         else:
-            m, p = request.image_at
-            prefix = request.messages[:m] + [{"role": "user", "content": request.messages[m]["content"][: p + 1]}]
-            data = await run_in_threadpool(fetch_image_bytes, request.image_url, self.options)
-            new_ids = await run_in_threadpool(self._encode, request.messages, prefix)
-            key, state, hit = await self.state_for(data, prefix, request.salt)
+            prefixes = [_prefix(request.messages, ref.at) for ref in request.media]
+            sources = [await run_in_threadpool(fetch_image_bytes, ref.url, self.options) for ref in request.media]
+            new_ids = await run_in_threadpool(self._encode, request.messages, prefixes[-1])
+            key, state, cached = await self.state_for(sources, [ref.kind for ref in request.media], prefixes, request.salt)
             kv, history, delta, group = state.kv, state.input_ids, int(state.rope_deltas.view(-1)[0]), key
-            cached = state.num_tokens if hit else 0
             cont, same = await self._continuation(request, key, history, new_ids)
             if cont is not None:
                 kv = lambda cont=cont, same=same: cont.kv_until(same)  # noqa: E731 - built on the model thread, when the row starts
@@ -439,7 +473,7 @@ class Service:
         reuse ends at a message boundary, never inside a message: otherwise the cached-token count would tell
         a client, token by token, what another client wrote.
         """
-        m = request.image_at[0]
+        m = request.media[-1].at[0]
         if self.engine.family.has_linear_layers or not any(msg["role"] == "assistant" for msg in request.messages[m + 1:]):
             return None, 0
         ids = torch.cat([history, new_ids], dim=1)
@@ -461,6 +495,12 @@ class Service:
                                                                 answer_start=answer_start))
 
         return keep
+
+
+def _prefix(messages: list[dict], at: tuple[int, int]) -> list[dict]:
+    """The conversation up to and including the media part at (message, part): its user turn left open."""
+    m, p = at
+    return messages[:m] + [{"role": "user", "content": messages[m]["content"][: p + 1]}]
 
 
 def _message_boundary(ids: list[int], same: int, start: int, cont: Continuation, turn_ends: frozenset[int]) -> int:
@@ -559,11 +599,11 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
         url = body["image"] if body["image"].startswith("data:") else "data:;base64," + body["image"]
         data = await run_in_threadpool(fetch_image_bytes, url, options)
         try:
-            key, state, hit = await service.state_for(data, prompt.image_conversation(system_prompt))
+            key, state, cached = await service.state_for([data], [IMAGE], [prompt.image_conversation(system_prompt)])
         except ImageError as exc:
             raise APIError(400, str(exc), "image") from None
         return {"id": key, "object": "image_state", "tokens": state.num_tokens, "image_tokens": state.metadata.image_tokens,
-                "cached": hit}
+                "cached": cached > 0}
 
     @app.get("/v1/images/{image_id}")
     async def get_image(image_id: str):

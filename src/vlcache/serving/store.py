@@ -54,16 +54,26 @@ class Continuation:
                 for (bk, bv), (sk, sv) in zip(self.base.kv, self.suffix_kv)]
 
 
-def state_key(fingerprint: str, image_sha256: str, messages: list, processor_settings: dict, salt: str | None = None) -> str:
-    """A state's identity. `salt` (a tenant's cache_salt or user) keeps its states apart from everyone else's."""
-    identity = {"fingerprint": fingerprint, "image": image_sha256, "messages": messages, "processor": processor_settings}
+def media_identity(parts: list[tuple[str, str]]) -> str:
+    """The media of a state, in order, from (kind, sha256) pairs: one image is its hash alone (the keys of
+    single-image states stay what they were); otherwise "image:<hash>,video:<hash>,..."."""
+    if len(parts) == 1 and parts[0][0] == "image":
+        return parts[0][1]
+    return ",".join(f"{kind}:{digest}" for kind, digest in parts)
+
+
+def state_key(fingerprint: str, media: str, messages: list, processor_settings: dict, salt: str | None = None) -> str:
+    """A state's identity. `media`: media_identity of its parts. `salt` (a tenant's cache_salt or user) keeps
+    its states apart from everyone else's."""
+    identity = {"fingerprint": fingerprint, "image": media, "messages": messages, "processor": processor_settings}
     if salt is not None:
         identity["salt"] = salt
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
 def metadata_key(meta: StateMetadata) -> str:
-    return state_key(meta.fingerprint, meta.image_sha256, meta.messages, meta.processor_settings)
+    parts = [(p["type"], p["sha256"]) for p in meta.parts] or [("image", meta.image_sha256)]
+    return state_key(meta.fingerprint, media_identity(parts), meta.messages, meta.processor_settings)
 
 
 class StateStore:
