@@ -323,3 +323,11 @@ def test_the_memory_check_knows_image_tokens_in_every_family(family_engine, kind
     engine = family_engine(kind)
     state = engine.cache([photo("rocket.jpg")], system_prompt=None)
     assert engine.image_tokens(*state.metadata.image_size) == state.metadata.image_tokens
+
+
+def test_a_video_of_one_frame_is_refused_in_one_line(engine, tmp_path):
+    """Qwen's encoder pairs frames; its processor refuses a single one, and that is a user error, not a crash."""
+    path = clips.make_clip(tmp_path / "one.mp4", seconds=0.1, fps=8)
+    with pytest.raises(ImageError, match="processor refused the media") as info:
+        engine.cache([path])
+    assert "\n" not in str(info.value)

@@ -165,10 +165,13 @@ class Engine:
         images_kwargs = self.images_kwargs(options.max_pixels)
         parts = media.load_parts(sources, kinds, self.family, options, images_kwargs, max_decode_pixels, self._check_memory)
         # 2. Tokenize what the chat template puts before the question, every image and video expanded.
-        inputs = self.family.prefix_inputs(
-            prompt.covered_text(self.processor, messages), [p.image for p in parts if p.kind == media.IMAGE],
-            [p.video for p in parts if p.kind == media.VIDEO], images_kwargs,
-        ).to(self.device)
+        try:
+            inputs = self.family.prefix_inputs(
+                prompt.covered_text(self.processor, messages), [p.image for p in parts if p.kind == media.IMAGE],
+                [p.video for p in parts if p.kind == media.VIDEO], images_kwargs,
+            ).to(self.device)
+        except ValueError as exc:  # e.g. a video of one frame where the encoder pairs frames
+            raise ImageError(f"the model's processor refused the media: {str(exc).splitlines()[0]}") from None
         return PreparedMedia(messages=messages, parts=parts, inputs=inputs, options=options)
 
     def prefill_media_steps(self, prepared: "PreparedMedia", chunk: int | None = None, base: ImageState | None = None):

@@ -92,6 +92,9 @@ def probe(data: bytes, name: str, max_decode_pixels: int) -> VideoInfo:
     """Frame size, rate, count and duration from the container; VideoError for anything that is not a
     decodable video with at least one frame of an acceptable size."""
     with _open(data, name) as container:
+        if container.format.name.endswith("_pipe") or container.format.name == "image2":
+            raise VideoError(f"not a video: {name} is a still image ({container.format.name.removesuffix('_pipe')}); "
+                             "give it as an image")
         stream = _video_stream(container, name)
         width, height = stream.codec_context.width, stream.codec_context.height
         if width <= 0 or height <= 0:
