@@ -41,7 +41,7 @@ def measure(args: dict) -> dict:
     import torch
     from transformers import DynamicCache
 
-    from vlcache import Engine, prompt
+    from vlcache import Engine
 
     engine = Engine.load(args["model"], device="cpu", dtype=args["dtype"])
     model, runs, k = engine.model, args["runs"], args["tokens"]

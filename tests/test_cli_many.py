@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SYSTEM, photo
+from conftest import SYSTEM, photo
 from test_conversation import reference_conversation
 from vlcache import cli
 from vlcache.batch import output_names

@@ -19,13 +19,12 @@ import time
 import urllib.request
 
 import pytest
-import torch
 from PIL import Image
 
 from conftest import SYSTEM, photo
 from reference import reference_tokens
 from test_cli import run
-from test_server import LiveServer, _call, data_url, image_messages
+from test_server import LiveServer, data_url, image_messages
 from vlcache.errors import CacheFileError
 from vlcache.serving import server as server_module
 from vlcache.serving import store as store_module

@@ -1,6 +1,5 @@
 """Images in any mode are converted; missing, broken, foreign and oversized ones are refused with a reason."""
 
-import io
 import struct
 import zlib
 

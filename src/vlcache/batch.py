@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .errors import CacheFileError, VlcacheError
 from .media import MediaOptions, kind_of as media_kind
-from .state import read_metadata
+from .header import read_metadata
 from .video import VIDEO_SUFFIXES
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}

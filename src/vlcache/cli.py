@@ -104,6 +104,7 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
                         help="video frames sampled per second (default: the model's video processor's, e.g. 2)")
     parser.add_argument("--max-frames", type=positive_int, default=None,
                         help="at most this many frames per video (default: the video processor's limit)")
+    add_server_argument(parser)
     parser.set_defaults(output_dir=None, force=False, progress=False)
 
 
@@ -116,6 +117,13 @@ def add_generation_arguments(parser: argparse.ArgumentParser, max_tokens_flags: 
     add_model_arguments(parser, "model id or local folder (default: the model recorded in the cache)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per answer instead of the text")
     parser.add_argument("--stream", action="store_true", help="print tokens as they come (default when stdout is a terminal)")
+    add_server_argument(parser)
+
+
+def add_server_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", default=None, metavar="URL",
+                        help="answer through a running `vlcache serve` at URL (default: $VLCACHE_SERVER; unset: load the "
+                             "model in this process)")
 
 
 def add_ask_arguments(parser: argparse.ArgumentParser, max_tokens_flags: tuple[str, ...], many: bool = False) -> None:
@@ -186,14 +194,25 @@ def build_parser() -> argparse.ArgumentParser:
                        help="requests that may wait beyond the batch; more get 429 (default: 64)")
     serve.add_argument("--prefill-chunk", type=positive_int, default=256,
                        help="most prefill tokens between two decode steps (default: 256)")
+    serve.add_argument("--max-state-bytes", type=byte_size, default=byte_size("16GiB"),
+                       help="largest cache file a client (--server) may upload (default: 16GiB)")
+    serve.add_argument("--detach", action="store_true",
+                       help="run in the background (pid, URL and log in ~/.cache/vlcache/serve.json); `vlcache stop` ends it")
     serve.set_defaults(run=run_serve, subparser=serve)
+
+    status = sub.add_parser("status", help="whether a vlcache server is up (--server URL, $VLCACHE_SERVER, or --detach's)")
+    add_server_argument(status)
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(run=run_status)
+    stop = sub.add_parser("stop", help="stop the server `vlcache serve --detach` started")
+    stop.set_defaults(run=run_stop)
 
     inspect = sub.add_parser("inspect", help="show what a cache file holds")
     inspect.add_argument("path")
     inspect.add_argument("--json", action="store_true")
     inspect.set_defaults(run=run_inspect)
 
-    for p in (cache, ask, chat, serve, inspect):
+    for p in (cache, ask, chat, serve, inspect, status, stop):
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return parser
 
@@ -212,7 +231,18 @@ def usage_problem(args: argparse.Namespace) -> str | None:
 
 
 def run_cache(args: argparse.Namespace) -> int:
+    url = _server(args)
+    if url:
+        from . import remote
+
+        return remote.cache(args, url)
     return _cache_one(args) if args.output_dir is None else _cache_many(args)
+
+
+def _server(args: argparse.Namespace) -> str | None:
+    from .client import server_url
+
+    return server_url(getattr(args, "server", None))
 
 
 def _cache_one(args: argparse.Namespace) -> int:
@@ -272,8 +302,12 @@ def _cache_many(args: argparse.Namespace) -> int:
 
 def run_ask(args: argparse.Namespace) -> int:
     from .batch import expand_caches
-    from .state import read_metadata
 
+    url = _server(args)
+    if url:
+        from . import remote
+
+        return remote.ask(args, url)
     prompts = _prompts(args)
     for i, text in enumerate(prompts):
         _check_prompt(text, "--prompt" if len(prompts) == 1 else f"prompt {i + 1}")
@@ -337,12 +371,29 @@ def _ask_text_only(engine, prompts: list[str], args: argparse.Namespace, extra: 
 
 
 def run_chat(args: argparse.Namespace) -> int:
+    url = _server(args)
+    if url:
+        from . import remote
+
+        return remote.chat(args, url)
     from .conversation import Conversation
     from .state import read_metadata
 
     meta = read_metadata(args.cache)
     engine = _load_engine(args.model or _model_named_by(meta), args.device, args.dtype or meta.dtype)
     chat = Conversation(engine, engine.load_state(args.cache))
+
+    def save(target: str) -> None:
+        path = chat.save(target)
+        _info(f"saved the conversation ({chat.turns} turns) to {path}")
+
+    options = (args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    return chat_loop(lambda text: _print_streamed(chat.stream(text, *options), args), chat.reset, save)
+
+
+def chat_loop(ask: Callable[[str], None], reset: Callable[[], None], save: Callable[[str], None]) -> int:
+    """Read questions and /commands from stdin until it ends or /quit; a failing turn is reported and the
+    loop goes on. Exit code 1 if any turn failed."""
     interactive = sys.stdin.isatty()
     failed = 0
     while True:
@@ -358,18 +409,17 @@ def run_chat(args: argparse.Namespace) -> int:
             break
         try:
             if text == "/reset":
-                chat.reset()
+                reset()
                 _info("conversation reset to the cached image")
             elif text.startswith("/save"):
                 target = text[len("/save"):].strip()
                 if not target:
                     raise VlcacheError("/save needs a path: /save PATH")
-                path = chat.save(target)
-                _info(f"saved the conversation ({chat.turns} turns) to {path}")
+                save(target)
             elif text.startswith("/"):
                 raise VlcacheError(f"unknown command {text.split()[0]}; use /reset, /save PATH or /quit")
             else:
-                _print_streamed(chat.stream(text, args.max_new_tokens, args.temperature, args.top_p, args.seed), args)
+                ask(text)
         except (VlcacheError, OSError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             failed += 1
@@ -434,6 +484,10 @@ def _last(iterable):
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    if args.detach:
+        from . import remote
+
+        return remote.detach(args, args.argv[args.argv.index("serve") + 1:])
     import uvicorn
 
     from .media import MediaOptions
@@ -447,7 +501,7 @@ def run_serve(args: argparse.Namespace) -> int:
     options = ServeOptions(cache_dir=cache_dir, memory_budget=args.memory_budget, allow_remote_images=args.allow_remote_images,
                            allow_private_urls=args.allow_private_urls, max_image_pixels=args.max_image_pixels,
                            allow_local_files=local, max_body_bytes=args.max_body, max_batch=args.max_batch,
-                           max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
+                           max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, max_state_bytes=args.max_state_bytes,
                            media=MediaOptions(fps=args.fps, max_frames=args.max_frames))
     app = create_app(engine, options)
     _info(f"serving {engine.model_name} on http://{args.host}:{args.port}/v1 (states in {cache_dir})")
@@ -455,8 +509,20 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_status(args: argparse.Namespace) -> int:
+    from . import remote
+
+    return remote.status(args)
+
+
+def run_stop(args: argparse.Namespace) -> int:
+    from . import remote
+
+    return remote.stop(args)
+
+
 def run_inspect(args: argparse.Namespace) -> int:
-    from .state import read_header, read_metadata
+    from .header import read_header, read_metadata
 
     header = read_header(args.path)
     meta = read_metadata(args.path)
@@ -481,7 +547,7 @@ def run_inspect(args: argparse.Namespace) -> int:
         f"tokens:        {meta.prefix_tokens} ({meta.image_tokens} {_media_words(meta)} tokens)",
         f"conversation:  {turns} saved turns" if turns else "conversation:  none (image state)",
         f"created:       {meta.created}",
-        f"versions:      " + ", ".join(f"{k} {v}" for k, v in meta.versions.items()),
+        "versions:      " + ", ".join(f"{k} {v}" for k, v in meta.versions.items()),
         f"format:        vlcache {meta.format_version}",
     ]
     print("\n".join(lines))
@@ -639,7 +705,9 @@ def _log_to_stderr() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # serve --detach starts the same command line in the background
     problem = usage_problem(args)
     if problem:
         args.subparser.error(problem)  # exits 2 with the usage line, like any argument error

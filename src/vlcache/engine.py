@@ -6,7 +6,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -18,38 +18,10 @@ from .families.base import run_steps
 from .defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SYSTEM_PROMPT
 from .errors import ImageError, ModelMismatchError, VlcacheError
 from .media import MediaOptions
+from .answer import Answer, Delta  # noqa: F401 - part of the engine's interface
 from .state import ImageState, StateMetadata, load_state
 
 log = logging.getLogger("vlcache")
-
-
-@dataclass
-class Answer:
-    text: str
-    token_ids: list[int]  # generated ids, an end-of-turn token included when the model produced one
-    prompt_tokens: int  # all tokens before the answer: cached + newly computed
-    cached_tokens: int  # tokens taken from the state instead of being computed
-    finish_reason: str  # "stop" (end-of-turn token) or "length" (max_new_tokens reached)
-    timings: dict[str, float] = field(default_factory=dict)  # seconds: ttft_s, decode_s, total_s; tokens_per_s
-
-    def to_dict(self) -> dict:
-        return {
-            "text": self.text,
-            "token_ids": self.token_ids,
-            "prompt_tokens": self.prompt_tokens,
-            "cached_tokens": self.cached_tokens,
-            "finish_reason": self.finish_reason,
-            "timings": self.timings,
-        }
-
-
-@dataclass
-class Delta:
-    """One streamed step: new text (may be empty while a character is incomplete) and its token id."""
-
-    text: str
-    token_id: int
-    answer: Answer | None = None  # set on the last delta only
 
 
 @dataclass

@@ -43,21 +43,27 @@ def load_image(source: str | os.PathLike | bytes | Image.Image, max_pixels: int 
 
 
 def _read(path: Path) -> bytes:
+    return read_file(path, "image", MAX_IMAGE_BYTES, ImageError)
+
+
+def read_file(path: Path, what: str, limit: int, error: type[Exception]) -> bytes:
+    """The bytes of a user's media file; `error` with a one-line reason if it is missing, not a regular file,
+    over `limit` bytes, unreadable or empty."""
     if not path.exists():
-        raise ImageError(f"image not found: {path}")
+        raise error(f"{what} not found: {path}")
     if path.is_dir():
-        raise ImageError(f"image path is a folder, not a file: {path}")
+        raise error(f"{what} path is a folder, not a file: {path}")
     if not path.is_file():  # a FIFO would block forever, a device never end
-        raise ImageError(f"image path is not a regular file: {path}")
+        raise error(f"{what} path is not a regular file: {path}")
     try:
         size = path.stat().st_size
-        if size > MAX_IMAGE_BYTES:
-            raise ImageError(f"image file is too large: {path} is {size:,} bytes, over the {MAX_IMAGE_BYTES:,}-byte limit")
+        if size > limit:
+            raise error(f"{what} file is too large: {path} is {size:,} bytes, over the {limit:,}-byte limit")
         data = path.read_bytes()
     except OSError as exc:
-        raise ImageError(f"cannot read image {path}: {exc.strerror or exc}") from None
+        raise error(f"cannot read {what} {path}: {exc.strerror or exc}") from None
     if not data:
-        raise ImageError(f"image file is empty: {path}")
+        raise error(f"{what} file is empty: {path}")
     return data
 
 

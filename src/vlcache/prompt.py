@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import copy
 
-import torch
-
 from .errors import PromptError
 
 _SENTINEL = "\u2063vlcache-question\u2063"
@@ -49,6 +47,20 @@ def with_question(messages: list[dict], question: str) -> list[dict]:
         messages[-1]["content"].append(part)
     else:
         messages.append({"role": "user", "content": [part]})
+    return messages
+
+
+def append_turns(covered: list[dict], later: list[dict]) -> list[dict]:
+    """A state's conversation and the turns after it (user questions as text parts or strings, assistant
+    answers): the first question goes into the state's open user turn, as Engine.ask and Conversation put it."""
+    messages = copy.deepcopy(covered)
+    for message in later:
+        content = message["content"]
+        if message["role"] == "user":
+            text = content if isinstance(content, str) else "".join(p["text"] for p in content)
+            messages = with_question(messages, text)
+        else:
+            messages.append({"role": message["role"], "content": content})
     return messages
 
 
@@ -112,13 +124,15 @@ def question_text(processor, messages: list[dict], question: str) -> str:
     return text_after(processor, messages, with_question(messages, question))
 
 
-def encode_text(processor, text: str) -> torch.Tensor:
-    """Token ids of template text (special tokens written out in it are honoured; none are added)."""
+def encode_text(processor, text: str):
+    """Token ids of template text (special tokens written out in it are honoured; none are added): [1, n] long."""
+    import torch  # here, not at the top: the thin client checks prompts without torch
+
     ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
     return torch.tensor([ids], dtype=torch.long)
 
 
-def text_only_ids(processor, system_prompt: str | None, question: str) -> torch.Tensor:
+def text_only_ids(processor, system_prompt: str | None, question: str):
     messages = conversation(system_prompt, question, with_image=False)
     return encode_text(processor, render(processor, messages, add_generation_prompt=True))
 

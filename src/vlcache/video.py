@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import images
 from .errors import VideoError
 from .images import MAX_DECODE_PIXELS  # noqa: F401 - frames declaring more pixels are refused, as images are
 
@@ -71,21 +72,7 @@ def read_video_bytes(source: str | os.PathLike | bytes) -> tuple[bytes, str | No
         if not data:
             raise VideoError("the video bytes are empty")
         return data, None
-    path = Path(source)
-    if not path.exists():
-        raise VideoError(f"video not found: {path}")
-    if not path.is_file():
-        raise VideoError(f"video path is not a regular file: {path}")
-    try:
-        size = path.stat().st_size
-        if size > MAX_VIDEO_BYTES:
-            raise VideoError(f"video file is too large: {path} is {size:,} bytes, over the {MAX_VIDEO_BYTES:,}-byte limit")
-        data = path.read_bytes()
-    except OSError as exc:
-        raise VideoError(f"cannot read video {path}: {exc.strerror or exc}") from None
-    if not data:
-        raise VideoError(f"video file is empty: {path}")
-    return data, str(path)
+    return images.read_file(Path(source), "video", MAX_VIDEO_BYTES, VideoError), str(source)
 
 
 def probe(data: bytes, name: str, max_decode_pixels: int) -> VideoInfo:

@@ -61,6 +61,7 @@ class ServeOptions:
     max_queue: int = 64  # questions waiting beyond the running batch; more get 429
     prefill_chunk: int = 256  # tokens of prefill work between two decode steps
     max_image_pixels: int = 25_000_000  # images and video frames declaring more are refused before decoding
+    max_state_bytes: int = 16 * 1024**3  # largest cache file a client may upload
     media: MediaOptions = MediaOptions()  # how videos are sampled (fps, max frames): part of every key
     default_max_tokens: int = 512
 
@@ -97,6 +98,7 @@ class ChatRequest:
     include_usage: bool
     max_tokens_given: bool = True  # False: the server's default, shortened to fit the context
     salt: str | None = None  # cache_salt or user: states and conversations kept apart from other tenants
+    state: str | None = None  # a stored state's id the messages continue (vlcache's own /v1/vlcache/ask)
 
 
 def parse_chat(body: object, default_max_tokens: int) -> ChatRequest:
@@ -308,6 +310,7 @@ class Metrics(Stats):
                               registry=self.registry, buckets=SECONDS)
         self.batch = Histogram("vlcache_batch_size", "rows in each decode step", registry=self.registry,
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+        self.uploads = Counter("vlcache_state_uploads", "cache files uploaded by clients (--server)", registry=self.registry)
         self.write_errors = Gauge("vlcache_state_write_errors", "states that could not be written to --cache-dir "
                                   "(disk full, read-only) and are served from memory only", registry=self.registry)
 
@@ -412,17 +415,15 @@ class Service:
             prompt.check_messages(engine.processor, request.messages)
         except VlcacheError as exc:
             raise APIError(400, str(exc), "messages") from None
-        if not request.media:
+        if not request.media and request.state is None:
             new_ids = await run_in_threadpool(self._encode, request.messages, None)
             kv, history, delta, group, cached = engine.empty_kv(), new_ids[:, :0], 0, "", 0
             keep = None
         else:
-            prefixes = [_prefix(request.messages, ref.at) for ref in request.media]
-            sources = [await run_in_threadpool(fetch_image_bytes, ref.url, self.options) for ref in request.media]
-            new_ids = await run_in_threadpool(self._encode, request.messages, prefixes[-1])
-            key, state, cached = await self.state_for(sources, [ref.kind for ref in request.media], prefixes, request.salt)
+            key, state, cached, covered, after = await self._base(request)
+            new_ids = await run_in_threadpool(self._encode, request.messages, covered)
             kv, history, delta, group = state.kv, state.input_ids, int(state.rope_deltas.view(-1)[0]), key
-            cont, same = await self._continuation(request, key, history, new_ids)
+            cont, same = await self._continuation(request.messages[after + 1:], key, history, new_ids)
             if cont is not None:
                 kv = lambda cont=cont, same=same: cont.kv_until(same)  # noqa: E731 - built on the model thread, when the row starts
                 ids = torch.cat([history, new_ids], dim=1)
@@ -438,6 +439,19 @@ class Service:
         job = Job(group=group, kv=kv, history=history, new_ids=new_ids, rope_delta=delta, options=request.options, emit=emit,
                   keep=keep)
         return job, cached, events
+
+    async def _base(self, request: ChatRequest):
+        """The state a request continues: (key, state, cached tokens, the messages it covers, the index of the
+        message where it ends). By id for vlcache's own clients (the request's turns then follow the state's
+        conversation), else from the request's images and videos, found or computed."""
+        if request.state is not None:
+            key, state, cached, covered = await self._stored(request.state)
+            request.messages = prompt.append_turns(covered, request.messages)
+            return key, state, cached, covered, len(covered) - 1
+        covered = [_prefix(request.messages, ref.at) for ref in request.media]
+        sources = [await run_in_threadpool(fetch_image_bytes, ref.url, self.options) for ref in request.media]
+        key, state, cached = await self.state_for(sources, [ref.kind for ref in request.media], covered, request.salt)
+        return key, state, cached, covered[-1], request.media[-1].at[0]
 
     def _encode(self, messages: list[dict], prefix: list[dict] | None) -> torch.Tensor:
         """Token ids of the conversation after the image prefix (all of it without one); off the event loop."""
@@ -465,16 +479,24 @@ class Service:
     def context_length(self) -> int:
         return int(getattr(self.engine.model.config.get_text_config(), "max_position_embeddings", None) or 2**31)
 
-    async def _continuation(self, request: ChatRequest, key: str, history: torch.Tensor, new_ids: torch.Tensor):
+    async def _stored(self, key: str):
+        """A stored state by id: (key, state, its tokens, the messages it covers); 404 if the server has none."""
+        state, source = await run_in_threadpool(self.store.get, _valid_id(key, "state"))
+        self.metrics.states.labels(result=source).inc()
+        if state is None:
+            raise APIError(404, f"no state {key} on this server; upload its cache file first", "state")
+        return key, state, state.num_tokens, state.metadata.messages
+
+    async def _continuation(self, later: list[dict], key: str, history: torch.Tensor, new_ids: torch.Tensor):
         """A kept conversation this request continues, and how many of its tokens to reuse (None, 0 if none).
+        `later`: the messages after the state's own.
 
         Only for requests with an answer after the image (single questions share the image state and batch
         together); never for linear-attention models (their state cannot be cut back to a shared run). The
         reuse ends at a message boundary, never inside a message: otherwise the cached-token count would tell
         a client, token by token, what another client wrote.
         """
-        m = request.media[-1].at[0]
-        if self.engine.family.has_linear_layers or not any(msg["role"] == "assistant" for msg in request.messages[m + 1:]):
+        if self.engine.family.has_linear_layers or not any(msg["role"] == "assistant" for msg in later):
             return None, 0
         ids = torch.cat([history, new_ids], dim=1)
         cont, same = self.store.best_continuation(key, ids)
@@ -545,7 +567,9 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_id, "hot_states": service.store.hot_count, "hot_bytes": service.store.hot_bytes}
+        return {"status": "ok", "model": model_id, "fingerprint": engine.fingerprint, "family": engine.family.name,
+                "dtype": str(engine.dtype).removeprefix("torch."), "hot_states": service.store.hot_count,
+                "hot_bytes": service.store.hot_bytes, "running": service.scheduler.running, "queued": service.scheduler.queued}
 
     @app.get("/metrics")
     async def metrics():
@@ -577,7 +601,7 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
                 stream = _stream(service, job, events, chat, cached, completion_id, created, model_id, started, request)
                 streaming = True
                 return StreamingResponse(_released(stream, service), media_type="text/event-stream")
-            text, answer, finish = await _collect(service, job, events, chat, started, request)
+            text, answer, finish = await _collect(service, job, events, chat.stop, started, request)
         finally:
             if not streaming:
                 service.release()
@@ -621,7 +645,10 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
         service._gauges()
         return {"id": image_id, "object": "image_state", "deleted": True}
 
-    return BodyLimit(app, options.max_body_bytes)
+    from .native import STATES, add_native_routes
+
+    add_native_routes(app, service)
+    return BodyLimit(app, options.max_body_bytes, uploads=(STATES,))
 
 
 def _endpoint(request: Request) -> str:
@@ -630,9 +657,9 @@ def _endpoint(request: Request) -> str:
     return getattr(route, "path", "other")
 
 
-def _valid_id(image_id: str) -> str:
-    if not KEY_PATTERN.fullmatch(image_id):
-        raise APIError(400, "image ids are 64 lowercase hex digits", "image_id")
+def _valid_id(image_id: object, param: str = "image_id") -> str:
+    if not isinstance(image_id, str) or not KEY_PATTERN.fullmatch(image_id):
+        raise APIError(400, "state ids are 64 lowercase hex digits", param)
     return image_id
 
 
@@ -680,9 +707,9 @@ class _StopText:
         return out
 
 
-async def _events(service: Service, job: Job, events: asyncio.Queue, chat: ChatRequest, started: float):
+async def _events(service: Service, job: Job, events: asyncio.Queue, stop: list[str], started: float):
     """Yield ("text", piece) then ("done", answer, finish_reason, stopped); stop strings end a job early."""
-    stops = _StopText(chat.stop)
+    stops = _StopText(stop)
     first = True
     while True:
         kind, value = await events.get()
@@ -706,11 +733,11 @@ async def _events(service: Service, job: Job, events: asyncio.Queue, chat: ChatR
         return
 
 
-async def _collect(service, job, events, chat, started, request):
+async def _collect(service, job, events, stop: list[str], started, request):
     watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
     try:
         pieces = []
-        async for event in _events(service, job, events, chat, started):
+        async for event in _events(service, job, events, stop, started):
             if event[0] == "text":
                 pieces.append(event[1])
             elif not event[3]:  # no stop string cut it: the whole answer's own decoding
@@ -749,7 +776,7 @@ async def _stream(service, job, events, chat, cached, completion_id, created, mo
 
     try:
         yield chunk({"role": "assistant", "content": ""})
-        async for event in _events(service, job, events, chat, started):
+        async for event in _events(service, job, events, chat.stop, started):
             if event[0] == "text":
                 yield chunk({"content": event[1]})
             else:
@@ -767,13 +794,15 @@ async def _stream(service, job, events, chat, cached, completion_id, created, mo
 class BodyLimit:
     """ASGI middleware: refuse request bodies over `limit` bytes with OpenAI's error shape (413)."""
 
-    def __init__(self, app: FastAPI, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app: FastAPI, limit: int, uploads: tuple[str, ...] = ()):
+        self.app, self.limit, self.uploads = app, limit, uploads  # uploads: paths that take files (own limits)
         self.state = app.state  # tests reach the service through app.state
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if scope.get("path") in self.uploads:  # the route limits size; the body may take UPLOAD_SECONDS
+            return await self._upload(scope, receive, send)
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
             return await self._too_large(scope, receive, send)
@@ -815,6 +844,23 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
+    async def _upload(self, scope, receive, send):
+        deadline, complete = time.monotonic() + UPLOAD_SECONDS, False
+
+        async def timed():
+            nonlocal complete
+            if complete:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise BodyTimeout from None
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        await self.app(scope, timed, send)
+
+
 class BodyTooLarge(Exception):
     def __init__(self, limit: int):
         super().__init__(f"request body over the {limit:,}-byte limit")
@@ -825,6 +871,7 @@ class BodyTimeout(Exception):
 
 
 BODY_SECONDS = 60.0  # the whole request body must arrive within this (a slow-loris body is cut off: 408)
+UPLOAD_SECONDS = 1800.0  # the same for an uploaded state file (gigabytes over a network)
 HEADER_SECONDS = 10.0  # a connection whose request headers take longer is closed
 
 

@@ -8,8 +8,6 @@ it; a file made by `vlcache cache` and dropped into the folder is found by its m
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import re
 import threading
@@ -22,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CacheFileError
+from ..header import media_identity, metadata_key, state_key  # noqa: F401 - keys are part of the store's interface
 from ..state import ImageState, StateMetadata, kv_nbytes, load_state, read_metadata
 
 KEY_PATTERN = re.compile(r"[0-9a-f]{64}")  # use fullmatch: "$" would also accept a trailing newline
@@ -52,28 +51,6 @@ class Continuation:
         extra = n - self.base.num_tokens
         return [(torch.cat([bk, sk[:, :, :extra]], dim=-2), torch.cat([bv, sv[:, :, :extra]], dim=-2))
                 for (bk, bv), (sk, sv) in zip(self.base.kv, self.suffix_kv)]
-
-
-def media_identity(parts: list[tuple[str, str]]) -> str:
-    """The media of a state, in order, from (kind, sha256) pairs: one image is its hash alone (the keys of
-    single-image states stay what they were); otherwise "image:<hash>,video:<hash>,..."."""
-    if len(parts) == 1 and parts[0][0] == "image":
-        return parts[0][1]
-    return ",".join(f"{kind}:{digest}" for kind, digest in parts)
-
-
-def state_key(fingerprint: str, media: str, messages: list, processor_settings: dict, salt: str | None = None) -> str:
-    """A state's identity. `media`: media_identity of its parts. `salt` (a tenant's cache_salt or user) keeps
-    its states apart from everyone else's."""
-    identity = {"fingerprint": fingerprint, "image": media, "messages": messages, "processor": processor_settings}
-    if salt is not None:
-        identity["salt"] = salt
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-
-
-def metadata_key(meta: StateMetadata) -> str:
-    parts = [(p["type"], p["sha256"]) for p in meta.parts] or [("image", meta.image_sha256)]
-    return state_key(meta.fingerprint, media_identity(parts), meta.messages, meta.processor_settings)
 
 
 class StateStore:

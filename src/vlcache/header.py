@@ -1,0 +1,186 @@
+"""The header of a vlcache file: format constants, the state's metadata, and reading and checking them.
+
+Nothing here imports torch: a thin client (`--server`) reads a cache file's identity from its header alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import CacheFileError
+
+FORMAT_NAME = "vlcache"
+# 2: metadata names the family and each layer's kind (version 1 files read as Qwen-VL)
+# 3: metadata lists every image and video part; image_grid_thw holds one row per part with a grid
+FORMAT_VERSION = 3
+_MAX_HEADER_BYTES = 8 * 1024 * 1024  # real headers are kilobytes; a hostile one must not cost every reader
+
+
+@dataclass
+class StateMetadata:
+    model: str
+    fingerprint: str
+    dtype: str
+    system_prompt: str | None
+    image_path: str | None
+    image_sha256: str
+    image_size: list[int]  # [width, height] of the image as given
+    max_pixels: int | None
+    prefix_tokens: int
+    image_tokens: int
+    created: str
+    # The conversation the KV covers, as the chat template takes it: [system], user(image) for a cached image
+    # (its turn open for the question), then any saved exchange. Images appear as {"type": "image"}.
+    messages: list = field(default_factory=list)
+    processor_settings: dict = field(default_factory=dict)  # what decides the image tokens (pixels, patch, ...)
+    versions: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+    family: str = "qwen-vl"  # vlcache.families: how positions and the image prefill work
+    layer_kinds: list = field(default_factory=list)  # per text layer: full_attention, sliding_attention, ...
+    # Every image and video in order: type, sha256, path, size, grid; videos also frames sampled, their
+    # indices and timestamps, the source fps and duration. Files before version 3: empty (one image, above).
+    parts: list = field(default_factory=list)
+    reused_tokens: int = 0  # tokens taken from an earlier state when this one was made (not computed again)
+
+
+def read_header(path: str | os.PathLike) -> dict:
+    """The safetensors header of a vlcache file, validated; CacheFileError for anything else."""
+    path = _cache_path(path)
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            head = fh.read(8)
+            header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
+            raw = fh.read(header_len) if 0 < header_len <= min(size - 8, _MAX_HEADER_BYTES) else b""
+    except OSError as exc:
+        raise CacheFileError(f"cannot read cache file {path}: {exc.strerror or exc}") from None
+    return _check_header(head, raw, size, path)
+
+
+def _cache_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise CacheFileError(f"cache file not found: {path}")
+    if path.is_dir():
+        raise CacheFileError(f"cache path is a folder, not a file: {path}")
+    if not path.is_file():  # a FIFO or a device would block or never end
+        raise CacheFileError(f"cache path is not a regular file: {path}")
+    return path
+
+
+def _check_header(head: bytes, raw: bytes, size: int, path) -> dict:
+    """Validate a header of any shape a hostile file may give it (lists, ints, deep nesting): a dict, or CacheFileError."""
+    header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
+    header = _parse_json(raw)
+    if header is None:
+        raise CacheFileError(_diagnose_foreign(head, size, path))
+    meta = header.get("__metadata__")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise CacheFileError(f"not a vlcache cache file: {path} (a safetensors file without vlcache metadata)")
+    version = meta.get("format_version")
+    if not isinstance(version, str) or not version.isdigit() or len(version) > 6:
+        raise CacheFileError(f"cache file is corrupt (bad format version): {path}")
+    if int(version) > FORMAT_VERSION:
+        raise CacheFileError(
+            f"cache file {path} has format version {version}, newer than this vlcache reads ({FORMAT_VERSION}); "
+            "upgrade vlcache or re-create the cache"
+        )
+    ends = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+            raise CacheFileError(f"cache file is corrupt (bad tensor entry {str(name)[:40]!r}): {path}")
+        ends.append(offsets[1])
+    if 8 + header_len + max(ends, default=0) != size:
+        raise CacheFileError(f"cache file is truncated or corrupt (size does not match its header): {path}")
+    return header
+
+
+def _parse_json(raw: bytes) -> dict | None:
+    if not raw.startswith(b"{"):
+        return None
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError):  # bad UTF-8 or JSON, numbers too long, nesting too deep
+        return None
+    return header if isinstance(header, dict) else None
+
+
+def _diagnose_foreign(head: bytes, size: int, path: Path) -> str:
+    """Why a file that is not a readable safetensors file was refused, as precisely as its first bytes say."""
+    if size == 0:
+        return f"cache file is empty: {path}"
+    if head.startswith(b"PK\x03\x04"):
+        return (f"not a vlcache cache file: {path} is a zip archive (a torch.save checkpoint?); vlcache never "
+                "unpickles files. Re-create the cache with `vlcache cache`")
+    if head[:1] == b"\x80":
+        return (f"not a vlcache cache file: {path} looks like a Python pickle; vlcache never unpickles files. "
+                "Re-create the cache with `vlcache cache`")
+    if len(head) < 8:
+        return f"cache file is truncated: {path}"
+    header_len = int.from_bytes(head, "little")
+    if 0 < header_len <= _MAX_HEADER_BYTES and header_len > size - 8:
+        return f"cache file is truncated: {path}"
+    if 0 < header_len <= min(size - 8, _MAX_HEADER_BYTES):
+        return f"cache file is corrupt (unreadable header): {path}"
+    return f"not a vlcache cache file: {path} (unrecognised format)"
+
+
+def read_metadata(path: str | os.PathLike) -> StateMetadata:
+    return _metadata(read_header(path), path)
+
+
+# Field types a file must have: what the readers of the metadata rely on.
+_FIELD_TYPES = {"model": str, "fingerprint": str, "dtype": str, "image_sha256": str, "image_size": list,
+                "prefix_tokens": int, "image_tokens": int, "created": str, "messages": list, "processor_settings": dict,
+                "versions": dict, "format_version": int, "family": str, "layer_kinds": list, "parts": list,
+                "reused_tokens": int}
+
+
+def _metadata(header: dict, path) -> StateMetadata:
+    try:
+        fields = json.loads(header["__metadata__"]["metadata"])
+        meta = StateMetadata(**fields)
+    except (KeyError, TypeError, ValueError, RecursionError):
+        raise CacheFileError(f"cache file is corrupt (bad metadata): {path}") from None
+    if not all(isinstance(getattr(meta, name), kind) for name, kind in _FIELD_TYPES.items()) or not all(
+        isinstance(getattr(meta, name), (str, type(None))) for name in ("system_prompt", "image_path")
+    ):
+        raise CacheFileError(f"cache file is corrupt (bad metadata): {path}")
+    if not all(isinstance(p, dict) and p.get("type") in ("image", "video") and isinstance(p.get("sha256"), str)
+               and isinstance(p.get("size"), list) for p in meta.parts):
+        raise CacheFileError(f"cache file is corrupt (bad media parts): {path}")
+    return meta
+
+
+
+
+# -- a state's identity --------------------------------------------------------------------------------------
+
+def media_identity(parts: list[tuple[str, str]]) -> str:
+    """The media of a state, in order, from (kind, sha256) pairs: one image is its hash alone (the keys of
+    single-image states stay what they were); otherwise "image:<hash>,video:<hash>,..."."""
+    if len(parts) == 1 and parts[0][0] == "image":
+        return parts[0][1]
+    return ",".join(f"{kind}:{digest}" for kind, digest in parts)
+
+
+def state_key(fingerprint: str, media: str, messages: list, processor_settings: dict, salt: str | None = None) -> str:
+    """A state's identity. `media`: media_identity of its parts. `salt` (a tenant's cache_salt or user) keeps
+    its states apart from everyone else's."""
+    identity = {"fingerprint": fingerprint, "image": media, "messages": messages, "processor": processor_settings}
+    if salt is not None:
+        identity["salt"] = salt
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def metadata_key(meta: StateMetadata) -> str:
+    """The key of the state a file holds, as the server computes it for the same conversation."""
+    parts = [(p["type"], p["sha256"]) for p in meta.parts] or [("image", meta.image_sha256)]
+    return state_key(meta.fingerprint, media_identity(parts), meta.messages, meta.processor_settings)

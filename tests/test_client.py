@@ -1,0 +1,197 @@
+"""--server: the CLI and the guide's scripts as thin clients of a live server on 127.0.0.1 (random port). Answers
+equal the local ones token for token; the client imports neither torch nor transformers; a cache file is
+uploaded once, checked like any cache file, and refused for another model."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, SYSTEM, photo
+from test_cli import assert_one_line_error
+from test_server import LiveServer
+from vlcache.conversation import Conversation
+from vlcache.header import metadata_key
+
+N = 12
+QUESTION = "What objects are visible in this image?"
+
+
+def run(*args, script=None, env=None, stdin=None):
+    command = [sys.executable, str(REPO / "scripts" / script)] if script else [sys.executable, "-m", "vlcache"]
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    environment.pop("VLCACHE_SERVER", None)
+    environment.update(env or {})
+    return subprocess.run(command + [str(a) for a in args], capture_output=True, text=True, env=environment, timeout=300,
+                          input=stdin)
+
+
+@pytest.fixture(scope="module")
+def server(engine, tmp_path_factory):
+    live = LiveServer(engine, tmp_path_factory.mktemp("client-states"))
+    yield live
+    live.close()
+
+
+@pytest.fixture(scope="module")
+def cache_file(engine, tmp_path_factory):
+    return engine.cache_image(photo("rocket.jpg"), system_prompt=SYSTEM).save(tmp_path_factory.mktemp("c") / "rocket.pt")
+
+
+def local(engine, cache_file, question=QUESTION):
+    return engine.ask(engine.load_state(cache_file), question, max_new_tokens=N, temperature=0)
+
+
+def uploads(server) -> float:
+    return server.service.metrics.uploads._value.get()
+
+
+def test_ask_through_the_server_equals_asking_locally_and_uploads_once(engine, server, cache_file):
+    before = uploads(server)
+    first = run("ask", "--server", server.url, "--cache", cache_file, "--prompt", QUESTION, "--max-new-tokens", N,
+                "--temperature", "0", "--json")
+    assert first.returncode == 0, first.stderr
+    answer, expected = json.loads(first.stdout), local(engine, cache_file)
+    assert answer["token_ids"] == expected.token_ids and answer["text"] == expected.text
+    assert answer["cached_tokens"] == expected.cached_tokens and answer["prompt_tokens"] == expected.prompt_tokens
+    assert "loading" not in first.stderr  # no model load in the client
+    plain = run("ask", "--server", server.url, "--cache", cache_file, "--prompt", QUESTION, "--max-new-tokens", N,
+                "--temperature", "0")
+    assert plain.returncode == 0 and plain.stdout == expected.text + "\n", plain.stderr
+    streamed = run("ask", "--server", server.url, "--cache", cache_file, "--prompt", QUESTION, "--max-new-tokens", N,
+                   "--temperature", "0", "--stream")
+    assert streamed.stdout == expected.text + "\n"
+    assert uploads(server) == before + 1  # the file went over once; later calls sent only the question
+    assert server.service.store.metadata(metadata_key(engine.load_state(cache_file).metadata)) is not None
+
+
+def test_the_guide_script_through_VLCACHE_SERVER(engine, server, cache_file):
+    result = run("--cache", cache_file, "--prompt", "Describe the lighting and mood.", "--max_new_tokens", N,
+                 "--temperature", "0", "--json", script="run_smart_prompt.py", env={"VLCACHE_SERVER": server.url})
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["token_ids"] == local(engine, cache_file, "Describe the lighting and mood.").token_ids
+
+
+def test_several_questions_text_only_and_uncached_image(engine, server, cache_file):
+    questions = [QUESTION, "How many people are there?", "Is it day or night?"]
+    many = run("ask", "--server", server.url, "--cache", cache_file, *[a for q in questions for a in ("--prompt", q)],
+               "--max-new-tokens", N, "--temperature", "0", "--json")
+    assert many.returncode == 0, many.stderr
+    got = [json.loads(line) for line in many.stdout.splitlines()]
+    assert [g["prompt"] for g in got] == questions
+    assert [g["token_ids"] for g in got] == [local(engine, cache_file, q).token_ids for q in questions]
+    text = run("ask", "--server", server.url, "--prompt", "What is artificial intelligence?", "--max-new-tokens", N,
+               "--temperature", "0", "--json")
+    assert json.loads(text.stdout)["token_ids"] == engine.ask(None, "What is artificial intelligence?", max_new_tokens=N,
+                                                              temperature=0).token_ids
+    image = run("ask", "--server", server.url, "--image", photo("coffee.png"), "--prompt", QUESTION, "--max-new-tokens", N,
+                "--temperature", "0", "--json")
+    state = engine.cache_image(photo("coffee.png"), system_prompt=SYSTEM)
+    assert json.loads(image.stdout)["token_ids"] == engine.ask(state, QUESTION, max_new_tokens=N, temperature=0).token_ids
+
+
+def test_chat_through_the_server_equals_a_local_conversation(engine, server, cache_file):
+    turns = ["What is this?", "And its colors?", "Describe the lighting and mood."]
+    result = run("chat", "--server", server.url, "--cache", cache_file, "--max-new-tokens", N, "--temperature", "0",
+                 "--json", stdin="\n".join(turns) + "\n")
+    assert result.returncode == 0, result.stderr
+    chat = Conversation(engine, engine.load_state(cache_file))
+    expected = [chat.ask(t, max_new_tokens=N, temperature=0).token_ids for t in turns]
+    assert [json.loads(line)["token_ids"] for line in result.stdout.splitlines()] == expected
+    saving = run("chat", "--server", server.url, "--cache", cache_file, stdin="/save x.pt\n")
+    assert saving.returncode == 1 and "not available through a server" in saving.stderr
+
+
+def test_cache_through_the_server_saves_the_state_here(engine, server, tmp_path):
+    out = tmp_path / "sub" / "astro.pt"
+    made = run("cache", photo("astronaut.png"), "--output", out, "--server", server.url, "--system-prompt", SYSTEM)
+    assert made.returncode == 0 and made.stdout == "", made.stderr
+    got, want = engine.load_state(out), engine.cache_image(photo("astronaut.png"), system_prompt=SYSTEM)
+    assert got.input_ids.tolist() == want.input_ids.tolist() and got.metadata.parts == want.metadata.parts
+    assert engine.ask(got, QUESTION, max_new_tokens=N, temperature=0).token_ids == \
+        engine.ask(want, QUESTION, max_new_tokens=N, temperature=0).token_ids
+    flags = run("cache", photo("astronaut.png"), "--output", out, "--server", server.url, "--fps", "1")
+    assert flags.returncode == 2 and "server's settings" in flags.stderr
+
+
+def test_the_client_imports_neither_torch_nor_transformers(server, cache_file):
+    code = (
+        "import json, sys\n"
+        "from vlcache import cli\n"
+        f"code = cli.main(['ask', '--server', {server.url!r}, '--cache', {str(cache_file)!r}, '--prompt', 'Hi',"
+        " '--max-new-tokens', '3', '--json'])\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'safetensors'))\n"
+        "print(json.dumps({'code': code, 'heavy': heavy}), file=sys.stderr)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    report = json.loads(result.stderr.strip().splitlines()[-1])
+    assert report == {"code": 0, "heavy": []}, result.stderr
+    assert len(json.loads(result.stdout)["token_ids"]) <= 3
+
+
+def test_a_cache_of_another_model_and_bad_uploads_are_refused(server, other_model_dir, tmp_path):
+    from vlcache import Engine
+
+    other = Engine.load(str(other_model_dir), device="cpu")
+    foreign = other.cache_image(photo("rocket.jpg")).save(tmp_path / "foreign.pt")
+    result = run("ask", "--server", server.url, "--cache", foreign, "--prompt", "Hi")
+    assert_one_line_error(result, "model mismatch")
+    # The server checks what it is sent on its own, too.
+    for body, status, reason in ((foreign.read_bytes(), 400, "model mismatch"), (b"\x80\x04pickle", 400, "never unpickles"),
+                                 (b"", 400, "empty")):
+        code, reply = server.post("/v1/vlcache/states", body, content_type="application/octet-stream")
+        assert code == status and reason in reply["error"]["message"], reply
+    assert not list(server.service.store.dir.glob(".upload-*"))  # nothing left behind
+
+
+def test_an_upload_over_the_limit_is_413(engine, cache_file, tmp_path):
+    live = LiveServer(engine, tmp_path / "states", max_state_bytes=1000)
+    try:
+        code, reply = live.post("/v1/vlcache/states", cache_file.read_bytes(), content_type="application/octet-stream")
+        assert code == 413 and "--max-state-bytes" in reply["error"]["message"]
+    finally:
+        live.close()
+
+
+def test_no_server_at_the_url_is_a_one_line_error_and_no_model_load(cache_file):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    result = run("ask", "--server", f"http://127.0.0.1:{port}", "--cache", cache_file, "--prompt", "Hi")
+    assert_one_line_error(result, "cannot reach a vlcache server")
+    assert "without --server" in result.stderr or "drop --server" in result.stderr
+    assert "loading" not in result.stderr
+    status = run("status", "--server", f"http://127.0.0.1:{port}")
+    assert_one_line_error(status, "cannot reach")
+
+
+def test_serve_detach_status_and_stop(tiny_model_dir, tmp_path, cache_file, engine):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"VLCACHE_HOME": str(tmp_path / "home")}
+    started = run("serve", "--detach", "--model", tiny_model_dir, "--port", port, "--cache-dir", tmp_path / "states", env=env)
+    try:
+        assert started.returncode == 0, started.stderr
+        url = started.stdout.strip()
+        assert url == f"http://127.0.0.1:{port}"
+        status = run("status", "--json", env=env)  # finds the detached server from its record
+        assert status.returncode == 0, status.stderr
+        assert json.loads(status.stdout)["model"] == str(tiny_model_dir)
+        asked = run("ask", "--cache", cache_file, "--prompt", QUESTION, "--max-new-tokens", N, "--temperature", "0",
+                    "--json", env={**env, "VLCACHE_SERVER": url})
+        assert json.loads(asked.stdout)["token_ids"] == local(engine, cache_file).token_ids
+        again = run("serve", "--detach", "--model", tiny_model_dir, "--port", port, env=env)
+        assert_one_line_error(again, "already running")
+    finally:
+        stopped = run("stop", env=env)
+    assert stopped.returncode == 0, stopped.stderr
+    deadline = time.time() + 10
+    while run("status", env=env).returncode == 0 and time.time() < deadline:
+        time.sleep(0.2)
+    assert_one_line_error(run("status", env=env), "no server given")
