@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import storage
 from .errors import CacheFileError, VlcacheError
 from .media import MediaOptions, kind_of as media_kind
 from .header import read_metadata
@@ -20,6 +21,7 @@ from .video import VIDEO_SUFFIXES
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
 MEDIA_SUFFIXES = IMAGE_SUFFIXES | VIDEO_SUFFIXES  # what a folder argument contributes
 CACHE_SUFFIX = "_cache.pt"
+CACHE_SUFFIXES = (".pt", ".safetensors")  # what a folder of caches contributes
 
 
 @dataclass
@@ -60,13 +62,20 @@ def expand_images(arguments: Sequence[str]) -> tuple[list[Path], list[CacheResul
     return unique, missing
 
 
-def expand_caches(arguments: Sequence[str]) -> list[Path]:
-    """Cache files as given, folders as the .pt and .safetensors files in them (sorted)."""
-    caches: list[Path] = []
+def expand_caches(arguments: Sequence[str]) -> list[Path | str]:
+    """Cache files as given, folders as the .pt and .safetensors files in them (sorted); URLs too (a URL that
+    ends in "/" is a folder)."""
+    caches: list[Path | str] = []
     for arg in arguments:
+        if storage.is_url(arg):
+            found = sorted(storage.listing(arg, CACHE_SUFFIXES)) if arg.endswith("/") else [arg]
+            if not found:
+                raise CacheFileError(f"no cache files (.pt, .safetensors) under {arg}")
+            caches += found
+            continue
         path = Path(arg)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".pt", ".safetensors"))
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in CACHE_SUFFIXES)
             if not found:
                 raise CacheFileError(f"no cache files (.pt, .safetensors) in folder {path}")
             caches += found
@@ -88,9 +97,9 @@ def output_names(images: Sequence[Path]) -> dict[Path, str]:
     return names
 
 
-def is_up_to_date(cache: Path, image: Path, engine, system_prompt: str | None, options: MediaOptions) -> bool:
+def is_up_to_date(cache: Path | str, image: Path, engine, system_prompt: str | None, options: MediaOptions) -> bool:
     """Same image (or video) bytes, system prompt, processor settings and model weights as the cache on disk."""
-    if not cache.exists():
+    if not (storage.exists(cache) if storage.is_url(cache) else Path(cache).exists()):
         return False
     try:
         meta = read_metadata(cache)
@@ -125,10 +134,10 @@ def cache_images(
     if on_result:
         for failure in results:
             on_result(failure)
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if not storage.is_url(output_dir):
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
     for image, name in output_names(images).items():
-        target = out / name
+        target = storage.join(output_dir, name)
         start = time.perf_counter()
         if not force and is_up_to_date(target, image, engine, system_prompt, options):
             result = CacheResult(str(image), target, "skipped")

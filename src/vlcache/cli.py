@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from . import storage
 from .defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SYSTEM_PROMPT
 from .errors import VlcacheError
 
@@ -105,7 +106,7 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-frames", type=positive_int, default=None,
                         help="at most this many frames per video (default: the video processor's limit)")
     add_server_argument(parser)
-    parser.set_defaults(output_dir=None, force=False, progress=False)
+    parser.set_defaults(output_dir=None, force=False, progress=False, ray=False, workers=1)
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser, max_tokens_flags: tuple[str, ...]) -> None:
@@ -161,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_cache_arguments(cache)
     cache.add_argument("--force", action="store_true", help="re-cache images whose cache is up to date")
     cache.add_argument("--progress", action="store_true", help="show the progress bar even when stderr is not a terminal")
+    cache.add_argument("--ray", action="store_true",
+                       help="with --output-dir: cache on a Ray cluster ($RAY_ADDRESS, or a local one started for the call); "
+                            "states get content-addressed names and a manifest.json")
+    cache.add_argument("--workers", type=positive_int, default=1, help="with --ray: model copies (actors) at once (default: 1)")
     cache.set_defaults(run=run_cache, subparser=cache)
 
     ask = sub.add_parser("ask", help="answer prompts from cache files (or text-only without --cache)")
@@ -221,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def usage_problem(args: argparse.Namespace) -> str | None:
     """Checks that need more than one argument, made before anything runs."""
+    if args.command == "cache" and getattr(args, "ray", False) and args.output_dir is None:
+        return "--ray caches into --output-dir DIR (a folder or a URL), one state per input"
     if args.command == "cache" and args.output_dir is None and any(Path(p).is_dir() for p in args.images):
         return "--output takes files (their images and videos make one state); use --output-dir DIR for a folder"
     if args.command == "ask" and not (args.prompts or args.prompts_file):
@@ -252,9 +259,11 @@ def _cache_one(args: argparse.Namespace) -> int:
     for source in args.images:
         _check_media_arg(source)
     output = Path(args.output)
-    if output.is_dir():
+    if storage.is_url(args.output):
+        pass  # written with one PUT at the end; inputs are local files
+    elif output.is_dir():
         raise VlcacheError(f"--output is a folder: {output} (name a file, or use --output-dir for many caches)")
-    if output.exists() and any(output.resolve() == Path(p).resolve() for p in args.images):
+    elif output.exists() and any(output.resolve() == Path(p).resolve() for p in args.images):
         raise VlcacheError(f"--output {output} is an input; refusing to write over it")
     options = MediaOptions(max_pixels=args.max_pixels, fps=args.fps, max_frames=args.max_frames)
     options.check()
@@ -262,11 +271,12 @@ def _cache_one(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     state = engine.cache(args.images, system_prompt=args.system_prompt, options=options)
     path = state.save(args.output)
+    size = storage.size(path) if storage.is_url(path) else Path(path).stat().st_size
     frames = sum(p.get("frames", 0) for p in state.metadata.parts)
     _info(
         f"cached {', '.join(args.images)}: {state.num_tokens} tokens ({state.metadata.image_tokens} {_media_words(state.metadata)} tokens"
         + (f"; {frames} video frames" if frames else "")
-        + f") in {time.perf_counter() - start:.2f}s -> {path} ({path.stat().st_size / 2**20:.1f} MiB)"
+        + f") in {time.perf_counter() - start:.2f}s -> {path} ({size / 2**20:.1f} MiB)"
     )
     return 0
 
@@ -274,9 +284,8 @@ def _cache_one(args: argparse.Namespace) -> int:
 def _cache_many(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+    if not storage.is_url(args.output_dir) and Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
         raise VlcacheError(f"--output-dir is a file, not a folder: {args.output_dir}")
-    engine = _load_engine(args.model, args.device, args.dtype or "auto")
     bar = tqdm(total=0, unit="image", file=sys.stderr, disable=not (args.progress or sys.stderr.isatty()))
     started = False  # arguments that name nothing are reported before the count of images is known
 
@@ -292,8 +301,21 @@ def _cache_many(args: argparse.Namespace) -> int:
         if started:
             bar.update(1)
 
-    results = engine.cache_images(args.images, args.output_dir, args.system_prompt, args.max_pixels, args.force,
-                                  on_result=on_result, on_start=on_start, fps=args.fps, max_frames=args.max_frames)
+    if args.ray:
+        from .media import MediaOptions
+        from .model import default_model
+        from .scale.ray_cache import cache_on_ray
+
+        options = MediaOptions(max_pixels=args.max_pixels, fps=args.fps, max_frames=args.max_frames)
+        options.check()
+        _info(f"caching on Ray with {args.workers} worker(s), each loading {args.model or default_model()}")
+        results = cache_on_ray(args.images, args.output_dir, args.model or default_model(), args.device,
+                               args.dtype or "auto", args.system_prompt, options, args.workers, args.force,
+                               on_start=on_start, on_result=on_result)
+    else:
+        engine = _load_engine(args.model, args.device, args.dtype or "auto")
+        results = engine.cache_images(args.images, args.output_dir, args.system_prompt, args.max_pixels, args.force,
+                                      on_result=on_result, on_start=on_start, fps=args.fps, max_frames=args.max_frames)
     bar.close()
     counts = {status: sum(r.status == status for r in results) for status in ("cached", "skipped", "failed")}
     _info(f"{counts['cached']} cached, {counts['skipped']} up to date (skipped), {counts['failed']} failed -> {args.output_dir}")
@@ -496,7 +518,8 @@ def run_serve(args: argparse.Namespace) -> int:
     local = Path(args.allow_local_files) if args.allow_local_files else None
     if local is not None and not local.is_dir():
         raise VlcacheError(f"--allow-local-files: not a folder: {local}")
-    cache_dir = Path(args.cache_dir) if args.cache_dir else Path.home() / ".cache" / "vlcache" / "states"
+    cache_dir = args.cache_dir or Path.home() / ".cache" / "vlcache" / "states"
+    cache_dir = cache_dir if storage.is_url(cache_dir) else Path(cache_dir)  # s3://bucket/prefix/: a fleet's store
     engine = _load_engine(args.model, args.device, args.dtype or "auto")
     options = ServeOptions(cache_dir=cache_dir, memory_budget=args.memory_budget, allow_remote_images=args.allow_remote_images,
                            allow_private_urls=args.allow_private_urls, max_image_pixels=args.max_image_pixels,
@@ -526,7 +549,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 
     header = read_header(args.path)
     meta = read_metadata(args.path)
-    size = Path(args.path).stat().st_size
+    size = storage.size(args.path) if storage.is_url(args.path) else Path(args.path).stat().st_size
     kv_bytes = sum(
         t["data_offsets"][1] - t["data_offsets"][0] for name, t in header.items() if name.startswith("layers.")
     )

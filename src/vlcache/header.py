@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import storage
 from .errors import CacheFileError
 
 FORMAT_NAME = "vlcache"
@@ -48,7 +49,15 @@ class StateMetadata:
 
 
 def read_header(path: str | os.PathLike) -> dict:
-    """The safetensors header of a vlcache file, validated; CacheFileError for anything else."""
+    """The safetensors header of a vlcache file (a path or an fsspec URL), validated; CacheFileError for anything
+    else. Only the header's bytes are read."""
+    if storage.is_url(path):
+        size = storage.size(str(path))
+        head = storage.read_range(str(path), 0, min(8, size))
+        header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
+        ok = 0 < header_len <= min(size - 8, _MAX_HEADER_BYTES)
+        raw = storage.read_range(str(path), 8, 8 + header_len) if ok else b""
+        return _check_header(head, raw, size, path)
     path = _cache_path(path)
     try:
         size = path.stat().st_size

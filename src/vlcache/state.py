@@ -20,8 +20,10 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
 from safetensors.torch import save_file
 
+from . import storage
 from .errors import CacheFileError
 from .header import (  # noqa: F401 - the header's readers are part of this module's interface
     _MAX_HEADER_BYTES, FORMAT_NAME, FORMAT_VERSION, StateMetadata, _cache_path, _check_header, _metadata,
@@ -65,9 +67,8 @@ class ImageState:
         small = {name: getattr(self, name).to(device) for name in _SMALL_TENSORS}
         return ImageState(kv=kv, metadata=copy.deepcopy(self.metadata), **small)
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write atomically: a temporary file beside the target, then a rename."""
-        path = Path(path)
+    def save(self, path: str | os.PathLike) -> Path | str:
+        """Write atomically: a temporary file beside the target, then a rename (an fsspec URL: one PUT)."""
         tensors = {}
         for i, (k, v) in enumerate(self.kv):
             first, second = _layer_tensor_names(self.metadata.layer_kinds, i)
@@ -76,6 +77,10 @@ class ImageState:
         for name in _SMALL_TENSORS:
             tensors[name] = getattr(self, name).to("cpu", _NARROW.get(name, torch.long)).contiguous()
         header = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "metadata": json.dumps(asdict(self.metadata))}
+        if storage.is_url(path):
+            storage.write_atomic(str(path), safetensors_save(tensors, metadata=header))
+            return str(path)
+        path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_temporaries(path)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -130,7 +135,7 @@ def load_state(path: str | os.PathLike, device: torch.device | str = "cpu") -> I
     """
     metadata = read_metadata(path)
     try:
-        data = _cache_path(path).read_bytes()
+        data = storage.read_bytes(str(path)) if storage.is_url(path) else _cache_path(path).read_bytes()
     except OSError as exc:
         raise CacheFileError(f"cannot read cache file {path}: {exc.strerror or exc}") from None
     header_len = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1

@@ -15,14 +15,16 @@ import base64
 import binascii
 import json
 import os
+import tempfile
 import time
 import uuid
+from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import FileResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from .. import prompt
+from .. import prompt, storage
 from ..engine import GenerationOptions
 from ..errors import CacheFileError, ImageError, VlcacheError
 from ..header import metadata_key
@@ -100,14 +102,16 @@ def add_native_routes(app: FastAPI, service: Service) -> None:
 
     @app.post(STATES)
     async def upload_state(request: Request):
-        tmp = service.store.dir / f".upload-{uuid.uuid4().hex}.tmp"
+        folder = service.store.folder
+        # Received beside the states when they are local (then renamed into place), else in the temp folder.
+        tmp = Path(folder.location if not folder.is_url else tempfile.gettempdir()) / f".upload-{uuid.uuid4().hex}.tmp"
         try:
             await _receive_file(request, tmp, options.max_state_bytes)
             key, state = await run_in_threadpool(_check_upload, service, tmp)
-            target = service.store.dir / f"{key}.safetensors"
-            if not target.exists():
+            target = folder.file(f"{key}.safetensors")
+            if not folder.is_url and not folder.exists(target):
                 os.replace(tmp, target)
-            await run_in_threadpool(service.store.put, key, state)
+            await run_in_threadpool(service.store.put, key, state)  # an object store: written by the store
             service.metrics.uploads.inc()
         finally:
             tmp.unlink(missing_ok=True)
@@ -116,9 +120,12 @@ def add_native_routes(app: FastAPI, service: Service) -> None:
 
     @app.get(STATES + "/{state_id}")
     async def download_state(state_id: str):
-        path = await run_in_threadpool(service.store._path_for, _valid_id(state_id, "state_id"))
+        path = await run_in_threadpool(service.store.path_for, _valid_id(state_id, "state_id"))
         if path is None:
             raise APIError(404, f"no state file {state_id} on this server", "state_id")
+        if storage.is_url(path):
+            data = await run_in_threadpool(storage.read_bytes, str(path))
+            return Response(data, media_type="application/octet-stream")
         return FileResponse(path, media_type="application/octet-stream", filename=f"{state_id}.safetensors")
 
     @app.post(CACHE)

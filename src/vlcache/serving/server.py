@@ -51,7 +51,7 @@ MAX_MEDIA_PARTS = 32  # images and videos in one conversation
 
 @dataclass
 class ServeOptions:
-    cache_dir: Path
+    cache_dir: Path | str  # a local folder, or an fsspec URL (s3://bucket/prefix/) several servers share
     memory_budget: int
     allow_remote_images: bool = False
     allow_private_urls: bool = False  # remote images from private, loopback and link-local addresses too

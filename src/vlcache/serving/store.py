@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CacheFileError
+from ..storage import Folder
 from ..header import media_identity, metadata_key, state_key  # noqa: F401 - keys are part of the store's interface
 from ..state import ImageState, StateMetadata, kv_nbytes, load_state, read_metadata
 
@@ -55,16 +56,16 @@ class Continuation:
 
 class StateStore:
     def __init__(self, cache_dir: str | Path, memory_budget: int, fingerprint: str, device, adopt=None):
-        self.dir = Path(cache_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.folder = Folder(cache_dir)  # a local folder or an fsspec URL (s3://bucket/prefix/): shared by a fleet
+        self.folder.make()
         self.budget = memory_budget
         self.fingerprint = fingerprint
         self.device = device
         self._adopt = adopt or (lambda state: state)  # e.g. Engine.adopt: states of another dtype are cast
         self._hot: OrderedDict[str, ImageState] = OrderedDict()
         self._hot_bytes = 0
-        self._index: dict[str, Path] = {}  # key -> file, for files not named by their key
-        self._scanned: dict[Path, tuple[float, int]] = {}  # file -> (mtime, size) when its header was read
+        self._index: dict[str, Path | str] = {}  # key -> file, for files not named by their key
+        self._scanned: dict[Path | str, tuple[float, int]] = {}  # file -> (mtime, size) when its header was read
         self._last_scan = 0.0
         self.write_errors = 0  # states that could not be written to disk (kept in memory only)
         # Conversations that went on after an image state, in memory only: image key -> continuation keys.
@@ -80,7 +81,7 @@ class StateStore:
             if key in self._hot:
                 self._hot.move_to_end(key)
                 return self._hot[key], "memory"
-        path = self._path_for(key)
+        path = self.path_for(key)
         if path is None:
             return None, "miss"
         try:
@@ -93,15 +94,16 @@ class StateStore:
     def put(self, key: str, state: ImageState) -> None:
         """Keep a computed state in memory and write it to the folder; a failed write (disk full, read-only
         folder) is logged and counted, and the state is still served from memory."""
-        target = self.dir / f"{key}.safetensors"
+        target = self.folder.file(f"{key}.safetensors")
         try:
-            if not target.exists():
+            if not self.folder.exists(target):
                 state.save(target)
             with self._lock:
                 self._index[key] = target
-        except OSError as exc:
+        except (OSError, CacheFileError) as exc:
             self.write_errors += 1
-            log.warning(f"warning: could not write state {key[:12]} to {self.dir}: {exc.strerror or exc}; serving it from memory")
+            log.warning(f"warning: could not write state {key[:12]} to {self.folder}: {getattr(exc, 'strerror', None) or exc}; "
+                        "serving it from memory")
         self._keep_hot(key, state)
 
     def add_continuation(self, image_key: str, state: Continuation) -> None:
@@ -134,17 +136,14 @@ class StateStore:
         with self._lock:
             found = key in self._hot
             self._evict(key)
-            path = self._index.pop(key, None) or (self.dir / f"{key}.safetensors")
-        if path.exists():
-            path.unlink()
-            found = True
-        return found
+            path = self._index.pop(key, None) or self.folder.file(f"{key}.safetensors")
+        return self.folder.delete(path) or found
 
     def metadata(self, key: str) -> StateMetadata | None:
         with self._lock:
             if key in self._hot:
                 return self._hot[key].metadata
-        path = self._path_for(key)
+        path = self.path_for(key)
         try:
             return read_metadata(path) if path else None
         except CacheFileError:
@@ -169,24 +168,12 @@ class StateStore:
         """
         with self._lock:
             self._last_scan = time.monotonic()
-        seen: dict[Path, tuple[float, int]] = {}
-        found: dict[Path, str | None] = {}
         try:
-            entries = list(self.dir.iterdir())
-        except OSError:
+            seen = self.folder.entries((".safetensors", ".pt"))
+        except CacheFileError as exc:
+            log.warning(f"warning: cannot list {self.folder}: {exc}")
             return
-        for path in entries:
-            if path.suffix not in (".safetensors", ".pt"):
-                continue
-            try:
-                info = path.stat()
-            except OSError:
-                continue
-            if not path.is_file():
-                continue
-            seen[path] = (info.st_mtime, info.st_size)
-            if self._scanned.get(path) != seen[path]:
-                found[path] = self._key_of(path)
+        found = {path: self._key_of(path) for path, stamp in seen.items() if self._scanned.get(path) != stamp}
         with self._lock:
             gone = [key for key, path in self._index.items() if path not in seen or path in found]
             for key in gone:
@@ -196,25 +183,26 @@ class StateStore:
                     self._index[key] = path
             self._scanned = seen
 
-    def _key_of(self, path: Path) -> str | None:
+    def _key_of(self, path: Path | str) -> str | None:
         try:
             meta = read_metadata(path)
         except CacheFileError:
             return None
         return metadata_key(meta) if meta.fingerprint == self.fingerprint else None
 
-    def _path_for(self, key: str) -> Path | None:
-        named = self.dir / f"{key}.safetensors"
-        if named.exists():
+    def path_for(self, key: str) -> Path | str | None:
+        """The file holding a state, if the folder has one (rescanned at most every RESCAN_SECONDS)."""
+        named = self.folder.file(f"{key}.safetensors")
+        if self.folder.exists(named):
             return named
         with self._lock:
             path = self._index.get(key)
             due = time.monotonic() - self._last_scan >= RESCAN_SECONDS
-        if (path is None or not path.exists()) and due:
+        if (path is None or not self.folder.exists(path)) and due:
             self.rescan()  # another server, or a user, may have added files since
             with self._lock:
                 path = self._index.get(key)
-        return path if path is not None and path.exists() else None
+        return path if path is not None and self.folder.exists(path) else None
 
     def _keep_hot(self, key: str, state) -> None:
         with self._lock:
