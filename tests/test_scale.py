@@ -121,3 +121,52 @@ def test_batch_caching_on_ray_into_s3_then_asking_from_it(engine, s3, tmp_path, 
     expected = engine.ask(engine.cache_image(photo("chelsea.png"), system_prompt=SYSTEM), QUESTION, max_new_tokens=N,
                           temperature=0)
     assert json.loads(asked.stdout)["token_ids"] == expected.token_ids
+
+
+def test_two_replicas_under_ray_serve_answer_exactly_and_compute_each_state_once(engine, tiny_model_dir, tmp_path):
+    ray = pytest.importorskip("ray")
+    serve = pytest.importorskip("ray.serve")
+    import base64
+    import socket
+
+    from openai import OpenAI
+
+    from vlcache.scale import ray_serve
+    from vlcache.serving.server import ServeOptions
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    states = tmp_path / "states"
+    ray_serve.run(str(tiny_model_dir), "cpu", "auto", ServeOptions(cache_dir=states, memory_budget=2**30), 2,
+                  "127.0.0.1", port, blocking=False)
+    try:
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=300)
+        names = ["rocket.jpg", "coffee.png", "chelsea.png", "astronaut.png"]
+        expected = {name: engine.cache_image(photo(name), system_prompt=SYSTEM) for name in names}
+
+        def ask(name, question, stream=False):
+            mime = "jpeg" if name.endswith(".jpg") else "png"
+            url = f"data:image/{mime};base64," + base64.b64encode(photo(name).read_bytes()).decode()
+            messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}]}]
+            if stream:
+                chunks = client.chat.completions.create(model="any", messages=messages, max_tokens=N, temperature=0,
+                                                        stream=True)
+                return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), None
+            reply = client.chat.completions.create(model="any", messages=messages, max_tokens=N, temperature=0)
+            return reply.choices[0].message.content, reply.usage.prompt_tokens_details.cached_tokens
+
+        questions = [QUESTION, "Describe the lighting and mood."]
+        for round_, question in enumerate(questions):
+            for name in names:
+                text, cached = ask(name, question)
+                assert text == engine.ask(expected[name], question, max_new_tokens=N, temperature=0).text
+                # The first question about an image computes its state; every later one, on either replica, reuses it.
+                assert cached == (0 if round_ == 0 else expected[name].num_tokens), (name, round_)
+        streamed, _ = ask("coffee.png", "Is it day or night?", stream=True)
+        assert streamed == engine.ask(expected["coffee.png"], "Is it day or night?", max_new_tokens=N, temperature=0).text
+        assert len(list(states.glob("*.safetensors"))) == len(names)
+    finally:
+        serve.shutdown()
+        ray.shutdown()

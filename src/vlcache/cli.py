@@ -201,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="most prefill tokens between two decode steps (default: 256)")
     serve.add_argument("--max-state-bytes", type=byte_size, default=byte_size("16GiB"),
                        help="largest cache file a client (--server) may upload (default: 16GiB)")
+    serve.add_argument("--ray", action="store_true",
+                       help="run --replicas copies under Ray Serve ($RAY_ADDRESS or a local Ray), routed by image")
+    serve.add_argument("--replicas", type=positive_int, default=2, help="with --ray: server replicas (default: 2)")
     serve.add_argument("--detach", action="store_true",
                        help="run in the background (pid, URL and log in ~/.cache/vlcache/serve.json); `vlcache stop` ends it")
     serve.set_defaults(run=run_serve, subparser=serve)
@@ -512,23 +515,45 @@ def run_serve(args: argparse.Namespace) -> int:
         return remote.detach(args, args.argv[args.argv.index("serve") + 1:])
     import uvicorn
 
-    from .media import MediaOptions
-    from .serving.server import ServeOptions, create_app, server_config
+    from .serving.server import create_app, server_config
 
     local = Path(args.allow_local_files) if args.allow_local_files else None
     if local is not None and not local.is_dir():
         raise VlcacheError(f"--allow-local-files: not a folder: {local}")
     cache_dir = args.cache_dir or Path.home() / ".cache" / "vlcache" / "states"
     cache_dir = cache_dir if storage.is_url(cache_dir) else Path(cache_dir)  # s3://bucket/prefix/: a fleet's store
+    options = _serve_options(args, cache_dir, local)
+    if args.ray:
+        return _serve_on_ray(args, options)
     engine = _load_engine(args.model, args.device, args.dtype or "auto")
-    options = ServeOptions(cache_dir=cache_dir, memory_budget=args.memory_budget, allow_remote_images=args.allow_remote_images,
-                           allow_private_urls=args.allow_private_urls, max_image_pixels=args.max_image_pixels,
-                           allow_local_files=local, max_body_bytes=args.max_body, max_batch=args.max_batch,
-                           max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, max_state_bytes=args.max_state_bytes,
-                           media=MediaOptions(fps=args.fps, max_frames=args.max_frames))
     app = create_app(engine, options)
     _info(f"serving {engine.model_name} on http://{args.host}:{args.port}/v1 (states in {cache_dir})")
     uvicorn.Server(server_config(app, args.host, args.port, log_level="warning")).run()
+    return 0
+
+
+def _serve_options(args: argparse.Namespace, cache_dir, local):
+    from .media import MediaOptions
+    from .serving.server import ServeOptions
+
+    return ServeOptions(cache_dir=cache_dir, memory_budget=args.memory_budget, allow_remote_images=args.allow_remote_images,
+                        allow_private_urls=args.allow_private_urls, max_image_pixels=args.max_image_pixels,
+                        allow_local_files=local, max_body_bytes=args.max_body, max_batch=args.max_batch,
+                        max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, max_state_bytes=args.max_state_bytes,
+                        media=MediaOptions(fps=args.fps, max_frames=args.max_frames))
+
+
+def _serve_on_ray(args: argparse.Namespace, options) -> int:
+    import signal
+
+    from .model import default_model
+    from .scale import ray_serve
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `vlcache stop`: Ray shuts down at exit
+    model = args.model or default_model()
+    _info(f"serving {model} with {args.replicas} replicas on Ray Serve at http://{args.host}:{args.port}/v1 "
+          f"(states in {options.cache_dir})")
+    ray_serve.run(model, args.device, args.dtype or "auto", options, args.replicas, args.host, args.port, blocking=True)
     return 0
 
 
