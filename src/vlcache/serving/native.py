@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from .. import prompt, storage
@@ -32,7 +32,7 @@ from ..media import IMAGE, VIDEO
 from ..state import load_state
 from .server import (
     MAX_MEDIA_PARTS, MAX_TOKENS_CAP, APIError, BodyTimeout, BodyTooLarge, ChatRequest, Service, _collect, _events,
-    _json_body, _message, _number, _released, _valid_id,
+    _json_body, _message, _number, _valid_id,
 )
 
 ASK, STATES, CACHE = "/v1/vlcache/ask", "/v1/vlcache/states", "/v1/vlcache/cache"
@@ -81,24 +81,15 @@ def add_native_routes(app: FastAPI, service: Service) -> None:
     async def ask(request: Request):
         started = time.perf_counter()
         chat = parse_ask(await _json_body(request), options.default_max_tokens)
-        service.admit()
-        streaming = False
-        try:
-            try:
-                job, cached, events = await service.prepare(chat)
-            except VlcacheError as exc:
-                raise APIError(400, str(exc), "messages") from None
-            service.scheduler.submit(job)
-            service.metrics.requests.labels(endpoint=ASK, status="200").inc()
-            if chat.stream:
-                streaming = True
-                return StreamingResponse(_released(_answer_events(service, job, events, cached, started), service),
-                                         media_type="text/event-stream")
+
+        def stream(job, events, cached):
+            return _answer_events(service, job, events, cached, started)
+
+        async def collect(job, events, cached):
             _, answer, _ = await _collect(service, job, events, [], started, request)
-        finally:
-            if not streaming:
-                service.release()
-        return {"answer": _with_cached(answer, cached)}
+            return {"answer": _with_cached(answer, cached)}
+
+        return await service.respond(chat, ASK, stream, collect)
 
     @app.post(STATES)
     async def upload_state(request: Request):

@@ -401,6 +401,29 @@ class Service:
         chunk = self.options.prefill_chunk
         return await asyncio.wrap_future(self.scheduler.compute(lambda: self.engine.prefill_media_steps(prepared, chunk, base)))
 
+    async def respond(self, chat: ChatRequest, endpoint: str, stream, collect):
+        """Admit a request (or 429), build and submit its job, then answer it: `stream(job, events, cached)` gives
+        the server-sent events of a streaming request (in flight until the stream ends), `collect(...)` the body
+        of any other."""
+        self.admit()
+        streaming = False
+        try:
+            try:
+                job, cached, events = await self.prepare(chat)
+            except ImageError as exc:
+                raise APIError(400, str(exc), "messages") from None
+            except VlcacheError as exc:
+                raise APIError(400, str(exc)) from None
+            self.scheduler.submit(job)
+            self.metrics.requests.labels(endpoint=endpoint, status="200").inc()
+            if chat.stream:
+                streaming = True
+                return StreamingResponse(_released(stream(job, events, cached), self), media_type="text/event-stream")
+            return await collect(job, events, cached)
+        finally:
+            if not streaming:
+                self.release()
+
     def _gauges(self) -> None:
         self.metrics.hot_bytes.set(self.store.hot_bytes)
         self.metrics.hot_states.set(self.store.hot_count)
@@ -584,33 +607,22 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
     async def chat_completions(request: Request):
         started = time.perf_counter()
         chat = parse_chat(await _json_body(request), options.default_max_tokens)
-        service.admit()
-        streaming = False
-        try:
-            try:
-                job, cached, events = await service.prepare(chat)
-            except ImageError as exc:
-                raise APIError(400, str(exc), "messages") from None
-            except VlcacheError as exc:
-                raise APIError(400, str(exc)) from None
-            service.scheduler.submit(job)
-            completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-            created = int(time.time())
-            service.metrics.requests.labels(endpoint="/v1/chat/completions", status="200").inc()
-            if chat.stream:  # the stream counts as in flight until it ends
-                stream = _stream(service, job, events, chat, cached, completion_id, created, model_id, started, request)
-                streaming = True
-                return StreamingResponse(_released(stream, service), media_type="text/event-stream")
+        completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def stream(job, events, cached):
+            return _stream(service, job, events, chat, cached, completion_id, created, model_id, started, request)
+
+        async def collect(job, events, cached):
             text, answer, finish = await _collect(service, job, events, chat.stop, started, request)
-        finally:
-            if not streaming:
-                service.release()
-        return {
-            "id": completion_id, "object": "chat.completion", "created": created, "model": model_id,
-            "system_fingerprint": engine.fingerprint[:16],
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": None}],
-            "usage": _usage(answer, cached),
-        }
+            return {
+                "id": completion_id, "object": "chat.completion", "created": created, "model": model_id,
+                "system_fingerprint": engine.fingerprint[:16],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                             "logprobs": None}],
+                "usage": _usage(answer, cached),
+            }
+
+        return await service.respond(chat, "/v1/chat/completions", stream, collect)
 
     @app.post("/v1/images")
     async def upload_image(request: Request):
