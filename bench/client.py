@@ -110,7 +110,7 @@ def report(r: dict) -> str:
         "# The guide's flow with and without a running server",
         "",
         f"Command: `{r['command']}`. Machine: {m['cpu']}, {m['cores']} cores, CPU capability {m['cpu_capability']}, "
-        f"native bf16: {m['native_bf16']} (so `--dtype auto` computes in float32); torch {m['torch']}, transformers "
+        f"native bf16: {m['native_bf16'] or 'none'} (so `--dtype auto` computes in float32); torch {m['torch']}, transformers "
         f"{m['transformers']}. Model: Qwen3-VL-2B architecture, random weights, real processor files. One fresh "
         f"process per question, \"{QUESTION}\" about {r['image']}, 16 new tokens, greedy; medians of {r['runs']} runs "
         "(min-max).",

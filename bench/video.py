@@ -100,7 +100,7 @@ def report(results: dict) -> str:
         "# Video: time to first token, uncached vs cached",
         "",
         f"Command: `{results['command']}`. Machine: {m['cpu']}, {m['cores']} cores, CPU capability "
-        f"{m['cpu_capability']}, native bf16: {m['native_bf16']}; torch {m['torch']}, transformers {m['transformers']}. "
+        f"{m['cpu_capability']}, native bf16: {m['native_bf16'] or 'none'}; torch {m['torch']}, transformers {m['transformers']}. "
         f"Model: Qwen3-VL-2B architecture with random weights and the real processor files, {results['dtype']} "
         f"(`--dtype auto` on this CPU). Video sampling: the processor's defaults (2 frames a second, at least 4).",
         "",
