@@ -15,6 +15,7 @@ from conftest import REPO, SYSTEM, photo
 from test_cli import assert_one_line_error
 from test_server import LiveServer
 from vlcache.conversation import Conversation
+from vlcache.client import file_digest
 from vlcache.header import metadata_key
 
 N = 12
@@ -66,7 +67,10 @@ def test_ask_through_the_server_equals_asking_locally_and_uploads_once(engine, s
                    "--temperature", "0", "--stream")
     assert streamed.stdout == expected.text + "\n"
     assert uploads(server) == before + 1  # the file went over once; later calls sent only the question
-    assert server.service.store.metadata(metadata_key(engine.load_state(cache_file).metadata)) is not None
+    store = server.service.store
+    assert store.get_upload(file_digest(cache_file))[0] is not None
+    # Kept apart: the upload does not answer requests that look a state up by its image.
+    assert store.get(metadata_key(engine.load_state(cache_file).metadata))[0] is None
 
 
 def test_the_guide_script_through_VLCACHE_SERVER(engine, server, cache_file):
@@ -197,3 +201,29 @@ def test_serve_detach_status_and_stop(tiny_model_dir, tmp_path, cache_file, engi
     while run("status", env=env).returncode == 0 and time.time() < deadline:
         time.sleep(0.2)
     assert_one_line_error(run("status", env=env), "no server given")
+
+
+def test_a_forged_upload_cannot_answer_another_clients_question(engine, server, tmp_path):
+    """A file whose metadata claims another image (camera) but holds the K/V of this one (rocket): uploaded, it
+    must not be what a chat about camera.png is answered from."""
+    import base64
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    honest = engine.cache_image(photo("rocket.jpg"), system_prompt=SYSTEM).save(tmp_path / "rocket.pt")
+    camera = engine.cache_image(photo("camera.png"), system_prompt=SYSTEM)
+    with safe_open(str(honest), "pt") as fh:
+        header, tensors = fh.metadata(), {name: fh.get_tensor(name) for name in fh.keys()}
+    meta = json.loads(header["metadata"])
+    meta.update(image_sha256=camera.metadata.image_sha256, parts=camera.metadata.parts)
+    forged = tmp_path / "forged.pt"
+    save_file(tensors, str(forged), metadata={**header, "metadata": json.dumps(meta)})
+    code, reply = server.post("/v1/vlcache/states", forged.read_bytes(), content_type="application/octet-stream")
+    assert code == 200 and reply["id"] == file_digest(forged)
+    url = "data:image/png;base64," + base64.b64encode(photo("camera.png").read_bytes()).decode()
+    answer = server.client.chat.completions.create(model="any", max_tokens=N, temperature=0, messages=[
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": QUESTION}]}])
+    assert answer.choices[0].message.content == engine.ask(camera, QUESTION, max_new_tokens=N, temperature=0).text
+    assert answer.usage.prompt_tokens_details.cached_tokens == 0  # computed from the image, not taken from the upload

@@ -2,15 +2,17 @@
 guide's scripts. Standard library only, and nothing here imports torch or transformers: a question costs an
 HTTP round trip, not a model load.
 
-A cache file reaches the server by identity, never by path: the client reads the file's header (its metadata,
-no tensors), computes the state's key as the server does, and asks whether the server holds it; only if not is
-the file uploaded (once; the server checks it as it checks any cache file). Answers come back as the engine's
+A cache file reaches the server by identity, never by path: the client reads the file's header (the model it
+belongs to, no tensors) and the sha256 of its bytes (remembered per file), and asks whether the server holds
+that file; only if not is it uploaded (once; the server checks it as it checks any cache file, and keeps it
+apart from the states it looks up by image, so a client's file can never answer another client's question). Answers come back as the engine's
 own Answer, so the CLI prints them exactly as it prints local ones.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import tempfile
@@ -21,7 +23,7 @@ from pathlib import Path
 
 from .answer import Answer, Delta
 from .errors import ModelMismatchError, VlcacheError
-from .header import metadata_key, read_metadata
+from .header import read_metadata
 
 ENV = "VLCACHE_SERVER"
 TIMEOUT = 600.0  # seconds for one call: a long answer, or an upload, on a slow machine
@@ -63,7 +65,7 @@ class Client:
                 f"at {self.url} runs {health['model']} (weights {health['fingerprint'][:12]}); re-create the cache or "
                 f"start a server with --model {meta.model}"
             )
-        key = metadata_key(meta)
+        key = file_digest(path)
         try:
             self._json("GET", f"/v1/images/{key}")
             return key
@@ -73,7 +75,9 @@ class Client:
         with open(path, "rb") as fh:
             reply = self._json("POST", "/v1/vlcache/states", fh, content_type="application/octet-stream",
                                length=Path(path).stat().st_size)
-        return reply["id"]
+        if reply.get("id") != key:
+            raise ServerError(f"{path} changed while it was uploaded; try again")
+        return key
 
     def cache(self, sources: list[str], system_prompt: str | None) -> dict:
         """Compute a state on the server from image and video files; returns its id and sizes."""
@@ -156,6 +160,35 @@ def _reason(exc: urllib.error.HTTPError) -> str:
     except (ValueError, KeyError, TypeError, OSError):
         message = f"HTTP {exc.code} {exc.reason}"
     return str(message).splitlines()[0] if message else f"HTTP {exc.code}"
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes: an uploaded cache file's id on the server. Remembered in
+    $VLCACHE_HOME/file-hashes.json by path, size, inode and modification time, so a file is hashed once."""
+    stat = os.stat(path)
+    stamp = f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_ino}|{stat.st_mtime_ns}"
+    book = Path(os.environ.get("VLCACHE_HOME") or Path.home() / ".cache" / "vlcache") / "file-hashes.json"
+    try:
+        known = json.loads(book.read_text())
+        known = known if isinstance(known, dict) else {}
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known.get(stamp), str):
+        return known[stamp]
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            digest.update(chunk)
+    known = {k: v for k, v in known.items() if not k.startswith(os.path.abspath(path) + "|")}  # one entry a file
+    known[stamp] = digest.hexdigest()
+    try:
+        book.parent.mkdir(parents=True, exist_ok=True)
+        tmp = book.with_name(f".{book.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known))
+        os.replace(tmp, book)
+    except OSError:
+        pass  # remembering is an optimisation
+    return known[stamp]
 
 
 def server_url(given: str | None) -> str | None:

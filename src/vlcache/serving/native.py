@@ -3,7 +3,9 @@
 - `POST /v1/vlcache/ask`: a question (or the turns of a chat) after a stored state, or a text-only chat;
   the answer as the engine's Answer (token ids, counts, timings), streamed as server-sent events on request.
 - `POST /v1/vlcache/states`: a cache file's bytes; checked as any cache file is (header first, never
-  unpickled, shapes, this model's fingerprint), kept under its key, which is returned.
+  unpickled, shapes, this model's fingerprint) and kept under the sha256 of its bytes, which is returned: a
+  file's metadata is its sender's word, so an upload answers only requests that name it, never one that
+  looks a state up by its image (that could be another client's).
 - `GET /v1/vlcache/states/{id}`: a stored state's file (what `vlcache cache --server` saves).
 - `POST /v1/vlcache/cache`: images and videos (base64) and a system prompt; the state is computed (or found)
   and its id returned.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import os
 import tempfile
@@ -27,9 +30,9 @@ from starlette.concurrency import run_in_threadpool
 from .. import prompt, storage
 from ..engine import GenerationOptions
 from ..errors import CacheFileError, ImageError, VlcacheError
-from ..header import metadata_key
 from ..media import IMAGE, VIDEO
 from ..state import load_state
+from .store import UPLOADS
 from .server import (
     MAX_MEDIA_PARTS, MAX_TOKENS_CAP, APIError, BodyTimeout, BodyTooLarge, ChatRequest, Service, _collect, _events,
     _json_body, _message, _number, _valid_id,
@@ -97,17 +100,18 @@ def add_native_routes(app: FastAPI, service: Service) -> None:
         # Received beside the states when they are local (then renamed into place), else in the temp folder.
         tmp = Path(folder.location if not folder.is_url else tempfile.gettempdir()) / f".upload-{uuid.uuid4().hex}.tmp"
         try:
-            await _receive_file(request, tmp, options.max_state_bytes)
-            key, state = await run_in_threadpool(_check_upload, service, tmp)
-            target = folder.file(f"{key}.safetensors")
+            digest = await _receive_file(request, tmp, options.max_state_bytes)
+            state = await run_in_threadpool(_check_upload, service, tmp)
+            target = folder.file(f"{UPLOADS}/{digest}.safetensors")
             if not folder.is_url and not folder.exists(target):
+                Path(target).parent.mkdir(parents=True, exist_ok=True)
                 os.replace(tmp, target)
-            await run_in_threadpool(service.store.put, key, state)  # an object store: written by the store
+            await run_in_threadpool(service.store.put_upload, digest, state)  # an object store: written by the store
             service.metrics.uploads.inc()
         finally:
             tmp.unlink(missing_ok=True)
         service.metrics.requests.labels(endpoint=STATES, status="200").inc()
-        return {"id": key, "object": "state", "tokens": state.num_tokens}
+        return {"id": digest, "object": "state", "tokens": state.num_tokens}
 
     @app.get(STATES + "/{state_id}")
     async def download_state(state_id: str):
@@ -158,8 +162,9 @@ async def _answer_events(service: Service, job, events, cached: int, started: fl
         job.cancelled.set()
 
 
-async def _receive_file(request: Request, path, limit: int) -> None:
-    size = 0
+async def _receive_file(request: Request, path, limit: int) -> str:
+    """Write the body to `path`; the sha256 of its bytes (the upload's id)."""
+    size, digest = 0, hashlib.sha256()
     try:
         with open(path, "wb") as fh:
             async for chunk in request.stream():
@@ -167,16 +172,18 @@ async def _receive_file(request: Request, path, limit: int) -> None:
                 if size > limit:
                     raise APIError(413, f"the state file is over the server's {limit:,}-byte limit (--max-state-bytes)")
                 fh.write(chunk)
+                digest.update(chunk)
     except BodyTooLarge as exc:
         raise APIError(413, str(exc)) from None
     except BodyTimeout:
         raise APIError(408, "the state file did not arrive in time") from None
     if size == 0:
         raise APIError(400, "the state file is empty")
+    return digest.hexdigest()
 
 
 def _check_upload(service: Service, path):
-    """Validate an uploaded file as any cache file, and against this server's model: (key, state)."""
+    """Validate an uploaded file as any cache file, and against this server's model; its state."""
     try:
         state = service.engine.adopt(load_state(path, device=service.engine.device))
         service.engine.check_state(state, source="the uploaded cache file")
@@ -184,7 +191,7 @@ def _check_upload(service: Service, path):
         raise APIError(400, str(exc).replace(str(path), "the uploaded file"), "file") from None
     except VlcacheError as exc:
         raise APIError(400, str(exc), "file") from None
-    return metadata_key(state.metadata), state
+    return state
 
 
 def _parse_cache(body: object) -> tuple[list[bytes], list[str], str | None]:

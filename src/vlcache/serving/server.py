@@ -505,6 +505,8 @@ class Service:
     async def _stored(self, key: str):
         """A stored state by id: (key, state, its tokens, the messages it covers); 404 if the server has none."""
         state, source = await run_in_threadpool(self.store.get, _valid_id(key, "state"))
+        if state is None:  # an uploaded cache file, named by the hash of its bytes
+            state, source = await run_in_threadpool(self.store.get_upload, key)
         self.metrics.states.labels(result=source).inc()
         if state is None:
             raise APIError(404, f"no state {key} on this server; upload its cache file first", "state")

@@ -26,6 +26,7 @@ from ..state import ImageState, StateMetadata, kv_nbytes, load_state, read_metad
 
 KEY_PATTERN = re.compile(r"[0-9a-f]{64}")  # use fullmatch: "$" would also accept a trailing newline
 RESCAN_SECONDS = 1.0  # a miss looks for files others added at most this often
+UPLOADS = "uploads"  # the subfolder of uploaded cache files, by content hash
 log = logging.getLogger("vlcache")
 
 
@@ -106,6 +107,37 @@ class StateStore:
                         "serving it from memory")
         self._keep_hot(key, state)
 
+    # -- uploads: cache files clients sent (--server), kept apart ----------------------------------------------
+    # An upload is known by the hash of its bytes, and lives in uploads/ (which rescans never index): its
+    # metadata is the sender's word, so it must never answer a request that found a state by what it is about
+    # (another client's image), only requests that name the exact file.
+
+    def put_upload(self, digest: str, state: ImageState) -> None:
+        target = self.folder.file(f"{UPLOADS}/{digest}.safetensors")
+        try:
+            if not self.folder.exists(target):
+                state.save(target)
+        except (OSError, CacheFileError) as exc:
+            self.write_errors += 1
+            log.warning(f"warning: could not write upload {digest[:12]}: {getattr(exc, 'strerror', None) or exc}")
+        self._keep_hot(UPLOADS + ":" + digest, state)
+
+    def get_upload(self, digest: str) -> tuple[ImageState | None, str]:
+        key = UPLOADS + ":" + digest
+        with self._lock:
+            if key in self._hot:
+                self._hot.move_to_end(key)
+                return self._hot[key], "memory"
+        path = self.folder.file(f"{UPLOADS}/{digest}.safetensors")
+        if not self.folder.exists(path):
+            return None, "miss"
+        try:
+            state = self._adopt(load_state(path, device=self.device))
+        except CacheFileError:
+            return None, "miss"
+        self._keep_hot(key, state)
+        return state, "disk"
+
     def add_continuation(self, image_key: str, state: Continuation) -> None:
         """Keep, in memory under the same budget, what followed an image state: a next turn starts from it."""
         key = f"{image_key}:{uuid.uuid4().hex}"
@@ -140,10 +172,14 @@ class StateStore:
         return self.folder.delete(path) or found
 
     def metadata(self, key: str) -> StateMetadata | None:
+        """A state's metadata by key, or an upload's by its content hash (None if neither is here)."""
         with self._lock:
-            if key in self._hot:
-                return self._hot[key].metadata
+            for name in (key, UPLOADS + ":" + key):
+                if name in self._hot:
+                    return self._hot[name].metadata
         path = self.path_for(key)
+        upload = self.folder.file(f"{UPLOADS}/{key}.safetensors")
+        path = path or (upload if self.folder.exists(upload) else None)
         try:
             return read_metadata(path) if path else None
         except CacheFileError:
@@ -155,8 +191,8 @@ class StateStore:
 
     @property
     def hot_count(self) -> int:
-        """Image states in memory (continuations of conversations not counted)."""
-        return sum(1 for key in self._hot if ":" not in key)
+        """States in memory (continuations of conversations not counted)."""
+        return sum(1 for key in self._hot if ":" not in key or key.startswith(UPLOADS + ":"))
 
     # -- internals -------------------------------------------------------------------------------------------
 
