@@ -121,6 +121,20 @@ def test_batch_caching_on_ray_into_s3_then_asking_from_it(engine, s3, tmp_path, 
     expected = engine.ask(engine.cache_image(photo("chelsea.png"), system_prompt=SYSTEM), QUESTION, max_new_tokens=N,
                           temperature=0)
     assert json.loads(asked.stdout)["token_ids"] == expected.token_ids
+    # The batch's names are the server's keys: a server on the prefix answers its first question from them.
+    live = LiveServer(engine, prefix)
+    try:
+        import base64
+
+        url = "data:image/jpeg;base64," + base64.b64encode(photo("rocket.jpg").read_bytes()).decode()
+        reply = live.client.chat.completions.create(model="any", max_tokens=N, temperature=0, messages=[
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": QUESTION}]}])
+        rocket = engine.cache_image(photo("rocket.jpg"), system_prompt=SYSTEM)
+        assert reply.usage.prompt_tokens_details.cached_tokens == rocket.num_tokens
+        assert reply.choices[0].message.content == engine.ask(rocket, QUESTION, max_new_tokens=N, temperature=0).text
+    finally:
+        live.close()
 
 
 def test_two_replicas_under_ray_serve_answer_exactly_and_compute_each_state_once(engine, tiny_model_dir, tmp_path):
@@ -134,6 +148,7 @@ def test_two_replicas_under_ray_serve_answer_exactly_and_compute_each_state_once
     from vlcache.scale import ray_serve
     from vlcache.serving.server import ServeOptions
 
+    ray.init(log_to_driver=False, include_dashboard=False)  # first: Ray's own services take ports of their own
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -140,6 +140,12 @@ def run(model: str, device: str, dtype: str, options, replicas: int, host: str, 
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False, include_dashboard=False)
+    from ..errors import VlcacheError
+
     gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= replicas else 0.0
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(build(model, device, dtype, options, replicas, gpus), name="vlcache", route_prefix="/", blocking=blocking)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(build(model, device, dtype, options, replicas, gpus), name="vlcache", route_prefix="/", blocking=blocking)
+    except ray.exceptions.RayError as exc:  # a port in use, a replica that cannot load the model, ...
+        reason = str(getattr(exc, "cause", None) or exc).strip().splitlines()[-1]
+        raise VlcacheError(f"Ray Serve could not start vlcache on {host}:{port}: {reason}") from None
