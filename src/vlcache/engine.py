@@ -374,6 +374,15 @@ class Engine:
         """What decides an image's tokens besides its pixels: part of a cache's identity."""
         return self.family.processor_settings(max_pixels)
 
+    def state_key(self, parts: Sequence[tuple[str, str]], messages: list[dict], options: MediaOptions,
+                  salt: str | None = None) -> str:
+        """The key of the state of `messages` whose media are `parts` ((kind, sha256) in order): what the server,
+        its store and the Ray batch name a state by."""
+        from .header import media_identity, state_key
+
+        return state_key(self.fingerprint, media_identity(list(parts)), messages,
+                         self.media_settings(options, [kind for kind, _ in parts]), salt)
+
     def media_settings(self, options: MediaOptions, kinds: Sequence[str]) -> dict:
         """processor_settings, and with videos among `kinds` what decides their frames and tokens."""
         settings = self.processor_settings(options.max_pixels)

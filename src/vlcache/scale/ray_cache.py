@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from datetime import datetime, timezone
+from pathlib import Path
 
 from .. import storage
 from ..batch import MEDIA_SUFFIXES, CacheResult, expand_images
@@ -43,23 +44,22 @@ class CacheWorker:
 
     def cache_one(self, source: str) -> dict:
         from .. import prompt
-        from ..header import media_identity, state_key
 
         start = time.perf_counter()
         try:
-            data = storage.read_bytes(source) if storage.is_url(source) else None
+            # The bytes name the state; a local file is cached by its path (read again) so the state records it.
+            data = storage.read_bytes(source) if storage.is_url(source) else Path(source).read_bytes()
             kind = kind_of(source)
-            digest = hashlib.sha256(data if data is not None else open(source, "rb").read()).hexdigest()
             messages = prompt.media_conversation(self.system_prompt, [kind])
-            key = state_key(self.engine.fingerprint, media_identity([(kind, digest)]), messages,
-                            self.engine.media_settings(self.options, [kind]))
+            key = self.engine.state_key([(kind, hashlib.sha256(data).hexdigest())], messages, self.options)
             target = storage.join(self.output_dir, f"{key}.safetensors")
             exists = storage.exists(str(target)) if storage.is_url(target) else os.path.exists(target)
             if exists and not self.force:
                 return _row(source, target, "skipped", None, 0, start)
             from ..families.base import run_steps
 
-            state = run_steps(self.engine.cache_media_steps([data if data is not None else source], messages, self.options))
+            state = run_steps(self.engine.cache_media_steps([source if not storage.is_url(source) else data], messages,
+                                                            self.options))
             state.save(target)
             return _row(source, target, "cached", None, state.num_tokens, start)
         except (VlcacheError, OSError) as exc:
@@ -134,8 +134,4 @@ def write_manifest(output_dir: str, model: str, system_prompt: str | None, resul
                      "error": r.error, "tokens": r.tokens, "seconds": round(r.seconds, 3)} for r in results],
     }
     data = (json.dumps(manifest, indent=1) + "\n").encode()
-    target = storage.join(output_dir, MANIFEST)
-    if storage.is_url(target):
-        storage.write_atomic(str(target), data)
-    else:
-        storage.write_atomic("file://" + str(target), data)
+    storage.write_atomic(str(storage.join(output_dir, MANIFEST)), data)  # a local path or a URL alike

@@ -42,7 +42,7 @@ from .. import prompt
 from ..engine import Engine, GenerationOptions
 from ..errors import ImageError, VlcacheError
 from ..media import IMAGE, VIDEO, MediaOptions
-from .store import KEY_PATTERN, Continuation, StateStore, media_identity, state_key
+from .store import KEY_PATTERN, Continuation, StateStore
 from .scheduler import Job, Scheduler, Stats
 
 MAX_TOKENS_CAP = 8192
@@ -348,10 +348,7 @@ class Service:
     def keys(self, digests: list[tuple[str, str]], prefixes: list[list[dict]], salt: str | None) -> list[str]:
         """The key of the state ending after each media part: (kind, sha256) of the parts up to it, the
         messages it covers, the settings that decide their tokens."""
-        fingerprint, options = self.engine.fingerprint, self.options.media
-        return [state_key(fingerprint, media_identity(digests[: j + 1]), prefixes[j],
-                          self.engine.media_settings(options, [kind for kind, _ in digests[: j + 1]]), salt)
-                for j in range(len(digests))]
+        return [self.engine.state_key(digests[: j + 1], prefixes[j], self.options.media, salt) for j in range(len(digests))]
 
     async def state_for(self, sources: list[bytes], kinds: list[str], prefixes: list[list[dict]], salt: str | None = None):
         """The state for a conversation up to its last image or video: (key, state, cached tokens), computing
