@@ -1,5 +1,7 @@
 """Many questions about one state, answered in one batched generation, equal asking each alone."""
 
+import torch
+
 from conftest import photo
 
 QUESTIONS = [
@@ -49,26 +51,24 @@ def test_batch_on_another_image(engine):
     assert [a.token_ids for a in batch] == [engine.ask(state, q, max_new_tokens=N, temperature=0).token_ids for q in QUESTIONS[:4]]
 
 
-def test_rows_share_the_prefix_without_copies(engine, astronaut_state, monkeypatch):
-    from vlcache import attention, generate
+def test_rows_hold_the_prefix_and_all_go_through_the_rows_attention(engine, astronaut_state, monkeypatch):
+    """One decode path: each row's slot holds a copy of the state's K/V, and every layer of the prefill and of
+    each decode step attends through RowsCache.attend."""
+    from vlcache import decode
 
-    cache = generate.cache_from_kv(engine.model.config, astronaut_state.kv, batch=4, capacity=64)
-    for layer, (k, v) in zip(cache.layers, astronaut_state.kv):
-        assert layer.prefix_keys.data_ptr() == k.data_ptr() and layer.prefix_values.data_ptr() == v.data_ptr()
-        assert layer._key_buffer.shape[2] == 64  # per-row storage holds only what follows the prefix
+    batch = engine.batch()
+    prefix = engine.state_prefix(astronaut_state)
+    params = decode.SamplingParams(temperature=0.0)
+    for _ in range(2):
+        batch.add(prefix, params, 3, astronaut_state.input_ids[0])
+    n = astronaut_state.num_tokens
+    for (_, layer), (k, v) in zip(batch.cache.attention_layers(), astronaut_state.kv):
+        for slot in range(2):
+            assert torch.equal(layer._keys[slot, :, :n], k[0]) and torch.equal(layer._values[slot, :, :n], v[0])
     calls = []
-    original = attention.shared_prefix_attention
-
-    def counting(module, *args, shared_prefix_cache=None, **kwargs):
-        calls.append(shared_prefix_cache is not None)
-        return original(module, *args, shared_prefix_cache=shared_prefix_cache, **kwargs)
-
-    monkeypatch.setattr(attention, "shared_prefix_attention", counting)
-    attention.install(engine.model)  # re-register the wrapper under the same name
-    try:
-        engine.ask_many(astronaut_state, QUESTIONS[:2], max_new_tokens=3, temperature=0)
-    finally:
-        monkeypatch.undo()
-        attention.install(engine.model)
+    real = decode.RowsCache.attend
+    monkeypatch.setattr(decode.RowsCache, "attend", lambda self, *a: calls.append(a[0].shape[2]) or real(self, *a))
+    engine.ask_many(astronaut_state, QUESTIONS[:2], max_new_tokens=3, temperature=0)
     layers = engine.model.config.get_text_config().num_hidden_layers
-    assert calls.count(True) == 3 * layers  # prefill + 2 decode steps, every layer on the shared path
+    assert len(calls) == 3 * layers  # prefill + 2 decode steps, every layer on the rows path
+    assert calls[-1] == 1 and calls[0] > 1  # query lengths: the questions, then one token a step

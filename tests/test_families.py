@@ -194,7 +194,7 @@ def test_gemma3_sliding_layers_store_only_the_window(family_engine, tmp_path):
 
 def test_gemma3_controls_windows_and_image_attention(family_engine, monkeypatch):
     """Each kind of state, restored wrongly, changes the answers: so the equality tests above can fail."""
-    from vlcache import attention
+    from vlcache.decode import rows
 
     engine = family_engine("gemma3")
     expected = [reference_tokens(engine, photo("rocket.jpg"), SYSTEM, q, N) for q in QUESTIONS]
@@ -209,9 +209,9 @@ def test_gemma3_controls_windows_and_image_attention(family_engine, monkeypatch)
     wrong.kv = [(k.flip(2), v.flip(2)) if k.shape[2] < state.num_tokens else (k, v) for k, v in state.kv]
     assert answers(wrong) != expected
     # 2. No window applied when a question attends to the restored prefix.
-    real_bias = attention._bias
+    real_bias = rows._bias
     with monkeypatch.context() as m:
-        m.setattr(attention, "_bias", lambda book, offset, p, s, g, window: real_bias(book, offset, p, s, g, None))
+        m.setattr(rows, "_bias", lambda keys, queries, window: real_bias(keys, queries, None))
         assert answers(state) != expected
     # 3. Image tokens prefilled causally (no token_type_ids): the bidirectional image block is lost.
     real_prefill = type(engine.family).prefill

@@ -9,6 +9,7 @@ import time
 import urllib.request
 
 import pytest
+import torch
 
 from churn import churn, job_for
 from conftest import SYSTEM, photo
@@ -82,16 +83,12 @@ def test_alone_equals_generate(engine, states):
         assert events[-1][1].token_ids == reference_tokens(engine, photo(name), SYSTEM, question, 12)
 
 
-def test_a_failing_sampler_fails_its_row_alone(engine, states, monkeypatch):
+def test_a_broken_distribution_fails_its_row_alone(engine, states):
+    """A row whose logits are NaN (its state's K/V are) cannot be sampled: it fails, its batch-mates do not."""
     good, good_events, good_done = job_for(engine, states["rocket.jpg"], QUESTIONS[0], 10, "rocket.jpg")
-    bad, bad_events, bad_done = job_for(engine, states["rocket.jpg"], QUESTIONS[2], 10, "rocket.jpg")
+    bad, bad_events, bad_done = job_for(engine, states["rocket.jpg"], QUESTIONS[2], 10, "rocket-nan")
+    bad.kv = [(torch.full_like(k, float("nan")), v) for k, v in states["rocket.jpg"].kv]
     bad.options = GenerationOptions(max_new_tokens=10, temperature=1.0, seed=666)
-    real = engine.sampler
-
-    def failing(ids, logits):
-        raise RuntimeError("probability tensor contains either inf, nan or element < 0")
-
-    monkeypatch.setattr(engine, "sampler", lambda options, *rest: failing if options.seed == 666 else real(options, *rest))
     scheduler = Scheduler(engine, max_batch=4)
     try:
         blocker, blocking = threading.Event(), threading.Event()
@@ -308,9 +305,14 @@ def test_memory_grows_with_what_rows_hold_not_with_their_limits(engine, states):
             scheduler.submit(other)
             time.sleep(0.01)
         assert all(done.wait(60) for _, _, done in others)
-        layer = next(layer for layer in scheduler._cache.layers if hasattr(layer, "_keys"))
-        assert made == [1] and layer._keys.shape[2] <= 256  # grown to what rows hold, not 4,000 slots
-        assert scheduler._cache.book.keys.shape[1] <= 256
+        from vlcache.decode.rows import CAPACITY_STEP
+
+        cache = scheduler._batch.cache
+        longest = cache.book.longest()
+        layer = cache.attention_layers()[0][1]
+        # grown to what rows hold (prefix and tokens, in steps), not to 4,000 more slots
+        assert made == [1] and layer._keys.shape[2] <= 2 * (longest + CAPACITY_STEP) < 4000
+        assert cache.book.keys.shape[1] == layer._keys.shape[2]
         job.cancelled.set()
         assert finished.wait(60)
     finally:
@@ -318,14 +320,14 @@ def test_memory_grows_with_what_rows_hold_not_with_their_limits(engine, states):
 
 
 def test_a_job_that_cannot_start_fails_alone(engine, states, monkeypatch):
-    real = engine.sampler
+    real = engine.sampling
 
-    def sampler(options, *rest):
+    def sampling(options, *rest):
         if options.seed == 13:
             raise ValueError("no sampler for these options")
         return real(options, *rest)
 
-    monkeypatch.setattr(engine, "sampler", sampler)
+    monkeypatch.setattr(engine, "sampling", sampling)
     scheduler = Scheduler(engine, max_batch=4)
     try:
         bad, bad_events, bad_done = job_for(engine, states["rocket.jpg"], QUESTIONS[0], 4, "rocket.jpg")
@@ -340,16 +342,16 @@ def test_a_job_that_cannot_start_fails_alone(engine, states, monkeypatch):
 
 
 def test_control_rows_that_attend_to_another_rows_image_are_caught(engine, states, monkeypatch):
-    """Control: if the batch let every row attend to the first row's image state, the churn test would fail."""
-    from vlcache import rows
+    """Control: if the batch gave every row the first row's image state, the churn test would fail."""
+    from vlcache.decode import RowsCache
 
-    real = rows._groups
+    real = RowsCache.add
 
-    def first_prefix_for_all(prefixes, device):
-        groups = real(prefixes, device)
-        return [rows._Group(groups[0].prefix, slice(0, len(prefixes)))] if len(groups) > 1 else groups
+    def first_prefix_for_all(self, prefix):
+        self.__dict__.setdefault("_first_prefix", prefix)
+        return real(self, self._first_prefix if prefix.tokens <= self._first_prefix.tokens else prefix)
 
-    monkeypatch.setattr(rows, "_groups", first_prefix_for_all)
+    monkeypatch.setattr(RowsCache, "add", first_prefix_for_all)
     requests = [(states["rocket.jpg"], "rocket.jpg", QUESTIONS[0], 8), (states["chelsea.png"], "chelsea.png", QUESTIONS[0], 8)]
     scheduler = Scheduler(engine, max_batch=4)
     try:

@@ -96,6 +96,11 @@ def add_model_arguments(parser: argparse.ArgumentParser, model_help: str) -> Non
                         help="compute dtype (default: a cache's own; else auto: what the device computes fastest)")
 
 
+def add_compile_argument(parser: argparse.ArgumentParser, auto: str) -> None:
+    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                        help=f"compiled, fixed-shape decode steps (CUDA graphs on CUDA); auto: {auto} (default: auto)")
+
+
 def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT, help=f'default: "{DEFAULT_SYSTEM_PROMPT}"')
     add_model_arguments(parser, "model id or local folder (default: $VLCACHE_MODEL or Qwen/Qwen3-VL-2B-Instruct)")
@@ -170,15 +175,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     ask = sub.add_parser("ask", help="answer prompts from cache files (or text-only without --cache)")
     add_ask_arguments(ask, ("--max-new-tokens", "--max_new_tokens"), many=True)
+    add_compile_argument(ask, "off, since one command's questions cannot pay back a compile")
     ask.set_defaults(run=run_ask, subparser=ask)
 
     chat = sub.add_parser("chat", help="a conversation about a cached image (reads stdin; /reset, /save PATH)")
     chat.add_argument("--cache", required=True, help="cache file (an image or a saved conversation)")
     add_generation_arguments(chat, ("--max-new-tokens", "--max_new_tokens"))
+    add_compile_argument(chat, "off, since one conversation cannot pay back a compile")
     chat.set_defaults(run=run_chat)
 
     serve = sub.add_parser("serve", help="an OpenAI-compatible server that reuses image states automatically")
     add_model_arguments(serve, "model id or local folder (default: $VLCACHE_MODEL or Qwen/Qwen3-VL-2B-Instruct)")
+    add_compile_argument(serve, "compiled where the exactness probe holds and it measures faster, checked at start")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=port_number, default=8000)
     serve.add_argument("--cache-dir", default=None, help="where states are written (default: ~/.cache/vlcache/states)")
@@ -344,6 +352,7 @@ def run_ask(args: argparse.Namespace) -> int:
         _check_media_arg(args.image)
     start = time.perf_counter()
     engine = _load_engine(model, args.device, dtype)
+    _compile_steps(engine, "off" if args.compile == "auto" else args.compile, [1])
     extra = {"model_load_s": time.perf_counter() - start}
     if args.image:  # the uncached path: process the image now, in memory
         start = time.perf_counter()
@@ -406,6 +415,7 @@ def run_chat(args: argparse.Namespace) -> int:
 
     meta = read_metadata(args.cache)
     engine = _load_engine(args.model or _model_named_by(meta), args.device, args.dtype or meta.dtype)
+    _compile_steps(engine, "off" if args.compile == "auto" else args.compile, [1])
     chat = Conversation(engine, engine.load_state(args.cache))
 
     def save(target: str) -> None:
@@ -526,6 +536,10 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.ray:
         return _serve_on_ray(args, options)
     engine = _load_engine(args.model, args.device, args.dtype or "auto")
+    from .decode.rows import bucket
+
+    buckets = sorted({bucket(n) for n in range(1, args.max_batch + 1)})
+    _compile_steps(engine, args.compile, buckets)
     app = create_app(engine, options)
     _info(f"serving {engine.model_name} on http://{args.host}:{args.port}/v1 (states in {cache_dir})")
     uvicorn.Server(server_config(app, args.host, args.port, log_level="warning")).run()
@@ -641,6 +655,15 @@ def _load_engine(model: str | None, device: str, dtype: str):
     _info(f"loaded in {time.perf_counter() - start:.1f}s on {engine.device} as "
           f"{str(engine.dtype).removeprefix('torch.')} ({engine.dtype_reason})")
     return engine
+
+
+def _compile_steps(engine, mode: str, buckets: list[int]) -> None:
+    """Choose the decode step (decode.probe) and say which, and why, on stderr."""
+    if mode == "off":
+        return
+    _info(f"preparing decode steps ({mode}) for {len(buckets)} batch size(s): {', '.join(map(str, buckets))}...")
+    status = engine.compile_steps(mode, buckets)
+    _info(f"decode steps: {status['step']} ({status['reason']})")
 
 
 def _first_metadata(caches: list):

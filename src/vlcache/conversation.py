@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import torch
 
-from . import attention, generate, prompt
+from . import prompt
 from .engine import Answer, Delta, Engine, GenerationOptions, _delta, _now
 from .families import LINEAR
 from .state import ImageState
@@ -34,7 +34,7 @@ class Conversation:
         """Back to the cached state: earlier turns are forgotten."""
         self.messages: list[dict] = copy.deepcopy(self.state.metadata.messages)
         self._ids = self.state.input_ids  # what the live cache holds, [1, n]
-        self._cache = None
+        self._batch = None
         # Linear-attention states cannot be cut back: (tokens held, their states) at each turn boundary.
         linear = [kv for kv, kind in zip(self.state.kv, self.engine.family.layer_kinds()) if kind == LINEAR]
         self._snapshots: list[tuple[int, list]] = [(self.state.num_tokens, linear)]
@@ -65,24 +65,24 @@ class Conversation:
         keep = self._sync(target, options.max_new_tokens)
         # 2. Generate in the live cache: it grows by the new tokens and the answer.
         delta = None
-        for delta in self.engine.stream_ids(None, target[:, :keep], target[:, keep:], _delta(self.state), options, cache=self._cache):
+        for delta in self.engine.stream_ids(None, target[:, :keep], target[:, keep:], options, batch=self._batch):
             yield delta
         # 3. Remember the turn. The last generated token was never run through the model.
         answer = delta.answer
         self._ids = torch.cat([target, torch.tensor([answer.token_ids[:-1]], dtype=torch.long, device=target.device)], dim=1)
         self.messages = messages + [{"role": "assistant", "content": answer.text}]
         if self.engine.family.has_linear_layers:
-            self._snapshots.append((self._ids.shape[1], attention.linear_states(self._cache)))
+            self._snapshots.append((self._ids.shape[1], self._linear_states()))
 
     def to_state(self) -> ImageState:
         """The conversation so far as a state that `ask` and `chat` can resume (new questions follow it)."""
         target = self._target_ids(self.messages, add_generation_prompt=False)
         keep = self._sync(target, 0, at_least_one_new=False)
         if keep < target.shape[1]:
-            generate.prefill(self.engine.model, self._cache, target[:, keep:], _delta(self.state), self.engine.family.positions)
+            self._batch.prefill([target[0, keep:]])
             self._ids = target
         n = target.shape[1]
-        kv = generate.kv_from_cache(self._cache)  # fresh tensors: later turns may overwrite the live buffer
+        kv = self._batch.cache.row_state(0)  # fresh tensors: later turns may overwrite the live buffer
         base = self.state
         extra = n - base.num_tokens
         zeros = torch.zeros(1, extra, dtype=torch.long, device=target.device)
@@ -107,13 +107,18 @@ class Conversation:
         rest = prompt.encode_text(processor, text).to(self.state.input_ids.device)
         return torch.cat([self.state.input_ids, rest], dim=1)
 
+    def _linear_states(self) -> list:
+        """The live row's (conv, recurrent) states of the linear layers, as fresh tensors (a snapshot)."""
+        kinds = self.engine.family.layer_kinds()
+        return [kv for kv, kind in zip(self._batch.cache.row_state(0), kinds) if kind == LINEAR]
+
     def _sync(self, target: torch.Tensor, max_new_tokens: int, at_least_one_new: bool = True) -> int:
         """Cut the live cache back to the longest prefix it shares with `target`; return that length."""
-        if self._cache is None:
-            capacity = target.shape[1] + max_new_tokens + 256
-            self._cache = generate.cache_from_kv(self.engine.model.config, self.state.kv, capacity=capacity,
-                                                prefix_tokens=self.state.num_tokens)
-        held = self._ids[0, : self._cache.get_seq_length()]
+        if self._batch is None:
+            self._batch = self.engine.batch()
+            self._batch.add(self.engine.state_prefix(self.state), self.engine.sampling(GenerationOptions()), 1,
+                            self.state.input_ids[0])
+        held = self._ids[0, : self._batch.cache.book.lengths[0]]
         limit = min(held.shape[0], target.shape[1] - (1 if at_least_one_new else 0))
         same = (held[:limit] == target[0, :limit]).long()
         keep = int(same.cumprod(0).sum()) if limit else 0
@@ -121,8 +126,7 @@ class Conversation:
             # Back to the latest turn boundary at or before `keep`; what follows it is computed again.
             self._snapshots = [snap for snap in self._snapshots if snap[0] <= keep]  # later ones held other tokens
             keep, states = self._snapshots[-1]
-            attention.restore(self._cache, keep, states)
-        else:
-            attention.truncate(self._cache, keep)
+            self._batch.cache.set_linear_states(0, states)
+        self._batch.cache.truncate(0, keep)
         self._ids = self._ids[:, :keep]
         return keep

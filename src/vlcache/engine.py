@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from . import attention, generate, images, media, model as model_loading, prompt
+from . import decode, generate, images, media, model as model_loading, prompt
 from .families import LINEAR, family_class
 from .families.base import run_steps
 from .defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SYSTEM_PROMPT
@@ -50,7 +50,9 @@ class Engine:
         self.family = family_class(self.model.config.model_type)(self.model, self.processor)
         self.eos_ids = _eos_ids(self.model.generation_config)
         self._dtype_notes: set[str] = set()
-        attention.install(self.model)
+        decode.install(self.model)
+        self.runner = None  # a decode.step.StepRunner once compiled steps are enabled (compile_steps)
+        self.compile_status = {"step": "eager", "reason": "compile off", "buckets": []}
         if self.device.type == "cuda" and self.dtype in (torch.bfloat16, torch.float16):
             # Measured (docs/benchmarks-cuda.md): fused SDPA kernels in generate and vlcache's shared-prefix
             # attention round differently in 16-bit; in float32 the tokens are equal.
@@ -58,9 +60,30 @@ class Engine:
                         "an uncached generate() by attention-kernel rounding; --dtype float32 gives equal tokens")
 
     @classmethod
-    def load(cls, model: str | None = None, device: str = "auto", dtype: str = "auto") -> "Engine":
-        """Load a model by hub id or local folder (default: $VLCACHE_MODEL or Qwen/Qwen3-VL-2B-Instruct)."""
-        return cls(model_loading.load(model or model_loading.default_model(), device=device, dtype=dtype))
+    def load(cls, model: str | None = None, device: str = "auto", dtype: str = "auto", compile: str = "off") -> "Engine":
+        """Load a model by hub id or local folder (default: $VLCACHE_MODEL or Qwen/Qwen3-VL-2B-Instruct).
+
+        `compile`: "off" (eager decode steps), "on" (compiled fixed-shape steps), "auto" (compiled where the
+        exactness probe holds and they measure faster; see compile_steps)."""
+        engine = cls(model_loading.load(model or model_loading.default_model(), device=device, dtype=dtype))
+        if compile != "off":
+            engine.compile_steps(compile)
+        return engine
+
+    def compile_steps(self, mode: str = "auto", buckets: Sequence[int] = (1,), backend: str | None = None) -> dict:
+        """Decode through compiled fixed-shape steps (decode.step), warmed up for `buckets` rows; return what
+        was chosen and why (also in self.compile_status, which /health reports).
+
+        "on": compiled (inductor) steps. "auto": the step is compiled and kept only where, for this model, its
+        greedy tokens equal transformers' generate() (fused kernels round differently) and, on a CPU, it is
+        faster than the eager step; otherwise on CUDA the eager step's own kernels are captured as CUDA graphs
+        (same numbers) and on a CPU the eager step stays. One log line says what was chosen and why.
+        """
+        from .decode import probe
+
+        self.compile_status = probe.choose(self, mode, list(buckets), backend)
+        log.info(f"decode steps: {self.compile_status['step']} ({self.compile_status['reason']})")
+        return self.compile_status
 
     @property
     def model_name(self) -> str:
@@ -152,8 +175,7 @@ class Engine:
         inputs = prepared.inputs
         start = _leading(base, inputs["input_ids"]) if base is not None and self.family.extends else 0
         if start:
-            cache = generate.cache_from_kv(self.model.config, self.adopt(base).kv, capacity=inputs["input_ids"].shape[1],
-                                           prefix_tokens=start)
+            cache = generate.cache_from_kv(self.model.config, self.adopt(base).kv)
         else:
             cache = generate.DynamicCache(config=self.model.config)
         rope_delta = yield from self.family.prefill_steps(inputs, cache, self.dtype, chunk, start)
@@ -259,15 +281,15 @@ class Engine:
             prompt.check_text(self.processor, prompt_text, "the question")
             prompt.check_text(self.processor, system_prompt or "", "the system prompt")
             new_ids = prompt.text_only_ids(self.processor, system_prompt, prompt_text).to(self.device)
-            return self.stream_ids(self.empty_kv(), new_ids[:, :0], new_ids, 0, options)
+            return self.stream_ids(self.prefix(self.empty_kv(), 0, 0), new_ids[:, :0], new_ids, options)
         self.check_state(state)
         state = self.adopt(state)
         new_ids = self.question_ids(state.metadata.messages, prompt_text)
-        return self.stream_ids(state.kv, state.input_ids, new_ids, _delta(state), options)
+        return self.stream_ids(self.state_prefix(state), state.input_ids, new_ids, options)
 
     def ask_many(self, state: ImageState, prompts: Sequence[str], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                  temperature: float | None = None, top_p: float | None = None, seed: int | None = None) -> list[Answer]:
-        """Answer several prompts about one state in one batched generation over the shared prefix.
+        """Answer several prompts about one state in one batched generation (rows over copies of the state).
 
         With greedy decoding each answer equals asking its prompt alone. With sampling and a seed, row i
         samples with seed + i, so a batch is repeatable.
@@ -278,14 +300,17 @@ class Engine:
             return []
         self.check_state(state)
         state = self.adopt(state)
+        prefix = self.state_prefix(state)
         new_ids = [self.question_ids(state.metadata.messages, p) for p in prompts]
         start = time.perf_counter()
         tokens: list[list[int]] = [[] for _ in prompts]
         first = None
         # Rows that cannot be padded (linear-attention layers) are batched by question length.
         for rows in generate.batch_groups([n.shape[1] for n in new_ids], can_pad=not self.family.has_linear_layers):
-            steps = self._steps(state.kv, state.input_ids, [new_ids[r] for r in rows], _delta(state), options, seed_rows=rows)
-            for step in steps:
+            batch = self.batch()
+            for r in rows:
+                batch.add(prefix, self.sampling(options, r), options.max_new_tokens, torch.cat([state.input_ids[0], new_ids[r][0]]))
+            for step in decode.generate(batch, [new_ids[r][0] for r in rows]):
                 first = first or time.perf_counter()
                 for r, token in zip(rows, step):
                     if token is not None:
@@ -299,43 +324,52 @@ class Engine:
         prompt.check_text(self.processor, question, "the question")
         return prompt.encode_text(self.processor, prompt.question_text(self.processor, messages, question)).to(self.device)
 
-    def stream_ids(self, kv, history: torch.Tensor, new_ids: torch.Tensor, rope_delta: int,
-                   options: GenerationOptions, cache=None) -> Iterator[Delta]:
-        """Generate after `history` (whose KV is `kv`) and `new_ids`; stream Deltas, the last with the Answer.
+    def prefix(self, kv: list, tokens: int, rope_delta: int) -> decode.Prefix:
+        return decode.Prefix(kv=kv, tokens=tokens, rope_delta=rope_delta)
 
-        `cache` may be a live cache holding exactly `history` (conversations continue in place); otherwise
-        one is built over `kv`, which is never written.
+    def state_prefix(self, state: ImageState) -> decode.Prefix:
+        return decode.Prefix(kv=state.kv, tokens=state.num_tokens, rope_delta=_delta(state))
+
+    def batch(self) -> decode.Batch:
+        """An empty batch of rows on this engine's model: what every question decodes in."""
+        return decode.Batch(self.model, self.family.positions, self.eos_ids, self.device, self.dtype, runner=self.runner)
+
+    def stream_ids(self, prefix: decode.Prefix, history: torch.Tensor, new_ids: torch.Tensor,
+                   options: GenerationOptions, batch: decode.Batch | None = None) -> Iterator[Delta]:
+        """Generate after `history` (whose state is `prefix`) and `new_ids`; stream Deltas, the last with the Answer.
+
+        `batch` may be a live batch whose row 0 holds exactly `history` (conversations continue in place);
+        otherwise a row is made from `prefix`, which is never written.
         """
         options.check()
         start = time.perf_counter()
         text = TextAssembler(self.processor.tokenizer)
         first = None
-        for (token_id,) in self._steps(kv, history, [new_ids], rope_delta, options, cache):
+        seen = torch.cat([history[0], new_ids[0]])
+        if batch is None:
+            batch = self.batch()
+            batch.add(prefix, self.sampling(options), options.max_new_tokens, seen)
+        else:
+            batch.restart(0, self.sampling(options), options.max_new_tokens, seen)
+        for (token_id,) in decode.generate(batch, [new_ids[0]]):
+            if token_id is None:  # a broken distribution (NaN logits): nothing more can come
+                break
             first = first or time.perf_counter()
             if len(text.token_ids) + 1 == options.max_new_tokens or token_id in self.eos_ids:
                 text.token_ids.append(token_id)
                 break  # the last token goes out with the answer below
             yield Delta(text=text.add(token_id), token_id=token_id)
+        if not text.token_ids:
+            raise VlcacheError("generation failed: the model gave no valid distribution (NaN logits)")
         answer = self.answer(text.token_ids, history.shape[1], history.shape[1] + new_ids.shape[1], _Timing(start, first))
         yield Delta(text=text.rest(answer.text), token_id=text.token_ids[-1], answer=answer)
 
-    def sampler(self, options: GenerationOptions, seed_offset: int = 0) -> generate.Sampler:
-        params = generate.sampling_params(self.model.generation_config, options.temperature, options.top_p, options.seed)
+    def sampling(self, options: GenerationOptions, seed_offset: int = 0) -> decode.SamplingParams:
+        """How a row samples: the model's generation config overridden by `options`; a seed moved by `seed_offset`."""
+        params = decode.sampling_params(self.model.generation_config, options.temperature, options.top_p, options.seed)
         if params.seed is not None:
             params = _with_seed(params, params.seed + seed_offset)
-        return generate.make_sampler(params, self.device)
-
-    def _steps(self, kv, history, new_ids: list[torch.Tensor], rope_delta: int, options: GenerationOptions, cache=None,
-               seed_rows: list[int] | None = None):
-        samplers = [self.sampler(options, i) for i in (seed_rows if seed_rows is not None else range(len(new_ids)))]
-        if cache is None:
-            capacity = history.shape[1] + max(n.shape[1] for n in new_ids) + options.max_new_tokens
-            cache = generate.cache_from_kv(self.model.config, kv, batch=len(new_ids), capacity=capacity,
-                                           prefix_tokens=history.shape[1])
-        return generate.generate_steps(
-            self.model, cache, history, new_ids, rope_delta, samplers, options.max_new_tokens, self.eos_ids,
-            self.family.positions,
-        )
+        return params
 
     def answer(self, token_ids: list[int], cached: int, prompt_tokens: int, timing: "_Timing") -> Answer:
         end = time.perf_counter()
@@ -482,7 +516,7 @@ def _delta(state: ImageState) -> int:
     return int(state.rope_deltas.view(-1)[0])
 
 
-def _with_seed(params: generate.SamplingParams, seed: int) -> generate.SamplingParams:
+def _with_seed(params: decode.SamplingParams, seed: int) -> decode.SamplingParams:
     from dataclasses import replace
 
     return replace(params, seed=seed)

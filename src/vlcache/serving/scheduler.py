@@ -11,7 +11,7 @@ One thread owns the model. Each iteration it
 4. runs one decode step for every running row; finished rows leave at once and free their row.
 
 Rows about different image states (and text-only rows) share one batch: each attends to its own prefix,
-held once however many rows use it (vlcache.rows). So a new question waits at most one prefill unit and
+copied into the row's slot when it joins (vlcache.decode). So a new question waits at most one prefill unit and
 one decode step before its own prefill starts, never for someone else's answer to end.
 """
 
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import rows as batch_rows
+from .. import decode
 from ..engine import Answer, Engine, GenerationOptions, TextAssembler, _Timing
 
 log = logging.getLogger("vlcache")
@@ -56,9 +56,8 @@ class Job:
 @dataclass(eq=False)
 class _Row:
     job: Job
-    prefix: batch_rows.Prefix | None  # set when its prefill starts
-    sampler: Callable
-    seen: torch.Tensor  # ids so far, for samplers that look back (repetition penalty)
+    prefix: decode.Prefix | None  # set when its prefill starts
+    sampling: decode.SamplingParams
     text: TextAssembler
     fed: int = 0  # new ids prefilled so far
     first: float | None = None
@@ -78,7 +77,7 @@ class _Task:
 @dataclass(eq=False)
 class _Prefill:
     rows: list[_Row]
-    cache: batch_rows.RowsCache
+    batch: decode.Batch
 
 
 class Stats:
@@ -101,8 +100,8 @@ class Scheduler:
         self._waiting: deque[_Row] = deque()
         self._tasks: deque[_Task] = deque()
         self._prefill: _Prefill | None = None
-        self._running: list[_Row] = []  # row i sits in slot i of self._cache
-        self._cache: batch_rows.RowsCache | None = None
+        self._running: list[_Row] = []  # row i sits in slot i of self._batch
+        self._batch: decode.Batch | None = None
         self._prefixes: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # group -> Prefix in use
         self._tasks_turn = False
         self._thread = threading.Thread(target=self._run, name="vlcache-model", daemon=True)
@@ -182,15 +181,15 @@ class Scheduler:
         return True
 
     def _row(self, job: Job) -> _Row:
-        seen = torch.cat([job.history, job.new_ids], dim=1)
-        return _Row(job, None, self.engine.sampler(job.options), seen, TextAssembler(self.engine.processor.tokenizer))
+        job.options.check()
+        return _Row(job, None, self.engine.sampling(job.options), TextAssembler(self.engine.processor.tokenizer))
 
-    def _prefix(self, job: Job) -> batch_rows.Prefix:
-        """One Prefix object per state in use: rows on it are grouped in attention, its K/V held once."""
+    def _prefix(self, job: Job) -> decode.Prefix:
+        """One Prefix object per state in use: a state made on demand (job.kv a function) is made once."""
         prefix = self._prefixes.get(job.group)
         if prefix is None:
             kv = job.kv() if callable(job.kv) else job.kv
-            prefix = batch_rows.Prefix(kv=kv, tokens=job.history.shape[1], rope_delta=job.rope_delta)
+            prefix = decode.Prefix(kv=kv, tokens=job.history.shape[1], rope_delta=job.rope_delta)
             self._prefixes[job.group] = prefix
         return prefix
 
@@ -233,42 +232,34 @@ class Scheduler:
     def _question_unit(self) -> None:
         if self._prefill is None:
             self._prefill = self._start_prefill()
+            if self._prefill is None:
+                return
         prefill = self._prefill
-        engine = self.engine
-        device = engine.device
         # 1. This unit's tokens: everything for a group of short questions, a piece of a long one.
-        widths = [min(row.remaining, self.prefill_chunk) for row in prefill.rows]
-        width = max(widths)
-        ids = torch.zeros(len(widths), width, dtype=torch.long, device=device)
-        valid = torch.zeros(len(widths), width, dtype=torch.bool, device=device)
-        logical = torch.empty(len(widths), width, dtype=torch.long, device=device)
-        for i, (row, n) in enumerate(zip(prefill.rows, widths)):
-            ids[i, width - n:] = row.job.new_ids[0, row.fed : row.fed + n]
-            valid[i, width - n:] = True
-            start = row.prefix.tokens + row.fed
-            logical[i] = start  # left padding looks at the first real token: never at nothing
-            logical[i, width - n:] = torch.arange(start, start + n, device=device)
+        pieces = []
+        for row in prefill.rows:
+            n = min(row.remaining, self.prefill_chunk)
+            pieces.append(row.job.new_ids[0, row.fed : row.fed + n])
             row.fed += n
-        deltas = torch.tensor([[row.prefix.rope_delta] for row in prefill.rows], device=device)
-        positions = engine.family.positions(logical, logical, deltas)
-        logits = batch_rows.forward(engine.model, ids, positions, prefill.cache, logical, valid)
+        logits = prefill.batch.prefill(pieces)
         if any(row.remaining for row in prefill.rows):
             return
-        # 2. Prefilled: each row's first token; rows that go on join the running batch.
+        # 2. Prefilled: each row's first token (one transfer for all); rows that go on join the running batch.
         self._prefill = None
+        tokens, done = prefill.batch.sample(logits)
         for i, row in enumerate(prefill.rows):
-            token = self._sample(row, logits[i])
-            if token is None:
+            if tokens[i] < 0:
+                row.job.emit("error", "sampling failed: the model gave no valid distribution (NaN logits)")
                 continue
-            if self._advance(row, token):
-                self._finish(row, prefill.cache, i)
+            if self._advance(row, tokens[i], done[i]):
+                self._finish(row, prefill.batch, i)
                 continue
-            if self._cache is None:
-                self._cache = batch_rows.RowsCache(engine.model.config, device)
-            self._cache.adopt(prefill.cache, i)
+            if self._batch is None:
+                self._batch = self.engine.batch()
+            self._batch.adopt(prefill.batch, i)
             self._running.append(row)
 
-    def _start_prefill(self) -> _Prefill:
+    def _start_prefill(self) -> _Prefill | None:
         """The next rows to prefill together, first come first served, within the token budget."""
         first = self._waiting.popleft()
         chosen = [first]
@@ -283,68 +274,64 @@ class Scheduler:
                 break
             chosen.append(self._waiting.popleft())
             budget -= row.remaining
-        cache = batch_rows.RowsCache(self.engine.model.config, self.engine.device)
+        batch = self.engine.batch()
         now = time.perf_counter()
+        rows = []
         for row in chosen:
-            row.prefix = self._prefix(row.job)
-            cache.add(row.prefix)
+            # A prefix that does not fit the model's layers fails its own row, before any forward.
+            try:
+                row.prefix = self._prefix(row.job)
+                seen = torch.cat([row.job.history[0], row.job.new_ids[0]])
+                batch.add(row.prefix, row.sampling, row.job.options.max_new_tokens, seen)
+            except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+                log.warning(f"a request's state does not fit the model: {type(exc).__name__}: {exc}")
+                row.job.emit("error", f"the state does not fit this model: {type(exc).__name__}")
+                continue
+            rows.append(row)
             self.stats.queue_wait(now - row.job.submitted)
-        return _Prefill(chosen, cache)
+        return _Prefill(rows, batch) if rows else None
 
     # -- decode ----------------------------------------------------------------------------------------------
 
     def _decode(self) -> None:
-        engine, cache, running = self.engine, self._cache, self._running
-        device = engine.device
-        tokens = torch.tensor([[row.text.token_ids[-1]] for row in running], device=device)
-        logical = cache.book.next_logical()
-        deltas = torch.tensor([[row.prefix.rope_delta] for row in running], device=device)
-        positions = engine.family.positions(logical, logical, deltas)
-        logits = batch_rows.forward(engine.model, tokens, positions, cache, logical, torch.ones_like(tokens, dtype=torch.bool))
+        batch, running = self._batch, self._running
+        logits = batch.step()
         self.stats.batch_size(len(running))
+        tokens, done = batch.sample(logits)
         finished = []
         for slot, row in enumerate(running):
-            token = self._sample(row, logits[slot])
-            if token is None:
+            if tokens[slot] < 0:
+                row.job.emit("error", "sampling failed: the model gave no valid distribution (NaN logits)")
                 finished.append((slot, False))
-            elif self._advance(row, token):
+            elif self._advance(row, tokens[slot], done[slot]):
                 finished.append((slot, True))
         for slot, ok in reversed(finished):
             if ok:
-                self._finish(running[slot], cache, slot)
+                self._finish(running[slot], batch, slot)
             self._leave(slot)
 
     def _leave(self, slot: int) -> None:
-        self._cache.remove(slot)
+        self._batch.remove(slot)
         self._running[slot] = self._running[-1]
         self._running.pop()
 
     # -- rows ------------------------------------------------------------------------------------------------
 
-    def _sample(self, row: _Row, logits: torch.Tensor) -> int | None:
-        """The row's next token; a sampler that fails (NaN probabilities) fails its row alone."""
-        try:
-            return int(row.sampler(row.seen, logits.unsqueeze(0))[0])
-        except (RuntimeError, ValueError) as exc:
-            row.job.emit("error", f"sampling failed: {exc}")
-            return None
-
-    def _advance(self, row: _Row, token: int) -> bool:
-        """Record and stream a token; True when the row is done."""
+    def _advance(self, row: _Row, token: int, done: bool) -> bool:
+        """Record and stream a token; True when the row is done (`done`: end of sequence or its length limit,
+        decided on the device)."""
         row.first = row.first or time.perf_counter()
-        row.seen = torch.cat([row.seen, row.seen.new_tensor([[token]])], dim=1)
         piece = row.text.add(token)
         if piece and not row.job.cancelled.is_set():
             row.job.emit("delta", piece)
-        return (token in self.engine.eos_ids or len(row.text.token_ids) >= row.job.options.max_new_tokens
-                or row.job.cancelled.is_set())
+        return done or row.job.cancelled.is_set()
 
-    def _finish(self, row: _Row, cache: batch_rows.RowsCache | None = None, slot: int | None = None) -> None:
+    def _finish(self, row: _Row, batch: decode.Batch | None = None, slot: int | None = None) -> None:
         job, tokens = row.job, row.text.token_ids
-        if job.keep is not None and cache is not None and tokens and not job.cancelled.is_set():
+        if job.keep is not None and batch is not None and tokens and not job.cancelled.is_set():
             length = job.new_ids.shape[1] + len(tokens) - 1  # the last token never went through the model
             ids = torch.cat([job.history, job.new_ids, job.new_ids.new_tensor([tokens[:-1]])], dim=1)
-            job.keep(ids, cache.suffix_kv(slot, length), job.history.shape[1] + job.new_ids.shape[1])
+            job.keep(ids, batch.cache.suffix_kv(slot, length), job.history.shape[1] + job.new_ids.shape[1])
         prompt = job.history.shape[1] + job.new_ids.shape[1]
         answer: Answer = self.engine.answer(tokens, job.history.shape[1], prompt, _Timing(job.submitted, row.first))
         tail = row.text.rest(answer.text)
@@ -357,7 +344,7 @@ class Scheduler:
         rows = self._running + (self._prefill.rows if self._prefill else [])
         for row in rows:
             row.job.emit("error", message)
-        self._running, self._prefill, self._cache = [], None, None
+        self._running, self._prefill, self._batch = [], None, None
 
 
 def _fresh(row: _Row) -> bool:

@@ -591,7 +591,8 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
     async def health():
         return {"status": "ok", "model": model_id, "fingerprint": engine.fingerprint, "family": engine.family.name,
                 "dtype": str(engine.dtype).removeprefix("torch."), "hot_states": service.store.hot_count,
-                "hot_bytes": service.store.hot_bytes, "running": service.scheduler.running, "queued": service.scheduler.queued}
+                "hot_bytes": service.store.hot_bytes, "running": service.scheduler.running, "queued": service.scheduler.queued,
+                "decode": engine.compile_status}
 
     @app.get("/metrics")
     async def metrics():

@@ -1,0 +1,141 @@
+"""A batch of rows that decode together: the one decode path of the engine, conversations and the server.
+
+Layered like mlx-lm: RowsCache keeps the rows' state, RowSampling their sampling and stop rules, Batch runs
+forwards over them (a prefill of new tokens, then decode steps) and hands back each step's tokens with ONE
+transfer to the host. Between steps the next input ids, positions and masks are built on the device from
+what the last step left there. `Engine.ask`, `stream`, `ask_many`, conversations and the server's scheduler
+all go through a Batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from . import attention
+from .rows import Prefix, RowsCache
+from .sampling import RowSampling, SamplingParams
+
+
+class Batch:
+    def __init__(self, model, positions, eos_ids: frozenset[int], device, dtype, runner=None):
+        self.model = model
+        self.positions = positions  # the family's: (slots, logical, rope deltas [B, 1]) -> position ids
+        self.device = device
+        self.cache = RowsCache(model.config, device, dtype)
+        vocab = model.get_output_embeddings().weight.shape[0]
+        self.sampling = RowSampling(vocab, eos_ids, device)
+        self.deltas = torch.zeros(0, 1, dtype=torch.long, device=device)
+        self.last = torch.zeros(0, 1, dtype=torch.long, device=device)  # each row's last sampled token
+        self.runner = runner  # a decode.step.StepRunner for fixed-shape (compiled, graphed) steps, or None
+
+    @property
+    def rows(self) -> int:
+        return self.cache.rows
+
+    # -- rows in and out ---------------------------------------------------------------------------------------
+
+    def add(self, prefix: Prefix, params: SamplingParams, max_new_tokens: int, seen: torch.Tensor) -> int:
+        """A row continuing from `prefix`; `seen` [n] its ids so far (for the repetition penalty)."""
+        slot = self.cache.add(prefix)
+        self.sampling.add(params, max_new_tokens, seen)
+        self._reserve(slot + 1)
+        self.deltas[slot] = prefix.rope_delta
+        return slot
+
+    def restart(self, slot: int, params: SamplingParams, max_new_tokens: int, seen: torch.Tensor) -> None:
+        """New sampling for the last row (a conversation's next turn continues in the same slot)."""
+        if slot != self.rows - 1:
+            raise ValueError("only the last row can restart")
+        self.sampling.remove(slot)
+        self.sampling.add(params, max_new_tokens, seen)
+
+    def adopt(self, other: "Batch", slot: int) -> int:
+        """Move a row (prefilled elsewhere, its first token sampled) into this batch; returns its slot."""
+        mine = self.cache.adopt(other.cache, slot)
+        self.sampling.adopt(other.sampling, slot)
+        self._reserve(mine + 1)
+        self.deltas[mine] = other.deltas[slot]
+        self.last[mine] = other.last[slot]
+        return mine
+
+    def remove(self, slot: int) -> None:
+        last = self.rows - 1
+        self.cache.remove(slot)
+        self.sampling.remove(slot)
+        self.deltas[slot] = self.deltas[last]
+        self.last[slot] = self.last[last]
+
+    def _reserve(self, rows: int) -> None:
+        if rows <= self.deltas.shape[0]:
+            return
+        size = max(rows, 2 * self.deltas.shape[0], 8)
+        for name in ("deltas", "last"):
+            old = getattr(self, name)
+            new = old.new_zeros(size, 1)
+            new[: old.shape[0]] = old
+            setattr(self, name, new)
+
+    # -- forwards --------------------------------------------------------------------------------------------
+
+    def prefill(self, new_ids: list[torch.Tensor]) -> torch.Tensor:
+        """Run each row's new ids [m_i] (left-padded to the longest); the logits after the last of each [B, V]."""
+        rows = len(new_ids)
+        width = max(ids.shape[0] for ids in new_ids)
+        ids = torch.zeros(rows, width, dtype=torch.long, device=self.device)
+        logical = torch.empty(rows, width, dtype=torch.long, device=self.device)
+        counts = []
+        for i, row_ids in enumerate(new_ids):
+            n, start = row_ids.shape[0], self.cache.book.lengths[i]
+            ids[i, width - n:] = row_ids
+            logical[i] = start  # left padding looks at the first real token: never at nothing
+            logical[i, width - n:] = torch.arange(start, start + n, device=self.device)
+            counts.append(n)
+        where = self.positions(logical, logical, self.deltas[:rows])
+        return attention.forward(self.model, ids, where, self.cache, logical, counts)
+
+    def step(self) -> torch.Tensor:
+        """One decode step of every row from its last sampled token; logits [B, V]."""
+        rows = self.rows
+        if self.runner is not None:
+            logits = self.runner.step(self)
+            if logits is not None:
+                return logits
+        logical = torch.tensor(self.cache.book.next_logical(), device=self.device).unsqueeze(1)
+        where = self.positions(logical, logical, self.deltas[:rows])
+        return attention.forward(self.model, self.last[:rows], where, self.cache, logical, [1] * rows)
+
+    def sample(self, logits: torch.Tensor) -> tuple[list[int], list[bool]]:
+        """Every row's next token and whether it is done, with one transfer to the host. A token of -1: the
+        row's distribution was broken (NaN logits); it is done."""
+        tokens, done = self.sampling.sample(logits)
+        self.last[: tokens.shape[0], 0] = tokens.clamp(min=0)
+        host = torch.stack([tokens, done.long()]).tolist()
+        return host[0], [bool(d) for d in host[1]]
+
+
+def generate(batch: Batch, new_ids: list[torch.Tensor], stopped=None) -> Iterator[list[int | None]]:
+    """Prefill each row's new ids, then decode all rows together. Yields one list per step with each row's
+    token, or None for a row already finished (after its end-of-sequence token, which is yielded, or its
+    length limit). `stopped(row)` lets a caller end a row early. Rows that finish keep their slot until all
+    are done (their output dropped): a batch of one request's rows, whose lengths are alike."""
+    logits = batch.prefill(new_ids)
+    rows = len(new_ids)
+    finished = [False] * rows
+    while True:
+        tokens, done = batch.sample(logits)
+        out: list[int | None] = []
+        for i in range(rows):
+            if finished[i] or tokens[i] < 0:
+                out.append(None)
+                finished[i] = True
+                continue
+            out.append(tokens[i])
+            finished[i] = done[i]
+        yield out
+        if stopped is not None:
+            finished = [f or stopped(i) for i, f in enumerate(finished)]
+        if all(finished):
+            return
+        logits = batch.step()

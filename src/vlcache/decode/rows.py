@@ -1,0 +1,407 @@
+"""A batch of independent rows: each row continues from its own prefix, in a slot of its own.
+
+Rows join and leave between forwards. A row's slot in every attention layer's buffer [rows, kv_heads,
+capacity, D] holds its prefix (an image state's K/V, copied in when the row joins) followed by its own tokens
+(question and answer so far). Copying the prefix, rather than referencing it from the attention, is what
+makes every forward one batched attention over fixed-shape buffers: no per-prefix grouping in Python, so a
+decode step has the same shapes from one token to the next and can be compiled and captured as a CUDA graph
+(docs/benchmarks.md measures the copy against the step). A row that leaves is replaced by the last one, so
+the running rows are always the first B slots.
+
+Which keys a query sees is decided from logical positions (a row's unpadded sequence index), kept per slot
+in `RowsBook.keys` (-1: empty): padding, causality and sliding windows give each row exactly what it would
+compute alone. A sliding-window layer's state holds only the last window - 1 prefix tokens; they are copied
+to the slots of their positions and the slots before them stay zero, outside every later query's window.
+
+New tokens of unequal length are padded on the left (so that every row's last column is a real token and
+logits_to_keep=1 works); padding is written after the row's real tokens, in slots marked empty, and is
+overwritten later. Linear-attention layers (Qwen3.5) keep a per-row (conv, recurrent) state in slot buffers;
+they cannot be padded into, so callers give them rows of equal length.
+
+Slots a previous row wrote past the new occupant's length are zeroed when the slot changes hands: masked
+keys still go through the matmuls, and a probability of 0 times a stale NaN is NaN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer, LinearAttentionLayer
+
+
+@dataclass(eq=False)
+class Prefix:
+    """What a row continues from: per layer (K, V) [1, kv_heads, n, D] or a linear layer's (conv, recurrent)
+    state (None, None for a fresh one), `tokens` long (sliding-window layers store only the last of them)."""
+
+    kv: list
+    tokens: int
+    rope_delta: int = 0
+
+
+CAPACITY_STEP = 256  # slots grow to the next multiple of this: few distinct shapes for compiled steps
+
+
+def bucket(rows: int) -> int:
+    """The row count a fixed-shape step runs with: 1, 2, 4, 8, 16, 32, ..."""
+    return 1 << max(rows - 1, 0).bit_length()
+
+
+def _grow(have: int, need: int, step: int) -> int:
+    """A buffer dimension's new size: as it is if it fits, else at least doubled, in multiples of `step`."""
+    if need <= have:
+        return have
+    size = max(need, 2 * have)
+    return -(-size // step) * step
+
+
+class RowsBook:
+    """Per slot: the logical position of every cache slot (-1: none), how many slots hold real tokens; and the
+    layout of the forward in progress (where its tokens go, their positions, the attention biases)."""
+
+    def __init__(self, device, windows: tuple):
+        self.device = device
+        self.windows = windows  # the model's sliding windows (None: full attention)
+        self.keys = torch.full((0, 0), -1, dtype=torch.long, device=device)
+        self.lengths: list[int] = []  # real tokens per running row (prefix included)
+        self.dirty: list[int] = []  # per slot: slots written so far (zeroed when the slot changes hands)
+        self.prefixes: list[Prefix] = []
+        # Set by begin() for the forward in progress:
+        self.batch = 0  # rows in the forward (the running rows, or a fixed bucket of them)
+        self.span = 0  # slots the layers look at
+        self.write: torch.Tensor | None = None  # [batch, L] slot each new token goes to
+        self.masks: dict = {}  # window -> additive bias [batch, 1, g*L, span] (g folded in by the attention)
+
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[1]
+
+    def longest(self) -> int:
+        return max(self.lengths, default=0)
+
+    def next_logical(self) -> list[int]:
+        """Each row's next logical position (its prefix and its real tokens before it)."""
+        return list(self.lengths)
+
+    def begin(self, logical: torch.Tensor, counts: list[int], batch: int | None = None, span: int | None = None) -> None:
+        """Lay out a forward's new tokens: `logical` [B, L] positions, `counts` real (unpadded, right-aligned)
+        tokens per row. `batch`/`span`: a fixed shape (rows beyond the running ones are idle and write nothing
+        that is read; span the whole capacity); by default the running rows and the slots in use."""
+        rows, width = logical.shape
+        batch = batch or rows
+        need = max((n + width for n in self.lengths[:rows]), default=width)
+        self.reserve(batch, need)
+        device = self.device
+        counts_t = torch.tensor(counts + [0] * (batch - rows), device=device)
+        starts = torch.tensor(self.lengths[:rows] + [0] * (batch - rows), device=device)
+        if batch > rows:
+            logical = torch.cat([logical, logical.new_zeros(batch - rows, width)])
+        column = torch.arange(width, device=device)
+        valid = column.unsqueeze(0) >= (width - counts_t).unsqueeze(1)
+        # Real tokens go right after the row's real tokens, padding after them (slots that stay marked empty).
+        order = torch.remainder(column - (width - counts_t).unsqueeze(1), width)
+        self.write = starts.unsqueeze(1) + order
+        self.keys[:batch].scatter_(1, self.write, torch.where(valid, logical, torch.full_like(logical, -1)))
+        for i in range(batch):
+            self.dirty[i] = max(self.dirty[i], (self.lengths[i] if i < rows else 0) + width)
+        for i, n in enumerate(counts):
+            self.lengths[i] += n
+        self.batch = batch
+        self.span = span or need  # every slot a row has written or writes now
+        self.masks = {window: _bias(self.keys[:batch, : self.span], logical, window) for window in self.windows}
+
+    def reserve(self, rows: int, length: int) -> bool:
+        """Room for `rows` slots of `length`; True if the buffers were reallocated."""
+        have_rows, have_len = self.keys.shape
+        while len(self.dirty) < rows:
+            self.dirty.append(0)
+        if rows <= have_rows and length <= have_len:
+            return False
+        grown = self.keys.new_full((max(_grow(have_rows, rows, 1), 4), _grow(have_len, length, CAPACITY_STEP)), -1)
+        grown[:have_rows, :have_len] = self.keys
+        self.keys = grown
+        while len(self.dirty) < grown.shape[0]:
+            self.dirty.append(0)
+        return True
+
+
+def _bias(keys: torch.Tensor, queries: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Additive float bias [B, 1, L, S]: 0 where a query may look, -inf where not. A query with nothing to look
+    at (an idle row of a fixed-shape step) looks at slot 0, never at nothing (which gives NaN)."""
+    q, k = queries.unsqueeze(-1), keys.unsqueeze(1)  # [B, L, 1], [B, 1, S]
+    allowed = (k >= 0) & (k <= q)
+    if window is not None:
+        allowed = allowed & (k > q - window)
+    first = torch.zeros_like(allowed)
+    first[..., 0] = True
+    allowed = allowed | (first & ~allowed.any(dim=-1, keepdim=True))
+    return torch.zeros(allowed.shape, device=keys.device).masked_fill(~allowed, float("-inf")).unsqueeze(1)
+
+
+class RowsLayer(DynamicLayer):
+    """An attention layer's buffers for all slots; the forward sees the first `batch` rows and `span` slots."""
+
+    def __init__(self, book: RowsBook, sliding_window: int | None = None):
+        super().__init__()
+        self.book, self.sliding_window = book, sliding_window
+        self._keys: torch.Tensor | None = None
+        self._values: torch.Tensor | None = None
+        self.is_initialized = True
+        self.keys = self.values = None
+
+    def get_seq_length(self) -> int:
+        return self.book.span
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        book = self.book
+        self.reserve(key_states, book.keys.shape[0], book.capacity)
+        rows = torch.arange(book.batch, device=key_states.device).unsqueeze(1)
+        self._keys[rows, :, book.write] = key_states.transpose(1, 2)
+        self._values[rows, :, book.write] = value_states.transpose(1, 2)
+        return self._keys[: book.batch, :, : book.span], self._values[: book.batch, :, : book.span]
+
+    def reserve(self, like: torch.Tensor, rows: int, length: int) -> None:
+        if self._keys is not None and rows <= self._keys.shape[0] and length <= self._keys.shape[2]:
+            return
+        old = self._keys.shape if self._keys is not None else (0, like.shape[1], 0, like.shape[-1])
+        shape = (max(rows, old[0]), like.shape[1], max(length, old[2]), like.shape[-1])
+        for name in ("_keys", "_values"):
+            # Zeros, not empty memory: masked slots still go through the matmuls, and 0 * NaN garbage is NaN.
+            buffer = like.new_zeros(shape)
+            if getattr(self, name) is not None:
+                buffer[: old[0], :, : old[2]] = getattr(self, name)
+            setattr(self, name, buffer)
+
+    def put(self, slot: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write [kv_heads, n, D] K/V into a slot from `start` on."""
+        n = keys.shape[-2]
+        self._keys[slot, :, start : start + n] = keys
+        self._values[slot, :, start : start + n] = values
+
+    def clear(self, slot: int, start: int, end: int) -> None:
+        if end > start:
+            self._keys[slot, :, start:end] = 0
+            self._values[slot, :, start:end] = 0
+
+    def tokens(self, slot: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A slot's K/V from `start` to `end` as fresh [1, kv_heads, n, D] tensors."""
+        return self._keys[slot : slot + 1, :, start:end].clone(), self._values[slot : slot + 1, :, start:end].clone()
+
+    def copy_slot(self, source: "RowsLayer", source_slot: int, slot: int, length: int) -> None:
+        if length:
+            self._keys[slot, :, :length] = source._keys[source_slot, :, :length]
+            self._values[slot, :, :length] = source._values[source_slot, :, :length]
+
+
+class RowsLinearLayer(LinearAttentionLayer):
+    """A linear-attention layer whose per-row states live in slot buffers; the model sees the first B."""
+
+    def bind(self, conv: torch.Tensor, recurrent: torch.Tensor, rows: int) -> None:
+        self.conv_states[0], self.recurrent_states[0] = conv[:rows], recurrent[:rows]
+        self.conv_kernel_size[0] = conv.shape[-1]
+        self.is_conv_states_initialized[0] = self.is_recurrent_states_initialized[0] = True
+        self.has_previous_state[0] = True
+
+
+class RowsCache(DynamicCache):
+    """The cache of a batch of rows with their own prefixes (see the module docstring)."""
+
+    def __init__(self, config, device, dtype: torch.dtype | None = None):
+        super().__init__(config=config)
+        text = config.get_text_config()
+        windows = {None}
+        layers = []
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, LinearAttentionLayer):
+                linear = RowsLinearLayer.__new__(RowsLinearLayer)
+                linear.__dict__.update(layer.__dict__)
+                layers.append(linear)
+                continue
+            window = getattr(layer, "sliding_window", None)
+            windows.add(window)
+            layers.append(window)
+        self.book = RowsBook(device, tuple(sorted(windows, key=lambda w: -1 if w is None else w)))
+        self.layers = [layer if isinstance(layer, RowsLinearLayer) else RowsLayer(self.book, layer) for layer in layers]
+        self._linear: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> slot buffers (conv, recurrent)
+        self._shape = (text.num_key_value_heads, getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
+        self._dtype = dtype
+
+    @property
+    def rows(self) -> int:
+        return self.book.rows
+
+    @property
+    def linear_fresh(self) -> bool:
+        """No row has a linear state yet (text-only rows before their first forward)."""
+        return not self._linear
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.book.span
+
+    def attention_layers(self):
+        return [(i, layer) for i, layer in enumerate(self.layers) if isinstance(layer, RowsLayer)]
+
+    # -- rows in and out ---------------------------------------------------------------------------------------
+
+    def add(self, prefix: Prefix) -> int:
+        """A new row starting from `prefix` (its K/V copied into the row's slot); returns its slot."""
+        slot = self.rows
+        book = self.book
+        tokens = prefix.tokens
+        self._reserve(slot + 1, tokens + 1, prefix)
+        book.prefixes.append(prefix)
+        book.lengths.append(tokens)
+        book.keys[slot] = -1
+        book.keys[slot, :tokens] = torch.arange(tokens, device=book.device)
+        for i, (a, b) in enumerate(prefix.kv):
+            layer = self.layers[i]
+            if isinstance(layer, RowsLayer):
+                stored = a.shape[-2] if a is not None else 0
+                layer.clear(slot, 0, tokens - stored)  # positions a sliding layer does not keep
+                if stored:
+                    layer.put(slot, tokens - stored, a[0], b[0])
+                layer.clear(slot, tokens, book.dirty[slot])
+            elif a is not None:
+                self._set_linear(i, slot, a[0], b[0])
+        book.dirty[slot] = tokens
+        self._bind()
+        return slot
+
+    def adopt(self, other: "RowsCache", other_slot: int) -> int:
+        """Move a row from another cache (where it was prefilled) into this one; returns its new slot."""
+        prefix, length = other.book.prefixes[other_slot], other.book.lengths[other_slot]
+        slot = self.rows
+        book = self.book
+        self._reserve(slot + 1, length + 1, like=other)
+        book.prefixes.append(prefix)
+        book.lengths.append(length)
+        book.keys[slot] = -1
+        book.keys[slot, :length] = other.book.keys[other_slot, :length]
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, RowsLayer):
+                layer.copy_slot(other.layers[i], other_slot, slot, length)
+                layer.clear(slot, length, book.dirty[slot])
+            else:
+                conv, recurrent = other.layers[i].conv_states[0], other.layers[i].recurrent_states[0]
+                self._set_linear(i, slot, conv[other_slot], recurrent[other_slot])
+        book.dirty[slot] = length
+        self._bind()
+        return slot
+
+    def remove(self, slot: int) -> None:
+        """Drop a row; the last row moves into its slot (so the running rows stay the first B slots)."""
+        last = self.rows - 1
+        book = self.book
+        if slot != last:
+            length = book.lengths[last]
+            book.keys[slot] = book.keys[last]
+            book.lengths[slot], book.prefixes[slot] = length, book.prefixes[last]
+            for i, layer in enumerate(self.layers):
+                if isinstance(layer, RowsLayer):
+                    layer.copy_slot(layer, last, slot, length)
+                    layer.clear(slot, length, book.dirty[slot])
+                elif i in self._linear:
+                    for buffer in self._linear[i]:
+                        buffer[slot] = buffer[last]
+            book.dirty[slot] = length
+        book.keys[last] = -1
+        book.lengths.pop()
+        book.prefixes.pop()
+        self._bind()
+
+    def truncate(self, slot: int, length: int) -> None:
+        """Cut a row back to its first `length` tokens (attention layers; linear states are restored apart)."""
+        book = self.book
+        book.keys[slot, length:] = -1
+        book.lengths[slot] = length
+
+    def set_linear_states(self, slot: int, states: list) -> None:
+        """Give a row the (conv, recurrent) states [1, ...] of the linear layers, in layer order."""
+        linear = iter(states)
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, RowsLinearLayer):
+                conv, recurrent = next(linear)
+                if conv is not None:
+                    self._set_linear(i, slot, conv[0], recurrent[0])
+        self._bind()
+
+    def row_state(self, slot: int, start: int = 0, length: int | None = None) -> list:
+        """A row's state per layer: K/V [1, kv_heads, n, D] of tokens start..start+length (all by default),
+        a sliding layer's only as far back as its window reaches; a linear layer's (conv, recurrent)."""
+        end = self.book.lengths[slot] if length is None else start + length
+        out = []
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, RowsLayer):
+                window = layer.sliding_window
+                first = max(start, end - (window - 1)) if window and start == 0 else start
+                out.append(layer.tokens(slot, first, end))
+            elif i in self._linear:
+                out.append(tuple(b[slot : slot + 1].clone() for b in self._linear[i]))
+            else:
+                out.append((None, None))
+        return out
+
+    def suffix_kv(self, slot: int, length: int) -> list:
+        """A row's first `length` tokens after its prefix, per attention layer ([1, kv_heads, length, D])."""
+        start = self.book.prefixes[slot].tokens
+        return [layer.tokens(slot, start, start + length) if isinstance(layer, RowsLayer) else (None, None)
+                for layer in self.layers]
+
+    def _reserve(self, rows: int, length: int, prefix: Prefix | None = None, like: "RowsCache | None" = None) -> None:
+        self.book.reserve(rows, length)
+        template = None
+        if prefix is not None:
+            template = next((k for k, _ in prefix.kv if k is not None and k.dim() == 4), None)
+        if like is not None:
+            template = next((layer._keys for _, layer in like.attention_layers() if layer._keys is not None), None)
+        for _, layer in self.attention_layers():
+            shape_source = template if template is not None else layer._keys
+            if shape_source is None:
+                shape_source = torch.empty(1, *self._shape[:1], 0, self._shape[1], dtype=self._dtype, device=self.book.device)
+            layer.reserve(shape_source, self.book.keys.shape[0], self.book.capacity)
+
+        for i, (conv, recurrent) in list(self._linear.items()):
+            if conv.shape[0] < self.book.keys.shape[0]:
+                self._set_linear(i, 0, conv[0], recurrent[0])  # grows the slot buffers (slot 0 rewritten as it is)
+
+    def _set_linear(self, i: int, slot: int, conv: torch.Tensor, recurrent: torch.Tensor) -> None:
+        buffers = self._linear.get(i)
+        size = self.book.keys.shape[0]
+        if buffers is None or size > buffers[0].shape[0]:
+            grown = (conv.new_zeros((size, *conv.shape)), recurrent.new_zeros((size, *recurrent.shape)))
+            if buffers is not None:
+                grown[0][: buffers[0].shape[0]] = buffers[0]
+                grown[1][: buffers[1].shape[0]] = buffers[1]
+            self._linear[i] = buffers = grown
+        buffers[0][slot].copy_(conv)
+        buffers[1][slot].copy_(recurrent)
+
+    def _bind(self, rows: int | None = None) -> None:
+        for i, (conv, recurrent) in self._linear.items():
+            self.layers[i].bind(conv, recurrent, rows or self.rows)
+
+    # -- attention ---------------------------------------------------------------------------------------------
+
+    def attend(self, query, key, value, scaling, window):
+        """query [B, Hq, L, D], key/value [B, Hkv, S, D] (each row's slots) -> [B, L, Hq, D].
+
+        transformers' eager attention, numerically: matmuls in the model dtype, softmax in float32; grouped
+        query heads folded into the query dimension so K/V are never repeated."""
+        batch, q_heads, length, dim = query.shape
+        kv_heads = key.shape[1]
+        groups = q_heads // kv_heads
+        scale = scaling if scaling is not None else dim**-0.5
+        q = query.reshape(batch, kv_heads, groups * length, dim)
+        bias = self.book.masks[window]
+        if groups > 1:
+            bias = bias.expand(batch, groups, length, bias.shape[-1]).reshape(batch, 1, groups * length, bias.shape[-1])
+        scores = torch.matmul(q, key.transpose(-1, -2)).float() * scale + bias
+        probs = torch.softmax(scores, dim=-1).to(value.dtype)
+        out = torch.matmul(probs, value)
+        return out.reshape(batch, q_heads, length, dim).transpose(1, 2).contiguous()

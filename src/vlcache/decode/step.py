@@ -1,0 +1,118 @@
+"""Fixed-shape decode steps, compiled with torch.compile (and captured as CUDA graphs on CUDA).
+
+A decode step of B rows runs with the rows padded to a bucket (1, 2, 4, 8, ...: decode.bucket) and over the
+whole slot capacity (which grows in steps of CAPACITY_STEP), so its shapes repeat from one token to the next
+and a step compiles once per (bucket, capacity), not per request. Rows beyond B are idle: they attend to
+one zero slot and their outputs are dropped.
+
+Backends: "inductor" (fused kernels: faster, but they round differently, so it is used only where the
+exactness probe holds for the loaded model) and, on CUDA, "cudagraphs" (the step's own kernels captured and
+replayed: the eager step's numbers at the graph's pace). Compiled artifacts go under $VLCACHE_HOME/compile,
+reused by later processes. A step that fails to compile falls back to eager with one note, never an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from .rows import bucket
+
+log = logging.getLogger("vlcache")
+
+MODES = ("auto", "on", "off")
+
+
+def compile_dir() -> Path:
+    home = os.environ.get("VLCACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "vlcache")
+    return Path(home) / "compile"
+
+
+def _forward(model, ids, positions, cache):
+    out = model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1, vlcache_rows=cache)
+    return out.logits[:, -1, :]
+
+
+class StepRunner:
+    """Runs Batch.step with fixed shapes through a compiled forward; None from step() means: use eager."""
+
+    def __init__(self, model, device, backend: str = "inductor"):
+        self.model, self.device, self.backend = model, torch.device(device), backend
+        self.failed: str | None = None  # why compiled steps stopped (then every step is eager)
+        self.shapes: set[tuple[int, int]] = set()  # (bucket, capacity) compiled so far
+        # Inductor's caches (FX graphs, kernels) under $VLCACHE_HOME: a later process reuses them.
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_dir() / "inductor"))
+        from torch import _dynamo
+
+        _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
+        options = {"dynamic": False}
+        if backend == "inductor" and self.device.type == "cuda":
+            options["mode"] = "reduce-overhead"  # inductor's kernels, replayed as CUDA graphs
+        self._compiled = torch.compile(_forward, backend=backend, **options)
+
+    def step(self, batch) -> torch.Tensor | None:
+        if self.failed:
+            return None
+        rows = batch.rows
+        size = bucket(rows)
+        cache = batch.cache
+        book = cache.book
+        logical = torch.tensor(book.next_logical(), device=batch.device).unsqueeze(1)
+        book_need = max(book.lengths) + 1
+        # 1. Room for the bucket's rows and the next token, then the layout of a fixed-shape step.
+        cache._reserve(size, book_need)
+        batch._reserve(size)
+        capacity = book.capacity
+        positions = batch.positions(
+            torch.cat([logical, logical.new_zeros(size - rows, 1)]),
+            torch.cat([logical, logical.new_zeros(size - rows, 1)]),
+            batch.deltas[:size],
+        )
+        book.begin(logical, [1] * rows, batch=size, span=capacity)
+        cache._bind(size)
+        try:
+            with torch.inference_mode():
+                logits = self._compiled(self.model, batch.last[:size], positions, cache)
+        except Exception as exc:  # noqa: BLE001 - a step that cannot compile falls back to eager, with one note
+            self.failed = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            log.warning(f"note: compiled decode step failed ({self.failed}); decoding eagerly")
+            _undo(book, rows)
+            cache._bind(rows)
+            return None
+        finally:
+            cache._bind(rows)
+        self.shapes.add((size, capacity))
+        return logits[:rows]
+
+
+def _undo(book, rows: int) -> None:
+    """Take back what begin() recorded for a step that did not run (its token goes in again, eagerly)."""
+    for i in range(rows):
+        book.lengths[i] -= 1
+        book.keys[i, book.lengths[i]] = -1
+
+
+def make_runner(model, device, mode: str, backend: str | None = None) -> StepRunner | None:
+    """The runner `mode` asks for (None: eager steps). "auto" is decided by the caller (Engine.load)."""
+    if mode == "off":
+        return None
+    device = torch.device(device)
+    return StepRunner(model, device, backend or "inductor")
+
+
+def time_steps(batch, steps: int) -> float:
+    """Median seconds of `steps` decode steps of a batch (its rows' tokens are dropped)."""
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        logits = batch.step()
+        batch.sample(logits)
+        if batch.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    times.sort()
+    return times[len(times) // 2]
