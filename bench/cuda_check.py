@@ -6,7 +6,10 @@
 For each family's tiny random checkpoint: `--dtype auto` on the GPU (bfloat16 where supported), a state cached
 on the GPU answers three questions with the token ids of transformers' generate on the GPU in the same dtype,
 a batch equals the questions alone, a 3-turn conversation equals generate on the whole conversation, and the
-state saved on the GPU loads on the CPU. With --config, time to first token cached vs uncached at the 2B size.
+state saved on the GPU loads on the CPU; then the decode step --compile auto chooses (compiled where the probe
+holds, else CUDA graphs of the eager step) gives the same tokens alone and batched. With --config, at the 2B
+size: time to first token cached vs uncached, and ms a token at batch 1, 8 and 32 with the chosen step
+against generate() eager and with a static cache (compiled).
 Prints one JSON line per check and a summary; exits 1 if any check failed.
 """
 
@@ -24,6 +27,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "bench"))
 
 SYSTEM = "You are a helpful AI assistant analyzing an image."
 QUESTIONS = ["What objects are visible in this image?", "What colors dominate the scene?", "Describe the lighting and mood."]
@@ -56,7 +60,14 @@ def check_family(kind: str, image: Path, work: Path, device: str = "cuda", dtype
     cpu = Engine.load(str(folder), device="cpu", dtype=result["dtype"])
     back = cpu.load_state(path)
     result["gpu_file_loads_on_cpu"] = back.kv[-1][0].device.type == "cpu" and back.num_tokens == state.num_tokens
-    result["ok"] = all(result[k] for k in ("single_exact", "batch_equals_alone", "chat_exact", "gpu_file_loads_on_cpu"))
+    # The decode step --compile auto picks (bench/decode.py's CPU stand-in shows why it matters on a GPU).
+    status = engine.compile_steps("auto", buckets=[1, 2, 4])
+    result["decode_step"] = f"{status['step']} ({status['reason']})"
+    result["step_single_exact"] = [engine.ask(state, q, max_new_tokens=N, temperature=0).token_ids for q in QUESTIONS] == alone
+    result["step_batch_exact"] = [a.token_ids for a in engine.ask_many(state, QUESTIONS, max_new_tokens=N, temperature=0)] == alone
+    engine.compile_steps("off")
+    result["ok"] = all(result[k] for k in ("single_exact", "batch_equals_alone", "chat_exact", "gpu_file_loads_on_cpu",
+                                            "step_single_exact", "step_batch_exact"))
     if device == "cuda" and dtype == "auto":
         result["auto_is_bf16"] = engine.dtype == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
         result["ok"] = result["ok"] and result["auto_is_bf16"]
@@ -90,10 +101,46 @@ def speed(config: Path, image: Path, work: Path) -> dict:
     state = engine.cache_image(image, system_prompt=SYSTEM)
     engine.ask(state, question, max_new_tokens=1, temperature=0)
     cached_s = sorted(engine.ask(state, question, max_new_tokens=1, temperature=0).timings["ttft_s"] for _ in range(5))[2]
-    answer = engine.ask(state, question, max_new_tokens=65, temperature=0)
+    eager = _per_token(engine, state, question)
+    status = engine.compile_steps("auto", buckets=[1, 8, 32])
+    chosen = _per_token(engine, state, question)
+    from decode import generate_steps  # bench/decode.py
+
+    ids = engine.question_ids(state.metadata.messages, question)
+    baseline = {}
+    for rows in (1, 8, 32):
+        batch_ids = torch.cat([state.input_ids, ids], dim=1).expand(rows, -1).contiguous()
+        for name, static in (("generate_eager", False), ("generate_static_compiled", True)):
+            try:
+                baseline[f"{name}_b{rows}_s"] = generate_steps(engine.model, batch_ids, 32, static)
+            except Exception as exc:  # noqa: BLE001 - reported, not fatal
+                baseline[f"{name}_b{rows}_s"] = f"{type(exc).__name__}: {exc}"[:200]
     return {"model": "Qwen3-VL-2B architecture, random weights", "dtype": str(engine.dtype).removeprefix("torch."),
             "prefix_tokens": state.num_tokens, "uncached_ttft_s": uncached_s, "cached_ttft_s": cached_s,
-            "speedup": uncached_s / cached_s, "decode_s_per_token": answer.timings["decode_s"] / (len(answer.token_ids) - 1)}
+            "speedup": uncached_s / cached_s, "eager_s_per_token": eager, "decode_step": status,
+            "chosen_s_per_token": chosen, "tokens_per_s_b32": 32 / chosen[32], **baseline}
+
+
+def _per_token(engine, state, question) -> dict:
+    """Median seconds of a decode step with 1, 8 and 32 rows on the state (after warm-up)."""
+    from vlcache import decode
+
+    ids = engine.question_ids(state.metadata.messages, question)[0]
+    out = {}
+    for rows in (1, 8, 32):
+        batch = engine.batch()
+        for _ in range(rows):
+            batch.add(engine.state_prefix(state), decode.SamplingParams(temperature=0.0), 10**6, ids)
+        batch.sample(batch.prefill([ids] * rows))
+        times = []
+        for _ in range(40):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            batch.sample(batch.step())
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        out[rows] = sorted(times[8:])[len(times[8:]) // 2]
+    return out
 
 
 def main() -> int:

@@ -93,3 +93,24 @@ def test_the_load_test_runs_and_reports_every_label(tmp_path):
         assert 0 < row["ttft_s"]["p50"] <= row["ttft_s"]["p95"]
     report = (out / "benchmarks-load.md").read_text()
     assert report.count("| before |") == 1 and report.count("| after |") == 1
+
+
+def test_the_decode_benchmark_measures_every_method(engine):
+    """bench/decode.py's measurements run on the tiny model: vlcache's step (eager and through a step runner),
+    generate() eager and with a static cache; and its report names the targets (figures not checked)."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import decode as bench_decode
+    import torch
+
+    from vlcache.decode.step import StepRunner
+
+    ids = bench_decode._prompt_ids(engine, 2).cpu()
+    assert bench_decode.vlcache_steps(engine, 2, 2) > 0
+    assert bench_decode.vlcache_steps(engine, 2, 2, StepRunner(engine.model, "cpu", "eager")) > 0
+    assert bench_decode.generate_steps(engine.model, ids, 2, static=False) > 0
+    result = {"machine": {"cpu": "x", "cores": 2, "capability": "AVX2", "native_bf16": None, "torch": torch.__version__},
+              "command": "c", "thin": {"model": "m", "threads": 1, "prompt_tokens": 5, "steps": 2, "rounds": 1,
+                                       "per_step_s": {1: {"vlcache eager": 0.02, "vlcache compiled": 0.01, "generate eager": 0.04,
+                                                          "generate static cache, compiled": "Error: no", "compile_s": 3.0}}}}
+    report = bench_decode.markdown(result)
+    assert "| 1 | 20.0 | 10.0 | 40.0 | n/a (Error: no) | 0.25 | 3 |" in report

@@ -263,3 +263,35 @@ def test_a_step_that_fails_to_compile_falls_back_to_eager_with_one_note(engine, 
         assert notes == ["note: compiled decode step failed (RuntimeError: no compiler here); decoding eagerly"]
     finally:
         engine.runner = None
+
+
+def test_the_server_decodes_through_the_compiled_step_and_reports_it(engine, tmp_path):
+    """Several clients at once (batch buckets 1-4) through traced steps: the same answers as eager, /health says
+    which step runs."""
+    import concurrent.futures
+
+    from test_server import LiveServer, image_messages
+
+    questions = [QUESTIONS[0], QUESTIONS[1], "Is it day or night?"]
+
+    def answers(live):
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            replies = list(pool.map(lambda q: live.client.chat.completions.create(
+                model="m", messages=image_messages("camera.png", q), max_tokens=N, temperature=0), questions))
+        return [r.choices[0].message.content for r in replies]
+
+    live = LiveServer(engine, tmp_path / "eager")
+    try:
+        expected = answers(live)
+        assert live.get("/health")[1]["decode"]["step"] == "eager"
+    finally:
+        live.close()
+    engine.compile_steps("on", buckets=[1, 2, 4], backend="eager")
+    live = LiveServer(engine, tmp_path / "traced")
+    try:
+        assert answers(live) == expected
+        health = live.get("/health")[1]
+        assert health["decode"]["step"] == "traced (eager backend)" and health["decode"]["buckets"] == [1, 2, 4]
+    finally:
+        live.close()
+        engine.compile_steps("off")

@@ -236,11 +236,6 @@ class RowsCache(DynamicCache):
     def rows(self) -> int:
         return self.book.rows
 
-    @property
-    def linear_fresh(self) -> bool:
-        """No row has a linear state yet (text-only rows before their first forward)."""
-        return not self._linear
-
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.book.span
 

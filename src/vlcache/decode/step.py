@@ -74,6 +74,8 @@ class StepRunner:
         )
         book.begin(logical, [1] * rows, batch=size, span=capacity)
         cache._bind(size)
+        if self.device.type == "cuda":
+            _mark_static(cache)
         try:
             with torch.inference_mode():
                 logits = self._compiled(self.model, batch.last[:size], positions, cache)
@@ -87,6 +89,19 @@ class StepRunner:
             cache._bind(rows)
         self.shapes.add((size, capacity))
         return logits[:rows]
+
+
+def _mark_static(cache) -> None:
+    """The slot buffers are written in place by every step: a CUDA graph may keep their addresses (they change
+    only when the buffers grow, which is a new capacity and so a new graph)."""
+    from torch import _dynamo
+
+    for _, layer in cache.attention_layers():
+        for buffer in (layer._keys, layer._values):
+            _dynamo.mark_static_address(buffer)
+    for buffers in cache._linear.values():
+        for buffer in buffers:
+            _dynamo.mark_static_address(buffer)
 
 
 def _undo(book, rows: int) -> None:
