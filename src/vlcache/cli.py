@@ -146,7 +146,9 @@ def add_ask_arguments(parser: argparse.ArgumentParser, max_tokens_flags: tuple[s
                             help="cache file from save_embeddings.py (omit for a text-only prompt)")
         parser.add_argument("--prompt", dest="prompts", type=lambda text: [text], required=True, help="your question")
         parser.set_defaults(prompts_file=None, image=None, sequential=False)
-    parser.add_argument("--system-prompt", default=None, help="system turn for a text-only chat (ignored with --cache)")
+    parser.add_argument("--system-prompt", default=None,
+                        help="system turn for a text-only chat (default: none) or for --image (default: "
+                             f'"{DEFAULT_SYSTEM_PROMPT}"); a cache keeps the one it was made with')
     add_generation_arguments(parser, max_tokens_flags)
 
 
