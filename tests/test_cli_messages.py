@@ -39,14 +39,18 @@ def test_a_folder_without_media_is_an_error_before_any_model_load(tmp_path, caps
     assert not out.exists()
 
 
-def test_a_text_file_given_as_a_cache_is_not_called_truncated(tmp_path, capsys):
+def test_a_text_file_given_as_a_cache_is_not_called_truncated(astronaut_state, tmp_path, capsys):
     short, longer = tmp_path / "notes.txt", tmp_path / "readme.txt"
-    short.write_text("notes\n")  # 6 bytes: shorter than a safetensors length field
+    short.write_text("notes\n")  # 6 bytes: shorter than a safetensors length field (a cache cut to 6 is "truncated")
     longer.write_text("these are my notes about the photographs\n")
     assert cli.main(["ask", "--cache", str(short), "--prompt", "x"]) == 1
-    assert err_lines(capsys) == [f"error: not a vlcache cache file: {short} (6 bytes: too short to be one)"]
+    assert err_lines(capsys) == [f"error: not a vlcache cache file: {short} (a text file)"]
     assert cli.main(["inspect", str(longer)]) == 1
     assert err_lines(capsys) == [f"error: not a vlcache cache file: {longer} (a text file)"]
+    cut = tmp_path / "cut.pt"  # the control: a real cache cut to 6 bytes is truncated
+    cut.write_bytes(astronaut_state.save(tmp_path / "whole.pt").read_bytes()[:6])
+    assert cli.main(["inspect", str(cut)]) == 1
+    assert err_lines(capsys) == [f"error: cache file is truncated: {cut}"]
     assert cli.main(["inspect", str(photo("rocket.jpg"))]) == 1  # a JPEG: binary, still foreign
     assert err_lines(capsys) == [f"error: not a vlcache cache file: {photo('rocket.jpg')} (unrecognised format)"]
 

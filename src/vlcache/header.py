@@ -131,10 +131,10 @@ def _diagnose_foreign(head: bytes, size: int, path: Path) -> str:
     if head[:1] == b"\x80":
         return (f"not a vlcache cache file: {path} looks like a Python pickle; vlcache never unpickles files. "
                 "Re-create the cache with `vlcache cache`")
-    if len(head) < 8:  # shorter than a safetensors file's length field: not a cache file cut short, nothing at all
-        return f"not a vlcache cache file: {path} ({size} bytes: too short to be one)"
-    if _is_text(head):  # a safetensors file starts with a little-endian length: its high bytes are zero
+    if _is_text(head):  # a safetensors file starts with a little-endian length, whose high bytes are zero
         return f"not a vlcache cache file: {path} (a text file)"
+    if len(head) < 8:
+        return f"cache file is truncated: {path}"
     header_len = int.from_bytes(head, "little")
     if 0 < header_len <= _MAX_HEADER_BYTES and header_len > size - 8:
         return f"cache file is truncated: {path}"
