@@ -158,7 +158,7 @@ def test_output_into_a_missing_folder_is_refused(tmp_path, capsys):
     assert not target.parent.exists()
 
 
-def test_cache_through_a_server_never_writes_over_its_input(engine, tmp_path, capsys):
+def test_through_a_server_cache_never_writes_over_its_input_and_ask_image_reports_honestly(engine, tmp_path, capsys):
     from test_server import LiveServer
 
     image = tmp_path / "rocket.jpg"
@@ -176,6 +176,18 @@ def test_cache_through_a_server_never_writes_over_its_input(engine, tmp_path, ca
         made = tmp_path / "rocket.pt"  # the control: a fresh name in a folder that exists is written
         assert cli.main(["cache", str(image), "--output", str(made), "--server", live.url]) == 0
         assert made.stat().st_size > 0
+        # ask --image through the server: computed there for this question (none cached), then found (cached).
+        asks = ["ask", "--image", str(photo("chelsea.png")), "--prompt", "What is this?", "--server", live.url, *GREEDY,
+                "--json"]
+        for expect_cached in (False, True):
+            assert cli.main(asks) == 0
+            captured = capsys.readouterr()
+            answer, report = json.loads(captured.out), re.fullmatch(REPORT, captured.err.splitlines()[-1])
+            assert report, captured.err
+            if expect_cached:
+                assert answer["cached_tokens"] > 0 and report.group(3) == f"{answer['cached_tokens']} cached"
+            else:
+                assert answer["cached_tokens"] == 0 and report.group(3).startswith("none cached: the image was processed")
     finally:
         live.close()
 
