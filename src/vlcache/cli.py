@@ -100,11 +100,11 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT, help=f'default: "{DEFAULT_SYSTEM_PROMPT}"')
     add_model_arguments(parser, "model id or local folder (default: $VLCACHE_MODEL or Qwen/Qwen3-VL-2B-Instruct)",
                         AUTO_DTYPE_HELP)
-    parser.add_argument("--max-pixels", type=positive_int, default=None,
+    parser.add_argument("--max-pixels", metavar="N", type=positive_int, default=None,
                         help="downscale larger images and video frames to this many pixels")
-    parser.add_argument("--fps", type=positive_float, default=None,
+    parser.add_argument("--fps", metavar="F", type=positive_float, default=None,
                         help="video frames sampled per second (default: the model's video processor's, e.g. 2)")
-    parser.add_argument("--max-frames", type=positive_int, default=None,
+    parser.add_argument("--max-frames", metavar="N", type=positive_int, default=None,
                         help="at most this many frames per video (default: the video processor's limit)")
     add_server_argument(parser, "compute the state on a running `vlcache serve` at URL and save it here (default: "
                                 "$VLCACHE_SERVER; unset: load the model in this process)")
@@ -112,13 +112,13 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser, max_tokens_flags: tuple[str, ...]) -> None:
-    parser.add_argument(*max_tokens_flags, dest="max_new_tokens", type=positive_int, default=DEFAULT_MAX_NEW_TOKENS,
-                        help=f"default: {DEFAULT_MAX_NEW_TOKENS}")
-    parser.add_argument("--temperature", type=non_negative_float, default=None, help="0 = greedy (default: the model's generation config)")
-    parser.add_argument("--top-p", type=probability, default=None,
+    parser.add_argument(*max_tokens_flags, dest="max_new_tokens", metavar="N", type=positive_int, default=DEFAULT_MAX_NEW_TOKENS,
+                        help=f"most tokens to generate (default: {DEFAULT_MAX_NEW_TOKENS})")
+    parser.add_argument("--temperature", metavar="T", type=non_negative_float, default=None, help="0 = greedy (default: the model's generation config)")
+    parser.add_argument("--top-p", metavar="P", type=probability, default=None,
                         help="nucleus sampling: sample from the most likely tokens up to this probability mass, in (0, 1] "
                              "(default: the model's generation config)")
-    parser.add_argument("--seed", type=int, default=None, help="seed for sampling, for repeatable answers")
+    parser.add_argument("--seed", metavar="S", type=int, default=None, help="seed for sampling, for repeatable answers")
     add_model_arguments(parser, "model id or local folder (default: the model recorded in the cache)",
                         f"the cache's own; without a cache {AUTO_DTYPE_HELP}")
     parser.add_argument("--json", action="store_true", help="print one JSON object per answer instead of the text")
@@ -134,11 +134,11 @@ def add_server_argument(parser: argparse.ArgumentParser, help_text: str) -> None
 def add_ask_arguments(parser: argparse.ArgumentParser, max_tokens_flags: tuple[str, ...], many: bool = False) -> None:
     """`many`: --cache and --prompt repeat (vlcache ask); otherwise one of each (the guide's script)."""
     if many:
-        parser.add_argument("--cache", dest="caches", action="append", default=None,
+        parser.add_argument("--cache", dest="caches", action="append", metavar="PATH", default=None,
                             help="cache file or folder of caches; repeat for several (omit for a text-only chat)")
-        parser.add_argument("--prompt", dest="prompts", action="append", default=None, help="a question; repeat for several")
-        parser.add_argument("--prompts-file", default=None, help="a file of questions, one a line")
-        parser.add_argument("--image", default=None,
+        parser.add_argument("--prompt", dest="prompts", action="append", metavar="TEXT", default=None, help="a question; repeat for several")
+        parser.add_argument("--prompts-file", metavar="FILE", default=None, help="a file of questions, one a line")
+        parser.add_argument("--image", default=None, metavar="PATH",
                             help="ask about an image without a cache file (processes it now: the uncached path)")
         parser.add_argument("--sequential", action="store_true", help="answer several questions one by one, not as a batch")
     else:
@@ -146,7 +146,7 @@ def add_ask_arguments(parser: argparse.ArgumentParser, max_tokens_flags: tuple[s
                             help="cache file from save_embeddings.py (omit for a text-only prompt)")
         parser.add_argument("--prompt", dest="prompts", type=lambda text: [text], required=True, help="your question")
         parser.set_defaults(prompts_file=None, image=None, sequential=False)
-    parser.add_argument("--system-prompt", default=None,
+    parser.add_argument("--system-prompt", default=None, metavar="TEXT",
                         help="system turn for a text-only chat (default: none) or for --image (default: "
                              f'"{DEFAULT_SYSTEM_PROMPT}"); a cache keeps the one it was made with')
     add_generation_arguments(parser, max_tokens_flags)
@@ -163,16 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("images", nargs="+", metavar="MEDIA",
                        help="image and video files (.mp4, .webm, .mov, ...); with --output-dir also folders or globs")
     where = cache.add_mutually_exclusive_group(required=True)
-    where.add_argument("--output", "-o", help="cache file to write: ONE state holding all the inputs, in order, in one "
+    where.add_argument("--output", "-o", metavar="PATH", help="cache file to write: ONE state holding all the inputs, in order, in one "
                                               "user turn (safetensors, any name; its folder must exist)")
-    where.add_argument("--output-dir", "-d", help="folder for one cache per input, named <stem>_cache.pt (created if needed)")
+    where.add_argument("--output-dir", "-d", metavar="DIR", help="folder for one cache per input, named <stem>_cache.pt (created if needed)")
     add_cache_arguments(cache)
     cache.add_argument("--force", action="store_true", help="re-cache images whose cache is up to date")
     cache.add_argument("--progress", action="store_true", help="show the progress bar even when stderr is not a terminal")
     cache.add_argument("--ray", action="store_true",
                        help="with --output-dir: cache on a Ray cluster ($RAY_ADDRESS, or a local one started for the call); "
                             "states get content-addressed names and a manifest.json")
-    cache.add_argument("--workers", type=positive_int, default=1, help="with --ray: model copies (actors) at once (default: 1)")
+    cache.add_argument("--workers", metavar="N", type=positive_int, default=1, help="with --ray: model copies (actors) at once (default: 1)")
     cache.set_defaults(run=run_cache)
 
     ask = sub.add_parser("ask", help="answer prompts from cache files (or text-only without --cache)")
@@ -180,39 +180,39 @@ def build_parser() -> argparse.ArgumentParser:
     ask.set_defaults(run=run_ask)
 
     chat = sub.add_parser("chat", help="a conversation about a cached image (reads stdin; /reset, /save PATH)")
-    chat.add_argument("--cache", required=True, help="cache file (an image or a saved conversation)")
+    chat.add_argument("--cache", required=True, metavar="PATH", help="cache file (an image or a saved conversation)")
     add_generation_arguments(chat, ("--max-new-tokens", "--max_new_tokens"))
     chat.set_defaults(run=run_chat)
 
     serve = sub.add_parser("serve", help="an OpenAI-compatible server that reuses image states automatically")
     add_model_arguments(serve, "model id or local folder (default: $VLCACHE_MODEL or Qwen/Qwen3-VL-2B-Instruct)",
                         AUTO_DTYPE_HELP)
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
-    serve.add_argument("--port", type=port_number, default=8000, help="port to listen on (default: 8000)")
-    serve.add_argument("--cache-dir", default=None,
+    serve.add_argument("--host", metavar="HOST", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    serve.add_argument("--port", metavar="PORT", type=port_number, default=8000, help="port to listen on (default: 8000)")
+    serve.add_argument("--cache-dir", metavar="DIR", default=None,
                        help=f"folder or URL where states are written (default: $VLCACHE_HOME/states, now {paths.states_dir()})")
-    serve.add_argument("--memory-budget", type=byte_size, default=byte_size("4GiB"), help="bytes of states kept in memory (default: 4GiB)")
+    serve.add_argument("--memory-budget", metavar="SIZE", type=byte_size, default=byte_size("4GiB"), help="bytes of states kept in memory (default: 4GiB)")
     serve.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image and video URLs")
     serve.add_argument("--allow-private-urls", action="store_true",
                        help="with --allow-remote-images: also private, loopback and link-local addresses")
-    serve.add_argument("--max-image-pixels", type=positive_int, default=25_000_000,
+    serve.add_argument("--max-image-pixels", metavar="N", type=positive_int, default=25_000_000,
                        help="refuse images and video frames declaring more pixels, before decoding them (default: 25000000)")
-    serve.add_argument("--fps", type=positive_float, default=None,
+    serve.add_argument("--fps", metavar="F", type=positive_float, default=None,
                        help="video frames sampled per second (default: the model's video processor's, e.g. 2)")
-    serve.add_argument("--max-frames", type=positive_int, default=None,
+    serve.add_argument("--max-frames", metavar="N", type=positive_int, default=None,
                        help="at most this many frames per video (default: the video processor's limit)")
     serve.add_argument("--allow-local-files", default=None, metavar="DIR", help="allow image and video paths under DIR")
-    serve.add_argument("--max-body", type=byte_size, default=byte_size("32MiB"), help="largest request body (default: 32MiB)")
-    serve.add_argument("--max-batch", type=positive_int, default=16, help="most requests decoded together (default: 16)")
-    serve.add_argument("--max-queue", type=non_negative_int, default=64,
+    serve.add_argument("--max-body", metavar="SIZE", type=byte_size, default=byte_size("32MiB"), help="largest request body (default: 32MiB)")
+    serve.add_argument("--max-batch", metavar="N", type=positive_int, default=16, help="most requests decoded together (default: 16)")
+    serve.add_argument("--max-queue", metavar="N", type=non_negative_int, default=64,
                        help="requests that may wait beyond the batch; more get 429 (default: 64)")
-    serve.add_argument("--prefill-chunk", type=positive_int, default=256,
+    serve.add_argument("--prefill-chunk", metavar="N", type=positive_int, default=256,
                        help="most prefill tokens between two decode steps (default: 256)")
-    serve.add_argument("--max-state-bytes", type=byte_size, default=byte_size("16GiB"),
+    serve.add_argument("--max-state-bytes", metavar="SIZE", type=byte_size, default=byte_size("16GiB"),
                        help="largest cache file a client (--server) may upload (default: 16GiB)")
     serve.add_argument("--ray", action="store_true",
                        help="run --replicas copies under Ray Serve ($RAY_ADDRESS or a local Ray), routed by image")
-    serve.add_argument("--replicas", type=positive_int, default=2, help="with --ray: server replicas (default: 2)")
+    serve.add_argument("--replicas", metavar="N", type=positive_int, default=2, help="with --ray: server replicas (default: 2)")
     serve.add_argument("--detach", action="store_true",
                        help=f"run in the background; pid, URL and log go to $VLCACHE_HOME/serve.json (now {paths.run_file()}); "
                             "`vlcache stop` ends it")
