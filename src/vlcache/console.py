@@ -151,6 +151,8 @@ def chat_loop(ask: Callable[[str], None], reset: Callable[[], None], save: Calla
                 raise VlcacheError(f"unknown command {text.split()[0]}; use /reset, /save PATH or /quit")
             else:
                 ask(text)
+        except BrokenPipeError:
+            raise  # stdout's reader is gone: the command ends (quietly), not the turn
         except (VlcacheError, OSError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             failed += 1
