@@ -135,6 +135,14 @@ def test_an_unknown_flag_after_a_command_prints_that_commands_usage(command, cap
     assert err[-1] == f"vlcache {command}: error: unrecognized arguments: --frobnicate"
 
 
+def test_an_unknown_flag_before_the_command_prints_vlcaches_usage(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--frobnicate", "ask", "--prompt", "x"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("usage: vlcache [-h]") and err[-1] == "vlcache: error: unrecognized arguments: --frobnicate"
+
+
 def test_vlcache_home_decides_every_file_vlcache_keeps(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("VLCACHE_HOME", str(tmp_path / "home"))
     assert paths.states_dir() == tmp_path / "home" / "states"

@@ -717,8 +717,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
-    if unknown:  # after a command: that command's usage, which lists what it takes
-        getattr(args, "subparser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
+    if unknown:  # after a command's name: that command's usage, which lists what it takes; before it: vlcache's
+        named_at = argv.index(args.command) if args.command in argv else len(argv)
+        before = any(flag in argv[:named_at] for flag in unknown)
+        (parser if before else args.subparser).error(f"unrecognized arguments: {' '.join(unknown)}")
     args.argv = argv  # serve --detach starts the same command line in the background
     problem = usage_problem(args)
     if problem:
