@@ -112,9 +112,11 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser, max_tokens_flags: tuple[str, ...]) -> None:
-    parser.add_argument(*max_tokens_flags, dest="max_new_tokens", metavar="N", type=positive_int, default=DEFAULT_MAX_NEW_TOKENS,
+    parser.add_argument(*max_tokens_flags, dest="max_new_tokens", metavar="N", type=positive_int,
+                        default=DEFAULT_MAX_NEW_TOKENS,
                         help=f"most tokens to generate (default: {DEFAULT_MAX_NEW_TOKENS})")
-    parser.add_argument("--temperature", metavar="T", type=non_negative_float, default=None, help="0 = greedy (default: the model's generation config)")
+    parser.add_argument("--temperature", metavar="T", type=non_negative_float, default=None,
+                        help="0 = greedy (default: the model's generation config)")
     parser.add_argument("--top-p", metavar="P", type=probability, default=None,
                         help="nucleus sampling: sample from the most likely tokens up to this probability mass, in (0, 1] "
                              "(default: the model's generation config)")
@@ -136,7 +138,8 @@ def add_ask_arguments(parser: argparse.ArgumentParser, max_tokens_flags: tuple[s
     if many:
         parser.add_argument("--cache", dest="caches", action="append", metavar="PATH", default=None,
                             help="cache file or folder of caches; repeat for several (omit for a text-only chat)")
-        parser.add_argument("--prompt", dest="prompts", action="append", metavar="TEXT", default=None, help="a question; repeat for several")
+        parser.add_argument("--prompt", dest="prompts", action="append", metavar="TEXT", default=None,
+                            help="a question; repeat for several")
         parser.add_argument("--prompts-file", metavar="FILE", default=None, help="a file of questions, one a line")
         parser.add_argument("--image", default=None, metavar="PATH",
                             help="ask about an image without a cache file (processes it now: the uncached path)")
@@ -163,16 +166,19 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("images", nargs="+", metavar="MEDIA",
                        help="image and video files (.mp4, .webm, .mov, ...); with --output-dir also folders or globs")
     where = cache.add_mutually_exclusive_group(required=True)
-    where.add_argument("--output", "-o", metavar="PATH", help="cache file to write: ONE state holding all the inputs, in order, in one "
+    where.add_argument("--output", "-o", metavar="PATH",
+                       help="cache file to write: ONE state holding all the inputs, in order, in one "
                                               "user turn (safetensors, any name; its folder must exist)")
-    where.add_argument("--output-dir", "-d", metavar="DIR", help="folder for one cache per input, named <stem>_cache.pt (created if needed)")
+    where.add_argument("--output-dir", "-d", metavar="DIR",
+                       help="folder for one cache per input, named <stem>_cache.pt (created if needed)")
     add_cache_arguments(cache)
     cache.add_argument("--force", action="store_true", help="re-cache images whose cache is up to date")
     cache.add_argument("--progress", action="store_true", help="show the progress bar even when stderr is not a terminal")
     cache.add_argument("--ray", action="store_true",
                        help="with --output-dir: cache on a Ray cluster ($RAY_ADDRESS, or a local one started for the call); "
                             "states get content-addressed names and a manifest.json")
-    cache.add_argument("--workers", metavar="N", type=positive_int, default=1, help="with --ray: model copies (actors) at once (default: 1)")
+    cache.add_argument("--workers", metavar="N", type=positive_int, default=1,
+                       help="with --ray: model copies (actors) at once (default: 1)")
     cache.set_defaults(run=run_cache)
 
     ask = sub.add_parser("ask", help="answer prompts from cache files (or text-only without --cache)")
@@ -187,11 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="an OpenAI-compatible server that reuses image states automatically")
     add_model_arguments(serve, "model id or local folder (default: $VLCACHE_MODEL or Qwen/Qwen3-VL-2B-Instruct)",
                         AUTO_DTYPE_HELP)
-    serve.add_argument("--host", metavar="HOST", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    serve.add_argument("--host", metavar="HOST", default="127.0.0.1",
+                       help="address to listen on (default: 127.0.0.1, this machine only)")
     serve.add_argument("--port", metavar="PORT", type=port_number, default=8000, help="port to listen on (default: 8000)")
     serve.add_argument("--cache-dir", metavar="DIR", default=None,
                        help=f"folder or URL where states are written (default: $VLCACHE_HOME/states, now {paths.states_dir()})")
-    serve.add_argument("--memory-budget", metavar="SIZE", type=byte_size, default=byte_size("4GiB"), help="bytes of states kept in memory (default: 4GiB)")
+    serve.add_argument("--memory-budget", metavar="SIZE", type=byte_size, default=byte_size("4GiB"),
+                       help="bytes of states kept in memory (default: 4GiB)")
     serve.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image and video URLs")
     serve.add_argument("--allow-private-urls", action="store_true",
                        help="with --allow-remote-images: also private, loopback and link-local addresses")
@@ -202,8 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-frames", metavar="N", type=positive_int, default=None,
                        help="at most this many frames per video (default: the video processor's limit)")
     serve.add_argument("--allow-local-files", default=None, metavar="DIR", help="allow image and video paths under DIR")
-    serve.add_argument("--max-body", metavar="SIZE", type=byte_size, default=byte_size("32MiB"), help="largest request body (default: 32MiB)")
-    serve.add_argument("--max-batch", metavar="N", type=positive_int, default=16, help="most requests decoded together (default: 16)")
+    serve.add_argument("--max-body", metavar="SIZE", type=byte_size, default=byte_size("32MiB"),
+                       help="largest request body (default: 32MiB)")
+    serve.add_argument("--max-batch", metavar="N", type=positive_int, default=16,
+                       help="most requests decoded together (default: 16)")
     serve.add_argument("--max-queue", metavar="N", type=non_negative_int, default=64,
                        help="requests that may wait beyond the batch; more get 429 (default: 64)")
     serve.add_argument("--prefill-chunk", metavar="N", type=positive_int, default=256,
@@ -233,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print one JSON object: the metadata, file and KV bytes")
     inspect.set_defaults(run=run_inspect)
 
-    for name, p in sub.choices.items():  # flags every command takes after its name; its own usage on an error
+    for p in sub.choices.values():  # flags every command takes after its name; its own usage on an error
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
         p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
         p.set_defaults(subparser=p)

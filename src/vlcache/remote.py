@@ -121,7 +121,7 @@ def cache(args: argparse.Namespace, url: str) -> int:
         raise UsageError("--server takes --output (one state); run without --server for --output-dir")
     if args.max_pixels or args.fps or args.max_frames:
         raise UsageError("--max-pixels, --fps and --max-frames are the server's settings (vlcache serve --fps ...); "
-                             "drop them with --server")
+                         "drop them with --server")
     for source in args.images:
         if not Path(source).is_file():
             raise VlcacheError(f"not found: {source}")
@@ -134,7 +134,7 @@ def cache(args: argparse.Namespace, url: str) -> int:
     path = client.download(made["id"], output)
     frames = f"; {made['frames']} video frames" if made.get("frames") else ""
     info(f"cached {', '.join(args.images)} on {client.url}: {made['tokens']} tokens ({made['image_tokens']} media "
-              f"tokens{frames}) in {time.perf_counter() - start:.2f}s -> {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+         f"tokens{frames}) in {time.perf_counter() - start:.2f}s -> {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     return 0
 
 
