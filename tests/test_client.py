@@ -111,7 +111,7 @@ def test_chat_through_the_server_equals_a_local_conversation(engine, server, cac
 
 
 def test_cache_through_the_server_saves_the_state_here(engine, server, tmp_path):
-    out = tmp_path / "sub" / "astro.pt"
+    out = tmp_path / "astro.pt"  # into a folder that exists, as locally (a missing one is refused)
     made = run("cache", photo("astronaut.png"), "--output", out, "--server", server.url, "--system-prompt", SYSTEM)
     assert made.returncode == 0 and made.stdout == "", made.stderr
     got, want = engine.load_state(out), engine.cache_image(photo("astronaut.png"), system_prompt=SYSTEM)

@@ -207,7 +207,8 @@ def test_cli_caches_several_inputs_into_one_state(engine, tiny_model_dir, tmp_pa
     assert answer["token_ids"] == expected(engine, state, sources, fps=1)
     assert answer["cached_tokens"] == state.num_tokens
     shown = run("inspect", out)
-    assert shown.stdout.count("image:") == 2 and "video:" in shown.stdout and "4 of 32 frames at 8 fps" in shown.stdout
+    assert shown.stdout.count("image:") == 2 and "video:" in shown.stdout and "4 frames sampled, at" in shown.stdout \
+        and "from a source of 32 frames at 8 fps" in shown.stdout
 
 
 def test_cli_output_dir_makes_one_state_per_input_videos_too(tiny_model_dir, tmp_path):

@@ -15,13 +15,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import storage
+from . import paths, storage
+from .console import (UsageError, add_timings, chat_loop, check_output, check_prompt, info, print_answer, print_streamed,
+                      read_prompts)
 from .defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SYSTEM_PROMPT
 from .errors import VlcacheError
-
-
-class UsageError(VlcacheError):
-    """Arguments that parse but do not fit together: exit 2 like argparse's own errors."""
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -89,11 +87,13 @@ def byte_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, model_help: str) -> None:
+AUTO_DTYPE_HELP = "auto: what the device computes fastest"
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, model_help: str, dtype_help: str) -> None:
     parser.add_argument("--model", default=None, help=model_help)
-    parser.add_argument("--device", choices=DEVICES, default="auto", help="where to run (default: auto-detect)")
-    parser.add_argument("--dtype", choices=DTYPES, default=None,
-                        help="compute dtype (default: a cache's own; else auto: what the device computes fastest)")
+    parser.add_argument("--device", choices=DEVICES, default="auto", help="where to run (default: auto, the GPU if any)")
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help=f"compute dtype (default: {dtype_help})")
 
 
 def add_compile_argument(parser: argparse.ArgumentParser, auto: str) -> None:
@@ -103,43 +103,50 @@ def add_compile_argument(parser: argparse.ArgumentParser, auto: str) -> None:
 
 def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT, help=f'default: "{DEFAULT_SYSTEM_PROMPT}"')
-    add_model_arguments(parser, "model id or local folder (default: $VLCACHE_MODEL or Qwen/Qwen3-VL-2B-Instruct)")
-    parser.add_argument("--max-pixels", type=positive_int, default=None,
+    add_model_arguments(parser, "model id or local folder (default: $VLCACHE_MODEL or Qwen/Qwen3-VL-2B-Instruct)",
+                        AUTO_DTYPE_HELP)
+    parser.add_argument("--max-pixels", metavar="N", type=positive_int, default=None,
                         help="downscale larger images and video frames to this many pixels")
-    parser.add_argument("--fps", type=positive_float, default=None,
+    parser.add_argument("--fps", metavar="F", type=positive_float, default=None,
                         help="video frames sampled per second (default: the model's video processor's, e.g. 2)")
-    parser.add_argument("--max-frames", type=positive_int, default=None,
+    parser.add_argument("--max-frames", metavar="N", type=positive_int, default=None,
                         help="at most this many frames per video (default: the video processor's limit)")
-    add_server_argument(parser)
+    add_server_argument(parser, "compute the state on a running `vlcache serve` at URL and save it here (default: "
+                                "$VLCACHE_SERVER; unset: load the model in this process)")
     parser.set_defaults(output_dir=None, force=False, progress=False, ray=False, workers=1)
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser, max_tokens_flags: tuple[str, ...]) -> None:
-    parser.add_argument(*max_tokens_flags, dest="max_new_tokens", type=positive_int, default=DEFAULT_MAX_NEW_TOKENS,
-                        help=f"default: {DEFAULT_MAX_NEW_TOKENS}")
-    parser.add_argument("--temperature", type=non_negative_float, default=None, help="0 = greedy (default: the model's generation config)")
-    parser.add_argument("--top-p", type=probability, default=None)
-    parser.add_argument("--seed", type=int, default=None, help="seed for sampling, for repeatable answers")
-    add_model_arguments(parser, "model id or local folder (default: the model recorded in the cache)")
+    parser.add_argument(*max_tokens_flags, dest="max_new_tokens", metavar="N", type=positive_int,
+                        default=DEFAULT_MAX_NEW_TOKENS,
+                        help=f"most tokens to generate (default: {DEFAULT_MAX_NEW_TOKENS})")
+    parser.add_argument("--temperature", metavar="T", type=non_negative_float, default=None,
+                        help="0 = greedy (default: the model's generation config)")
+    parser.add_argument("--top-p", metavar="P", type=probability, default=None,
+                        help="nucleus sampling: sample from the most likely tokens up to this probability mass, in (0, 1] "
+                             "(default: the model's generation config)")
+    parser.add_argument("--seed", metavar="S", type=int, default=None, help="seed for sampling, for repeatable answers")
+    add_model_arguments(parser, "model id or local folder (default: the model recorded in the cache)",
+                        f"the cache's own; without a cache {AUTO_DTYPE_HELP}")
     parser.add_argument("--json", action="store_true", help="print one JSON object per answer instead of the text")
     parser.add_argument("--stream", action="store_true", help="print tokens as they come (default when stdout is a terminal)")
-    add_server_argument(parser)
+    add_server_argument(parser, "answer through a running `vlcache serve` at URL (default: $VLCACHE_SERVER; unset: load "
+                                "the model in this process)")
 
 
-def add_server_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--server", default=None, metavar="URL",
-                        help="answer through a running `vlcache serve` at URL (default: $VLCACHE_SERVER; unset: load the "
-                             "model in this process)")
+def add_server_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument("--server", default=None, metavar="URL", help=help_text)
 
 
 def add_ask_arguments(parser: argparse.ArgumentParser, max_tokens_flags: tuple[str, ...], many: bool = False) -> None:
     """`many`: --cache and --prompt repeat (vlcache ask); otherwise one of each (the guide's script)."""
     if many:
-        parser.add_argument("--cache", dest="caches", action="append", default=None,
+        parser.add_argument("--cache", dest="caches", action="append", metavar="PATH", default=None,
                             help="cache file or folder of caches; repeat for several (omit for a text-only chat)")
-        parser.add_argument("--prompt", dest="prompts", action="append", default=None, help="a question; repeat for several")
-        parser.add_argument("--prompts-file", default=None, help="a file of questions, one a line")
-        parser.add_argument("--image", default=None,
+        parser.add_argument("--prompt", dest="prompts", action="append", metavar="TEXT", default=None,
+                            help="a question; repeat for several")
+        parser.add_argument("--prompts-file", metavar="FILE", default=None, help="a file of questions, one a line")
+        parser.add_argument("--image", default=None, metavar="PATH",
                             help="ask about an image without a cache file (processes it now: the uncached path)")
         parser.add_argument("--sequential", action="store_true", help="answer several questions one by one, not as a batch")
     else:
@@ -147,13 +154,16 @@ def add_ask_arguments(parser: argparse.ArgumentParser, max_tokens_flags: tuple[s
                             help="cache file from save_embeddings.py (omit for a text-only prompt)")
         parser.add_argument("--prompt", dest="prompts", type=lambda text: [text], required=True, help="your question")
         parser.set_defaults(prompts_file=None, image=None, sequential=False)
-    parser.add_argument("--system-prompt", default=None, help="system turn for a text-only chat (ignored with --cache)")
+    parser.add_argument("--system-prompt", default=None, metavar="TEXT",
+                        help="system turn for a text-only chat (default: none) or for --image (default: "
+                             f'"{DEFAULT_SYSTEM_PROMPT}"); a cache keeps the one it was made with')
     add_generation_arguments(parser, max_tokens_flags)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlcache", description="Process an image once, ask it many questions.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     parser.add_argument("--version", action="version", version=f"vlcache {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -161,76 +171,94 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("images", nargs="+", metavar="MEDIA",
                        help="image and video files (.mp4, .webm, .mov, ...); with --output-dir also folders or globs")
     where = cache.add_mutually_exclusive_group(required=True)
-    where.add_argument("--output", "-o", help="cache file to write: ONE state holding all the inputs, in order, in one "
-                                              "user turn (safetensors, any name)")
-    where.add_argument("--output-dir", "-d", help="folder for one cache per input, named <stem>_cache.pt")
+    where.add_argument("--output", "-o", metavar="PATH",
+                       help="cache file to write: ONE state holding all the inputs, in order, in one "
+                                              "user turn (safetensors, any name; its folder must exist)")
+    where.add_argument("--output-dir", "-d", metavar="DIR",
+                       help="folder for one cache per input, named <stem>_cache.pt (created if needed)")
     add_cache_arguments(cache)
     cache.add_argument("--force", action="store_true", help="re-cache images whose cache is up to date")
     cache.add_argument("--progress", action="store_true", help="show the progress bar even when stderr is not a terminal")
     cache.add_argument("--ray", action="store_true",
                        help="with --output-dir: cache on a Ray cluster ($RAY_ADDRESS, or a local one started for the call); "
                             "states get content-addressed names and a manifest.json")
-    cache.add_argument("--workers", type=positive_int, default=1, help="with --ray: model copies (actors) at once (default: 1)")
-    cache.set_defaults(run=run_cache, subparser=cache)
+    cache.add_argument("--workers", metavar="N", type=positive_int, default=1,
+                       help="with --ray: model copies (actors) at once (default: 1)")
+    cache.set_defaults(run=run_cache)
 
     ask = sub.add_parser("ask", help="answer prompts from cache files (or text-only without --cache)")
     add_ask_arguments(ask, ("--max-new-tokens", "--max_new_tokens"), many=True)
     add_compile_argument(ask, "off, since one command's questions cannot pay back a compile")
-    ask.set_defaults(run=run_ask, subparser=ask)
+    ask.set_defaults(run=run_ask)
 
     chat = sub.add_parser("chat", help="a conversation about a cached image (reads stdin; /reset, /save PATH)")
-    chat.add_argument("--cache", required=True, help="cache file (an image or a saved conversation)")
+    chat.add_argument("--cache", required=True, metavar="PATH", help="cache file (an image or a saved conversation)")
     add_generation_arguments(chat, ("--max-new-tokens", "--max_new_tokens"))
     add_compile_argument(chat, "off, since one conversation cannot pay back a compile")
     chat.set_defaults(run=run_chat)
 
     serve = sub.add_parser("serve", help="an OpenAI-compatible server that reuses image states automatically")
-    add_model_arguments(serve, "model id or local folder (default: $VLCACHE_MODEL or Qwen/Qwen3-VL-2B-Instruct)")
+    add_model_arguments(serve, "model id or local folder (default: $VLCACHE_MODEL or Qwen/Qwen3-VL-2B-Instruct)",
+                        AUTO_DTYPE_HELP)
     add_compile_argument(serve, "compiled where the exactness probe holds and it measures faster, checked at start")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=port_number, default=8000)
-    serve.add_argument("--cache-dir", default=None, help="where states are written (default: ~/.cache/vlcache/states)")
-    serve.add_argument("--memory-budget", type=byte_size, default=byte_size("4GiB"), help="bytes of states kept in memory (default: 4GiB)")
+    serve.add_argument("--host", metavar="HOST", default="127.0.0.1",
+                       help="address to listen on (default: 127.0.0.1, this machine only)")
+    serve.add_argument("--port", metavar="PORT", type=port_number, default=8000, help="port to listen on (default: 8000)")
+    serve.add_argument("--cache-dir", metavar="DIR", default=None,
+                       help=f"folder or URL where states are written (default: $VLCACHE_HOME/states, now {paths.states_dir()})")
+    serve.add_argument("--memory-budget", metavar="SIZE", type=byte_size, default=byte_size("4GiB"),
+                       help="bytes of states kept in memory (default: 4GiB)")
     serve.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image and video URLs")
     serve.add_argument("--allow-private-urls", action="store_true",
                        help="with --allow-remote-images: also private, loopback and link-local addresses")
-    serve.add_argument("--max-image-pixels", type=positive_int, default=25_000_000,
+    serve.add_argument("--max-image-pixels", metavar="N", type=positive_int, default=25_000_000,
                        help="refuse images and video frames declaring more pixels, before decoding them (default: 25000000)")
-    serve.add_argument("--fps", type=positive_float, default=None,
+    serve.add_argument("--fps", metavar="F", type=positive_float, default=None,
                        help="video frames sampled per second (default: the model's video processor's, e.g. 2)")
-    serve.add_argument("--max-frames", type=positive_int, default=None,
+    serve.add_argument("--max-frames", metavar="N", type=positive_int, default=None,
                        help="at most this many frames per video (default: the video processor's limit)")
     serve.add_argument("--allow-local-files", default=None, metavar="DIR", help="allow image and video paths under DIR")
-    serve.add_argument("--max-body", type=byte_size, default=byte_size("32MiB"), help="largest request body (default: 32MiB)")
-    serve.add_argument("--max-batch", type=positive_int, default=16, help="most requests decoded together (default: 16)")
-    serve.add_argument("--max-queue", type=non_negative_int, default=64,
+    serve.add_argument("--max-body", metavar="SIZE", type=byte_size, default=byte_size("32MiB"),
+                       help="largest request body (default: 32MiB)")
+    serve.add_argument("--max-batch", metavar="N", type=positive_int, default=16,
+                       help="most requests decoded together (default: 16)")
+    serve.add_argument("--max-queue", metavar="N", type=non_negative_int, default=64,
                        help="requests that may wait beyond the batch; more get 429 (default: 64)")
-    serve.add_argument("--prefill-chunk", type=positive_int, default=256,
+    serve.add_argument("--prefill-chunk", metavar="N", type=positive_int, default=256,
                        help="most prefill tokens between two decode steps (default: 256)")
-    serve.add_argument("--max-state-bytes", type=byte_size, default=byte_size("16GiB"),
+    serve.add_argument("--max-state-bytes", metavar="SIZE", type=byte_size, default=byte_size("16GiB"),
                        help="largest cache file a client (--server) may upload (default: 16GiB)")
     serve.add_argument("--ray", action="store_true",
                        help="run --replicas copies under Ray Serve ($RAY_ADDRESS or a local Ray), routed by image")
-    serve.add_argument("--replicas", type=positive_int, default=2, help="with --ray: server replicas (default: 2)")
+    serve.add_argument("--replicas", metavar="N", type=positive_int, default=2, help="with --ray: server replicas (default: 2)")
     serve.add_argument("--detach", action="store_true",
-                       help="run in the background (pid, URL and log in ~/.cache/vlcache/serve.json); `vlcache stop` ends it")
-    serve.set_defaults(run=run_serve, subparser=serve)
+                       help=f"run in the background; pid, URL and log go to $VLCACHE_HOME/serve.json (now {paths.run_file()}); "
+                            "`vlcache stop` ends it")
+    serve.set_defaults(run=run_serve)
 
     status = sub.add_parser("status", help="whether a vlcache server is up (--server URL, $VLCACHE_SERVER, or --detach's)")
-    add_server_argument(status)
-    status.add_argument("--json", action="store_true")
+    add_server_argument(status, "the server to ask (default: $VLCACHE_SERVER; unset: the one `vlcache serve --detach` started)")
+    status.add_argument("--json", action="store_true", help="print the server's /health answer as one JSON object")
     status.set_defaults(run=run_status)
     stop = sub.add_parser("stop", help="stop the server `vlcache serve --detach` started")
+    add_server_argument(stop, "stop it only if it is the server at URL (default: whichever `vlcache serve --detach` "
+                              "started; $VLCACHE_SERVER is not read: stop never ends a server it did not start)")
+    stop.add_argument("--json", action="store_true", help="print what was stopped as one JSON object")
     stop.set_defaults(run=run_stop)
 
     inspect = sub.add_parser("inspect", help="show what a cache file holds")
-    inspect.add_argument("path")
-    inspect.add_argument("--json", action="store_true")
+    inspect.add_argument("path", metavar="PATH", help="cache file or URL (only its header is read)")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object: the metadata, file and KV bytes")
     inspect.set_defaults(run=run_inspect)
 
-    for p in (cache, ask, chat, serve, inspect, status, stop):
+    for p in sub.choices.values():  # flags every command takes after its name; its own usage on an error
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+        p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
+        p.set_defaults(subparser=p)
     return parser
+
+
+VERBOSE_HELP = "also show what libraries print (transformers' loading bar and warnings)"
 
 
 # -- commands ----------------------------------------------------------------------------------------------
@@ -269,22 +297,16 @@ def _cache_one(args: argparse.Namespace) -> int:
 
     for source in args.images:
         _check_media_arg(source)
-    output = Path(args.output)
-    if storage.is_url(args.output):
-        pass  # written with one PUT at the end; inputs are local files
-    elif output.is_dir():
-        raise VlcacheError(f"--output is a folder: {output} (name a file, or use --output-dir for many caches)")
-    elif output.exists() and any(output.resolve() == Path(p).resolve() for p in args.images):
-        raise VlcacheError(f"--output {output} is an input; refusing to write over it")
+    check_output(args.output, args.images)
     options = MediaOptions(max_pixels=args.max_pixels, fps=args.fps, max_frames=args.max_frames)
     options.check()
-    engine = _load_engine(args.model, args.device, args.dtype or "auto")
+    engine = _load_engine(args.model, args)
     start = time.perf_counter()
     state = engine.cache(args.images, system_prompt=args.system_prompt, options=options)
     path = state.save(args.output)
     size = storage.size(path) if storage.is_url(path) else Path(path).stat().st_size
     frames = sum(p.get("frames", 0) for p in state.metadata.parts)
-    _info(
+    info(
         f"cached {', '.join(args.images)}: {state.num_tokens} tokens ({state.metadata.image_tokens} {_media_words(state.metadata)} tokens"
         + (f"; {frames} video frames" if frames else "")
         + f") in {time.perf_counter() - start:.2f}s -> {path} ({size / 2**20:.1f} MiB)"
@@ -297,7 +319,8 @@ def _cache_many(args: argparse.Namespace) -> int:
 
     if not storage.is_url(args.output_dir) and Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
         raise VlcacheError(f"--output-dir is a file, not a folder: {args.output_dir}")
-    bar = tqdm(total=0, unit="image", file=sys.stderr, disable=not (args.progress or sys.stderr.isatty()))
+    unit = _inputs_unit(args.images)  # before the model loads: nothing to cache is an error, not "0 cached"
+    bar = tqdm(total=0, unit=unit, file=sys.stderr, disable=not (args.progress or sys.stderr.isatty()))
     started = False  # arguments that name nothing are reported before the count of images is known
 
     def on_start(total: int) -> None:
@@ -319,18 +342,35 @@ def _cache_many(args: argparse.Namespace) -> int:
 
         options = MediaOptions(max_pixels=args.max_pixels, fps=args.fps, max_frames=args.max_frames)
         options.check()
-        _info(f"caching on Ray with {args.workers} worker(s), each loading {args.model or default_model()}")
+        info(f"caching on Ray with {args.workers} worker(s), each loading {args.model or default_model()}")
         results = cache_on_ray(args.images, args.output_dir, args.model or default_model(), args.device,
                                args.dtype or "auto", args.system_prompt, options, args.workers, args.force,
                                on_start=on_start, on_result=on_result)
     else:
-        engine = _load_engine(args.model, args.device, args.dtype or "auto")
+        engine = _load_engine(args.model, args)
         results = engine.cache_images(args.images, args.output_dir, args.system_prompt, args.max_pixels, args.force,
                                       on_result=on_result, on_start=on_start, fps=args.fps, max_frames=args.max_frames)
     bar.close()
     counts = {status: sum(r.status == status for r in results) for status in ("cached", "skipped", "failed")}
-    _info(f"{counts['cached']} cached, {counts['skipped']} up to date (skipped), {counts['failed']} failed -> {args.output_dir}")
+    info(f"{counts['cached']} cached, {counts['skipped']} up to date (skipped), {counts['failed']} failed -> {args.output_dir}")
     return 1 if counts["failed"] else 0
+
+
+def _inputs_unit(arguments: list[str]) -> str:
+    """What the progress bar counts ("image", "video" or "file"), from the inputs expanded as the batch will.
+    Local inputs that name no image or video are an error here, before any model is loaded."""
+    from .batch import expand_images
+    from .media import kind_of
+
+    if any(storage.is_url(a) for a in arguments):
+        return "file"  # prefixes in a bucket are listed by the batch itself
+    found, missing = expand_images(arguments)
+    if not found:
+        problems = [r.error for r in missing] or [f"no images or videos in {', '.join(arguments)} (a folder contributes "
+                                                   "files ending in .jpg, .png, .webp, .mp4, .webm, .mov, ...)"]
+        raise VlcacheError("; ".join(problems))
+    kinds = {kind_of(p) for p in found}
+    return kinds.pop() if len(kinds) == 1 else "file"
 
 
 def run_ask(args: argparse.Namespace) -> int:
@@ -341,17 +381,16 @@ def run_ask(args: argparse.Namespace) -> int:
         from . import remote
 
         return remote.ask(args, url)
-    prompts = _prompts(args)
+    prompts = read_prompts(args)
     for i, text in enumerate(prompts):
-        _check_prompt(text, "--prompt" if len(prompts) == 1 else f"prompt {i + 1}")
+        check_prompt(text, "--prompt" if len(prompts) == 1 else f"prompt {i + 1}")
     caches = expand_caches(args.caches) if args.caches else []
     meta = _first_metadata(caches)
     model = args.model or (_model_named_by(meta) if meta else None)
-    dtype = args.dtype or (meta.dtype if meta else "auto")
     if args.image:
         _check_media_arg(args.image)
     start = time.perf_counter()
-    engine = _load_engine(model, args.device, dtype)
+    engine = _load_engine(model, args, meta)
     _compile_steps(engine, "off" if args.compile == "auto" else args.compile, [1])
     extra = {"model_load_s": time.perf_counter() - start}
     if args.image:  # the uncached path: process the image now, in memory
@@ -381,15 +420,15 @@ def _ask_state(engine, state, label: str, prompts: list[str], args: argparse.Nam
     """One question about one source prints (and may stream) the bare answer; otherwise one per pair."""
     options = (args.max_new_tokens, args.temperature, args.top_p, args.seed)
     if single:
-        _print_streamed(engine.stream(state, prompts[0], *options), args, extra)
+        print_streamed(engine.stream(state, prompts[0], *options), args, extra)
         return 0
     if args.sequential:
         answers = [engine.ask(state, p, *options) for p in prompts]
     else:
         answers = engine.ask_many(state, prompts, *options)
     for prompt_text, answer in zip(prompts, answers):
-        answer.timings.update(extra)
-        _print_answer(answer, args, cache=label, prompt=prompt_text)
+        add_timings(answer, extra)
+        print_answer(answer, args, cache=label, prompt=prompt_text)
     return 0
 
 
@@ -398,9 +437,9 @@ def _ask_text_only(engine, prompts: list[str], args: argparse.Namespace, extra: 
         stream = engine.stream(None, prompt_text, args.max_new_tokens, args.temperature, args.top_p, args.seed,
                                system_prompt=args.system_prompt)
         if len(prompts) == 1:
-            _print_streamed(stream, args, extra)
+            print_streamed(stream, args, extra)
         else:
-            _print_answer(_last(stream).answer, args, cache=None, prompt=prompt_text)
+            print_answer(_last(stream).answer, args, cache=None, prompt=prompt_text)
     return 0
 
 
@@ -414,101 +453,16 @@ def run_chat(args: argparse.Namespace) -> int:
     from .state import read_metadata
 
     meta = read_metadata(args.cache)
-    engine = _load_engine(args.model or _model_named_by(meta), args.device, args.dtype or meta.dtype)
+    engine = _load_engine(args.model or _model_named_by(meta), args, meta)
     _compile_steps(engine, "off" if args.compile == "auto" else args.compile, [1])
     chat = Conversation(engine, engine.load_state(args.cache))
 
     def save(target: str) -> None:
         path = chat.save(target)
-        _info(f"saved the conversation ({chat.turns} turns) to {path}")
+        info(f"saved the conversation ({chat.turns} turns) to {path}")
 
     options = (args.max_new_tokens, args.temperature, args.top_p, args.seed)
-    return chat_loop(lambda text: _print_streamed(chat.stream(text, *options), args), chat.reset, save)
-
-
-def chat_loop(ask: Callable[[str], None], reset: Callable[[], None], save: Callable[[str], None]) -> int:
-    """Read questions and /commands from stdin until it ends or /quit; a failing turn is reported and the
-    loop goes on. Exit code 1 if any turn failed."""
-    interactive = sys.stdin.isatty()
-    failed = 0
-    while True:
-        if interactive:
-            print("> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
-        if not line:
-            break
-        text = line.strip()
-        if not text:
-            continue
-        if text in ("/quit", "/exit"):
-            break
-        try:
-            if text == "/reset":
-                reset()
-                _info("conversation reset to the cached image")
-            elif text.startswith("/save"):
-                target = text[len("/save"):].strip()
-                if not target:
-                    raise VlcacheError("/save needs a path: /save PATH")
-                save(target)
-            elif text.startswith("/"):
-                raise VlcacheError(f"unknown command {text.split()[0]}; use /reset, /save PATH or /quit")
-            else:
-                ask(text)
-        except (VlcacheError, OSError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            failed += 1
-    return 1 if failed else 0
-
-
-def _prompts(args: argparse.Namespace) -> list[str]:
-    prompts = list(args.prompts or [])
-    if args.prompts_file:
-        try:
-            text = Path(args.prompts_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise VlcacheError(f"cannot read prompts file {args.prompts_file}: {exc}") from None
-        prompts += [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts:
-        raise UsageError(f"no questions in {args.prompts_file}")
-    return prompts
-
-
-def _print_streamed(stream, args: argparse.Namespace, extra: dict | None = None) -> None:
-    live = not args.json and (args.stream or sys.stdout.isatty())
-    answer = None
-    for delta in stream:
-        if live and delta.text:
-            sys.stdout.write(delta.text)
-            sys.stdout.flush()
-        answer = delta.answer or answer
-    answer.timings.update(extra or {})
-    if live:
-        print(flush=True)
-    else:
-        _print_answer(answer, args)
-    _report(answer)
-
-
-def _print_answer(answer, args: argparse.Namespace, **fields) -> None:
-    if args.json:
-        print(json.dumps({**fields, **answer.to_dict()}), flush=True)
-        return
-    if fields:
-        print(f"==> {fields['cache'] or '(text only)'} | {fields['prompt']} <==")
-        print(answer.text, end="\n\n", flush=True)
-    else:
-        print(answer.text, flush=True)
-    if fields:
-        _report(answer)
-
-
-def _report(answer) -> None:
-    t = answer.timings
-    _info(
-        f"{len(answer.token_ids)} tokens; prompt {answer.prompt_tokens} ({answer.cached_tokens} cached); "
-        f"first token {t['ttft_s']:.3f}s, total {t['total_s']:.3f}s"
-    )
+    return chat_loop(lambda text: print_streamed(chat.stream(text, *options), args), chat.reset, save)
 
 
 def _last(iterable):
@@ -522,7 +476,8 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.detach:
         from . import remote
 
-        return remote.detach(args, args.argv[args.argv.index("serve") + 1:])
+        child = args.argv[args.argv.index("serve") + 1:]
+        return remote.detach(args, child + (["--verbose"] if args.verbose and "--verbose" not in child else []))
     import uvicorn
 
     from .serving.server import create_app, server_config
@@ -530,18 +485,18 @@ def run_serve(args: argparse.Namespace) -> int:
     local = Path(args.allow_local_files) if args.allow_local_files else None
     if local is not None and not local.is_dir():
         raise VlcacheError(f"--allow-local-files: not a folder: {local}")
-    cache_dir = args.cache_dir or Path.home() / ".cache" / "vlcache" / "states"
+    cache_dir = args.cache_dir or paths.states_dir()
     cache_dir = cache_dir if storage.is_url(cache_dir) else Path(cache_dir)  # s3://bucket/prefix/: a fleet's store
     options = _serve_options(args, cache_dir, local)
     if args.ray:
         return _serve_on_ray(args, options)
-    engine = _load_engine(args.model, args.device, args.dtype or "auto")
+    engine = _load_engine(args.model, args)
     from .decode.rows import bucket
 
     buckets = sorted({bucket(n) for n in range(1, args.max_batch + 1)})
     _compile_steps(engine, args.compile, buckets)
     app = create_app(engine, options)
-    _info(f"serving {engine.model_name} on http://{args.host}:{args.port}/v1 (states in {cache_dir})")
+    info(f"serving {engine.model_name} on http://{args.host}:{args.port}/v1 (states in {cache_dir})")
     uvicorn.Server(server_config(app, args.host, args.port, log_level="warning")).run()
     return 0
 
@@ -565,8 +520,8 @@ def _serve_on_ray(args: argparse.Namespace, options) -> int:
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `vlcache stop`: Ray shuts down at exit
     model = args.model or default_model()
-    _info(f"serving {model} with {args.replicas} replicas on Ray Serve at http://{args.host}:{args.port}/v1 "
-          f"(states in {options.cache_dir})")
+    info(f"serving {model} with {args.replicas} replicas on Ray Serve at http://{args.host}:{args.port}/v1 "
+         f"(states in {options.cache_dir})")
     ray_serve.run(model, args.device, args.dtype or "auto", options, args.replicas, args.host, args.port, blocking=True)
     return 0
 
@@ -629,7 +584,8 @@ def _part_lines(meta) -> list[str]:
         line = f"{part['type'] + ':':<15}{part.get('path') or '(bytes)'} ({w}x{h}, sha256 {part['sha256'][:16]}...)"
         if part["type"] == "video":
             stamps = part.get("timestamps") or [0]
-            line += f"; {part['frames']} of {part['total_frames']} frames at {part['fps']:g} fps, {stamps[0]:g}-{stamps[-1]:g} s"
+            line += (f"; {part['frames']} frames sampled, at {stamps[0]:g}-{stamps[-1]:g} s, from a source of "
+                     f"{part['total_frames']} frames at {part['fps']:g} fps")
         lines.append(line)
     return lines
 
@@ -644,16 +600,26 @@ def _layer_summary(kinds: list) -> str:
 
 # -- plumbing ----------------------------------------------------------------------------------------------
 
-def _load_engine(model: str | None, device: str, dtype: str):
+def _load_engine(model: str | None, args: argparse.Namespace, meta=None):
+    """Load the model (--device, --dtype, else the dtype of the cache `meta` describes, else auto) with the CLI's
+    two stderr lines; transformers' own output only with --verbose."""
     from .engine import Engine
-    from .model import default_model
+    from .model import default_model, quiet_transformers
 
+    quiet_transformers(verbose=getattr(args, "verbose", False))
     name = model or default_model()
-    _info(f"loading {name} ({device}, {dtype})...")
+    dtype = args.dtype or (meta.dtype if meta is not None else "auto")
+    if args.dtype and args.dtype != "auto":
+        why = f"--dtype {args.dtype}"
+    elif not args.dtype and meta is not None:
+        why = "the cache's dtype"
+    else:
+        why = None  # --dtype auto chose: the engine says why
+    info(f"loading {name} ({args.device}, {dtype})...")
     start = time.perf_counter()
-    engine = Engine.load(name, device=device, dtype=dtype)
-    _info(f"loaded in {time.perf_counter() - start:.1f}s on {engine.device} as "
-          f"{str(engine.dtype).removeprefix('torch.')} ({engine.dtype_reason})")
+    engine = Engine.load(name, device=args.device, dtype=dtype)
+    info(f"loaded in {time.perf_counter() - start:.1f}s on {engine.device} as "
+         f"{str(engine.dtype).removeprefix('torch.')} ({why or engine.dtype_reason})")
     return engine
 
 
@@ -661,9 +627,9 @@ def _compile_steps(engine, mode: str, buckets: list[int]) -> None:
     """Choose the decode step (decode.probe) and say which, and why, on stderr."""
     if mode == "off":
         return
-    _info(f"preparing decode steps ({mode}) for {len(buckets)} batch size(s): {', '.join(map(str, buckets))}...")
+    info(f"preparing decode steps ({mode}) for {len(buckets)} batch size(s): {', '.join(map(str, buckets))}...")
     status = engine.compile_steps(mode, buckets)
-    _info(f"decode steps: {status['step']} ({status['reason']})")
+    info(f"decode steps: {status['step']} ({status['reason']})")
 
 
 def _first_metadata(caches: list):
@@ -693,15 +659,8 @@ def _model_named_by(meta) -> str:
             f"the cache was made with {meta.model}, which is not on this machine; pass --model {meta.model} to "
             "download and use it (vlcache does not download what a cache file names on its own)"
         )
-    _info(f"using {meta.model}, the model the cache names")
+    info(f"using {meta.model}, the model the cache names")
     return meta.model
-
-
-def _check_prompt(text: str, where: str) -> None:
-    """Before the model loads: text that cannot be a prompt (lone surrogates, vlcache's own marker)."""
-    from .prompt import check_plain_text
-
-    check_plain_text(text, where)
 
 
 def _check_image_arg(path: str) -> None:
@@ -719,10 +678,6 @@ def _check_media_arg(path: str) -> None:
         return _check_image_arg(path)
     data, name = video.read_video_bytes(path)
     video.probe(data, name, video.MAX_DECODE_PIXELS)
-
-
-def _info(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def _version() -> str:
@@ -747,6 +702,8 @@ def run_command(run: Callable[[argparse.Namespace], int], args: argparse.Namespa
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _reader_gone()
     except MemoryError:
         print("error: out of memory (try --max-pixels, --device cpu, or a smaller model)", file=sys.stderr)
         return 1
@@ -759,6 +716,20 @@ def run_command(run: Callable[[argparse.Namespace], int], args: argparse.Namespa
         else:
             print(f"error: unexpected {type(exc).__name__}: {message} (rerun with --debug for details)", file=sys.stderr)
         return 1
+
+
+EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a process ended by SIGPIPE, as `yes | head` ends
+
+
+def _reader_gone() -> int:
+    """stdout's reader went away (`vlcache inspect --json | head -c 100`): end quietly, as Unix tools do. Output
+    still buffered goes nowhere, so the interpreter's last flush cannot fail with another error."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout is not a real file (tests capture it)
+        pass
+    return EXIT_BROKEN_PIPE
 
 
 def _log_to_stderr() -> None:
@@ -777,7 +748,12 @@ def _log_to_stderr() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # after a command's name: that command's usage, which lists what it takes; before it: vlcache's
+        named_at = argv.index(args.command) if args.command in argv else len(argv)
+        before = any(flag in argv[:named_at] for flag in unknown)
+        (parser if before else args.subparser).error(f"unrecognized arguments: {' '.join(unknown)}")
     args.argv = argv  # serve --detach starts the same command line in the background
     problem = usage_problem(args)
     if problem:

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .answer import Answer, Delta
+from . import paths
 from .errors import ModelMismatchError, VlcacheError
 from .header import read_metadata
 
@@ -167,7 +168,7 @@ def file_digest(path: str | os.PathLike) -> str:
     $VLCACHE_HOME/file-hashes.json by path, size, inode and modification time, so a file is hashed once."""
     stat = os.stat(path)
     stamp = f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_ino}|{stat.st_mtime_ns}"
-    book = Path(os.environ.get("VLCACHE_HOME") or Path.home() / ".cache" / "vlcache") / "file-hashes.json"
+    book = paths.file_hashes_file()
     try:
         known = json.loads(book.read_text())
         known = known if isinstance(known, dict) else {}

@@ -157,12 +157,14 @@ class Engine:
         kinds = prompt.media_kinds(messages)
         if len(kinds) != len(sources):
             raise ImageError(f"the conversation has {len(kinds)} media parts but {len(sources)} sources were given")
+        text = prompt.covered_text(self.processor, messages)
+        prompt.check_video_placeholders(self.processor, text, kinds)
         images_kwargs = self.images_kwargs(options.max_pixels)
         parts = media.load_parts(sources, kinds, self.family, options, images_kwargs, max_decode_pixels, self._check_memory)
         # 2. Tokenize what the chat template puts before the question, every image and video expanded.
         try:
             inputs = self.family.prefix_inputs(
-                prompt.covered_text(self.processor, messages), [p.image for p in parts if p.kind == media.IMAGE],
+                text, [p.image for p in parts if p.kind == media.IMAGE],
                 [p.video for p in parts if p.kind == media.VIDEO], images_kwargs,
             ).to(self.device)
         except ValueError as exc:  # e.g. a video of one frame where the encoder pairs frames

@@ -131,6 +131,8 @@ def _diagnose_foreign(head: bytes, size: int, path: Path) -> str:
     if head[:1] == b"\x80":
         return (f"not a vlcache cache file: {path} looks like a Python pickle; vlcache never unpickles files. "
                 "Re-create the cache with `vlcache cache`")
+    if _is_text(head):  # a safetensors file starts with a little-endian length, whose high bytes are zero
+        return f"not a vlcache cache file: {path} (a text file)"
     if len(head) < 8:
         return f"cache file is truncated: {path}"
     header_len = int.from_bytes(head, "little")
@@ -139,6 +141,14 @@ def _diagnose_foreign(head: bytes, size: int, path: Path) -> str:
     if 0 < header_len <= min(size - 8, _MAX_HEADER_BYTES):
         return f"cache file is corrupt (unreadable header): {path}"
     return f"not a vlcache cache file: {path} (unrecognised format)"
+
+
+def _is_text(head: bytes) -> bool:
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return all(c.isprintable() or c in "\t\r\n" for c in text)
 
 
 def read_metadata(path: str | os.PathLike) -> StateMetadata:

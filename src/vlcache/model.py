@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from . import paths
 from .defaults import DEFAULT_MODEL, MODEL_ENV_VAR
 from .errors import ModelLoadError
 from .families import family_class, supported_model_types
@@ -245,8 +246,7 @@ def load(name: str, device: str = "auto", dtype: str | torch.dtype = "auto") -> 
 
 def fingerprint_cache_path() -> Path:
     """Where fingerprints are remembered: $VLCACHE_HOME/fingerprints.json (default ~/.cache/vlcache)."""
-    home = os.environ.get("VLCACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "vlcache")
-    return Path(home) / "fingerprints.json"
+    return paths.fingerprints_file()
 
 
 def checkpoint_identity(model: torch.nn.Module, files: list[Path]) -> str | None:
@@ -329,3 +329,18 @@ def fingerprint(model: torch.nn.Module) -> str:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0]
+
+
+def quiet_transformers(verbose: bool = False) -> None:
+    """What transformers itself prints: its "Loading weights" progress bar and warnings such as Qwen3.5's about
+    CUDA-only kernel packages (causal_conv1d, flash-linear-attention) that a CPU cannot use. A command shows
+    them only when verbose; the Hugging Face hub's download bars are not affected. Set for the process: the
+    kernel warnings come at the first forward, not at load."""
+    from transformers.utils import logging as hf_logging
+
+    if verbose:
+        hf_logging.set_verbosity_warning()
+        hf_logging.enable_progress_bar()
+    else:
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()

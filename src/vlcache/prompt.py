@@ -119,6 +119,17 @@ def text_after(processor, covered_messages: list[dict], messages: list[dict], ad
     return full[len(covered):]
 
 
+def check_video_placeholders(processor, text: str, kinds: list[str]) -> None:
+    """The template text of a state must hold a video placeholder for each video it is given: a chat template
+    made for images only writes none, and the processor would fail with its own count of placeholder tokens.
+    (Images are not counted: Gemma 3's template writes a begin-of-image marker, not its image token.)"""
+    token = getattr(processor, "video_token", None)
+    videos = kinds.count("video")
+    if token and videos and text.count(token) < videos:
+        raise PromptError(f"this model's chat template does not take videos (it writes no {token} for a video part); "
+                          "cache images with this model, or use one whose template takes videos")
+
+
 def question_text(processor, messages: list[dict], question: str) -> str:
     """The text a question adds after what a state of `messages` covers, up to the assistant header."""
     return text_after(processor, messages, with_question(messages, question))

@@ -1,6 +1,6 @@
 """The CLI's commands through a running server (`--server URL` or $VLCACHE_SERVER): ask, chat, cache, and
 `serve --detach` / `status` / `stop`. Nothing here imports torch or transformers; what is printed is what the
-local commands print (the same Answer objects go through the same printers in cli.py).
+local commands print (the same Answer objects go through the same printers, in console.py).
 """
 
 from __future__ import annotations
@@ -15,8 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-from . import cli
-from .client import Client, ServerError
+from . import paths
+from .client import Client, ServerError, server_url
+from .console import (UsageError, add_timings, chat_loop, check_output, check_prompt, info, print_answer, print_streamed,
+                      read_prompts)
+from .defaults import DEFAULT_SYSTEM_PROMPT
 from .errors import VlcacheError
 
 DETACH_WAIT_SECONDS = 900.0  # a first start may download and load a large model
@@ -26,25 +29,26 @@ def ask(args: argparse.Namespace, url: str) -> int:
     from .batch import expand_caches
 
     client = Client(url)
-    prompts = cli._prompts(args)
+    prompts = read_prompts(args)
     for i, text in enumerate(prompts):
-        cli._check_prompt(text, "--prompt" if len(prompts) == 1 else f"prompt {i + 1}")
+        check_prompt(text, "--prompt" if len(prompts) == 1 else f"prompt {i + 1}")
     _check_model(args, client)
     options = (args.max_new_tokens, args.temperature, args.top_p, args.seed)
-    if args.image:  # the uncached path: the server computes the state now
+    if args.image:  # the uncached path: the server computes the state now, unless it holds it already
         start = time.perf_counter()
-        key = client.cache([args.image], args.system_prompt or cli.DEFAULT_SYSTEM_PROMPT)["id"]
-        return _ask_state(client, key, args.image, prompts, args, options, {"image_prefill_s": time.perf_counter() - start},
-                          single=len(prompts) == 1)
+        made = client.cache([args.image], args.system_prompt or DEFAULT_SYSTEM_PROMPT)
+        took = time.perf_counter() - start
+        extra = {"state_lookup_s": took} if made.get("cached") else {"image_prefill_s": took}
+        return _ask_state(client, made["id"], args.image, prompts, args, options, extra, single=len(prompts) == 1)
     caches = expand_caches(args.caches) if args.caches else []
     if not caches:
         system = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
         for text in prompts:
             messages = system + [{"role": "user", "content": text}]
             if len(prompts) == 1:
-                cli._print_streamed(client.stream(None, messages, *options), args)
+                print_streamed(client.stream(None, messages, *options), args)
             else:
-                cli._print_answer(client.ask(None, messages, *options), args, cache=None, prompt=text)
+                print_answer(client.ask(None, messages, *options), args, cache=None, prompt=text)
         return 0
     failed = 0
     for cache in caches:
@@ -67,7 +71,7 @@ def _ask_state(client: Client, key: str, label: str, prompts: list[str], args, o
         return client.ask(key, [{"role": "user", "content": text}], *options)
 
     if single:
-        cli._print_streamed(client.stream(key, [{"role": "user", "content": prompts[0]}], *options), args, extra)
+        print_streamed(client.stream(key, [{"role": "user", "content": prompts[0]}], *options), args, extra)
         return 0
     if args.sequential:
         answers = [one(text) for text in prompts]
@@ -75,8 +79,8 @@ def _ask_state(client: Client, key: str, label: str, prompts: list[str], args, o
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(16, len(prompts))) as pool:
             answers = list(pool.map(one, prompts))
     for text, answer in zip(prompts, answers):
-        answer.timings.update(extra)
-        cli._print_answer(answer, args, cache=label, prompt=text)
+        add_timings(answer, extra)
+        print_answer(answer, args, cache=label, prompt=text)
     return 0
 
 
@@ -90,10 +94,10 @@ def chat(args: argparse.Namespace, url: str) -> int:
 
     def ask_turn(text: str) -> None:
         nonlocal turns
-        cli._check_prompt(text, "the question")
+        check_prompt(text, "the question")
         asked = turns + [{"role": "user", "content": text}]
         deltas: list = []
-        cli._print_streamed(_tee(client.stream(key, asked, *options), deltas), args)
+        print_streamed(_tee(client.stream(key, asked, *options), deltas), args)
         turns = asked + [{"role": "assistant", "content": deltas[-1].answer.text}]
 
     def reset() -> None:
@@ -102,7 +106,7 @@ def chat(args: argparse.Namespace, url: str) -> int:
     def save(target: str) -> None:
         raise VlcacheError("/save is not available through a server; run `vlcache chat` without --server to save")
 
-    return cli.chat_loop(ask_turn, reset, save)
+    return chat_loop(ask_turn, reset, save)
 
 
 def _tee(stream, into: list):
@@ -114,24 +118,23 @@ def _tee(stream, into: list):
 def cache(args: argparse.Namespace, url: str) -> int:
     """`vlcache cache ... --output PATH --server URL`: the media go to the server, its state comes back."""
     if args.output_dir is not None:
-        raise cli.UsageError("--server takes --output (one state); run without --server for --output-dir")
+        raise UsageError("--server takes --output (one state); run without --server for --output-dir")
     if args.max_pixels or args.fps or args.max_frames:
-        raise cli.UsageError("--max-pixels, --fps and --max-frames are the server's settings (vlcache serve --fps ...); "
-                             "drop them with --server")
-    client = Client(url)
-    _check_model(args, client)
-    output = Path(args.output)
-    if output.is_dir():
-        raise VlcacheError(f"--output is a folder: {output} (name a file)")
+        raise UsageError("--max-pixels, --fps and --max-frames are the server's settings (vlcache serve --fps ...); "
+                         "drop them with --server")
     for source in args.images:
         if not Path(source).is_file():
             raise VlcacheError(f"not found: {source}")
+    check_output(args.output, args.images)  # as locally: never over an input, only into a folder that exists
+    client = Client(url)
+    _check_model(args, client)
+    output = Path(args.output)
     start = time.perf_counter()
     made = client.cache(args.images, args.system_prompt)
     path = client.download(made["id"], output)
     frames = f"; {made['frames']} video frames" if made.get("frames") else ""
-    cli._info(f"cached {', '.join(args.images)} on {client.url}: {made['tokens']} tokens ({made['image_tokens']} media "
-              f"tokens{frames}) in {time.perf_counter() - start:.2f}s -> {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    info(f"cached {', '.join(args.images)} on {client.url}: {made['tokens']} tokens ({made['image_tokens']} media "
+         f"tokens{frames}) in {time.perf_counter() - start:.2f}s -> {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     return 0
 
 
@@ -144,15 +147,9 @@ def _check_model(args: argparse.Namespace, client: Client) -> None:
 
 # -- a server in the background ------------------------------------------------------------------------------
 
-def run_file() -> Path:
-    """Where `serve --detach` records its pid, URL and log: $VLCACHE_HOME (default ~/.cache/vlcache)/serve.json."""
-    home = Path(os.environ.get("VLCACHE_HOME") or Path.home() / ".cache" / "vlcache")
-    return home / "serve.json"
-
-
 def detach(args: argparse.Namespace, argv: list[str]) -> int:
     """Start `vlcache serve` with the same arguments in the background; return once it answers /health."""
-    record = run_file()
+    record = paths.run_file()
     known = _recorded()
     if known and _alive(known["pid"]):
         raise VlcacheError(f"a vlcache server is already running (pid {known['pid']}, {known['url']}); `vlcache stop` first")
@@ -170,7 +167,7 @@ def detach(args: argparse.Namespace, argv: list[str]) -> int:
             raise VlcacheError(f"the server exited (code {process.returncode}) before it answered; see {log}")
         try:
             health = Client(url, timeout=2).health()
-            cli._info(f"vlcache serve is up at {url} (pid {process.pid}, {health['model']}); log {log}")
+            info(f"vlcache serve is up at {url} (pid {process.pid}, {health['model']}); log {log}")
             print(url)
             return 0
         except ServerError:
@@ -179,8 +176,6 @@ def detach(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def status(args: argparse.Namespace) -> int:
-    from .client import server_url
-
     known = _recorded()
     url = server_url(args.server) or (known or {}).get("url")
     if url is None:
@@ -196,22 +191,33 @@ def status(args: argparse.Namespace) -> int:
 
 
 def stop(args: argparse.Namespace) -> int:
+    """End the server `serve --detach` started (with --server: only if it is the one at that URL)."""
     known = _recorded()
     if not known or not _alive(known["pid"]):
-        run_file().unlink(missing_ok=True)
+        paths.run_file().unlink(missing_ok=True)
         raise VlcacheError("no server started with `vlcache serve --detach` is running")
+    if args.server and not _same_server(args.server, known["url"]):
+        raise VlcacheError(f"the server at {args.server} was not started by `vlcache serve --detach` here (that one is "
+                           f"{known['url']}); vlcache stops only the server it started")
     os.kill(known["pid"], signal.SIGTERM)
     deadline = time.monotonic() + 30
     while _alive(known["pid"]) and time.monotonic() < deadline:
         time.sleep(0.2)
-    run_file().unlink(missing_ok=True)
-    cli._info(f"stopped the server at {known['url']} (pid {known['pid']})")
+    paths.run_file().unlink(missing_ok=True)
+    if args.json:
+        print(json.dumps({"stopped": True, "url": known["url"], "pid": known["pid"]}))
+    info(f"stopped the server at {known['url']} (pid {known['pid']})")
     return 0
+
+
+def _same_server(given: str, recorded: str) -> bool:
+    """URLs of one server, as the client spells them (http://127.0.0.1:8000, .../, .../v1 and 127.0.0.1:8000 agree)."""
+    return Client(given).url.lower() == Client(recorded).url.lower()
 
 
 def _recorded() -> dict | None:
     try:
-        data = json.loads(run_file().read_text())
+        data = json.loads(paths.run_file().read_text())
         return data if isinstance(data, dict) and isinstance(data.get("pid"), int) and isinstance(data.get("url"), str) else None
     except (OSError, ValueError):
         return None

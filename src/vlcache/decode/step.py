@@ -16,20 +16,14 @@ from __future__ import annotations
 import logging
 import os
 import time
-from pathlib import Path
-
 import torch
 
+from ..paths import compile_dir
 from .rows import bucket
 
 log = logging.getLogger("vlcache")
 
 MODES = ("auto", "on", "off")
-
-
-def compile_dir() -> Path:
-    home = os.environ.get("VLCACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "vlcache")
-    return Path(home) / "compile"
 
 
 def _forward(model, ids, positions, cache):
