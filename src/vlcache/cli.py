@@ -78,6 +78,14 @@ def port_number(text: str) -> int:
     return value
 
 
+def web_origin(text: str) -> str:
+    """--cors-origin: scheme://host[:port], as browsers write it in the Origin header."""
+    origin = text.rstrip("/")
+    if not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+", origin):
+        raise argparse.ArgumentTypeError(f"expected an origin like https://example.com or http://localhost:3000, got {text!r}")
+    return origin
+
+
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
@@ -201,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="most prefill tokens between two decode steps (default: 256)")
     serve.add_argument("--max-state-bytes", type=byte_size, default=byte_size("16GiB"),
                        help="largest cache file a client (--server) may upload (default: 16GiB)")
+    serve.add_argument("--no-web", action="store_true", help="no chat page at / (the API alone)")
+    serve.add_argument("--cors-origin", type=web_origin, default=None, metavar="ORIGIN",
+                       help="one other origin whose pages may call the API, e.g. https://example.com (default: none)")
     serve.add_argument("--ray", action="store_true",
                        help="run --replicas copies under Ray Serve ($RAY_ADDRESS or a local Ray), routed by image")
     serve.add_argument("--replicas", type=positive_int, default=2, help="with --ray: server replicas (default: 2)")
@@ -527,7 +538,8 @@ def run_serve(args: argparse.Namespace) -> int:
         return _serve_on_ray(args, options)
     engine = _load_engine(args.model, args.device, args.dtype or "auto")
     app = create_app(engine, options)
-    _info(f"serving {engine.model_name} on http://{args.host}:{args.port}/v1 (states in {cache_dir})")
+    _info(f"serving {engine.model_name} on http://{args.host}:{args.port}/v1 (states in {cache_dir})"
+          + ("" if args.no_web else f"; the chat page: http://{args.host}:{args.port}/"))
     uvicorn.Server(server_config(app, args.host, args.port, log_level="warning")).run()
     return 0
 
@@ -540,7 +552,8 @@ def _serve_options(args: argparse.Namespace, cache_dir, local):
                         allow_private_urls=args.allow_private_urls, max_image_pixels=args.max_image_pixels,
                         allow_local_files=local, max_body_bytes=args.max_body, max_batch=args.max_batch,
                         max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, max_state_bytes=args.max_state_bytes,
-                        media=MediaOptions(fps=args.fps, max_frames=args.max_frames))
+                        media=MediaOptions(fps=args.fps, max_frames=args.max_frames), web=not args.no_web,
+                        cors_origin=args.cors_origin)
 
 
 def _serve_on_ray(args: argparse.Namespace, options) -> int:

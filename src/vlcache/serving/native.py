@@ -6,6 +6,8 @@
   unpickled, shapes, this model's fingerprint) and kept under the sha256 of its bytes, which is returned: a
   file's metadata is its sender's word, so an upload answers only requests that name it, never one that
   looks a state up by its image (that could be another client's).
+- `GET /v1/vlcache/states`: the states the server holds that a client may ask about by id (not uploads, not
+  states of a cache_salt): kind, parts, tokens, size, last use; what the web page offers to pick from.
 - `GET /v1/vlcache/states/{id}`: a stored state's file (what `vlcache cache --server` saves).
 - `POST /v1/vlcache/cache`: images and videos (base64) and a system prompt; the state is computed (or found)
   and its id returned.
@@ -29,7 +31,7 @@ from ..errors import ImageError, VlcacheError
 from .body import json_body
 from .requests import APIError, parse_ask, parse_cache, valid_id
 from .service import Service
-from .store import UPLOADS
+from .store import UPLOADS, StoredState
 from .streaming import answer_events, collect_answer
 from .uploads import check_upload, receive_file
 
@@ -72,6 +74,11 @@ def add_native_routes(app: FastAPI, service: Service) -> None:
         service.metrics.requests.labels(endpoint=STATES, status="200").inc()
         return {"id": digest, "object": "state", "tokens": state.num_tokens}
 
+    @app.get(STATES)
+    async def list_states():
+        states = await run_in_threadpool(service.store.listing)
+        return {"object": "list", "data": [_listed(s) for s in states]}
+
     @app.get(STATES + "/{state_id}")
     async def download_state(state_id: str):
         path = await run_in_threadpool(service.store.path_for, valid_id(state_id, "state_id"))
@@ -97,7 +104,17 @@ def add_native_routes(app: FastAPI, service: Service) -> None:
         return {"id": key, "object": "state", "tokens": state.num_tokens, "image_tokens": state.metadata.image_tokens,
                 "frames": sum(p.get("frames", 0) for p in state.metadata.parts), "cached": cached > 0}
 
-    del ask, upload_state, download_state, cache  # registered on the app
+    del ask, upload_state, list_states, download_state, cache  # registered on the app
+
+
+def _listed(state: StoredState) -> dict:
+    meta = state.metadata
+    parts = [{"type": p["type"], "size": p["size"], **({"frames": p["frames"]} if "frames" in p else {})} for p in meta.parts]
+    parts = parts or [{"type": "image", "size": meta.image_size}]  # files before format 3: one image
+    kinds = {p["type"] for p in parts}
+    return {"id": state.key, "object": "state", "kind": kinds.pop() if len(kinds) == 1 else "mixed", "parts": parts,
+            "tokens": meta.prefix_tokens, "bytes": state.bytes, "last_used": round(state.last_used, 3),
+            "created": meta.created, "system_prompt": meta.system_prompt, "in_memory": state.in_memory}
 
 
 def _with_cached(answer, cached: int) -> dict:

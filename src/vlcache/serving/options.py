@@ -23,3 +23,5 @@ class ServeOptions:
     max_state_bytes: int = 16 * 1024**3  # largest cache file a client may upload
     media: MediaOptions = MediaOptions()  # how videos are sampled (fps, max frames): part of every key
     default_max_tokens: int = 512
+    web: bool = True  # the chat page at / (--no-web: off)
+    cors_origin: str | None = None  # the one other origin whose pages may call the API (--cors-origin); none by default

@@ -31,6 +31,7 @@ from .options import ServeOptions
 from .requests import APIError, error_response, parse_chat, valid_id
 from .service import Service
 from .streaming import answer_events, collect_answer
+from .web import add_origin_policy, add_web_page
 
 __all__ = ["ServeOptions", "create_app", "server_config"]  # ServeOptions: what callers build an app from
 
@@ -94,6 +95,7 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
                              "logprobs": None}],
                 "usage": _usage(answer, cached),
+                "timings": _timings(answer, cached, started),
             }
 
         return await service.respond(chat, "/v1/chat/completions", stream, collect)
@@ -132,6 +134,9 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
         return {"id": image_id, "object": "image_state", "deleted": True}
 
     add_native_routes(app, service)
+    if options.web:
+        add_web_page(app)
+    add_origin_policy(app, options.cors_origin)
     return BodyLimit(app, options.max_body_bytes, uploads=(STATES,))
 
 
@@ -153,13 +158,30 @@ def _usage(answer, cached: int) -> dict:
             "total_tokens": answer.prompt_tokens + completion, "prompt_tokens_details": {"cached_tokens": cached}}
 
 
+def _timings(answer, cached: int, started: float) -> dict:
+    """llama-server's `timings` beside OpenAI's usage (clients that do not know it ignore it), from this request's
+    arrival: prompt_ms until the first token (reading the media, the vision encoder on a miss, the queue, the
+    prefill), predicted_ms from the first token to the last; predicted_per_second counts the tokens after the
+    first. cache_n: prompt tokens taken from a cached state, prompt_n: those computed."""
+    total = time.perf_counter() - started
+    decode = min(answer.timings.get("decode_s", 0.0), total)  # the scheduler's clock: first token to the answer
+    prompt_s, completion = total - decode, len(answer.token_ids)
+    computed = answer.prompt_tokens - cached
+    return {"cache_n": cached, "prompt_n": computed, "prompt_ms": prompt_s * 1000,
+            "prompt_per_second": computed / prompt_s if prompt_s > 0 else 0.0,
+            "predicted_n": completion, "predicted_ms": decode * 1000,
+            "predicted_per_second": (completion - 1) / decode if completion > 1 and decode > 0 else 0.0}
+
+
 
 async def _stream(service, job, events, chat, cached, completion_id, created, model_id, started, request):
-    def chunk(delta: dict, finish=None, usage=None, choices=True) -> str:
+    def chunk(delta: dict, finish=None, usage=None, choices=True, timings=None) -> str:
         body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_id,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}] if choices else []}
         if usage is not None:
             body["usage"] = usage
+        if timings is not None:
+            body["timings"] = timings
         return f"data: {json.dumps(body)}\n\n"
 
     try:
@@ -169,7 +191,7 @@ async def _stream(service, job, events, chat, cached, completion_id, created, mo
                 yield chunk({"content": event[1]})
             else:
                 _, answer, finish, _ = event
-                yield chunk({}, finish=finish)
+                yield chunk({}, finish=finish, timings=_timings(answer, cached, started))
                 if chat.include_usage:
                     yield chunk({}, usage=_usage(answer, cached), choices=False)
         yield "data: [DONE]\n\n"

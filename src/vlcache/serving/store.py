@@ -30,6 +30,17 @@ UPLOADS = "uploads"  # the subfolder of uploaded cache files, by content hash
 log = logging.getLogger("vlcache")
 
 
+@dataclass(frozen=True)
+class StoredState:
+    """A state as the listing shows it."""
+
+    key: str
+    metadata: StateMetadata
+    bytes: int  # its file's size (its K/V's size when held in memory only)
+    last_used: float  # unix seconds: served or stored by this process, or its file last written
+    in_memory: bool
+
+
 @dataclass
 class Continuation:
     """A conversation after its image state: the state itself is shared, only what follows is held here."""
@@ -68,6 +79,8 @@ class StateStore:
         self._index: dict[str, Path | str] = {}  # key -> file, for files not named by their key
         self._scanned: dict[Path | str, tuple[float, int]] = {}  # file -> (mtime, size) when its header was read
         self._last_scan = 0.0
+        self._meta: dict[Path | str, StateMetadata] = {}  # file -> its metadata, read by the scan that indexed it
+        self._used: dict[str, float] = {}  # key -> when this process last served or stored it (time.time())
         self.write_errors = 0  # states that could not be written to disk (kept in memory only)
         # Conversations that went on after an image state, in memory only: image key -> continuation keys.
         self._continuations: dict[str, list[str]] = {}
@@ -81,6 +94,7 @@ class StateStore:
         with self._lock:
             if key in self._hot:
                 self._hot.move_to_end(key)
+                self._used[key] = time.time()
                 return self._hot[key], "memory"
         path = self.path_for(key)
         if path is None:
@@ -90,6 +104,8 @@ class StateStore:
         except CacheFileError:
             return None, "miss"
         self._keep_hot(key, state)
+        with self._lock:
+            self._used[key] = time.time()
         return state, "disk"
 
     def put(self, key: str, state: ImageState) -> None:
@@ -106,6 +122,8 @@ class StateStore:
             log.warning(f"warning: could not write state {key[:12]} to {self.folder}: {getattr(exc, 'strerror', None) or exc}; "
                         "serving it from memory")
         self._keep_hot(key, state)
+        with self._lock:
+            self._used[key] = time.time()
 
     # -- uploads: cache files clients sent (--server), kept apart ----------------------------------------------
     # An upload is known by the hash of its bytes, and lives in uploads/ (which rescans never index): its
@@ -194,6 +212,26 @@ class StateStore:
         """States in memory (continuations of conversations not counted)."""
         return sum(1 for key in self._hot if ":" not in key or key.startswith(UPLOADS + ":"))
 
+    def listing(self) -> list[StoredState]:
+        """The states a client may ask about by id, last used first: the folder's cache files and the states held
+        in memory only (their write failed). Uploads are left out (they answer only whoever has their file),
+        and so are states made for a cache_salt: their file is named by a key their metadata cannot give, and
+        listing them would hand one tenant's states to everyone."""
+        self.rescan()
+        with self._lock:
+            out = {}
+            for key, path in self._index.items():
+                stem = Path(str(path)).name.removesuffix(".safetensors").removesuffix(".pt")
+                if KEY_PATTERN.fullmatch(stem) and stem != key or path not in self._meta:
+                    continue
+                mtime, size = self._scanned.get(path, (0.0, 0))
+                out[key] = StoredState(key, self._meta[path], size, max(mtime, self._used.get(key, 0.0)), key in self._hot)
+            for key, state in self._hot.items():
+                if key in out or ":" in key or not isinstance(state, ImageState) or metadata_key(state.metadata) != key:
+                    continue
+                out[key] = StoredState(key, state.metadata, state.kv_bytes, self._used.get(key, 0.0), True)
+        return sorted(out.values(), key=lambda s: s.last_used, reverse=True)
+
     # -- internals -------------------------------------------------------------------------------------------
 
     def rescan(self) -> None:
@@ -218,13 +256,18 @@ class StateStore:
                 if key is not None:
                     self._index[key] = path
             self._scanned = seen
+            self._meta = {path: meta for path, meta in self._meta.items() if path in seen}
 
     def _key_of(self, path: Path | str) -> str | None:
         try:
             meta = read_metadata(path)
         except CacheFileError:
             return None
-        return metadata_key(meta) if meta.fingerprint == self.fingerprint else None
+        if meta.fingerprint != self.fingerprint:
+            return None
+        with self._lock:
+            self._meta[path] = meta
+        return metadata_key(meta)
 
     def path_for(self, key: str) -> Path | str | None:
         """The file holding a state, if the folder has one (rescanned at most every RESCAN_SECONDS)."""
