@@ -252,9 +252,10 @@ async function answer(chat) {
     if (!frame) frame = requestAnimationFrame(() => { frame = 0; renderMarkdown(body, reply.text); });
   };
   try {
+    const messages = apiMessages({ ...chat, messages: chat.messages.slice(0, -1) });  // all but the reply being made
     const request = chat.state
-      ? streamAsk({ state: chat.state, messages: apiMessages(chat), ...sampling("max_new_tokens") }, controller.signal, onText)
-      : streamChat({ model: "vlcache", messages: apiMessages(chat), ...sampling("max_tokens") }, controller.signal, onText);
+      ? streamAsk({ state: chat.state, messages, ...sampling("max_new_tokens") }, controller.signal, onText)
+      : streamChat({ model: "vlcache", messages, ...sampling("max_tokens") }, controller.signal, onText);
     const result = await request;
     reply.text = result.text;
     reply.finish = result.finish || undefined;
@@ -550,6 +551,7 @@ function wire() {
     document.body.classList.toggle(matchMedia("(max-width: 800px)").matches ? "side-open" : "side-closed");
   });
   $("refresh-states").addEventListener("click", refreshStates);
+  document.querySelector(".main").addEventListener("click", closeSideOnPhone);
   $("export").addEventListener("click", () => exportChats(chats));
   $("import-file").addEventListener("change", async (e) => {
     const file = e.target.files[0];
