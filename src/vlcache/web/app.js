@@ -454,7 +454,9 @@ function drawChats() {
 async function refreshHealth() {
   try {
     const h = await getJSON("health");
-    $("model").textContent = `${h.model} · ${h.family} · ${h.dtype}`;
+    const name = h.model.startsWith("/") ? h.model.split("/").filter(Boolean).pop() : h.model;  // a local folder: its name
+    $("model").textContent = `${name} · ${h.family} · ${h.dtype}`;
+    $("model").title = `model ${h.model}, family ${h.family}, dtype ${h.dtype}`;
     $("model").classList.remove("error");
     $("rows").textContent = `${h.running} running · ${h.queued} queued`;
     $("rows").hidden = false;
