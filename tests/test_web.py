@@ -183,16 +183,6 @@ def test_a_listed_state_is_asked_about(page, live):
     assert (entry["kind"], len(entry["parts"]), entry["tokens"]) == ("image", 1, made["tokens"])
     assert entry["bytes"] > 0 and entry["last_used"] > 0 and entry["parts"][0]["size"] == [640, 427]
 
-    # A state made for one tenant (cache_salt) is never listed; the same state without a salt is.
-    def listed_after(**extra) -> set:
-        live.client.chat.completions.create(model="any", max_tokens=1, messages=[{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": data_url(photo("camera.png"), "image/png")}},
-            {"type": "text", "text": "Hi"}]}], **extra)
-        return {s["id"] for s in live.get("/v1/vlcache/states")[1]["data"]}
-
-    assert listed_after(extra_body={"cache_salt": "tenant-a"}) == set(listed)
-    assert len(listed_after() - set(listed)) == 1
-
     page.settings(temperature=0, **{"max-tokens": N})
     page.page.click("#refresh-states")
     row = page.page.locator(f"#states li[data-id='{made['id']}']")
@@ -203,6 +193,29 @@ def test_a_listed_state_is_asked_about(page, live):
                                                             "messages": [{"role": "user", "content": "What is this?"}]}).encode())
     assert status == 200 and answer["text"] == api["answer"]["text"]
     assert int(page.stats(0)["cached"]) == made["tokens"]  # the whole state was reused
+
+
+def test_salted_states_are_neither_listed_nor_found_without_their_salt(live, monkeypatch):
+    """A state made for one tenant (cache_salt) answers that tenant only: not a request without the salt, even
+    after the store has rescanned its folder (which indexes files by the key their metadata gives), and it is
+    not listed; the same state made without a salt is."""
+    from vlcache.serving import store
+
+    monkeypatch.setattr(store, "RESCAN_SECONDS", 0.0)  # every miss rescans the folder
+
+    def cached_then_listed(**extra) -> tuple[int, set]:
+        completion = live.client.chat.completions.create(model="any", max_tokens=1, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_url(photo("astronaut.png"), "image/png")}},
+            {"type": "text", "text": "Hi"}]}], **extra)
+        return completion.usage.prompt_tokens_details.cached_tokens, {s["id"] for s in live.get("/v1/vlcache/states")[1]["data"]}
+
+    before = {s["id"] for s in live.get("/v1/vlcache/states")[1]["data"]}
+    assert cached_then_listed(extra_body={"cache_salt": "tenant-a"}) == (0, before)
+    cached, listed = cached_then_listed(extra_body={"cache_salt": "tenant-a"})
+    assert cached > 0 and listed == before  # its tenant is answered from it
+    assert cached_then_listed(extra_body={"cache_salt": "tenant-b"})[0] == 0
+    cached, listed = cached_then_listed()
+    assert cached == 0 and len(listed - before) == 1  # computed anew, and listed
 
 
 def test_stop_cancels_the_row_on_the_server(page, live):

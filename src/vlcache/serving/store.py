@@ -220,9 +220,8 @@ class StateStore:
         self.rescan()
         with self._lock:
             out = {}
-            for key, path in self._index.items():
-                stem = Path(str(path)).name.removesuffix(".safetensors").removesuffix(".pt")
-                if KEY_PATTERN.fullmatch(stem) and stem != key or path not in self._meta:
+            for key, path in self._index.items():  # states of a cache_salt are not indexed (rescan)
+                if path not in self._meta:
                     continue
                 mtime, size = self._scanned.get(path, (0.0, 0))
                 out[key] = StoredState(key, self._meta[path], size, max(mtime, self._used.get(key, 0.0)), key in self._hot)
@@ -253,7 +252,7 @@ class StateStore:
             for key in gone:
                 del self._index[key]
             for path, key in found.items():
-                if key is not None:
+                if key is not None and not _named_for_another_key(path, key):
                     self._index[key] = path
             self._scanned = seen
             self._meta = {path: meta for path, meta in self._meta.items() if path in seen}
@@ -300,3 +299,11 @@ class StateStore:
         for dependent in [key] + self._continuations.pop(key, []):
             if dependent in self._hot:
                 self._hot_bytes -= self._hot.pop(dependent).kv_bytes
+
+
+def _named_for_another_key(path: Path | str, key: str) -> bool:
+    """A file named by a key that its metadata does not give: a state made for a cache_salt (the salt is part of
+    its key, not of its metadata). It is found by that name alone, never under the key its metadata gives, or
+    a request without the salt would be answered from another tenant's state."""
+    stem = Path(str(path)).name.split(".")[0]
+    return KEY_PATTERN.fullmatch(stem) is not None and stem != key
