@@ -195,6 +195,67 @@ def test_a_listed_state_is_asked_about(page, live):
     assert int(page.stats(0)["cached"]) == made["tokens"]  # the whole state was reused
 
 
+def test_drop_paste_remove_regenerate_edit_new_chat_export_import(page, browser, live, tmp_path):
+    p = page.page
+    page.settings(temperature=0, **{"max-tokens": N})
+    # A photograph dropped on the page and one pasted: two thumbnails; one removed before sending.
+    photo_b64 = base64.b64encode(photo("coffee.png").read_bytes()).decode()
+    for event in ("drop", "paste"):
+        p.evaluate("""([event, b64]) => {
+            const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+            const data = new DataTransfer();
+            data.items.add(new File([bytes], event + ".png", {type: "image/png"}));
+            const e = event === "drop" ? new DragEvent("drop", {dataTransfer: data, bubbles: true, cancelable: true})
+                                       : new ClipboardEvent("paste", {clipboardData: data, bubbles: true, cancelable: true});
+            document.getElementById("input").dispatchEvent(e);
+        }""", [event, photo_b64])
+    p.wait_for_function("() => document.querySelectorAll('#attachments li').length === 2")
+    p.click("#attachments li:first-child .remove")
+    assert p.get_attribute("#attachments img", "alt") == "paste.png"
+    first = page.ask("What is on the table?")
+    assert [a["name"] for a in page.saved()["messages"][0]["attachments"]] == ["paste.png"]
+
+    # Regenerate: the same question again (greedy: the same answer), one answer still.
+    p.click(".message.assistant button:has-text('Regenerate')")
+    p.wait_for_selector("#send:not([hidden])")
+    p.locator(".message.assistant .stats").wait_for()
+    messages = page.saved()["messages"]
+    assert len(messages) == 2 and messages[1]["text"] == first["text"] and messages[1]["stats"]["cached"] > 0
+
+    # Edit and resend: the question changes, what followed it is answered again.
+    page.ask("And the colours?")
+    p.locator(".message.user button:has-text('Edit')").first.click()
+    p.fill(".message.user textarea.edit", "What is in the cup?")
+    p.click(".message.user button:has-text('Send')")
+    p.wait_for_selector("#send:not([hidden])")
+    p.locator(".message.assistant .stats").wait_for()
+    messages = page.saved()["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant"] and messages[0]["text"] == "What is in the cup?"
+    api_text, _ = api_answer(live, [{"type": "image_url", "image_url": {"url": data_url(photo("coffee.png"), "image/png")}}],
+                             "What is in the cup?")
+    assert messages[1]["text"] == api_text
+
+    # New chat: an empty page; the old chat stays in the list.
+    p.click("#new-chat")
+    assert p.locator(".message").count() == 0 and p.locator("#chats li").count() == 1
+
+    # Export, then import into a browser that has never seen the chat: the same messages.
+    with p.expect_download() as download:
+        p.click("#export")
+    exported = tmp_path / "chats.json"
+    download.value.save_as(exported)
+    other = Page(browser, live.url)
+    try:
+        other.page.set_input_files("#import-file", str(exported))
+        other.page.click("#chats button:has-text('What is on the table?')")
+        assert other.page.locator(".message.assistant").count() == 1
+        assert other.saved()["messages"] == page.saved()["messages"]
+        assert other.page.locator(".message.user img.thumb").count() == 1  # the photograph came along
+        assert other.errors == []
+    finally:
+        other.close()
+
+
 def test_salted_states_are_neither_listed_nor_found_without_their_salt(live, monkeypatch):
     """A state made for one tenant (cache_salt) answers that tenant only: not a request without the salt, even
     after the store has rescanned its folder (which indexes files by the key their metadata gives), and it is

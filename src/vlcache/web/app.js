@@ -136,6 +136,13 @@ function thumbnail(part) {
   } else {
     media.alt = part.name;
   }
+  media.addEventListener("error", () => {  // a file the browser cannot show either: say so in its place
+    const broken = document.createElement("span");
+    broken.className = "thumb gone";
+    broken.textContent = part.name;
+    broken.title = `${part.name}: cannot be shown`;
+    media.replaceWith(broken);
+  }, { once: true });
   return media;
 }
 
