@@ -300,8 +300,8 @@ def test_stop_cancels_the_row_on_the_server(page, live):
 
 
 def test_errors_are_one_line_by_their_message_and_the_page_stays_usable(browser, engine, tmp_path):
-    server = LiveServer(engine, tmp_path / "states", max_body_bytes=400_000)
-    page = Page(browser, server.url)
+    server = LiveServer(engine, tmp_path / "states", max_body_bytes=400_000, max_batch=1, max_queue=0)
+    page = Page(browser, server.url, viewport={"width": 390, "height": 800})  # narrow: long errors would wrap
     try:
         page.settings(temperature=0, **{"max-tokens": 4})
         broken = tmp_path / "broken.png"
@@ -310,18 +310,33 @@ def test_errors_are_one_line_by_their_message_and_the_page_stays_usable(browser,
         failed = page.ask("What is this?")
         line = page.page.locator(".message.assistant.failed .error")
         assert failed["error"] and line.text_content() == "error: " + failed["error"]
-        assert "\n" not in failed["error"] and line.evaluate("e => e.getClientRects().length") == 1
+        assert "\n" not in failed["error"]
 
         # Over the server's body limit: the same limit as the API, its 413 message by the question.
         page.attach(photo("coffee.png"))
         too_large = page.ask("And this?")
         assert "400,000-byte limit" in too_large["error"]
 
+        # The server busy (one row, no queue, another client's long answer running): its 429 message.
+        hog = server.client.chat.completions.create(model="any", max_tokens=3000, stream=True,
+                                                    messages=[{"role": "user", "content": "Tell me a long story."}])
+        next(iter(hog))
+        busy = page.ask("Are you there?")
+        assert busy["error"].startswith("the server is busy")
+        hog.close()
+        for _ in range(80):
+            if metric(server, "vlcache_running_rows") == 0:
+                break
+            page.page.wait_for_timeout(250)
+
         # The next question works: the failed exchanges (and their files) are not sent again.
         page.attach(photo("camera.png"))
         ok = page.ask("What is this?")
         assert "error" not in ok and ok["stats"]["prompt"] > 0
         assert page.page.locator(".message.assistant .stats").count() == 1
+        errors = page.page.locator(".message.assistant .error")
+        assert errors.count() == 3
+        assert errors.evaluate_all("lines => lines.every(e => e.offsetHeight <= 1.5 * parseFloat(getComputedStyle(e).lineHeight))")
 
         # The server gone: one line, and the page still answers clicks.
         server.close()
