@@ -283,15 +283,15 @@ def test_12_a_file_truncated_while_it_is_read_is_an_error_not_a_crash(engine, tm
     from vlcache import state as state_module
 
     path = engine.cache_image(photo("chelsea.png"), system_prompt=SYSTEM).save(tmp_path / "c.pt")
-    real = state_module.read_metadata
+    real = state_module.read_header
 
     def then_truncate(p):
-        meta = real(p)
+        header = real(p)
         with open(p, "r+b") as fh:  # what `cp` over a file being read does
             fh.truncate(os.path.getsize(p) // 2)
-        return meta
+        return header
 
-    monkeypatch.setattr(state_module, "read_metadata", then_truncate)
+    monkeypatch.setattr(state_module, "read_header", then_truncate)
     with pytest.raises(CacheFileError, match="truncated or corrupt"):
         load_state(path)
 

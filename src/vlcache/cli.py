@@ -207,8 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="requests that may wait beyond the batch; more get 429 (default: 64)")
     serve.add_argument("--prefill-chunk", type=positive_int, default=256,
                        help="most prefill tokens between two decode steps (default: 256)")
-    serve.add_argument("--max-state-bytes", type=byte_size, default=byte_size("16GiB"),
-                       help="largest cache file a client (--server) may upload (default: 16GiB)")
+    serve.add_argument("--max-state-bytes", type=byte_size, default=None,
+                       help="largest cache file a client (--server) may upload (default: the model's K/V at its context length)")
+    serve.add_argument("--max-uploads", type=positive_int, default=2, help="uploads received at once; more get 429 (default: 2)")
+    serve.add_argument("--upload-quota", type=byte_size, default=None,
+                       help="bytes of uploaded cache files kept, least recently used removed (default: 4x --max-state-bytes)")
+    serve.add_argument("--media-workers", type=positive_int, default=4,
+                       help="threads that fetch and decode images and videos (default: 4)")
+    serve.add_argument("--video-decode-pixels", type=positive_int, default=4_000_000_000,
+                       help="frame pixels one request may decode, every frame up to the last sampled (default: 4000000000)")
     serve.add_argument("--no-web", action="store_true", help="no chat page at / (the API alone)")
     serve.add_argument("--cors-origin", type=web_origin, default=None, metavar="ORIGIN",
                        help="one other origin whose pages may call the API, e.g. https://example.com (default: none)")
@@ -552,8 +559,9 @@ def _serve_options(args: argparse.Namespace, cache_dir, local):
                         allow_private_urls=args.allow_private_urls, max_image_pixels=args.max_image_pixels,
                         allow_local_files=local, max_body_bytes=args.max_body, max_batch=args.max_batch,
                         max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, max_state_bytes=args.max_state_bytes,
-                        media=MediaOptions(fps=args.fps, max_frames=args.max_frames), web=not args.no_web,
-                        cors_origin=args.cors_origin)
+                        max_uploads=args.max_uploads, upload_quota=args.upload_quota, media_workers=args.media_workers,
+                        video_decode_pixels=args.video_decode_pixels, media=MediaOptions(fps=args.fps, max_frames=args.max_frames),
+                        web=not args.no_web, cors_origin=args.cors_origin)
 
 
 def _serve_on_ray(args: argparse.Namespace, options) -> int:

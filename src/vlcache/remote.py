@@ -20,6 +20,7 @@ from .client import Client, ServerError
 from .errors import VlcacheError
 
 DETACH_WAIT_SECONDS = 900.0  # a first start may download and load a large model
+STOP_WAIT_SECONDS = 30.0  # `vlcache stop` waits this long for the server to finish its requests and exit
 
 
 def ask(args: argparse.Namespace, url: str) -> int:
@@ -201,9 +202,12 @@ def stop(args: argparse.Namespace) -> int:
         run_file().unlink(missing_ok=True)
         raise VlcacheError("no server started with `vlcache serve --detach` is running")
     os.kill(known["pid"], signal.SIGTERM)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + STOP_WAIT_SECONDS
     while _alive(known["pid"]) and time.monotonic() < deadline:
         time.sleep(0.2)
+    if _alive(known["pid"]):  # still finishing what it had begun (an answer, an upload): not stopped yet
+        raise VlcacheError(f"the server at {known['url']} (pid {known['pid']}) is still finishing its requests after "
+                           f"{STOP_WAIT_SECONDS:.0f} s; it exits when they end (`vlcache stop` again to wait more, or kill {known['pid']})")
     run_file().unlink(missing_ok=True)
     cli._info(f"stopped the server at {known['url']} (pid {known['pid']})")
     return 0

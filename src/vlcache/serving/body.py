@@ -13,6 +13,9 @@ from .requests import APIError, error_response
 
 BODY_SECONDS = 60.0  # the whole request body must arrive within this (a slow-loris body is cut off: 408)
 UPLOAD_SECONDS = 1800.0  # the same for an uploaded state file (gigabytes over a network)
+UPLOAD_IDLE_SECONDS = 30.0  # the longest gap between two pieces of an upload
+UPLOAD_GRACE_SECONDS = 10.0  # after this, an upload must have kept up MIN_UPLOAD_RATE on average
+MIN_UPLOAD_RATE = 64 * 1024  # bytes a second
 
 
 class BodyLimit:
@@ -68,16 +71,26 @@ class BodyLimit:
         await response(scope, receive, send)
 
     async def _upload(self, scope, receive, send):
-        deadline, complete = time.monotonic() + UPLOAD_SECONDS, False
+        started = time.monotonic()
+        deadline, complete, received = started + UPLOAD_SECONDS, False, 0
 
         async def timed():
-            nonlocal complete
+            nonlocal complete, received
             if complete:
                 return await receive()
+            # A slow upload holds a socket, a file and an upload slot: after a grace period it must keep up a
+            # minimum rate, and no gap may be longer than UPLOAD_IDLE_SECONDS.
+            now = time.monotonic()
+            behind = started + max(UPLOAD_GRACE_SECONDS, received / MIN_UPLOAD_RATE)  # when the rate falls short
+            wait = min(deadline - now, behind - now, UPLOAD_IDLE_SECONDS)
             try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+                message = await asyncio.wait_for(receive(), max(0.0, wait))
             except asyncio.TimeoutError:
                 raise BodyTimeout from None
+            received += len(message.get("body", b""))
+            elapsed = time.monotonic() - started
+            if elapsed > UPLOAD_GRACE_SECONDS and received < MIN_UPLOAD_RATE * elapsed:
+                raise BodyTimeout
             complete = message["type"] != "http.request" or not message.get("more_body", False)
             return message
 

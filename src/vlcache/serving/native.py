@@ -16,11 +16,9 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+import logging
 import time
 import uuid
-from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, Response
@@ -31,10 +29,11 @@ from ..errors import ImageError, VlcacheError
 from .body import json_body
 from .requests import APIError, parse_ask, parse_cache, valid_id
 from .service import Service
-from .store import UPLOADS, StoredState
-from .streaming import answer_events, collect_answer
-from .uploads import check_upload, receive_file
+from .store import StoredState
+from .streaming import answer_events, collect_answer, unless_disconnected
+from .uploads import receive_upload
 
+log = logging.getLogger("vlcache")
 ASK, STATES, CACHE = "/v1/vlcache/ask", "/v1/vlcache/states", "/v1/vlcache/cache"
 
 
@@ -53,26 +52,28 @@ def add_native_routes(app: FastAPI, service: Service) -> None:
             _, answer, _ = await collect_answer(service.metrics, job, events, [], started, request)
             return {"answer": _with_cached(answer, cached)}
 
-        return await service.respond(chat, ASK, stream, collect)
+        return await service.respond(request, chat, ASK, stream, collect)
 
     @app.post(STATES)
     async def upload_state(request: Request):
-        folder = service.store.folder
-        # Received beside the states when they are local (then renamed into place), else in the temp folder.
-        tmp = Path(folder.location if not folder.is_url else tempfile.gettempdir()) / f".upload-{uuid.uuid4().hex}.tmp"
+        if service.uploading >= options.max_uploads:
+            raise APIError(429, f"the server is receiving {service.uploading} uploads; retry shortly",
+                           kind="rate_limit_exceeded", headers={"Retry-After": "5"})
+        service.uploading += 1
+        tmp = service.store.upload_folder() / f".upload-{uuid.uuid4().hex}.tmp"
         try:
-            digest = await receive_file(request, tmp, options.max_state_bytes)
-            state = await run_in_threadpool(check_upload, service, tmp)
-            target = folder.file(f"{UPLOADS}/{digest}.safetensors")
-            if not folder.is_url and not folder.exists(target):
-                Path(target).parent.mkdir(parents=True, exist_ok=True)
-                os.replace(tmp, target)
-            await run_in_threadpool(service.store.put_upload, digest, state)  # an object store: written by the store
+            digest, meta = await receive_upload(request, service, tmp)
+            try:
+                await run_in_threadpool(service.store.add_upload, digest, tmp)
+            except Exception as exc:  # noqa: BLE001 - disk full, an object store's error: no path in the answer
+                log.warning(f"warning: could not store upload {digest[:12]}: {getattr(exc, 'strerror', None) or exc}")
+                raise APIError(507, "the server has no room to store the upload", kind="server_error") from None
             service.metrics.uploads.inc()
         finally:
+            service.uploading -= 1
             tmp.unlink(missing_ok=True)
         service.metrics.requests.labels(endpoint=STATES, status="200").inc()
-        return {"id": digest, "object": "state", "tokens": state.num_tokens}
+        return {"id": digest, "object": "state", "tokens": meta.prefix_tokens}
 
     @app.get(STATES)
     async def list_states():
@@ -81,9 +82,13 @@ def add_native_routes(app: FastAPI, service: Service) -> None:
 
     @app.get(STATES + "/{state_id}")
     async def download_state(state_id: str):
-        path = await run_in_threadpool(service.store.path_for, valid_id(state_id, "state_id"))
-        if path is None:
-            raise APIError(404, f"no state file {state_id} on this server", "state_id")
+        key = valid_id(state_id, "state_id")
+        path = await run_in_threadpool(service.store.path_for, key)
+        if path is None:  # a state whose file could not be written (disk full) is sent from memory
+            data = await run_in_threadpool(service.store.file_bytes, key)
+            if data is None:
+                raise APIError(404, f"no state file {state_id} on this server", "state_id")
+            return Response(data, media_type="application/octet-stream")
         if storage.is_url(path):
             data = await run_in_threadpool(storage.read_bytes, str(path))
             return Response(data, media_type="application/octet-stream")
@@ -91,15 +96,17 @@ def add_native_routes(app: FastAPI, service: Service) -> None:
 
     @app.post(CACHE)
     async def cache(request: Request):
-        body = await json_body(request)
-        sources, kinds, system_prompt = parse_cache(body)
-        covered = [prompt.media_conversation(system_prompt, kinds[: j + 1]) for j in range(len(kinds))]
+        service.admit()  # as a chat is: a queued state holds its decoded media
         try:
-            key, state, cached = await service.state_for(sources, kinds, covered)
+            sources, kinds, system_prompt = parse_cache(await json_body(request))
+            covered = [prompt.media_conversation(system_prompt, kinds[: j + 1]) for j in range(len(kinds))]
+            key, state, cached = await unless_disconnected(request, service.state_for(sources, kinds, covered))
         except ImageError as exc:
             raise APIError(400, str(exc), "parts") from None
         except VlcacheError as exc:
             raise APIError(400, str(exc)) from None
+        finally:
+            service.release()
         service.metrics.requests.labels(endpoint=CACHE, status="200").inc()
         return {"id": key, "object": "state", "tokens": state.num_tokens, "image_tokens": state.metadata.image_tokens,
                 "frames": sum(p.get("frames", 0) for p in state.metadata.parts), "cached": cached > 0}

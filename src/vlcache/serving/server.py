@@ -30,7 +30,7 @@ from .native import STATES, add_native_routes
 from .options import ServeOptions
 from .requests import APIError, error_response, parse_chat, valid_id
 from .service import Service
-from .streaming import answer_events, collect_answer
+from .streaming import answer_events, collect_answer, unless_disconnected
 from .web import add_origin_policy, add_web_page
 
 __all__ = ["ServeOptions", "create_app", "server_config"]  # ServeOptions: what callers build an app from
@@ -44,7 +44,7 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
-        service.scheduler.stop()
+        service.close()
 
     app = FastAPI(title="vlcache", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.service = service
@@ -98,22 +98,26 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
                 "timings": _timings(answer, cached, started),
             }
 
-        return await service.respond(chat, "/v1/chat/completions", stream, collect)
+        return await service.respond(request, chat, "/v1/chat/completions", stream, collect)
 
     @app.post("/v1/images")
     async def upload_image(request: Request):
-        body = await json_body(request)
-        if not isinstance(body, dict) or not isinstance(body.get("image"), str):
-            raise APIError(400, "send {'image': a data: URL or base64 string, 'system_prompt': optional text}", "image")
-        system_prompt = body.get("system_prompt")
-        if system_prompt is not None and not isinstance(system_prompt, str):
-            raise APIError(400, "'system_prompt' must be a string", "system_prompt")
-        url = body["image"] if body["image"].startswith("data:") else "data:;base64," + body["image"]
-        data = await run_in_threadpool(fetch_image_bytes, url, options)
+        service.admit()  # as a chat is: a queued image holds its decoded pixels
         try:
-            key, state, cached = await service.state_for([data], [IMAGE], [prompt.image_conversation(system_prompt)])
+            body = await json_body(request)
+            if not isinstance(body, dict) or not isinstance(body.get("image"), str):
+                raise APIError(400, "send {'image': a data: URL or base64 string, 'system_prompt': optional text}", "image")
+            system_prompt = body.get("system_prompt")
+            if system_prompt is not None and not isinstance(system_prompt, str):
+                raise APIError(400, "'system_prompt' must be a string", "system_prompt")
+            url = body["image"] if body["image"].startswith("data:") else "data:;base64," + body["image"]
+            data = await service.on_media_thread(fetch_image_bytes, url, options)
+            conversation = prompt.image_conversation(system_prompt)
+            key, state, cached = await unless_disconnected(request, service.state_for([data], [IMAGE], [conversation]))
         except ImageError as exc:
             raise APIError(400, str(exc), "image") from None
+        finally:
+            service.release()
         return {"id": key, "object": "image_state", "tokens": state.num_tokens, "image_tokens": state.metadata.image_tokens,
                 "cached": cached > 0}
 

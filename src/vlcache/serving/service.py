@@ -12,14 +12,21 @@ continued (a conversation that adds a second image to a cached first computes fr
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import dataclasses
+import functools
 import hashlib
 import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
+from fastapi import Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from .. import prompt
+from .. import prompt, video
 from ..engine import Engine
 from ..errors import ImageError, VlcacheError
 from .fetch import fetch_image_bytes
@@ -28,7 +35,20 @@ from .options import ServeOptions
 from .requests import APIError, ChatRequest, valid_id
 from .scheduler import Job, Scheduler
 from .store import Continuation, StateStore
-from .streaming import released
+from .streaming import released, unless_disconnected
+
+
+FAILURE_SECONDS = 600.0  # a state that failed to compute (a broken or too costly video) is refused this long
+_FAILURES_KEPT = 1024
+
+
+@dataclass
+class _Pending:
+    """A state being computed, shared by every request that needs it."""
+
+    stop: threading.Event  # set when no request waits any more: its decoding stops
+    task: asyncio.Future | None = None
+    waiters: int = 0
 
 
 class Service:
@@ -36,16 +56,26 @@ class Service:
 
     def __init__(self, engine: Engine, options: ServeOptions):
         self.engine = engine
-        self.options = options
-        self.store = StateStore(options.cache_dir, options.memory_budget, engine.fingerprint, engine.device, adopt=engine.adopt)
+        self.options = options = _resolved(options, engine, self._context_length(engine))
+        self.store = StateStore(options.cache_dir, options.memory_budget, engine.fingerprint, engine.device,
+                                adopt=engine.adopt, layout=engine.layout(), upload_quota=options.upload_quota)
         self.metrics = Metrics()
         self.scheduler = Scheduler(engine, max_batch=options.max_batch, prefill_chunk=options.prefill_chunk, stats=self.metrics)
-        self._pending: dict[str, asyncio.Future] = {}
+        # Fetching and decoding media run on threads of their own: slow downloads or long videos never hold
+        # the threads that text-only requests, uploads and lookups use.
+        self.media_pool = concurrent.futures.ThreadPoolExecutor(options.media_workers, thread_name_prefix="vlcache-media")
+        self._pending: dict[str, _Pending] = {}
+        self._failed: OrderedDict[str, tuple[float, str]] = OrderedDict()  # state key -> (when, why)
         self._lock = threading.Lock()
         self.in_flight = 0  # chat requests accepted and not answered yet (event loop only)
+        self.uploading = 0  # uploads being received (event loop only)
+
+    def close(self) -> None:
+        self.scheduler.stop()
+        self.media_pool.shutdown(wait=False, cancel_futures=True)
 
     def admit(self) -> None:
-        """Count a chat request in flight, or refuse it (429) when the batch and the queue are full."""
+        """Count a request in flight, or refuse it (429) when the batch and the queue are full."""
         if self.in_flight >= self.options.max_batch + self.options.max_queue:
             self.metrics.rejected.inc()
             raise APIError(429, f"the server is busy: {self.in_flight} requests in flight; retry shortly",
@@ -54,6 +84,10 @@ class Service:
 
     def release(self) -> None:
         self.in_flight -= 1
+
+    async def on_media_thread(self, function, *args):
+        """`function(*args)` on the media pool (fetching, decoding), awaited."""
+        return await asyncio.get_running_loop().run_in_executor(self.media_pool, functools.partial(function, *args))
 
     def keys(self, digests: list[tuple[str, str]], prefixes: list[list[dict]], salt: str | None) -> list[str]:
         """The key of the state ending after each media part: (kind, sha256) of the parts up to it, the
@@ -65,7 +99,8 @@ class Service:
         and storing it on a miss, from the longest known state that ends after an earlier media part.
 
         `prefixes[j]` is the conversation up to and including media part j. Keys hash the encoded bytes:
-        nothing is decoded unless a state must be computed, and decoding happens on the model thread only.
+        nothing is decoded unless a state must be computed. A computation that failed is remembered for
+        FAILURE_SECONDS (the same bytes are refused at once); one that no request waits for any more stops.
         """
         digests = [(kind, hashlib.sha256(data).hexdigest()) for kind, data in zip(kinds, sources)]
         keys = self.keys(digests, prefixes, salt)
@@ -75,26 +110,44 @@ class Service:
         if state is not None:
             return key, state, state.num_tokens
         with self._lock:  # concurrent misses on one conversation compute it once
-            task = self._pending.get(key)
-            owner = task is None
+            failed = self._failed.get(key)
+            if failed is not None and time.monotonic() - failed[0] < FAILURE_SECONDS:
+                raise ImageError(failed[1])
+            pending = self._pending.get(key)
+            owner = pending is None or pending.stop.is_set()  # one being stopped: start again
             if owner:  # a task of its own: a client that hangs up does not cancel what others wait for
-                task = asyncio.ensure_future(self._computed(key, sources, prefixes[-1], keys[:-1]))
-                self._pending[key] = task
-        state = await asyncio.shield(task)
+                pending = self._pending[key] = _Pending(stop=threading.Event())
+                pending.task = asyncio.ensure_future(self._computed(key, sources, prefixes[-1], keys[:-1], pending))
+            pending.waiters += 1
+        try:
+            state = await asyncio.shield(pending.task)
+        finally:
+            with self._lock:
+                pending.waiters -= 1
+                if pending.waiters == 0 and not pending.task.done():
+                    pending.stop.set()  # every client hung up
         self._gauges()
         # A request that waited for another's computation computed nothing itself.
         return key, state, state.metadata.reused_tokens if owner else state.num_tokens
 
-    async def _computed(self, key: str, sources: list[bytes], messages: list[dict], earlier: list[str]):
+    async def _computed(self, key: str, sources: list[bytes], messages: list[dict], earlier: list[str], pending: _Pending):
         try:
-            state = await self._compute(sources, messages, earlier)
+            state = await self._compute(sources, messages, earlier, pending.stop)
             await run_in_threadpool(self.store.put, key, state)
             return state
+        except ImageError as exc:
+            if not pending.stop.is_set():  # the bytes are at fault, not a client that left
+                with self._lock:
+                    self._failed[key] = (time.monotonic(), str(exc))
+                    while len(self._failed) > _FAILURES_KEPT:
+                        self._failed.popitem(last=False)
+            raise
         finally:
             with self._lock:
-                self._pending.pop(key, None)
+                if self._pending.get(key) is pending:
+                    del self._pending[key]
 
-    async def _compute(self, sources: list[bytes], messages: list[dict], earlier: list[str]):
+    async def _compute(self, sources: list[bytes], messages: list[dict], earlier: list[str], stop: threading.Event):
         """Compute a state on the model thread, continuing the longest known state among `earlier` keys."""
         base = None
         if self.engine.family.extends:
@@ -102,21 +155,25 @@ class Service:
                 base, _ = await run_in_threadpool(self.store.get, key)
                 if base is not None:
                     break
-        # Decoding and the processor run here, beside the model thread: a long video does not pause answers.
-        prepared = await run_in_threadpool(self.engine.prepare_media, sources, messages, self.options.media,
-                                           self.options.max_image_pixels)
+        # Decoding and the processor run on the media pool, beside the model thread: a long video does not
+        # pause answers; its decoding is bounded (--video-decode-pixels) and stops when no one waits.
+        prepared = await self.on_media_thread(self._prepare, sources, messages, video.DecodeBudget(self.options.video_decode_pixels, stop))
         chunk = self.options.prefill_chunk
         return await asyncio.wrap_future(self.scheduler.compute(lambda: self.engine.prefill_media_steps(prepared, chunk, base)))
 
-    async def respond(self, chat: ChatRequest, endpoint: str, stream, collect):
+    def _prepare(self, sources: list[bytes], messages: list[dict], budget: video.DecodeBudget):
+        with video.limited(budget):
+            return self.engine.prepare_media(sources, messages, self.options.media, self.options.max_image_pixels)
+
+    async def respond(self, request: Request, chat: ChatRequest, endpoint: str, stream, collect):
         """Admit a request (or 429), build and submit its job, then answer it: `stream(job, events, cached)` gives
         the server-sent events of a streaming request (in flight until the stream ends), `collect(...)` the body
-        of any other."""
+        of any other. A client that hangs up while its media are fetched or decoded stops that work."""
         self.admit()
         streaming = False
         try:
             try:
-                job, cached, events = await self.prepare(chat)
+                job, cached, events = await unless_disconnected(request, self.prepare(chat))
             except ImageError as exc:
                 raise APIError(400, str(exc), "messages") from None
             except VlcacheError as exc:
@@ -179,7 +236,7 @@ class Service:
             request.messages = prompt.append_turns(covered, request.messages)
             return key, state, cached, covered, len(covered) - 1
         covered = [_prefix(request.messages, ref.at) for ref in request.media]
-        sources = [await run_in_threadpool(fetch_image_bytes, ref.url, self.options) for ref in request.media]
+        sources = [await self.on_media_thread(fetch_image_bytes, ref.url, self.options) for ref in request.media]
         key, state, cached = await self.state_for(sources, [ref.kind for ref in request.media], covered, request.salt)
         return key, state, cached, covered[-1], request.media[-1].at[0]
 
@@ -207,7 +264,11 @@ class Service:
 
     @property
     def context_length(self) -> int:
-        return int(getattr(self.engine.model.config.get_text_config(), "max_position_embeddings", None) or 2**31)
+        return self._context_length(self.engine)
+
+    @staticmethod
+    def _context_length(engine: Engine) -> int:
+        return int(getattr(engine.model.config.get_text_config(), "max_position_embeddings", None) or 2**31)
 
     async def _stored(self, key: str):
         """A stored state by id: (key, state, its tokens, the messages it covers); 404 if the server has none."""
@@ -270,3 +331,15 @@ def _message_boundary(ids: list[int], same: int, start: int, cont: Continuation,
     if same == cont.num_tokens and same < len(ids) and ids[same] in turn_ends:
         best = same
     return best
+
+
+def _resolved(options: ServeOptions, engine: Engine, context: int) -> ServeOptions:
+    """The options with their defaults that depend on the model filled in: the largest upload is the model's
+    K/V at its whole context length in float32 (the widest dtype a file may hold), and a little for its header
+    and token ids; uploads kept are four of those."""
+    if options.max_state_bytes is None:
+        per_token = engine.kv_bytes_per_token() * 32 // torch.finfo(engine.dtype).bits
+        options = dataclasses.replace(options, max_state_bytes=per_token * context + 32 * context + 16 * 2**20)
+    if options.upload_quota is None:
+        options = dataclasses.replace(options, upload_quota=4 * options.max_state_bytes)
+    return options

@@ -97,3 +97,19 @@ async def released(stream, release: Callable[[], None]):
             yield chunk
     finally:
         release()
+
+
+async def unless_disconnected(request: Request, awaitable, every: float = 0.1):
+    """`awaitable`'s result, or, when the client hangs up first, the awaitable cancelled (what it started for
+    this client alone stops) and a 400 that no one reads."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=every)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise APIError(400, "the client disconnected")
+    finally:
+        if not task.done():
+            task.cancel()
