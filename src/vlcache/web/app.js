@@ -254,9 +254,16 @@ async function answer(chat) {
   draw();
   const body = document.querySelector("#messages > li:last-child .body");
   let frame = 0;
+  const list = $("messages");
   const onText = (text) => {
     reply.text = text;
-    if (!frame) frame = requestAnimationFrame(() => { frame = 0; renderMarkdown(body, reply.text); });
+    if (frame) return;
+    frame = requestAnimationFrame(() => {
+      frame = 0;
+      const following = list.scrollHeight - list.scrollTop - list.clientHeight < 40;  // the reader is at the end
+      renderMarkdown(body, reply.text);
+      if (following) list.scrollTop = list.scrollHeight;
+    });
   };
   try {
     const messages = apiMessages({ ...chat, messages: chat.messages.slice(0, -1) });  // all but the reply being made
@@ -606,5 +613,5 @@ drawAttachments();
 draw();
 refreshHealth();
 refreshStates();
-setInterval(refreshHealth, 2000);
+setInterval(() => document.hidden || refreshHealth(), 2000);  // not while the tab is in the background
 document.documentElement.dataset.ready = "1";  // for tests: the page's modules ran
