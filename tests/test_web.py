@@ -155,6 +155,11 @@ def test_photo_answer_streams_the_apis_text_and_a_second_question_is_cached(page
     assert 0 < int(second["cached"]) < int(second["prompt"])
     assert page.page.locator(".message.assistant .stats").nth(1).text_content().startswith(f"{int(second['cached']):,} of")
 
+    # The bar: the model, its family and dtype, and the server's rows, from /health.
+    health = live.get("/health")[1]
+    assert page.page.text_content("#model") == f"{Path(health['model']).name} · {health['family']} · {health['dtype']}"
+    assert re.fullmatch(r"\d+ running · \d+ queued", page.page.text_content("#rows"))
+
     # Everything the page asked for came from this server (the CSP would refuse the rest anyway).
     assert page.requests and all(u.startswith(live.url + "/") or u.startswith(("data:", "blob:")) for u in page.requests)
 
