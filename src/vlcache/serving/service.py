@@ -118,6 +118,8 @@ class Service:
             if owner:  # a task of its own: a client that hangs up does not cancel what others wait for
                 pending = self._pending[key] = _Pending(stop=threading.Event())
                 pending.task = asyncio.ensure_future(self._computed(key, sources, prefixes[-1], keys[:-1], pending))
+                # Retrieved even when every waiter left: a stopped computation is not an unhandled error.
+                pending.task.add_done_callback(lambda task: task.cancelled() or task.exception())
             pending.waiters += 1
         try:
             state = await asyncio.shield(pending.task)
