@@ -26,6 +26,8 @@ from reference import reference_tokens
 from test_cli import run
 from test_server import LiveServer, data_url, image_messages
 from vlcache.errors import CacheFileError
+from vlcache.serving import body as body_module
+from vlcache.serving import fetch as fetch_module
 from vlcache.serving import server as server_module
 from vlcache.serving import store as store_module
 from vlcache.serving.store import StateStore
@@ -202,7 +204,7 @@ def test_9_remote_images_are_fetched_safely(engine, tmp_path, monkeypatch):
     web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     threading.Thread(target=web.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{web.server_address[1]}"
-    monkeypatch.setattr(server_module, "REMOTE_SECONDS", 1.0)
+    monkeypatch.setattr(fetch_module, "REMOTE_SECONDS", 1.0)
     public = LiveServer(engine, tmp_path / "a", allow_remote_images=True)
     private = LiveServer(engine, tmp_path / "b", allow_remote_images=True, allow_private_urls=True)
     try:
@@ -281,15 +283,15 @@ def test_12_a_file_truncated_while_it_is_read_is_an_error_not_a_crash(engine, tm
     from vlcache import state as state_module
 
     path = engine.cache_image(photo("chelsea.png"), system_prompt=SYSTEM).save(tmp_path / "c.pt")
-    real = state_module.read_metadata
+    real = state_module.read_header
 
     def then_truncate(p):
-        meta = real(p)
+        header = real(p)
         with open(p, "r+b") as fh:  # what `cp` over a file being read does
             fh.truncate(os.path.getsize(p) // 2)
-        return meta
+        return header
 
-    monkeypatch.setattr(state_module, "read_metadata", then_truncate)
+    monkeypatch.setattr(state_module, "read_header", then_truncate)
     with pytest.raises(CacheFileError, match="truncated or corrupt"):
         load_state(path)
 
@@ -444,7 +446,7 @@ def test_18_concurrent_waiters_report_the_state_as_cached(live):
 
 def test_18_slow_headers_and_bodies_are_cut_off(live, monkeypatch):
     monkeypatch.setattr(server_module, "HEADER_SECONDS", 0.5)
-    monkeypatch.setattr(server_module, "BODY_SECONDS", 0.5)
+    monkeypatch.setattr(body_module, "BODY_SECONDS", 0.5)
     slow = socket.create_connection(("127.0.0.1", live.port))
     slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")  # and then nothing more
     slow.settimeout(10)

@@ -76,6 +76,14 @@ def port_number(text: str) -> int:
     return value
 
 
+def web_origin(text: str) -> str:
+    """--cors-origin: scheme://host[:port], as browsers write it in the Origin header."""
+    origin = text.rstrip("/")
+    if not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+", origin):
+        raise argparse.ArgumentTypeError(f"expected an origin like https://example.com or http://localhost:3000, got {text!r}")
+    return origin
+
+
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
@@ -226,8 +234,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="requests that may wait beyond the batch; more get 429 (default: 64)")
     serve.add_argument("--prefill-chunk", metavar="N", type=positive_int, default=256,
                        help="most prefill tokens between two decode steps (default: 256)")
-    serve.add_argument("--max-state-bytes", metavar="SIZE", type=byte_size, default=byte_size("16GiB"),
-                       help="largest cache file a client (--server) may upload (default: 16GiB)")
+    serve.add_argument("--max-state-bytes", metavar="SIZE", type=byte_size, default=None,
+                       help="largest cache file a client (--server) may upload (default: the model's K/V at its context length)")
+    serve.add_argument("--max-uploads", metavar="N", type=positive_int, default=2,
+                       help="uploads received at once; more get 429 (default: 2)")
+    serve.add_argument("--upload-quota", metavar="SIZE", type=byte_size, default=None,
+                       help="bytes of uploaded cache files kept, least recently used removed (default: 4x --max-state-bytes)")
+    serve.add_argument("--media-workers", metavar="N", type=positive_int, default=4,
+                       help="threads that fetch and decode images and videos (default: 4)")
+    serve.add_argument("--video-decode-pixels", metavar="N", type=positive_int, default=4_000_000_000,
+                       help="frame pixels one request may decode, every frame up to the last sampled (default: 4000000000)")
+    serve.add_argument("--no-web", action="store_true", help="no chat page at / (the API alone)")
+    serve.add_argument("--cors-origin", type=web_origin, default=None, metavar="ORIGIN",
+                       help="one other origin whose pages may call the API, e.g. https://example.com (default: none)")
     serve.add_argument("--ray", action="store_true",
                        help="run --replicas copies under Ray Serve ($RAY_ADDRESS or a local Ray), routed by image")
     serve.add_argument("--replicas", metavar="N", type=positive_int, default=2, help="with --ray: server replicas (default: 2)")
@@ -496,7 +515,8 @@ def run_serve(args: argparse.Namespace) -> int:
     buckets = sorted({bucket(n) for n in range(1, args.max_batch + 1)})
     _compile_steps(engine, args.compile, buckets)
     app = create_app(engine, options)
-    info(f"serving {engine.model_name} on http://{args.host}:{args.port}/v1 (states in {cache_dir})")
+    info(f"serving {engine.model_name} on http://{args.host}:{args.port}/v1 (states in {cache_dir})"
+         + ("" if args.no_web else f"; the chat page: http://{args.host}:{args.port}/"))
     uvicorn.Server(server_config(app, args.host, args.port, log_level="warning")).run()
     return 0
 
@@ -509,7 +529,9 @@ def _serve_options(args: argparse.Namespace, cache_dir, local):
                         allow_private_urls=args.allow_private_urls, max_image_pixels=args.max_image_pixels,
                         allow_local_files=local, max_body_bytes=args.max_body, max_batch=args.max_batch,
                         max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, max_state_bytes=args.max_state_bytes,
-                        media=MediaOptions(fps=args.fps, max_frames=args.max_frames))
+                        max_uploads=args.max_uploads, upload_quota=args.upload_quota, media_workers=args.media_workers,
+                        video_decode_pixels=args.video_decode_pixels, media=MediaOptions(fps=args.fps, max_frames=args.max_frames),
+                        web=not args.no_web, cors_origin=args.cors_origin)
 
 
 def _serve_on_ray(args: argparse.Namespace, options) -> int:

@@ -10,7 +10,7 @@ from dataclasses import replace
 import torch
 
 from . import prompt
-from .engine import Answer, Delta, Engine, GenerationOptions, _delta, _now
+from .engine import Answer, Delta, Engine, GenerationOptions, _now
 from .families import LINEAR
 from .state import ImageState
 

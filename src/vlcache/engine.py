@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -16,10 +17,11 @@ from . import decode, generate, images, media, model as model_loading, prompt
 from .families import LINEAR, family_class
 from .families.base import run_steps
 from .defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SYSTEM_PROMPT
-from .errors import ImageError, ModelMismatchError, VlcacheError
+from .errors import CacheFileError, ImageError, ModelMismatchError, VlcacheError
 from .media import MediaOptions
 from .answer import Answer, Delta  # noqa: F401 - part of the engine's interface
-from .state import ImageState, StateMetadata, load_state
+from .header import Layout, check_layout
+from .state import ImageState, StateMetadata, check_state_layout, load_state
 
 log = logging.getLogger("vlcache")
 
@@ -252,16 +254,43 @@ class Engine:
         return state.to(self.device, self.dtype)
 
     def check_state(self, state: ImageState, source: str = "the state") -> None:
-        meta = state.metadata
+        self._check_fingerprint(state.metadata, source)
+        expected = self.model.config.get_text_config().num_hidden_layers
+        if len(state.kv) != expected:
+            raise ModelMismatchError(f"model mismatch: {source} has {len(state.kv)} layers, the model {expected}")
+        try:
+            check_state_layout(state, self.layout(), source)
+        except CacheFileError as exc:  # a file with this model's fingerprint but forged tensors
+            raise ModelMismatchError(f"model mismatch: {exc}") from None
+
+    def check_header(self, header: dict, meta: StateMetadata, source: str) -> None:
+        """check_state from a file's header alone, before any tensor is read (an upload still arriving)."""
+        self._check_fingerprint(meta, source)
+        try:
+            check_layout(header, meta, self.layout(), source)
+        except CacheFileError as exc:
+            raise ModelMismatchError(f"model mismatch: {exc}") from None
+
+    def _check_fingerprint(self, meta: StateMetadata, source: str) -> None:
         if meta.fingerprint != self.fingerprint:
             raise ModelMismatchError(
                 f"model mismatch: {source} was made with {meta.model} (weights {meta.fingerprint[:12]}), but this "
                 f"engine runs {self.model_name} (weights {self.fingerprint[:12]}); re-create the cache or pass "
                 f"--model {meta.model}"
             )
-        expected = self.model.config.get_text_config().num_hidden_layers
-        if len(state.kv) != expected:
-            raise ModelMismatchError(f"model mismatch: {source} has {len(state.kv)} layers, the model {expected}")
+
+    def layout(self) -> Layout:
+        """What this model's state files hold, layer by layer (see header.check_layout)."""
+        cfg = self.model.config.get_text_config()
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        kinds = tuple(self.family.layer_kinds())
+        conv = recurrent = None
+        if LINEAR in kinds:  # Gated DeltaNet: a conv over q, k and v, and a recurrent state per value head
+            k_heads, v_heads = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+            k_dim, v_dim = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+            conv = (2 * k_heads * k_dim + v_heads * v_dim, cfg.linear_conv_kernel_dim)
+            recurrent = (v_heads, k_dim, v_dim)
+        return Layout(kinds, cfg.num_key_value_heads, head_dim, conv, recurrent)
 
     # -- asking ----------------------------------------------------------------------------------------------
 
@@ -424,7 +453,8 @@ class Engine:
         settings = self.processor_settings(options.max_pixels)
         if media.VIDEO in kinds:
             settings["video"] = self.family.video_settings(options.fps, options.max_frames)
-        return settings
+        # As a file stores them (JSON: tuples become lists), so that stored and current settings compare equal.
+        return json.loads(json.dumps(settings))
 
     def _check_memory(self, parts: list[media.Part]) -> None:
         """Refuse media whose KV cache and activations would not fit in the memory at hand (before any video

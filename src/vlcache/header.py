@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,8 +84,21 @@ def _cache_path(path: str | os.PathLike) -> Path:
 
 def _check_header(head: bytes, raw: bytes, size: int, path) -> dict:
     """Validate a header of any shape a hostile file may give it (lists, ints, deep nesting): a dict, or CacheFileError."""
+    header, declared = check_header_bytes(head, raw, size, path)
+    if declared != size:
+        raise CacheFileError(f"cache file is truncated or corrupt (size does not match its header): {path}")
+    return header
+
+
+_DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def check_header_bytes(head: bytes, raw: bytes, size: int, path) -> tuple[dict, int]:
+    """The header from a file's first 8 bytes and its JSON, validated as safetensors reads it (every tensor's
+    bytes where its dtype and shape say, back to back), and the file size it declares. `size`: the file's
+    size, or the most a file may have (an upload whose rest has not arrived). CacheFileError for anything else."""
     header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
-    header = _parse_json(raw)
+    header = _parse_json(raw) if len(raw) == header_len else None
     if header is None:
         raise CacheFileError(_diagnose_foreign(head, size, path))
     meta = header.get("__metadata__")
@@ -98,17 +112,22 @@ def _check_header(head: bytes, raw: bytes, size: int, path) -> dict:
             f"cache file {path} has format version {version}, newer than this vlcache reads ({FORMAT_VERSION}); "
             "upgrade vlcache or re-create the cache"
         )
-    ends = []
+    spans = []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
         offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)
+                and entry.get("dtype") in _DTYPE_SIZES
+                and offsets[1] - offsets[0] == math.prod(shape) * _DTYPE_SIZES[entry["dtype"]]):
             raise CacheFileError(f"cache file is corrupt (bad tensor entry {str(name)[:40]!r}): {path}")
-        ends.append(offsets[1])
-    if 8 + header_len + max(ends, default=0) != size:
-        raise CacheFileError(f"cache file is truncated or corrupt (size does not match its header): {path}")
-    return header
+        spans.append(tuple(offsets))
+    spans.sort()
+    if any(a[1] != b[0] for a, b in zip(spans, spans[1:])) or (spans and spans[0][0] != 0):
+        raise CacheFileError(f"cache file is corrupt (tensor data overlaps or leaves gaps): {path}")
+    return header, 8 + header_len + (spans[-1][1] if spans else 0)
 
 
 def _parse_json(raw: bytes) -> dict | None:
@@ -175,9 +194,114 @@ def _metadata(header: dict, path) -> StateMetadata:
     if not all(isinstance(p, dict) and p.get("type") in ("image", "video") and isinstance(p.get("sha256"), str)
                and isinstance(p.get("size"), list) for p in meta.parts):
         raise CacheFileError(f"cache file is corrupt (bad media parts): {path}")
+    if not _conversation_ok(meta.messages, max(1, len(meta.parts))):
+        raise CacheFileError(f"cache file is corrupt (bad messages: not a conversation up to its media): {path}")
     return meta
 
 
+_ROLES = ("system", "user", "assistant")
+
+
+def _conversation_ok(messages: list, media_parts: int) -> bool:
+    """The shape every reader of `messages` relies on: roles, string or part-list contents, text parts with
+    text, as many image and video parts as the state has, the media in a user turn."""
+    if not messages:
+        return False
+    count = 0
+    for message in messages:
+        if not isinstance(message, dict) or message.get("role") not in _ROLES:
+            return False
+        content = message.get("content")
+        if isinstance(content, str):
+            continue
+        if not isinstance(content, list) or message["role"] != "user":
+            return False
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                continue
+            if kind not in ("image", "video"):
+                return False
+            count += 1
+    return count == media_parts
+
+
+
+# -- a state's tensors against a model ------------------------------------------------------------------------
+
+FULL, SLIDING, LINEAR = "full_attention", "sliding_attention", "linear_attention"
+_FLOAT_DTYPES = ("F32", "F16", "BF16")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a model's state files must hold, layer by layer: a file that disagrees would fail inside a batched
+    forward (and with it every other row of the batch), so it is refused before that."""
+
+    kinds: tuple[str, ...]  # per text layer: FULL, SLIDING or LINEAR
+    kv_heads: int
+    head_dim: int
+    conv_shape: tuple[int, int] | None = None  # a linear-attention layer's conv state: [1, channels, kernel]
+    recurrent_shape: tuple[int, int, int] | None = None  # and its recurrent state: [1, heads, key dim, value dim]
+
+    def tensors(self, i: int) -> tuple[str, str]:
+        return ("conv_state", "recurrent_state") if self.kinds[i] == LINEAR else ("keys", "values")
+
+
+def check_layout(header: dict, meta: StateMetadata, layout: Layout, source) -> None:
+    """Refuse a file whose tensors, by its header alone, do not fit `layout`: every layer's K/V shaped
+    [1, kv_heads, tokens, head_dim] in one floating dtype, linear-attention states of the model's sizes, the
+    model's layer kinds and nothing else. CacheFileError naming the first disagreement."""
+    def refuse(why: str):
+        raise CacheFileError(f"{source} does not fit this model: {why}")
+
+    kinds = list(meta.layer_kinds) or [FULL] * len(layout.kinds)  # files before format 2: all full attention
+    if kinds != list(layout.kinds):
+        refuse(f"its layer kinds {_kinds_summary(kinds)} are not the model's {_kinds_summary(layout.kinds)}")
+    expected = {f"layers.{i}.{name}" for i in range(len(layout.kinds)) for name in layout.tensors(i)}
+    found = {name for name in header if name.startswith("layers.")}
+    if found != expected:
+        odd = sorted(found ^ expected)
+        refuse(f"it holds other layer tensors than the model's {len(layout.kinds)} layers ({odd[0][:60]!r})")
+    n, dtypes = meta.prefix_tokens, set()
+    small = {"input_ids": [1, n], "attention_mask": [1, n], "mm_token_type_ids": [1, n], "rope_deltas": [1, 1]}
+    for name, shape in small.items():
+        if not isinstance(header.get(name), dict) or header[name].get("shape") != shape:
+            refuse(f"its {name} is not shaped {shape}")
+    grids = header.get("image_grid_thw")
+    grids = grids.get("shape") if isinstance(grids, dict) else None
+    if not (isinstance(grids, list) and len(grids) == 2 and 1 <= grids[0] <= max(1, len(meta.parts)) and grids[1] == 3):
+        refuse("its image_grid_thw does not match its media parts")
+    for i, kind in enumerate(layout.kinds):
+        first, second = (header[f"layers.{i}.{name}"] for name in layout.tensors(i))
+        if not all(isinstance(e.get("shape"), list) and e.get("dtype") in _FLOAT_DTYPES for e in (first, second)):
+            refuse(f"layer {i} is not floating-point tensors")
+        if kind == LINEAR:
+            if (first["shape"] != [1, *(layout.conv_shape or ())] or second["shape"] != [1, *(layout.recurrent_shape or ())]):
+                refuse(f"layer {i}'s linear-attention state is {first['shape']} and {second['shape']}, the model's "
+                       f"[1, {', '.join(map(str, layout.conv_shape or ()))}] and [1, {', '.join(map(str, layout.recurrent_shape or ()))}]")
+            dtypes.add(first["dtype"])  # the recurrent state stays float32 whatever the model's dtype
+            continue
+        shape = first["shape"]
+        tokens_ok = len(shape) == 4 and (0 < shape[2] <= n if kind == SLIDING else shape[2] == n)
+        if second["shape"] != shape or not tokens_ok or shape[0] != 1 or shape[1] != layout.kv_heads or shape[3] != layout.head_dim:
+            refuse(f"layer {i}'s keys and values are {shape} and {second['shape']}, the model's [1, {layout.kv_heads}, "
+                   f"{n}, {layout.head_dim}]")
+        dtypes.update((first["dtype"], second["dtype"]))
+    if len(dtypes) > 1:
+        refuse(f"its layers mix dtypes ({', '.join(sorted(dtypes))})")
+
+
+def _kinds_summary(kinds) -> str:
+    out, last, count = [], None, 0
+    for kind in list(kinds) + [None]:
+        if kind == last:
+            count += 1
+            continue
+        if last is not None:
+            out.append(f"{count} {last}")
+        last, count = kind, 1
+    return "[" + ", ".join(out) + "]"
 
 
 # -- a state's identity --------------------------------------------------------------------------------------

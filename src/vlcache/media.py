@@ -86,7 +86,7 @@ def load_parts(sources: Sequence, kinds: Sequence[str], family, options: MediaOp
         pending.append((len(parts) - 1, data, name, info, indices))
     check_tokens(parts)
     for at, data, name, info, indices in pending:
-        frames = video.decode(data, name, info, indices, options.max_pixels)
+        frames = video.decode(data, name, info, indices, options.max_pixels, max_decode_pixels)
         parts[at].video = video.LoadedVideo(frames=frames, indices=indices, info=info, sha256=parts[at].sha256, path=parts[at].path)
     return parts
 

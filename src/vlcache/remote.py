@@ -23,6 +23,7 @@ from .defaults import DEFAULT_SYSTEM_PROMPT
 from .errors import VlcacheError
 
 DETACH_WAIT_SECONDS = 900.0  # a first start may download and load a large model
+STOP_WAIT_SECONDS = 30.0  # `vlcache stop` waits this long for the server to finish its requests and exit
 
 
 def ask(args: argparse.Namespace, url: str) -> int:
@@ -200,9 +201,12 @@ def stop(args: argparse.Namespace) -> int:
         raise VlcacheError(f"the server at {args.server} was not started by `vlcache serve --detach` here (that one is "
                            f"{known['url']}); vlcache stops only the server it started")
     os.kill(known["pid"], signal.SIGTERM)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + STOP_WAIT_SECONDS
     while _alive(known["pid"]) and time.monotonic() < deadline:
         time.sleep(0.2)
+    if _alive(known["pid"]):  # still finishing what it had begun (an answer, an upload): not stopped yet
+        raise VlcacheError(f"the server at {known['url']} (pid {known['pid']}) is still finishing its requests after "
+                           f"{STOP_WAIT_SECONDS:.0f} s; it exits when they end (`vlcache stop` again to wait more, or kill {known['pid']})")
     paths.run_file().unlink(missing_ok=True)
     if args.json:
         print(json.dumps({"stopped": True, "url": known["url"], "pid": known["pid"]}))

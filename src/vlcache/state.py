@@ -26,8 +26,8 @@ from safetensors.torch import save_file
 from . import storage
 from .errors import CacheFileError
 from .header import (  # noqa: F401 - the header's readers are part of this module's interface
-    _MAX_HEADER_BYTES, FORMAT_NAME, FORMAT_VERSION, StateMetadata, _cache_path, _check_header, _metadata,
-    read_header, read_metadata,
+    _MAX_HEADER_BYTES, FORMAT_NAME, FORMAT_VERSION, Layout, StateMetadata, _cache_path, _check_header, _metadata,
+    check_layout, read_header, read_metadata,
 )
 
 _STALE_TMP_SECONDS = 3600  # a save killed midway leaves a temporary file; later saves remove ones this old
@@ -67,8 +67,8 @@ class ImageState:
         small = {name: getattr(self, name).to(device) for name in _SMALL_TENSORS}
         return ImageState(kv=kv, metadata=copy.deepcopy(self.metadata), **small)
 
-    def save(self, path: str | os.PathLike) -> Path | str:
-        """Write atomically: a temporary file beside the target, then a rename (an fsspec URL: one PUT)."""
+    def _tensors(self) -> tuple[dict, dict]:
+        """What the file holds: its tensors (on the CPU) and the header's metadata."""
         tensors = {}
         for i, (k, v) in enumerate(self.kv):
             first, second = _layer_tensor_names(self.metadata.layer_kinds, i)
@@ -77,6 +77,16 @@ class ImageState:
         for name in _SMALL_TENSORS:
             tensors[name] = getattr(self, name).to("cpu", _NARROW.get(name, torch.long)).contiguous()
         header = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "metadata": json.dumps(asdict(self.metadata))}
+        return tensors, header
+
+    def to_bytes(self) -> bytes:
+        """The cache file's bytes (what save writes)."""
+        tensors, header = self._tensors()
+        return safetensors_save(tensors, metadata=header)
+
+    def save(self, path: str | os.PathLike) -> Path | str:
+        """Write atomically: a temporary file beside the target, then a rename (an fsspec URL: one PUT)."""
+        tensors, header = self._tensors()
         if storage.is_url(path):
             storage.write_atomic(str(path), safetensors_save(tensors, metadata=header))
             return str(path)
@@ -87,7 +97,7 @@ class ImageState:
         os.close(fd)
         try:
             save_file(tensors, tmp, metadata=header)
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a cache is as shareable as any file
+            os.chmod(tmp, 0o666 & ~storage.umask())  # mkstemp makes 0600; a cache is as shareable as any file
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -121,26 +131,27 @@ def _remove_stale_temporaries(path: Path) -> None:
             pass
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def load_state(path: str | os.PathLike, device: torch.device | str = "cpu", layout: Layout | None = None) -> ImageState:
+    """Read a state file onto `device`; checks structure, and with `layout` that its tensors fit that model
+    (which model it belongs to is the Engine's check).
 
-
-def load_state(path: str | os.PathLike, device: torch.device | str = "cpu") -> ImageState:
-    """Read a state file onto `device`; checks structure, not which model it belongs to (the Engine does).
-
-    The header is read and checked first; then the whole file is read into memory (no memory map: a file that
-    another process truncates meanwhile would kill this one with SIGBUS) and checked against that header again.
+    The header is read and checked first (against `layout` too, before a tensor is read); then the whole file
+    is read into memory (no memory map: a file that another process truncates meanwhile would kill this one
+    with SIGBUS) and checked against that header again.
     """
-    metadata = read_metadata(path)
+    header = read_header(path)
+    if layout is not None:
+        check_layout(header, _metadata(header, path), layout, path)
     try:
         data = storage.read_bytes(str(path)) if storage.is_url(path) else _cache_path(path).read_bytes()
     except OSError as exc:
         raise CacheFileError(f"cannot read cache file {path}: {exc.strerror or exc}") from None
     header_len = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
     raw = data[8 : 8 + header_len] if 0 < header_len <= min(len(data) - 8, _MAX_HEADER_BYTES) else b""
-    metadata = _metadata(_check_header(data[:8], raw, len(data), path), path)  # the bytes read, not the earlier look
+    header = _check_header(data[:8], raw, len(data), path)  # the bytes read, not the earlier look
+    metadata = _metadata(header, path)
+    if layout is not None:
+        check_layout(header, metadata, layout, path)
     try:
         tensors = safetensors_load(data)
         del data
@@ -172,3 +183,18 @@ def _check_shapes(state: ImageState, path) -> None:
     ok = ok and tuple(state.rope_deltas.shape) == (1, 1)
     if not ok:
         raise CacheFileError(f"cache file is corrupt (tensor shapes disagree with its metadata): {path}")
+
+
+_DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def check_state_layout(state: ImageState, layout: Layout, source) -> None:
+    """check_layout for a state in memory: its tensors described as a file's header would describe them."""
+    header = {}
+    for i, (first, second) in enumerate(state.kv):
+        for name, tensor in zip(_layer_tensor_names(state.metadata.layer_kinds, i), (first, second)):
+            if tensor is not None:
+                header[f"layers.{i}.{name}"] = {"shape": list(tensor.shape), "dtype": _DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype))}
+    for name in _SMALL_TENSORS:
+        header[name] = {"shape": list(getattr(state, name).shape), "dtype": "I64"}
+    check_layout(header, state.metadata, layout, source)

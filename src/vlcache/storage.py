@@ -86,12 +86,26 @@ def write_atomic(url: str, data: bytes) -> None:
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
+            os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; a cache file is as shareable as any other
             os.replace(tmp, local)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
         return
     fs.pipe_file(path, data)
+
+
+def umask() -> int:
+    """The process's umask (read by setting it, so set straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def put_file(local: str, url: str) -> None:
+    """Copy a local file to a URL, streamed (an object store's upload appears whole or not at all)."""
+    fs, path = _fs(url)
+    fs.put_file(local, path)
 
 
 def exists(url: str) -> bool:
@@ -149,8 +163,22 @@ class Folder:
         return str(self.location)
 
     def make(self) -> None:
-        if not self.is_url:  # object stores have no folders to make
-            self.location.mkdir(parents=True, exist_ok=True)
+        """Make the folder, and prove it can be written (a probe file written and removed): a server refuses
+        at start a folder it could never store a state in, rather than failing every request later."""
+        probe = self.file(f".vlcache-probe-{os.getpid()}-{os.urandom(4).hex()}")
+        try:
+            if not self.is_url:  # object stores have no folders to make
+                self.location.mkdir(parents=True, exist_ok=True)
+                Path(probe).write_bytes(b"")
+                Path(probe).unlink()
+            else:
+                write_atomic(probe, b"")
+                delete(probe)
+        except CacheFileError as exc:
+            raise CacheFileError(f"cannot use the cache folder {self.location}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - any filesystem's refusal (read-only, http://, no space)
+            reason = getattr(exc, "strerror", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise CacheFileError(f"cannot write to the cache folder {self.location}: {reason}") from None
 
     def file(self, name: str) -> Path | str:
         return self.location + name if self.is_url else self.location / name
@@ -167,13 +195,13 @@ class Folder:
         except FileNotFoundError:
             return False
 
-    def entries(self, suffixes: tuple[str, ...]) -> dict:
-        """The cache files directly in the folder: file -> (modification stamp, size)."""
+    def entries(self, suffixes: tuple[str, ...], sub: str | None = None) -> dict:
+        """The cache files directly in the folder (or its subfolder `sub`): file -> (modification stamp, size)."""
         if self.is_url:
-            return listing(self.location, suffixes)
+            return listing(self.location + (sub + "/" if sub else ""), suffixes)
         out = {}
         try:
-            paths = list(self.location.iterdir())
+            paths = list((self.location / sub if sub else self.location).iterdir())
         except OSError:
             return {}
         for path in paths:

@@ -8,10 +8,13 @@ converted to RGB, each downscaled to at most `max_pixels` pixels when given.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import io
 import math
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,7 +85,7 @@ def probe(data: bytes, name: str, max_decode_pixels: int) -> VideoInfo:
         if container.format.name.endswith("_pipe") or container.format.name == "image2":
             raise VideoError(f"not a video: {name} is a still image ({container.format.name.removesuffix('_pipe')}); "
                              "give it as an image")
-        stream = _video_stream(container, name)
+        stream = _video_stream(container, name, max_decode_pixels)
         width, height = stream.codec_context.width, stream.codec_context.height
         if width <= 0 or height <= 0:
             raise VideoError(f"video has no frame size: {name}")
@@ -94,33 +97,72 @@ def probe(data: bytes, name: str, max_decode_pixels: int) -> VideoInfo:
         duration = _duration(stream, container)
         total = int(stream.frames or 0)
         if total <= 0 or fps <= 0:  # some containers (WebM, MKV) do not say: count the frames
-            total = _count_frames(container, stream, name)
+            total = _count_frames(container, stream, name, max_decode_pixels)
             fps = fps or (total / duration if duration else 24.0)
         if total <= 0:
             raise VideoError(f"video has no frames: {name}")
         return VideoInfo(width=width, height=height, fps=fps, total_frames=total, duration=duration or total / fps)
 
 
-def decode(data: bytes, name: str, info: VideoInfo, indices: list[int], max_pixels: int | None) -> np.ndarray:
-    """The frames at `indices` (sorted, unique) as RGB, downscaled to at most `max_pixels` pixels each."""
+class DecodeBudget:
+    """How much decoding one request may cause: frame pixels in all (every frame decoded counts, sampled or
+    not: the decoder runs through all of them up to the last one sampled), and a flag that stops it (the
+    client hung up). Set for a thread with `limited`; without one, decoding is bounded only per frame."""
+
+    def __init__(self, pixels: int, cancelled: threading.Event | None = None):
+        self.pixels, self.used, self.cancelled = pixels, 0, cancelled
+
+    def spend(self, pixels: int, name: str) -> None:
+        if self.cancelled is not None and self.cancelled.is_set():
+            raise VideoError(f"decoding {name} was stopped: no one waits for it any more")
+        self.used += pixels
+        if self.used > self.pixels:
+            raise VideoError(f"video needs too much decoding: {name} would decode over {self.pixels:,} frame pixels "
+                             "(every frame up to the last sampled one counts); send a shorter or smaller clip")
+
+
+_budget: contextvars.ContextVar[DecodeBudget | None] = contextvars.ContextVar("vlcache_decode_budget", default=None)
+
+
+@contextlib.contextmanager
+def limited(budget: DecodeBudget):
+    """Decoding in this context spends `budget` (a server sets one per request)."""
+    token = _budget.set(budget)
+    try:
+        yield budget
+    finally:
+        _budget.reset(token)
+
+
+def decode(data: bytes, name: str, info: VideoInfo, indices: list[int], max_pixels: int | None,
+           max_decode_pixels: int = MAX_DECODE_PIXELS) -> np.ndarray:
+    """The frames at `indices` (sorted, unique) as RGB, downscaled to at most `max_pixels` pixels each.
+
+    Every decoded frame is held to `max_decode_pixels` (a stream may change its frame size midway: FFmpeg
+    refuses larger frames before allocating them) and spends the budget of the context (see `limited`),
+    which is checked before anything is decoded too."""
     width, height = frame_size(info.width, info.height, max_pixels)
     need = len(indices) * width * height * 3
     if need > MAX_DECODED_BYTES:
         raise VideoError(f"video too large to decode: {len(indices)} frames of {width}x{height} need {need / 2**30:.1f} GiB "
                          f"(limit {MAX_DECODED_BYTES / 2**30:.0f} GiB); pass --max-frames or --max-pixels")
+    budget = _budget.get()
+    if budget is not None and budget.used + (indices[-1] + 1) * info.width * info.height > budget.pixels:
+        budget.spend((indices[-1] + 1) * info.width * info.height, name)  # refused before a frame is decoded
     wanted = set(indices)
     frames = []
     with _open(data, name) as container:
-        stream = _video_stream(container, name)
+        stream = _video_stream(container, name, max_decode_pixels)
         try:
             for i, frame in enumerate(container.decode(stream)):
+                _check_frame(frame, name, max_decode_pixels, budget)
                 if i in wanted:
                     frames.append(frame.to_ndarray(format="rgb24", width=width, height=height))
                 if i >= indices[-1]:
                     break
         except _av_errors() as exc:
-            raise VideoError(f"video is truncated or corrupt: {name}: {_reason(exc)} (after {len(frames)} of the "
-                             f"{len(indices)} sampled frames)") from None
+            raise VideoError(f"video is truncated or corrupt (or changes to frames over the {max_decode_pixels:,}-pixel "
+                             f"limit): {name}: {_reason(exc)} (after {len(frames)} of the {len(indices)} sampled frames)") from None
     if len(frames) < len(indices):
         raise VideoError(f"video is truncated or corrupt: {name}: {len(frames)} of the {len(indices)} sampled frames "
                          f"could be decoded (the container promised {info.total_frames})")
@@ -176,13 +218,24 @@ class _open:
         return False
 
 
-def _video_stream(container, name: str):
+def _video_stream(container, name: str, max_decode_pixels: int = MAX_DECODE_PIXELS):
     if not container.streams.video:
         kinds = sorted({s.type for s in container.streams})
         raise VideoError(f"no video stream in {name}" + (f" (it holds only {', '.join(kinds)})" if kinds else ""))
     stream = container.streams.video[0]
+    stream.codec_context.options = {"max_pixels": str(max_decode_pixels)}  # FFmpeg refuses larger frames unallocated
     stream.thread_type = "AUTO"
     return stream
+
+
+def _check_frame(frame, name: str, max_decode_pixels: int, budget: DecodeBudget | None) -> None:
+    """A decoded frame within the per-frame limit (the probe saw only the first frame size), and paid for."""
+    pixels = frame.width * frame.height
+    if pixels > max_decode_pixels:
+        raise VideoError(f"video frames are too large: {name} changes to {frame.width}x{frame.height} = {pixels:,} pixels "
+                         f"a frame midway, over the {max_decode_pixels:,}-pixel safety limit")
+    if budget is not None:
+        budget.spend(pixels, name)
 
 
 def _duration(stream, container) -> float:
@@ -193,9 +246,13 @@ def _duration(stream, container) -> float:
     return 0.0
 
 
-def _count_frames(container, stream, name: str) -> int:
+def _count_frames(container, stream, name: str, max_decode_pixels: int) -> int:
+    budget, count = _budget.get(), 0
     try:
-        count = sum(1 for _ in container.decode(stream))
+        for frame in container.decode(stream):
+            _check_frame(frame, name, max_decode_pixels, budget)
+            count += 1
     except _av_errors() as exc:
-        raise VideoError(f"video is truncated or corrupt: {name}: {_reason(exc)}") from None
+        raise VideoError(f"video is truncated or corrupt (or changes to frames over the {max_decode_pixels:,}-pixel "
+                         f"limit): {name}: {_reason(exc)}") from None
     return count

@@ -92,9 +92,10 @@ def cache_on_ray(arguments: Sequence[str], output_dir: str, model: str, device: 
                  on_result: Callable[[CacheResult], None] | None = None) -> list[CacheResult]:
     """Cache every input on Ray (RAY_ADDRESS, or a local cluster started for the call) into `output_dir`."""
     try:
+        import pandas  # noqa: F401 - Ray Data needs it when the batch runs, long after `import ray` succeeded
         import ray
-    except ImportError:
-        raise VlcacheError("--ray needs Ray: pip install 'vlcache[ray]'") from None
+    except ImportError as exc:
+        raise VlcacheError(f"--ray needs Ray Data ({exc.name or exc} is missing): pip install 'vlcache[ray]'") from None
     sources, results = list_inputs(arguments)
     if on_start:
         on_start(len(sources))

@@ -8,8 +8,11 @@ it; a file made by `vlcache cache` and dropped into the folder is found by its m
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
+import tempfile
 import threading
 import time
 import uuid
@@ -20,6 +23,8 @@ from pathlib import Path
 import torch
 
 from ..errors import CacheFileError
+from .. import storage
+from ..header import Layout
 from ..storage import Folder
 from ..header import media_identity, metadata_key, state_key  # noqa: F401 - keys are part of the store's interface
 from ..state import ImageState, StateMetadata, kv_nbytes, load_state, read_metadata
@@ -28,6 +33,17 @@ KEY_PATTERN = re.compile(r"[0-9a-f]{64}")  # use fullmatch: "$" would also accep
 RESCAN_SECONDS = 1.0  # a miss looks for files others added at most this often
 UPLOADS = "uploads"  # the subfolder of uploaded cache files, by content hash
 log = logging.getLogger("vlcache")
+
+
+@dataclass(frozen=True)
+class StoredState:
+    """A state as the listing shows it."""
+
+    key: str
+    metadata: StateMetadata
+    bytes: int  # its file's size (its K/V's size when held in memory only)
+    last_used: float  # unix seconds: served or stored by this process, or its file last written
+    in_memory: bool
 
 
 @dataclass
@@ -56,22 +72,28 @@ class Continuation:
 
 
 class StateStore:
-    def __init__(self, cache_dir: str | Path, memory_budget: int, fingerprint: str, device, adopt=None):
+    def __init__(self, cache_dir: str | Path, memory_budget: int, fingerprint: str, device, adopt=None,
+                 layout: Layout | None = None, upload_quota: int | None = None):
         self.folder = Folder(cache_dir)  # a local folder or an fsspec URL (s3://bucket/prefix/): shared by a fleet
-        self.folder.make()
+        self.folder.make()  # CacheFileError for a folder that cannot be written: refused at start
         self.budget = memory_budget
         self.fingerprint = fingerprint
         self.device = device
         self._adopt = adopt or (lambda state: state)  # e.g. Engine.adopt: states of another dtype are cast
+        self.layout = layout  # the model's: files whose tensors do not fit it are misses, read no further than the header
+        self.upload_quota = upload_quota  # bytes of uploaded files kept; the least recently used go beyond it
         self._hot: OrderedDict[str, ImageState] = OrderedDict()
         self._hot_bytes = 0
         self._index: dict[str, Path | str] = {}  # key -> file, for files not named by their key
         self._scanned: dict[Path | str, tuple[float, int]] = {}  # file -> (mtime, size) when its header was read
         self._last_scan = 0.0
+        self._meta: dict[Path | str, StateMetadata] = {}  # file -> its metadata, read by the scan that indexed it
+        self._used: dict[str, float] = {}  # key -> when this process last served or stored it (time.time())
         self.write_errors = 0  # states that could not be written to disk (kept in memory only)
         # Conversations that went on after an image state, in memory only: image key -> continuation keys.
         self._continuations: dict[str, list[str]] = {}
         self._lock = threading.RLock()
+        remove_stale_uploads(self.upload_folder())
         self.rescan()
 
     # -- lookups ---------------------------------------------------------------------------------------------
@@ -81,15 +103,18 @@ class StateStore:
         with self._lock:
             if key in self._hot:
                 self._hot.move_to_end(key)
+                self._used[key] = time.time()
                 return self._hot[key], "memory"
         path = self.path_for(key)
         if path is None:
             return None, "miss"
         try:
-            state = self._adopt(load_state(path, device=self.device))
+            state = self._adopt(load_state(path, device=self.device, layout=self.layout))
         except CacheFileError:
             return None, "miss"
         self._keep_hot(key, state)
+        with self._lock:
+            self._used[key] = time.time()
         return state, "disk"
 
     def put(self, key: str, state: ImageState) -> None:
@@ -101,26 +126,53 @@ class StateStore:
                 state.save(target)
             with self._lock:
                 self._index[key] = target
-        except (OSError, CacheFileError) as exc:
+        except Exception as exc:  # noqa: BLE001 - disk full, read-only, any object store's error: the answer goes on
             self.write_errors += 1
-            log.warning(f"warning: could not write state {key[:12]} to {self.folder}: {getattr(exc, 'strerror', None) or exc}; "
-                        "serving it from memory")
+            log.warning(f"warning: could not write state {key[:12]} to {self.folder}: {_reason(exc)}; serving it from memory")
         self._keep_hot(key, state)
+        with self._lock:
+            self._used[key] = time.time()
 
     # -- uploads: cache files clients sent (--server), kept apart ----------------------------------------------
     # An upload is known by the hash of its bytes, and lives in uploads/ (which rescans never index): its
     # metadata is the sender's word, so it must never answer a request that found a state by what it is about
     # (another client's image), only requests that name the exact file.
 
-    def put_upload(self, digest: str, state: ImageState) -> None:
+    def upload_folder(self) -> Path:
+        """Where uploads are received before they are checked: beside the states when they are local (then
+        renamed into place), else the temporary folder."""
+        return Path(self.folder.location) if not self.folder.is_url else Path(tempfile.gettempdir())
+
+    def add_upload(self, digest: str, received: Path) -> None:
+        """Keep a received and checked upload under its digest (moved from `received`), then hold the uploads
+        to the quota. Nothing is loaded: the state is read when a request names it."""
         target = self.folder.file(f"{UPLOADS}/{digest}.safetensors")
-        try:
-            if not self.folder.exists(target):
-                state.save(target)
-        except (OSError, CacheFileError) as exc:
-            self.write_errors += 1
-            log.warning(f"warning: could not write upload {digest[:12]}: {getattr(exc, 'strerror', None) or exc}")
-        self._keep_hot(UPLOADS + ":" + digest, state)
+        if not self.folder.exists(target):
+            if self.folder.is_url:
+                storage.put_file(str(received), str(target))
+            else:
+                Path(target).parent.mkdir(parents=True, exist_ok=True)
+                os.chmod(received, 0o666 & ~storage.umask())
+                os.replace(received, target)
+        elif not self.folder.is_url:
+            os.utime(target)  # sent again: recently used
+        self._hold_upload_quota(keep=target)
+
+    def _hold_upload_quota(self, keep) -> None:
+        if self.upload_quota is None:
+            return
+        entries = self.folder.entries((".safetensors",), sub=UPLOADS)
+        total = sum(size for _, size in entries.values())
+        for path, (_, size) in sorted(entries.items(), key=lambda item: item[1][0]):  # least recently used first
+            if total <= self.upload_quota:
+                break
+            if str(path) == str(keep):
+                continue
+            if self.folder.delete(path):
+                total -= size
+                with self._lock:
+                    self._evict(UPLOADS + ":" + Path(str(path)).stem)
+                log.info(f"upload {Path(str(path)).stem[:12]} removed: uploads over their {self.upload_quota:,}-byte quota")
 
     def get_upload(self, digest: str) -> tuple[ImageState | None, str]:
         key = UPLOADS + ":" + digest
@@ -132,11 +184,20 @@ class StateStore:
         if not self.folder.exists(path):
             return None, "miss"
         try:
-            state = self._adopt(load_state(path, device=self.device))
+            state = self._adopt(load_state(path, device=self.device, layout=self.layout))
         except CacheFileError:
             return None, "miss"
+        if not self.folder.is_url:
+            with contextlib.suppress(OSError):
+                os.utime(path)  # used: the quota removes the least recently used uploads first
         self._keep_hot(key, state)
         return state, "disk"
+
+    def file_bytes(self, key: str) -> bytes | None:
+        """A state held in memory only (its file could not be written: disk full) as a cache file's bytes."""
+        with self._lock:
+            state = self._hot.get(key)
+        return state.to_bytes() if isinstance(state, ImageState) else None
 
     def add_continuation(self, image_key: str, state: Continuation) -> None:
         """Keep, in memory under the same budget, what followed an image state: a next turn starts from it."""
@@ -145,6 +206,11 @@ class StateStore:
         with self._lock:
             if image_key not in self._hot:  # its image state left memory meanwhile: keeping this would pin it
                 return
+            for known in self._continuations.get(image_key, []):  # identical conversations are kept once
+                kept = self._hot.get(known)
+                if kept is not None and torch.equal(kept.input_ids, state.input_ids.to(kept.input_ids.device)):
+                    self._hot.move_to_end(known)
+                    return
             self._continuations.setdefault(image_key, []).append(key)
         self._keep_hot(key, state)
 
@@ -194,6 +260,25 @@ class StateStore:
         """States in memory (continuations of conversations not counted)."""
         return sum(1 for key in self._hot if ":" not in key or key.startswith(UPLOADS + ":"))
 
+    def listing(self) -> list[StoredState]:
+        """The states a client may ask about by id, last used first: the folder's cache files and the states held
+        in memory only (their write failed). Uploads are left out (they answer only whoever has their file),
+        and so are states made for a cache_salt: their file is named by a key their metadata cannot give, and
+        listing them would hand one tenant's states to everyone."""
+        self.rescan()
+        with self._lock:
+            out = {}
+            for key, path in self._index.items():  # states of a cache_salt are not indexed (rescan)
+                if path not in self._meta:
+                    continue
+                mtime, size = self._scanned.get(path, (0.0, 0))
+                out[key] = StoredState(key, self._meta[path], size, max(mtime, self._used.get(key, 0.0)), key in self._hot)
+            for key, state in self._hot.items():
+                if key in out or ":" in key or not isinstance(state, ImageState) or metadata_key(state.metadata) != key:
+                    continue
+                out[key] = StoredState(key, state.metadata, state.kv_bytes, self._used.get(key, 0.0), True)
+        return sorted(out.values(), key=lambda s: s.last_used, reverse=True)
+
     # -- internals -------------------------------------------------------------------------------------------
 
     def rescan(self) -> None:
@@ -215,16 +300,21 @@ class StateStore:
             for key in gone:
                 del self._index[key]
             for path, key in found.items():
-                if key is not None:
+                if key is not None and not _named_for_another_key(path, key):
                     self._index[key] = path
             self._scanned = seen
+            self._meta = {path: meta for path, meta in self._meta.items() if path in seen}
 
     def _key_of(self, path: Path | str) -> str | None:
         try:
             meta = read_metadata(path)
         except CacheFileError:
             return None
-        return metadata_key(meta) if meta.fingerprint == self.fingerprint else None
+        if meta.fingerprint != self.fingerprint:
+            return None
+        with self._lock:
+            self._meta[path] = meta
+        return metadata_key(meta)
 
     def path_for(self, key: str) -> Path | str | None:
         """The file holding a state, if the folder has one (rescanned at most every RESCAN_SECONDS)."""
@@ -257,3 +347,28 @@ class StateStore:
         for dependent in [key] + self._continuations.pop(key, []):
             if dependent in self._hot:
                 self._hot_bytes -= self._hot.pop(dependent).kv_bytes
+
+
+def _named_for_another_key(path: Path | str, key: str) -> bool:
+    """A file named by a key that its metadata does not give: a state made for a cache_salt (the salt is part of
+    its key, not of its metadata). It is found by that name alone, never under the key its metadata gives, or
+    a request without the salt would be answered from another tenant's state."""
+    stem = Path(str(path)).name.split(".")[0]
+    return KEY_PATTERN.fullmatch(stem) is not None and stem != key
+
+
+STALE_UPLOAD_SECONDS = 2 * 3600  # longer than any upload may take (body.UPLOAD_SECONDS): a server killed midway left it
+
+
+def remove_stale_uploads(folder: Path) -> None:
+    """Remove uploads left half-received by a server killed midway (old enough that no server is receiving them)."""
+    now = time.time()
+    for tmp in folder.glob(".upload-*.tmp"):
+        with contextlib.suppress(OSError):
+            if now - tmp.stat().st_mtime > STALE_UPLOAD_SECONDS:
+                tmp.unlink()
+                log.info(f"removed a stale upload: {tmp.name}")
+
+
+def _reason(exc: BaseException) -> str:
+    return getattr(exc, "strerror", None) or (str(exc).splitlines() or [type(exc).__name__])[0]

@@ -1,0 +1,347 @@
+"""The server's service: what the routes call. Admission (429 beyond the batch and the queue), states found or
+computed for a request's images and videos (once for concurrent misses), kept conversations continued, and
+generation jobs submitted to the scheduler.
+
+A request's conversation is split after its last image or video: everything up to there is a state, keyed by
+what decides its tokens (model fingerprint, the bytes of every image and video in it, the messages around
+them, processor settings). A known state skips the vision encoder and the prefix prefill; only the rest of the
+conversation is computed. Without one, the longest known state that ends after an earlier media part is
+continued (a conversation that adds a second image to a cached first computes from the second image on).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import functools
+import hashlib
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from .. import prompt, video
+from ..engine import Engine
+from ..errors import ImageError, VlcacheError
+from .fetch import fetch_image_bytes
+from .metrics import Metrics
+from .options import ServeOptions
+from .requests import APIError, ChatRequest, valid_id
+from .scheduler import Job, Scheduler
+from .store import Continuation, StateStore
+from .streaming import released, unless_disconnected
+
+
+FAILURE_SECONDS = 600.0  # a state that failed to compute (a broken or too costly video) is refused this long
+_FAILURES_KEPT = 1024
+
+
+@dataclass
+class _Pending:
+    """A state being computed, shared by every request that needs it."""
+
+    stop: threading.Event  # set when no request waits any more: its decoding stops
+    task: asyncio.Future | None = None
+    waiters: int = 0
+
+
+class Service:
+    """What the routes call: state lookup and creation, and generation through the worker."""
+
+    def __init__(self, engine: Engine, options: ServeOptions):
+        self.engine = engine
+        self.options = options = _resolved(options, engine, self._context_length(engine))
+        self.store = StateStore(options.cache_dir, options.memory_budget, engine.fingerprint, engine.device,
+                                adopt=engine.adopt, layout=engine.layout(), upload_quota=options.upload_quota)
+        self.metrics = Metrics()
+        self.scheduler = Scheduler(engine, max_batch=options.max_batch, prefill_chunk=options.prefill_chunk, stats=self.metrics)
+        # Fetching and decoding media run on threads of their own: slow downloads or long videos never hold
+        # the threads that text-only requests, uploads and lookups use.
+        self.media_pool = concurrent.futures.ThreadPoolExecutor(options.media_workers, thread_name_prefix="vlcache-media")
+        self._pending: dict[str, _Pending] = {}
+        self._failed: OrderedDict[str, tuple[float, str]] = OrderedDict()  # state key -> (when, why)
+        self._lock = threading.Lock()
+        self.in_flight = 0  # chat requests accepted and not answered yet (event loop only)
+        self.uploading = 0  # uploads being received (event loop only)
+
+    def close(self) -> None:
+        self.scheduler.stop()
+        self.media_pool.shutdown(wait=False, cancel_futures=True)
+
+    def admit(self) -> None:
+        """Count a request in flight, or refuse it (429) when the batch and the queue are full."""
+        if self.in_flight >= self.options.max_batch + self.options.max_queue:
+            self.metrics.rejected.inc()
+            raise APIError(429, f"the server is busy: {self.in_flight} requests in flight; retry shortly",
+                           kind="rate_limit_exceeded", headers={"Retry-After": "1"})
+        self.in_flight += 1
+
+    def release(self) -> None:
+        self.in_flight -= 1
+
+    async def on_media_thread(self, function, *args):
+        """`function(*args)` on the media pool (fetching, decoding), awaited."""
+        return await asyncio.get_running_loop().run_in_executor(self.media_pool, functools.partial(function, *args))
+
+    def keys(self, digests: list[tuple[str, str]], prefixes: list[list[dict]], salt: str | None) -> list[str]:
+        """The key of the state ending after each media part: (kind, sha256) of the parts up to it, the
+        messages it covers, the settings that decide their tokens."""
+        return [self.engine.state_key(digests[: j + 1], prefixes[j], self.options.media, salt) for j in range(len(digests))]
+
+    async def state_for(self, sources: list[bytes], kinds: list[str], prefixes: list[list[dict]], salt: str | None = None):
+        """The state for a conversation up to its last image or video: (key, state, cached tokens), computing
+        and storing it on a miss, from the longest known state that ends after an earlier media part.
+
+        `prefixes[j]` is the conversation up to and including media part j. Keys hash the encoded bytes:
+        nothing is decoded unless a state must be computed. A computation that failed is remembered for
+        FAILURE_SECONDS (the same bytes are refused at once); one that no request waits for any more stops.
+        """
+        digests = [(kind, hashlib.sha256(data).hexdigest()) for kind, data in zip(kinds, sources)]
+        keys = self.keys(digests, prefixes, salt)
+        key = keys[-1]
+        state, source = await run_in_threadpool(self.store.get, key)
+        self.metrics.states.labels(result=source).inc()
+        if state is not None:
+            return key, state, state.num_tokens
+        with self._lock:  # concurrent misses on one conversation compute it once
+            failed = self._failed.get(key)
+            if failed is not None and time.monotonic() - failed[0] < FAILURE_SECONDS:
+                raise ImageError(failed[1])
+            pending = self._pending.get(key)
+            owner = pending is None or pending.stop.is_set()  # one being stopped: start again
+            if owner:  # a task of its own: a client that hangs up does not cancel what others wait for
+                pending = self._pending[key] = _Pending(stop=threading.Event())
+                pending.task = asyncio.ensure_future(self._computed(key, sources, prefixes[-1], keys[:-1], pending))
+                # Retrieved even when every waiter left: a stopped computation is not an unhandled error.
+                pending.task.add_done_callback(lambda task: task.cancelled() or task.exception())
+            pending.waiters += 1
+        try:
+            state = await asyncio.shield(pending.task)
+        finally:
+            with self._lock:
+                pending.waiters -= 1
+                if pending.waiters == 0 and not pending.task.done():
+                    pending.stop.set()  # every client hung up
+        self._gauges()
+        # A request that waited for another's computation computed nothing itself.
+        return key, state, state.metadata.reused_tokens if owner else state.num_tokens
+
+    async def _computed(self, key: str, sources: list[bytes], messages: list[dict], earlier: list[str], pending: _Pending):
+        try:
+            state = await self._compute(sources, messages, earlier, pending.stop)
+            await run_in_threadpool(self.store.put, key, state)
+            return state
+        except ImageError as exc:
+            if not pending.stop.is_set():  # the bytes are at fault, not a client that left
+                with self._lock:
+                    self._failed[key] = (time.monotonic(), str(exc))
+                    while len(self._failed) > _FAILURES_KEPT:
+                        self._failed.popitem(last=False)
+            raise
+        finally:
+            with self._lock:
+                if self._pending.get(key) is pending:
+                    del self._pending[key]
+
+    async def _compute(self, sources: list[bytes], messages: list[dict], earlier: list[str], stop: threading.Event):
+        """Compute a state on the model thread, continuing the longest known state among `earlier` keys."""
+        base = None
+        if self.engine.family.extends:
+            for key in reversed(earlier):
+                base, _ = await run_in_threadpool(self.store.get, key)
+                if base is not None:
+                    break
+        # Decoding and the processor run on the media pool, beside the model thread: a long video does not
+        # pause answers; its decoding is bounded (--video-decode-pixels) and stops when no one waits.
+        prepared = await self.on_media_thread(self._prepare, sources, messages, video.DecodeBudget(self.options.video_decode_pixels, stop))
+        chunk = self.options.prefill_chunk
+        return await asyncio.wrap_future(self.scheduler.compute(lambda: self.engine.prefill_media_steps(prepared, chunk, base)))
+
+    def _prepare(self, sources: list[bytes], messages: list[dict], budget: video.DecodeBudget):
+        with video.limited(budget):
+            return self.engine.prepare_media(sources, messages, self.options.media, self.options.max_image_pixels)
+
+    async def respond(self, request: Request, chat: ChatRequest, endpoint: str, stream, collect):
+        """Admit a request (or 429), build and submit its job, then answer it: `stream(job, events, cached)` gives
+        the server-sent events of a streaming request (in flight until the stream ends), `collect(...)` the body
+        of any other. A client that hangs up while its media are fetched or decoded stops that work."""
+        self.admit()
+        streaming = False
+        try:
+            try:
+                job, cached, events = await unless_disconnected(request, self.prepare(chat))
+            except ImageError as exc:
+                raise APIError(400, str(exc), "messages") from None
+            except VlcacheError as exc:
+                raise APIError(400, str(exc)) from None
+            self.scheduler.submit(job)
+            self.metrics.requests.labels(endpoint=endpoint, status="200").inc()
+            if chat.stream:
+                streaming = True
+                return StreamingResponse(released(stream(job, events, cached), self.release), media_type="text/event-stream")
+            return await collect(job, events, cached)
+        finally:
+            if not streaming:
+                self.release()
+
+    def _gauges(self) -> None:
+        self.metrics.hot_bytes.set(self.store.hot_bytes)
+        self.metrics.hot_states.set(self.store.hot_count)
+        self.metrics.running.set(self.scheduler.running)
+        self.metrics.queued.set(self.scheduler.queued)
+        self.metrics.write_errors.set(self.store.write_errors)
+
+    async def prepare(self, request: ChatRequest) -> tuple[Job, int, asyncio.Queue]:
+        """Build the generation job for a chat request; returns it with its cached-token count and event queue."""
+        engine = self.engine
+        try:
+            prompt.check_messages(engine.processor, request.messages)
+        except VlcacheError as exc:
+            raise APIError(400, str(exc), "messages") from None
+        if not request.media and request.state is None:
+            new_ids = await run_in_threadpool(self._encode, request.messages, None)
+            kv, history, delta, group, cached = engine.empty_kv(), new_ids[:, :0], 0, "", 0
+            keep = None
+        else:
+            key, state, cached, covered, after = await self._base(request)
+            new_ids = await run_in_threadpool(self._encode, request.messages, covered)
+            kv, history, delta, group = state.kv, state.input_ids, int(state.rope_deltas.view(-1)[0]), key
+            cont, same = await self._continuation(request.messages[after + 1:], key, history, new_ids)
+            if cont is not None:
+                kv = lambda cont=cont, same=same: cont.kv_until(same)  # noqa: E731 - built on the model thread, when the row starts
+                ids = torch.cat([history, new_ids], dim=1)
+                history, new_ids, group, cached = ids[:, :same], ids[:, same:], f"{cont.key}:{same}", same
+            keep = None if engine.family.has_linear_layers else self._keeper(key, state, cont, history.shape[1])
+        self._fit_context(request, history.shape[1] + new_ids.shape[1])
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def emit(kind, value):
+            loop.call_soon_threadsafe(events.put_nowait, (kind, value))
+
+        job = Job(group=group, kv=kv, history=history, new_ids=new_ids, rope_delta=delta, options=request.options, emit=emit,
+                  keep=keep)
+        return job, cached, events
+
+    async def _base(self, request: ChatRequest):
+        """The state a request continues: (key, state, cached tokens, the messages it covers, the index of the
+        message where it ends). By id for vlcache's own clients (the request's turns then follow the state's
+        conversation), else from the request's images and videos, found or computed."""
+        if request.state is not None:
+            key, state, cached, covered = await self._stored(request.state)
+            request.messages = prompt.append_turns(covered, request.messages)
+            return key, state, cached, covered, len(covered) - 1
+        covered = [_prefix(request.messages, ref.at) for ref in request.media]
+        sources = [await self.on_media_thread(fetch_image_bytes, ref.url, self.options) for ref in request.media]
+        key, state, cached = await self.state_for(sources, [ref.kind for ref in request.media], covered, request.salt)
+        return key, state, cached, covered[-1], request.media[-1].at[0]
+
+    def _encode(self, messages: list[dict], prefix: list[dict] | None) -> torch.Tensor:
+        """Token ids of the conversation after the image prefix (all of it without one); off the event loop."""
+        processor = self.engine.processor
+        if prefix is None:
+            text = prompt.render(processor, messages, add_generation_prompt=True)
+        else:
+            try:
+                text = prompt.text_after(processor, prefix, messages)
+            except ValueError:
+                raise APIError(400, "the conversation cannot be split at its image with this chat template", "messages") from None
+        return prompt.encode_text(processor, text).to(self.engine.device)
+
+    def _fit_context(self, request: ChatRequest, prompt_tokens: int) -> None:
+        """Refuse what the model cannot hold; the default answer length shrinks to fit."""
+        context = self.context_length
+        options = request.options
+        if prompt_tokens >= context or (request.max_tokens_given and prompt_tokens + options.max_new_tokens > context):
+            raise APIError(400, f"this model's maximum context length is {context:,} tokens; the messages have "
+                                f"{prompt_tokens:,} and max_tokens asks for {options.max_new_tokens:,} more", "messages",
+                           kind="invalid_request_error")
+        options.max_new_tokens = min(options.max_new_tokens, context - prompt_tokens)
+
+    @property
+    def context_length(self) -> int:
+        return self._context_length(self.engine)
+
+    @staticmethod
+    def _context_length(engine: Engine) -> int:
+        return int(getattr(engine.model.config.get_text_config(), "max_position_embeddings", None) or 2**31)
+
+    async def _stored(self, key: str):
+        """A stored state by id: (key, state, its tokens, the messages it covers); 404 if the server has none."""
+        state, source = await run_in_threadpool(self.store.get, valid_id(key, "state"))
+        if state is None:  # an uploaded cache file, named by the hash of its bytes
+            state, source = await run_in_threadpool(self.store.get_upload, key)
+        self.metrics.states.labels(result=source).inc()
+        if state is None:
+            raise APIError(404, f"no state {key} on this server; upload its cache file first", "state")
+        return key, state, state.num_tokens, state.metadata.messages
+
+    async def _continuation(self, later: list[dict], key: str, history: torch.Tensor, new_ids: torch.Tensor):
+        """A kept conversation this request continues, and how many of its tokens to reuse (None, 0 if none).
+        `later`: the messages after the state's own.
+
+        Only for requests with an answer after the image (single questions share the image state and batch
+        together); never for linear-attention models (their state cannot be cut back to a shared run). The
+        reuse ends at a message boundary, never inside a message: otherwise the cached-token count would tell
+        a client, token by token, what another client wrote.
+        """
+        if self.engine.family.has_linear_layers or not any(msg["role"] == "assistant" for msg in later):
+            return None, 0
+        ids = torch.cat([history, new_ids], dim=1)
+        cont, same = self.store.best_continuation(key, ids)
+        if cont is None:
+            return None, 0
+        same = _message_boundary(ids[0].tolist(), min(same, ids.shape[1] - 1), history.shape[1], cont, self.engine.eos_ids)
+        return (cont, same) if same > history.shape[1] else (None, 0)
+
+    def _keeper(self, image_key: str, image_state, cont: Continuation | None, prefix_tokens: int):
+        """Keeps a finished row as a continuation of the image state (runs on the model thread)."""
+        extra = prefix_tokens - image_state.num_tokens  # tokens of a continuation the row started from
+
+        def keep(ids, suffix_kv, answer_start):
+            if extra > 0:  # the continuation's part in front: the first `extra` tokens after the image state
+                suffix_kv = [(torch.cat([ck[:, :, :extra], sk], dim=-2), torch.cat([cv[:, :, :extra], sv], dim=-2))
+                             for (ck, cv), (sk, sv) in zip(cont.suffix_kv, suffix_kv)]
+            self.store.add_continuation(image_key, Continuation(base=image_state, input_ids=ids, suffix_kv=suffix_kv,
+                                                                answer_start=answer_start))
+
+        return keep
+
+
+def _prefix(messages: list[dict], at: tuple[int, int]) -> list[dict]:
+    """The conversation up to and including the media part at (message, part): its user turn left open."""
+    m, p = at
+    return messages[:m] + [{"role": "user", "content": messages[m]["content"][: p + 1]}]
+
+
+def _message_boundary(ids: list[int], same: int, start: int, cont: Continuation, turn_ends: frozenset[int]) -> int:
+    """The longest reuse up to `same` tokens that ends where a message ends: after an end-of-turn token, at the
+    kept answer's start (its assistant header), or after the whole kept answer when the request's copy of it
+    ends there too."""
+    best = start
+    for i in range(start, same):
+        if ids[i] in turn_ends:
+            best = i + 1
+    if cont.answer_start <= same:
+        best = max(best, cont.answer_start)
+    if same == cont.num_tokens and same < len(ids) and ids[same] in turn_ends:
+        best = same
+    return best
+
+
+def _resolved(options: ServeOptions, engine: Engine, context: int) -> ServeOptions:
+    """The options with their defaults that depend on the model filled in: the largest upload is the model's
+    K/V at its whole context length in float32 (the widest dtype a file may hold), and a little for its header
+    and token ids; uploads kept are four of those."""
+    if options.max_state_bytes is None:
+        per_token = engine.kv_bytes_per_token() * 32 // torch.finfo(engine.dtype).bits
+        options = dataclasses.replace(options, max_state_bytes=per_token * context + 32 * context + 16 * 2**20)
+    if options.upload_quota is None:
+        options = dataclasses.replace(options, upload_quota=4 * options.max_state_bytes)
+    return options
