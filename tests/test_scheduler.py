@@ -368,3 +368,30 @@ def test_control_rows_that_attend_to_another_rows_image_are_caught(engine, state
     answers = [events[-1][1].token_ids for _, events, _ in jobs]
     assert answers[0] == alone(engine, requests[0])  # the first row's own image: unharmed
     assert answers[1] != alone(engine, requests[1])  # the second row saw the wrong image: caught
+
+
+def test_a_state_that_does_not_fit_the_model_fails_its_row_alone(engine, states):
+    """Issue 20, finding 1 (the scheduler's half): a state with one layer of another head_dim reaches the model
+    thread (as an upload that slipped past its checks would): its row fails before any forward, and a row
+    batched with it answers exactly."""
+    good, good_events, good_done = job_for(engine, states["rocket.jpg"], QUESTIONS[0], 10, "rocket.jpg")
+    bad, bad_events, bad_done = job_for(engine, states["rocket.jpg"], QUESTIONS[2], 10, "forged")
+    kv = list(states["rocket.jpg"].kv)
+    k, v = kv[0]
+    kv[0] = (k[..., : k.shape[-1] // 2].contiguous(), v[..., : v.shape[-1] // 2].contiguous())
+    bad.kv = kv
+    scheduler = Scheduler(engine, max_batch=4)
+    try:
+        blocker, blocking = threading.Event(), threading.Event()
+        scheduler.call(lambda: (blocking.set(), blocker.wait()))
+        assert blocking.wait(30)  # both arrive while the model thread is held: they would share a batch
+        scheduler.submit(bad)
+        scheduler.submit(good)
+        blocker.set()
+        assert good_done.wait(60) and bad_done.wait(60)
+    finally:
+        scheduler.stop()
+    assert bad_events[-1][0] == "error"
+    assert bad_events[-1][1].startswith("the state does not fit this model: layer 0: K/V of shape [1, ")
+    assert good_events[-1][0] == "done"
+    assert good_events[-1][1].token_ids == alone(engine, (states["rocket.jpg"], "", QUESTIONS[0], 10))

@@ -246,6 +246,7 @@ class RowsCache(DynamicCache):
 
     def add(self, prefix: Prefix) -> int:
         """A new row starting from `prefix` (its K/V copied into the row's slot); returns its slot."""
+        self._check(prefix)
         slot = self.rows
         book = self.book
         tokens = prefix.tokens
@@ -267,6 +268,25 @@ class RowsCache(DynamicCache):
         book.dirty[slot] = tokens
         self._bind()
         return slot
+
+    def _check(self, prefix: Prefix) -> None:
+        """Refuse, before anything is written, a prefix whose layers do not fit this cache (a forged state):
+        so it fails its own row and no other."""
+        if len(prefix.kv) != len(self.layers):
+            raise ValueError(f"the state has {len(prefix.kv)} layers, the model {len(self.layers)}")
+        heads, dim = self._shape
+        for i, ((a, b), layer) in enumerate(zip(prefix.kv, self.layers)):
+            if isinstance(layer, RowsLinearLayer):
+                if a is not None and i in self._linear and (a.shape[1:] != self._linear[i][0].shape[1:]
+                                                             or b.shape[1:] != self._linear[i][1].shape[1:]):
+                    raise ValueError(f"layer {i}: a linear state of another shape")
+                continue
+            if a is None or b is None or a.dim() != 4 or a.shape != b.shape:
+                raise ValueError(f"layer {i}: no K/V of one shape")
+            if a.shape[0] != 1 or a.shape[1] != heads or a.shape[3] != dim or a.shape[2] > prefix.tokens:
+                raise ValueError(f"layer {i}: K/V of shape {list(a.shape)}, the model takes [1, {heads}, <= {prefix.tokens}, {dim}]")
+            if self._dtype is not None and a.dtype != self._dtype:
+                raise ValueError(f"layer {i}: K/V in {a.dtype}, the model computes in {self._dtype}")
 
     def adopt(self, other: "RowsCache", other_slot: int) -> int:
         """Move a row from another cache (where it was prefilled) into this one; returns its new slot."""

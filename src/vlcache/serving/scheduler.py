@@ -285,7 +285,7 @@ class Scheduler:
                 batch.add(row.prefix, row.sampling, row.job.options.max_new_tokens, seen)
             except (RuntimeError, ValueError, IndexError, TypeError) as exc:
                 log.warning(f"a request's state does not fit the model: {type(exc).__name__}: {exc}")
-                row.job.emit("error", f"the state does not fit this model: {type(exc).__name__}")
+                row.job.emit("error", f"the state does not fit this model: {exc}")
                 continue
             rows.append(row)
             self.stats.queue_wait(now - row.job.submitted)
