@@ -295,3 +295,23 @@ def test_the_server_decodes_through_the_compiled_step_and_reports_it(engine, tmp
     finally:
         live.close()
         engine.compile_steps("off")
+
+
+def test_the_compiled_step_equals_generate_and_auto_says_what_it_chose(engine, astronaut_state):
+    """torch.compile (inductor) of the fixed-shape step, on the CPU: the answer equals transformers' generate on
+    the uncached conversation; --compile auto keeps it only if the probe held and it measured faster, and says why."""
+    from reference import reference_tokens
+
+    expected = reference_tokens(engine, photo("astronaut.png"), SYSTEM, QUESTIONS[0], N)
+    engine.runner = StepRunner(engine.model, "cpu", "inductor")
+    try:
+        assert engine.ask(astronaut_state, QUESTIONS[0], max_new_tokens=N, temperature=0).token_ids == expected
+        assert engine.runner.failed is None and {rows for rows, _ in engine.runner.shapes} == {1}
+        status = engine.compile_steps("auto", buckets=[1])
+        if status["step"] == "compiled":
+            assert status["reason"].startswith("exact on the probe; ") and "vs eager" in status["reason"]
+        else:
+            assert status["step"] == "eager" and "not faster on this CPU" in status["reason"]
+        assert engine.ask(astronaut_state, QUESTIONS[0], max_new_tokens=N, temperature=0).token_ids == expected
+    finally:
+        engine.compile_steps("off")
