@@ -111,6 +111,7 @@ def test_the_decode_benchmark_measures_every_method(engine):
     result = {"machine": {"cpu": "x", "cores": 2, "capability": "AVX2", "native_bf16": None, "torch": torch.__version__},
               "command": "c", "thin": {"model": "m", "threads": 1, "prompt_tokens": 5, "steps": 2, "rounds": 1,
                                        "per_step_s": {1: {"vlcache eager": 0.02, "vlcache compiled": 0.01, "generate eager": 0.04,
-                                                          "generate static cache, compiled": "Error: no", "compile_s": 3.0}}}}
+                                                          "generate static cache, compiled": "Error: no", "compile_s": 3.0,
+                                                          "output_projection_s": 0.005}}}}
     report = bench_decode.markdown(result)
-    assert "| 1 | 20.0 | 10.0 | 40.0 | n/a (Error: no) | 0.25 | 3 |" in report
+    assert "| 1 | 20.0 | 10.0 | 40.0 | n/a (Error: no) | 0.25 | 3 | 5.0 |" in report
