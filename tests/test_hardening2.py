@@ -30,9 +30,7 @@ from test_server import LiveServer, image_messages
 from vlcache import client as client_module
 from vlcache import storage, video
 from vlcache.errors import CacheFileError, ModelMismatchError, VlcacheError
-from vlcache.header import read_header
 from vlcache.serving import body as body_module
-from vlcache.serving import store as store_module
 from vlcache.serving.store import StateStore
 from vlcache.state import ImageState, load_state
 from vlcache.testing import clips
@@ -208,6 +206,25 @@ def test_2_a_client_that_hangs_up_stops_the_decoding(engine, tmp_path, monkeypat
         # Stopping is not a failure of the bytes: the next client gets its answer.
         status, reply = _video_chat(live, clip)
         assert status == 200, reply
+    finally:
+        live.close()
+
+
+def test_2_busy_media_threads_do_not_hold_up_text_only_chats(engine, tmp_path, monkeypatch):
+    clip = clips.make_clip(tmp_path / "busy.mp4", seconds=5, fps=8, size=(96, 64))
+    real = video.DecodeBudget.spend
+    monkeypatch.setattr(video.DecodeBudget, "spend", lambda self, *a: (time.sleep(0.1), real(self, *a))[1])
+    live = LiveServer(engine, tmp_path / "states", media_workers=1)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            busy = pool.submit(_video_chat, live, clip)  # about 4 s of decoding on the only media thread
+            time.sleep(0.5)
+            started = time.perf_counter()
+            reply = live.client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}],
+                                                        max_tokens=2, temperature=0)
+            waited = time.perf_counter() - started
+            assert not busy.done() and reply.choices[0].finish_reason and waited < 2.0, waited
+            assert busy.result()[0] == 200
     finally:
         live.close()
 
