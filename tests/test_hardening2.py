@@ -210,6 +210,43 @@ def test_2_a_client_that_hangs_up_stops_the_decoding(engine, tmp_path, monkeypat
         live.close()
 
 
+def _keyframed_clip(frames: int, gop: int, width: int = 96, height: int = 64) -> bytes:
+    import av
+    import numpy as np
+
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=8, options={"x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0"})
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(frames):
+            rgb = np.zeros((height, width, 3), np.uint8)
+            rgb[:, (i * 3) % width], rgb[..., 1] = 255, i % 255  # every frame differs
+            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def test_2_a_long_clip_over_the_budget_is_decoded_by_seeking_to_the_same_frames():
+    data = _keyframed_clip(400, gop=8)  # 50 s at 8 fps, a keyframe every second
+    info = video.probe(data, "long", 10**8)
+    indices = list(range(0, 400, 37))
+    everything = video.decode(data, "long", info, indices, None)  # no budget: every frame up to the last
+    with video.limited(video.DecodeBudget(60 * 96 * 64)) as budget:  # 60 frames' worth, of the 397 needed
+        sought = video.decode(data, "long", info, indices, None)
+    assert budget.used <= 60 * 96 * 64 and numpy_equal(sought, everything)
+    with video.limited(video.DecodeBudget(60 * 96 * 64)), pytest.raises(VlcacheError, match="too much decoding"):
+        one_keyframe = _keyframed_clip(400, gop=1000)  # the attack's shape: nothing to seek to
+        video.decode(one_keyframe, "flat", video.probe(one_keyframe, "flat", 10**8), indices, None)
+
+
+def numpy_equal(a, b) -> bool:
+    import numpy as np
+
+    return a.shape == b.shape and bool(np.array_equal(a, b))
+
+
 def test_2_busy_media_threads_do_not_hold_up_text_only_chats(engine, tmp_path, monkeypatch):
     clip = clips.make_clip(tmp_path / "busy.mp4", seconds=5, fps=8, size=(96, 64))
     real = video.DecodeBudget.spend
