@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--media-workers", type=positive_int, default=4,
                        help="threads that fetch and decode images and videos (default: 4)")
     serve.add_argument("--video-decode-pixels", type=positive_int, default=4_000_000_000,
-                       help="frame pixels one request may decode, every frame up to the last sampled (default: 4000000000)")
+                       help="frame pixels one request may decode; longer clips seek to keyframes (default: 4000000000)")
     serve.add_argument("--ray", action="store_true",
                        help="run --replicas copies under Ray Serve ($RAY_ADDRESS or a local Ray), routed by image")
     serve.add_argument("--replicas", type=positive_int, default=2, help="with --ray: server replicas (default: 2)")
