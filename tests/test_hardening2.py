@@ -151,6 +151,37 @@ def test_3_an_upload_is_judged_by_its_header_before_its_tensors_arrive(engine, l
     assert live.service.store.upload_quota == 4 * limit
 
 
+def _long_state(state: ImageState, n: int) -> ImageState:
+    """A valid state of n tokens for the same model (random K/V): an upload as large as the model allows."""
+    big = forged(state)
+    big.kv = [(torch.randn(1, k.shape[1], n, k.shape[3]), torch.randn(1, v.shape[1], n, v.shape[3])) for k, v in big.kv]
+    big.input_ids, big.attention_mask = torch.zeros(1, n, dtype=torch.long), torch.ones(1, n, dtype=torch.long)
+    big.mm_token_type_ids = torch.zeros(1, n, dtype=torch.long)
+    big.metadata.prefix_tokens = n
+    return big
+
+
+def _upload_peak(live, data: bytes) -> int:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        status, reply = upload(live, data)
+        return tracemalloc.get_traced_memory()[1] if status == 200 else -1
+    finally:
+        tracemalloc.stop()
+
+
+def test_3_an_upload_is_streamed_to_disk_not_held_in_memory(engine, live, rocket_state, tmp_path):
+    small, big = (_long_state(rocket_state, n).to_bytes() for n in (500, 4000))  # 4000: near the 4096-token context
+    peaks = [_upload_peak(live, small), _upload_peak(live, big)]
+    # What the server holds grows far slower than the file: no copy of it (reading it whole, as loading did, would
+    # add at least the file's size).
+    assert 0 < peaks[0] and peaks[1] - peaks[0] < 0.5 * (len(big) - len(small)), (peaks, len(small), len(big))
+    status, reply = upload(live, _long_state(rocket_state, 4096).to_bytes())  # no room left for an answer
+    assert status == 400 and "context" in reply["error"]["message"], reply
+
+
 # 2 and 4: video decoding -----------------------------------------------------------------------------------------
 
 def _video_chat(live, path_or_url):
