@@ -30,9 +30,7 @@ from test_server import LiveServer, image_messages
 from vlcache import client as client_module
 from vlcache import storage, video
 from vlcache.errors import CacheFileError, ModelMismatchError, VlcacheError
-from vlcache.header import read_header
 from vlcache.serving import body as body_module
-from vlcache.serving import store as store_module
 from vlcache.serving.store import StateStore
 from vlcache.state import ImageState, load_state
 from vlcache.testing import clips
@@ -153,6 +151,37 @@ def test_3_an_upload_is_judged_by_its_header_before_its_tensors_arrive(engine, l
     assert live.service.store.upload_quota == 4 * limit
 
 
+def _long_state(state: ImageState, n: int) -> ImageState:
+    """A valid state of n tokens for the same model (random K/V): an upload as large as the model allows."""
+    big = forged(state)
+    big.kv = [(torch.randn(1, k.shape[1], n, k.shape[3]), torch.randn(1, v.shape[1], n, v.shape[3])) for k, v in big.kv]
+    big.input_ids, big.attention_mask = torch.zeros(1, n, dtype=torch.long), torch.ones(1, n, dtype=torch.long)
+    big.mm_token_type_ids = torch.zeros(1, n, dtype=torch.long)
+    big.metadata.prefix_tokens = n
+    return big
+
+
+def _upload_peak(live, data: bytes) -> int:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        status, reply = upload(live, data)
+        return tracemalloc.get_traced_memory()[1] if status == 200 else -1
+    finally:
+        tracemalloc.stop()
+
+
+def test_3_an_upload_is_streamed_to_disk_not_held_in_memory(engine, live, rocket_state, tmp_path):
+    small, big = (_long_state(rocket_state, n).to_bytes() for n in (500, 4000))  # 4000: near the 4096-token context
+    peaks = [_upload_peak(live, small), _upload_peak(live, big)]
+    # What the server holds grows far slower than the file: no copy of it (reading it whole, as loading did, would
+    # add at least the file's size).
+    assert 0 < peaks[0] and peaks[1] - peaks[0] < 0.5 * (len(big) - len(small)), (peaks, len(small), len(big))
+    status, reply = upload(live, _long_state(rocket_state, 4096).to_bytes())  # no room left for an answer
+    assert status == 400 and "context" in reply["error"]["message"], reply
+
+
 # 2 and 4: video decoding -----------------------------------------------------------------------------------------
 
 def _video_chat(live, path_or_url):
@@ -208,6 +237,62 @@ def test_2_a_client_that_hangs_up_stops_the_decoding(engine, tmp_path, monkeypat
         # Stopping is not a failure of the bytes: the next client gets its answer.
         status, reply = _video_chat(live, clip)
         assert status == 200, reply
+    finally:
+        live.close()
+
+
+def _keyframed_clip(frames: int, gop: int, width: int = 96, height: int = 64) -> bytes:
+    import av
+    import numpy as np
+
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=8, options={"x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0"})
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(frames):
+            rgb = np.zeros((height, width, 3), np.uint8)
+            rgb[:, (i * 3) % width], rgb[..., 1] = 255, i % 255  # every frame differs
+            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def test_2_a_long_clip_over_the_budget_is_decoded_by_seeking_to_the_same_frames():
+    data = _keyframed_clip(400, gop=8)  # 50 s at 8 fps, a keyframe every second
+    info = video.probe(data, "long", 10**8)
+    indices = list(range(0, 400, 37))
+    everything = video.decode(data, "long", info, indices, None)  # no budget: every frame up to the last
+    with video.limited(video.DecodeBudget(60 * 96 * 64)) as budget:  # 60 frames' worth, of the 397 needed
+        sought = video.decode(data, "long", info, indices, None)
+    assert budget.used <= 60 * 96 * 64 and numpy_equal(sought, everything)
+    with video.limited(video.DecodeBudget(60 * 96 * 64)), pytest.raises(VlcacheError, match="too much decoding"):
+        one_keyframe = _keyframed_clip(400, gop=1000)  # the attack's shape: nothing to seek to
+        video.decode(one_keyframe, "flat", video.probe(one_keyframe, "flat", 10**8), indices, None)
+
+
+def numpy_equal(a, b) -> bool:
+    import numpy as np
+
+    return a.shape == b.shape and bool(np.array_equal(a, b))
+
+
+def test_2_busy_media_threads_do_not_hold_up_text_only_chats(engine, tmp_path, monkeypatch):
+    clip = clips.make_clip(tmp_path / "busy.mp4", seconds=5, fps=8, size=(96, 64))
+    real = video.DecodeBudget.spend
+    monkeypatch.setattr(video.DecodeBudget, "spend", lambda self, *a: (time.sleep(0.1), real(self, *a))[1])
+    live = LiveServer(engine, tmp_path / "states", media_workers=1)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            busy = pool.submit(_video_chat, live, clip)  # about 4 s of decoding on the only media thread
+            time.sleep(0.5)
+            started = time.perf_counter()
+            reply = live.client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}],
+                                                        max_tokens=2, temperature=0)
+            waited = time.perf_counter() - started
+            assert not busy.done() and reply.choices[0].finish_reason and waited < 2.0, waited
+            assert busy.result()[0] == 200
     finally:
         live.close()
 

@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--media-workers", metavar="N", type=positive_int, default=4,
                        help="threads that fetch and decode images and videos (default: 4)")
     serve.add_argument("--video-decode-pixels", metavar="N", type=positive_int, default=4_000_000_000,
-                       help="frame pixels one request may decode, every frame up to the last sampled (default: 4000000000)")
+                       help="frame pixels one request may decode, longer clips seek to keyframes (default: 4000000000)")
     serve.add_argument("--no-web", action="store_true", help="no chat page at / (the API alone)")
     serve.add_argument("--cors-origin", type=web_origin, default=None, metavar="ORIGIN",
                        help="one other origin whose pages may call the API, e.g. https://example.com (default: none)")

@@ -147,19 +147,24 @@ def decode(data: bytes, name: str, info: VideoInfo, indices: list[int], max_pixe
         raise VideoError(f"video too large to decode: {len(indices)} frames of {width}x{height} need {need / 2**30:.1f} GiB "
                          f"(limit {MAX_DECODED_BYTES / 2**30:.0f} GiB); pass --max-frames or --max-pixels")
     budget = _budget.get()
-    if budget is not None and budget.used + (indices[-1] + 1) * info.width * info.height > budget.pixels:
-        budget.spend((indices[-1] + 1) * info.width * info.height, name)  # refused before a frame is decoded
-    wanted = set(indices)
+    # Decoding every frame up to the last sampled one is exact for any stream; where it would cost more than
+    # the budget, the decoder seeks to the keyframe before each sampled frame instead (a long clip with regular
+    # keyframes then costs a few frames a sample; a clip with none runs out of budget while decoding).
+    seek = budget is not None and budget.used + (indices[-1] + 1) * info.width * info.height > budget.pixels
     frames = []
     with _open(data, name) as container:
         stream = _video_stream(container, name, max_decode_pixels)
         try:
-            for i, frame in enumerate(container.decode(stream)):
-                _check_frame(frame, name, max_decode_pixels, budget)
-                if i in wanted:
-                    frames.append(frame.to_ndarray(format="rgb24", width=width, height=height))
-                if i >= indices[-1]:
-                    break
+            if seek:
+                frames = _decode_seeking(container, stream, info, indices, (width, height), name, max_decode_pixels, budget)
+            else:
+                wanted = set(indices)
+                for i, frame in enumerate(container.decode(stream)):
+                    _check_frame(frame, name, max_decode_pixels, budget)
+                    if i in wanted:
+                        frames.append(frame.to_ndarray(format="rgb24", width=width, height=height))
+                    if i >= indices[-1]:
+                        break
         except _av_errors() as exc:
             raise VideoError(f"video is truncated or corrupt (or changes to frames over the {max_decode_pixels:,}-pixel "
                              f"limit): {name}: {_reason(exc)} (after {len(frames)} of the {len(indices)} sampled frames)") from None
@@ -167,6 +172,33 @@ def decode(data: bytes, name: str, info: VideoInfo, indices: list[int], max_pixe
         raise VideoError(f"video is truncated or corrupt: {name}: {len(frames)} of the {len(indices)} sampled frames "
                          f"could be decoded (the container promised {info.total_frames})")
     return np.stack(frames)
+
+
+SEEK_GAP_SECONDS = 2.0  # a sampled frame this far past the decoder's position is reached by seeking
+
+
+def _decode_seeking(container, stream, info: VideoInfo, indices: list[int], size: tuple[int, int], name: str,
+                    max_decode_pixels: int, budget: DecodeBudget) -> list:
+    """The frames at `indices`, seeking to the keyframe before a sampled frame that is far ahead; a frame's index
+    is its presentation time times the rate (what sequential counting gives for a constant-rate stream)."""
+    if not stream.time_base or info.fps <= 0:
+        budget.spend((indices[-1] + 1) * info.width * info.height, name)  # cannot seek: refused as before
+    base, frames, at, decoded = stream.start_time or 0, [], -1, None
+    for index in indices:
+        if decoded is None or index - at > SEEK_GAP_SECONDS * info.fps:
+            container.seek(base + int(index / info.fps / stream.time_base), backward=True, any_frame=False, stream=stream)
+            decoded = container.decode(stream)
+        for frame in decoded:
+            _check_frame(frame, name, max_decode_pixels, budget)
+            if frame.pts is None:
+                continue
+            at = round(float((frame.pts - base) * stream.time_base) * info.fps)
+            if at >= index:
+                frames.append(frame.to_ndarray(format="rgb24", width=size[0], height=size[1]))
+                break
+        else:
+            break  # the stream ended first: reported as truncated
+    return frames
 
 
 def frame_size(width: int, height: int, max_pixels: int | None) -> tuple[int, int]:

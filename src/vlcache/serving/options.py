@@ -24,7 +24,7 @@ class ServeOptions:
     max_uploads: int = 2  # uploads received at once; more get 429
     upload_quota: int | None = None  # bytes of uploaded files kept, least recently used removed (None: 4 x max_state_bytes)
     media_workers: int = 4  # threads that fetch and decode media, apart from the rest of the server
-    video_decode_pixels: int = 4_000_000_000  # pixels of video frames one request may decode (frames x width x height)
+    video_decode_pixels: int = 4_000_000_000  # frame pixels one request may decode (each decoded frame's width x height)
     media: MediaOptions = MediaOptions()  # how videos are sampled (fps, max frames): part of every key
     default_max_tokens: int = 512
     web: bool = True  # the chat page at / (--no-web: off)

@@ -102,4 +102,7 @@ def _checked_header(service: Service, head: bytes, raw: bytes, limit: int) -> tu
         raise APIError(400, str(exc), "file") from None
     except VlcacheError as exc:
         raise APIError(400, str(exc), "file") from None
+    if meta.prefix_tokens >= service.context_length:  # no question could follow it
+        raise APIError(400, f"{SOURCE} holds {meta.prefix_tokens:,} tokens, the model's whole context "
+                            f"({service.context_length:,}) or more", "file")
     return meta, declared
