@@ -1,0 +1,14 @@
+"""SmolVLM / SmolVLM2 and Idefics3: the image is resized to a longest edge, split into tiles plus a global view,
+each tile a block of <image> tokens after pixel shuffle, marked by <fake_token_around_image> and its
+<row_r_col_c> / <global-img> name; a Llama-style text model with plain 1D RoPE. The processor also returns a
+pixel attention mask (padding of tiles), which the prefill passes on as generate() does. SmolVLM's processor
+needs `num2words` (the `smolvlm` extra)."""
+
+from __future__ import annotations
+
+from .plain import PlainImageText
+
+
+class SmolVLM(PlainImageText):
+    name = "smolvlm"
+    model_types = ("smolvlm", "idefics3")
