@@ -220,7 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true")
     inspect.set_defaults(run=run_inspect)
 
-    for p in (cache, ask, chat, serve, inspect, status, stop):
+    check = sub.add_parser("check", help="test whether cached answers equal transformers' own for a model (exit 1 if not)")
+    add_model_arguments(check, "model id or local folder (default: $VLCACHE_MODEL or Qwen/Qwen3-VL-2B-Instruct)")
+    check.set_defaults(run=run_check)
+
+    for p in (cache, ask, chat, serve, inspect, status, stop, check):
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return parser
 
@@ -626,6 +630,12 @@ def _layer_summary(kinds: list) -> str:
         return "full_attention (a format 1 file)"
     counts = {kind: kinds.count(kind) for kind in dict.fromkeys(kinds)}
     return ", ".join(f"{n} {kind}" for kind, n in counts.items())
+
+
+def run_check(args: argparse.Namespace) -> int:
+    from .check import run
+
+    return run(args.model, device=args.device, dtype=args.dtype or "auto")
 
 
 # -- plumbing ----------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from . import attention, generate, images, media, model as model_loading, prompt
-from .families import LINEAR, family_class
+from .families import GENERIC, LINEAR, family_class
 from .families.base import run_steps
 from .defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SYSTEM_PROMPT
 from .errors import ImageError, ModelMismatchError, VlcacheError
@@ -47,7 +47,8 @@ class Engine:
         self._loaded = loaded
         self.model = loaded.model
         self.processor = loaded.processor
-        self.family = family_class(self.model.config.model_type)(self.model, self.processor)
+        # An unlisted model type gets the generic adapter (model.load lets it through once `vlcache check` passed).
+        self.family = (family_class(self.model.config.model_type) or GENERIC)(self.model, self.processor)
         self.eos_ids = _eos_ids(self.model.generation_config)
         self._dtype_notes: set[str] = set()
         attention.install(self.model)
@@ -58,9 +59,10 @@ class Engine:
                         "an uncached generate() by attention-kernel rounding; --dtype float32 gives equal tokens")
 
     @classmethod
-    def load(cls, model: str | None = None, device: str = "auto", dtype: str = "auto") -> "Engine":
-        """Load a model by hub id or local folder (default: $VLCACHE_MODEL or Qwen/Qwen3-VL-2B-Instruct)."""
-        return cls(model_loading.load(model or model_loading.default_model(), device=device, dtype=dtype))
+    def load(cls, model: str | None = None, device: str = "auto", dtype: str = "auto", unchecked: bool = False) -> "Engine":
+        """Load a model by hub id or local folder (default: $VLCACHE_MODEL or Qwen/Qwen3-VL-2B-Instruct).
+        `unchecked`: an unlisted model type loads before `vlcache check` passed for it (the check itself)."""
+        return cls(model_loading.load(model or model_loading.default_model(), device=device, dtype=dtype, unchecked=unchecked))
 
     @property
     def model_name(self) -> str:

@@ -202,8 +202,11 @@ def available_memory(device: torch.device) -> int | None:
     return None
 
 
-def load(name: str, device: str = "auto", dtype: str | torch.dtype = "auto") -> LoadedModel:
-    """from_pretrained on a hub id or a local folder; errors become one-line ModelLoadErrors."""
+def load(name: str, device: str = "auto", dtype: str | torch.dtype = "auto", unchecked: bool = False) -> LoadedModel:
+    """from_pretrained on a hub id or a local folder; errors become one-line ModelLoadErrors.
+
+    A model type outside the supported families loads only if `vlcache check` passed for its weights, or with
+    `unchecked` (what the check itself uses)."""
     # Imported here so that `vlcache --help` and argument errors do not pay for transformers.
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
@@ -213,9 +216,9 @@ def load(name: str, device: str = "auto", dtype: str | torch.dtype = "auto") -> 
         # 1. The config says the family and the stored dtype: enough to choose and check before the weights.
         config = AutoConfig.from_pretrained(name)
         model_type = getattr(config, "model_type", None)
-        if family_class(model_type) is None:
-            raise ModelLoadError(f"model {name!r} is a {model_type!r}, which vlcache does not support; supported: "
-                                 + ", ".join(supported_model_types()))
+        if family_class(model_type) is None and not is_image_text_to_text(model_type):
+            raise ModelLoadError(f"model {name!r} is a {model_type!r}, which vlcache does not support (transformers "
+                                 "does not load it as image-text-to-text); supported: " + ", ".join(supported_model_types()))
         if requested == "auto":
             torch_dtype, reason = choose_dtype(torch_device, checkpoint_dtype(config))
         else:
@@ -230,7 +233,7 @@ def load(name: str, device: str = "auto", dtype: str | torch.dtype = "auto") -> 
     except (ValueError, KeyError) as exc:
         raise ModelLoadError(f"cannot load model {name!r}: {_first_line(exc)}") from None
     model.to(torch_device).eval()
-    return LoadedModel(
+    loaded = LoadedModel(
         model=model,
         processor=processor,
         name=name,
@@ -239,14 +242,58 @@ def load(name: str, device: str = "auto", dtype: str | torch.dtype = "auto") -> 
         fingerprint=remembered_fingerprint(model, files or weight_files(name)),
         dtype_reason=reason,
     )
+    # 3. An unlisted model type runs through the generic adapter only once `vlcache check` passed for its weights.
+    if family_class(model_type) is None and not unchecked and checked(loaded.fingerprint) is None:
+        raise ModelLoadError(
+            f"model {name!r} is a {model_type!r}, which vlcache has no family for: run `vlcache check --model {name}` "
+            "once to test whether the generic adapter (plain positions, full-attention K/V) is exact for these weights")
+    return loaded
+
+
+def is_image_text_to_text(model_type: str | None) -> bool:
+    """Whether transformers loads this model type with AutoModelForImageTextToText."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 
 # -- the weight fingerprint -----------------------------------------------------------------------------------
 
+def vlcache_home() -> Path:
+    """$VLCACHE_HOME (default ~/.cache/vlcache): remembered fingerprints and passed checks."""
+    return Path(os.environ.get("VLCACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "vlcache"))
+
+
 def fingerprint_cache_path() -> Path:
-    """Where fingerprints are remembered: $VLCACHE_HOME/fingerprints.json (default ~/.cache/vlcache)."""
-    home = os.environ.get("VLCACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "vlcache")
-    return Path(home) / "fingerprints.json"
+    """Where fingerprints are remembered: $VLCACHE_HOME/fingerprints.json."""
+    return vlcache_home() / "fingerprints.json"
+
+
+# -- models that passed `vlcache check` ---------------------------------------------------------------------
+
+def checks_path() -> Path:
+    return vlcache_home() / "checked.json"
+
+
+def checked(fingerprint: str) -> dict | None:
+    """What `vlcache check` recorded for these weights when it passed under this transformers version, or None."""
+    import transformers
+
+    record = _read_json(checks_path()).get(fingerprint)
+    if isinstance(record, dict) and record.get("transformers") == transformers.__version__:
+        return record
+    return None
+
+
+def remember_check(fingerprint: str, record: dict | None) -> None:
+    """Record that `vlcache check` passed for these weights (or forget it: `record` None after a failure)."""
+    import transformers
+
+    known = _read_json(checks_path())
+    known.pop(fingerprint, None)
+    if record is not None:
+        known[fingerprint] = {**record, "transformers": transformers.__version__}
+    _write_json(checks_path(), known)
 
 
 def checkpoint_identity(model: torch.nn.Module, files: list[Path]) -> str | None:
