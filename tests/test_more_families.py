@@ -1,0 +1,203 @@
+"""The families added for issue 22 (GLM-4.1V/4.5V, PaddleOCR-VL, InternVL, SmolVLM, Idefics3, Mistral 3), each
+exact against transformers' own generate: batches, a 3-turn chat, text-only, several images, video (GLM), the
+CLI in fresh processes and the live server for one M-RoPE and one plain family; controls that fail when
+positions are restored wrongly; and `vlcache check` on a listed model, on an unlisted one (LLaVA-NeXT: refused,
+checked, then used) and on a model the generic adapter gets wrong.
+"""
+
+import json
+
+import pytest
+
+from conftest import SYSTEM, photo
+from reference import reference_for_messages, reference_for_parts, reference_tokens
+from test_cli import run
+from test_server import LiveServer, image_messages
+from vlcache import Engine, cli
+from vlcache.conversation import Conversation
+from vlcache.media import MediaOptions
+from vlcache.testing.families import build_family_checkpoint
+
+KINDS = ["glm4v", "glm4v_moe", "paddleocr_vl", "internvl", "smolvlm", "idefics3", "mistral3"]
+FAMILY = {"glm4v": "glm4v", "glm4v_moe": "glm4v", "paddleocr_vl": "paddleocr-vl", "internvl": "internvl",
+          "smolvlm": "smolvlm", "idefics3": "smolvlm", "mistral3": "mistral3"}
+PIXELS = 160 * 160
+N = 12
+QUESTIONS = ["What objects are visible in this image?", "What colors dominate the scene?", "Describe the lighting and mood."]
+
+
+@pytest.fixture(scope="session")
+def more_dir(tmp_path_factory):
+    built: dict = {}
+
+    def build(kind):
+        if kind not in built:
+            built[kind] = build_family_checkpoint(kind, tmp_path_factory.mktemp(kind))
+        return built[kind]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def more_engine(more_dir):
+    engines: dict = {}
+
+    def load(kind):
+        if kind not in engines:
+            engines[kind] = Engine.load(str(more_dir(kind)), device="cpu")
+        return engines[kind]
+
+    return load
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_batch_text_only_and_several_images_equal_generate(kind, more_engine):
+    engine = more_engine(kind)
+    assert engine.family.name == FAMILY[kind]
+    state = engine.cache_image(photo("chelsea.png"), system_prompt=SYSTEM, max_pixels=PIXELS)
+    expected = [reference_tokens(engine, photo("chelsea.png"), SYSTEM, q, N, max_pixels=PIXELS) for q in QUESTIONS[:2]]
+    assert len(set(expected[0])) >= 4  # varied output: a model repeating one token would hide position bugs
+    assert [a.token_ids for a in engine.ask_many(state, QUESTIONS[:2], max_new_tokens=N, temperature=0)] == expected
+    # Text only.
+    assert engine.ask(None, "Hello!", max_new_tokens=N, temperature=0).token_ids == reference_tokens(engine, None, None, "Hello!", N)
+    # Two images in one state.
+    sources = [photo("rocket.jpg"), photo("coffee.png")]
+    two = engine.cache(sources, system_prompt=SYSTEM, options=MediaOptions(max_pixels=PIXELS))
+    assert two.metadata.image_tokens > state.metadata.image_tokens
+    messages = [{"role": "system", "content": SYSTEM},
+                {"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": QUESTIONS[1]}]}]
+    assert engine.ask(two, QUESTIONS[1], max_new_tokens=N, temperature=0).token_ids == reference_for_parts(
+        engine, messages, sources, N, max_pixels=PIXELS)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_three_turn_chat_equals_generate(kind, more_engine):
+    engine = more_engine(kind)
+    state = engine.cache_image(photo("coffee.png"), system_prompt=SYSTEM, max_pixels=PIXELS)
+    chat = Conversation(engine, state)
+    messages = [{"role": "system", "content": SYSTEM}]
+    for i, question in enumerate(QUESTIONS):
+        answer = chat.ask(question, max_new_tokens=N, temperature=0)
+        messages.append({"role": "user", "content": ([{"type": "image"}] if i == 0 else []) + [{"type": "text", "text": question}]})
+        assert answer.token_ids == reference_for_messages(engine, messages, photo("coffee.png"), N, max_pixels=PIXELS), i
+        messages.append({"role": "assistant", "content": answer.text})
+
+
+@pytest.mark.parametrize("kind", ["glm4v"])
+def test_cli_cache_then_ask_in_fresh_processes_equals_generate(kind, more_dir, more_engine, tmp_path, capsys):
+    engine = more_engine(kind)
+    cache = tmp_path / "c.pt"
+    made = run("cache", photo("rocket.jpg"), "--output", cache, "--model", more_dir(kind), "--max-pixels", PIXELS,
+               "--system-prompt", SYSTEM)
+    assert made.returncode == 0, made.stderr
+    asked = run("ask", "--cache", cache, "--prompt", QUESTIONS[0], "--max-new-tokens", N, "--temperature", 0, "--json")
+    assert asked.returncode == 0, asked.stderr
+    expected = reference_tokens(engine, photo("rocket.jpg"), SYSTEM, QUESTIONS[0], N, max_pixels=PIXELS)
+    assert json.loads(asked.stdout)["token_ids"] == expected
+    assert cli.main(["inspect", str(cache), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["family"] == FAMILY[kind] and info["layer_kinds"] == ["full_attention"] * 2
+
+
+@pytest.mark.parametrize("kind", ["glm4v", "mistral3"])
+def test_the_server_answers_exactly_and_continues_turns(kind, more_engine, tmp_path):
+    engine = more_engine(kind)
+    live = LiveServer(engine, tmp_path / "states")
+    try:
+        first = live.client.chat.completions.create(model="m", messages=image_messages("camera.png", QUESTIONS[0]),
+                                                    max_tokens=N, temperature=0)
+        second = live.client.chat.completions.create(model="m", messages=image_messages("camera.png", QUESTIONS[1]),
+                                                     max_tokens=N, temperature=0)
+        later = image_messages("camera.png", QUESTIONS[0]) + [
+            {"role": "assistant", "content": first.choices[0].message.content}, {"role": "user", "content": QUESTIONS[2]}]
+        third = live.client.chat.completions.create(model="m", messages=later, max_tokens=N, temperature=0)
+    finally:
+        live.close()
+    decode = engine.processor.tokenizer.decode
+    expected = reference_tokens(engine, photo("camera.png"), SYSTEM, QUESTIONS[1], N)
+    assert second.choices[0].message.content == decode(expected, skip_special_tokens=True)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details.cached_tokens > 0
+    reference = [{"role": "system", "content": SYSTEM},
+                 {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTIONS[0]}]},
+                 {"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": [{"type": "text", "text": QUESTIONS[2]}]}]
+    expected = reference_for_messages(engine, reference, photo("camera.png"), N)
+    assert third.choices[0].message.content == decode(expected, skip_special_tokens=True)
+    assert third.usage.prompt_tokens_details.cached_tokens > second.usage.prompt_tokens_details.cached_tokens
+
+
+@pytest.mark.parametrize("kind", ["glm4v", "mistral3"])
+def test_wrong_positions_would_be_caught(kind, more_engine, monkeypatch):
+    """Control per position scheme (GLM's M-RoPE, plain 1D): shifted positions after the state change answers."""
+    engine = more_engine(kind)
+    state = engine.cache_image(photo("rocket.jpg"), system_prompt=SYSTEM, max_pixels=PIXELS)
+    expected = [reference_tokens(engine, photo("rocket.jpg"), SYSTEM, q, N, max_pixels=PIXELS) for q in QUESTIONS]
+    assert [engine.ask(state, q, max_new_tokens=N, temperature=0).token_ids for q in QUESTIONS] == expected
+    right = engine.family.positions
+    monkeypatch.setattr(engine.family, "positions", lambda slots, logical, delta: right(slots, logical + 3, delta))
+    assert [engine.ask(state, q, max_new_tokens=N, temperature=0).token_ids for q in QUESTIONS] != expected
+
+
+def test_glm_video_with_an_odd_frame_count_equals_generate(more_engine, tmp_path):
+    """GLM's sampler picks 3 frames here and repeats the last (frames go in pairs): vlcache decodes each once and
+    repeats it as transformers' loader does; the timestamps between frames are in the prompt."""
+    from vlcache.testing.clips import make_clip
+
+    engine = more_engine("glm4v")
+    clip = make_clip(tmp_path / "c.mp4", seconds=1.5, fps=8, size=(96, 64), source=photo("rocket.jpg"))
+    state = engine.cache([clip], system_prompt=SYSTEM)
+    assert state.metadata.parts[0]["frames"] == 3
+    messages = [{"role": "system", "content": SYSTEM},
+                {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": QUESTIONS[0]}]}]
+    for question in QUESTIONS[:2]:
+        messages[1]["content"][1]["text"] = question
+        assert engine.ask(state, question, max_new_tokens=N, temperature=0).token_ids == reference_for_parts(
+            engine, messages, [clip], N)
+
+
+# -- vlcache check ----------------------------------------------------------------------------------------------
+
+def test_check_on_a_listed_family_prints_what_held(more_dir, capsys):
+    assert cli.main(["check", "--model", str(more_dir("glm4v")), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    for probe in ("cached image", "batch of two", "two-turn chat", "video"):
+        assert f"held  {probe}: equal token ids" in out
+    assert "exact: every probe held" in out
+
+
+def test_an_unlisted_model_is_checked_then_used(more_dir, tmp_path, monkeypatch, capsys):
+    """LLaVA-NeXT (no family of its own): refused with one line naming `vlcache check`; the check passes; then
+    it loads through the generic adapter, and a fresh process answers from its state exactly."""
+    monkeypatch.setenv("VLCACHE_HOME", str(tmp_path / "home"))  # subprocesses inherit it
+    model = more_dir("llava_next")
+    refused = run("ask", "--model", model, "--prompt", "Hello!")
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"error: model '{model}' is a 'llava_next', which vlcache has no family for: run `vlcache check --model {model}` "
+        "once to test whether the generic adapter (plain positions, full-attention K/V) is exact for these weights")
+    assert cli.main(["check", "--model", str(model), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "held  two-turn chat: equal token ids" in out and "remembered" in out
+    engine = Engine.load(str(model), device="cpu")  # no longer refused
+    assert engine.family.name == "generic"
+    cache = engine.cache_image(photo("rocket.jpg"), system_prompt=SYSTEM).save(tmp_path / "n.pt")
+    asked = run("ask", "--cache", cache, "--prompt", QUESTIONS[0], "--max-new-tokens", N, "--temperature", 0, "--json")
+    assert asked.returncode == 0, asked.stderr
+    expected = reference_tokens(engine, photo("rocket.jpg"), SYSTEM, QUESTIONS[0], N)
+    assert json.loads(asked.stdout)["token_ids"] == expected and len(set(expected)) >= 4
+
+
+def test_check_fails_and_names_what_differed_when_the_generic_adapter_is_wrong(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """Control: Qwen3-VL run through the generic adapter (plain positions instead of M-RoPE) is not exact, and
+    the check says so, exits 1 and remembers nothing."""
+    from vlcache import check, engine as engine_module, model as model_module
+
+    monkeypatch.setenv("VLCACHE_HOME", str(tmp_path / "home"))
+    for module in (check, engine_module, model_module):
+        monkeypatch.setattr(module, "family_class", lambda model_type: None)
+    assert check.run(str(tiny_model_dir), device="cpu") == 1
+    captured = capsys.readouterr()
+    assert "DIFFERED  cached image: cached [" in captured.out
+    assert captured.err.strip().splitlines()[-1].startswith(f"error: vlcache is not exact for {tiny_model_dir}: cached image")
+    assert not (tmp_path / "home" / "checked.json").exists() or json.loads((tmp_path / "home" / "checked.json").read_text()) == {}
