@@ -139,21 +139,45 @@ def test_wrong_positions_would_be_caught(kind, more_engine, monkeypatch):
     assert [engine.ask(state, q, max_new_tokens=N, temperature=0).token_ids for q in QUESTIONS] != expected
 
 
-def test_glm_video_with_an_odd_frame_count_equals_generate(more_engine, tmp_path):
-    """GLM's sampler picks 3 frames here and repeats the last (frames go in pairs): vlcache decodes each once and
-    repeats it as transformers' loader does; the timestamps between frames are in the prompt."""
+@pytest.mark.parametrize("kind", ["glm4v", "glm46v", "internvl", "smolvlm"])
+def test_video_equals_generate(kind, more_engine, tmp_path):
+    """Frames sampled by the model's own video processor, against transformers' own loader. GLM's samplers pick
+    some frames twice here (GLM-4.1V repeats the last of 3, GLM-4.6V spreads 9 over fewer): vlcache decodes each
+    once and repeats it as transformers' loader does; GLM-4.1V and 4.6V write the timestamps differently."""
     from vlcache.testing.clips import make_clip
 
-    engine = more_engine("glm4v")
+    engine = more_engine(kind)
     clip = make_clip(tmp_path / "c.mp4", seconds=1.5, fps=8, size=(96, 64), source=photo("rocket.jpg"))
     state = engine.cache([clip], system_prompt=SYSTEM)
-    assert state.metadata.parts[0]["frames"] == 3
+    if kind.startswith("glm"):  # a frame sampled twice, decoded once
+        indices = state.metadata.parts[0]["frame_indices"]
+        assert len(set(indices)) < len(indices) and len(indices) % 2 == 0
     messages = [{"role": "system", "content": SYSTEM},
                 {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": QUESTIONS[0]}]}]
     for question in QUESTIONS[:2]:
         messages[1]["content"][1]["text"] = question
         assert engine.ask(state, question, max_new_tokens=N, temperature=0).token_ids == reference_for_parts(
             engine, messages, [clip], N)
+
+
+def test_smolvlm_without_num2words_names_the_extra(more_dir, monkeypatch):
+    from transformers.models.smolvlm import processing_smolvlm
+
+    from vlcache.errors import ModelLoadError
+
+    monkeypatch.setattr(processing_smolvlm, "num2words", None)  # as if the package were not installed
+    with pytest.raises(ModelLoadError, match=r"num2words.*\(pip install 'vlcache\[smolvlm\]'\)$"):
+        Engine.load(str(more_dir("smolvlm")), device="cpu")
+
+
+def test_idefics3_refuses_a_video_in_one_line(more_engine, tmp_path):
+    from vlcache.errors import VideoError
+    from vlcache.testing.clips import make_clip
+
+    engine = more_engine("idefics3")
+    clip = make_clip(tmp_path / "c.mp4", seconds=1.0, fps=4, size=(64, 64))
+    with pytest.raises(VideoError, match=r"this model family \(smolvlm\) takes no videos"):
+        engine.cache([clip], system_prompt=SYSTEM)
 
 
 # -- vlcache check ----------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from .families import family_class, supported_model_types
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 FINGERPRINT_SAMPLES = 4096  # elements read from each weight tensor
+_EXTRAS = {"num2words": "smolvlm"}  # packages a family's processor needs -> the vlcache extra that installs them
 
 
 @dataclass
@@ -228,6 +229,10 @@ def load(name: str, device: str = "auto", dtype: str | torch.dtype = "auto", unc
         # 2. The processor and the weights.
         processor = AutoProcessor.from_pretrained(name)
         model = AutoModelForImageTextToText.from_pretrained(name, dtype=torch_dtype)
+    except ImportError as exc:  # a processor's optional dependency
+        extra = next((extra for package, extra in _EXTRAS.items() if package in str(exc)), None)
+        hint = f" (pip install 'vlcache[{extra}]')" if extra else ""
+        raise ModelLoadError(f"cannot load model {name!r}: {_first_line(exc)}{hint}") from None
     except OSError as exc:
         raise ModelLoadError(f"cannot load model {name!r}: {_first_line(exc)}") from None
     except (ValueError, KeyError) as exc:

@@ -102,29 +102,30 @@ def probe(data: bytes, name: str, max_decode_pixels: int) -> VideoInfo:
 
 
 def decode(data: bytes, name: str, info: VideoInfo, indices: list[int], max_pixels: int | None) -> np.ndarray:
-    """The frames at `indices` (sorted, unique) as RGB, downscaled to at most `max_pixels` pixels each."""
+    """The frames at `indices` (sorted; an index repeated gives its frame again, as some samplers ask) as RGB,
+    downscaled to at most `max_pixels` pixels each. Each frame is decoded once."""
     width, height = frame_size(info.width, info.height, max_pixels)
     need = len(indices) * width * height * 3
     if need > MAX_DECODED_BYTES:
         raise VideoError(f"video too large to decode: {len(indices)} frames of {width}x{height} need {need / 2**30:.1f} GiB "
                          f"(limit {MAX_DECODED_BYTES / 2**30:.0f} GiB); pass --max-frames or --max-pixels")
     wanted = set(indices)
-    frames = []
+    frames: dict[int, np.ndarray] = {}
     with _open(data, name) as container:
         stream = _video_stream(container, name)
         try:
             for i, frame in enumerate(container.decode(stream)):
                 if i in wanted:
-                    frames.append(frame.to_ndarray(format="rgb24", width=width, height=height))
+                    frames[i] = frame.to_ndarray(format="rgb24", width=width, height=height)
                 if i >= indices[-1]:
                     break
         except _av_errors() as exc:
             raise VideoError(f"video is truncated or corrupt: {name}: {_reason(exc)} (after {len(frames)} of the "
-                             f"{len(indices)} sampled frames)") from None
-    if len(frames) < len(indices):
-        raise VideoError(f"video is truncated or corrupt: {name}: {len(frames)} of the {len(indices)} sampled frames "
+                             f"{len(wanted)} sampled frames)") from None
+    if len(frames) < len(wanted):
+        raise VideoError(f"video is truncated or corrupt: {name}: {len(frames)} of the {len(wanted)} sampled frames "
                          f"could be decoded (the container promised {info.total_frames})")
-    return np.stack(frames)
+    return np.stack([frames[i] for i in indices])
 
 
 def frame_size(width: int, height: int, max_pixels: int | None) -> tuple[int, int]:

@@ -5,8 +5,9 @@ the cache slot, rows 1-3 t/h/w), and the delta after the media comes from the mo
 differs from Qwen is in the processor and the video path:
 - a video is one <|begin_of_image|>...<|end_of_image|>{timestamp} block per pair of frames (the processor
   writes the timestamps), its tokens carry the image token id, and mm_token_type_ids marks them 2;
-- GLM's frame sampler repeats the last frame when it picked an odd number (frames are encoded in pairs):
-  vlcache decodes each frame once and repeats it here, so the frames equal what transformers' loader gives.
+- GLM's frame samplers may pick a frame twice (GLM-4.1V repeats the last of an odd count, since frames are
+  encoded in pairs; GLM-4.6V spreads a fixed count over short clips): the indices are kept as sampled, and each
+  frame is decoded once and repeated, so the frames equal what transformers' own loader gives.
 """
 
 from __future__ import annotations
@@ -25,31 +26,18 @@ class Glm4v(QwenMRoPE):
         return Family.image_tokens(self, width, height, images_kwargs)  # GLM's own smart_resize, via its processor
 
     def video_indices(self, info, fps: float | None, max_frames: int | None) -> list[int]:
-        """GLM's sampler at video_fps(fps), each frame once (a repeated last frame is restored in media_kwargs);
-        `max_frames` keeps that many, evenly spaced."""
+        """GLM's own sampler at video_fps(fps) (GLM-4.6V's chooses its own rate), repeats kept; `max_frames`
+        keeps that many of them, evenly spaced."""
         from transformers.video_utils import VideoMetadata
 
         meta = VideoMetadata(total_num_frames=info.total_frames, fps=info.fps, width=info.width, height=info.height,
                              duration=info.duration)
-        indices = sorted({int(i) for i in self.processor.video_processor.sample_frames(meta, fps=self.video_fps(fps))})
+        indices = sorted(int(i) for i in self.processor.video_processor.sample_frames(meta, fps=self.video_fps(fps)))
         if max_frames is not None and len(indices) > max_frames:
-            picks = np.linspace(0, len(indices) - 1, max_frames).round().astype(int)
-            indices = sorted({indices[i] for i in picks})
+            indices = [indices[i] for i in np.linspace(0, len(indices) - 1, max_frames).round().astype(int)]
         return indices
 
     def media_kwargs(self, images: list, videos: list, images_kwargs: dict) -> dict:
         kwargs = super().media_kwargs(images, videos, images_kwargs)
-        kwargs.pop("cap_pixels_per_frame", None)
-        if videos:
-            kwargs["videos"], kwargs["video_metadata"] = zip(*[_paired(v) for v in videos])
-            kwargs["videos"], kwargs["video_metadata"] = list(kwargs["videos"]), list(kwargs["video_metadata"])
+        kwargs.pop("cap_pixels_per_frame", None)  # not an argument of GLM's video processor
         return kwargs
-
-
-def _paired(video):
-    """Frames and metadata with the last frame repeated when their count is odd, as GLM's sampler returns them."""
-    frames, meta = video.frames, video.metadata()
-    if len(frames) % 2:
-        frames = np.concatenate([frames, frames[-1:]])
-        meta.frames_indices = list(meta.frames_indices) + [meta.frames_indices[-1]]
-    return frames, meta

@@ -39,8 +39,9 @@ def _chatml(image: str, video: str | None = None) -> str:
 SMOLVLM_TEMPLATE = (
     "<|im_start|>{% for m in messages %}{{ m['role'] | capitalize }}"
     "{% if m['content'] is string %}: {{ m['content'] }}{% else %}"
-    "{% if m['content'][0]['type'] == 'image' %}:{% else %}: {% endif %}"
-    "{% for item in m['content'] %}{% if item['type'] == 'image' %}<image>{% elif item['type'] == 'text' %}{{ item['text'] }}"
+    "{% if m['content'][0]['type'] in ['image', 'video'] %}:{% else %}: {% endif %}"
+    "{% for item in m['content'] %}{% if item['type'] == 'image' %}<image>{% elif item['type'] == 'video' %}<video>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}"
     "{% endif %}{% endfor %}{% endif %}<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
 )
 
@@ -55,11 +56,11 @@ MISTRAL3_TEMPLATE = (
     "{% endif %}{% endfor %}"
 )
 
-MORE_KINDS = ("glm4v", "glm4v_moe", "paddleocr_vl", "internvl", "smolvlm", "idefics3", "mistral3", "llava_next")
+MORE_KINDS = ("glm4v", "glm4v_moe", "glm46v", "paddleocr_vl", "internvl", "smolvlm", "idefics3", "mistral3", "llava_next")
 
 
 def build(kind: str, folder: Path, seed: int, init_std: float) -> None:
-    builders = {"glm4v": _glm4v, "glm4v_moe": _glm4v, "paddleocr_vl": _paddleocr_vl, "internvl": _internvl,
+    builders = {"glm4v": _glm4v, "glm4v_moe": _glm4v, "glm46v": _glm4v, "paddleocr_vl": _paddleocr_vl, "internvl": _internvl,
                 "smolvlm": _smolvlm, "idefics3": _smolvlm, "mistral3": _mistral3, "llava_next": _llava_next}
     builders[kind](folder, seed, init_std, kind)
 
@@ -84,7 +85,7 @@ def _save(model_class, config, folder, seed, init_std, ids, eos="<|im_end|>", ra
     _save_model(model_class, config, folder, seed, init_std, ids[eos], ids["<|endoftext|>"], randomize=randomize)
 
 
-# -- GLM-4.1V and GLM-4.5V ------------------------------------------------------------------------------------
+# -- GLM-4.1V, GLM-4.5V and GLM-4.6V ------------------------------------------------------------------------------------
 
 def _glm4v(folder: Path, seed: int, init_std: float, kind: str) -> None:
     from transformers import Glm4vImageProcessor, Glm4vProcessor, Glm4vVideoProcessor
@@ -106,6 +107,10 @@ def _glm4v(folder: Path, seed: int, init_std: float, kind: str) -> None:
 
         text.update(moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
                     first_k_dense_replace=1)
+    elif kind == "glm46v":  # GLM-4.6V: GLM-4.1V's model, timestamps written "1.5 seconds"
+        from transformers import Glm46VConfig as Config, Glm46VForConditionalGeneration as Model
+        from transformers import Glm46VImageProcessor as Glm4vImageProcessor, Glm46VProcessor as Glm4vProcessor
+        from transformers import Glm46VVideoProcessor as Glm4vVideoProcessor
     else:
         from transformers import Glm4vConfig as Config, Glm4vForConditionalGeneration as Model
     config = Config(text_config=text, vision_config=vision, tie_word_embeddings=False, **media)
@@ -168,7 +173,7 @@ def _internvl(folder: Path, seed: int, init_std: float, kind: str) -> None:
 def _smolvlm(folder: Path, seed: int, init_std: float, kind: str) -> None:
     """32-pixel tiles of 8-pixel patches, pixel shuffle by 2: 4 tokens a tile; images resized to 64 pixels at
     most, so up to 2x2 tiles and the global image."""
-    special = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"]
+    special = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>", "<video>"]
     special += [f"<row_{r}_col_{c}>" for r in range(1, 4) for c in range(1, 4)]
     tokenizer, ids = _tokenizer(special)
     text = dict(model_type="llama", **_text(tokenizer, ids, init_std, eos="<end_of_utterance>", rope_theta=10000.0))
@@ -180,7 +185,9 @@ def _smolvlm(folder: Path, seed: int, init_std: float, kind: str) -> None:
         from transformers import SmolVLMImageProcessor, SmolVLMProcessor, SmolVLMVideoProcessor
 
         processor = SmolVLMProcessor(image_processor=SmolVLMImageProcessor(**sizes), tokenizer=tokenizer, image_seq_len=4,
-                                     video_processor=SmolVLMVideoProcessor(size={"longest_edge": 32}),
+                                     video_processor=SmolVLMVideoProcessor(
+                                         video_sampling={"fps": 1, "max_frames": 8, "video_size": {"longest_edge": 32}},
+                                         max_image_size={"longest_edge": 32}),
                                      chat_template=SMOLVLM_TEMPLATE)
     else:
         from transformers import Idefics3Config as Config, Idefics3ForConditionalGeneration as Model
