@@ -139,6 +139,27 @@ def test_wrong_positions_would_be_caught(kind, more_engine, monkeypatch):
     assert [engine.ask(state, q, max_new_tokens=N, temperature=0).token_ids for q in QUESTIONS] != expected
 
 
+@pytest.mark.parametrize("kind", ["glm4v", "paddleocr_vl"])
+def test_a_state_in_pieces_and_a_continued_state_are_exact(kind, more_engine):
+    """The server's path for M-RoPE families: the prefix 8 tokens a step, and a state of [A, B] computed from
+    the state of [A] (only B encoded)."""
+    from vlcache.families.base import run_steps
+
+    engine = more_engine(kind)
+    options = MediaOptions(max_pixels=PIXELS)
+    one = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": [{"type": "image"}]}]
+    first = run_steps(engine.cache_media_steps([photo("rocket.jpg")], one, options, chunk=8))
+    assert engine.ask(first, QUESTIONS[0], max_new_tokens=N, temperature=0).token_ids == reference_tokens(
+        engine, photo("rocket.jpg"), SYSTEM, QUESTIONS[0], N, max_pixels=PIXELS)
+    two = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": [{"type": "image"}, {"type": "image"}]}]
+    sources = [photo("rocket.jpg"), photo("coffee.png")]
+    both = run_steps(engine.cache_media_steps(sources, two, options, chunk=8, base=first))
+    assert both.metadata.reused_tokens == first.num_tokens
+    two[1]["content"].append({"type": "text", "text": QUESTIONS[1]})
+    assert engine.ask(both, QUESTIONS[1], max_new_tokens=N, temperature=0).token_ids == reference_for_parts(
+        engine, two, sources, N, max_pixels=PIXELS)
+
+
 @pytest.mark.parametrize("kind", ["glm4v", "glm46v", "internvl", "smolvlm"])
 def test_video_equals_generate(kind, more_engine, tmp_path):
     """Frames sampled by the model's own video processor, against transformers' own loader. GLM's samplers pick
