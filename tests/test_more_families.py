@@ -216,9 +216,10 @@ def test_an_unlisted_model_is_checked_then_used(more_dir, tmp_path, monkeypatch,
     it loads through the generic adapter, and a fresh process answers from its state exactly."""
     monkeypatch.setenv("VLCACHE_HOME", str(tmp_path / "home"))  # subprocesses inherit it
     model = more_dir("llava_next")
-    refused = run("ask", "--model", model, "--prompt", "Hello!")
-    assert refused.returncode == 1 and "Traceback" not in refused.stderr
-    assert refused.stderr.strip().splitlines()[-1] == (
+    assert cli.main(["ask", "--model", str(model), "--prompt", "Hello!"]) == 1
+    refused = capsys.readouterr()
+    assert refused.out == "" and "Traceback" not in refused.err
+    assert refused.err.strip().splitlines()[-1] == (
         f"error: model '{model}' is a 'llava_next', which vlcache has no family for: run `vlcache check --model {model}` "
         "once to test whether the generic adapter (plain positions, full-attention K/V) is exact for these weights")
     assert cli.main(["check", "--model", str(model), "--device", "cpu"]) == 0
