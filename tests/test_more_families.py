@@ -18,9 +18,9 @@ from vlcache.conversation import Conversation
 from vlcache.media import MediaOptions
 from vlcache.testing.families import build_family_checkpoint
 
-KINDS = ["glm4v", "glm4v_moe", "paddleocr_vl", "internvl", "smolvlm", "idefics3", "mistral3"]
+KINDS = ["glm4v", "glm4v_moe", "paddleocr_vl", "internvl", "smolvlm", "idefics3", "mistral3", "lfm2_vl"]
 FAMILY = {"glm4v": "glm4v", "glm4v_moe": "glm4v", "paddleocr_vl": "paddleocr-vl", "internvl": "internvl",
-          "smolvlm": "smolvlm", "idefics3": "smolvlm", "mistral3": "mistral3"}
+          "smolvlm": "smolvlm", "idefics3": "smolvlm", "mistral3": "mistral3", "lfm2_vl": "lfm2-vl"}
 PIXELS = 160 * 160
 N = 12
 QUESTIONS = ["What objects are visible in this image?", "What colors dominate the scene?", "Describe the lighting and mood."]
@@ -199,6 +199,43 @@ def test_idefics3_refuses_a_video_in_one_line(more_engine, tmp_path):
     clip = make_clip(tmp_path / "c.mp4", seconds=1.0, fps=4, size=(64, 64))
     with pytest.raises(VideoError, match=r"this model family \(smolvlm\) takes no videos"):
         engine.cache([clip], system_prompt=SYSTEM)
+
+
+# -- LFM2-VL: short-convolution layers ---------------------------------------------------------------------------
+
+def test_lfm2_conv_layers_store_a_fixed_window_and_dropping_it_is_caught(more_engine, tmp_path):
+    """Each conv layer's state is its last 3 inputs whatever the prefix length; restored from a file it answers
+    as generate() does. Control: the same state with its conv windows dropped (fresh) answers differently."""
+    engine = more_engine("lfm2_vl")
+    kinds = engine.family.layer_kinds()
+    assert kinds == ["linear_attention", "linear_attention", "full_attention", "linear_attention"]
+    small = engine.cache_image(photo("rocket.jpg"), system_prompt=SYSTEM, max_pixels=64 * 64)
+    state = engine.cache_image(photo("rocket.jpg"), system_prompt=SYSTEM, max_pixels=PIXELS)
+    assert state.num_tokens != small.num_tokens  # prefixes of two lengths
+    for (conv, _), (small_conv, _), kind in zip(state.kv, small.kv, kinds):
+        if kind == "linear_attention":
+            assert conv.shape == small_conv.shape == (1, 64, 3)
+    loaded = engine.load_state(state.save(tmp_path / "l.pt"))
+    expected = [reference_tokens(engine, photo("rocket.jpg"), SYSTEM, q, N, max_pixels=PIXELS) for q in QUESTIONS]
+    assert [engine.ask(loaded, q, max_new_tokens=N, temperature=0).token_ids for q in QUESTIONS] == expected
+    dropped = state.to("cpu")
+    dropped.kv = [(None, None) if kind == "linear_attention" else kv for kv, kind in zip(state.kv, kinds)]
+    assert [engine.ask(dropped, q, max_new_tokens=N, temperature=0).token_ids for q in QUESTIONS] != expected
+
+
+def test_lfm2_continuous_batching_is_exact(more_engine):
+    """Rows on two images and text-only rows join and leave a batch of two (the server's path): each answers as
+    it does alone."""
+    from churn import churn
+
+    engine = more_engine("lfm2_vl")
+    rocket, coffee = (engine.cache_image(photo(name), system_prompt=SYSTEM, max_pixels=PIXELS) for name in ("rocket.jpg", "coffee.png"))
+    requests = [(rocket, "rocket", QUESTIONS[0], 10), (None, "", QUESTIONS[1], 6), (coffee, "coffee", QUESTIONS[2], 12),
+                (rocket, "rocket", QUESTIONS[1], 3), (None, "", "Hi", 8)]
+    out = churn(engine, requests, seed=3, max_batch=2, prefill_chunk=8)
+    for i, (state, _, question, n) in enumerate(requests):
+        assert out[i][-1][0] == "done", out[i][-1]
+        assert out[i][-1][1].token_ids == engine.ask(state, question, max_new_tokens=n, temperature=0).token_ids, i
 
 
 # -- vlcache check ----------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from .base import FULL, LINEAR, SLIDING, Family
 from .gemma import Gemma3
 from .glm import Glm4v
 from .internvl import InternVL
+from .lfm2 import Lfm2Vl
 from .llava import LlavaOnevision
 from .mistral import Mistral3
 from .paddle import PaddleOcrVl
@@ -13,7 +14,8 @@ from .plain import PlainImageText
 from .qwen import QwenMRoPE
 from .smolvlm import SmolVLM
 
-FAMILIES: tuple[type[Family], ...] = (QwenMRoPE, LlavaOnevision, Gemma3, Glm4v, InternVL, SmolVLM, Mistral3, PaddleOcrVl)
+FAMILIES: tuple[type[Family], ...] = (QwenMRoPE, LlavaOnevision, Gemma3, Glm4v, InternVL, SmolVLM, Mistral3, PaddleOcrVl,
+                                     Lfm2Vl)
 GENERIC: type[Family] = PlainImageText  # unlisted image-text models, once `vlcache check` passed for their weights
 
 __all__ = ["FAMILIES", "GENERIC", "FULL", "LINEAR", "SLIDING", "Family", "family_class", "supported_model_types"]

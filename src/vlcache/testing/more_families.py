@@ -56,12 +56,12 @@ MISTRAL3_TEMPLATE = (
     "{% endif %}{% endfor %}"
 )
 
-MORE_KINDS = ("glm4v", "glm4v_moe", "glm46v", "paddleocr_vl", "internvl", "smolvlm", "idefics3", "mistral3", "llava_next")
+MORE_KINDS = ("glm4v", "glm4v_moe", "glm46v", "paddleocr_vl", "internvl", "smolvlm", "idefics3", "mistral3", "llava_next", "lfm2_vl")
 
 
 def build(kind: str, folder: Path, seed: int, init_std: float) -> None:
     builders = {"glm4v": _glm4v, "glm4v_moe": _glm4v, "glm46v": _glm4v, "paddleocr_vl": _paddleocr_vl, "internvl": _internvl,
-                "smolvlm": _smolvlm, "idefics3": _smolvlm, "mistral3": _mistral3, "llava_next": _llava_next}
+                "smolvlm": _smolvlm, "idefics3": _smolvlm, "mistral3": _mistral3, "llava_next": _llava_next, "lfm2_vl": _lfm2_vl}
     builders[kind](folder, seed, init_std, kind)
 
 
@@ -240,3 +240,27 @@ def _llava_next(folder: Path, seed: int, init_std: float, kind: str) -> None:
                                     image_grid_pinpoints=pinpoints, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     LlavaNextProcessor(image_processor=image, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
                        num_additional_image_tokens=1, chat_template=_chatml("<image>\n")).save_pretrained(folder)
+
+
+# -- LFM2-VL: short-convolution layers (no family yet: the decode path has no conv-only state) ----------------
+
+def _lfm2_vl(folder: Path, seed: int, init_std: float, kind: str) -> None:
+    """SigLIP2 NaFlex on 8-pixel patches, pixel unshuffle by 2: 4 to 16 tokens an image; an LFM2 text model of
+    3 short-convolution layers (kernel 3) and 1 attention layer."""
+    from transformers import Lfm2VlConfig, Lfm2VlForConditionalGeneration, Lfm2VlImageProcessor, Lfm2VlProcessor
+
+    named = {"image_token": "<image>", "image_start_token": "<|image_start|>", "image_end_token": "<|image_end|>",
+             "image_thumbnail_token": "<|img_thumbnail|>"}
+    tokenizer, ids = _tokenizer(list(named.values()), named=named)
+    text = dict(model_type="lfm2", **_text(tokenizer, ids, init_std, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                                            layer_types=["conv", "conv", "full_attention", "conv"], num_hidden_layers=4,
+                                            conv_L_cache=3, block_auto_adjust_ff_dim=False))
+    del text["head_dim"]
+    vision = dict(model_type="siglip2_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, patch_size=8, num_patches=64, vision_use_head=False)
+    config = Lfm2VlConfig(text_config=text, vision_config=vision, image_token_id=ids["<image>"], projector_hidden_size=64,
+                          downsample_factor=2, tie_word_embeddings=False)
+    _save(Lfm2VlForConditionalGeneration, config, folder, seed, init_std, ids, randomize=("language_model", "lm_head", "projector", "conv"))
+    image = Lfm2VlImageProcessor(encoder_patch_size=8, tile_size=32, min_image_tokens=4, max_image_tokens=16,
+                                 downsample_factor=2, do_image_splitting=False, max_num_patches=64)
+    Lfm2VlProcessor(image_processor=image, tokenizer=tokenizer, chat_template=_chatml("<image>")).save_pretrained(folder)
