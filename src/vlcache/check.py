@@ -5,7 +5,7 @@ the family takes video):
 - a cached image: the state's answer equals generate() on the whole uncached conversation;
 - a batch of two questions over one state: each equals its uncached generate();
 - a two-turn chat continuing from the state: the second turn equals generate() on both turns;
-- a video (Qwen and GLM families): the same as the first, over a clip.
+- a video (families that take one: Qwen-VL, GLM-4.xV, InternVL, SmolVLM2): the same as the first, over a clip.
 
 For a model type outside vlcache's families the generic adapter (plain positions, full-attention K/V) is what
 runs; when every probe held, the weights' fingerprint is remembered under $VLCACHE_HOME and the model then
