@@ -56,12 +56,13 @@ MISTRAL3_TEMPLATE = (
     "{% endif %}{% endfor %}"
 )
 
-MORE_KINDS = ("glm4v", "glm4v_moe", "glm46v", "paddleocr_vl", "internvl", "smolvlm", "idefics3", "mistral3", "llava_next", "lfm2_vl")
+MORE_KINDS = ("glm4v", "glm4v_moe", "glm46v", "paddleocr_vl", "internvl", "smolvlm", "idefics3", "mistral3", "llava_next", "lfm2_vl", "llama4")
 
 
 def build(kind: str, folder: Path, seed: int, init_std: float) -> None:
     builders = {"glm4v": _glm4v, "glm4v_moe": _glm4v, "glm46v": _glm4v, "paddleocr_vl": _paddleocr_vl, "internvl": _internvl,
-                "smolvlm": _smolvlm, "idefics3": _smolvlm, "mistral3": _mistral3, "llava_next": _llava_next, "lfm2_vl": _lfm2_vl}
+                "smolvlm": _smolvlm, "idefics3": _smolvlm, "mistral3": _mistral3, "llava_next": _llava_next, "lfm2_vl": _lfm2_vl,
+                "llama4": _llama4}
     builders[kind](folder, seed, init_std, kind)
 
 
@@ -264,3 +265,29 @@ def _lfm2_vl(folder: Path, seed: int, init_std: float, kind: str) -> None:
     image = Lfm2VlImageProcessor(encoder_patch_size=8, tile_size=32, min_image_tokens=4, max_image_tokens=16,
                                  downsample_factor=2, do_image_splitting=False, max_num_patches=64)
     Lfm2VlProcessor(image_processor=image, tokenizer=tokenizer, chat_template=_chatml("<image>")).save_pretrained(folder)
+
+
+# -- Llama 4: chunked local attention, layers without RoPE, MoE (no family yet: see the README) ---------------
+
+def _llama4(folder: Path, seed: int, init_std: float, kind: str) -> None:
+    """56-pixel tiles of 14-pixel patches, pixel shuffle 0.5: 4 tokens a tile, up to 4 tiles and the global
+    image; a text model of 4 layers (chunked attention in chunks of 16 tokens, every 4th layer full and without
+    RoPE), MoE on every other layer."""
+    from transformers import Llama4Config, Llama4ForConditionalGeneration, Llama4ImageProcessor, Llama4Processor
+
+    special = ["<|image|>", "<|image_start|>", "<|image_end|>", "<|patch|>", "<|tile_x_separator|>", "<|tile_y_separator|>"]
+    tokenizer, ids = _tokenizer(special)
+    text = _text(tokenizer, ids, init_std, intermediate_size_mlp=128, num_hidden_layers=4, num_local_experts=2,
+                 num_experts_per_tok=1, interleave_moe_layer_step=2, attention_chunk_size=16,
+                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    vision = dict(hidden_size=32, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, image_size=56,
+                  patch_size=14, vision_output_dim=64, projector_input_dim=64, projector_output_dim=64,
+                  pixel_shuffle_ratio=0.5, initializer_range=init_std)
+    config = Llama4Config(text_config=text, vision_config=vision, image_token_index=ids["<|patch|>"],
+                          boi_token_index=ids["<|image_start|>"], eoi_token_index=ids["<|image_end|>"],
+                          tie_word_embeddings=False)
+    _save(Llama4ForConditionalGeneration, config, folder, seed, init_std, ids,
+          randomize=("language_model", "lm_head", "multi_modal_projector", "experts", "router"))
+    image = Llama4ImageProcessor(size={"height": 56, "width": 56}, max_patches=4)
+    Llama4Processor(image_processor=image, tokenizer=tokenizer, patch_size=14, pixel_shuffle_ratio=0.5,
+                    chat_template=_chatml("<|image|>")).save_pretrained(folder)
