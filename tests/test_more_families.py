@@ -198,6 +198,17 @@ def test_idefics3_refuses_a_video_in_one_line(more_engine, tmp_path):
         engine.cache([clip], system_prompt=SYSTEM)
 
 
+def test_a_mistral_sliding_window_without_layer_types_is_exact(more_engine, tmp_path):
+    """A Mistral text config with `sliding_window` and no layer types: transformers' cache makes every layer
+    sliding, so vlcache does too (each layer stores the last window - 1 tokens), restored from a file exactly."""
+    engine = more_engine("mistral3_sliding")
+    assert engine.family.layer_kinds() == ["sliding_attention"] * 2
+    state = engine.load_state(engine.cache_image(photo("rocket.jpg"), system_prompt=SYSTEM, max_pixels=PIXELS).save(tmp_path / "s.pt"))
+    assert state.num_tokens > 8 and [k.shape[2] for k, _ in state.kv] == [7, 7]
+    expected = [reference_tokens(engine, photo("rocket.jpg"), SYSTEM, q, N, max_pixels=PIXELS) for q in QUESTIONS[:2]]
+    assert [a.token_ids for a in engine.ask_many(state, QUESTIONS[:2], max_new_tokens=N, temperature=0)] == expected
+
+
 # -- LFM2-VL: short-convolution layers ---------------------------------------------------------------------------
 
 def test_lfm2_conv_layers_store_a_fixed_window_and_dropping_it_is_caught(more_engine, tmp_path):

@@ -13,7 +13,7 @@ import json
 
 import torch
 
-from .base import Family, OneDimPositions
+from .base import SLIDING, Family, OneDimPositions
 
 _TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 # Processor attributes (beyond its image processor's settings) that decide how many tokens an image becomes.
@@ -24,6 +24,13 @@ _PROCESSOR_SETTINGS = ("image_seq_length", "image_seq_len", "num_image_tokens", 
 class PlainImageText(OneDimPositions, Family):
     name = "generic"
     model_types: tuple[str, ...] = ()
+
+    def layer_kinds(self) -> list[str]:
+        """The config's layer types; without them, a `sliding_window` makes every layer sliding (as transformers'
+        cache builds it for Mistral-style configs)."""
+        if getattr(self.text_config, "layer_types", None) is None and getattr(self.text_config, "sliding_window", None):
+            return [SLIDING] * self.text_config.num_hidden_layers
+        return super().layer_kinds()
 
     def processor_settings(self, max_pixels: int | None) -> dict:
         settings = {"max_pixels": max_pixels, "image_processor": _json(self.processor.image_processor)}

@@ -56,12 +56,13 @@ MISTRAL3_TEMPLATE = (
     "{% endif %}{% endfor %}"
 )
 
-MORE_KINDS = ("glm4v", "glm4v_moe", "glm46v", "paddleocr_vl", "internvl", "smolvlm", "idefics3", "mistral3", "llava_next", "lfm2_vl", "llama4")
+MORE_KINDS = ("glm4v", "glm4v_moe", "glm46v", "paddleocr_vl", "internvl", "smolvlm", "idefics3", "mistral3", "mistral3_sliding", "llava_next", "lfm2_vl",
+              "llama4")
 
 
 def build(kind: str, folder: Path, seed: int, init_std: float) -> None:
     builders = {"glm4v": _glm4v, "glm4v_moe": _glm4v, "glm46v": _glm4v, "paddleocr_vl": _paddleocr_vl, "internvl": _internvl,
-                "smolvlm": _smolvlm, "idefics3": _smolvlm, "mistral3": _mistral3, "llava_next": _llava_next, "lfm2_vl": _lfm2_vl,
+                "smolvlm": _smolvlm, "idefics3": _smolvlm, "mistral3": _mistral3, "mistral3_sliding": _mistral3, "llava_next": _llava_next, "lfm2_vl": _lfm2_vl,
                 "llama4": _llama4}
     builders[kind](folder, seed, init_std, kind)
 
@@ -205,13 +206,16 @@ def _smolvlm(folder: Path, seed: int, init_std: float, kind: str) -> None:
 # -- Mistral 3 (Pixtral vision) ---------------------------------------------------------------------------------
 
 def _mistral3(folder: Path, seed: int, init_std: float, kind: str) -> None:
-    """Pixtral on 8-pixel patches merged 2x2, images resized to 64 pixels at most: up to 4x4 [IMG] tokens."""
+    """Pixtral on 8-pixel patches merged 2x2, images resized to 64 pixels at most: up to 4x4 [IMG] tokens.
+    mistral3_sliding: every layer with a sliding window of 8 (a Mistral config with `sliding_window` and no
+    layer types)."""
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration, PixtralImageProcessor, PixtralProcessor
 
     special = ["<s>", "</s>", "[IMG]", "[IMG_BREAK]", "[IMG_END]", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"]
     tokenizer, ids = _tokenizer(special)
     tokenizer.bos_token, tokenizer.eos_token = "<s>", "</s>"
-    text = dict(model_type="mistral", **_text(tokenizer, ids, init_std, eos="</s>", rope_theta=10000.0, sliding_window=None))
+    text = dict(model_type="mistral", **_text(tokenizer, ids, init_std, eos="</s>", rope_theta=10000.0,
+                                                            sliding_window=8 if kind == "mistral3_sliding" else None))
     text["bos_token_id"] = ids["<s>"]
     vision = dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                   head_dim=16, image_size=64, patch_size=8, initializer_range=init_std)
