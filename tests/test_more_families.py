@@ -211,7 +211,7 @@ def test_a_mistral_sliding_window_without_layer_types_is_exact(more_engine, tmp_
 
 # -- LFM2-VL: short-convolution layers ---------------------------------------------------------------------------
 
-def test_lfm2_conv_layers_store_a_fixed_window_and_dropping_it_is_caught(more_engine, tmp_path):
+def test_lfm2_conv_layers_store_a_fixed_window_and_dropping_it_is_caught(more_engine, tmp_path, capsys):
     """Each conv layer's state is its last 3 inputs whatever the prefix length; restored from a file it answers
     as generate() does. Control: the same state with its conv windows dropped (fresh) answers differently."""
     engine = more_engine("lfm2_vl")
@@ -223,7 +223,11 @@ def test_lfm2_conv_layers_store_a_fixed_window_and_dropping_it_is_caught(more_en
     for (conv, _), (small_conv, _), kind in zip(state.kv, small.kv, kinds):
         if kind == "linear_attention":
             assert conv.shape == small_conv.shape == (1, 64, 3)
-    loaded = engine.load_state(state.save(tmp_path / "l.pt"))
+    path = state.save(tmp_path / "l.pt")
+    assert cli.main(["inspect", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["family"] == "lfm2-vl" and info["layer_kinds"] == kinds
+    loaded = engine.load_state(path)
     expected = [reference_tokens(engine, photo("rocket.jpg"), SYSTEM, q, N, max_pixels=PIXELS) for q in QUESTIONS]
     assert [engine.ask(loaded, q, max_new_tokens=N, temperature=0).token_ids for q in QUESTIONS] == expected
     dropped = state.to("cpu")
