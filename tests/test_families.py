@@ -160,12 +160,14 @@ def test_the_real_qwen3_vl_processor_splits_prompts_as_the_real_model(family_eng
 
 
 def test_an_unsupported_family_is_refused_in_one_line(tmp_path):
-    from transformers import LlavaConfig
+    """A model transformers does not load as image-text-to-text (an unlisted one that it does: test_more_families)."""
+    from transformers import Qwen2Config
 
-    LlavaConfig().save_pretrained(tmp_path)
+    Qwen2Config().save_pretrained(tmp_path)
     result = run("ask", "--model", tmp_path, "--prompt", "hi")
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "'llava', which vlcache does not support; supported: qwen2_vl" in result.stderr.strip().splitlines()[-1]
+    assert ("'qwen2', which vlcache does not support (transformers does not load it as image-text-to-text); "
+            "supported: qwen2_vl") in result.stderr.strip().splitlines()[-1]
 
 
 def test_layer_kinds_follow_the_config(family_engine):

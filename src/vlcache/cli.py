@@ -270,6 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print one JSON object: the metadata, file and KV bytes")
     inspect.set_defaults(run=run_inspect)
 
+    check = sub.add_parser("check", help="test whether cached answers equal transformers' own for a model (exit 1 if not)")
+    add_model_arguments(check, "model id or local folder (default: $VLCACHE_MODEL or Qwen/Qwen3-VL-2B-Instruct)")
+    check.set_defaults(run=run_check)
+
     for p in sub.choices.values():  # flags every command takes after its name; its own usage on an error
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
         p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
@@ -618,6 +622,12 @@ def _layer_summary(kinds: list) -> str:
         return "full_attention (a format 1 file)"
     counts = {kind: kinds.count(kind) for kind in dict.fromkeys(kinds)}
     return ", ".join(f"{n} {kind}" for kind, n in counts.items())
+
+
+def run_check(args: argparse.Namespace) -> int:
+    from .check import run
+
+    return run(args.model, device=args.device, dtype=args.dtype or "auto")
 
 
 # -- plumbing ----------------------------------------------------------------------------------------------

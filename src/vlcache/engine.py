@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from . import decode, generate, images, media, model as model_loading, prompt
-from .families import LINEAR, family_class
+from .families import GENERIC, LINEAR, family_class
 from .families.base import run_steps
 from .defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SYSTEM_PROMPT
 from .errors import CacheFileError, ImageError, ModelMismatchError, VlcacheError
@@ -49,7 +49,8 @@ class Engine:
         self._loaded = loaded
         self.model = loaded.model
         self.processor = loaded.processor
-        self.family = family_class(self.model.config.model_type)(self.model, self.processor)
+        # An unlisted model type gets the generic adapter (model.load lets it through once `vlcache check` passed).
+        self.family = (family_class(self.model.config.model_type) or GENERIC)(self.model, self.processor)
         self.eos_ids = _eos_ids(self.model.generation_config)
         self._dtype_notes: set[str] = set()
         decode.install(self.model)
@@ -62,12 +63,15 @@ class Engine:
                         "an uncached generate() by attention-kernel rounding; --dtype float32 gives equal tokens")
 
     @classmethod
-    def load(cls, model: str | None = None, device: str = "auto", dtype: str = "auto", compile: str = "off") -> "Engine":
+    def load(cls, model: str | None = None, device: str = "auto", dtype: str = "auto", compile: str = "off",
+             unchecked: bool = False) -> "Engine":
         """Load a model by hub id or local folder (default: $VLCACHE_MODEL or Qwen/Qwen3-VL-2B-Instruct).
 
         `compile`: "off" (eager decode steps), "on" (compiled fixed-shape steps), "auto" (compiled where the
-        exactness probe holds and they measure faster; see compile_steps)."""
-        engine = cls(model_loading.load(model or model_loading.default_model(), device=device, dtype=dtype))
+        exactness probe holds and they measure faster; see compile_steps). `unchecked`: an unlisted model type
+        loads before `vlcache check` passed for it (the check itself)."""
+        engine = cls(model_loading.load(model or model_loading.default_model(), device=device, dtype=dtype,
+                                        unchecked=unchecked))
         if compile != "off":
             engine.compile_steps(compile)
         return engine

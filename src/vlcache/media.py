@@ -75,7 +75,8 @@ def load_parts(sources: Sequence, kinds: Sequence[str], family, options: MediaOp
                               tokens=family.image_tokens(loaded.width, loaded.height, images_kwargs)))
             continue
         if not family.takes_video:
-            raise VideoError(f"this model family ({family.name}) takes no videos in vlcache; use a Qwen-VL model")
+            raise VideoError(f"this model family ({family.name}) takes no videos in vlcache; families that do: "
+                             "Qwen-VL, GLM-4.xV, InternVL, SmolVLM2")
         data, path = video.read_video_bytes(source)
         name = path or "the video bytes"
         info = video.probe(data, name, max_decode_pixels)

@@ -20,6 +20,7 @@ from .families import family_class, supported_model_types
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 FINGERPRINT_SAMPLES = 4096  # elements read from each weight tensor
+_EXTRAS = {"num2words": "smolvlm"}  # packages a family's processor needs -> the vlcache extra that installs them
 
 
 @dataclass
@@ -203,8 +204,11 @@ def available_memory(device: torch.device) -> int | None:
     return None
 
 
-def load(name: str, device: str = "auto", dtype: str | torch.dtype = "auto") -> LoadedModel:
-    """from_pretrained on a hub id or a local folder; errors become one-line ModelLoadErrors."""
+def load(name: str, device: str = "auto", dtype: str | torch.dtype = "auto", unchecked: bool = False) -> LoadedModel:
+    """from_pretrained on a hub id or a local folder; errors become one-line ModelLoadErrors.
+
+    A model type outside the supported families loads only if `vlcache check` passed for its weights, or with
+    `unchecked` (what the check itself uses)."""
     # Imported here so that `vlcache --help` and argument errors do not pay for transformers.
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
@@ -214,9 +218,9 @@ def load(name: str, device: str = "auto", dtype: str | torch.dtype = "auto") -> 
         # 1. The config says the family and the stored dtype: enough to choose and check before the weights.
         config = AutoConfig.from_pretrained(name)
         model_type = getattr(config, "model_type", None)
-        if family_class(model_type) is None:
-            raise ModelLoadError(f"model {name!r} is a {model_type!r}, which vlcache does not support; supported: "
-                                 + ", ".join(supported_model_types()))
+        if family_class(model_type) is None and not is_image_text_to_text(model_type):
+            raise ModelLoadError(f"model {name!r} is a {model_type!r}, which vlcache does not support (transformers "
+                                 "does not load it as image-text-to-text); supported: " + ", ".join(supported_model_types()))
         if requested == "auto":
             torch_dtype, reason = choose_dtype(torch_device, checkpoint_dtype(config))
         else:
@@ -226,12 +230,16 @@ def load(name: str, device: str = "auto", dtype: str | torch.dtype = "auto") -> 
         # 2. The processor and the weights.
         processor = AutoProcessor.from_pretrained(name)
         model = AutoModelForImageTextToText.from_pretrained(name, dtype=torch_dtype)
+    except ImportError as exc:  # a processor's optional dependency
+        extra = next((extra for package, extra in _EXTRAS.items() if package in str(exc)), None)
+        hint = f" (pip install 'vlcache[{extra}]')" if extra else ""
+        raise ModelLoadError(f"cannot load model {name!r}: {_first_line(exc)}{hint}") from None
     except OSError as exc:
         raise ModelLoadError(f"cannot load model {name!r}: {_first_line(exc)}") from None
     except (ValueError, KeyError) as exc:
         raise ModelLoadError(f"cannot load model {name!r}: {_first_line(exc)}") from None
     model.to(torch_device).eval()
-    return LoadedModel(
+    loaded = LoadedModel(
         model=model,
         processor=processor,
         name=name,
@@ -240,6 +248,19 @@ def load(name: str, device: str = "auto", dtype: str | torch.dtype = "auto") -> 
         fingerprint=remembered_fingerprint(model, files or weight_files(name)),
         dtype_reason=reason,
     )
+    # 3. An unlisted model type runs through the generic adapter only once `vlcache check` passed for its weights.
+    if family_class(model_type) is None and not unchecked and checked(loaded.fingerprint) is None:
+        raise ModelLoadError(
+            f"model {name!r} is a {model_type!r}, which vlcache has no family for: run `vlcache check --model {name}` "
+            "once to test whether the generic adapter (plain positions, full-attention K/V) is exact for these weights")
+    return loaded
+
+
+def is_image_text_to_text(model_type: str | None) -> bool:
+    """Whether transformers loads this model type with AutoModelForImageTextToText."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 
 # -- the weight fingerprint -----------------------------------------------------------------------------------
@@ -247,6 +268,33 @@ def load(name: str, device: str = "auto", dtype: str | torch.dtype = "auto") -> 
 def fingerprint_cache_path() -> Path:
     """Where fingerprints are remembered: $VLCACHE_HOME/fingerprints.json (default ~/.cache/vlcache)."""
     return paths.fingerprints_file()
+
+
+# -- models that passed `vlcache check` ---------------------------------------------------------------------
+
+def checks_path() -> Path:
+    return paths.checks_file()
+
+
+def checked(fingerprint: str) -> dict | None:
+    """What `vlcache check` recorded for these weights when it passed under this transformers version, or None."""
+    import transformers
+
+    record = _read_json(checks_path()).get(fingerprint)
+    if isinstance(record, dict) and record.get("transformers") == transformers.__version__:
+        return record
+    return None
+
+
+def remember_check(fingerprint: str, record: dict | None) -> None:
+    """Record that `vlcache check` passed for these weights (or forget it: `record` None after a failure)."""
+    import transformers
+
+    known = _read_json(checks_path())
+    known.pop(fingerprint, None)
+    if record is not None:
+        known[fingerprint] = {**record, "transformers": transformers.__version__}
+    _write_json(checks_path(), known)
 
 
 def checkpoint_identity(model: torch.nn.Module, files: list[Path]) -> str | None:

@@ -37,3 +37,8 @@ def file_hashes_file() -> Path:
 def compile_dir() -> Path:
     """Compiled decode steps (torch.compile's caches), reused by later processes."""
     return home() / "compile"
+
+
+def checks_file() -> Path:
+    """Models outside vlcache's families that passed `vlcache check`, by weight fingerprint."""
+    return home() / "checked.json"

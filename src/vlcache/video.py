@@ -136,7 +136,8 @@ def limited(budget: DecodeBudget):
 
 def decode(data: bytes, name: str, info: VideoInfo, indices: list[int], max_pixels: int | None,
            max_decode_pixels: int = MAX_DECODE_PIXELS) -> np.ndarray:
-    """The frames at `indices` (sorted, unique) as RGB, downscaled to at most `max_pixels` pixels each.
+    """The frames at `indices` (sorted; an index repeated gives its frame again, as some samplers ask) as RGB,
+    downscaled to at most `max_pixels` pixels each.
 
     Every decoded frame is held to `max_decode_pixels` (a stream may change its frame size midway: FFmpeg
     refuses larger frames before allocating them) and spends the budget of the context (see `limited`),
@@ -146,6 +147,7 @@ def decode(data: bytes, name: str, info: VideoInfo, indices: list[int], max_pixe
     if need > MAX_DECODED_BYTES:
         raise VideoError(f"video too large to decode: {len(indices)} frames of {width}x{height} need {need / 2**30:.1f} GiB "
                          f"(limit {MAX_DECODED_BYTES / 2**30:.0f} GiB); pass --max-frames or --max-pixels")
+    requested, indices = indices, sorted(set(indices))  # each frame decoded once, handed out as often as asked
     budget = _budget.get()
     # Decoding every frame up to the last sampled one is exact for any stream; where it would cost more than
     # the budget, the decoder seeks to the keyframe before each sampled frame instead (a long clip with regular
@@ -171,7 +173,8 @@ def decode(data: bytes, name: str, info: VideoInfo, indices: list[int], max_pixe
     if len(frames) < len(indices):
         raise VideoError(f"video is truncated or corrupt: {name}: {len(frames)} of the {len(indices)} sampled frames "
                          f"could be decoded (the container promised {info.total_frames})")
-    return np.stack(frames)
+    by_index = dict(zip(indices, frames))
+    return np.stack([by_index[i] for i in requested])
 
 
 SEEK_GAP_SECONDS = 2.0  # a sampled frame this far past the decoder's position is reached by seeking

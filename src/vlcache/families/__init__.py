@@ -4,12 +4,21 @@ from __future__ import annotations
 
 from .base import FULL, LINEAR, SLIDING, Family
 from .gemma import Gemma3
+from .glm import Glm4v
+from .internvl import InternVL
+from .lfm2 import Lfm2Vl
 from .llava import LlavaOnevision
+from .mistral import Mistral3
+from .paddle import PaddleOcrVl
+from .plain import PlainImageText
 from .qwen import QwenMRoPE
+from .smolvlm import SmolVLM
 
-FAMILIES: tuple[type[Family], ...] = (QwenMRoPE, LlavaOnevision, Gemma3)
+FAMILIES: tuple[type[Family], ...] = (QwenMRoPE, LlavaOnevision, Gemma3, Glm4v, InternVL, SmolVLM, Mistral3, PaddleOcrVl,
+                                     Lfm2Vl)
+GENERIC: type[Family] = PlainImageText  # unlisted image-text models, once `vlcache check` passed for their weights
 
-__all__ = ["FAMILIES", "FULL", "LINEAR", "SLIDING", "Family", "family_class", "supported_model_types"]
+__all__ = ["FAMILIES", "GENERIC", "FULL", "LINEAR", "SLIDING", "Family", "family_class", "supported_model_types"]
 
 
 def supported_model_types() -> list[str]:

@@ -105,7 +105,7 @@ class QwenMRoPE(Family):
         tokens of that kind come before the first of them (None if there are no such items)."""
         code, pixels_name, grid_name = _KINDS[kind]
         grids = inputs[grid_name]
-        merge = self.model.model.visual.spatial_merge_size ** 2
+        merge = self.config.vision_config.spatial_merge_size ** 2
         tokens = (grids.prod(-1) // merge).tolist()
         before = int((inputs["mm_token_type_ids"][0, :start] == code).sum())
         skip, skipped = 0, 0

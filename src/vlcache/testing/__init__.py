@@ -67,9 +67,11 @@ QWEN_SPECIAL_TOKENS = [
 QWEN_FIRST_SPECIAL_ID = 151643
 
 
-def _train_tokenizer(vocab_size: int, pad_vocab_to: int | None = None, extra_special: list[str] | None = None) -> Qwen2Tokenizer:
+def _train_tokenizer(vocab_size: int, pad_vocab_to: int | None = None, extra_special: list[str] | None = None,
+                     named: dict[str, str] | None = None) -> Qwen2Tokenizer:
     """A byte-level BPE trained on a few sentences. `pad_vocab_to` fills the vocabulary with unused entries so
-    that the special tokens that follow get the ids the real Qwen tokenizer gives them."""
+    that the special tokens that follow get the ids the real Qwen tokenizer gives them. `named` special tokens
+    become tokenizer attributes (`tokenizer.image_token`, `tokenizer.image_token_id`), as processors read them."""
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(
@@ -89,8 +91,13 @@ def _train_tokenizer(vocab_size: int, pad_vocab_to: int | None = None, extra_spe
         tok = Qwen2Tokenizer(vocab=vocab, merges=merges)
         tok.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS[1:]})
     elif extra_special is not None:  # another family's placeholders after Qwen's chat tokens
-        tok = Qwen2Tokenizer(vocab=vocab, merges=merges)
-        tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", *extra_special]})
+        tokens = ["<|im_start|>", "<|im_end|>", *extra_special]
+        if named:
+            tok = Qwen2Tokenizer(vocab=vocab, merges=merges, extra_special_tokens=named)
+            tok.add_special_tokens({"extra_special_tokens": tokens}, replace_extra_special_tokens=False)
+        else:
+            tok = Qwen2Tokenizer(vocab=vocab, merges=merges)
+            tok.add_special_tokens({"additional_special_tokens": tokens})
     else:
         tok = Qwen2Tokenizer(vocab=vocab, merges=merges)
         tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})

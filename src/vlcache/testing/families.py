@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 
 from . import CHAT_TEMPLATE, CORPUS, SPECIAL_TOKENS, _train_tokenizer, build_tiny_checkpoint
+from .more_families import MORE_KINDS
+from .more_families import build as build_more
 
 REAL_QWEN3_VL = Path(__file__).resolve().parents[4] / "shared" / "models" / "qwen3-vl-2b-instruct"
 
@@ -97,7 +99,7 @@ GEMMA3_TEMPLATE = """{{ bos_token }}
 QWEN3_5_TEMPLATE = CHAT_TEMPLATE.replace("{{ '<|im_start|>assistant\\n' }}", "{{ '<|im_start|>assistant\\n<think>\\n' }}")
 
 KINDS = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_vl_real", "llava_onevision", "gemma3", "qwen3_5",
-         "qwen3_5_moe")
+         "qwen3_5_moe", *MORE_KINDS)
 
 
 def build_family_checkpoint(kind: str, folder: Path, seed: int = 0, init_std: float = 0.2) -> Path:
@@ -111,6 +113,9 @@ def build_family_checkpoint(kind: str, folder: Path, seed: int = 0, init_std: fl
         "qwen3_vl_real": _qwen3_vl_real, "llava_onevision": _llava_onevision, "gemma3": _gemma3,
         "qwen3_5": _qwen3_5, "qwen3_5_moe": _qwen3_5,
     }
+    if kind in MORE_KINDS:
+        build_more(kind, folder, seed, init_std)
+        return folder
     if kind not in builders:
         raise ValueError(f"unknown kind {kind!r}; one of {', '.join(KINDS)}")
     if kind == "qwen3_5_moe":

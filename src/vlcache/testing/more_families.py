@@ -1,0 +1,297 @@
+"""Tiny random checkpoints of the families added after the first eight (GLM-4.xV, PaddleOCR-VL, InternVL,
+SmolVLM/Idefics3, Mistral 3, and LLaVA-NeXT as an unlisted model for `vlcache check`), each with the family's
+real processor classes and a chat template shaped like the real one, saved with save_pretrained.
+
+    build_family_checkpoint("glm4v", folder)   # from vlcache.testing.families
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import _train_tokenizer
+
+# zai-org/GLM-4.1V-9B-Thinking, reduced: [gMASK]<sop>, role headers, media as begin/end-marked placeholders.
+GLM4V_TEMPLATE = (
+    "[gMASK]<sop>{% for m in messages %}"
+    "{% if m['role'] == 'system' %}<|system|>\n{{ m['content'] if m['content'] is string else m['content'][0]['text'] }}"
+    "{% elif m['role'] == 'user' %}<|user|>\n{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for item in m['content'] %}{% if item['type'] == 'video' %}<|begin_of_video|><|video|><|end_of_video|>"
+    "{% elif item['type'] == 'image' %}<|begin_of_image|><|image|><|end_of_image|>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{% elif m['role'] == 'assistant' %}<|assistant|>\n{{ m['content'] if m['content'] is string else m['content'][0]['text'] }}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+# ChatML with the family's image placeholder (InternVL: <IMG_CONTEXT>, PaddleOCR-VL: <|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>).
+def _chatml(image: str, video: str | None = None) -> str:
+    media = f"{{% if item['type'] == 'image' %}}{image}"
+    if video:
+        media += f"{{% elif item['type'] == 'video' %}}{video}"
+    return (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+        "{% for item in m['content'] %}" + media + "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+        "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+
+# HuggingFaceTB/SmolVLM2-*-Instruct, reduced: "<|im_start|>User:<image>question<end_of_utterance>\nAssistant:".
+SMOLVLM_TEMPLATE = (
+    "<|im_start|>{% for m in messages %}{{ m['role'] | capitalize }}"
+    "{% if m['content'] is string %}: {{ m['content'] }}{% else %}"
+    "{% if m['content'][0]['type'] in ['image', 'video'] %}:{% else %}: {% endif %}"
+    "{% for item in m['content'] %}{% if item['type'] == 'image' %}<image>{% elif item['type'] == 'video' %}<video>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+# mistralai/Mistral-Small-3.1-24B-Instruct-2503, reduced: <s>[SYSTEM_PROMPT]...[/SYSTEM_PROMPT][INST]...[/INST]answer</s>.
+MISTRAL3_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}[SYSTEM_PROMPT]{{ m['content'] if m['content'] is string else m['content'][0]['text'] }}[/SYSTEM_PROMPT]"
+    "{% elif m['role'] == 'user' %}[INST]{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for item in m['content'] %}{% if item['type'] == 'image' %}[IMG]{% elif item['type'] == 'text' %}{{ item['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}[/INST]"
+    "{% elif m['role'] == 'assistant' %}{{ m['content'] if m['content'] is string else m['content'][0]['text'] }}{{ eos_token }}"
+    "{% endif %}{% endfor %}"
+)
+
+MORE_KINDS = ("glm4v", "glm4v_moe", "glm46v", "paddleocr_vl", "internvl", "smolvlm", "idefics3", "mistral3", "mistral3_sliding", "llava_next", "lfm2_vl",
+              "llama4")
+
+
+def build(kind: str, folder: Path, seed: int, init_std: float) -> None:
+    builders = {"glm4v": _glm4v, "glm4v_moe": _glm4v, "glm46v": _glm4v, "paddleocr_vl": _paddleocr_vl, "internvl": _internvl,
+                "smolvlm": _smolvlm, "idefics3": _smolvlm, "mistral3": _mistral3, "mistral3_sliding": _mistral3, "llava_next": _llava_next, "lfm2_vl": _lfm2_vl,
+                "llama4": _llama4}
+    builders[kind](folder, seed, init_std, kind)
+
+
+def _tokenizer(special: list[str], named: dict[str, str] | None = None):
+    tokenizer = _train_tokenizer(vocab_size=400, extra_special=special, named=named)
+    return tokenizer, {t: tokenizer.convert_tokens_to_ids(t) for t in ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *special]}
+
+
+def _text(tokenizer, ids: dict, init_std: float, eos: str = "<|im_end|>", **extra) -> dict:
+    config = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+                  bos_token_id=ids["<|endoftext|>"], eos_token_id=ids[eos], pad_token_id=ids["<|endoftext|>"],
+                  initializer_range=init_std, tie_word_embeddings=False)
+    config.update(extra)
+    return config
+
+
+def _save(model_class, config, folder, seed, init_std, ids, eos="<|im_end|>", randomize=("language_model", "lm_head", "projector")):
+    from .families import _save_model
+
+    _save_model(model_class, config, folder, seed, init_std, ids[eos], ids["<|endoftext|>"], randomize=randomize)
+
+
+# -- GLM-4.1V, GLM-4.5V and GLM-4.6V ------------------------------------------------------------------------------------
+
+def _glm4v(folder: Path, seed: int, init_std: float, kind: str) -> None:
+    from transformers import Glm4vImageProcessor, Glm4vProcessor, Glm4vVideoProcessor
+
+    special = ["<|image|>", "<|video|>", "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>", "<|end_of_video|>",
+               "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>"]
+    tokenizer, ids = _tokenizer(special)
+    text = _text(tokenizer, ids, init_std, eos="<|user|>",
+                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1],
+                                  "partial_rotary_factor": 0.5})
+    del text["head_dim"]
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, image_size=56, initializer_range=init_std)
+    media = dict(image_token_id=ids["<|image|>"], video_token_id=ids["<|video|>"],
+                 image_start_token_id=ids["<|begin_of_image|>"], image_end_token_id=ids["<|end_of_image|>"],
+                 video_start_token_id=ids["<|begin_of_video|>"], video_end_token_id=ids["<|end_of_video|>"])
+    if kind == "glm4v_moe":
+        from transformers import Glm4vMoeConfig as Config, Glm4vMoeForConditionalGeneration as Model
+
+        text.update(moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+                    first_k_dense_replace=1)
+    elif kind == "glm46v":  # GLM-4.6V: GLM-4.1V's model, timestamps written "1.5 seconds"
+        from transformers import Glm46VConfig as Config, Glm46VForConditionalGeneration as Model
+        from transformers import Glm46VImageProcessor as Glm4vImageProcessor, Glm46VProcessor as Glm4vProcessor
+        from transformers import Glm46VVideoProcessor as Glm4vVideoProcessor
+    else:
+        from transformers import Glm4vConfig as Config, Glm4vForConditionalGeneration as Model
+    config = Config(text_config=text, vision_config=vision, tie_word_embeddings=False, **media)
+    _save(Model, config, folder, seed, init_std, ids, eos="<|user|>", randomize=("language_model", "lm_head", "experts", "gate"))
+    size = {"shortest_edge": 28 * 28 * 4, "longest_edge": 28 * 28 * 64}
+    Glm4vProcessor(image_processor=Glm4vImageProcessor(size=size, patch_size=14, merge_size=2, temporal_patch_size=2),
+                   tokenizer=tokenizer, chat_template=GLM4V_TEMPLATE,
+                   video_processor=Glm4vVideoProcessor(size={"shortest_edge": 28 * 28 * 2, "longest_edge": 28 * 28 * 16 * 2}),
+                   ).save_pretrained(folder)
+
+
+# -- PaddleOCR-VL ------------------------------------------------------------------------------------------------
+
+def _paddleocr_vl(folder: Path, seed: int, init_std: float, kind: str) -> None:
+    from transformers import (PaddleOCRVLConfig, PaddleOCRVLForConditionalGeneration, PaddleOCRVLImageProcessor,
+                              PaddleOCRVLProcessor)
+
+    special = ["<|IMAGE_START|>", "<|IMAGE_PLACEHOLDER|>", "<|IMAGE_END|>", "<|video_pad|>"]
+    tokenizer, ids = _tokenizer(special, named={"image_token": "<|IMAGE_PLACEHOLDER|>"})
+    text = _text(tokenizer, ids, init_std, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                           "mrope_section": [2, 3, 3]})
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=56,
+                  patch_size=14, spatial_merge_size=2)
+    config = PaddleOCRVLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False,
+                               image_token_id=ids["<|IMAGE_PLACEHOLDER|>"], video_token_id=ids["<|video_pad|>"],
+                               vision_start_token_id=ids["<|IMAGE_START|>"], vision_end_token_id=ids["<|IMAGE_END|>"])
+    _save(PaddleOCRVLForConditionalGeneration, config, folder, seed, init_std, ids)
+    image = PaddleOCRVLImageProcessor(size={"shortest_edge": 28 * 28 * 4, "longest_edge": 28 * 28 * 64}, patch_size=14,
+                                      merge_size=2)
+    PaddleOCRVLProcessor(image_processor=image, tokenizer=tokenizer,
+                         chat_template=_chatml("<|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>")).save_pretrained(folder)
+
+
+# -- InternVL ------------------------------------------------------------------------------------------------------
+
+def _internvl(folder: Path, seed: int, init_std: float, kind: str) -> None:
+    """56-pixel crops of 14-pixel patches, pixel shuffle by 2: 4 tokens a crop, up to 4 crops and a thumbnail."""
+    from transformers import GotOcr2ImageProcessor, InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor
+    from transformers import InternVLVideoProcessor
+
+    named = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
+             "video_token": "<video>"}
+    tokenizer, ids = _tokenizer(list(named.values()), named=named)
+    config = InternVLConfig(
+        text_config=dict(model_type="qwen2", **_text(tokenizer, ids, init_std, rope_theta=10000.0)),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=[56, 56], patch_size=[14, 14], initializer_range=init_std),
+        image_token_id=ids["<IMG_CONTEXT>"], image_seq_length=4, downsample_ratio=0.5, tie_word_embeddings=False,
+    )
+    _save(InternVLForConditionalGeneration, config, folder, seed, init_std, ids,
+          randomize=("language_model", "lm_head", "multi_modal_projector"))
+    image = GotOcr2ImageProcessor(size={"height": 56, "width": 56}, crop_to_patches=True, min_patches=1, max_patches=4)
+    InternVLProcessor(image_processor=image, tokenizer=tokenizer, image_seq_length=4,
+                      video_processor=InternVLVideoProcessor(size={"height": 56, "width": 56}),
+                      chat_template=_chatml("<IMG_CONTEXT>\n", "<video>\n")).save_pretrained(folder)
+
+
+# -- SmolVLM and Idefics3 ---------------------------------------------------------------------------------------
+
+def _smolvlm(folder: Path, seed: int, init_std: float, kind: str) -> None:
+    """32-pixel tiles of 8-pixel patches, pixel shuffle by 2: 4 tokens a tile; images resized to 64 pixels at
+    most, so up to 2x2 tiles and the global image."""
+    special = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>", "<video>"]
+    special += [f"<row_{r}_col_{c}>" for r in range(1, 4) for c in range(1, 4)]
+    tokenizer, ids = _tokenizer(special)
+    text = dict(model_type="llama", **_text(tokenizer, ids, init_std, eos="<end_of_utterance>", rope_theta=10000.0))
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=8, initializer_range=init_std)
+    sizes = dict(size={"longest_edge": 64}, max_image_size={"longest_edge": 32}, do_image_splitting=True)
+    if kind == "smolvlm":
+        from transformers import SmolVLMConfig as Config, SmolVLMForConditionalGeneration as Model
+        from transformers import SmolVLMImageProcessor, SmolVLMProcessor, SmolVLMVideoProcessor
+
+        processor = SmolVLMProcessor(image_processor=SmolVLMImageProcessor(**sizes), tokenizer=tokenizer, image_seq_len=4,
+                                     video_processor=SmolVLMVideoProcessor(
+                                         video_sampling={"fps": 1, "max_frames": 8, "video_size": {"longest_edge": 32}},
+                                         max_image_size={"longest_edge": 32}),
+                                     chat_template=SMOLVLM_TEMPLATE)
+    else:
+        from transformers import Idefics3Config as Config, Idefics3ForConditionalGeneration as Model
+        from transformers import Idefics3ImageProcessor, Idefics3Processor
+
+        processor = Idefics3Processor(image_processor=Idefics3ImageProcessor(**sizes), tokenizer=tokenizer, image_seq_len=4,
+                                      chat_template=SMOLVLM_TEMPLATE)
+    config = Config(text_config=text, vision_config=vision, image_token_id=ids["<image>"], scale_factor=2,
+                    tie_word_embeddings=False)
+    _save(Model, config, folder, seed, init_std, ids, eos="<end_of_utterance>", randomize=("text_model", "lm_head", "connector"))
+    processor.save_pretrained(folder)
+
+
+# -- Mistral 3 (Pixtral vision) ---------------------------------------------------------------------------------
+
+def _mistral3(folder: Path, seed: int, init_std: float, kind: str) -> None:
+    """Pixtral on 8-pixel patches merged 2x2, images resized to 64 pixels at most: up to 4x4 [IMG] tokens.
+    mistral3_sliding: every layer with a sliding window of 8 (a Mistral config with `sliding_window` and no
+    layer types)."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, PixtralImageProcessor, PixtralProcessor
+
+    special = ["<s>", "</s>", "[IMG]", "[IMG_BREAK]", "[IMG_END]", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"]
+    tokenizer, ids = _tokenizer(special)
+    tokenizer.bos_token, tokenizer.eos_token = "<s>", "</s>"
+    text = dict(model_type="mistral", **_text(tokenizer, ids, init_std, eos="</s>", rope_theta=10000.0,
+                                                            sliding_window=8 if kind == "mistral3_sliding" else None))
+    text["bos_token_id"] = ids["<s>"]
+    vision = dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  head_dim=16, image_size=64, patch_size=8, initializer_range=init_std)
+    config = Mistral3Config(text_config=text, vision_config=vision, image_token_index=ids["[IMG]"], spatial_merge_size=2,
+                            tie_word_embeddings=False)
+    _save(Mistral3ForConditionalGeneration, config, folder, seed, init_std, ids, eos="</s>")
+    PixtralProcessor(image_processor=PixtralImageProcessor(size={"longest_edge": 64}, patch_size=8), tokenizer=tokenizer,
+                     patch_size=8, spatial_merge_size=2, chat_template=MISTRAL3_TEMPLATE).save_pretrained(folder)
+
+
+# -- LLaVA-NeXT: a model type vlcache does not list (for `vlcache check`) ------------------------------------
+
+def _llava_next(folder: Path, seed: int, init_std: float, kind: str) -> None:
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor, LlavaNextProcessor
+
+    tokenizer, ids = _tokenizer(["<image>"])
+    pinpoints = [[32, 64], [64, 32], [64, 64]]
+    config = LlavaNextConfig(
+        text_config=dict(model_type="qwen2", **_text(tokenizer, ids, init_std, rope_theta=10000.0)),
+        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=32, patch_size=8, projection_dim=32),
+        image_token_index=ids["<image>"], image_grid_pinpoints=pinpoints, vision_feature_select_strategy="default",
+        vision_feature_layer=-1, tie_word_embeddings=False,
+    )
+    _save(LlavaNextForConditionalGeneration, config, folder, seed, init_std, ids)
+    image = LlavaNextImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                    image_grid_pinpoints=pinpoints, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    LlavaNextProcessor(image_processor=image, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
+                       num_additional_image_tokens=1, chat_template=_chatml("<image>\n")).save_pretrained(folder)
+
+
+# -- LFM2-VL: short-convolution layers (no family yet: the decode path has no conv-only state) ----------------
+
+def _lfm2_vl(folder: Path, seed: int, init_std: float, kind: str) -> None:
+    """SigLIP2 NaFlex on 8-pixel patches, pixel unshuffle by 2: 4 to 16 tokens an image; an LFM2 text model of
+    3 short-convolution layers (kernel 3) and 1 attention layer."""
+    from transformers import Lfm2VlConfig, Lfm2VlForConditionalGeneration, Lfm2VlImageProcessor, Lfm2VlProcessor
+
+    named = {"image_token": "<image>", "image_start_token": "<|image_start|>", "image_end_token": "<|image_end|>",
+             "image_thumbnail_token": "<|img_thumbnail|>"}
+    tokenizer, ids = _tokenizer(list(named.values()), named=named)
+    text = dict(model_type="lfm2", **_text(tokenizer, ids, init_std, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                                            layer_types=["conv", "conv", "full_attention", "conv"], num_hidden_layers=4,
+                                            conv_L_cache=3, block_auto_adjust_ff_dim=False))
+    del text["head_dim"]
+    vision = dict(model_type="siglip2_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, patch_size=8, num_patches=64, vision_use_head=False)
+    config = Lfm2VlConfig(text_config=text, vision_config=vision, image_token_id=ids["<image>"], projector_hidden_size=64,
+                          downsample_factor=2, tie_word_embeddings=False)
+    _save(Lfm2VlForConditionalGeneration, config, folder, seed, init_std, ids, randomize=("language_model", "lm_head", "projector", "conv"))
+    image = Lfm2VlImageProcessor(encoder_patch_size=8, tile_size=32, min_image_tokens=4, max_image_tokens=16,
+                                 downsample_factor=2, do_image_splitting=False, max_num_patches=64)
+    Lfm2VlProcessor(image_processor=image, tokenizer=tokenizer, chat_template=_chatml("<image>")).save_pretrained(folder)
+
+
+# -- Llama 4: chunked local attention, layers without RoPE, MoE (no family yet: see the README) ---------------
+
+def _llama4(folder: Path, seed: int, init_std: float, kind: str) -> None:
+    """56-pixel tiles of 14-pixel patches, pixel shuffle 0.5: 4 tokens a tile, up to 4 tiles and the global
+    image; a text model of 4 layers (chunked attention in chunks of 16 tokens, every 4th layer full and without
+    RoPE), MoE on every other layer."""
+    from transformers import Llama4Config, Llama4ForConditionalGeneration, Llama4ImageProcessor, Llama4Processor
+
+    special = ["<|image|>", "<|image_start|>", "<|image_end|>", "<|patch|>", "<|tile_x_separator|>", "<|tile_y_separator|>"]
+    tokenizer, ids = _tokenizer(special)
+    text = _text(tokenizer, ids, init_std, intermediate_size_mlp=128, num_hidden_layers=4, num_local_experts=2,
+                 num_experts_per_tok=1, interleave_moe_layer_step=2, attention_chunk_size=16,
+                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    vision = dict(hidden_size=32, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, image_size=56,
+                  patch_size=14, vision_output_dim=64, projector_input_dim=64, projector_output_dim=64,
+                  pixel_shuffle_ratio=0.5, initializer_range=init_std)
+    config = Llama4Config(text_config=text, vision_config=vision, image_token_index=ids["<|patch|>"],
+                          boi_token_index=ids["<|image_start|>"], eoi_token_index=ids["<|image_end|>"],
+                          tie_word_embeddings=False)
+    _save(Llama4ForConditionalGeneration, config, folder, seed, init_std, ids,
+          randomize=("language_model", "lm_head", "multi_modal_projector", "experts", "router"))
+    image = Llama4ImageProcessor(size={"height": 56, "width": 56}, max_patches=4)
+    Llama4Processor(image_processor=image, tokenizer=tokenizer, patch_size=14, pixel_shuffle_ratio=0.5,
+                    chat_template=_chatml("<|image|>")).save_pretrained(folder)
