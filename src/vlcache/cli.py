@@ -271,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.set_defaults(run=run_inspect)
 
     check = sub.add_parser("check", help="test whether cached answers equal transformers' own for a model (exit 1 if not)")
-    add_model_arguments(check, "model id or local folder (default: $VLCACHE_MODEL or Qwen/Qwen3-VL-2B-Instruct)")
+    add_model_arguments(check, "model id or local folder (default: $VLCACHE_MODEL or Qwen/Qwen3-VL-2B-Instruct)",
+                        AUTO_DTYPE_HELP)
     check.set_defaults(run=run_check)
 
     for p in sub.choices.values():  # flags every command takes after its name; its own usage on an error

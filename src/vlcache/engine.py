@@ -288,12 +288,7 @@ class Engine:
         cfg = self.model.config.get_text_config()
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kinds = tuple(self.family.layer_kinds())
-        conv = recurrent = None
-        if LINEAR in kinds:  # Gated DeltaNet: a conv over q, k and v, and a recurrent state per value head
-            k_heads, v_heads = cfg.linear_num_key_heads, cfg.linear_num_value_heads
-            k_dim, v_dim = cfg.linear_key_head_dim, cfg.linear_value_head_dim
-            conv = (2 * k_heads * k_dim + v_heads * v_dim, cfg.linear_conv_kernel_dim)
-            recurrent = (v_heads, k_dim, v_dim)
+        conv, recurrent = self.family.linear_state_shapes() if LINEAR in kinds else (None, None)
         return Layout(kinds, cfg.num_key_value_heads, head_dim, conv, recurrent)
 
     # -- asking ----------------------------------------------------------------------------------------------

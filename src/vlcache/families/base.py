@@ -35,6 +35,14 @@ class Family:
         """Linear-attention layers keep a fixed-size state that cannot be cut back or padded into."""
         return LINEAR in self.layer_kinds()
 
+    def linear_state_shapes(self) -> tuple[tuple, tuple]:
+        """A linear-attention layer's (conv, recurrent) state shapes without the batch dimension. Here Gated
+        DeltaNet's (Qwen3.5): a conv over q, k and v, and a recurrent state per value head."""
+        cfg = self.text_config
+        k_heads, v_heads = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+        k_dim, v_dim = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        return (2 * k_heads * k_dim + v_heads * v_dim, cfg.linear_conv_kernel_dim), (v_heads, k_dim, v_dim)
+
     def images_kwargs(self, max_pixels: int | None) -> dict:
         """Processor arguments for `max_pixels` (empty: the processor's own settings)."""
         if max_pixels is not None and max_pixels <= 0:

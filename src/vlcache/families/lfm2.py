@@ -32,6 +32,10 @@ class Lfm2Vl(PlainImageText):
     def layer_kinds(self) -> list[str]:
         return [LINEAR if kind == "conv" else FULL for kind in self.text_config.layer_types]
 
+    def linear_state_shapes(self) -> tuple[tuple, tuple]:
+        """A short-convolution layer's window [hidden, L] and the empty recurrent state put beside it."""
+        return (self.text_config.hidden_size, self.text_config.conv_L_cache), (0, 0, 0)
+
 
 def _empty_recurrent_states(module, args, kwargs, output) -> None:
     """After a forward: every conv-only layer that holds a conv window gets an empty recurrent state."""
