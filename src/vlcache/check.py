@@ -50,7 +50,7 @@ def check_engine(engine, video: bool | None = None) -> list[Probe]:
         state = engine.cache_image(image, system_prompt=SYSTEM)
     except Exception as exc:  # noqa: BLE001 - any failure is the answer to "is vlcache exact here"
         return [Probe("cached image", False, f"caching the photograph failed: {_line(exc)}")]
-    probes = [_attempt("cached image", _one_question, engine, state, image),
+    probes = [_attempt("cached image", one_question, engine, state, image),
               _attempt("batch of two", _batch, engine, state, image),
               _attempt("two-turn chat", _chat, engine, state, image)]
     if video or (video is None and engine.family.takes_video):
@@ -58,7 +58,8 @@ def check_engine(engine, video: bool | None = None) -> list[Probe]:
     return probes
 
 
-def _one_question(engine, state, image: Path) -> tuple:
+def one_question(engine, state, image: Path) -> tuple:
+    """(cached, uncached) greedy token ids of the first question about `state`, the state of `image`."""
     cached = engine.ask(state, QUESTIONS[0], max_new_tokens=PROBE_TOKENS, temperature=0).token_ids
     return cached, uncached(engine, _messages([QUESTIONS[0]]), [image])
 

@@ -1,23 +1,19 @@
 """Which decode step an engine uses: the exactness probe and the speed check behind --compile auto.
 
-The probe asks one question about a small generated image from its cached state and compares the greedy
-tokens with transformers' generate() on the whole uncached conversation. A compiled step is kept only where
-they are equal for the loaded model (fused kernels round differently, which can change a token) and, on a
-CPU, where it is faster than the eager step; otherwise the eager step stays (on CUDA, captured as CUDA
-graphs where that holds). One line says what was chosen and why.
+The probe is `vlcache check`'s first one: a question about the photograph shipped with the package, asked from
+its cached state, against transformers' generate() on the whole uncached conversation (greedy, 16 tokens). A
+compiled step is kept only where they are equal for the loaded model (fused kernels round differently, which can
+change a token) and, on a CPU, where it is faster than the eager step; otherwise the eager step stays (on CUDA,
+captured as CUDA graphs where that holds). One line says what was chosen and why.
 """
 
 from __future__ import annotations
 
-import io
 import time
-
-import torch
 
 from .step import StepRunner, time_steps
 
-QUESTION = "What is in this picture?"
-TOKENS = 16
+WARM_TEXT = "Describe this."  # what the warm-up rows prefill (text only: no state needed)
 
 
 def choose(engine, mode: str, buckets: list[int], backend: str | None = None) -> dict:
@@ -27,15 +23,17 @@ def choose(engine, mode: str, buckets: list[int], backend: str | None = None) ->
         return {"step": "eager", "reason": "compile off", "buckets": []}
     cuda = engine.device.type == "cuda"
     backends = [backend] if backend else (["inductor", "cudagraphs"] if cuda and mode == "auto" else ["inductor"])
-    state = _probe_state(engine)
-    expected = _reference(engine, state) if mode == "auto" else None
+    from .. import check
+
+    image = check.probe_image()
+    state = engine.cache_image(image, system_prompt=check.SYSTEM)
     reasons = []
     for name in backends:
         # 1. Compile (or capture) the step for each bucket, timing the first (which pays for the compile).
         runner = StepRunner(engine.model, engine.device, name)
         engine.runner = runner
         started = time.perf_counter()
-        tokens = engine.ask(state, QUESTION, max_new_tokens=TOKENS, temperature=0).token_ids
+        engine.ask(state, check.QUESTIONS[0], max_new_tokens=2, temperature=0)
         compile_s = time.perf_counter() - started
         for rows in buckets:
             warm(engine, rows)
@@ -46,6 +44,7 @@ def choose(engine, mode: str, buckets: list[int], backend: str | None = None) ->
         if mode == "on":
             return _status(label, "--compile on", runner, compile_s)
         # 2. Exactness: the probe's greedy tokens against generate() on the uncached conversation.
+        tokens, expected = check.one_question(engine, state, image)
         if tokens != expected:
             where = next((i for i, (a, b) in enumerate(zip(tokens, expected)) if a != b), min(len(tokens), len(expected)))
             reasons.append(f"{name} step differs from generate() at token {where} of the probe")
@@ -70,7 +69,7 @@ def warm(engine, rows: int, steps: int = 2) -> None:
     """Run a few steps of `rows` text-only rows, so that their bucket is compiled before a request needs it."""
     from . import Prefix, SamplingParams, generate
 
-    ids = engine.processor.tokenizer(QUESTION, return_tensors="pt")["input_ids"][0].to(engine.device)
+    ids = engine.processor.tokenizer(WARM_TEXT, return_tensors="pt")["input_ids"][0].to(engine.device)
     batch = engine.batch()
     for _ in range(rows):
         batch.add(Prefix(kv=engine.empty_kv(), tokens=0), SamplingParams(temperature=0.0), steps, ids)
@@ -83,42 +82,11 @@ def _status(step: str, reason: str, runner: StepRunner, compile_s: float) -> dic
             "shapes": sorted(runner.shapes), "compile_s": round(compile_s, 2)}
 
 
-def _probe_image() -> bytes:
-    """A 96x64 PNG with a gradient: small (few image tokens) and not uniform."""
-    from PIL import Image
-
-    image = Image.new("RGB", (96, 64))
-    image.putdata([(x * 2, y * 3, (x + y) % 256) for y in range(64) for x in range(96)])
-    data = io.BytesIO()
-    image.save(data, format="PNG")
-    return data.getvalue()
-
-
-def _probe_state(engine):
-    return engine.cache([_probe_image()], system_prompt="You are a helpful assistant.")
-
-
-def _reference(engine, state) -> list[int]:
-    """generate() greedy on the whole conversation, uncached (the image through the processor again)."""
-    from .. import prompt
-    from ..images import load_image
-
-    messages = prompt.with_question(state.metadata.messages, QUESTION)
-    text = prompt.render(engine.processor, messages, add_generation_prompt=True)
-    image = engine.family.prepare_image(load_image(_probe_image()).image, None)
-    bos = engine.processor.tokenizer.bos_token
-    inputs = engine.processor(text=[text], images=[image], return_tensors="pt",
-                              add_special_tokens=not (bos and text.startswith(bos))).to(engine.device)
-    with torch.inference_mode():
-        out = engine.model.generate(**inputs, max_new_tokens=TOKENS, do_sample=False)
-    return out[0, inputs["input_ids"].shape[1]:].tolist()
-
-
 def _speed(engine, runner: StepRunner) -> tuple[float, float]:
     """Median seconds of a batch-1 decode step, compiled and eager, alternating (same rows, same lengths)."""
     from . import Prefix, SamplingParams
 
-    ids = engine.processor.tokenizer(QUESTION, return_tensors="pt")["input_ids"][0].to(engine.device)
+    ids = engine.processor.tokenizer(WARM_TEXT, return_tensors="pt")["input_ids"][0].to(engine.device)
     batch = engine.batch()
     batch.add(Prefix(kv=engine.empty_kv(), tokens=0), SamplingParams(temperature=0.0), 10**6, ids)
     batch.sample(batch.prefill([ids]))
