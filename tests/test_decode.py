@@ -315,3 +315,65 @@ def test_the_compiled_step_equals_generate_and_auto_says_what_it_chose(engine, a
         assert engine.ask(astronaut_state, QUESTIONS[0], max_new_tokens=N, temperature=0).token_ids == expected
     finally:
         engine.compile_steps("off")
+
+
+def test_turns_and_compiled_steps_that_grow_the_slots_between_them(engine, astronaut_state, monkeypatch):
+    """Slots grown inside a forward are inference tensors: a conversation's next turn, and a compiled step after an
+    eager prefill that grew them, must still write them (slots grow every 16 here, so every turn grows them)."""
+    from reference import reference_for_messages
+    from vlcache.conversation import Conversation
+
+    monkeypatch.setattr(rows_module, "CAPACITY_STEP", 16)
+    chat = Conversation(engine, astronaut_state)
+    messages = [{"role": "system", "content": SYSTEM}]
+    for i, question in enumerate(QUESTIONS):
+        answer = chat.ask(question, max_new_tokens=N, temperature=0)
+        messages.append({"role": "user", "content": ([{"type": "image"}] if i == 0 else []) + [{"type": "text", "text": question}]})
+        assert answer.token_ids == reference_for_messages(engine, messages, photo("astronaut.png"), N), i
+        messages.append({"role": "assistant", "content": answer.text})
+    expected = engine.ask(astronaut_state, QUESTIONS[0], max_new_tokens=N, temperature=0).token_ids
+    engine.runner = StepRunner(engine.model, "cpu", "eager")
+    try:
+        assert engine.ask(astronaut_state, QUESTIONS[0], max_new_tokens=N, temperature=0).token_ids == expected
+        first_capacity = -(-(astronaut_state.num_tokens + 1) // 16) * 16  # what the row's slots start with
+        assert engine.runner.failed is None and min(capacity for _, capacity in engine.runner.shapes) > first_capacity
+    finally:
+        engine.runner = None
+
+
+def test_a_turn_left_midway_does_not_leak_into_the_next_with_linear_layers(family_engine):  # noqa: F811
+    """Qwen3.5: a caller stops reading a turn after two pieces; the next question answers as generate() does on
+    the conversation without that turn (its linear states go back to the last whole turn)."""
+    from reference import reference_for_messages
+    from vlcache.conversation import Conversation
+
+    engine = family_engine("qwen3_5")
+    state = engine.cache_image(photo("rocket.jpg"), system_prompt=SYSTEM, max_pixels=PIXELS)
+    chat = Conversation(engine, state)
+    pieces = chat.stream(QUESTIONS[0], max_new_tokens=N, temperature=0)
+    next(pieces), next(pieces)
+    pieces.close()  # left midway
+    answer = chat.ask(QUESTIONS[1], max_new_tokens=N, temperature=0)
+    messages = [{"role": "system", "content": SYSTEM},
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTIONS[1]}]}]
+    assert answer.token_ids == reference_for_messages(engine, messages, photo("rocket.jpg"), N, max_pixels=PIXELS)
+
+
+def test_sampling_follows_generate_on_ties_nan_and_defaults():
+    from types import SimpleNamespace
+
+    from vlcache.decode.sampling import DEFAULT_TOP_K, sampling_params
+
+    # Top-k keeps every token tied with the k-th value, as TopKLogitsWarper does.
+    logits = torch.tensor([3.0, 2.0, 2.0, 2.0, 0.0])
+    rows = 400
+    sampling = _sampling([SamplingParams(temperature=1.0, top_k=2, seed=s) for s in range(rows)], 5)
+    drawn = set(sampling.sample(logits.expand(rows, 5))[0].tolist())
+    assert drawn == {0, 1, 2, 3}
+    # NaN logits are no answer for a greedy row, alone as in company.
+    nan = torch.full((1, 5), float("nan"))
+    assert _sampling([SamplingParams(0.0)], 5).sample(nan)[0].tolist() == [-1]
+    # A temperature on a greedy model samples as generate(do_sample=True, temperature=T): top-k 50 by default.
+    greedy_config = SimpleNamespace(do_sample=False, temperature=None, top_p=None, top_k=None, repetition_penalty=None)
+    assert sampling_params(greedy_config, temperature=0.7).top_k == DEFAULT_TOP_K == 50
+    assert sampling_params(greedy_config).greedy and sampling_params(greedy_config).top_k is None

@@ -415,7 +415,7 @@ def run_ask(args: argparse.Namespace) -> int:
         _check_media_arg(args.image)
     start = time.perf_counter()
     engine = _load_engine(model, args, meta)
-    _compile_steps(engine, "off" if args.compile == "auto" else args.compile, [1])
+    _compile_steps(engine, _one_command(args), [1])
     extra = {"model_load_s": time.perf_counter() - start}
     if args.image:  # the uncached path: process the image now, in memory
         start = time.perf_counter()
@@ -478,7 +478,7 @@ def run_chat(args: argparse.Namespace) -> int:
 
     meta = read_metadata(args.cache)
     engine = _load_engine(args.model or _model_named_by(meta), args, meta)
-    _compile_steps(engine, "off" if args.compile == "auto" else args.compile, [1])
+    _compile_steps(engine, _one_command(args), [1])
     chat = Conversation(engine, engine.load_state(args.cache))
 
     def save(target: str) -> None:
@@ -654,6 +654,13 @@ def _load_engine(model: str | None, args: argparse.Namespace, meta=None):
     info(f"loaded in {time.perf_counter() - start:.1f}s on {engine.device} as "
          f"{str(engine.dtype).removeprefix('torch.')} ({why or engine.dtype_reason})")
     return engine
+
+
+def _one_command(args: argparse.Namespace) -> str:
+    """--compile for a command that answers and ends: auto is off (it cannot pay back a compile). The guide's
+    scripts share ask's flags but not this one: off for them too."""
+    mode = getattr(args, "compile", "auto")
+    return "off" if mode == "auto" else mode
 
 
 def _compile_steps(engine, mode: str, buckets: list[int]) -> None:

@@ -122,7 +122,9 @@ class Conversation:
         limit = min(held.shape[0], target.shape[1] - (1 if at_least_one_new else 0))
         same = (held[:limit] == target[0, :limit]).long()
         keep = int(same.cumprod(0).sum()) if limit else 0
-        if self.engine.family.has_linear_layers and keep < held.shape[0]:
+        # Against what the live row really holds: a turn that ended early (a caller that stopped reading, an error)
+        # advanced the linear states past the ids recorded for the last whole turn.
+        if self.engine.family.has_linear_layers and keep < self._batch.cache.book.lengths[0]:
             # Back to the latest turn boundary at or before `keep`; what follows it is computed again.
             self._snapshots = [snap for snap in self._snapshots if snap[0] <= keep]  # later ones held other tokens
             keep, states = self._snapshots[-1]

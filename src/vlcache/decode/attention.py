@@ -21,6 +21,10 @@ def rows_attention(module, query, key, value, attention_mask, scaling=None, drop
     if vlcache_rows is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       sliding_window=sliding_window, **kwargs)
+    for name in ("softcap", "s_aux"):  # attention features the rows' attention does not compute: refuse, never ignore
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"vlcache's decode path does not compute attention with {name} "
+                                      f"({type(module).__name__}); this model cannot be cached exactly")
     return vlcache_rows.attend(query, key, value, scaling, sliding_window), None
 
 

@@ -17,6 +17,8 @@ from . import attention
 from .rows import Prefix, RowsCache
 from .sampling import RowSampling, SamplingParams
 
+PREFILL_PIECE = 1024  # tokens of new ids a forward takes at most (a long text-only prompt goes in pieces)
+
 
 class Batch:
     def __init__(self, model, positions, eos_ids: frozenset[int], device, dtype, runner=None):
@@ -36,6 +38,7 @@ class Batch:
 
     # -- rows in and out ---------------------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def add(self, prefix: Prefix, params: SamplingParams, max_new_tokens: int, seen: torch.Tensor) -> int:
         """A row continuing from `prefix`; `seen` [n] its ids so far (for the repetition penalty)."""
         slot = self.cache.add(prefix)
@@ -44,6 +47,7 @@ class Batch:
         self.deltas[slot] = prefix.rope_delta
         return slot
 
+    @torch.inference_mode()
     def restart(self, slot: int, params: SamplingParams, max_new_tokens: int, seen: torch.Tensor) -> None:
         """New sampling for the last row (a conversation's next turn continues in the same slot)."""
         if slot != self.rows - 1:
@@ -51,6 +55,7 @@ class Batch:
         self.sampling.remove(slot)
         self.sampling.add(params, max_new_tokens, seen)
 
+    @torch.inference_mode()
     def adopt(self, other: "Batch", slot: int) -> int:
         """Move a row (prefilled elsewhere, its first token sampled) into this batch; returns its slot."""
         mine = self.cache.adopt(other.cache, slot)
@@ -60,6 +65,7 @@ class Batch:
         self.last[mine] = other.last[slot]
         return mine
 
+    @torch.inference_mode()
     def remove(self, slot: int) -> None:
         last = self.rows - 1
         self.cache.remove(slot)
@@ -79,8 +85,20 @@ class Batch:
 
     # -- forwards --------------------------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def prefill(self, new_ids: list[torch.Tensor]) -> torch.Tensor:
-        """Run each row's new ids [m_i] (left-padded to the longest); the logits after the last of each [B, V]."""
+        """Run each row's new ids [m_i] (left-padded to the longest); the logits after the last of each [B, V].
+        Long ones go in pieces of PREFILL_PIECE tokens: the attention's scores grow with the square of a piece."""
+        width = max(ids.shape[0] for ids in new_ids)
+        logits = None
+        for end in range(width % PREFILL_PIECE or PREFILL_PIECE, width + 1, PREFILL_PIECE):
+            # The columns up to `end` of the left-padded rows: each row's part of them is its first tokens.
+            start = end - min(PREFILL_PIECE, end)
+            pieces = [ids[max(0, start - (width - ids.shape[0])): max(0, end - (width - ids.shape[0]))] for ids in new_ids]
+            logits = self._prefill_piece(pieces)
+        return logits
+
+    def _prefill_piece(self, new_ids: list[torch.Tensor]) -> torch.Tensor:
         rows = len(new_ids)
         width = max(ids.shape[0] for ids in new_ids)
         ids = torch.zeros(rows, width, dtype=torch.long, device=self.device)
@@ -95,6 +113,7 @@ class Batch:
         where = self.positions(logical, logical, self.deltas[:rows])
         return attention.forward(self.model, ids, where, self.cache, logical, counts)
 
+    @torch.inference_mode()
     def step(self) -> torch.Tensor:
         """One decode step of every row from its last sampled token; logits [B, V]."""
         rows = self.rows
@@ -106,6 +125,7 @@ class Batch:
         where = self.positions(logical, logical, self.deltas[:rows])
         return attention.forward(self.model, self.last[:rows], where, self.cache, logical, [1] * rows)
 
+    @torch.inference_mode()
     def sample(self, logits: torch.Tensor) -> tuple[list[int], list[bool]]:
         """Every row's next token and whether it is done, with one transfer to the host. A token of -1: the
         row's distribution was broken (NaN logits); it is done."""

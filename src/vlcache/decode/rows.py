@@ -244,6 +244,7 @@ class RowsCache(DynamicCache):
 
     # -- rows in and out ---------------------------------------------------------------------------------------
 
+    @torch.inference_mode()  # the batch's buffers are inference tensors: written only in inference mode
     def add(self, prefix: Prefix) -> int:
         """A new row starting from `prefix` (its K/V copied into the row's slot); returns its slot."""
         self._check(prefix)
@@ -288,6 +289,7 @@ class RowsCache(DynamicCache):
             if self._dtype is not None and a.dtype != self._dtype:
                 raise ValueError(f"layer {i}: K/V in {a.dtype}, the model computes in {self._dtype}")
 
+    @torch.inference_mode()
     def adopt(self, other: "RowsCache", other_slot: int) -> int:
         """Move a row from another cache (where it was prefilled) into this one; returns its new slot."""
         prefix, length = other.book.prefixes[other_slot], other.book.lengths[other_slot]
@@ -309,6 +311,7 @@ class RowsCache(DynamicCache):
         self._bind()
         return slot
 
+    @torch.inference_mode()
     def remove(self, slot: int) -> None:
         """Drop a row; the last row moves into its slot (so the running rows stay the first B slots)."""
         last = self.rows - 1
@@ -330,12 +333,14 @@ class RowsCache(DynamicCache):
         book.prefixes.pop()
         self._bind()
 
+    @torch.inference_mode()
     def truncate(self, slot: int, length: int) -> None:
         """Cut a row back to its first `length` tokens (attention layers; linear states are restored apart)."""
         book = self.book
         book.keys[slot, length:] = -1
         book.lengths[slot] = length
 
+    @torch.inference_mode()
     def set_linear_states(self, slot: int, states: list) -> None:
         """Give a row the (conv, recurrent) states [1, ...] of the linear layers, in layer order."""
         linear = iter(states)
@@ -413,10 +418,10 @@ class RowsCache(DynamicCache):
         groups = q_heads // kv_heads
         scale = scaling if scaling is not None else dim**-0.5
         q = query.reshape(batch, kv_heads, groups * length, dim)
-        bias = self.book.masks[window]
-        if groups > 1:
-            bias = bias.expand(batch, groups, length, bias.shape[-1]).reshape(batch, 1, groups * length, bias.shape[-1])
-        scores = torch.matmul(q, key.transpose(-1, -2)).float() * scale + bias
+        bias = self.book.masks[window]  # [B, 1, L, S]: broadcast over heads and grouped heads, never copied
+        scores = torch.matmul(q, key.transpose(-1, -2)).float() * scale
+        span = scores.shape[-1]
+        scores = (scores.view(batch, kv_heads, groups, length, span) + bias.unsqueeze(2)).view(batch, kv_heads, groups * length, span)
         probs = torch.softmax(scores, dim=-1).to(value.dtype)
         out = torch.matmul(probs, value)
         return out.reshape(batch, q_heads, length, dim).transpose(1, 2).contiguous()

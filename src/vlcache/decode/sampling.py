@@ -34,14 +34,20 @@ class SamplingParams:
         return self.temperature < GREEDY_BELOW
 
 
+DEFAULT_TOP_K = 50  # what generate() samples with when neither the model nor the caller names a top-k
+
+
 def sampling_params(generation_config, temperature=None, top_p=None, seed=None) -> SamplingParams:
-    """The model's own generation config, overridden by what the caller gave; temperature 0 is greedy."""
+    """The model's own generation config, overridden by what the caller gave; temperature 0 is greedy. A caller's
+    temperature on a greedy model samples as generate(do_sample=True, temperature=T) would: with the config's
+    top-k and top-p, or transformers' defaults (top-k 50, no top-p) where it names none."""
     do_sample = bool(getattr(generation_config, "do_sample", False))
     if temperature is None:
         temperature = float(generation_config.temperature or 1.0) if do_sample else 0.0
+    sampling = float(temperature) >= GREEDY_BELOW
     if top_p is None:
-        top_p = generation_config.top_p if do_sample else None
-    top_k = generation_config.top_k if do_sample else None
+        top_p = generation_config.top_p if sampling else None
+    top_k = (generation_config.top_k if generation_config.top_k is not None else DEFAULT_TOP_K) if sampling else None
     return SamplingParams(
         temperature=float(temperature),
         top_p=top_p,
@@ -73,6 +79,7 @@ class RowSampling:
 
     # -- rows in and out -------------------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def add(self, params: SamplingParams, max_new_tokens: int, ids: torch.Tensor) -> int:
         """A row with `params`, ending after `max_new_tokens`; `ids` [n]: its prompt (for the penalty)."""
         slot = self.rows
@@ -98,6 +105,7 @@ class RowSampling:
         self.rows += 1
         return slot
 
+    @torch.inference_mode()
     def adopt(self, other: "RowSampling", slot: int) -> int:
         mine = self.rows
         self._reserve(mine + 1)
@@ -112,6 +120,7 @@ class RowSampling:
         self.rows += 1
         return mine
 
+    @torch.inference_mode()
     def remove(self, slot: int) -> None:
         """Drop a row; the last moves into its slot."""
         last = self.rows - 1
@@ -145,6 +154,7 @@ class RowSampling:
 
     # -- one token for every row -----------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def sample(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """logits [B, V] of the first B rows -> (tokens [B] (-1 where a row's distribution is broken, e.g. NaN),
         done [B]: end of sequence, the row's length limit, or a broken distribution). All on the device."""
@@ -156,11 +166,13 @@ class RowSampling:
             penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
             logits = torch.where(self.seen[:rows], penalised, logits)
         tokens = logits.argmax(dim=-1)
-        broken = torch.zeros(rows, dtype=torch.bool, device=logits.device)
+        broken = torch.isnan(logits).any(dim=-1)  # greedy or not, alone or batched: NaN logits are no answer
         # 2. Sampling rows: temperature, top-k, top-p, then one draw each from the counter-based generator.
         if not all(self._greedy[:rows]):
-            drawn, broken = self._draw(logits, rows)
-            tokens = torch.where(self.temperature[:rows] > 0, drawn, tokens)
+            drawn, no_distribution = self._draw(logits, rows)
+            sampled = self.temperature[:rows] > 0
+            tokens = torch.where(sampled, drawn, tokens)
+            broken = broken | (sampled & no_distribution)
         tokens = torch.where(broken, torch.full_like(tokens, -1), tokens)
         # 3. Bookkeeping on the device: the counter, the penalty's seen ids, the stop rules.
         self.draws[:rows] += 1
@@ -172,15 +184,23 @@ class RowSampling:
     def _draw(self, logits: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         sampling = [not g for g in self._greedy[:rows]]
         ks = [k for k, s in zip(self._top_k[:rows], sampling) if s]
-        k = self.vocab if any(v <= 0 or v >= self.vocab for v in ks) else max(ks)
+        vocab = logits.shape[-1]
         temperature = torch.where(self.temperature[:rows] > 0, self.temperature[:rows], torch.ones_like(self.temperature[:rows]))
         warped = logits / temperature.unsqueeze(1)
+        row_k = self.top_k[:rows].unsqueeze(1)
+        # 1. Top-k before sorting: the largest k any row asks for, with room for ties (transformers keeps every
+        # token equal to the k-th value); where ties might reach past what was taken, the whole vocabulary.
+        k = vocab if any(v <= 0 or v >= vocab for v in ks) else min(vocab, 2 * max(ks) + 64)
         values, order = torch.topk(warped, k, dim=-1)  # sorted, largest first
         rank = torch.arange(k, device=logits.device).unsqueeze(0)
-        row_k = self.top_k[:rows].unsqueeze(1)
-        values = values.masked_fill((row_k > 0) & (rank >= row_k), float("-inf"))
+        kth = values.gather(1, (row_k - 1).clamp(min=0, max=k - 1))
+        limited = row_k > 0
+        if k < vocab and bool((limited & (values[:, -1:] >= kth)).any()):
+            values, order = torch.sort(warped, dim=-1, descending=True)
+            k, rank = vocab, torch.arange(vocab, device=logits.device).unsqueeze(0)
+        values = values.masked_fill(limited & (values < kth), float("-inf"))
         probs = torch.softmax(values, dim=-1)
-        # Top-p as transformers keeps it: a token stays while the probability before it is below p (the first
+        # 2. Top-p as transformers keeps it: a token stays while the probability before it is below p (the first
         # always stays); the kept ones are renormalised.
         before = torch.cumsum(probs, dim=-1) - probs
         keep = (before < self.top_p[:rows].unsqueeze(1)) | (rank == 0)
@@ -188,6 +208,7 @@ class RowSampling:
         cdf = torch.cumsum(probs, dim=-1)
         total = cdf[:, -1:]
         broken = ~torch.isfinite(cdf).all(dim=-1) | ~(total[:, 0] > 0)
+        # 3. One uniform draw per row from its own counter, through the inverse of the kept distribution.
         u = _uniform(self.seed[:rows], self.draws[:rows]).to(cdf.dtype).unsqueeze(1) * total
         index = torch.searchsorted(cdf, u, right=True).clamp(max=k - 1)
         # A draw that lands past the last kept token (rounding) takes the last kept one.

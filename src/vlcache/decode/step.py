@@ -13,14 +13,13 @@ reused by later processes. A step that fails to compile falls back to eager with
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
 import torch
 
 from ..paths import compile_dir
-from .rows import bucket
+from .rows import RowsLinearLayer, bucket
 
 log = logging.getLogger("vlcache")
 
@@ -49,41 +48,51 @@ class StepRunner:
             options["mode"] = "reduce-overhead"  # inductor's kernels, replayed as CUDA graphs
         self._compiled = torch.compile(_forward, backend=backend, **options)
 
+    @torch.inference_mode()  # the batch's buffers are inference tensors: grown and written only in inference mode
     def step(self, batch) -> torch.Tensor | None:
         if self.failed:
             return None
         rows = batch.rows
         size = bucket(rows)
         cache = batch.cache
+        if any(isinstance(layer, RowsLinearLayer) and i not in cache._linear for i, layer in enumerate(cache.layers)):
+            return None  # fresh linear states live in the model's own layers, sized for these rows only: eager
         book = cache.book
         logical = torch.tensor(book.next_logical(), device=batch.device).unsqueeze(1)
-        book_need = max(book.lengths) + 1
         # 1. Room for the bucket's rows and the next token, then the layout of a fixed-shape step.
-        cache._reserve(size, book_need)
+        cache._reserve(size, max(book.lengths) + 1)
         batch._reserve(size)
         capacity = book.capacity
-        positions = batch.positions(
-            torch.cat([logical, logical.new_zeros(size - rows, 1)]),
-            torch.cat([logical, logical.new_zeros(size - rows, 1)]),
-            batch.deltas[:size],
-        )
+        padded = torch.cat([logical, logical.new_zeros(size - rows, 1)])
+        positions = batch.positions(padded, padded, batch.deltas[:size])
         book.begin(logical, [1] * rows, batch=size, span=capacity)
         cache._bind(size)
         if self.device.type == "cuda":
             _mark_static(cache)
-        # A shape seen before runs with only the guards that tell compiled variants apart: the full guard check
-        # costs about as much as a thin model's whole step (measured in bench/decode.py), and nothing but the
-        # shape changes between this runner's calls (one model, caches of one structure).
-        seen = (size, capacity) in self.shapes and self.backend == "inductor"
-        stance = torch.compiler.set_stance("default", skip_guard_eval_unsafe=True) if seen else contextlib.nullcontext()
+        # 2. The step. A shape seen before runs with only the guards that tell compiled variants apart (the full
+        # check costs about as much as a thin model's whole step, bench/decode.py); should that miss a variant,
+        # torch refuses before running anything and the step runs again with every guard.
+        first = (size, capacity) not in self.shapes
+        linear = None if not first else [tuple(b.clone() for b in buffers) for buffers in cache._linear.values()]
         try:
-            with torch.inference_mode(), stance:
+            logits = None
+            if not first and self.backend == "inductor":
+                try:
+                    with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                        logits = self._compiled(self.model, batch.last[:size], positions, cache)
+                except RuntimeError as exc:
+                    if "skip_guard_eval_unsafe" not in str(exc):
+                        raise
+            if logits is None:
                 logits = self._compiled(self.model, batch.last[:size], positions, cache)
         except Exception as exc:  # noqa: BLE001 - a step that cannot compile falls back to eager, with one note
             self.failed = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             log.warning(f"note: compiled decode step failed ({self.failed}); decoding eagerly")
             _undo(book, rows)
-            cache._bind(rows)
+            if linear is not None:  # a graph that ran partly may have advanced linear states: back to before
+                for (conv, recurrent), (old_conv, old_recurrent) in zip(cache._linear.values(), linear):
+                    conv.copy_(old_conv)
+                    recurrent.copy_(old_recurrent)
             return None
         finally:
             cache._bind(rows)
@@ -102,6 +111,10 @@ def _mark_static(cache) -> None:
     for buffers in cache._linear.values():
         for buffer in buffers:
             _dynamo.mark_static_address(buffer)
+    for layer in cache.layers:  # the views the model's linear layers are bound to (the first bucket's rows)
+        if isinstance(layer, RowsLinearLayer):
+            for view in (layer.conv_states[0], layer.recurrent_states[0]):
+                _dynamo.mark_static_address(view)
 
 
 def _undo(book, rows: int) -> None:
