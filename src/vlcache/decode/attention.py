@@ -21,7 +21,7 @@ def rows_attention(module, query, key, value, attention_mask, scaling=None, drop
     if vlcache_rows is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       sliding_window=sliding_window, **kwargs)
-    return vlcache_rows.attend(query, key, value, scaling, sliding_window), None
+    return vlcache_rows.attend(query, key, value, scaling, sliding_window, getattr(module, "layer_idx", None)), None
 
 
 def install(model) -> None:
