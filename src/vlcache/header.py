@@ -287,8 +287,9 @@ def check_layout(header: dict, meta: StateMetadata, layout: Layout, source) -> N
         shape = first["shape"]
         tokens_ok = len(shape) == 4 and _tokens_ok(kind, shape[2], n, layout.chunk)
         if second["shape"] != shape or not tokens_ok or shape[0] != 1 or shape[1] != layout.kv_heads or shape[3] != layout.head_dim:
+            tokens = n if kind == FULL else f"{n % layout.chunk if layout.chunk else 0}..{n}" if kind == CHUNKED else f"1..{n}"
             refuse(f"layer {i}'s keys and values are {shape} and {second['shape']}, the model's [1, {layout.kv_heads}, "
-                   f"{n}, {layout.head_dim}]")
+                   f"{tokens}, {layout.head_dim}]")
         dtypes.update((first["dtype"], second["dtype"]))
     if len(dtypes) > 1:
         refuse(f"its layers mix dtypes ({', '.join(sorted(dtypes))})")
