@@ -236,7 +236,7 @@ class RowsCache(DynamicCache):
         text = config.get_text_config()
         # transformers builds a chunked layer's cache as a sliding one (window = the chunk size): only the
         # config's layer types tell them apart, and their masks differ.
-        kinds = getattr(text, "layer_types", None) or [None] * len(self.layers)
+        chunked = {i for i, kind in enumerate(getattr(text, "layer_types", None) or ()) if kind == "chunked_attention"}
         windows, chunks = {None}, set()
         layers = []
         for i, layer in enumerate(self.layers):
@@ -246,7 +246,7 @@ class RowsCache(DynamicCache):
                 layers.append(linear)
                 continue
             window = getattr(layer, "sliding_window", None)
-            if kinds[i] == "chunked_attention":
+            if i in chunked:
                 chunks.add(window)
                 layers.append((None, window))
             else:

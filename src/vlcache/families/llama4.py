@@ -95,11 +95,11 @@ def _rows_temperature(attention, forward):
         # transformers' formula, on the same float32 values: the same scales bit for bit.
         scales = torch.log1p(torch.floor((positions.float() + 1.0) / attention.floor_scale)) * attention.attn_scale + 1.0
         attention._vlcache_scales = scales.unsqueeze(-1)  # [B, L, 1]
-        attention.attn_temperature_tuning = False
+        tuning, attention.attn_temperature_tuning = attention.attn_temperature_tuning, False
         try:
             return forward(*args, **kwargs)
         finally:
-            attention.attn_temperature_tuning = True
+            attention.attn_temperature_tuning = tuning
             attention._vlcache_scales = None
 
     return wrapped
