@@ -353,6 +353,20 @@ def test_llama4_chunked_layers_store_their_last_chunk_and_wrong_chunks_are_caugh
         engine.load_state(short.save(tmp_path / "short.pt"))
 
 
+def test_llama4_a_state_that_ends_a_chunk_holds_nothing_in_its_chunked_layers(more_engine, tmp_path):
+    """A prefix of exactly 4 chunks (64 tokens): no later query sees any of its keys in a chunked layer, so those
+    layers store no tokens; the file round trip and a batch of two still answer as generate() does."""
+    from vlcache.testing.more_families import LLAMA4_CHUNK
+
+    engine = more_engine("llama4")
+    system = SYSTEM + " Look."  # 64 prefix tokens with this tokenizer
+    state = engine.load_state(engine.cache_image(photo("rocket.jpg"), system_prompt=system, max_pixels=PIXELS).save(tmp_path / "e.pt"))
+    n = state.num_tokens
+    assert n % LLAMA4_CHUNK == 0 and [k.shape[2] for k, _ in state.kv] == [0, 0, 0, n]
+    expected = [reference_tokens(engine, photo("rocket.jpg"), system, q, N, max_pixels=PIXELS) for q in QUESTIONS[:2]]
+    assert [a.token_ids for a in engine.ask_many(state, QUESTIONS[:2], max_new_tokens=N, temperature=0)] == expected
+
+
 def test_llama4_a_saved_conversation_keeps_its_last_chunk(more_engine, tmp_path):
     """A conversation saved after a turn: its chunked layers hold the last n % 16 of its tokens (cut from the live
     row), and a question asked of the file answers as generate() does on the whole conversation."""
