@@ -22,7 +22,7 @@ def reference_for_messages(engine, messages, image, max_new_tokens, max_pixels=N
         kwargs["images_kwargs"] = engine.images_kwargs(max_pixels)
     inputs = engine.processor.apply_chat_template(
         messages, tokenize=True, add_generation_prompt=True, return_dict=True, return_tensors="pt", **kwargs
-    ).to(engine.device)
+    ).to(engine.device).to(engine.dtype)  # floating inputs only (Llama 4's processor gives bfloat16 pixels)
     with torch.inference_mode():
         out = engine.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return out[0, inputs["input_ids"].shape[1]:].tolist()
@@ -55,7 +55,7 @@ def reference_for_parts(engine, messages, sources, max_new_tokens, fps=None, max
         kwargs.update(videos=videos, video_metadata=metadata, do_sample_frames=False, cap_pixels_per_frame=False)
     bos = engine.processor.tokenizer.bos_token
     inputs = engine.processor(text=[text], return_tensors="pt", add_special_tokens=not (bos and text.startswith(bos)),
-                              **kwargs).to(engine.device)
+                              **kwargs).to(engine.device).to(engine.dtype)
     with torch.inference_mode():
         out = engine.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return out[0, inputs["input_ids"].shape[1]:].tolist()

@@ -19,9 +19,9 @@ from vlcache.conversation import Conversation
 from vlcache.media import MediaOptions
 from vlcache.testing.families import build_family_checkpoint
 
-KINDS = ["glm4v", "glm4v_moe", "paddleocr_vl", "internvl", "smolvlm", "idefics3", "mistral3", "lfm2_vl"]
+KINDS = ["glm4v", "glm4v_moe", "paddleocr_vl", "internvl", "smolvlm", "idefics3", "mistral3", "lfm2_vl", "llama4"]
 FAMILY = {"glm4v": "glm4v", "glm4v_moe": "glm4v", "paddleocr_vl": "paddleocr-vl", "internvl": "internvl",
-          "smolvlm": "smolvlm", "idefics3": "smolvlm", "mistral3": "mistral3", "lfm2_vl": "lfm2-vl"}
+          "smolvlm": "smolvlm", "idefics3": "smolvlm", "mistral3": "mistral3", "lfm2_vl": "lfm2-vl", "llama4": "llama4"}
 PIXELS = 160 * 160
 N = 12
 QUESTIONS = ["What objects are visible in this image?", "What colors dominate the scene?", "Describe the lighting and mood."]
@@ -97,7 +97,7 @@ def test_cli_ask_in_a_fresh_process_equals_generate(kind, more_engine, tmp_path,
     assert info["family"] == FAMILY[kind] and info["layer_kinds"] == ["full_attention"] * 2
 
 
-@pytest.mark.parametrize("kind", ["glm4v", "mistral3"])
+@pytest.mark.parametrize("kind", ["glm4v", "mistral3", "llama4"])
 def test_the_server_answers_exactly_and_continues_turns(kind, more_engine, tmp_path):
     engine = more_engine(kind)
     live = LiveServer(engine, tmp_path / "states")
@@ -300,12 +300,97 @@ def test_check_fails_and_names_what_differed_when_the_generic_adapter_is_wrong(t
     assert not (tmp_path / "home" / "checked.json").exists() or json.loads((tmp_path / "home" / "checked.json").read_text()) == {}
 
 
-# -- Llama 4: not supported yet; the upstream failure its support must work around ----------------------------
+# -- Llama 4: chunked local attention, NoPE layers, and the upstream failure its family works around ------------
+
+def test_llama4_chunked_layers_store_their_last_chunk_and_wrong_chunks_are_caught(more_engine, tmp_path, capsys, monkeypatch):
+    """Each chunked layer stores only the tokens of the prefix's last chunk (n % 16), the NoPE layer all; restored
+    from a file in a fresh process and in a batch of three (padded) it answers as generate() does. Controls: the
+    chunk boundary moved by one in the decode masks, the chunked layers' stored tokens zeroed, and the NoPE
+    layer's query temperature taken from the batch's slot count (transformers' own) instead of each row's
+    position: each changes the answers. A file holding less than the last chunk is refused."""
+    from vlcache.decode import rows
+    from vlcache.errors import ModelMismatchError
+    from vlcache.testing.more_families import LLAMA4_CHUNK
+
+    engine = more_engine("llama4")
+    kinds = engine.family.layer_kinds()
+    assert kinds == ["chunked_attention"] * 3 + ["full_attention"]
+    state = engine.cache_image(photo("rocket.jpg"), system_prompt=SYSTEM, max_pixels=PIXELS)
+    n = state.num_tokens
+    assert n > 2 * LLAMA4_CHUNK and n % LLAMA4_CHUNK  # several chunks, the last one unfinished
+    assert [k.shape[2] for k, _ in state.kv] == [n % LLAMA4_CHUNK] * 3 + [n]
+    path = state.save(tmp_path / "l.pt")
+    assert cli.main(["inspect", str(path)]) == 0
+    assert "layers: 3 chunked_attention, 1 full_attention" in capsys.readouterr().out
+    expected = [reference_tokens(engine, photo("rocket.jpg"), SYSTEM, q, N, max_pixels=PIXELS) for q in QUESTIONS]
+    asked = run("ask", "--cache", path, "--prompt", QUESTIONS[0], "--max-new-tokens", N, "--temperature", 0, "--json")
+    assert asked.returncode == 0, asked.stderr
+    assert json.loads(asked.stdout)["token_ids"] == expected[0] and len(set(expected[0])) >= 4
+    loaded = engine.load_state(path)
+
+    def answers(state):
+        return [a.token_ids for a in engine.ask_many(state, QUESTIONS, max_new_tokens=N, temperature=0)]
+
+    assert answers(loaded) == expected
+    # Controls.
+    right = rows._bias
+    with monkeypatch.context() as patch:
+        patch.setattr(rows, "_bias", lambda keys, queries, window, chunk=None: right(keys, queries, window, chunk and chunk + 1))
+        assert answers(loaded) != expected
+    zeroed = loaded.to("cpu")
+    zeroed.kv = [(torch.zeros_like(k), torch.zeros_like(v)) if kind == "chunked_attention" else (k, v)
+                 for (k, v), kind in zip(loaded.kv, kinds)]
+    assert answers(zeroed) != expected
+    nope = engine.model.language_model.model.layers[3].self_attn
+    with monkeypatch.context() as patch:
+        patch.setattr(nope, "forward", type(nope).forward.__get__(nope))
+        assert answers(loaded) != expected
+    assert answers(loaded) == expected  # the patches are gone
+    short = loaded.to("cpu")
+    short.kv = [(k[:, :, 1:], v[:, :, 1:]) if kind == "chunked_attention" else (k, v) for (k, v), kind in zip(loaded.kv, kinds)]
+    with pytest.raises(ModelMismatchError, match=rf"layer 0's keys and values are \[1, 2, {n % LLAMA4_CHUNK - 1}, 16\] .*, "
+                       rf"the model's \[1, 2, {n % LLAMA4_CHUNK}\.\.{n}, 16\]$"):
+        engine.load_state(short.save(tmp_path / "short.pt"))
+
+
+def test_llama4_a_state_that_ends_a_chunk_holds_nothing_in_its_chunked_layers(more_engine, tmp_path):
+    """A prefix of exactly 4 chunks (64 tokens): no later query sees any of its keys in a chunked layer, so those
+    layers store no tokens; the file round trip and a batch of two still answer as generate() does."""
+    from vlcache.testing.more_families import LLAMA4_CHUNK
+
+    engine = more_engine("llama4")
+    system = SYSTEM + " Look."  # 64 prefix tokens with this tokenizer
+    state = engine.load_state(engine.cache_image(photo("rocket.jpg"), system_prompt=system, max_pixels=PIXELS).save(tmp_path / "e.pt"))
+    n = state.num_tokens
+    assert n % LLAMA4_CHUNK == 0 and [k.shape[2] for k, _ in state.kv] == [0, 0, 0, n]
+    expected = [reference_tokens(engine, photo("rocket.jpg"), system, q, N, max_pixels=PIXELS) for q in QUESTIONS[:2]]
+    assert [a.token_ids for a in engine.ask_many(state, QUESTIONS[:2], max_new_tokens=N, temperature=0)] == expected
+
+
+def test_llama4_a_saved_conversation_keeps_its_last_chunk(more_engine, tmp_path):
+    """A conversation saved after a turn: its chunked layers hold the last n % 16 of its tokens (cut from the live
+    row), and a question asked of the file answers as generate() does on the whole conversation."""
+    from vlcache.testing.more_families import LLAMA4_CHUNK
+
+    engine = more_engine("llama4")
+    chat = Conversation(engine, engine.cache_image(photo("coffee.png"), system_prompt=SYSTEM, max_pixels=PIXELS))
+    first = chat.ask(QUESTIONS[0], max_new_tokens=N, temperature=0)
+    saved = engine.load_state(chat.save(tmp_path / "chat.pt"))
+    n = saved.num_tokens
+    assert [k.shape[2] for k, _ in saved.kv] == [n % LLAMA4_CHUNK] * 3 + [n]
+    messages = [{"role": "system", "content": SYSTEM},
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTIONS[0]}]},
+                {"role": "assistant", "content": first.text},
+                {"role": "user", "content": [{"type": "text", "text": QUESTIONS[1]}]}]
+    assert engine.ask(saved, QUESTIONS[1], max_new_tokens=N, temperature=0).token_ids == reference_for_messages(
+        engine, messages, photo("coffee.png"), N, max_pixels=PIXELS)
+
 
 def test_llama4_generate_fails_upstream(more_dir):
     """transformers 5.24's Llama4ForConditionalGeneration.forward reads `image_outputs` from the language model's
-    MoeCausalLMOutputWithPast, which has no such field, so generate() itself fails. When this test fails,
-    transformers has fixed it (and a Llama 4 family needs no workaround for it)."""
+    MoeCausalLMOutputWithPast, which has no such field, so generate() itself fails on a model as transformers
+    loads it. vlcache's Llama 4 family hands the language model's output on with that field (families/llama4.py),
+    which the references above rely on. When this test fails, transformers has fixed it and the workaround can go."""
     import torch
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor

@@ -289,7 +289,7 @@ class Engine:
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kinds = tuple(self.family.layer_kinds())
         conv, recurrent = self.family.linear_state_shapes() if LINEAR in kinds else (None, None)
-        return Layout(kinds, cfg.num_key_value_heads, head_dim, conv, recurrent)
+        return Layout(kinds, cfg.num_key_value_heads, head_dim, conv, recurrent, self.family.attention_chunk())
 
     # -- asking ----------------------------------------------------------------------------------------------
 

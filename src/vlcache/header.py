@@ -230,6 +230,7 @@ def _conversation_ok(messages: list, media_parts: int) -> bool:
 # -- a state's tensors against a model ------------------------------------------------------------------------
 
 FULL, SLIDING, LINEAR = "full_attention", "sliding_attention", "linear_attention"
+CHUNKED = "chunked_attention"
 _FLOAT_DTYPES = ("F32", "F16", "BF16")
 
 
@@ -238,11 +239,12 @@ class Layout:
     """What a model's state files must hold, layer by layer: a file that disagrees would fail inside a batched
     forward (and with it every other row of the batch), so it is refused before that."""
 
-    kinds: tuple[str, ...]  # per text layer: FULL, SLIDING or LINEAR
+    kinds: tuple[str, ...]  # per text layer: FULL, SLIDING, CHUNKED or LINEAR
     kv_heads: int
     head_dim: int
     conv_shape: tuple[int, int] | None = None  # a linear-attention layer's conv state: [1, channels, kernel]
     recurrent_shape: tuple[int, int, int] | None = None  # and its recurrent state: [1, heads, key dim, value dim]
+    chunk: int | None = None  # a CHUNKED layer's chunk size: it holds at least the last n % chunk tokens
 
     def tensors(self, i: int) -> tuple[str, str]:
         return ("conv_state", "recurrent_state") if self.kinds[i] == LINEAR else ("keys", "values")
@@ -283,13 +285,24 @@ def check_layout(header: dict, meta: StateMetadata, layout: Layout, source) -> N
             dtypes.add(first["dtype"])  # the recurrent state stays float32 whatever the model's dtype
             continue
         shape = first["shape"]
-        tokens_ok = len(shape) == 4 and (0 < shape[2] <= n if kind == SLIDING else shape[2] == n)
+        tokens_ok = len(shape) == 4 and _tokens_ok(kind, shape[2], n, layout.chunk)
         if second["shape"] != shape or not tokens_ok or shape[0] != 1 or shape[1] != layout.kv_heads or shape[3] != layout.head_dim:
+            tokens = n if kind == FULL else f"{n % layout.chunk if layout.chunk else 0}..{n}" if kind == CHUNKED else f"1..{n}"
             refuse(f"layer {i}'s keys and values are {shape} and {second['shape']}, the model's [1, {layout.kv_heads}, "
-                   f"{n}, {layout.head_dim}]")
+                   f"{tokens}, {layout.head_dim}]")
         dtypes.update((first["dtype"], second["dtype"]))
     if len(dtypes) > 1:
         refuse(f"its layers mix dtypes ({', '.join(sorted(dtypes))})")
+
+
+def _tokens_ok(kind: str, held: int, n: int, chunk: int | None) -> bool:
+    """A sliding layer holds the prefix's last tokens (at least one), a chunked layer at least those of its last
+    chunk (a tail: the server's continuations hold more), every other layer all n."""
+    if kind == SLIDING:
+        return 0 < held <= n
+    if kind == CHUNKED:
+        return (n % chunk if chunk else 0) <= held <= n
+    return held == n
 
 
 def _kinds_summary(kinds) -> str:

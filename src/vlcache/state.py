@@ -169,12 +169,14 @@ def load_state(path: str | os.PathLike, device: torch.device | str = "cpu", layo
 def _check_shapes(state: ImageState, path) -> None:
     n = state.metadata.prefix_tokens
     kinds = state.metadata.layer_kinds or ["full_attention"] * len(state.kv)
-    # A sliding-window layer stores the last tokens of the prefix (at least one); every other layer all of them.
+    # A sliding-window layer stores the last tokens of the prefix (at least one), a chunked layer those of its
+    # last chunk (none when the prefix ends a chunk; the model's layout checks how many); every other layer all.
     # A linear-attention layer stores a conv state [1, channels, kernel] and a recurrent state [1, heads, dk, dv].
     ok = bool(state.kv) and len(kinds) == len(state.kv) and all(
         (k.ndim == 3 and v.ndim == 4 and k.shape[0] == v.shape[0] == 1) if kind == LINEAR_ATTENTION else
         (k.ndim == 4 and k.shape == v.shape and k.shape[0] == 1
-         and (0 < k.shape[2] <= n if kind == "sliding_attention" else k.shape[2] == n))
+         and (0 < k.shape[2] <= n if kind == "sliding_attention" else
+              0 <= k.shape[2] <= n if kind == "chunked_attention" else k.shape[2] == n))
         for (k, v), kind in zip(state.kv, kinds)
     )
     ok = ok and all(getattr(state, name).shape == (1, n) for name in ("input_ids", "attention_mask", "mm_token_type_ids"))

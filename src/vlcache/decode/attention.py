@@ -25,7 +25,7 @@ def rows_attention(module, query, key, value, attention_mask, scaling=None, drop
         if kwargs.get(name) is not None:
             raise NotImplementedError(f"vlcache's decode path does not compute attention with {name} "
                                       f"({type(module).__name__}); this model cannot be cached exactly")
-    return vlcache_rows.attend(query, key, value, scaling, sliding_window), None
+    return vlcache_rows.attend(query, key, value, scaling, sliding_window, getattr(module, "layer_idx", None)), None
 
 
 def install(model) -> None:

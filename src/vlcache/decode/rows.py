@@ -12,6 +12,9 @@ Which keys a query sees is decided from logical positions (a row's unpadded sequ
 in `RowsBook.keys` (-1: empty): padding, causality and sliding windows give each row exactly what it would
 compute alone. A sliding-window layer's state holds only the last window - 1 prefix tokens; they are copied
 to the slots of their positions and the slots before them stay zero, outside every later query's window.
+A chunked layer (Llama 4's local attention: a query sees a key only in its own chunk of C positions, k // C
+== q // C) is kept the same way: its state holds the tokens of the prefix's last, unfinished chunk (n % C of
+them, none when n is a multiple of C), and its mask is keyed by a Chunked(C) beside the windows.
 
 New tokens of unequal length are padded on the left (so that every row's last column is a real token and
 logits_to_keep=1 works); padding is written after the row's real tokens, in slots marked empty, and is
@@ -41,6 +44,13 @@ class Prefix:
     rope_delta: int = 0
 
 
+@dataclass(frozen=True)
+class Chunked:
+    """The mask key of chunked local attention in chunks of `size` positions (the windows' keys are ints)."""
+
+    size: int
+
+
 CAPACITY_STEP = 256  # slots grow to the next multiple of this: few distinct shapes for compiled steps
 
 
@@ -61,9 +71,10 @@ class RowsBook:
     """Per slot: the logical position of every cache slot (-1: none), how many slots hold real tokens; and the
     layout of the forward in progress (where its tokens go, their positions, the attention biases)."""
 
-    def __init__(self, device, windows: tuple):
+    def __init__(self, device, windows: tuple, chunks: tuple = ()):
         self.device = device
         self.windows = windows  # the model's sliding windows (None: full attention)
+        self.chunks = chunks  # the model's attention chunk sizes (chunked local attention)
         self.keys = torch.full((0, 0), -1, dtype=torch.long, device=device)
         self.lengths: list[int] = []  # real tokens per running row (prefix included)
         self.dirty: list[int] = []  # per slot: slots written so far (zeroed when the slot changes hands)
@@ -72,7 +83,8 @@ class RowsBook:
         self.batch = 0  # rows in the forward (the running rows, or a fixed bucket of them)
         self.span = 0  # slots the layers look at
         self.write: torch.Tensor | None = None  # [batch, L] slot each new token goes to
-        self.masks: dict = {}  # window -> additive bias [batch, 1, g*L, span] (g folded in by the attention)
+        self.masks: dict = {}  # window or Chunked -> additive bias [batch, 1, g*L, span] (g folded in by the attention)
+        self.queries: torch.Tensor | None = None  # [batch, L] logical positions of the forward's tokens
 
     @property
     def rows(self) -> int:
@@ -114,7 +126,10 @@ class RowsBook:
             self.lengths[i] += n
         self.batch = batch
         self.span = span or need  # every slot a row has written or writes now
-        self.masks = {window: _bias(self.keys[:batch, : self.span], logical, window) for window in self.windows}
+        keys = self.keys[:batch, : self.span]
+        self.masks = {window: _bias(keys, logical, window) for window in self.windows}
+        self.masks.update({Chunked(size): _bias(keys, logical, None, size) for size in self.chunks})
+        self.queries = logical
 
     def reserve(self, rows: int, length: int) -> bool:
         """Room for `rows` slots of `length`; True if the buffers were reallocated."""
@@ -131,13 +146,16 @@ class RowsBook:
         return True
 
 
-def _bias(keys: torch.Tensor, queries: torch.Tensor, window: int | None) -> torch.Tensor:
+def _bias(keys: torch.Tensor, queries: torch.Tensor, window: int | None, chunk: int | None = None) -> torch.Tensor:
     """Additive float bias [B, 1, L, S]: 0 where a query may look, -inf where not. A query with nothing to look
-    at (an idle row of a fixed-shape step) looks at slot 0, never at nothing (which gives NaN)."""
+    at (an idle row of a fixed-shape step) looks at slot 0, never at nothing (which gives NaN). `chunk`: chunked
+    local attention, a key only in the query's own chunk (transformers' chunked_overlay, positions unpadded)."""
     q, k = queries.unsqueeze(-1), keys.unsqueeze(1)  # [B, L, 1], [B, 1, S]
     allowed = (k >= 0) & (k <= q)
     if window is not None:
         allowed = allowed & (k > q - window)
+    if chunk is not None:
+        allowed = allowed & (torch.div(k, chunk, rounding_mode="floor") == torch.div(q, chunk, rounding_mode="floor"))
     first = torch.zeros_like(allowed)
     first[..., 0] = True
     allowed = allowed | (first & ~allowed.any(dim=-1, keepdim=True))
@@ -145,11 +163,12 @@ def _bias(keys: torch.Tensor, queries: torch.Tensor, window: int | None) -> torc
 
 
 class RowsLayer(DynamicLayer):
-    """An attention layer's buffers for all slots; the forward sees the first `batch` rows and `span` slots."""
+    """An attention layer's buffers for all slots; the forward sees the first `batch` rows and `span` slots.
+    `sliding_window` or `chunk` (chunked local attention) say what later queries can still see of a row."""
 
-    def __init__(self, book: RowsBook, sliding_window: int | None = None):
+    def __init__(self, book: RowsBook, sliding_window: int | None = None, chunk: int | None = None):
         super().__init__()
-        self.book, self.sliding_window = book, sliding_window
+        self.book, self.sliding_window, self.chunk = book, sliding_window, chunk
         self._keys: torch.Tensor | None = None
         self._values: torch.Tensor | None = None
         self.is_initialized = True
@@ -215,7 +234,10 @@ class RowsCache(DynamicCache):
     def __init__(self, config, device, dtype: torch.dtype | None = None):
         super().__init__(config=config)
         text = config.get_text_config()
-        windows = {None}
+        # transformers builds a chunked layer's cache as a sliding one (window = the chunk size): only the
+        # config's layer types tell them apart, and their masks differ.
+        chunked = {i for i, kind in enumerate(getattr(text, "layer_types", None) or ()) if kind == "chunked_attention"}
+        windows, chunks = {None}, set()
         layers = []
         for i, layer in enumerate(self.layers):
             if isinstance(layer, LinearAttentionLayer):
@@ -224,10 +246,14 @@ class RowsCache(DynamicCache):
                 layers.append(linear)
                 continue
             window = getattr(layer, "sliding_window", None)
-            windows.add(window)
-            layers.append(window)
-        self.book = RowsBook(device, tuple(sorted(windows, key=lambda w: -1 if w is None else w)))
-        self.layers = [layer if isinstance(layer, RowsLinearLayer) else RowsLayer(self.book, layer) for layer in layers]
+            if i in chunked:
+                chunks.add(window)
+                layers.append((None, window))
+            else:
+                windows.add(window)
+                layers.append((window, None))
+        self.book = RowsBook(device, tuple(sorted(windows, key=lambda w: -1 if w is None else w)), tuple(sorted(chunks)))
+        self.layers = [layer if isinstance(layer, RowsLinearLayer) else RowsLayer(self.book, *layer) for layer in layers]
         self._linear: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> slot buffers (conv, recurrent)
         self._shape = (text.num_key_value_heads, getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
         self._dtype = dtype
@@ -358,8 +384,12 @@ class RowsCache(DynamicCache):
         out = []
         for i, layer in enumerate(self.layers):
             if isinstance(layer, RowsLayer):
-                window = layer.sliding_window
-                first = max(start, end - (window - 1)) if window and start == 0 else start
+                window, chunk = layer.sliding_window, layer.chunk
+                first = start
+                if window and start == 0:
+                    first = max(start, end - (window - 1))
+                elif chunk and start == 0:
+                    first = end // chunk * chunk  # the next query's chunk: no earlier key is seen again
                 out.append(layer.tokens(slot, first, end))
             elif i in self._linear:
                 out.append(tuple(b[slot : slot + 1].clone() for b in self._linear[i]))
@@ -408,7 +438,13 @@ class RowsCache(DynamicCache):
 
     # -- attention ---------------------------------------------------------------------------------------------
 
-    def attend(self, query, key, value, scaling, window):
+    def mask_key(self, layer_idx: int | None, window: int | None):
+        """Which of the forward's masks a layer uses: its chunk's for a chunked layer (the model's attention
+        passes no window for those), else the window the attention passes."""
+        chunk = getattr(self.layers[layer_idx], "chunk", None) if layer_idx is not None and layer_idx < len(self.layers) else None
+        return Chunked(chunk) if chunk else window
+
+    def attend(self, query, key, value, scaling, window, layer_idx: int | None = None):
         """query [B, Hq, L, D], key/value [B, Hkv, S, D] (each row's slots) -> [B, L, Hq, D].
 
         transformers' eager attention, numerically: matmuls in the model dtype, softmax in float32; grouped
@@ -418,7 +454,7 @@ class RowsCache(DynamicCache):
         groups = q_heads // kv_heads
         scale = scaling if scaling is not None else dim**-0.5
         q = query.reshape(batch, kv_heads, groups * length, dim)
-        bias = self.book.masks[window]  # [B, 1, L, S]: broadcast over heads and grouped heads, never copied
+        bias = self.book.masks[self.mask_key(layer_idx, window)]  # [B, 1, L, S]: broadcast, never copied
         scores = torch.matmul(q, key.transpose(-1, -2)).float() * scale
         span = scores.shape[-1]
         scores = (scores.view(batch, kv_heads, groups, length, span) + bias.unsqueeze(2)).view(batch, kv_heads, groups * length, span)

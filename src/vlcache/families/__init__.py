@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from .base import FULL, LINEAR, SLIDING, Family
+from .base import CHUNKED, FULL, LINEAR, SLIDING, Family
 from .gemma import Gemma3
 from .glm import Glm4v
 from .internvl import InternVL
 from .lfm2 import Lfm2Vl
+from .llama4 import Llama4
 from .llava import LlavaOnevision
 from .mistral import Mistral3
 from .paddle import PaddleOcrVl
@@ -15,10 +16,10 @@ from .qwen import QwenMRoPE
 from .smolvlm import SmolVLM
 
 FAMILIES: tuple[type[Family], ...] = (QwenMRoPE, LlavaOnevision, Gemma3, Glm4v, InternVL, SmolVLM, Mistral3, PaddleOcrVl,
-                                     Lfm2Vl)
+                                     Lfm2Vl, Llama4)
 GENERIC: type[Family] = PlainImageText  # unlisted image-text models, once `vlcache check` passed for their weights
 
-__all__ = ["FAMILIES", "GENERIC", "FULL", "LINEAR", "SLIDING", "Family", "family_class", "supported_model_types"]
+__all__ = ["FAMILIES", "GENERIC", "CHUNKED", "FULL", "LINEAR", "SLIDING", "Family", "family_class", "supported_model_types"]
 
 
 def supported_model_types() -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 FULL, SLIDING, LINEAR = "full_attention", "sliding_attention", "linear_attention"
+CHUNKED = "chunked_attention"  # chunked local attention (Llama 4): a query sees keys of its own chunk only
 DEFAULT_VIDEO_FPS = 2.0
 
 
@@ -26,9 +27,13 @@ class Family:
     # -- identity ------------------------------------------------------------------------------------------------
 
     def layer_kinds(self) -> list[str]:
-        """Per text layer: FULL, SLIDING or LINEAR (what its state is, and so what a file stores for it)."""
+        """Per text layer: FULL, SLIDING, CHUNKED or LINEAR (what its state is, and so what a file stores for it)."""
         kinds = getattr(self.text_config, "layer_types", None) or [FULL] * self.text_config.num_hidden_layers
         return [kind if kind in (FULL, SLIDING, LINEAR) else FULL for kind in kinds]
+
+    def attention_chunk(self) -> int | None:
+        """The chunk size of CHUNKED layers (None: the model has none)."""
+        return None
 
     @property
     def has_linear_layers(self) -> bool:

@@ -271,19 +271,23 @@ def _lfm2_vl(folder: Path, seed: int, init_std: float, kind: str) -> None:
     Lfm2VlProcessor(image_processor=image, tokenizer=tokenizer, chat_template=_chatml("<image>")).save_pretrained(folder)
 
 
-# -- Llama 4: chunked local attention, layers without RoPE, MoE (no family yet: see the README) ---------------
+# -- Llama 4: chunked local attention, layers without RoPE, MoE ------------------------------------------------
+
+LLAMA4_CHUNK = 16  # tokens per attention chunk: every cached prefix spans several
+
 
 def _llama4(folder: Path, seed: int, init_std: float, kind: str) -> None:
     """56-pixel tiles of 14-pixel patches, pixel shuffle 0.5: 4 tokens a tile, up to 4 tiles and the global
     image; a text model of 4 layers (chunked attention in chunks of 16 tokens, every 4th layer full and without
-    RoPE), MoE on every other layer."""
+    RoPE), MoE on every other layer. The NoPE layer's query temperature changes every 8 positions by 0.5 (not
+    every 8192 by 0.1), so that a prompt's positions reach it and a wrong position changes an answer."""
     from transformers import Llama4Config, Llama4ForConditionalGeneration, Llama4ImageProcessor, Llama4Processor
 
     special = ["<|image|>", "<|image_start|>", "<|image_end|>", "<|patch|>", "<|tile_x_separator|>", "<|tile_y_separator|>"]
     tokenizer, ids = _tokenizer(special)
     text = _text(tokenizer, ids, init_std, intermediate_size_mlp=128, num_hidden_layers=4, num_local_experts=2,
-                 num_experts_per_tok=1, interleave_moe_layer_step=2, attention_chunk_size=16,
-                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+                 num_experts_per_tok=1, interleave_moe_layer_step=2, attention_chunk_size=LLAMA4_CHUNK,
+                 floor_scale=8, attn_scale=0.5, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     vision = dict(hidden_size=32, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, image_size=56,
                   patch_size=14, vision_output_dim=64, projector_input_dim=64, projector_output_dim=64,
                   pixel_shuffle_ratio=0.5, initializer_range=init_std)
