@@ -48,3 +48,33 @@ def engine(tiny_model_dir):
 @pytest.fixture(scope="session")
 def astronaut_state(engine):
     return engine.cache_image(photo("astronaut.png"), system_prompt=SYSTEM)
+
+
+@pytest.fixture(scope="session")
+def family_dir(tmp_path_factory):
+    """kind -> a tiny random checkpoint of that family (vlcache.testing.families), built once per test run."""
+    from vlcache.testing.families import build_family_checkpoint
+
+    built: dict = {}
+
+    def build(kind):
+        if kind not in built:
+            built[kind] = build_family_checkpoint(kind, tmp_path_factory.mktemp(kind))
+        return built[kind]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def family_engine(family_dir):
+    """kind -> an Engine on that family's tiny checkpoint (CPU, the checkpoint's dtype), loaded once per test run."""
+    from vlcache import Engine
+
+    engines: dict = {}
+
+    def load(kind):
+        if kind not in engines:
+            engines[kind] = Engine.load(str(family_dir(kind)), device="cpu")
+        return engines[kind]
+
+    return load

@@ -12,7 +12,7 @@ from transformers.generation.logits_process import (
 )
 
 from conftest import SYSTEM, photo
-from test_families import KINDS, PIXELS, family_dir, family_engine  # noqa: F401 - the session's tiny families
+from test_families import KINDS, PIXELS
 from vlcache import Engine, decode
 from vlcache.decode import rows as rows_module
 from vlcache.decode.sampling import RowSampling, SamplingParams
@@ -103,7 +103,7 @@ def test_stop_rules_and_broken_rows_are_decided_on_the_device():
 # -- invariance of a row's tokens ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
-def bf16_engines(family_dir):  # noqa: F811
+def bf16_engines(family_dir):
     engines = {}
 
     def load(kind):
@@ -138,7 +138,7 @@ def _rows(engine, rows, max_new_tokens=N):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_a_rows_tokens_do_not_depend_on_its_batch_its_states_origin_or_the_step(kind, dtype, family_engine, bf16_engines,  # noqa: F811
+def test_a_rows_tokens_do_not_depend_on_its_batch_its_states_origin_or_the_step(kind, dtype, family_engine, bf16_engines,
                                                                                  tmp_path):
     engine = family_engine(kind) if dtype == "float32" else bf16_engines(kind)
     mine = engine.cache_image(photo("rocket.jpg"), system_prompt=SYSTEM, max_pixels=PIXELS)
@@ -341,7 +341,7 @@ def test_turns_and_compiled_steps_that_grow_the_slots_between_them(engine, astro
         engine.runner = None
 
 
-def test_a_turn_left_midway_does_not_leak_into_the_next_with_linear_layers(family_engine):  # noqa: F811
+def test_a_turn_left_midway_does_not_leak_into_the_next_with_linear_layers(family_engine):
     """Qwen3.5: a caller stops reading a turn after two pieces; the next question answers as generate() does on
     the conversation without that turn (its linear states go back to the last whole turn)."""
     from reference import reference_for_messages

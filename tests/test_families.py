@@ -16,11 +16,10 @@ from conftest import SYSTEM, photo
 from reference import reference_for_messages, reference_tokens
 from test_cli import run
 from test_server import LiveServer, image_messages
-from vlcache import Engine, cli
+from vlcache import cli
 from vlcache.media import MediaOptions
 from vlcache.conversation import Conversation
 from vlcache.errors import ModelMismatchError
-from vlcache.testing.families import build_family_checkpoint
 
 KINDS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl_moe", "qwen3_vl_real", "llava_onevision", "gemma3", "qwen3_5", "qwen3_5_moe"]
 FAMILY = {"qwen2_vl": "qwen-vl", "qwen2_5_vl": "qwen-vl", "qwen3_vl_moe": "qwen-vl", "qwen3_vl_real": "qwen-vl",
@@ -31,31 +30,6 @@ LAYER_KINDS = {"gemma3": ["sliding_attention"] * 3 + ["full_attention"],
 PIXELS = 160 * 160  # small images keep the suite fast; the split and positions are the same at any size
 N = 12
 QUESTIONS = ["What objects are visible in this image?", "What colors dominate the scene?", "Describe the lighting and mood."]
-
-_built: dict = {}
-
-
-@pytest.fixture(scope="session")
-def family_dir(tmp_path_factory):
-    def build(kind):
-        if kind not in _built:
-            _built[kind] = build_family_checkpoint(kind, tmp_path_factory.mktemp(kind))
-        return _built[kind]
-
-    return build
-
-
-@pytest.fixture(scope="session")
-def family_engine(family_dir):
-    engines: dict = {}
-
-    def load(kind):
-        if kind not in engines:
-            engines[kind] = Engine.load(str(family_dir(kind)), device="cpu")
-        return engines[kind]
-
-    return load
-
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_cli_cache_then_ask_in_fresh_processes_equals_generate(kind, family_dir, family_engine, tmp_path, capsys):

@@ -179,9 +179,10 @@ def test_3_an_upload_is_streamed_to_disk_not_held_in_memory(engine, live, rocket
     uploads = {n: [_long_state(rocket_state, n).to_bytes() for _ in range(2)] for n in (500, 4000)}
     small, big = uploads[500][0], uploads[4000][0]
     peaks = [min(_upload_peak(live, data) for data in uploads[n]) for n in (500, 4000)]
-    # What the server holds grows far slower than the file: no copy of it (reading it whole, as loading did, would
-    # add at least the file's size).
-    assert 0 < peaks[0] and peaks[1] - peaks[0] < 0.5 * (len(big) - len(small)), (peaks, len(small), len(big))
+    # What the server holds grows slower than the file: no whole copy of it (reading it whole, as loading did, adds
+    # at least the file's size; the old upload path added twice). Alone this stays under 0.5x; in a full run,
+    # with the module's earlier uploads behind it, about 0.53x: the bound sits between that and a copy.
+    assert 0 < peaks[0] and peaks[1] - peaks[0] < 0.75 * (len(big) - len(small)), (peaks, len(small), len(big))
     status, reply = upload(live, _long_state(rocket_state, 4096).to_bytes())  # no room left for an answer
     assert status == 400 and "context" in reply["error"]["message"], reply
 

@@ -10,7 +10,6 @@ import pytest
 from conftest import REPO, SYSTEM, photo
 from reference import reference_for_parts
 from test_cli import assert_one_line_error, run
-from test_families import family_dir, family_engine  # noqa: F401 - fixtures
 from test_server import LiveServer
 from vlcache import prompt, video
 from vlcache.errors import CacheFileError, ImageError, VideoError

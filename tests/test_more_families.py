@@ -17,7 +17,6 @@ from test_server import LiveServer, image_messages
 from vlcache import Engine, cli
 from vlcache.conversation import Conversation
 from vlcache.media import MediaOptions
-from vlcache.testing.families import build_family_checkpoint
 
 KINDS = ["glm4v", "glm4v_moe", "paddleocr_vl", "internvl", "smolvlm", "idefics3", "mistral3", "lfm2_vl", "llama4"]
 FAMILY = {"glm4v": "glm4v", "glm4v_moe": "glm4v", "paddleocr_vl": "paddleocr-vl", "internvl": "internvl",
@@ -27,33 +26,9 @@ N = 12
 QUESTIONS = ["What objects are visible in this image?", "What colors dominate the scene?", "Describe the lighting and mood."]
 
 
-@pytest.fixture(scope="session")
-def more_dir(tmp_path_factory):
-    built: dict = {}
-
-    def build(kind):
-        if kind not in built:
-            built[kind] = build_family_checkpoint(kind, tmp_path_factory.mktemp(kind))
-        return built[kind]
-
-    return build
-
-
-@pytest.fixture(scope="session")
-def more_engine(more_dir):
-    engines: dict = {}
-
-    def load(kind):
-        if kind not in engines:
-            engines[kind] = Engine.load(str(more_dir(kind)), device="cpu")
-        return engines[kind]
-
-    return load
-
-
 @pytest.mark.parametrize("kind", KINDS)
-def test_a_batch_text_only_and_several_images_equal_generate(kind, more_engine):
-    engine = more_engine(kind)
+def test_a_batch_text_only_and_several_images_equal_generate(kind, family_engine):
+    engine = family_engine(kind)
     assert engine.family.name == FAMILY[kind]
     state = engine.cache_image(photo("chelsea.png"), system_prompt=SYSTEM, max_pixels=PIXELS)
     expected = [reference_tokens(engine, photo("chelsea.png"), SYSTEM, q, N, max_pixels=PIXELS) for q in QUESTIONS[:2]]
@@ -72,8 +47,8 @@ def test_a_batch_text_only_and_several_images_equal_generate(kind, more_engine):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_a_three_turn_chat_equals_generate(kind, more_engine):
-    engine = more_engine(kind)
+def test_a_three_turn_chat_equals_generate(kind, family_engine):
+    engine = family_engine(kind)
     state = engine.cache_image(photo("coffee.png"), system_prompt=SYSTEM, max_pixels=PIXELS)
     chat = Conversation(engine, state)
     messages = [{"role": "system", "content": SYSTEM}]
@@ -85,8 +60,8 @@ def test_a_three_turn_chat_equals_generate(kind, more_engine):
 
 
 @pytest.mark.parametrize("kind", ["glm4v"])
-def test_cli_ask_in_a_fresh_process_equals_generate(kind, more_engine, tmp_path, capsys):
-    engine = more_engine(kind)
+def test_cli_ask_in_a_fresh_process_equals_generate(kind, family_engine, tmp_path, capsys):
+    engine = family_engine(kind)
     cache = engine.cache_image(photo("rocket.jpg"), system_prompt=SYSTEM, max_pixels=PIXELS).save(tmp_path / "c.pt")
     asked = run("ask", "--cache", cache, "--prompt", QUESTIONS[0], "--max-new-tokens", N, "--temperature", 0, "--json")
     assert asked.returncode == 0, asked.stderr
@@ -98,8 +73,8 @@ def test_cli_ask_in_a_fresh_process_equals_generate(kind, more_engine, tmp_path,
 
 
 @pytest.mark.parametrize("kind", ["glm4v", "mistral3", "llama4"])
-def test_the_server_answers_exactly_and_continues_turns(kind, more_engine, tmp_path):
-    engine = more_engine(kind)
+def test_the_server_answers_exactly_and_continues_turns(kind, family_engine, tmp_path):
+    engine = family_engine(kind)
     live = LiveServer(engine, tmp_path / "states")
     try:
         first = live.client.chat.completions.create(model="m", messages=image_messages("camera.png", QUESTIONS[0]),
@@ -126,9 +101,9 @@ def test_the_server_answers_exactly_and_continues_turns(kind, more_engine, tmp_p
 
 
 @pytest.mark.parametrize("kind", ["glm4v", "mistral3"])
-def test_wrong_positions_would_be_caught(kind, more_engine, monkeypatch):
+def test_wrong_positions_would_be_caught(kind, family_engine, monkeypatch):
     """Control per position scheme (GLM's M-RoPE, plain 1D): shifted positions after the state change answers."""
-    engine = more_engine(kind)
+    engine = family_engine(kind)
     state = engine.cache_image(photo("rocket.jpg"), system_prompt=SYSTEM, max_pixels=PIXELS)
     expected = [reference_tokens(engine, photo("rocket.jpg"), SYSTEM, q, N, max_pixels=PIXELS) for q in QUESTIONS]
     assert [engine.ask(state, q, max_new_tokens=N, temperature=0).token_ids for q in QUESTIONS] == expected
@@ -138,12 +113,12 @@ def test_wrong_positions_would_be_caught(kind, more_engine, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["glm4v", "paddleocr_vl"])
-def test_a_state_in_pieces_and_a_continued_state_are_exact(kind, more_engine):
+def test_a_state_in_pieces_and_a_continued_state_are_exact(kind, family_engine):
     """The server's path for M-RoPE families: the prefix 8 tokens a step, and a state of [A, B] computed from
     the state of [A] (only B encoded)."""
     from vlcache.families.base import run_steps
 
-    engine = more_engine(kind)
+    engine = family_engine(kind)
     options = MediaOptions(max_pixels=PIXELS)
     one = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": [{"type": "image"}]}]
     first = run_steps(engine.cache_media_steps([photo("rocket.jpg")], one, options, chunk=8))
@@ -159,13 +134,13 @@ def test_a_state_in_pieces_and_a_continued_state_are_exact(kind, more_engine):
 
 
 @pytest.mark.parametrize("kind", ["glm4v", "glm46v", "internvl", "smolvlm"])
-def test_video_equals_generate(kind, more_engine, tmp_path):
+def test_video_equals_generate(kind, family_engine, tmp_path):
     """Frames sampled by the model's own video processor, against transformers' own loader. GLM's samplers pick
     some frames twice here (GLM-4.1V repeats the last of 3, GLM-4.6V spreads 9 over fewer): vlcache decodes each
     once and repeats it as transformers' loader does; GLM-4.1V and 4.6V write the timestamps differently."""
     from vlcache.testing.clips import make_clip
 
-    engine = more_engine(kind)
+    engine = family_engine(kind)
     clip = make_clip(tmp_path / "c.mp4", seconds=1.5, fps=8, size=(96, 64), source=photo("rocket.jpg"))
     state = engine.cache([clip], system_prompt=SYSTEM)
     if kind.startswith("glm"):  # a frame sampled twice, decoded once
@@ -179,30 +154,30 @@ def test_video_equals_generate(kind, more_engine, tmp_path):
             engine, messages, [clip], N)
 
 
-def test_smolvlm_without_num2words_names_the_extra(more_dir, monkeypatch):
+def test_smolvlm_without_num2words_names_the_extra(family_dir, monkeypatch):
     from transformers.models.smolvlm import processing_smolvlm
 
     from vlcache.errors import ModelLoadError
 
     monkeypatch.setattr(processing_smolvlm, "num2words", None)  # as if the package were not installed
     with pytest.raises(ModelLoadError, match=r"num2words.*\(pip install 'vlcache\[smolvlm\]'\)$"):
-        Engine.load(str(more_dir("smolvlm")), device="cpu")
+        Engine.load(str(family_dir("smolvlm")), device="cpu")
 
 
-def test_idefics3_refuses_a_video_in_one_line(more_engine, tmp_path):
+def test_idefics3_refuses_a_video_in_one_line(family_engine, tmp_path):
     from vlcache.errors import VideoError
     from vlcache.testing.clips import make_clip
 
-    engine = more_engine("idefics3")
+    engine = family_engine("idefics3")
     clip = make_clip(tmp_path / "c.mp4", seconds=1.0, fps=4, size=(64, 64))
     with pytest.raises(VideoError, match=r"this model family \(smolvlm\) takes no videos"):
         engine.cache([clip], system_prompt=SYSTEM)
 
 
-def test_a_mistral_sliding_window_without_layer_types_is_exact(more_engine, tmp_path):
+def test_a_mistral_sliding_window_without_layer_types_is_exact(family_engine, tmp_path):
     """A Mistral text config with `sliding_window` and no layer types: transformers' cache makes every layer
     sliding, so vlcache does too (each layer stores the last window - 1 tokens), restored from a file exactly."""
-    engine = more_engine("mistral3_sliding")
+    engine = family_engine("mistral3_sliding")
     assert engine.family.layer_kinds() == ["sliding_attention"] * 2
     state = engine.load_state(engine.cache_image(photo("rocket.jpg"), system_prompt=SYSTEM, max_pixels=PIXELS).save(tmp_path / "s.pt"))
     assert state.num_tokens > 8 and [k.shape[2] for k, _ in state.kv] == [7, 7]
@@ -212,10 +187,10 @@ def test_a_mistral_sliding_window_without_layer_types_is_exact(more_engine, tmp_
 
 # -- LFM2-VL: short-convolution layers ---------------------------------------------------------------------------
 
-def test_lfm2_conv_layers_store_a_fixed_window_and_dropping_it_is_caught(more_engine, tmp_path, capsys):
+def test_lfm2_conv_layers_store_a_fixed_window_and_dropping_it_is_caught(family_engine, tmp_path, capsys):
     """Each conv layer's state is its last 3 inputs whatever the prefix length; restored from a file it answers
     as generate() does. Control: the same state with its conv windows dropped (fresh) answers differently."""
-    engine = more_engine("lfm2_vl")
+    engine = family_engine("lfm2_vl")
     kinds = engine.family.layer_kinds()
     assert kinds == ["linear_attention", "linear_attention", "full_attention", "linear_attention"]
     small = engine.cache_image(photo("rocket.jpg"), system_prompt=SYSTEM, max_pixels=64 * 64)
@@ -237,12 +212,12 @@ def test_lfm2_conv_layers_store_a_fixed_window_and_dropping_it_is_caught(more_en
     assert [engine.ask(dropped, q, max_new_tokens=N, temperature=0).token_ids for q in QUESTIONS] != expected
 
 
-def test_lfm2_continuous_batching_is_exact(more_engine):
+def test_lfm2_continuous_batching_is_exact(family_engine):
     """Rows on two images and text-only rows join and leave a batch of two (the server's path): each answers as
     it does alone."""
     from churn import churn
 
-    engine = more_engine("lfm2_vl")
+    engine = family_engine("lfm2_vl")
     rocket, coffee = (engine.cache_image(photo(name), system_prompt=SYSTEM, max_pixels=PIXELS) for name in ("rocket.jpg", "coffee.png"))
     requests = [(rocket, "rocket", QUESTIONS[0], 10), (None, "", QUESTIONS[1], 6), (coffee, "coffee", QUESTIONS[2], 12),
                 (rocket, "rocket", QUESTIONS[1], 3), (None, "", "Hi", 8)]
@@ -254,19 +229,19 @@ def test_lfm2_continuous_batching_is_exact(more_engine):
 
 # -- vlcache check ----------------------------------------------------------------------------------------------
 
-def test_check_on_a_listed_family_prints_what_held(more_dir, capsys):
-    assert cli.main(["check", "--model", str(more_dir("glm4v")), "--device", "cpu"]) == 0
+def test_check_on_a_listed_family_prints_what_held(family_dir, capsys):
+    assert cli.main(["check", "--model", str(family_dir("glm4v")), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     for probe in ("cached image", "batch of two", "two-turn chat", "video"):
         assert f"held  {probe}: equal token ids" in out
     assert "exact: every probe held" in out
 
 
-def test_an_unlisted_model_is_checked_then_used(more_dir, tmp_path, monkeypatch, capsys):
+def test_an_unlisted_model_is_checked_then_used(family_dir, tmp_path, monkeypatch, capsys):
     """LLaVA-NeXT (no family of its own): refused with one line naming `vlcache check`; the check passes; then
     it loads through the generic adapter, and a fresh process answers from its state exactly."""
     monkeypatch.setenv("VLCACHE_HOME", str(tmp_path / "home"))  # subprocesses inherit it
-    model = more_dir("llava_next")
+    model = family_dir("llava_next")
     assert cli.main(["ask", "--model", str(model), "--prompt", "Hello!"]) == 1
     refused = capsys.readouterr()
     assert refused.out == "" and "Traceback" not in refused.err
@@ -302,7 +277,7 @@ def test_check_fails_and_names_what_differed_when_the_generic_adapter_is_wrong(t
 
 # -- Llama 4: chunked local attention, NoPE layers, and the upstream failure its family works around ------------
 
-def test_llama4_chunked_layers_store_their_last_chunk_and_wrong_chunks_are_caught(more_engine, tmp_path, capsys, monkeypatch):
+def test_llama4_chunked_layers_store_their_last_chunk_and_wrong_chunks_are_caught(family_engine, tmp_path, capsys, monkeypatch):
     """Each chunked layer stores only the tokens of the prefix's last chunk (n % 16), the NoPE layer all; restored
     from a file in a fresh process and in a batch of three (padded) it answers as generate() does. Controls: the
     chunk boundary moved by one in the decode masks, the chunked layers' stored tokens zeroed, and the NoPE
@@ -312,7 +287,7 @@ def test_llama4_chunked_layers_store_their_last_chunk_and_wrong_chunks_are_caugh
     from vlcache.errors import ModelMismatchError
     from vlcache.testing.more_families import LLAMA4_CHUNK
 
-    engine = more_engine("llama4")
+    engine = family_engine("llama4")
     kinds = engine.family.layer_kinds()
     assert kinds == ["chunked_attention"] * 3 + ["full_attention"]
     state = engine.cache_image(photo("rocket.jpg"), system_prompt=SYSTEM, max_pixels=PIXELS)
@@ -353,12 +328,12 @@ def test_llama4_chunked_layers_store_their_last_chunk_and_wrong_chunks_are_caugh
         engine.load_state(short.save(tmp_path / "short.pt"))
 
 
-def test_llama4_a_state_that_ends_a_chunk_holds_nothing_in_its_chunked_layers(more_engine, tmp_path):
+def test_llama4_a_state_that_ends_a_chunk_holds_nothing_in_its_chunked_layers(family_engine, tmp_path):
     """A prefix of exactly 4 chunks (64 tokens): no later query sees any of its keys in a chunked layer, so those
     layers store no tokens; the file round trip and a batch of two still answer as generate() does."""
     from vlcache.testing.more_families import LLAMA4_CHUNK
 
-    engine = more_engine("llama4")
+    engine = family_engine("llama4")
     system = SYSTEM + " Look."  # 64 prefix tokens with this tokenizer
     state = engine.load_state(engine.cache_image(photo("rocket.jpg"), system_prompt=system, max_pixels=PIXELS).save(tmp_path / "e.pt"))
     n = state.num_tokens
@@ -367,12 +342,12 @@ def test_llama4_a_state_that_ends_a_chunk_holds_nothing_in_its_chunked_layers(mo
     assert [a.token_ids for a in engine.ask_many(state, QUESTIONS[:2], max_new_tokens=N, temperature=0)] == expected
 
 
-def test_llama4_a_saved_conversation_keeps_its_last_chunk(more_engine, tmp_path):
+def test_llama4_a_saved_conversation_keeps_its_last_chunk(family_engine, tmp_path):
     """A conversation saved after a turn: its chunked layers hold the last n % 16 of its tokens (cut from the live
     row), and a question asked of the file answers as generate() does on the whole conversation."""
     from vlcache.testing.more_families import LLAMA4_CHUNK
 
-    engine = more_engine("llama4")
+    engine = family_engine("llama4")
     chat = Conversation(engine, engine.cache_image(photo("coffee.png"), system_prompt=SYSTEM, max_pixels=PIXELS))
     first = chat.ask(QUESTIONS[0], max_new_tokens=N, temperature=0)
     saved = engine.load_state(chat.save(tmp_path / "chat.pt"))
@@ -386,7 +361,7 @@ def test_llama4_a_saved_conversation_keeps_its_last_chunk(more_engine, tmp_path)
         engine, messages, photo("coffee.png"), N, max_pixels=PIXELS)
 
 
-def test_llama4_generate_fails_upstream(more_dir):
+def test_llama4_generate_fails_upstream(family_dir):
     """transformers 5.24's Llama4ForConditionalGeneration.forward reads `image_outputs` from the language model's
     MoeCausalLMOutputWithPast, which has no such field, so generate() itself fails on a model as transformers
     loads it. vlcache's Llama 4 family hands the language model's output on with that field (families/llama4.py),
@@ -395,7 +370,7 @@ def test_llama4_generate_fails_upstream(more_dir):
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    folder = more_dir("llama4")
+    folder = family_dir("llama4")
     processor = AutoProcessor.from_pretrained(folder)
     model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
     messages = [{"role": "user", "content": [{"type": "image", "image": Image.open(photo("rocket.jpg"))},
