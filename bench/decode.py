@@ -63,6 +63,7 @@ def _prompt_ids(engine, rows: int) -> torch.Tensor:
 def vlcache_steps(engine, rows: int, steps: int, runner=None) -> float:
     """Median seconds of a decode step (forward + sampling + the transfer of the new ids) of `rows` rows."""
     from vlcache import decode
+    from vlcache.decode.step import time_steps
 
     ids = _prompt_ids(engine, 1)[0]
     batch = engine.batch()
@@ -70,12 +71,8 @@ def vlcache_steps(engine, rows: int, steps: int, runner=None) -> float:
     for _ in range(rows):
         batch.add(decode.Prefix(engine.empty_kv(), 0), decode.SamplingParams(temperature=0.0), 10**6, ids)
     batch.sample(batch.prefill([ids] * rows))
-    times = []
-    for _ in range(steps + 2):
-        start = time.perf_counter()
-        batch.sample(batch.step())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[2:])
+    time_steps(batch, 2)  # warm-up
+    return time_steps(batch, steps)
 
 
 def generate_steps(model, ids: torch.Tensor, steps: int, static: bool) -> float:

@@ -99,7 +99,7 @@ def test_the_server_answers_exactly_and_reports_cached_tokens(kind, family_engin
     assert replies[1].usage.prompt_tokens_details.cached_tokens > 0
 
 
-@pytest.mark.parametrize("kind", ["qwen2_5_vl", "llava_onevision", "gemma3", "qwen3_5"])
+@pytest.mark.parametrize("kind", ["qwen2_5_vl", "llava_onevision", "gemma3", "qwen3_5", "glm4v", "mistral3"])
 def test_wrong_positions_would_be_caught(kind, family_engine, monkeypatch):
     """Control per position scheme: shifting the positions of what follows the state changes the answers."""
     engine = family_engine(kind)

@@ -83,23 +83,28 @@ def test_alone_equals_generate(engine, states):
         assert events[-1][1].token_ids == reference_tokens(engine, photo(name), SYSTEM, question, 12)
 
 
-def test_a_broken_distribution_fails_its_row_alone(engine, states):
-    """A row whose logits are NaN (its state's K/V are) cannot be sampled: it fails, its batch-mates do not."""
-    good, good_events, good_done = job_for(engine, states["rocket.jpg"], QUESTIONS[0], 10, "rocket.jpg")
-    bad, bad_events, bad_done = job_for(engine, states["rocket.jpg"], QUESTIONS[2], 10, "rocket-nan")
-    bad.kv = [(torch.full_like(k, float("nan")), v) for k, v in states["rocket.jpg"].kv]
-    bad.options = GenerationOptions(max_new_tokens=10, temperature=1.0, seed=666)
+def in_one_batch(engine, bad, good, bad_done, good_done):
+    """Submit a bad job and a good one while the model thread is held, so that they share a batch; wait for both."""
     scheduler = Scheduler(engine, max_batch=4)
     try:
         blocker, blocking = threading.Event(), threading.Event()
         scheduler.call(lambda: (blocking.set(), blocker.wait()))
-        assert blocking.wait(30)  # both rows arrive while the model thread is held: they share the batch
+        assert blocking.wait(30)
         scheduler.submit(bad)
         scheduler.submit(good)
         blocker.set()
         assert good_done.wait(60) and bad_done.wait(60)
     finally:
         scheduler.stop()
+
+
+def test_a_broken_distribution_fails_its_row_alone(engine, states):
+    """A row whose logits are NaN (its state's K/V are) cannot be sampled: it fails, its batch-mates do not."""
+    good, good_events, good_done = job_for(engine, states["rocket.jpg"], QUESTIONS[0], 10, "rocket.jpg")
+    bad, bad_events, bad_done = job_for(engine, states["rocket.jpg"], QUESTIONS[2], 10, "rocket-nan")
+    bad.kv = [(torch.full_like(k, float("nan")), v) for k, v in states["rocket.jpg"].kv]
+    bad.options = GenerationOptions(max_new_tokens=10, temperature=1.0, seed=666)
+    in_one_batch(engine, bad, good, bad_done, good_done)
     assert bad_events[-1][0] == "error"
     assert good_events[-1][0] == "done"
     assert good_events[-1][1].token_ids == alone(engine, (states["rocket.jpg"], "", QUESTIONS[0], 10))
@@ -380,17 +385,7 @@ def test_a_state_that_does_not_fit_the_model_fails_its_row_alone(engine, states)
     k, v = kv[0]
     kv[0] = (k[..., : k.shape[-1] // 2].contiguous(), v[..., : v.shape[-1] // 2].contiguous())
     bad.kv = kv
-    scheduler = Scheduler(engine, max_batch=4)
-    try:
-        blocker, blocking = threading.Event(), threading.Event()
-        scheduler.call(lambda: (blocking.set(), blocker.wait()))
-        assert blocking.wait(30)  # both arrive while the model thread is held: they would share a batch
-        scheduler.submit(bad)
-        scheduler.submit(good)
-        blocker.set()
-        assert good_done.wait(60) and bad_done.wait(60)
-    finally:
-        scheduler.stop()
+    in_one_batch(engine, bad, good, bad_done, good_done)
     assert bad_events[-1][0] == "error"
     assert bad_events[-1][1].startswith("the state does not fit this model: layer 0: K/V of shape [1, ")
     assert good_events[-1][0] == "done"

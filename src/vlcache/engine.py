@@ -311,7 +311,7 @@ class Engine:
             prompt.check_text(self.processor, prompt_text, "the question")
             prompt.check_text(self.processor, system_prompt or "", "the system prompt")
             new_ids = prompt.text_only_ids(self.processor, system_prompt, prompt_text).to(self.device)
-            return self.stream_ids(self.prefix(self.empty_kv(), 0, 0), new_ids[:, :0], new_ids, options)
+            return self.stream_ids(decode.Prefix(self.empty_kv(), 0), new_ids[:, :0], new_ids, options)
         self.check_state(state)
         state = self.adopt(state)
         new_ids = self.question_ids(state.metadata.messages, prompt_text)
@@ -353,9 +353,6 @@ class Engine:
     def question_ids(self, messages: list[dict], question: str) -> torch.Tensor:
         prompt.check_text(self.processor, question, "the question")
         return prompt.encode_text(self.processor, prompt.question_text(self.processor, messages, question)).to(self.device)
-
-    def prefix(self, kv: list, tokens: int, rope_delta: int) -> decode.Prefix:
-        return decode.Prefix(kv=kv, tokens=tokens, rope_delta=rope_delta)
 
     def state_prefix(self, state: ImageState) -> decode.Prefix:
         return decode.Prefix(kv=state.kv, tokens=state.num_tokens, rope_delta=_delta(state))

@@ -23,9 +23,6 @@ from .rows import RowsLinearLayer, bucket
 
 log = logging.getLogger("vlcache")
 
-MODES = ("auto", "on", "off")
-
-
 def _forward(model, ids, positions, cache):
     out = model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1, vlcache_rows=cache)
     return out.logits[:, -1, :]
@@ -122,14 +119,6 @@ def _undo(book, rows: int) -> None:
     for i in range(rows):
         book.lengths[i] -= 1
         book.keys[i, book.lengths[i]] = -1
-
-
-def make_runner(model, device, mode: str, backend: str | None = None) -> StepRunner | None:
-    """The runner `mode` asks for (None: eager steps). "auto" is decided by the caller (Engine.load)."""
-    if mode == "off":
-        return None
-    device = torch.device(device)
-    return StepRunner(model, device, backend or "inductor")
 
 
 def time_steps(batch, steps: int) -> float:
