@@ -96,9 +96,10 @@ def add_native_routes(app: FastAPI, service: Service) -> None:
 
     @app.post(CACHE)
     async def cache(request: Request):
+        body = await json_body(request)  # the body first: refused before reading, a sender gets a broken pipe, not a 429
         service.admit()  # as a chat is: a queued state holds its decoded media
         try:
-            sources, kinds, system_prompt = parse_cache(await json_body(request))
+            sources, kinds, system_prompt = parse_cache(body)
             covered = [prompt.media_conversation(system_prompt, kinds[: j + 1]) for j in range(len(kinds))]
             key, state, cached = await unless_disconnected(request, service.state_for(sources, kinds, covered))
         except ImageError as exc:

@@ -103,9 +103,11 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
 
     @app.post("/v1/images")
     async def upload_image(request: Request):
-        service.admit()  # as a chat is: a queued image holds its decoded pixels
+        # The body first (bounded by --max-body), then admission as a chat has it (a queued image holds its decoded
+        # pixels): refused before reading, a client still sending meets a closed socket instead of its 429.
+        body = await json_body(request)
+        service.admit()
         try:
-            body = await json_body(request)
             if not isinstance(body, dict) or not isinstance(body.get("image"), str):
                 raise APIError(400, "send {'image': a data: URL or base64 string, 'system_prompt': optional text}", "image")
             system_prompt = body.get("system_prompt")
