@@ -13,6 +13,20 @@ def reference_tokens(engine, image, system_prompt, question, max_new_tokens, max
 
 def reference_for_messages(engine, messages, image, max_new_tokens, max_pixels=None) -> list[int]:
     """generate() on `messages` (chat-template form; the image part, if any, is filled with `image`)."""
+    inputs = _inputs(engine, messages, image, max_pixels)
+    with torch.inference_mode():
+        out = engine.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def reference_first_logits(engine, image, system_prompt, question, max_pixels=None) -> torch.Tensor:
+    """The logits [V] of the first answer token: one uncached forward over the whole prompt."""
+    inputs = _inputs(engine, conversation(system_prompt, question, with_image=image is not None), image, max_pixels)
+    with torch.inference_mode():
+        return engine.model(**inputs).logits[0, -1].float()
+
+
+def _inputs(engine, messages, image, max_pixels):
     messages = template_messages(engine.processor, messages)
     kwargs = {}
     if image is not None:
@@ -20,12 +34,9 @@ def reference_for_messages(engine, messages, image, max_new_tokens, max_pixels=N
         part["image"] = engine.family.prepare_image(load_image(image).image, max_pixels)
     if max_pixels is not None:
         kwargs["images_kwargs"] = engine.images_kwargs(max_pixels)
-    inputs = engine.processor.apply_chat_template(
+    return engine.processor.apply_chat_template(
         messages, tokenize=True, add_generation_prompt=True, return_dict=True, return_tensors="pt", **kwargs
     ).to(engine.device).to(engine.dtype)  # floating inputs only (Llama 4's processor gives bfloat16 pixels)
-    with torch.inference_mode():
-        out = engine.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return out[0, inputs["input_ids"].shape[1]:].tolist()
 
 
 

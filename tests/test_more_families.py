@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import SYSTEM, photo
-from reference import reference_for_messages, reference_for_parts, reference_tokens
+from reference import reference_first_logits, reference_for_messages, reference_for_parts, reference_tokens
 from test_cli import run
 from test_server import LiveServer, image_messages
 from vlcache import Engine, cli
@@ -379,11 +379,15 @@ def test_gemma4_shared_layers_store_nothing_and_wrong_sources_are_caught(family_
     """Layers 4 and 5 read the K/V of layers 3 (sliding) and 2 (full) and store nothing: the file holds K/V for
     four layers, the full one at its own shape [1, 2, n, 32], the sliding ones their last window - 1 tokens at
     [1, 1, 7, 16]; `inspect` names the sources. From the file, in a fresh process and in a batch of three
-    (padded), answers equal generate(). Controls: a shared layer pointed at another source layer, the source's
-    K/V restored from another layer, the image prefilled without its bidirectional attention: each changes the
-    answers. A file whose header names another source, or holds K/V for a shared layer, is refused."""
+    (padded), answers equal generate(). Controls: the shared layers' queries matched to the wrong mask rows, a
+    shared layer pointed at another source layer, the source's K/V restored from another layer, the image
+    prefilled without its bidirectional attention: each changes the answers. A file whose header names another
+    source, or holds K/V for a shared layer, is refused."""
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
+    from vlcache.decode import rows
+    from vlcache.decode.batch import Batch
     from vlcache.errors import ModelMismatchError
     from vlcache.families import plain
     from vlcache.testing.more_families import GEMMA4_SLIDING_WINDOW
@@ -411,7 +415,24 @@ def test_gemma4_shared_layers_store_nothing_and_wrong_sources_are_caught(family_
         return [a.token_ids for a in engine.ask_many(state, QUESTIONS, max_new_tokens=N, temperature=0)]
 
     assert answers(loaded) == expected
-    # Controls. Layer 4 reading layer 1's K/V (layer 3 still attends over its own):
+    # The first answer token's logits equal those of one uncached forward over the whole prompt (float32, 1e-4).
+    # Control: the shared layers' queries (the question's last token, in the question's forward) given the first
+    # token's mask row: the logits move by about 0.2 (too little to change these argmaxes: hence logits).
+    first = reference_first_logits(engine, photo("rocket.jpg"), SYSTEM, QUESTIONS[0], max_pixels=PIXELS)
+
+    def cached_first_logits():
+        seen = []
+        with monkeypatch.context() as patch:
+            patch.setattr(Batch, "sample", lambda self, logits, right=Batch.sample: (seen.append(logits[0].float()), right(self, logits))[1])
+            engine.ask(loaded, QUESTIONS[0], max_new_tokens=1, temperature=0)
+        return seen[0]
+
+    assert torch.allclose(cached_first_logits(), first, atol=1e-4)
+    with monkeypatch.context() as patch:
+        patch.setattr(rows, "shared_rows", lambda bias, length: bias[:, :, :length])
+        assert not torch.allclose(cached_first_logits(), first, atol=1e-2)
+    # Layer 4 reading layer 1's K/V, layer 3 still attending over its own (the model's part: what the source is
+    # matters, so answers equal to generate's show each shared layer got its source's rows):
     layers = engine.model.model.language_model.layers
     with monkeypatch.context() as patch:
         patch.setattr(layers[3].self_attn, "store_full_length_kv", False)
@@ -431,11 +452,12 @@ def test_gemma4_shared_layers_store_nothing_and_wrong_sources_are_caught(family_
     other.metadata.layer_kinds = GEMMA4_KINDS[:4] + ["shared_attention:1", "shared_attention:2"]
     with pytest.raises(ModelMismatchError, match=r"its layer kinds .*shared_attention:1.* are not the model's"):
         engine.load_state(other.save(tmp_path / "other.pt"))
-    stored = loaded.to("cpu")
-    stored.kv = stored.kv[:4] + [tuple(t.clone() for t in stored.kv[3]), tuple(t.clone() for t in stored.kv[2])]
-    stored.metadata.layer_kinds = GEMMA4_KINDS[:4] + ["sliding_attention", "full_attention"]
-    with pytest.raises(ModelMismatchError, match=r"its layer kinds .* are not the model's"):
-        engine.load_state(stored.save(tmp_path / "stored.pt"))
+    tensors = load_file(str(path))
+    tensors.update({"layers.4.keys": tensors["layers.3.keys"].clone(), "layers.4.values": tensors["layers.3.values"].clone()})
+    with safe_open(str(path), "pt") as f:
+        save_file(tensors, str(tmp_path / "stored.pt"), metadata=f.metadata())
+    with pytest.raises(ModelMismatchError, match=r"it holds other layer tensors than the model's 6 layers \('layers.4.keys'\)"):
+        engine.load_state(tmp_path / "stored.pt")
 
 
 def test_gemma4_max_pixels_picks_the_image_budget(family_engine):

@@ -20,7 +20,7 @@ from .defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SYSTEM_PROMPT
 from .errors import CacheFileError, ImageError, ModelMismatchError, VlcacheError
 from .media import MediaOptions
 from .answer import Answer, Delta  # noqa: F401 - part of the engine's interface
-from .header import Layout, check_layout
+from .header import Layout, check_layout, read_metadata
 from .state import ImageState, StateMetadata, check_state_layout, load_state
 
 log = logging.getLogger("vlcache")
@@ -239,7 +239,13 @@ class Engine:
 
     def load_state(self, path: str | os.PathLike) -> ImageState:
         """Read a cache file made for this engine's model (refused with 'model mismatch' otherwise)."""
-        state = load_state(path, device=self.device)
+        try:  # the header against this model's layout first, as the server's store does: nothing else is read
+            state = load_state(path, device=self.device, layout=self.layout())
+        except CacheFileError as exc:
+            if "does not fit this model" not in str(exc):
+                raise
+            self._check_fingerprint(read_metadata(path), str(path))  # another model's file says so first
+            raise ModelMismatchError(f"model mismatch: {exc}") from None
         self.check_state(state, source=str(path))
         return self.adopt(state)
 
@@ -287,7 +293,8 @@ class Engine:
         """What this model's state files hold, layer by layer (see header.check_layout)."""
         kinds = tuple(self.family.layer_kinds())
         conv, recurrent = self.family.linear_state_shapes() if LINEAR in kinds else (None, None)
-        return Layout(kinds, tuple(self.family.kv_shapes()), conv, recurrent, self.family.attention_chunk())
+        return Layout(kinds, tuple(self.family.kv_shapes()), conv, recurrent, self.family.attention_chunk(),
+                      self.family.sliding_window())
 
     # -- asking ----------------------------------------------------------------------------------------------
 

@@ -191,6 +191,8 @@ def _metadata(header: dict, path) -> StateMetadata:
         isinstance(getattr(meta, name), (str, type(None))) for name in ("system_prompt", "image_path")
     ):
         raise CacheFileError(f"cache file is corrupt (bad metadata): {path}")
+    if not all(isinstance(kind, str) for kind in meta.layer_kinds):
+        raise CacheFileError(f"cache file is corrupt (bad layer kinds): {path}")
     if not all(isinstance(p, dict) and p.get("type") in ("image", "video") and isinstance(p.get("sha256"), str)
                and isinstance(p.get("size"), list) for p in meta.parts):
         raise CacheFileError(f"cache file is corrupt (bad media parts): {path}")
@@ -251,6 +253,7 @@ class Layout:
     conv_shape: tuple[int, int] | None = None  # a linear-attention layer's conv state: [1, channels, kernel]
     recurrent_shape: tuple[int, int, int] | None = None  # and its recurrent state: [1, heads, key dim, value dim]
     chunk: int | None = None  # a CHUNKED layer's chunk size: it holds at least the last n % chunk tokens
+    window: int | None = None  # a SLIDING layer's window: it holds at least the last window - 1 tokens
 
     def tensors(self, i: int) -> tuple[str, ...]:
         if shared_source(self.kinds[i]) is not None:
@@ -295,9 +298,10 @@ def check_layout(header: dict, meta: StateMetadata, layout: Layout, source) -> N
             dtypes.add(first["dtype"])  # the recurrent state stays float32 whatever the model's dtype
             continue
         shape, (heads, dim) = first["shape"], layout.kv_shapes[i]
-        tokens_ok = len(shape) == 4 and _tokens_ok(kind, shape[2], n, layout.chunk)
+        tokens_ok = len(shape) == 4 and _tokens_ok(kind, shape[2], n, layout.chunk, layout.window)
         if second["shape"] != shape or not tokens_ok or shape[0] != 1 or shape[1] != heads or shape[3] != dim:
-            tokens = n if kind == FULL else f"{n % layout.chunk if layout.chunk else 0}..{n}" if kind == CHUNKED else f"1..{n}"
+            tokens = (n if kind == FULL else f"{n % layout.chunk if layout.chunk else 0}..{n}" if kind == CHUNKED
+                      else f"{_sliding_least(n, layout.window)}..{n}")
             refuse(f"layer {i}'s keys and values are {shape} and {second['shape']}, the model's [1, {heads}, "
                    f"{tokens}, {dim}]")
         dtypes.update((first["dtype"], second["dtype"]))
@@ -305,14 +309,18 @@ def check_layout(header: dict, meta: StateMetadata, layout: Layout, source) -> N
         refuse(f"its layers mix dtypes ({', '.join(sorted(dtypes))})")
 
 
-def _tokens_ok(kind: str, held: int, n: int, chunk: int | None) -> bool:
-    """A sliding layer holds the prefix's last tokens (at least one), a chunked layer at least those of its last
-    chunk (a tail: the server's continuations hold more), every other layer all n."""
+def _tokens_ok(kind: str, held: int, n: int, chunk: int | None, window: int | None) -> bool:
+    """A sliding layer holds at least the prefix's last window - 1 tokens (all a later token sees), a chunked
+    layer at least those of its last chunk (tails: the server's continuations hold more), every other layer all n."""
     if kind == SLIDING:
-        return 0 < held <= n
+        return _sliding_least(n, window) <= held <= n
     if kind == CHUNKED:
         return (n % chunk if chunk else 0) <= held <= n
     return held == n
+
+
+def _sliding_least(n: int, window: int | None) -> int:
+    return min(n, window - 1) if window else min(n, 1)
 
 
 def _kinds_summary(kinds) -> str:

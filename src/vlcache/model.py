@@ -221,6 +221,10 @@ def load(name: str, device: str = "auto", dtype: str | torch.dtype = "auto", unc
         if family_class(model_type) is None and not is_image_text_to_text(model_type):
             raise ModelLoadError(f"model {name!r} is a {model_type!r}, which vlcache does not support (transformers "
                                  "does not load it as image-text-to-text); supported: " + ", ".join(supported_model_types()))
+        family = family_class(model_type)
+        why = family.refuse(config) if family is not None else None
+        if why:
+            raise ModelLoadError(f"model {name!r}: {why}")
         if requested == "auto":
             torch_dtype, reason = choose_dtype(torch_device, checkpoint_dtype(config))
         else:

@@ -167,6 +167,12 @@ def _bias(keys: torch.Tensor, queries: torch.Tensor, window: int | None, chunk: 
     return torch.zeros(allowed.shape, device=keys.device).masked_fill(~allowed, float("-inf")).unsqueeze(1)
 
 
+def shared_rows(bias: torch.Tensor, length: int) -> torch.Tensor:
+    """The mask rows of a shared layer's queries: Gemma 4 runs only the last `length` tokens of a forward
+    through its shared layers (those whose logits are kept; the layers write no K/V)."""
+    return bias[:, :, bias.shape[2] - length:]
+
+
 class RowsLayer(DynamicLayer):
     """An attention layer's buffers for all slots; the forward sees the first `batch` rows and `span` slots.
     `sliding_window` or `chunk` (chunked local attention) say what later queries can still see of a row."""
@@ -467,9 +473,8 @@ class RowsCache(DynamicCache):
         scale = scaling if scaling is not None else dim**-0.5
         q = query.reshape(batch, kv_heads, groups * length, dim)
         bias = self.book.masks[self.mask_key(layer_idx, window)]  # [B, 1, L, S]: broadcast, never copied
-        # Gemma 4 runs only the last tokens of a forward through its shared layers (the ones whose logits are
-        # kept; they write no K/V): their queries are the last rows of the mask.
-        bias = bias[:, :, bias.shape[2] - length:]
+        if layer_idx is not None and isinstance(self.layers[layer_idx], DummyLayer):
+            bias = shared_rows(bias, length)
         scores = torch.matmul(q, key.transpose(-1, -2)).float() * scale
         span = scores.shape[-1]
         scores = (scores.view(batch, kv_heads, groups, length, span) + bias.unsqueeze(2)).view(batch, kv_heads, groups * length, span)

@@ -25,6 +25,11 @@ class Family:
         self.config = model.config
         self.text_config = model.config.get_text_config()
 
+    @classmethod
+    def refuse(cls, config) -> str | None:
+        """Why vlcache cannot be exact for a model of this config (checked before its weights load); None: it can."""
+        return None
+
     # -- identity ------------------------------------------------------------------------------------------------
 
     def layer_kinds(self) -> list[str]:
@@ -39,6 +44,10 @@ class Family:
     def attention_chunk(self) -> int | None:
         """The chunk size of CHUNKED layers (None: the model has none)."""
         return None
+
+    def sliding_window(self) -> int | None:
+        """The window of SLIDING layers (None: the model has none): a state holds their last window - 1 tokens."""
+        return getattr(self.text_config, "sliding_window", None) if SLIDING in self.layer_kinds() else None
 
     @property
     def has_linear_layers(self) -> bool:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import SLIDING, Family, OneDimPositions
+from .base import Family, OneDimPositions
 
 
 class Gemma3(OneDimPositions, Family):
@@ -28,9 +28,6 @@ class Gemma3(OneDimPositions, Family):
                      "pan_and_scan_min_ratio_to_activate"):
             settings[name] = getattr(ip, name, None)
         return settings
-
-    def sliding_window(self) -> int | None:
-        return getattr(self.text_config, "sliding_window", None) if SLIDING in self.layer_kinds() else None
 
     def prefix_inputs(self, text: str, images: list, videos: list, images_kwargs: dict):
         return self.processor(text=[text], return_tensors="pt", add_special_tokens=False,

@@ -36,6 +36,19 @@ class Gemma4(PlainImageText):
     model_types = ("gemma4",)
     takes_video = True
 
+    @classmethod
+    def refuse(cls, config) -> str | None:
+        if config.get_text_config().use_bidirectional_attention == "all":
+            return ("its text model attends both ways over all tokens (use_bidirectional_attention='all'): an image's "
+                    "state would depend on the question after it, so vlcache cannot cache it")
+        return None
+
+    def __init__(self, model, processor):
+        why = self.refuse(model.config)
+        if why:
+            raise ValueError(why)
+        super().__init__(model, processor)
+
     def layer_kinds(self) -> list[str]:
         cfg = self.text_config
         types, modes = cfg.layer_types, cfg.kv_sharing_modes
@@ -75,6 +88,13 @@ class Gemma4(PlainImageText):
         if fps:
             count = min(count, max(1, int(info.total_frames / info.fps * fps)))
         return sorted({int(i) for i in vp.sample_frames(meta, num_frames=count)})
+
+    def video_settings(self, fps: float | None, max_frames: int | None) -> dict:
+        vp = self.processor.video_processor
+        settings = super().video_settings(fps, max_frames)
+        for name in ("num_frames", "max_soft_tokens", "pooling_kernel_size"):  # what decides frames and tokens here
+            settings[f"processor_{name}"] = getattr(vp, name, None)
+        return settings
 
     def image_token_mask(self, inputs) -> torch.Tensor:
         kinds = inputs["mm_token_type_ids"]
