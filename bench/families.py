@@ -2,16 +2,28 @@
 """Per family at a real size (random weights, CPU): bytes of state per token, file size for one photograph,
 and time to first token cached vs uncached.
 
-    python bench/families.py                    # every family below (about 20 minutes on a 2-core CPU)
-    python bench/families.py --only gemma3      # one
+    python bench/families.py                                  # every family below
+    python bench/families.py --only gemma3_4b                 # one (repeatable); rewrites the report with it alone
+    python bench/families.py --only llama4_scout --merge      # replaces just that row of the report in --out-dir
 
 Architectures are the real ones where the config is known here (Qwen3-VL-2B from ../shared; Qwen2-VL-2B,
-Qwen2.5-VL-3B, Gemma 3 4B and LLaVA-OneVision-0.5B as published; written out below), with the real image
-processor settings; the tokenizer is vlcache's small test BPE (text token counts differ a little from the real
-tokenizers, image token counts do not). Qwen3.5 has no small published vision size known here: it is measured
-as Qwen3-VL-2B's text size with Qwen3.5's layer pattern (3 Gated DeltaNet : 1 full attention) and transformers'
-default DeltaNet head sizes. Each model runs in its own process in the dtype --dtype auto picks. Writes
-docs/benchmarks-families.md and .json (or --out-dir).
+Qwen2.5-VL-3B, Gemma 3 4B, LLaVA-OneVision-0.5B and the newer families as published; written out below, with
+each newer family's sources in NOTES, printed under the table), with the real image processor settings; the
+tokenizer is a small test tokenizer (text token counts differ a little from the real tokenizers, image token
+counts do not). The newer families are vlcache.testing.more_families' tiny builders given real sizes.
+
+Reduced, and said so in the row's label: Qwen3.5 has no small published vision size known here, so it is
+Qwen3-VL-2B's text size with Qwen3.5's layer pattern (3 Gated DeltaNet : 1 full attention) and transformers'
+default DeltaNet head sizes. GLM-4.1V-9B (~10B parameters) is built with 10 of its 40 text layers, Llama 4 Scout
+(109B) with 4 of 48 (one period: 3 chunked, 1 global) and 1 of 16 routed experts, so each fits in 8 GiB of
+bfloat16; every layer's own sizes are real, so bytes per token per layer are, and the report scales them to the
+full depth (time to first token it cannot scale). Everything else is built whole (Gemma 4 E2B: 5.1B parameters
+with its per-layer embeddings and audio tower, 9.5 GiB).
+
+Each model is built once (bfloat16, into --work-dir: about 75 GB for all fourteen) and measured in its own
+process in the dtype --dtype auto picks. On the 2-core CPU this was written on, shared with other work, the
+newer families took 1 to 5 minutes each (build and measure; SmolVLM2's 1,377 image tokens the longest) and all
+fourteen about 45 minutes. Writes docs/benchmarks-families.md and .json (or --out-dir).
 """
 
 from __future__ import annotations
@@ -92,7 +104,7 @@ _LFM2_LAYERS = ["full_attention" if i in (2, 5, 8, 10, 12, 14) else "conv" for i
 REAL_SIZES = {
     "glm4v_9b": ("glm4v", {
         "text": dict(vocab_size=151552, hidden_size=4096, intermediate_size=13696, num_hidden_layers=10,
-                     num_attention_heads=32, num_key_value_heads=2, attention_bias=True, max_position_embeddings=65536,
+                     num_attention_heads=32, num_key_value_heads=2, max_position_embeddings=65536,
                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12],
                                       "partial_rotary_factor": 0.5}),
         "vision": dict(depth=24, hidden_size=1536, intermediate_size=13696, num_heads=12, out_hidden_size=4096,
@@ -128,7 +140,7 @@ REAL_SIZES = {
                      num_hidden_layers=26, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                      max_position_embeddings=262144, rope_theta=1000000.0, rope_parameters=_MINISTRAL3_ROPE,
                      tie_word_embeddings=True),
-        "vision": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, head_dim=64,
+        "vision": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                        image_size=1540, patch_size=14),
         "config": dict(tie_word_embeddings=True, multimodal_projector_bias=False),
         "image": dict(size={"longest_edge": 1540}, patch_size=14),
@@ -154,7 +166,7 @@ REAL_SIZES = {
                        patch_size=16, num_patches=256),
         "config": dict(projector_hidden_size=2560, tie_word_embeddings=True),
         "image": dict(encoder_patch_size=16, tile_size=512, min_image_tokens=64, max_image_tokens=256,
-                      do_image_splitting=True, max_num_patches=1024),
+                      do_image_splitting=True),  # max_num_patches follows from these: 1,024
     }),
     "llama4_scout": ("llama4", {
         "text": dict(vocab_size=202048, hidden_size=5120, intermediate_size=8192, intermediate_size_mlp=16384,
@@ -424,13 +436,13 @@ def markdown(results: dict) -> str:
         "the length), sliding-window layers' K/V (which grow until the window, 1,024 tokens for Gemma 3, 512 for "
         "Gemma 4, then stay) and Llama 4's chunked layers (at most one 8,192-token chunk; a prompt this short is all "
         "in its first chunk). Layers that read another layer's K/V (Gemma 4's last 20) store nothing. Full depth, for "
-        "a model built with fewer layers: the bytes per token per layer of its full-attention and chunked layers (all "
-        "of which hold every token of a prompt this short) times the real model's count of each.",
+        "a model built with fewer layers: both state columns with each layer kind's measured bytes per layer times "
+        "the real model's count of that kind.",
         "",
         "Commands: " + ", ".join(f"`{c}`" for c in _commands(results)),
         "",
         "| family | dtype | layers | image / prompt tokens | state bytes per token (full-attention layers) | "
-        "full depth | bounded state bytes | file bytes | uncached TTFT | cached TTFT | speed-up |",
+        "bounded state bytes | full depth: per token / bounded | file bytes | uncached TTFT | cached TTFT | speed-up |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for kind, r in results["families"].items():
@@ -441,7 +453,7 @@ def markdown(results: dict) -> str:
         layers = ", ".join(f"{n} {k.removesuffix('_attention')}" for k, n in counts.items())
         lines.append(
             f"| {LABELS.get(kind, kind)} | {r['dtype']} | {layers} | {r['image_tokens']} / {r['prompt_tokens']} | "
-            f"{r['bytes_per_token_full_layers']:,.0f} | {_full_depth_per_token(kind, r)} | {r['fixed_bytes']:,} | "
+            f"{r['bytes_per_token_full_layers']:,.0f} | {r['fixed_bytes']:,} | {_full_depth(kind, r)} | "
             f"{r['file_bytes']:,} | {r['uncached_ttft_s']:.2f} s | {r['cached_ttft_s']:.3f} s | "
             f"{r['uncached_ttft_s'] / r['cached_ttft_s']:.0f}x |")
     notes = [f"- {LABELS.get(kind, kind)}: {NOTES[kind]}" for kind in results["families"] if kind in NOTES]
@@ -454,15 +466,14 @@ def _commands(results: dict) -> list[str]:
     return results.get("commands") or [results["command"]]
 
 
-def _full_depth_per_token(kind: str, r: dict) -> str:
-    """Bytes per token of the growing layers (full, and chunked ones within their first chunk) at the real depth:
-    per layer of each kind as measured, times the real model's count of that kind."""
+def _full_depth(kind: str, r: dict) -> str:
+    """The two state columns at the real depth: each layer kind's bytes per layer as measured, times the real
+    model's count of that kind (exact: a layer's state depends on its own sizes only)."""
     if kind not in FULL_DEPTH or "bytes_by_kind" not in r:
         return "as measured"
-    built = {k: r["layer_kinds"].count(k) for k in ("full_attention", "chunked_attention") if k in r["layer_kinds"]}
-    real = {k: FULL_DEPTH[kind].count(k) for k in built}
-    per_token = sum(r["bytes_by_kind"].get(k, 0) / built[k] * real[k] for k in built) / r["prefix_tokens"]
-    return f"{per_token:,.0f} ({len(FULL_DEPTH[kind])} layers)"
+    scaled = {k: b / r["layer_kinds"].count(k) * FULL_DEPTH[kind].count(k) for k, b in r["bytes_by_kind"].items()}
+    growing = scaled.pop("full_attention", 0) / r["prefix_tokens"]
+    return f"{growing:,.0f} / {sum(scaled.values()):,.0f} ({len(FULL_DEPTH[kind])} layers)"
 
 
 def _merged(old: dict, new: dict) -> dict:
