@@ -392,6 +392,8 @@ def measure(args: dict) -> dict:
     start = time.perf_counter()
     inputs = engine.processor.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
                                                   return_dict=True, return_tensors="pt")
+    # pixels in the model's dtype, as vlcache passes them (some vision towers do not cast them themselves)
+    inputs = {k: v.to(engine.dtype) if torch.is_floating_point(v) else v for k, v in inputs.items()}
     with torch.inference_mode():
         engine.model.generate(**inputs, max_new_tokens=1, do_sample=False)
     out["uncached_ttft_s"] = time.perf_counter() - start
@@ -403,9 +405,10 @@ def measure(args: dict) -> dict:
     path = state.save(Path(args["out"]) / f"{args['kind']}.safetensors")
     out.update(prefix_tokens=state.num_tokens, image_tokens=state.metadata.image_tokens, state_bytes=state.kv_bytes,
                file_bytes=path.stat().st_size)
-    kinds = engine.family.layer_kinds()
+    # The kinds the file records beside each stored layer (a layer that reads another's K/V may store nothing).
+    kinds = state.metadata.layer_kinds or ["full_attention"] * len(state.kv)
     by_kind: dict[str, int] = {}
-    for (k, v), kind in zip(state.kv, kinds):  # a layer that reads another's K/V may store nothing (None or empty)
+    for (k, v), kind in zip(state.kv, kinds, strict=True):
         by_kind[kind] = by_kind.get(kind, 0) + sum(t.numel() * t.element_size() for t in (k, v) if t is not None)
     out["bytes_by_kind"] = by_kind
     growing = by_kind.get("full_attention", 0)
