@@ -202,6 +202,28 @@ GEMMA4_TEMPLATE = (
 )
 
 
+def gemma4_e2b():
+    """Gemma 4 E2B's config, processor (280 soft tokens an image) and end/pad ids, around a small tokenizer."""
+    from transformers import (Gemma4AudioFeatureExtractor, Gemma4Config, Gemma4ImageProcessor, Gemma4Processor,
+                              Gemma4VideoProcessor)
+
+    named = {"boi_token": "<|image>", "eoi_token": "<image|>", "image_token": "<|image|>", "boa_token": "<|audio>",
+             "eoa_token": "<audio|>", "audio_token": "<|audio|>"}
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<|turn>", "<turn|>", *named.values(), "<|video|>"]
+    tokenizer, vocab = _gemma_tokenizer(specials, named, ["<|turn>", "<turn|>"])
+    eos = [1, vocab["<turn|>"]]
+    config = Gemma4Config(
+        text_config=dict(GEMMA4_E2B_TEXT, pad_token_id=0, eos_token_id=eos, bos_token_id=2),
+        vision_config=GEMMA4_E2B_VISION, audio_config={},  # the audio tower at transformers' E2B defaults
+        boi_token_id=vocab["<|image>"], eoi_token_id=vocab["<image|>"], image_token_id=vocab["<|image|>"],
+        video_token_id=vocab["<|video|>"], boa_token_id=vocab["<|audio>"], eoa_token_index=vocab["<audio|>"],
+        audio_token_id=vocab["<|audio|>"], tie_word_embeddings=True)
+    processor = Gemma4Processor(feature_extractor=Gemma4AudioFeatureExtractor(),
+                                image_processor=Gemma4ImageProcessor(max_soft_tokens=280), tokenizer=tokenizer,
+                                video_processor=Gemma4VideoProcessor(), chat_template=GEMMA4_TEMPLATE, image_seq_length=280)
+    return config, processor, eos, 0
+
+
 def _gemma_tokenizer(specials: list[str], named: dict[str, str], turns: list[str]):
     """A byte-fallback Gemma tokenizer over printable characters (text token counts differ a little from the real
     one; image token counts do not)."""
@@ -323,25 +345,10 @@ def build(kind: str, folder: Path) -> None:
                                     tokenizer=tokenizer, chat_template=fam.GEMMA3_TEMPLATE, image_seq_length=256)
         eos, pad = [1, vocab["<end_of_turn>"]], 0
     elif kind == "gemma4_e2b":
-        from transformers import (Gemma4AudioFeatureExtractor, Gemma4Config, Gemma4ForConditionalGeneration,
-                                  Gemma4ImageProcessor, Gemma4Processor, Gemma4VideoProcessor)
+        from transformers import Gemma4ForConditionalGeneration
 
-        named = {"boi_token": "<|image>", "eoi_token": "<image|>", "image_token": "<|image|>", "boa_token": "<|audio>",
-                 "eoa_token": "<audio|>", "audio_token": "<|audio|>"}
-        specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<|turn>", "<turn|>", *named.values(), "<|video|>"]
-        tokenizer, vocab = _gemma_tokenizer(specials, named, ["<|turn>", "<turn|>"])
-        config = Gemma4Config(
-            text_config=dict(GEMMA4_E2B_TEXT, pad_token_id=0, eos_token_id=[1, vocab["<turn|>"]], bos_token_id=2),
-            vision_config=GEMMA4_E2B_VISION, audio_config={},
-            boi_token_id=vocab["<|image>"], eoi_token_id=vocab["<image|>"], image_token_id=vocab["<|image|>"],
-            video_token_id=vocab["<|video|>"], boa_token_id=vocab["<|audio>"], eoa_token_index=vocab["<audio|>"],
-            audio_token_id=vocab["<|audio|>"], tie_word_embeddings=True)
+        config, processor, eos, pad = gemma4_e2b()
         model = Gemma4ForConditionalGeneration(config)
-        processor = Gemma4Processor(feature_extractor=Gemma4AudioFeatureExtractor(),
-                                    image_processor=Gemma4ImageProcessor(max_soft_tokens=280), tokenizer=tokenizer,
-                                    video_processor=Gemma4VideoProcessor(), chat_template=GEMMA4_TEMPLATE,
-                                    image_seq_length=280)
-        eos, pad = [1, vocab["<turn|>"]], 0
     elif kind == "llava_onevision_0_5b":
         from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
                                   LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor)

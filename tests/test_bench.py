@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO
+from conftest import REPO, photo
 
 
 def test_small_benchmark_writes_results(tmp_path):
@@ -190,3 +190,32 @@ def test_families_report_merges_only_the_measured_rows_and_scales_reduced_depth(
     assert "| 4,096 | 1,228,800 | 49,152 / 14,745,600 (48 layers) |" in report
     assert "| 40 | 1,000 | as measured |" in report
     assert "not measured: out of memory" in report and "`python bench/families.py --only llama4_scout --merge`" in report
+
+
+def test_families_bench_gemma4_e2b_is_the_published_size():
+    """Gemma 4 E2B as bench/families.py builds it (on the meta device): 5.1B parameters with per-layer embeddings
+    and the audio tower, the last 20 of 35 layers reading earlier layers' K/V, and the photograph as 256 soft
+    tokens between <|image> and <image|> in a Gemma 4 turn."""
+    import torch
+    from PIL import Image
+    from transformers import Gemma4ForConditionalGeneration
+
+    config, processor, eos, pad = _families_bench().gemma4_e2b()
+    with torch.device("meta"):
+        model = Gemma4ForConditionalGeneration(config)
+    assert 5.05e9 < sum(p.numel() for p in model.parameters()) < 5.15e9
+    text = config.text_config
+    assert text.kv_sharing_modes.count("reuse") == 20 and text.layer_types.count("full_attention") == 7
+    attention = model.model.language_model.layers
+    assert attention[4].self_attn.head_dim == 512 and attention[0].self_attn.head_dim == 256
+    messages = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+                {"role": "user", "content": [{"type": "image", "image": Image.open(photo("astronaut.png"))},
+                                             {"type": "text", "text": "What colors?"}]}]
+    inputs = processor.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True,
+                                           return_tensors="pt")
+    ids = inputs["input_ids"][0].tolist()
+    assert ids.count(config.image_token_id) == 256  # a 512-pixel square within the 280-token budget
+    assert ids[ids.index(config.boi_token_id) + 257] == config.eoi_token_id
+    rendered = processor.decode(ids)
+    assert rendered.startswith("<bos><|turn>system\nBe brief.<turn|>\n<|turn>user\n") and rendered.endswith("What colors?<turn|>\n<|turn>model\n")
+    assert eos[1] == processor.tokenizer.convert_tokens_to_ids("<turn|>") and pad == 0
