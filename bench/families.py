@@ -67,8 +67,9 @@ NOTES = {
                      "images resized to 1,536 pixels at most and cut into 384-pixel tiles.",
     "ministral3_3b": "mistralai/Ministral-3-3B-Instruct-2512, the smallest Mistral 3 with Pixtral vision: ministral3 "
                      "text 3072 wide, 26 layers, 32 heads / 8 K/V heads of 128, MLP 9216 (published config); Pixtral "
-                     "tower as transformers' Mistral3Config default (1024 wide, 24 layers, 1540 pixels, patch 14). Tied "
-                     "embeddings and the YaRN settings are assumed from the Ministral 3 family, not read from the 3B's file.",
+                     "tower as transformers' Mistral3Config default (1024 wide, 24 layers, 1540 pixels, patch 14). Embeddings "
+                     "tied (3.43B text parameters, the published 3.4B); the YaRN settings are transformers' Ministral3Config "
+                     "defaults, not read from the 3B's own file.",
     "paddleocr_vl_0_9b": "PaddlePaddle/PaddleOCR-VL (transformers' PaddleOCRVLConfig and image processor defaults): "
                          "ERNIE-4.5-0.3B text, 1152-wide NaViT vision of 27 layers, M-RoPE.",
     "lfm2_vl_1_6b": "LiquidAI/LFM2-VL-1.6B: LFM2-1.2B text (16 layers: 10 short-convolution, 6 attention), SigLIP2 "
