@@ -181,7 +181,7 @@ REAL_SIZES = {
     }),
 }
 
-# google/gemma-4-E2B-it's text config as published; vision and audio at transformers' E2B defaults.
+# google/gemma-4-E2B-it's text config as published; vision at transformers' E2B defaults (clipped linears, 768 wide).
 GEMMA4_E2B_TEXT = dict(
     vocab_size=262144, hidden_size=1536, intermediate_size=6144, num_hidden_layers=35, num_attention_heads=8,
     num_key_value_heads=1, head_dim=256, global_head_dim=512, sliding_window=512, max_position_embeddings=131072,
@@ -193,53 +193,15 @@ GEMMA4_E2B_TEXT = dict(
 GEMMA4_E2B_VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=16, num_attention_heads=12,
                          num_key_value_heads=12, head_dim=64, patch_size=16, pooling_kernel_size=3,
                          position_embedding_size=10240, use_clipped_linears=True, standardize=False)
-# google/gemma-4-*-it, reduced: <|turn>role ... <turn|>, images as <|image|> (the processor adds <|image> and <image|>).
-GEMMA4_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}{{ '<|turn>' + ('model' if m['role'] == 'assistant' else m['role']) + '\n' }}"
-    "{% if m['content'] is string %}{{ m['content'] | trim }}{% else %}{% for item in m['content'] %}"
-    "{% if item['type'] == 'image' %}<|image|>{% elif item['type'] == 'video' %}<|video|>"
-    "{% elif item['type'] == 'text' %}{{ item['text'] | trim }}{% endif %}{% endfor %}{% endif %}<turn|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|turn>model\n{% endif %}"
-)
-
-
-def gemma4_e2b():
-    """Gemma 4 E2B's config, processor (280 soft tokens an image) and end/pad ids, around a small tokenizer."""
-    from transformers import (Gemma4AudioFeatureExtractor, Gemma4Config, Gemma4ImageProcessor, Gemma4Processor,
-                              Gemma4VideoProcessor)
-
-    named = {"boi_token": "<|image>", "eoi_token": "<image|>", "image_token": "<|image|>", "boa_token": "<|audio>",
-             "eoa_token": "<audio|>", "audio_token": "<|audio|>"}
-    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<|turn>", "<turn|>", *named.values(), "<|video|>"]
-    tokenizer, vocab = _gemma_tokenizer(specials, named, ["<|turn>", "<turn|>"])
-    eos = [1, vocab["<turn|>"]]
-    config = Gemma4Config(
-        text_config=dict(GEMMA4_E2B_TEXT, pad_token_id=0, eos_token_id=eos, bos_token_id=2),
-        vision_config=GEMMA4_E2B_VISION, audio_config={},  # the audio tower at transformers' E2B defaults
-        boi_token_id=vocab["<|image>"], eoi_token_id=vocab["<image|>"], image_token_id=vocab["<|image|>"],
-        video_token_id=vocab["<|video|>"], boa_token_id=vocab["<|audio>"], eoa_token_index=vocab["<audio|>"],
-        audio_token_id=vocab["<|audio|>"], tie_word_embeddings=True)
-    processor = Gemma4Processor(feature_extractor=Gemma4AudioFeatureExtractor(),
-                                image_processor=Gemma4ImageProcessor(max_soft_tokens=280), tokenizer=tokenizer,
-                                video_processor=Gemma4VideoProcessor(), chat_template=GEMMA4_TEMPLATE, image_seq_length=280)
-    return config, processor, eos, 0
-
-
-def _gemma_tokenizer(specials: list[str], named: dict[str, str], turns: list[str]):
-    """A byte-fallback Gemma tokenizer over printable characters (text token counts differ a little from the real
-    one; image token counts do not)."""
-    import string
-
-    from transformers import GemmaTokenizer
-
-    vocab = {token: i for i, token in enumerate(specials)}
-    for byte in range(256):
-        vocab[f"<0x{byte:02X}>"] = len(vocab)
-    for char in ["\u2581"] + [c for c in string.printable if c not in " \t\r\x0b\x0c"]:
-        vocab.setdefault(char, len(vocab))
-    tokenizer = GemmaTokenizer(vocab=vocab, merges=[], add_bos_token=True, extra_special_tokens=named)
-    tokenizer.add_special_tokens({"extra_special_tokens": turns}, replace_extra_special_tokens=False)
-    return tokenizer, vocab
+REAL_SIZES["gemma4_e2b"] = ("gemma4", {
+    # the tiny model's other kinds of state off: E2B has no MoE, no keys-as-values, no bidirectional image tokens
+    "text": dict(GEMMA4_E2B_TEXT, num_global_key_value_heads=None, attention_k_eq_v=False, use_bidirectional_attention=None,
+                 enable_moe_block=False, num_experts=None, top_k_experts=None, moe_intermediate_size=None),
+    "vision": GEMMA4_E2B_VISION,
+    "config": dict(audio_config={}),  # the audio tower at transformers' E2B defaults
+    "image": dict(patch_size=16, max_soft_tokens=280, pooling_kernel_size=3),
+    "video": dict(patch_size=16, max_soft_tokens=70, pooling_kernel_size=3, num_frames=32),
+})
 
 
 def build(kind: str, folder: Path) -> None:
@@ -323,13 +285,22 @@ def build(kind: str, folder: Path) -> None:
         _save_processor(tokenizer, folder, chat_template=fam.QWEN3_5_TEMPLATE)
         processor = None
     elif kind == "gemma3_4b":
-        from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor
+        import string
+
+        from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor,
+                                  GemmaTokenizer)
 
         specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
                     "<end_of_image>", "<image_soft_token>"]
-        tokenizer, vocab = _gemma_tokenizer(specials, {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
-                                                       "image_token": "<image_soft_token>"},
-                                            ["<start_of_turn>", "<end_of_turn>"])
+        vocab = {token: i for i, token in enumerate(specials)}
+        for byte in range(256):
+            vocab[f"<0x{byte:02X}>"] = len(vocab)
+        for char in ["\u2581"] + [c for c in string.printable if c not in " \t\r\x0b\x0c"]:
+            vocab.setdefault(char, len(vocab))
+        tokenizer = GemmaTokenizer(vocab=vocab, merges=[], add_bos_token=True, extra_special_tokens={
+            "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"})
+        tokenizer.add_special_tokens({"extra_special_tokens": ["<start_of_turn>", "<end_of_turn>"]},
+                                     replace_extra_special_tokens=False)
         config = Gemma3Config(
             text_config=dict(vocab_size=262208, hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
                              num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
@@ -345,11 +316,6 @@ def build(kind: str, folder: Path) -> None:
         processor = Gemma3Processor(image_processor=Gemma3ImageProcessor(size={"height": 896, "width": 896}),
                                     tokenizer=tokenizer, chat_template=fam.GEMMA3_TEMPLATE, image_seq_length=256)
         eos, pad = [1, vocab["<end_of_turn>"]], 0
-    elif kind == "gemma4_e2b":
-        from transformers import Gemma4ForConditionalGeneration
-
-        config, processor, eos, pad = gemma4_e2b()
-        model = Gemma4ForConditionalGeneration(config)
     elif kind == "llava_onevision_0_5b":
         from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
                                   LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor)

@@ -18,8 +18,8 @@ from vlcache import Engine, cli
 from vlcache.conversation import Conversation
 from vlcache.media import MediaOptions
 
-KINDS = ["glm4v", "glm4v_moe", "paddleocr_vl", "internvl", "smolvlm", "idefics3", "mistral3", "lfm2_vl", "llama4"]
-FAMILY = {"glm4v": "glm4v", "glm4v_moe": "glm4v", "paddleocr_vl": "paddleocr-vl", "internvl": "internvl",
+KINDS = ["glm4v", "glm4v_moe", "paddleocr_vl", "internvl", "smolvlm", "idefics3", "mistral3", "lfm2_vl", "llama4", "gemma4"]
+FAMILY = {"gemma4": "gemma4", "glm4v": "glm4v", "glm4v_moe": "glm4v", "paddleocr_vl": "paddleocr-vl", "internvl": "internvl",
           "smolvlm": "smolvlm", "idefics3": "smolvlm", "mistral3": "mistral3", "lfm2_vl": "lfm2-vl", "llama4": "llama4"}
 PIXELS = 160 * 160
 N = 12
@@ -72,7 +72,7 @@ def test_cli_ask_in_a_fresh_process_equals_generate(kind, family_engine, tmp_pat
     assert info["family"] == FAMILY[kind] and info["layer_kinds"] == ["full_attention"] * 2
 
 
-@pytest.mark.parametrize("kind", ["glm4v", "mistral3", "llama4"])
+@pytest.mark.parametrize("kind", ["glm4v", "mistral3", "llama4", "gemma4"])
 def test_the_server_answers_exactly_and_continues_turns(kind, family_engine, tmp_path):
     engine = family_engine(kind)
     live = LiveServer(engine, tmp_path / "states")
@@ -121,11 +121,12 @@ def test_a_state_in_pieces_and_a_continued_state_are_exact(kind, family_engine):
         engine, two, sources, N, max_pixels=PIXELS)
 
 
-@pytest.mark.parametrize("kind", ["glm4v", "glm46v", "internvl", "smolvlm"])
+@pytest.mark.parametrize("kind", ["glm4v", "glm46v", "internvl", "smolvlm", "gemma4"])
 def test_video_equals_generate(kind, family_engine, tmp_path):
     """Frames sampled by the model's own video processor, against transformers' own loader. GLM's samplers pick
     some frames twice here (GLM-4.1V repeats the last of 3, GLM-4.6V spreads 9 over fewer): vlcache decodes each
-    once and repeats it as transformers' loader does; GLM-4.1V and 4.6V write the timestamps differently."""
+    once and repeats it as transformers' loader does; GLM-4.1V and 4.6V write the timestamps differently. Gemma 4
+    samples a fixed count of frames evenly (8 in the tiny checkpoint), each a timestamped image."""
     from vlcache.testing.clips import make_clip
 
     engine = family_engine(kind)
@@ -368,3 +369,90 @@ def test_llama4_generate_fails_upstream(family_dir):
     inputs["pixel_values"] = inputs["pixel_values"].float()  # its image processor normalizes in bfloat16
     with pytest.raises(AttributeError, match="'MoeCausalLMOutputWithPast' object has no attribute 'image_outputs'"):
         model.generate(**inputs, max_new_tokens=2, do_sample=False)
+
+
+GEMMA4_KINDS = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention", "shared_attention:3",
+                "shared_attention:2"]
+
+
+def test_gemma4_shared_layers_store_nothing_and_wrong_sources_are_caught(family_engine, tmp_path, capsys, monkeypatch):
+    """Layers 4 and 5 read the K/V of layers 3 (sliding) and 2 (full) and store nothing: the file holds K/V for
+    four layers, the full one at its own shape [1, 2, n, 32], the sliding ones their last window - 1 tokens at
+    [1, 1, 7, 16]; `inspect` names the sources. From the file, in a fresh process and in a batch of three
+    (padded), answers equal generate(). Controls: a shared layer pointed at another source layer, the source's
+    K/V restored from another layer, the image prefilled without its bidirectional attention: each changes the
+    answers. A file whose header names another source, or holds K/V for a shared layer, is refused."""
+    from safetensors import safe_open
+
+    from vlcache.errors import ModelMismatchError
+    from vlcache.families import plain
+    from vlcache.testing.more_families import GEMMA4_SLIDING_WINDOW
+
+    engine = family_engine("gemma4")
+    assert engine.family.layer_kinds() == GEMMA4_KINDS
+    assert engine.kv_bytes_per_token() == 2 * 4 * (3 * 16 + 2 * 32)  # float32; the shared layers cost nothing
+    state = engine.cache_image(photo("rocket.jpg"), system_prompt=SYSTEM, max_pixels=PIXELS)
+    n, held = state.num_tokens, GEMMA4_SLIDING_WINDOW - 1
+    assert [None if k is None else list(k.shape) for k, _ in state.kv] == [
+        [1, 1, held, 16], [1, 1, held, 16], [1, 2, n, 32], [1, 1, held, 16], None, None]
+    path = state.save(tmp_path / "g.pt")
+    with safe_open(str(path), "pt") as f:
+        assert {name for name in f.keys() if name.startswith("layers.")} == {
+            f"layers.{i}.{t}" for i in range(4) for t in ("keys", "values")}
+    assert cli.main(["inspect", str(path)]) == 0
+    assert "layers: 3 sliding_attention, 1 full_attention, 2 shared_attention (layer 4 reads 3, 5 reads 2)" in capsys.readouterr().out
+    expected = [reference_tokens(engine, photo("rocket.jpg"), SYSTEM, q, N, max_pixels=PIXELS) for q in QUESTIONS]
+    asked = run("ask", "--cache", path, "--prompt", QUESTIONS[0], "--max-new-tokens", N, "--temperature", 0, "--json")
+    assert asked.returncode == 0, asked.stderr
+    assert json.loads(asked.stdout)["token_ids"] == expected[0] and len(set(expected[0])) >= 4
+    loaded = engine.load_state(path)
+
+    def answers(state):
+        return [a.token_ids for a in engine.ask_many(state, QUESTIONS, max_new_tokens=N, temperature=0)]
+
+    assert answers(loaded) == expected
+    # Controls. Layer 4 reading layer 1's K/V (layer 3 still attends over its own):
+    layers = engine.model.model.language_model.layers
+    with monkeypatch.context() as patch:
+        patch.setattr(layers[3].self_attn, "store_full_length_kv", False)
+        patch.setattr(layers[1].self_attn, "store_full_length_kv", True)
+        assert answers(loaded) != expected
+    wrong = loaded.to("cpu")
+    wrong.kv = [loaded.kv[1] if i == 3 else kv for i, kv in enumerate(loaded.kv)]  # the source's K/V from layer 1
+    assert answers(wrong) != expected
+    with monkeypatch.context() as patch:  # image tokens that see only earlier ones
+        patch.setattr(plain, "vision_inputs", lambda inputs, dtype, right=plain.vision_inputs: {
+            k: v for k, v in right(inputs, dtype).items() if k != "mm_token_type_ids"})
+        causal = engine.cache_image(photo("rocket.jpg"), system_prompt=SYSTEM, max_pixels=PIXELS)
+    assert answers(causal) != expected
+    assert answers(loaded) == expected  # the patches are gone
+    # Refused: another source named in the header; K/V stored for a shared layer.
+    other = loaded.to("cpu")
+    other.metadata.layer_kinds = GEMMA4_KINDS[:4] + ["shared_attention:1", "shared_attention:2"]
+    with pytest.raises(ModelMismatchError, match=r"its layer kinds .*shared_attention:1.* are not the model's"):
+        engine.load_state(other.save(tmp_path / "other.pt"))
+    stored = loaded.to("cpu")
+    stored.kv = stored.kv[:4] + [tuple(t.clone() for t in stored.kv[3]), tuple(t.clone() for t in stored.kv[2])]
+    stored.metadata.layer_kinds = GEMMA4_KINDS[:4] + ["sliding_attention", "full_attention"]
+    with pytest.raises(ModelMismatchError, match=r"its layer kinds .* are not the model's"):
+        engine.load_state(stored.save(tmp_path / "stored.pt"))
+
+
+def test_gemma4_max_pixels_picks_the_image_budget(family_engine):
+    """Gemma 4 takes an image budget of 70, 140, 280, 560 or 1120 tokens (each 3x3 patches of 4x4 pixels in the
+    tiny checkpoint): --max-pixels picks the largest that fits, the smallest below them all, and the processor's
+    own without it. The budget is part of the state's identity, and the estimate before the encoder is exact."""
+    engine = family_engine("gemma4")
+    per_token = 9 * 16
+    assert engine.images_kwargs(None) == {}
+    assert engine.images_kwargs(140 * per_token) == {"max_soft_tokens": 140}
+    assert engine.images_kwargs(140 * per_token - 1) == {"max_soft_tokens": 70}
+    assert engine.images_kwargs(1) == {"max_soft_tokens": 70}
+    assert engine.processor_settings(PIXELS)["max_soft_tokens"] == 140
+    small = engine.cache_image(photo("chelsea.png"), max_pixels=70 * per_token)
+    large = engine.cache_image(photo("chelsea.png"), max_pixels=PIXELS)
+    assert 0 < small.metadata.image_tokens <= 70 < large.metadata.image_tokens <= 140
+    from PIL import Image
+
+    width, height = Image.open(photo("chelsea.png")).size
+    assert engine.image_tokens(width, height, engine.images_kwargs(PIXELS)) == large.metadata.image_tokens

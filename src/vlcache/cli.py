@@ -621,8 +621,15 @@ def _layer_summary(kinds: list) -> str:
     """'3 sliding_attention, 1 full_attention' in layer order of first appearance."""
     if not kinds:
         return "full_attention (a format 1 file)"
-    counts = {kind: kinds.count(kind) for kind in dict.fromkeys(kinds)}
-    return ", ".join(f"{n} {kind}" for kind, n in counts.items())
+    from .header import SHARED, shared_source
+
+    own = [kind for kind in kinds if shared_source(kind) is None]
+    counts = {kind: own.count(kind) for kind in dict.fromkeys(own)}
+    out = [f"{n} {kind}" for kind, n in counts.items()]
+    shared = [f"{i} reads {shared_source(kind)}" for i, kind in enumerate(kinds) if shared_source(kind) is not None]
+    if shared:  # Gemma 4: layers that read another layer's K/V and store none
+        out.append(f"{len(shared)} {SHARED} (layer {', '.join(shared)})")
+    return ", ".join(out)
 
 
 def run_check(args: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from . import decode, generate, images, media, model as model_loading, prompt
-from .families import GENERIC, LINEAR, family_class
+from .families import GENERIC, LINEAR, SHARED, family_class
 from .families.base import run_steps
 from .defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SYSTEM_PROMPT
 from .errors import CacheFileError, ImageError, ModelMismatchError, VlcacheError
@@ -285,11 +285,9 @@ class Engine:
 
     def layout(self) -> Layout:
         """What this model's state files hold, layer by layer (see header.check_layout)."""
-        cfg = self.model.config.get_text_config()
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kinds = tuple(self.family.layer_kinds())
         conv, recurrent = self.family.linear_state_shapes() if LINEAR in kinds else (None, None)
-        return Layout(kinds, cfg.num_key_value_heads, head_dim, conv, recurrent, self.family.attention_chunk())
+        return Layout(kinds, tuple(self.family.kv_shapes()), conv, recurrent, self.family.attention_chunk())
 
     # -- asking ----------------------------------------------------------------------------------------------
 
@@ -417,11 +415,16 @@ class Engine:
         )
 
     def empty_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The state of no tokens: empty K/V, and no state (a fresh start) for linear-attention layers."""
-        cfg = self.model.config.get_text_config()
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        empty = torch.empty(1, cfg.num_key_value_heads, 0, head_dim, dtype=self.dtype, device=self.device)
-        return [(None, None) if kind == LINEAR else (empty, empty) for kind in self.family.layer_kinds()]
+        """The state of no tokens: empty K/V, and no state (a fresh start) for linear-attention layers (nor
+        anything for a shared layer, which keeps none)."""
+        out = []
+        for kind, (heads, dim) in zip(self.family.layer_kinds(), self.family.kv_shapes()):
+            if kind == LINEAR or kind.startswith(SHARED):
+                out.append((None, None))
+            else:
+                empty = torch.empty(1, heads, 0, dim, dtype=self.dtype, device=self.device)
+                out.append((empty, empty))
+        return out
 
     # -- image sizes and memory ------------------------------------------------------------------------------
 
@@ -472,9 +475,10 @@ class Engine:
         return self.family.image_tokens(width, height, images_kwargs or {})
 
     def kv_bytes_per_token(self) -> int:
-        cfg = self.model.config.get_text_config()
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * torch.finfo(self.dtype).bits // 8
+        """K/V bytes a token costs while it is computed: every layer that keeps K/V of its own (shared layers read
+        another's; linear layers are counted as attention, an upper bound)."""
+        shapes = [shape for shape, kind in zip(self.family.kv_shapes(), self.family.layer_kinds()) if not kind.startswith(SHARED)]
+        return 2 * sum(heads * dim for heads, dim in shapes) * torch.finfo(self.dtype).bits // 8
 
 
 class TextAssembler:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import LinearAttentionLayer
+from transformers.cache_utils import DummyLayer, LinearAttentionLayer
 
 # (cache slots [B, L], unpadded sequence index [B, L], rope_delta) -> the model's position_ids
 Positions = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -51,10 +51,13 @@ def cache_from_kv(config, kv: list) -> DynamicCache:
 
 
 def kv_from_cache(cache: DynamicCache) -> list:
-    """Per-layer state of a plain cache: [1, kv_heads, n, D] K/V, or a linear layer's (conv, recurrent)."""
+    """Per-layer state of a plain cache: [1, kv_heads, n, D] K/V, or a linear layer's (conv, recurrent); nothing
+    for a layer that reads another's K/V (transformers' DummyLayer: Gemma 4's shared layers)."""
     out = []
     for layer in cache.layers:
-        if isinstance(layer, LinearAttentionLayer):
+        if isinstance(layer, DummyLayer):
+            out.append((None, None))
+        elif isinstance(layer, LinearAttentionLayer):
             if not layer.has_previous_state[0]:
                 out.append((None, None))
             else:

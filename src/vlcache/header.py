@@ -231,6 +231,13 @@ def _conversation_ok(messages: list, media_parts: int) -> bool:
 
 FULL, SLIDING, LINEAR = "full_attention", "sliding_attention", "linear_attention"
 CHUNKED = "chunked_attention"
+SHARED = "shared_attention"  # "shared_attention:<i>": the layer reads layer i's K/V and the file stores nothing for it
+
+
+def shared_source(kind: str) -> int | None:
+    """The layer whose K/V a shared layer's kind names ("shared_attention:3" -> 3); None for any other kind."""
+    name, _, source = kind.partition(":")
+    return int(source) if name == SHARED and source.isdigit() else None
 _FLOAT_DTYPES = ("F32", "F16", "BF16")
 
 
@@ -239,14 +246,15 @@ class Layout:
     """What a model's state files must hold, layer by layer: a file that disagrees would fail inside a batched
     forward (and with it every other row of the batch), so it is refused before that."""
 
-    kinds: tuple[str, ...]  # per text layer: FULL, SLIDING, CHUNKED or LINEAR
-    kv_heads: int
-    head_dim: int
+    kinds: tuple[str, ...]  # per text layer: FULL, SLIDING, CHUNKED, LINEAR or SHARED:<source>
+    kv_shapes: tuple[tuple[int, int], ...]  # per text layer: (kv_heads, head_dim) of its K/V (Gemma 4's differ)
     conv_shape: tuple[int, int] | None = None  # a linear-attention layer's conv state: [1, channels, kernel]
     recurrent_shape: tuple[int, int, int] | None = None  # and its recurrent state: [1, heads, key dim, value dim]
     chunk: int | None = None  # a CHUNKED layer's chunk size: it holds at least the last n % chunk tokens
 
-    def tensors(self, i: int) -> tuple[str, str]:
+    def tensors(self, i: int) -> tuple[str, ...]:
+        if shared_source(self.kinds[i]) is not None:
+            return ()
         return ("conv_state", "recurrent_state") if self.kinds[i] == LINEAR else ("keys", "values")
 
 
@@ -275,6 +283,8 @@ def check_layout(header: dict, meta: StateMetadata, layout: Layout, source) -> N
     if not (isinstance(grids, list) and len(grids) == 2 and 1 <= grids[0] <= max(1, len(meta.parts)) and grids[1] == 3):
         refuse("its image_grid_thw does not match its media parts")
     for i, kind in enumerate(layout.kinds):
+        if not layout.tensors(i):
+            continue  # a shared layer: nothing of its own (that it names the model's source is in the kinds)
         first, second = (header[f"layers.{i}.{name}"] for name in layout.tensors(i))
         if not all(isinstance(e.get("shape"), list) and e.get("dtype") in _FLOAT_DTYPES for e in (first, second)):
             refuse(f"layer {i} is not floating-point tensors")
@@ -284,12 +294,12 @@ def check_layout(header: dict, meta: StateMetadata, layout: Layout, source) -> N
                        f"[1, {', '.join(map(str, layout.conv_shape or ()))}] and [1, {', '.join(map(str, layout.recurrent_shape or ()))}]")
             dtypes.add(first["dtype"])  # the recurrent state stays float32 whatever the model's dtype
             continue
-        shape = first["shape"]
+        shape, (heads, dim) = first["shape"], layout.kv_shapes[i]
         tokens_ok = len(shape) == 4 and _tokens_ok(kind, shape[2], n, layout.chunk)
-        if second["shape"] != shape or not tokens_ok or shape[0] != 1 or shape[1] != layout.kv_heads or shape[3] != layout.head_dim:
+        if second["shape"] != shape or not tokens_ok or shape[0] != 1 or shape[1] != heads or shape[3] != dim:
             tokens = n if kind == FULL else f"{n % layout.chunk if layout.chunk else 0}..{n}" if kind == CHUNKED else f"1..{n}"
-            refuse(f"layer {i}'s keys and values are {shape} and {second['shape']}, the model's [1, {layout.kv_heads}, "
-                   f"{tokens}, {layout.head_dim}]")
+            refuse(f"layer {i}'s keys and values are {shape} and {second['shape']}, the model's [1, {heads}, "
+                   f"{tokens}, {dim}]")
         dtypes.update((first["dtype"], second["dtype"]))
     if len(dtypes) > 1:
         refuse(f"its layers mix dtypes ({', '.join(sorted(dtypes))})")

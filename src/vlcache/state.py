@@ -27,7 +27,7 @@ from . import storage
 from .errors import CacheFileError
 from .header import (  # noqa: F401 - the header's readers are part of this module's interface
     _MAX_HEADER_BYTES, FORMAT_NAME, FORMAT_VERSION, Layout, StateMetadata, _cache_path, _check_header, _metadata,
-    check_layout, read_header, read_metadata,
+    check_layout, read_header, read_metadata, shared_source,
 )
 
 _STALE_TMP_SECONDS = 3600  # a save killed midway leaves a temporary file; later saves remove ones this old
@@ -60,7 +60,9 @@ class ImageState:
         """On `device`, K/V and conv states in `dtype`; recurrent states stay float32, as the model keeps them."""
         kv = []
         for (k, v), kind in zip(self.kv, self.metadata.layer_kinds or [FULL_ATTENTION] * len(self.kv)):
-            if kind == LINEAR_ATTENTION:
+            if k is None:  # a shared layer: nothing of its own
+                kv.append((None, None))
+            elif kind == LINEAR_ATTENTION:
                 kv.append((k.to(device=device, dtype=dtype or k.dtype), v.to(device=device)))
             else:
                 kv.append((k.to(device=device, dtype=dtype or k.dtype), v.to(device=device, dtype=dtype or v.dtype)))
@@ -71,6 +73,8 @@ class ImageState:
         """What the file holds: its tensors (on the CPU) and the header's metadata."""
         tensors = {}
         for i, (k, v) in enumerate(self.kv):
+            if k is None:
+                continue  # a shared layer: its kind names the layer it reads, it stores nothing
             first, second = _layer_tensor_names(self.metadata.layer_kinds, i)
             tensors[f"layers.{i}.{first}"] = k.detach().contiguous().cpu()
             tensors[f"layers.{i}.{second}"] = v.detach().contiguous().cpu()
@@ -117,7 +121,7 @@ def _layer_tensor_names(kinds: list, i: int) -> tuple[str, str]:
 
 def kv_nbytes(kv) -> int:
     """Bytes of per-layer (keys, values) tensors."""
-    return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
+    return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv if k is not None)
 
 
 def _remove_stale_temporaries(path: Path) -> None:
@@ -155,9 +159,9 @@ def load_state(path: str | os.PathLike, device: torch.device | str = "cpu", layo
     try:
         tensors = safetensors_load(data)
         del data
-        n_layers = sum(1 for n in tensors if n.endswith((".keys", ".conv_state")))
         kinds = metadata.layer_kinds
-        kv = [tuple(tensors[f"layers.{i}.{name}"].to(device) for name in _layer_tensor_names(kinds, i)) for i in range(n_layers)]
+        n_layers = len(kinds) or sum(1 for n in tensors if n.endswith(".keys"))  # format 1: no kinds, all full
+        kv = [_read_layer(tensors, kinds, i, device) for i in range(n_layers)]
         small = {name: tensors[name].long().to(device) for name in _SMALL_TENSORS}
     except (SafetensorError, KeyError, OSError, RuntimeError, ValueError) as exc:
         raise CacheFileError(f"cache file is corrupt: {path}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
@@ -166,25 +170,41 @@ def load_state(path: str | os.PathLike, device: torch.device | str = "cpu", layo
     return state
 
 
+def _read_layer(tensors: dict, kinds: list, i: int, device) -> tuple:
+    if kinds and shared_source(kinds[i]) is not None:
+        return None, None
+    return tuple(tensors[f"layers.{i}.{name}"].to(device) for name in _layer_tensor_names(kinds, i))
+
+
 def _check_shapes(state: ImageState, path) -> None:
     n = state.metadata.prefix_tokens
     kinds = state.metadata.layer_kinds or ["full_attention"] * len(state.kv)
-    # A sliding-window layer stores the last tokens of the prefix (at least one), a chunked layer those of its
-    # last chunk (none when the prefix ends a chunk; the model's layout checks how many); every other layer all.
-    # A linear-attention layer stores a conv state [1, channels, kernel] and a recurrent state [1, heads, dk, dv].
     ok = bool(state.kv) and len(kinds) == len(state.kv) and all(
-        (k.ndim == 3 and v.ndim == 4 and k.shape[0] == v.shape[0] == 1) if kind == LINEAR_ATTENTION else
-        (k.ndim == 4 and k.shape == v.shape and k.shape[0] == 1
-         and (0 < k.shape[2] <= n if kind == "sliding_attention" else
-              0 <= k.shape[2] <= n if kind == "chunked_attention" else k.shape[2] == n))
-        for (k, v), kind in zip(state.kv, kinds)
-    )
+        _layer_ok(k, v, kind, n) for (k, v), kind in zip(state.kv, kinds))
     ok = ok and all(getattr(state, name).shape == (1, n) for name in ("input_ids", "attention_mask", "mm_token_type_ids"))
     grids = state.image_grid_thw.shape
     ok = ok and len(grids) == 2 and 1 <= grids[0] <= max(1, len(state.metadata.parts)) and grids[1] == 3
     ok = ok and tuple(state.rope_deltas.shape) == (1, 1)
     if not ok:
         raise CacheFileError(f"cache file is corrupt (tensor shapes disagree with its metadata): {path}")
+
+
+def _layer_ok(k, v, kind: str, n: int) -> bool:
+    """A layer's tensors against its kind, for a prefix of n tokens: a sliding-window layer stores the last
+    tokens (at least one), a chunked layer those of its last chunk (none when the prefix ends a chunk; the
+    model's layout checks how many), a linear-attention layer a conv state [1, channels, kernel] and a
+    recurrent state [1, heads, dk, dv], a shared layer nothing (its kind names the layer whose K/V it reads);
+    every other layer all n."""
+    if shared_source(kind) is not None:
+        return k is None and v is None
+    if k is None or v is None:
+        return False
+    if kind == LINEAR_ATTENTION:
+        return k.ndim == 3 and v.ndim == 4 and k.shape[0] == v.shape[0] == 1
+    if not (k.ndim == 4 and k.shape == v.shape and k.shape[0] == 1):
+        return False
+    held = k.shape[2]
+    return 0 < held <= n if kind == "sliding_attention" else 0 <= held <= n if kind == "chunked_attention" else held == n
 
 
 _DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}

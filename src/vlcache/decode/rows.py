@@ -19,7 +19,10 @@ them, none when n is a multiple of C), and its mask is keyed by a Chunked(C) bes
 New tokens of unequal length are padded on the left (so that every row's last column is a real token and
 logits_to_keep=1 works); padding is written after the row's real tokens, in slots marked empty, and is
 overwritten later. Linear-attention layers (Qwen3.5) keep a per-row (conv, recurrent) state in slot buffers;
-they cannot be padded into, so callers give them rows of equal length.
+they cannot be padded into, so callers give them rows of equal length. A layer that reads another layer's
+K/V (Gemma 4's shared layers: transformers gives them a DummyLayer, and the model hands them the K/V its
+source layer's update returned) keeps nothing here, and its prefix is (None, None). Layers may differ in
+K/V shape (Gemma 4's full-attention layers have their own head size and head count).
 
 Slots a previous row wrote past the new occupant's length are zeroed when the slot changes hands: masked
 keys still go through the matmuls, and a probability of 0 times a stale NaN is NaN.
@@ -31,7 +34,9 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer, LinearAttentionLayer
+from transformers.cache_utils import DummyLayer, DynamicLayer, LinearAttentionLayer
+
+from ..families.base import kv_shapes
 
 
 @dataclass(eq=False)
@@ -240,10 +245,12 @@ class RowsCache(DynamicCache):
         windows, chunks = {None}, set()
         layers = []
         for i, layer in enumerate(self.layers):
-            if isinstance(layer, LinearAttentionLayer):
-                linear = RowsLinearLayer.__new__(RowsLinearLayer)
-                linear.__dict__.update(layer.__dict__)
-                layers.append(linear)
+            if isinstance(layer, (LinearAttentionLayer, DummyLayer)):
+                if isinstance(layer, LinearAttentionLayer):
+                    linear = RowsLinearLayer.__new__(RowsLinearLayer)
+                    linear.__dict__.update(layer.__dict__)
+                    layer = linear
+                layers.append(layer)
                 continue
             window = getattr(layer, "sliding_window", None)
             if i in chunked:
@@ -253,9 +260,9 @@ class RowsCache(DynamicCache):
                 windows.add(window)
                 layers.append((window, None))
         self.book = RowsBook(device, tuple(sorted(windows, key=lambda w: -1 if w is None else w)), tuple(sorted(chunks)))
-        self.layers = [layer if isinstance(layer, RowsLinearLayer) else RowsLayer(self.book, *layer) for layer in layers]
+        self.layers = [RowsLayer(self.book, *layer) if isinstance(layer, tuple) else layer for layer in layers]
         self._linear: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> slot buffers (conv, recurrent)
-        self._shape = (text.num_key_value_heads, getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
+        self._shapes = kv_shapes(text)  # per layer: (kv_heads, head_dim)
         self._dtype = dtype
 
     @property
@@ -290,7 +297,7 @@ class RowsCache(DynamicCache):
                 if stored:
                     layer.put(slot, tokens - stored, a[0], b[0])
                 layer.clear(slot, tokens, book.dirty[slot])
-            elif a is not None:
+            elif isinstance(layer, RowsLinearLayer) and a is not None:
                 self._set_linear(i, slot, a[0], b[0])
         book.dirty[slot] = tokens
         self._bind()
@@ -301,8 +308,12 @@ class RowsCache(DynamicCache):
         so it fails its own row and no other."""
         if len(prefix.kv) != len(self.layers):
             raise ValueError(f"the state has {len(prefix.kv)} layers, the model {len(self.layers)}")
-        heads, dim = self._shape
         for i, ((a, b), layer) in enumerate(zip(prefix.kv, self.layers)):
+            heads, dim = self._shapes[i]
+            if isinstance(layer, DummyLayer):
+                if a is not None or b is not None:
+                    raise ValueError(f"layer {i} reads another layer's K/V and keeps none, the state holds some")
+                continue
             if isinstance(layer, RowsLinearLayer):
                 if a is not None and i in self._linear and (a.shape[1:] != self._linear[i][0].shape[1:]
                                                              or b.shape[1:] != self._linear[i][1].shape[1:]):
@@ -330,7 +341,7 @@ class RowsCache(DynamicCache):
             if isinstance(layer, RowsLayer):
                 layer.copy_slot(other.layers[i], other_slot, slot, length)
                 layer.clear(slot, length, book.dirty[slot])
-            else:
+            elif isinstance(layer, RowsLinearLayer):
                 conv, recurrent = other.layers[i].conv_states[0], other.layers[i].recurrent_states[0]
                 self._set_linear(i, slot, conv[other_slot], recurrent[other_slot])
         book.dirty[slot] = length
@@ -405,15 +416,16 @@ class RowsCache(DynamicCache):
 
     def _reserve(self, rows: int, length: int, prefix: Prefix | None = None, like: "RowsCache | None" = None) -> None:
         self.book.reserve(rows, length)
-        template = None
+        template = None  # what gives the buffers their dtype (the model's, or the first state's)
         if prefix is not None:
             template = next((k for k, _ in prefix.kv if k is not None and k.dim() == 4), None)
         if like is not None:
             template = next((layer._keys for _, layer in like.attention_layers() if layer._keys is not None), None)
-        for _, layer in self.attention_layers():
-            shape_source = template if template is not None else layer._keys
-            if shape_source is None:
-                shape_source = torch.empty(1, *self._shape[:1], 0, self._shape[1], dtype=self._dtype, device=self.book.device)
+        for i, layer in self.attention_layers():
+            source = template if template is not None else layer._keys
+            dtype = source.dtype if source is not None else self._dtype
+            heads, dim = self._shapes[i]
+            shape_source = torch.empty(1, heads, 0, dim, dtype=dtype, device=self.book.device)
             layer.reserve(shape_source, self.book.keys.shape[0], self.book.capacity)
 
         for i, (conv, recurrent) in list(self._linear.items()):
@@ -455,6 +467,9 @@ class RowsCache(DynamicCache):
         scale = scaling if scaling is not None else dim**-0.5
         q = query.reshape(batch, kv_heads, groups * length, dim)
         bias = self.book.masks[self.mask_key(layer_idx, window)]  # [B, 1, L, S]: broadcast, never copied
+        # Gemma 4 runs only the last tokens of a forward through its shared layers (the ones whose logits are
+        # kept; they write no K/V): their queries are the last rows of the mask.
+        bias = bias[:, :, bias.shape[2] - length:]
         scores = torch.matmul(q, key.transpose(-1, -2)).float() * scale
         span = scores.shape[-1]
         scores = (scores.view(batch, kv_heads, groups, length, span) + bias.unsqueeze(2)).view(batch, kv_heads, groups * length, span)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from .base import CHUNKED, FULL, LINEAR, SLIDING, Family
+from .base import CHUNKED, FULL, LINEAR, SHARED, SLIDING, Family
 from .gemma import Gemma3
+from .gemma4 import Gemma4
 from .glm import Glm4v
 from .internvl import InternVL
 from .lfm2 import Lfm2Vl
@@ -16,10 +17,10 @@ from .qwen import QwenMRoPE
 from .smolvlm import SmolVLM
 
 FAMILIES: tuple[type[Family], ...] = (QwenMRoPE, LlavaOnevision, Gemma3, Glm4v, InternVL, SmolVLM, Mistral3, PaddleOcrVl,
-                                     Lfm2Vl, Llama4)
+                                     Lfm2Vl, Llama4, Gemma4)
 GENERIC: type[Family] = PlainImageText  # unlisted image-text models, once `vlcache check` passed for their weights
 
-__all__ = ["FAMILIES", "GENERIC", "CHUNKED", "FULL", "LINEAR", "SLIDING", "Family", "family_class", "supported_model_types"]
+__all__ = ["FAMILIES", "GENERIC", "CHUNKED", "FULL", "LINEAR", "SHARED", "SLIDING", "Family", "family_class", "supported_model_types"]
 
 
 def supported_model_types() -> list[str]:

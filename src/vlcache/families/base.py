@@ -11,6 +11,7 @@ import torch
 
 FULL, SLIDING, LINEAR = "full_attention", "sliding_attention", "linear_attention"
 CHUNKED = "chunked_attention"  # chunked local attention (Llama 4): a query sees keys of its own chunk only
+SHARED = "shared_attention"  # "shared_attention:<i>": reads layer i's K/V, keeps none of its own (Gemma 4)
 DEFAULT_VIDEO_FPS = 2.0
 
 
@@ -30,6 +31,10 @@ class Family:
         """Per text layer: FULL, SLIDING, CHUNKED or LINEAR (what its state is, and so what a file stores for it)."""
         kinds = getattr(self.text_config, "layer_types", None) or [FULL] * self.text_config.num_hidden_layers
         return [kind if kind in (FULL, SLIDING, LINEAR) else FULL for kind in kinds]
+
+    def kv_shapes(self) -> list[tuple[int, int]]:
+        """Per text layer: (kv_heads, head_dim) of its K/V."""
+        return kv_shapes(self.text_config)
 
     def attention_chunk(self) -> int | None:
         """The chunk size of CHUNKED layers (None: the model has none)."""
@@ -167,6 +172,16 @@ class OneDimPositions:
         scale = (max_pixels / (image.width * image.height)) ** 0.5
         size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
         return image.resize(size, Image.Resampling.BICUBIC)
+
+
+def kv_shapes(text_config) -> list[tuple[int, int]]:
+    """Per text layer: (kv_heads, head_dim) of its K/V, from transformers' per-layer view of the config (layers
+    may differ: Gemma 4's full-attention layers have their own head size and head count)."""
+    out = []
+    for layer in text_config.per_layer_config:
+        dim = getattr(layer, "head_dim", None) or layer.hidden_size // layer.num_attention_heads
+        out.append((layer.num_key_value_heads, dim))
+    return out
 
 
 def _plain(value):

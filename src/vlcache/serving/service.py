@@ -306,7 +306,7 @@ class Service:
 
         def keep(ids, suffix_kv, answer_start):
             if extra > 0:  # the continuation's part in front: the first `extra` tokens after the image state
-                suffix_kv = [(torch.cat([ck[:, :, :extra], sk], dim=-2), torch.cat([cv[:, :, :extra], sv], dim=-2))
+                suffix_kv = [(None, None) if sk is None else (torch.cat([ck[:, :, :extra], sk], dim=-2), torch.cat([cv[:, :, :extra], sv], dim=-2))
                              for (ck, cv), (sk, sv) in zip(cont.suffix_kv, suffix_kv)]
             self.store.add_continuation(image_key, Continuation(base=image_state, input_ids=ids, suffix_kv=suffix_kv,
                                                                 answer_start=answer_start))

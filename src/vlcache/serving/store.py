@@ -67,8 +67,8 @@ class Continuation:
     def kv_until(self, n: int) -> list:
         """Contiguous K/V of the first n tokens (the base's and part of what follows)."""
         extra = n - self.base.num_tokens
-        return [(torch.cat([bk, sk[:, :, :extra]], dim=-2), torch.cat([bv, sv[:, :, :extra]], dim=-2))
-                for (bk, bv), (sk, sv) in zip(self.base.kv, self.suffix_kv)]
+        return [(None, None) if bk is None else (torch.cat([bk, sk[:, :, :extra]], dim=-2), torch.cat([bv, sv[:, :, :extra]], dim=-2))
+                for (bk, bv), (sk, sv) in zip(self.base.kv, self.suffix_kv)]  # None: a shared layer keeps nothing
 
 
 class StateStore:

@@ -59,7 +59,7 @@ MISTRAL3_TEMPLATE = (
 )
 
 MORE_KINDS = ("glm4v", "glm4v_moe", "glm46v", "paddleocr_vl", "internvl", "smolvlm", "idefics3", "mistral3", "mistral3_sliding", "llava_next", "lfm2_vl",
-              "llama4")
+              "llama4", "gemma4")
 
 
 def build(kind: str, folder: Path, seed: int, init_std: float, sizes: dict | None = None) -> None:
@@ -68,7 +68,7 @@ def build(kind: str, folder: Path, seed: int, init_std: float, sizes: dict | Non
     "image", "video" (the image and video processors' arguments) and "processor" (the processor's)."""
     builders = {"glm4v": _glm4v, "glm4v_moe": _glm4v, "glm46v": _glm4v, "paddleocr_vl": _paddleocr_vl, "internvl": _internvl,
                 "smolvlm": _smolvlm, "idefics3": _smolvlm, "mistral3": _mistral3, "mistral3_sliding": _mistral3, "llava_next": _llava_next, "lfm2_vl": _lfm2_vl,
-                "llama4": _llama4}
+                "llama4": _llama4, "gemma4": _gemma4}
     builders[kind](folder, seed, init_std, kind, sizes or {})
 
 
@@ -324,3 +324,70 @@ def _llama4(folder: Path, seed: int, init_std: float, kind: str, sizes: dict) ->
     image = Llama4ImageProcessor(**_sized(sizes, "image", dict(size={"height": 56, "width": 56}, max_patches=4)))
     Llama4Processor(image_processor=image, tokenizer=tokenizer, chat_template=_chatml("<|image|>"),
                     **_sized(sizes, "processor", dict(patch_size=14, pixel_shuffle_ratio=0.5))).save_pretrained(folder)
+
+
+# -- Gemma 4: shared K/V layers, per-layer K/V shapes, per-layer embeddings, bidirectional image tokens -----------
+
+# google/gemma-4-*-it, reduced: <|turn>role ... <turn|>, the system prompt a turn of its own, media as placeholders.
+GEMMA4_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] | trim }}{% else %}{% for item in m['content'] %}"
+    "{% if item['type'] == 'image' %}<|image|>{% elif item['type'] == 'video' %}<|video|>"
+    "{% elif item['type'] == 'text' %}{{ item['text'] | trim }}{% endif %}{% endfor %}{% endif %}<turn|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|turn>model\n{% endif %}"
+)
+# Shorter than every cached prefix, longer than a question: with a window a question overflows, the last
+# non-shared sliding layer's prefix K/V could not reach an answer at all (the layers that read it are shared).
+GEMMA4_SLIDING_WINDOW = 64
+
+
+def _gemma4(folder: Path, seed: int, init_std: float, kind: str, sizes: dict) -> None:
+    """Every kind of state Gemma 4 has at once: 6 layers (sliding, sliding, full) x 2 with a window of 64, the
+    last two reading the K/V of layers 3 (sliding) and 2 (full); full layers with their own head size (32 vs
+    16) and head count (2 vs 1) and keys as values (attention_k_eq_v); per-layer embeddings; MoE beside the MLP;
+    image tokens that see each other; final logit soft-capping. Images of 4-pixel patches pooled 3x3: 70 or
+    140 tokens (the smallest budgets Gemma 4 takes); videos of 8 frames (not 32: the test clips are short)."""
+    import string
+
+    from transformers import (Gemma4Config, Gemma4ForConditionalGeneration, Gemma4ImageProcessor, Gemma4Processor,
+                              Gemma4VideoProcessor, GemmaTokenizer)
+    from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
+
+    from .families import _save_model
+
+    init_std = 0.02  # Gemma's scaled embeddings and (1 + w) norms saturate into one repeated token above this
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<|turn>", "<turn|>", "<|image>", "<image|>", "<|image|>",
+                "<|audio>", "<audio|>", "<|audio|>", "<|video|>"]
+    vocab = {token: i for i, token in enumerate(specials)}
+    for byte in range(256):  # byte fallback, then single characters: any text encodes
+        vocab[f"<0x{byte:02X}>"] = len(vocab)
+    for char in ["\u2581"] + [c for c in string.printable if c not in " \t\r\x0b\x0c"]:
+        vocab.setdefault(char, len(vocab))
+    # The processor reads the audio tokens' names even for images (transformers 5.24).
+    tokenizer = GemmaTokenizer(vocab=vocab, merges=[], add_bos_token=True, extra_special_tokens={
+        "boi_token": "<|image>", "eoi_token": "<image|>", "image_token": "<|image|>",
+        "boa_token": "<|audio>", "eoa_token": "<audio|>", "audio_token": "<|audio|>"})
+    tokenizer.add_special_tokens({"extra_special_tokens": ["<|turn>", "<turn|>"]}, replace_extra_special_tokens=False)
+    end_of_turn, size = vocab["<turn|>"], ((len(vocab) + 63) // 64) * 64
+    text = _sized(sizes, "text", dict(vocab_size=size, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=16, global_head_dim=32, num_global_key_value_heads=2,
+                sliding_window=GEMMA4_SLIDING_WINDOW, layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
+                num_kv_shared_layers=2, hidden_size_per_layer_input=8, vocab_size_per_layer_input=size,
+                attention_k_eq_v=True, use_bidirectional_attention="vision", final_logit_softcapping=30.0,
+                enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32,
+                pad_token_id=0, eos_token_id=[1, end_of_turn], bos_token_id=2, initializer_range=init_std,
+                max_position_embeddings=4096))
+    vision = _sized(sizes, "vision", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                          num_key_value_heads=2, head_dim=16, patch_size=4, pooling_kernel_size=3,
+                                          position_embedding_size=256, initializer_range=init_std))
+    config = Gemma4Config(text_config=text, vision_config=vision, **_sized(sizes, "config", dict(
+        audio_config=None, boi_token_id=vocab["<|image>"], eoi_token_id=vocab["<image|>"], image_token_id=vocab["<|image|>"],
+        video_token_id=vocab["<|video|>"], boa_token_id=vocab["<|audio>"], eoa_token_index=vocab["<audio|>"],
+        audio_token_id=vocab["<|audio|>"])))
+    _save_model(Gemma4ForConditionalGeneration, config, folder, seed + 2, init_std, [1, end_of_turn], 0,
+                randomize=("language_model", "lm_head", "embed_vision"))
+    pixels = dict(patch_size=4, max_soft_tokens=70, pooling_kernel_size=3)
+    Gemma4Processor(feature_extractor=Gemma4AudioFeatureExtractor(),
+                    image_processor=Gemma4ImageProcessor(**_sized(sizes, "image", pixels)), tokenizer=tokenizer,
+                    video_processor=Gemma4VideoProcessor(**_sized(sizes, "video", dict(pixels, num_frames=8))),
+                    chat_template=GEMMA4_TEMPLATE).save_pretrained(folder)
