@@ -83,8 +83,9 @@ NOTES = {
                     "every expert on every token, so the real model's prefill would be slower than measured here.",
     "gemma4_e2b": "google/gemma-4-E2B-it (its published text config; vision 768 wide as transformers' Gemma4VisionConfig "
                   "defaults for E2B, clipped linears; the audio tower at transformers' E2B defaults): 35 layers, 28 "
-                  "sliding (512) and 7 full, the last 20 reading the K/V of earlier layers (num_kv_shared_layers), "
-                  "per-layer embeddings, 280 tokens an image.",
+                  "sliding (512) and 7 full, the last 20 reading the K/V of earlier layers (num_kv_shared_layers: they "
+                  "store nothing), per-layer embeddings, a budget of 280 tokens an image. The tiny builder's MoE, keys "
+                  "as values and bidirectional image tokens are off, as in E2B.",
 }
 # Reduced-depth models: the real layer kinds, to scale bytes per token from the layers built to the full model.
 FULL_DEPTH = {
@@ -383,6 +384,7 @@ def measure(args: dict) -> dict:
     kinds = state.metadata.layer_kinds or ["full_attention"] * len(state.kv)
     by_kind: dict[str, int] = {}
     for (k, v), kind in zip(state.kv, kinds, strict=True):
+        kind = kind.split(":")[0]  # "shared_attention:<source>": all shared layers together
         by_kind[kind] = by_kind.get(kind, 0) + sum(t.numel() * t.element_size() for t in (k, v) if t is not None)
     out["bytes_by_kind"] = by_kind
     growing = by_kind.get("full_attention", 0)
@@ -426,7 +428,8 @@ def markdown(results: dict) -> str:
         if "error" in r:
             lines.append(f"| {LABELS.get(kind, kind)} | | | | | | | | not measured: {r['error']} | | |")
             continue
-        counts = {k: r["layer_kinds"].count(k) for k in dict.fromkeys(r["layer_kinds"])}
+        kinds = [k.split(":")[0] for k in r["layer_kinds"]]  # shared layers together, whatever layer they read
+        counts = {k: kinds.count(k) for k in dict.fromkeys(kinds)}
         layers = ", ".join(f"{n} {k.removesuffix('_attention')}" for k, n in counts.items())
         lines.append(
             f"| {LABELS.get(kind, kind)} | {r['dtype']} | {layers} | {r['image_tokens']} / {r['prompt_tokens']} | "
