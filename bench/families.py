@@ -56,9 +56,9 @@ LABELS = {
 # Where each newer family's numbers come from, and what was reduced (printed under the table).
 NOTES = {
     "glm4v_9b": "zai-org/GLM-4.1V-9B-Thinking (transformers' Glm4vConfig defaults; processor pixels as published). "
-                "~10B parameters do not fit beside the lead's tests in 24 GiB: 10 of the 40 text layers; vision tower, "
-                "embeddings and every layer's sizes real. Bytes per token scale exactly with the layers (full depth in "
-                "the last column); time to first token does not.",
+                "~10B parameters (20 GB in bfloat16) are too many for a 24 GiB machine shared with other work: 10 of "
+                "the 40 text layers; vision tower, embeddings and every layer's sizes real. Bytes per token scale "
+                "exactly with the layers (the full-depth column); time to first token does not.",
     "internvl3_5_1b": "OpenGVLab/InternVL3_5-1B: Qwen3-0.6B text (its published config.json), InternViT-300M-448px "
                       "(1024 wide, 24 layers), 448-pixel tiles, up to 12 and a thumbnail, 256 tokens a tile. Output "
                       "embeddings untied (1.06B parameters, as the published 1.1B total implies; Qwen3-0.6B alone ties them).",
