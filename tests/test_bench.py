@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO
+from conftest import REPO, photo
 
 
 def test_small_benchmark_writes_results(tmp_path):
@@ -115,3 +115,126 @@ def test_the_decode_benchmark_measures_every_method(engine):
                                                           "output_projection_s": 0.005}}}}
     report = bench_decode.markdown(result)
     assert "| 1 | 20.0 | 10.0 | 40.0 | n/a (Error: no) | 0.25 | 3 | 5.0 |" in report
+
+
+def _families_bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_families", REPO / "bench" / "families.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_families_bench_real_sizes_reach_the_checkpoint(tmp_path, monkeypatch):
+    """Every real size bench/families.py gives a newer family's tiny builder lands in the config it builds and the
+    processor it saves (a misspelt key would leave the tiny size in place). Built on the meta device: no weights."""
+    import torch
+    from transformers import AutoProcessor
+
+    import vlcache.testing.families as testing_families
+    from vlcache.testing.more_families import build
+
+    bench = _families_bench()
+    built = {}
+
+    def config_only(model_class, config, folder, *args, **kwargs):
+        with torch.device("meta"):
+            model_class(config)  # the sizes must make a model transformers can build
+        built[folder] = config
+
+    monkeypatch.setattr(testing_families, "_save_model", config_only)
+    for kind, (tiny_kind, sizes) in bench.REAL_SIZES.items():
+        folder = tmp_path / kind
+        build(tiny_kind, folder, 0, 0.02, sizes=sizes)
+        config = built[folder]
+        for part, sub in (("text", config.text_config), ("vision", config.vision_config), ("config", config)):
+            for key, value in sizes.get(part, {}).items():
+                if key in ("global_head_dim", "num_global_key_value_heads"):
+                    continue  # Gemma 4 turns these into per-layer settings (the Gemma 4 test checks them)
+                # a declared field, not a misspelling kept as an extra attribute
+                assert key in type(sub).__dataclass_fields__ or key == "rope_theta", (kind, part, key)
+                if key == "rope_theta":  # transformers 5 keeps it in rope_parameters
+                    assert sub.rope_parameters["rope_theta"] == value, (kind, part)
+                elif isinstance(value, (int, float, str, bool)):
+                    # Gemma 4's head sizes are per layer: the given ones are layer 0's (a sliding layer)
+                    per_layer = sub.per_layer_config if "_heterogeneity_spec" in vars(sub) else None
+                    holder = per_layer[0] if per_layer and key in ("head_dim", "num_key_value_heads") else sub
+                    assert getattr(holder, key) == value, (kind, part, key)
+        image = AutoProcessor.from_pretrained(folder).image_processor
+        for key, value in sizes.get("image", {}).items():
+            assert hasattr(type(image), key) and getattr(image, key) == value, (kind, key)
+    assert built[tmp_path / "lfm2_vl_1_6b"].text_config.layer_types.count("full_attention") == 6
+    assert built[tmp_path / "llama4_scout"].text_config.layer_types == ["chunked_attention"] * 3 + ["full_attention"]
+
+
+def test_families_report_merges_only_the_measured_rows_and_scales_reduced_depth():
+    bench = _families_bench()
+    machine = {"cpu": "x", "cores": 2, "capability": "AVX512", "native_bf16": "avx512_bf16", "torch": "2", "transformers": "5"}
+
+    def row(kinds, by_kind, tokens=100):
+        return {"dtype": "bfloat16", "layer_kinds": kinds, "bytes_by_kind": by_kind, "prefix_tokens": tokens,
+                "prompt_tokens": tokens + 10, "image_tokens": 64, "state_bytes": sum(by_kind.values()),
+                "file_bytes": sum(by_kind.values()) + 100, "bytes_per_token_full_layers": by_kind.get("full_attention", 0) / tokens,
+                "fixed_bytes": sum(v for k, v in by_kind.items() if k != "full_attention"), "uncached_ttft_s": 10.0,
+                "cached_ttft_s": 0.5}
+
+    old = {"machine": machine, "command": "python bench/families.py", "families": {
+        "gemma3_4b": row(["sliding_attention", "full_attention"], {"sliding_attention": 1000, "full_attention": 4000}),
+        "llama4_scout": {"error": "killed"}}}
+    llama = row(["chunked_attention"] * 3 + ["full_attention"], {"chunked_attention": 3 * 409600, "full_attention": 409600})
+    new = {"machine": machine, "command": "python bench/families.py --only llama4_scout --merge",
+           "families": {"llama4_scout": llama, "glm4v_9b": {"error": "out of memory"}}}
+    merged = bench._merged(old, new)
+    assert list(merged["families"]) == ["gemma3_4b", "glm4v_9b", "llama4_scout"]  # FAMILIES' order
+    assert merged["families"]["gemma3_4b"] == old["families"]["gemma3_4b"]
+    assert merged["families"]["llama4_scout"] == llama
+    assert merged["commands"] == ["python bench/families.py", "python bench/families.py --only llama4_scout --merge"]
+    report = bench.markdown(merged)
+    # 12 global layers of 4,096 bytes a token; 36 chunked layers of 409,600 bytes each.
+    assert "| 4,096 | 1,228,800 | 49,152 / 14,745,600 (48 layers) |" in report
+    assert "| 40 | 1,000 | as measured |" in report
+    assert "not measured: out of memory" in report and "`python bench/families.py --only llama4_scout --merge`" in report
+
+
+def test_families_bench_gemma4_e2b_is_the_published_size(tmp_path, monkeypatch):
+    """Gemma 4 E2B as bench/families.py builds it (the tiny builder at real sizes, on the meta device): 5.1B
+    parameters with per-layer embeddings and the audio tower, the last 20 of 35 layers reading earlier layers'
+    K/V, full layers with 512-wide heads, and the photograph as 256 soft tokens between <|image> and <image|> in a
+    Gemma 4 turn."""
+    import torch
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    import vlcache.testing.families as testing_families
+    from vlcache.testing.more_families import build
+
+    models = []
+
+    def config_only(model_class, config, *args, **kwargs):
+        with torch.device("meta"):
+            models.append(model_class(config))
+
+    monkeypatch.setattr(testing_families, "_save_model", config_only)
+    tiny_kind, sizes = _families_bench().REAL_SIZES["gemma4_e2b"]
+    build(tiny_kind, tmp_path, 0, 0.02, sizes=sizes)
+    model = models[0]
+    config, text = model.config, model.config.text_config
+    assert 5.05e9 < sum(p.numel() for p in model.parameters()) < 5.15e9
+    assert text.kv_sharing_modes.count("reuse") == 20 and text.layer_types.count("full_attention") == 7
+    assert not text.enable_moe_block and not text.attention_k_eq_v and text.use_bidirectional_attention is None
+    layers = model.model.language_model.layers
+    assert layers[4].self_attn.head_dim == 512 and layers[0].self_attn.head_dim == 256
+    assert layers[4].self_attn.k_proj.out_features == 512  # one K/V head: no separate global K/V head count
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    messages = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+                {"role": "user", "content": [{"type": "image", "image": Image.open(photo("astronaut.png"))},
+                                             {"type": "text", "text": "What colors?"}]}]
+    inputs = processor.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True,
+                                           return_tensors="pt")
+    ids = inputs["input_ids"][0].tolist()
+    assert ids.count(config.image_token_id) == 256  # a 512-pixel square within the 280-token budget
+    assert ids[ids.index(config.boi_token_id) + 257] == config.eoi_token_id
+    rendered = processor.decode(ids)
+    assert rendered.startswith("<bos><|turn>system\nBe brief.<turn|>\n<|turn>user\n")
+    assert rendered.endswith("What colors?<turn|>\n<|turn>model\n")

@@ -3,6 +3,8 @@ SmolVLM/Idefics3, Mistral 3, and LLaVA-NeXT as an unlisted model for `vlcache ch
 real processor classes and a chat template shaped like the real one, saved with save_pretrained.
 
     build_family_checkpoint("glm4v", folder)   # from vlcache.testing.families
+
+bench/families.py builds the same families at their real published sizes through `build(..., sizes=...)`.
 """
 
 from __future__ import annotations
@@ -60,11 +62,19 @@ MORE_KINDS = ("glm4v", "glm4v_moe", "glm46v", "paddleocr_vl", "internvl", "smolv
               "llama4", "gemma4")
 
 
-def build(kind: str, folder: Path, seed: int, init_std: float) -> None:
+def build(kind: str, folder: Path, seed: int, init_std: float, sizes: dict | None = None) -> None:
+    """`sizes` replaces the tiny sizes (bench/families.py: a real published architecture). Its entries update
+    what a builder passes: "text" and "vision" (the sub-configs), "config" (the top config's own fields),
+    "image", "video" (the image and video processors' arguments) and "processor" (the processor's)."""
     builders = {"glm4v": _glm4v, "glm4v_moe": _glm4v, "glm46v": _glm4v, "paddleocr_vl": _paddleocr_vl, "internvl": _internvl,
                 "smolvlm": _smolvlm, "idefics3": _smolvlm, "mistral3": _mistral3, "mistral3_sliding": _mistral3, "llava_next": _llava_next, "lfm2_vl": _lfm2_vl,
                 "llama4": _llama4, "gemma4": _gemma4}
-    builders[kind](folder, seed, init_std, kind)
+    builders[kind](folder, seed, init_std, kind, sizes or {})
+
+
+def _sized(sizes: dict, part: str, tiny: dict) -> dict:
+    """The tiny builder's arguments for `part`, with the real ones from `sizes` in their place."""
+    return {**tiny, **sizes.get(part, {})}
 
 
 def _tokenizer(special: list[str], named: dict[str, str] | None = None):
@@ -89,7 +99,7 @@ def _save(model_class, config, folder, seed, init_std, ids, eos="<|im_end|>", ra
 
 # -- GLM-4.1V, GLM-4.5V and GLM-4.6V ------------------------------------------------------------------------------------
 
-def _glm4v(folder: Path, seed: int, init_std: float, kind: str) -> None:
+def _glm4v(folder: Path, seed: int, init_std: float, kind: str, sizes: dict) -> None:
     from transformers import Glm4vImageProcessor, Glm4vProcessor, Glm4vVideoProcessor
 
     special = ["<|image|>", "<|video|>", "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>", "<|end_of_video|>",
@@ -99,8 +109,10 @@ def _glm4v(folder: Path, seed: int, init_std: float, kind: str) -> None:
                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1],
                                   "partial_rotary_factor": 0.5})
     del text["head_dim"]
-    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
-                  spatial_merge_size=2, temporal_patch_size=2, image_size=56, initializer_range=init_std)
+    text = _sized(sizes, "text", text)
+    vision = _sized(sizes, "vision", dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                                          patch_size=14, spatial_merge_size=2, temporal_patch_size=2, image_size=56,
+                                          initializer_range=init_std))
     media = dict(image_token_id=ids["<|image|>"], video_token_id=ids["<|video|>"],
                  image_start_token_id=ids["<|begin_of_image|>"], image_end_token_id=ids["<|end_of_image|>"],
                  video_start_token_id=ids["<|begin_of_video|>"], video_end_token_id=ids["<|end_of_video|>"])
@@ -115,40 +127,40 @@ def _glm4v(folder: Path, seed: int, init_std: float, kind: str) -> None:
         from transformers import Glm46VVideoProcessor as Glm4vVideoProcessor
     else:
         from transformers import Glm4vConfig as Config, Glm4vForConditionalGeneration as Model
-    config = Config(text_config=text, vision_config=vision, tie_word_embeddings=False, **media)
+    config = Config(text_config=text, vision_config=vision, **_sized(sizes, "config", dict(tie_word_embeddings=False, **media)))
     _save(Model, config, folder, seed, init_std, ids, eos="<|user|>", randomize=("language_model", "lm_head", "experts", "gate"))
-    size = {"shortest_edge": 28 * 28 * 4, "longest_edge": 28 * 28 * 64}
-    Glm4vProcessor(image_processor=Glm4vImageProcessor(size=size, patch_size=14, merge_size=2, temporal_patch_size=2),
-                   tokenizer=tokenizer, chat_template=GLM4V_TEMPLATE,
-                   video_processor=Glm4vVideoProcessor(size={"shortest_edge": 28 * 28 * 2, "longest_edge": 28 * 28 * 16 * 2}),
-                   ).save_pretrained(folder)
+    image = _sized(sizes, "image", dict(size={"shortest_edge": 28 * 28 * 4, "longest_edge": 28 * 28 * 64}, patch_size=14,
+                                        merge_size=2, temporal_patch_size=2))
+    video = _sized(sizes, "video", dict(size={"shortest_edge": 28 * 28 * 2, "longest_edge": 28 * 28 * 16 * 2}))
+    Glm4vProcessor(image_processor=Glm4vImageProcessor(**image), tokenizer=tokenizer, chat_template=GLM4V_TEMPLATE,
+                   video_processor=Glm4vVideoProcessor(**video)).save_pretrained(folder)
 
 
 # -- PaddleOCR-VL ------------------------------------------------------------------------------------------------
 
-def _paddleocr_vl(folder: Path, seed: int, init_std: float, kind: str) -> None:
+def _paddleocr_vl(folder: Path, seed: int, init_std: float, kind: str, sizes: dict) -> None:
     from transformers import (PaddleOCRVLConfig, PaddleOCRVLForConditionalGeneration, PaddleOCRVLImageProcessor,
                               PaddleOCRVLProcessor)
 
     special = ["<|IMAGE_START|>", "<|IMAGE_PLACEHOLDER|>", "<|IMAGE_END|>", "<|video_pad|>"]
     tokenizer, ids = _tokenizer(special, named={"image_token": "<|IMAGE_PLACEHOLDER|>"})
-    text = _text(tokenizer, ids, init_std, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                           "mrope_section": [2, 3, 3]})
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=56,
-                  patch_size=14, spatial_merge_size=2)
-    config = PaddleOCRVLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False,
-                               image_token_id=ids["<|IMAGE_PLACEHOLDER|>"], video_token_id=ids["<|video_pad|>"],
-                               vision_start_token_id=ids["<|IMAGE_START|>"], vision_end_token_id=ids["<|IMAGE_END|>"])
+    text = _sized(sizes, "text", _text(tokenizer, ids, init_std, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                                                 "mrope_section": [2, 3, 3]}))
+    vision = _sized(sizes, "vision", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                          image_size=56, patch_size=14, spatial_merge_size=2))
+    config = PaddleOCRVLConfig(text_config=text, vision_config=vision, **_sized(sizes, "config", dict(
+        tie_word_embeddings=False, image_token_id=ids["<|IMAGE_PLACEHOLDER|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|IMAGE_START|>"], vision_end_token_id=ids["<|IMAGE_END|>"])))
     _save(PaddleOCRVLForConditionalGeneration, config, folder, seed, init_std, ids)
-    image = PaddleOCRVLImageProcessor(size={"shortest_edge": 28 * 28 * 4, "longest_edge": 28 * 28 * 64}, patch_size=14,
-                                      merge_size=2)
+    image = PaddleOCRVLImageProcessor(**_sized(sizes, "image", dict(
+        size={"shortest_edge": 28 * 28 * 4, "longest_edge": 28 * 28 * 64}, patch_size=14, merge_size=2)))
     PaddleOCRVLProcessor(image_processor=image, tokenizer=tokenizer,
                          chat_template=_chatml("<|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>")).save_pretrained(folder)
 
 
 # -- InternVL ------------------------------------------------------------------------------------------------------
 
-def _internvl(folder: Path, seed: int, init_std: float, kind: str) -> None:
+def _internvl(folder: Path, seed: int, init_std: float, kind: str, sizes: dict) -> None:
     """56-pixel crops of 14-pixel patches, pixel shuffle by 2: 4 tokens a crop, up to 4 crops and a thumbnail."""
     from transformers import GotOcr2ImageProcessor, InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor
     from transformers import InternVLVideoProcessor
@@ -157,55 +169,61 @@ def _internvl(folder: Path, seed: int, init_std: float, kind: str) -> None:
              "video_token": "<video>"}
     tokenizer, ids = _tokenizer(list(named.values()), named=named)
     config = InternVLConfig(
-        text_config=dict(model_type="qwen2", **_text(tokenizer, ids, init_std, rope_theta=10000.0)),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=[56, 56], patch_size=[14, 14], initializer_range=init_std),
-        image_token_id=ids["<IMG_CONTEXT>"], image_seq_length=4, downsample_ratio=0.5, tie_word_embeddings=False,
+        text_config=_sized(sizes, "text", dict(model_type="qwen2", **_text(tokenizer, ids, init_std, rope_theta=10000.0))),
+        vision_config=_sized(sizes, "vision", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                   num_attention_heads=2, image_size=[56, 56], patch_size=[14, 14],
+                                                   initializer_range=init_std)),
+        **_sized(sizes, "config", dict(image_token_id=ids["<IMG_CONTEXT>"], image_seq_length=4, downsample_ratio=0.5,
+                                       tie_word_embeddings=False)),
     )
     _save(InternVLForConditionalGeneration, config, folder, seed, init_std, ids,
           randomize=("language_model", "lm_head", "multi_modal_projector"))
-    image = GotOcr2ImageProcessor(size={"height": 56, "width": 56}, crop_to_patches=True, min_patches=1, max_patches=4)
-    InternVLProcessor(image_processor=image, tokenizer=tokenizer, image_seq_length=4,
-                      video_processor=InternVLVideoProcessor(size={"height": 56, "width": 56}),
-                      chat_template=_chatml("<IMG_CONTEXT>\n", "<video>\n")).save_pretrained(folder)
+    image = GotOcr2ImageProcessor(**_sized(sizes, "image", dict(size={"height": 56, "width": 56}, crop_to_patches=True,
+                                                                min_patches=1, max_patches=4)))
+    InternVLProcessor(image_processor=image, tokenizer=tokenizer,
+                      video_processor=InternVLVideoProcessor(**_sized(sizes, "video", dict(size={"height": 56, "width": 56}))),
+                      chat_template=_chatml("<IMG_CONTEXT>\n", "<video>\n"),
+                      **_sized(sizes, "processor", dict(image_seq_length=4))).save_pretrained(folder)
 
 
 # -- SmolVLM and Idefics3 ---------------------------------------------------------------------------------------
 
-def _smolvlm(folder: Path, seed: int, init_std: float, kind: str) -> None:
+def _smolvlm(folder: Path, seed: int, init_std: float, kind: str, sizes: dict) -> None:
     """32-pixel tiles of 8-pixel patches, pixel shuffle by 2: 4 tokens a tile; images resized to 64 pixels at
     most, so up to 2x2 tiles and the global image."""
     special = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>", "<video>"]
     special += [f"<row_{r}_col_{c}>" for r in range(1, 4) for c in range(1, 4)]
     tokenizer, ids = _tokenizer(special)
-    text = dict(model_type="llama", **_text(tokenizer, ids, init_std, eos="<end_of_utterance>", rope_theta=10000.0))
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-                  patch_size=8, initializer_range=init_std)
-    sizes = dict(size={"longest_edge": 64}, max_image_size={"longest_edge": 32}, do_image_splitting=True)
+    text = _sized(sizes, "text", dict(model_type="llama", **_text(tokenizer, ids, init_std, eos="<end_of_utterance>",
+                                                                  rope_theta=10000.0)))
+    vision = _sized(sizes, "vision", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                          image_size=32, patch_size=8, initializer_range=init_std))
+    image = _sized(sizes, "image", dict(size={"longest_edge": 64}, max_image_size={"longest_edge": 32}, do_image_splitting=True))
+    processing = _sized(sizes, "processor", dict(image_seq_len=4))
     if kind == "smolvlm":
         from transformers import SmolVLMConfig as Config, SmolVLMForConditionalGeneration as Model
         from transformers import SmolVLMImageProcessor, SmolVLMProcessor, SmolVLMVideoProcessor
 
-        processor = SmolVLMProcessor(image_processor=SmolVLMImageProcessor(**sizes), tokenizer=tokenizer, image_seq_len=4,
-                                     video_processor=SmolVLMVideoProcessor(
-                                         video_sampling={"fps": 1, "max_frames": 8, "video_size": {"longest_edge": 32}},
-                                         max_image_size={"longest_edge": 32}),
-                                     chat_template=SMOLVLM_TEMPLATE)
+        video = _sized(sizes, "video", dict(video_sampling={"fps": 1, "max_frames": 8, "video_size": {"longest_edge": 32}},
+                                            max_image_size={"longest_edge": 32}))
+        processor = SmolVLMProcessor(image_processor=SmolVLMImageProcessor(**image), tokenizer=tokenizer,
+                                     video_processor=SmolVLMVideoProcessor(**video), chat_template=SMOLVLM_TEMPLATE,
+                                     **processing)
     else:
         from transformers import Idefics3Config as Config, Idefics3ForConditionalGeneration as Model
         from transformers import Idefics3ImageProcessor, Idefics3Processor
 
-        processor = Idefics3Processor(image_processor=Idefics3ImageProcessor(**sizes), tokenizer=tokenizer, image_seq_len=4,
-                                      chat_template=SMOLVLM_TEMPLATE)
-    config = Config(text_config=text, vision_config=vision, image_token_id=ids["<image>"], scale_factor=2,
-                    tie_word_embeddings=False)
+        processor = Idefics3Processor(image_processor=Idefics3ImageProcessor(**image), tokenizer=tokenizer,
+                                      chat_template=SMOLVLM_TEMPLATE, **processing)
+    config = Config(text_config=text, vision_config=vision, **_sized(sizes, "config", dict(
+        image_token_id=ids["<image>"], scale_factor=2, tie_word_embeddings=False)))
     _save(Model, config, folder, seed, init_std, ids, eos="<end_of_utterance>", randomize=("text_model", "lm_head", "connector"))
     processor.save_pretrained(folder)
 
 
 # -- Mistral 3 (Pixtral vision) ---------------------------------------------------------------------------------
 
-def _mistral3(folder: Path, seed: int, init_std: float, kind: str) -> None:
+def _mistral3(folder: Path, seed: int, init_std: float, kind: str, sizes: dict) -> None:
     """Pixtral on 8-pixel patches merged 2x2, images resized to 64 pixels at most: up to 4x4 [IMG] tokens.
     mistral3_sliding: every layer with a sliding window of 8 (a Mistral config with `sliding_window` and no
     layer types)."""
@@ -217,18 +235,21 @@ def _mistral3(folder: Path, seed: int, init_std: float, kind: str) -> None:
     text = dict(model_type="mistral", **_text(tokenizer, ids, init_std, eos="</s>", rope_theta=10000.0,
                                                             sliding_window=8 if kind == "mistral3_sliding" else None))
     text["bos_token_id"] = ids["<s>"]
-    vision = dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                  head_dim=16, image_size=64, patch_size=8, initializer_range=init_std)
-    config = Mistral3Config(text_config=text, vision_config=vision, image_token_index=ids["[IMG]"], spatial_merge_size=2,
-                            tie_word_embeddings=False)
+    text = _sized(sizes, "text", text)
+    vision = _sized(sizes, "vision", dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=2, head_dim=16, image_size=64, patch_size=8,
+                                          initializer_range=init_std))
+    config = Mistral3Config(text_config=text, vision_config=vision, **_sized(sizes, "config", dict(
+        image_token_index=ids["[IMG]"], spatial_merge_size=2, tie_word_embeddings=False)))
     _save(Mistral3ForConditionalGeneration, config, folder, seed, init_std, ids, eos="</s>")
-    PixtralProcessor(image_processor=PixtralImageProcessor(size={"longest_edge": 64}, patch_size=8), tokenizer=tokenizer,
-                     patch_size=8, spatial_merge_size=2, chat_template=MISTRAL3_TEMPLATE).save_pretrained(folder)
+    image = _sized(sizes, "image", dict(size={"longest_edge": 64}, patch_size=8))
+    PixtralProcessor(image_processor=PixtralImageProcessor(**image), tokenizer=tokenizer, chat_template=MISTRAL3_TEMPLATE,
+                     **_sized(sizes, "processor", dict(patch_size=8, spatial_merge_size=2))).save_pretrained(folder)
 
 
 # -- LLaVA-NeXT: a model type vlcache does not list (for `vlcache check`) ------------------------------------
 
-def _llava_next(folder: Path, seed: int, init_std: float, kind: str) -> None:
+def _llava_next(folder: Path, seed: int, init_std: float, kind: str, sizes: dict) -> None:
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor, LlavaNextProcessor
 
     tokenizer, ids = _tokenizer(["<image>"])
@@ -249,7 +270,7 @@ def _llava_next(folder: Path, seed: int, init_std: float, kind: str) -> None:
 
 # -- LFM2-VL: short-convolution layers (no family yet: the decode path has no conv-only state) ----------------
 
-def _lfm2_vl(folder: Path, seed: int, init_std: float, kind: str) -> None:
+def _lfm2_vl(folder: Path, seed: int, init_std: float, kind: str, sizes: dict) -> None:
     """SigLIP2 NaFlex on 8-pixel patches, pixel unshuffle by 2: 4 to 16 tokens an image; an LFM2 text model of
     3 short-convolution layers (kernel 3) and 1 attention layer."""
     from transformers import Lfm2VlConfig, Lfm2VlForConditionalGeneration, Lfm2VlImageProcessor, Lfm2VlProcessor
@@ -261,13 +282,16 @@ def _lfm2_vl(folder: Path, seed: int, init_std: float, kind: str) -> None:
                                             layer_types=["conv", "conv", "full_attention", "conv"], num_hidden_layers=4,
                                             conv_L_cache=3, block_auto_adjust_ff_dim=False))
     del text["head_dim"]
-    vision = dict(model_type="siglip2_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=2, patch_size=8, num_patches=64, vision_use_head=False)
-    config = Lfm2VlConfig(text_config=text, vision_config=vision, image_token_id=ids["<image>"], projector_hidden_size=64,
-                          downsample_factor=2, tie_word_embeddings=False)
+    text = _sized(sizes, "text", text)
+    vision = _sized(sizes, "vision", dict(model_type="siglip2_vision_model", hidden_size=32, intermediate_size=64,
+                                          num_hidden_layers=2, num_attention_heads=2, patch_size=8, num_patches=64,
+                                          vision_use_head=False))
+    config = Lfm2VlConfig(text_config=text, vision_config=vision, **_sized(sizes, "config", dict(
+        image_token_id=ids["<image>"], projector_hidden_size=64, downsample_factor=2, tie_word_embeddings=False)))
     _save(Lfm2VlForConditionalGeneration, config, folder, seed, init_std, ids, randomize=("language_model", "lm_head", "projector", "conv"))
-    image = Lfm2VlImageProcessor(encoder_patch_size=8, tile_size=32, min_image_tokens=4, max_image_tokens=16,
-                                 downsample_factor=2, do_image_splitting=False, max_num_patches=64)
+    image = Lfm2VlImageProcessor(**_sized(sizes, "image", dict(
+        encoder_patch_size=8, tile_size=32, min_image_tokens=4, max_image_tokens=16, downsample_factor=2,
+        do_image_splitting=False, max_num_patches=64)))
     Lfm2VlProcessor(image_processor=image, tokenizer=tokenizer, chat_template=_chatml("<image>")).save_pretrained(folder)
 
 
@@ -276,7 +300,7 @@ def _lfm2_vl(folder: Path, seed: int, init_std: float, kind: str) -> None:
 LLAMA4_CHUNK = 16  # tokens per attention chunk: every cached prefix spans several
 
 
-def _llama4(folder: Path, seed: int, init_std: float, kind: str) -> None:
+def _llama4(folder: Path, seed: int, init_std: float, kind: str, sizes: dict) -> None:
     """56-pixel tiles of 14-pixel patches, pixel shuffle 0.5: 4 tokens a tile, up to 4 tiles and the global
     image; a text model of 4 layers (chunked attention in chunks of 16 tokens, every 4th layer full and without
     RoPE), MoE on every other layer. The NoPE layer's query temperature changes every 8 positions by 0.5 (not
@@ -288,17 +312,18 @@ def _llama4(folder: Path, seed: int, init_std: float, kind: str) -> None:
     text = _text(tokenizer, ids, init_std, intermediate_size_mlp=128, num_hidden_layers=4, num_local_experts=2,
                  num_experts_per_tok=1, interleave_moe_layer_step=2, attention_chunk_size=LLAMA4_CHUNK,
                  floor_scale=8, attn_scale=0.5, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
-    vision = dict(hidden_size=32, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, image_size=56,
-                  patch_size=14, vision_output_dim=64, projector_input_dim=64, projector_output_dim=64,
-                  pixel_shuffle_ratio=0.5, initializer_range=init_std)
-    config = Llama4Config(text_config=text, vision_config=vision, image_token_index=ids["<|patch|>"],
-                          boi_token_index=ids["<|image_start|>"], eoi_token_index=ids["<|image_end|>"],
-                          tie_word_embeddings=False)
+    text = _sized(sizes, "text", text)
+    vision = _sized(sizes, "vision", dict(hidden_size=32, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                                          image_size=56, patch_size=14, vision_output_dim=64, projector_input_dim=64,
+                                          projector_output_dim=64, pixel_shuffle_ratio=0.5, initializer_range=init_std))
+    config = Llama4Config(text_config=text, vision_config=vision, **_sized(sizes, "config", dict(
+        image_token_index=ids["<|patch|>"], boi_token_index=ids["<|image_start|>"], eoi_token_index=ids["<|image_end|>"],
+        tie_word_embeddings=False)))
     _save(Llama4ForConditionalGeneration, config, folder, seed, init_std, ids,
           randomize=("language_model", "lm_head", "multi_modal_projector", "experts", "router"))
-    image = Llama4ImageProcessor(size={"height": 56, "width": 56}, max_patches=4)
-    Llama4Processor(image_processor=image, tokenizer=tokenizer, patch_size=14, pixel_shuffle_ratio=0.5,
-                    chat_template=_chatml("<|image|>")).save_pretrained(folder)
+    image = Llama4ImageProcessor(**_sized(sizes, "image", dict(size={"height": 56, "width": 56}, max_patches=4)))
+    Llama4Processor(image_processor=image, tokenizer=tokenizer, chat_template=_chatml("<|image|>"),
+                    **_sized(sizes, "processor", dict(patch_size=14, pixel_shuffle_ratio=0.5))).save_pretrained(folder)
 
 
 # -- Gemma 4: shared K/V layers, per-layer K/V shapes, per-layer embeddings, bidirectional image tokens -----------
@@ -316,7 +341,7 @@ GEMMA4_TEMPLATE = (
 GEMMA4_SLIDING_WINDOW = 64
 
 
-def _gemma4(folder: Path, seed: int, init_std: float, kind: str) -> None:
+def _gemma4(folder: Path, seed: int, init_std: float, kind: str, sizes: dict) -> None:
     """Every kind of state Gemma 4 has at once: 6 layers (sliding, sliding, full) x 2 with a window of 64, the
     last two reading the K/V of layers 3 (sliding) and 2 (full); full layers with their own head size (32 vs
     16) and head count (2 vs 1) and keys as values (attention_k_eq_v); per-layer embeddings; MoE beside the MLP;
@@ -344,22 +369,25 @@ def _gemma4(folder: Path, seed: int, init_std: float, kind: str) -> None:
         "boa_token": "<|audio>", "eoa_token": "<audio|>", "audio_token": "<|audio|>"})
     tokenizer.add_special_tokens({"extra_special_tokens": ["<|turn>", "<turn|>"]}, replace_extra_special_tokens=False)
     end_of_turn, size = vocab["<turn|>"], ((len(vocab) + 63) // 64) * 64
-    text = dict(vocab_size=size, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=2,
+    text = _sized(sizes, "text", dict(vocab_size=size, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=2,
                 num_key_value_heads=1, head_dim=16, global_head_dim=32, num_global_key_value_heads=2,
                 sliding_window=GEMMA4_SLIDING_WINDOW, layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
                 num_kv_shared_layers=2, hidden_size_per_layer_input=8, vocab_size_per_layer_input=size,
                 attention_k_eq_v=True, use_bidirectional_attention="vision", final_logit_softcapping=30.0,
                 enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32,
                 pad_token_id=0, eos_token_id=[1, end_of_turn], bos_token_id=2, initializer_range=init_std,
-                max_position_embeddings=4096)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-                  head_dim=16, patch_size=4, pooling_kernel_size=3, position_embedding_size=256, initializer_range=init_std)
-    config = Gemma4Config(text_config=text, vision_config=vision, audio_config=None, boi_token_id=vocab["<|image>"],
-                          eoi_token_id=vocab["<image|>"], image_token_id=vocab["<|image|>"], video_token_id=vocab["<|video|>"],
-                          boa_token_id=vocab["<|audio>"], eoa_token_index=vocab["<audio|>"], audio_token_id=vocab["<|audio|>"])
+                max_position_embeddings=4096))
+    vision = _sized(sizes, "vision", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                          num_key_value_heads=2, head_dim=16, patch_size=4, pooling_kernel_size=3,
+                                          position_embedding_size=256, initializer_range=init_std))
+    config = Gemma4Config(text_config=text, vision_config=vision, **_sized(sizes, "config", dict(
+        audio_config=None, boi_token_id=vocab["<|image>"], eoi_token_id=vocab["<image|>"], image_token_id=vocab["<|image|>"],
+        video_token_id=vocab["<|video|>"], boa_token_id=vocab["<|audio>"], eoa_token_index=vocab["<audio|>"],
+        audio_token_id=vocab["<|audio|>"])))
     _save_model(Gemma4ForConditionalGeneration, config, folder, seed + 2, init_std, [1, end_of_turn], 0,
                 randomize=("language_model", "lm_head", "embed_vision"))
-    sizes = dict(patch_size=4, max_soft_tokens=70, pooling_kernel_size=3)
-    Gemma4Processor(feature_extractor=Gemma4AudioFeatureExtractor(), image_processor=Gemma4ImageProcessor(**sizes),
-                    tokenizer=tokenizer, video_processor=Gemma4VideoProcessor(**sizes, num_frames=8),
+    pixels = dict(patch_size=4, max_soft_tokens=70, pooling_kernel_size=3)
+    Gemma4Processor(feature_extractor=Gemma4AudioFeatureExtractor(),
+                    image_processor=Gemma4ImageProcessor(**_sized(sizes, "image", pixels)), tokenizer=tokenizer,
+                    video_processor=Gemma4VideoProcessor(**_sized(sizes, "video", dict(pixels, num_frames=8))),
                     chat_template=GEMMA4_TEMPLATE).save_pretrained(folder)
