@@ -236,8 +236,9 @@ def _mistral3(folder: Path, seed: int, init_std: float, kind: str, sizes: dict) 
                                                             sliding_window=8 if kind == "mistral3_sliding" else None))
     text["bos_token_id"] = ids["<s>"]
     text = _sized(sizes, "text", text)
+    # Pixtral's head size is derived (hidden_size / heads): a fixed one would outlive real sizes given in `sizes`.
     vision = _sized(sizes, "vision", dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                          num_attention_heads=2, head_dim=16, image_size=64, patch_size=8,
+                                          num_attention_heads=2, image_size=64, patch_size=8,
                                           initializer_range=init_std))
     config = Mistral3Config(text_config=text, vision_config=vision, **_sized(sizes, "config", dict(
         image_token_index=ids["[IMG]"], spatial_merge_size=2, tie_word_embeddings=False)))
