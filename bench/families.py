@@ -286,22 +286,11 @@ def build(kind: str, folder: Path) -> None:
         _save_processor(tokenizer, folder, chat_template=fam.QWEN3_5_TEMPLATE)
         processor = None
     elif kind == "gemma3_4b":
-        import string
+        from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor
 
-        from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor,
-                                  GemmaTokenizer)
+        from vlcache.testing import gemma_tokenizer
 
-        specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
-                    "<end_of_image>", "<image_soft_token>"]
-        vocab = {token: i for i, token in enumerate(specials)}
-        for byte in range(256):
-            vocab[f"<0x{byte:02X}>"] = len(vocab)
-        for char in ["\u2581"] + [c for c in string.printable if c not in " \t\r\x0b\x0c"]:
-            vocab.setdefault(char, len(vocab))
-        tokenizer = GemmaTokenizer(vocab=vocab, merges=[], add_bos_token=True, extra_special_tokens={
-            "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"})
-        tokenizer.add_special_tokens({"extra_special_tokens": ["<start_of_turn>", "<end_of_turn>"]},
-                                     replace_extra_special_tokens=False)
+        tokenizer, vocab = gemma_tokenizer(fam.GEMMA3_SPECIALS, fam.GEMMA3_NAMED, ["<start_of_turn>", "<end_of_turn>"])
         config = Gemma3Config(
             text_config=dict(vocab_size=262208, hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
                              num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,

@@ -266,6 +266,26 @@ def test_check_fails_and_names_what_differed_when_the_generic_adapter_is_wrong(t
 
 # -- Llama 4: chunked local attention, NoPE layers, and the upstream failure its family works around ------------
 
+def _rocket_file_round_trip(engine, state, tmp_path, capsys, layers: str):
+    """A state of rocket.jpg saved: `vlcache inspect` names its `layers`; its first question asked in a fresh
+    process and all three from the loaded file (a batch of three, padded) answer as generate() does. Returns
+    (path, expected answers, the loaded state, a function asking QUESTIONS of a state)."""
+    path = state.save(tmp_path / "rocket.pt")
+    assert cli.main(["inspect", str(path)]) == 0
+    assert f"layers: {layers}" in capsys.readouterr().out
+    expected = [reference_tokens(engine, photo("rocket.jpg"), SYSTEM, q, N, max_pixels=PIXELS) for q in QUESTIONS]
+    asked = run("ask", "--cache", path, "--prompt", QUESTIONS[0], "--max-new-tokens", N, "--temperature", 0, "--json")
+    assert asked.returncode == 0, asked.stderr
+    assert json.loads(asked.stdout)["token_ids"] == expected[0] and len(set(expected[0])) >= 4
+    loaded = engine.load_state(path)
+
+    def answers(state):
+        return [a.token_ids for a in engine.ask_many(state, QUESTIONS, max_new_tokens=N, temperature=0)]
+
+    assert answers(loaded) == expected
+    return path, expected, loaded, answers
+
+
 def test_llama4_chunked_layers_store_their_last_chunk_and_wrong_chunks_are_caught(family_engine, tmp_path, capsys, monkeypatch):
     """Each chunked layer stores only the tokens of the prefix's last chunk (n % 16), the NoPE layer all; restored
     from a file in a fresh process and in a batch of three (padded) it answers as generate() does. Controls: the
@@ -283,19 +303,8 @@ def test_llama4_chunked_layers_store_their_last_chunk_and_wrong_chunks_are_caugh
     n = state.num_tokens
     assert n > 2 * LLAMA4_CHUNK and n % LLAMA4_CHUNK  # several chunks, the last one unfinished
     assert [k.shape[2] for k, _ in state.kv] == [n % LLAMA4_CHUNK] * 3 + [n]
-    path = state.save(tmp_path / "l.pt")
-    assert cli.main(["inspect", str(path)]) == 0
-    assert "layers: 3 chunked_attention, 1 full_attention" in capsys.readouterr().out
-    expected = [reference_tokens(engine, photo("rocket.jpg"), SYSTEM, q, N, max_pixels=PIXELS) for q in QUESTIONS]
-    asked = run("ask", "--cache", path, "--prompt", QUESTIONS[0], "--max-new-tokens", N, "--temperature", 0, "--json")
-    assert asked.returncode == 0, asked.stderr
-    assert json.loads(asked.stdout)["token_ids"] == expected[0] and len(set(expected[0])) >= 4
-    loaded = engine.load_state(path)
-
-    def answers(state):
-        return [a.token_ids for a in engine.ask_many(state, QUESTIONS, max_new_tokens=N, temperature=0)]
-
-    assert answers(loaded) == expected
+    path, expected, loaded, answers = _rocket_file_round_trip(engine, state, tmp_path, capsys,
+                                                              "3 chunked_attention, 1 full_attention")
     # Controls.
     right = rows._bias
     with monkeypatch.context() as patch:
@@ -399,22 +408,11 @@ def test_gemma4_shared_layers_store_nothing_and_wrong_sources_are_caught(family_
     n, held = state.num_tokens, GEMMA4_SLIDING_WINDOW - 1
     assert [None if k is None else list(k.shape) for k, _ in state.kv] == [
         [1, 1, held, 16], [1, 1, held, 16], [1, 2, n, 32], [1, 1, held, 16], None, None]
-    path = state.save(tmp_path / "g.pt")
+    path, expected, loaded, answers = _rocket_file_round_trip(
+        engine, state, tmp_path, capsys, "3 sliding_attention, 1 full_attention, 2 shared_attention (layer 4 reads 3, 5 reads 2)")
     with safe_open(str(path), "pt") as f:
         assert {name for name in f.keys() if name.startswith("layers.")} == {
             f"layers.{i}.{t}" for i in range(4) for t in ("keys", "values")}
-    assert cli.main(["inspect", str(path)]) == 0
-    assert "layers: 3 sliding_attention, 1 full_attention, 2 shared_attention (layer 4 reads 3, 5 reads 2)" in capsys.readouterr().out
-    expected = [reference_tokens(engine, photo("rocket.jpg"), SYSTEM, q, N, max_pixels=PIXELS) for q in QUESTIONS]
-    asked = run("ask", "--cache", path, "--prompt", QUESTIONS[0], "--max-new-tokens", N, "--temperature", 0, "--json")
-    assert asked.returncode == 0, asked.stderr
-    assert json.loads(asked.stdout)["token_ids"] == expected[0] and len(set(expected[0])) >= 4
-    loaded = engine.load_state(path)
-
-    def answers(state):
-        return [a.token_ids for a in engine.ask_many(state, QUESTIONS, max_new_tokens=N, temperature=0)]
-
-    assert answers(loaded) == expected
     # The first answer token's logits equal those of one uncached forward over the whole prompt (float32, 1e-4).
     # Control: the shared layers' queries (the question's last token, in the question's forward) given the first
     # token's mask row: the logits move by about 0.2 (too little to change these argmaxes: hence logits).

@@ -106,6 +106,24 @@ def _train_tokenizer(vocab_size: int, pad_vocab_to: int | None = None, extra_spe
     return tok
 
 
+def gemma_tokenizer(specials: list[str], named: dict[str, str], turns: list[str]):
+    """A Gemma tokenizer over a small vocabulary: `specials` first (their ids in that order), then byte fallback
+    and single characters, so that any text encodes; `named` are the processor's named tokens (boi_token, ...),
+    `turns` the chat template's. Returns it with its vocabulary."""
+    import string
+
+    from transformers import GemmaTokenizer
+
+    vocab = {token: i for i, token in enumerate(specials)}
+    for byte in range(256):
+        vocab[f"<0x{byte:02X}>"] = len(vocab)
+    for char in ["\u2581"] + [c for c in string.printable if c not in " \t\r\x0b\x0c"]:
+        vocab.setdefault(char, len(vocab))
+    tokenizer = GemmaTokenizer(vocab=vocab, merges=[], add_bos_token=True, extra_special_tokens=named)
+    tokenizer.add_special_tokens({"extra_special_tokens": turns}, replace_extra_special_tokens=False)
+    return tokenizer, vocab
+
+
 def build_tiny_checkpoint(folder: Path, seed: int = 0, init_std: float = 0.2) -> Path:
     """Write a tiny random Qwen3-VL checkpoint to `folder` and return it.
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import CHAT_TEMPLATE, CORPUS, SPECIAL_TOKENS, _train_tokenizer, build_tiny_checkpoint
+from . import CHAT_TEMPLATE, CORPUS, SPECIAL_TOKENS, _train_tokenizer, build_tiny_checkpoint, gemma_tokenizer
 from .more_families import MORE_KINDS
 from .more_families import build as build_more
 
@@ -282,28 +282,19 @@ def _llava_onevision(folder: Path, seed: int, init_std: float) -> None:
 
 
 GEMMA3_SLIDING_WINDOW = 8  # tiny, so that every cached prefix is longer than the window
+GEMMA3_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+                   "<end_of_image>", "<image_soft_token>"]
+GEMMA3_NAMED = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
 
 
 def _gemma3(folder: Path, seed: int, init_std: float) -> None:
     """Gemma 3: 3 sliding-window layers (window 8) and 1 full layer, 4 image tokens from 32-pixel images."""
-    import string
-
     init_std = 0.02  # Gemma's scaled embeddings and (1 + w) norms saturate into one repeated token above this
     seed += 2  # at this size seed 0 repeats a few tokens; 2 gives 6-11 distinct tokens in 12 (checked on 4 photos)
 
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor
-    from transformers import GemmaTokenizer
 
-    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
-                "<end_of_image>", "<image_soft_token>"]
-    vocab = {token: i for i, token in enumerate(specials)}
-    for byte in range(256):  # byte fallback, then single characters: any text encodes
-        vocab[f"<0x{byte:02X}>"] = len(vocab)
-    for char in ["\u2581"] + [c for c in string.printable if c not in " \t\r\x0b\x0c"]:
-        vocab.setdefault(char, len(vocab))
-    tokenizer = GemmaTokenizer(vocab=vocab, merges=[], add_bos_token=True, extra_special_tokens={
-        "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"})
-    tokenizer.add_special_tokens({"extra_special_tokens": ["<start_of_turn>", "<end_of_turn>"]}, replace_extra_special_tokens=False)
+    tokenizer, vocab = gemma_tokenizer(GEMMA3_SPECIALS, GEMMA3_NAMED, ["<start_of_turn>", "<end_of_turn>"])
     end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
     config = Gemma3Config(
         text_config=dict(

@@ -348,27 +348,20 @@ def _gemma4(folder: Path, seed: int, init_std: float, kind: str, sizes: dict) ->
     16) and head count (2 vs 1) and keys as values (attention_k_eq_v); per-layer embeddings; MoE beside the MLP;
     image tokens that see each other; final logit soft-capping. Images of 4-pixel patches pooled 3x3: 70 or
     140 tokens (the smallest budgets Gemma 4 takes); videos of 8 frames (not 32: the test clips are short)."""
-    import string
-
     from transformers import (Gemma4Config, Gemma4ForConditionalGeneration, Gemma4ImageProcessor, Gemma4Processor,
-                              Gemma4VideoProcessor, GemmaTokenizer)
+                              Gemma4VideoProcessor)
     from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
 
+    from . import gemma_tokenizer
     from .families import _save_model
 
     init_std = 0.02  # Gemma's scaled embeddings and (1 + w) norms saturate into one repeated token above this
     specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<|turn>", "<turn|>", "<|image>", "<image|>", "<|image|>",
                 "<|audio>", "<audio|>", "<|audio|>", "<|video|>"]
-    vocab = {token: i for i, token in enumerate(specials)}
-    for byte in range(256):  # byte fallback, then single characters: any text encodes
-        vocab[f"<0x{byte:02X}>"] = len(vocab)
-    for char in ["\u2581"] + [c for c in string.printable if c not in " \t\r\x0b\x0c"]:
-        vocab.setdefault(char, len(vocab))
     # The processor reads the audio tokens' names even for images (transformers 5.24).
-    tokenizer = GemmaTokenizer(vocab=vocab, merges=[], add_bos_token=True, extra_special_tokens={
-        "boi_token": "<|image>", "eoi_token": "<image|>", "image_token": "<|image|>",
-        "boa_token": "<|audio>", "eoa_token": "<audio|>", "audio_token": "<|audio|>"})
-    tokenizer.add_special_tokens({"extra_special_tokens": ["<|turn>", "<turn|>"]}, replace_extra_special_tokens=False)
+    tokenizer, vocab = gemma_tokenizer(specials, {"boi_token": "<|image>", "eoi_token": "<image|>", "image_token": "<|image|>",
+                                                  "boa_token": "<|audio>", "eoa_token": "<audio|>", "audio_token": "<|audio|>"},
+                                       ["<|turn>", "<turn|>"])
     end_of_turn, size = vocab["<turn|>"], ((len(vocab) + 63) // 64) * 64
     text = _sized(sizes, "text", dict(vocab_size=size, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=2,
                 num_key_value_heads=1, head_dim=16, global_head_dim=32, num_global_key_value_heads=2,
