@@ -373,7 +373,7 @@ def measure(args: dict) -> dict:
     kinds = state.metadata.layer_kinds or ["full_attention"] * len(state.kv)
     by_kind: dict[str, int] = {}
     for (k, v), kind in zip(state.kv, kinds, strict=True):
-        kind = kind.split(":")[0]  # "shared_attention:<source>": all shared layers together
+        kind = _grouped(kind)
         by_kind[kind] = by_kind.get(kind, 0) + sum(t.numel() * t.element_size() for t in (k, v) if t is not None)
     out["bytes_by_kind"] = by_kind
     growing = by_kind.get("full_attention", 0)
@@ -417,7 +417,7 @@ def markdown(results: dict) -> str:
         if "error" in r:
             lines.append(f"| {LABELS.get(kind, kind)} | | | | | | | | not measured: {r['error']} | | |")
             continue
-        kinds = [k.split(":")[0] for k in r["layer_kinds"]]  # shared layers together, whatever layer they read
+        kinds = [_grouped(k) for k in r["layer_kinds"]]
         counts = {k: kinds.count(k) for k in dict.fromkeys(kinds)}
         layers = ", ".join(f"{n} {k.removesuffix('_attention')}" for k, n in counts.items())
         lines.append(
@@ -443,6 +443,13 @@ def _full_depth(kind: str, r: dict) -> str:
     scaled = {k: b / r["layer_kinds"].count(k) * FULL_DEPTH[kind].count(k) for k, b in r["bytes_by_kind"].items()}
     growing = scaled.pop("full_attention", 0) / r["prefix_tokens"]
     return f"{growing:,.0f} / {sum(scaled.values()):,.0f} ({len(FULL_DEPTH[kind])} layers)"
+
+
+def _grouped(kind: str) -> str:
+    """A layer's kind, shared layers together whatever layer they read ("shared_attention:<source>")."""
+    from vlcache.header import SHARED, shared_source
+
+    return SHARED if shared_source(kind) is not None else kind
 
 
 def _merged(old: dict, new: dict) -> dict:

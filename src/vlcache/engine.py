@@ -14,13 +14,13 @@ from pathlib import Path
 import torch
 
 from . import decode, generate, images, media, model as model_loading, prompt
-from .families import GENERIC, LINEAR, SHARED, family_class
+from .families import GENERIC, LINEAR, family_class
 from .families.base import run_steps
 from .defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SYSTEM_PROMPT
-from .errors import CacheFileError, ImageError, ModelMismatchError, VlcacheError
+from .errors import CacheFileError, ImageError, LayoutError, ModelMismatchError, VlcacheError
 from .media import MediaOptions
 from .answer import Answer, Delta  # noqa: F401 - part of the engine's interface
-from .header import Layout, check_layout, read_metadata
+from .header import Layout, check_layout, read_metadata, shared_source
 from .state import ImageState, StateMetadata, check_state_layout, load_state
 
 log = logging.getLogger("vlcache")
@@ -241,9 +241,7 @@ class Engine:
         """Read a cache file made for this engine's model (refused with 'model mismatch' otherwise)."""
         try:  # the header against this model's layout first, as the server's store does: nothing else is read
             state = load_state(path, device=self.device, layout=self.layout())
-        except CacheFileError as exc:
-            if "does not fit this model" not in str(exc):
-                raise
+        except LayoutError as exc:
             self._check_fingerprint(read_metadata(path), str(path))  # another model's file says so first
             raise ModelMismatchError(f"model mismatch: {exc}") from None
         self.check_state(state, source=str(path))
@@ -270,7 +268,7 @@ class Engine:
             raise ModelMismatchError(f"model mismatch: {source} has {len(state.kv)} layers, the model {expected}")
         try:
             check_state_layout(state, self.layout(), source)
-        except CacheFileError as exc:  # a file with this model's fingerprint but forged tensors
+        except LayoutError as exc:  # a file with this model's fingerprint but forged tensors
             raise ModelMismatchError(f"model mismatch: {exc}") from None
 
     def check_header(self, header: dict, meta: StateMetadata, source: str) -> None:
@@ -426,7 +424,7 @@ class Engine:
         anything for a shared layer, which keeps none)."""
         out = []
         for kind, (heads, dim) in zip(self.family.layer_kinds(), self.family.kv_shapes()):
-            if kind == LINEAR or kind.startswith(SHARED):
+            if kind == LINEAR or shared_source(kind) is not None:
                 out.append((None, None))
             else:
                 empty = torch.empty(1, heads, 0, dim, dtype=self.dtype, device=self.device)
@@ -484,7 +482,7 @@ class Engine:
     def kv_bytes_per_token(self) -> int:
         """K/V bytes a token costs while it is computed: every layer that keeps K/V of its own (shared layers read
         another's; linear layers are counted as attention, an upper bound)."""
-        shapes = [shape for shape, kind in zip(self.family.kv_shapes(), self.family.layer_kinds()) if not kind.startswith(SHARED)]
+        shapes = [shape for shape, kind in zip(self.family.kv_shapes(), self.family.layer_kinds()) if shared_source(kind) is None]
         return 2 * sum(heads * dim for heads, dim in shapes) * torch.finfo(self.dtype).bits // 8
 
 

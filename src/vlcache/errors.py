@@ -17,6 +17,10 @@ class CacheFileError(VlcacheError):
     """The cache file is missing, empty, truncated, corrupt, foreign, or from a newer format."""
 
 
+class LayoutError(CacheFileError):
+    """The cache file's tensors, by its header, do not fit the model at hand (its layers' kinds or shapes)."""
+
+
 class ModelMismatchError(VlcacheError):
     """The cache was made with other model weights than the engine holds."""
 

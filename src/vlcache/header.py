@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import storage
-from .errors import CacheFileError
+from .errors import CacheFileError, LayoutError
 
 FORMAT_NAME = "vlcache"
 # 2: metadata names the family and each layer's kind (version 1 files read as Qwen-VL)
@@ -240,6 +240,8 @@ def shared_source(kind: str) -> int | None:
     """The layer whose K/V a shared layer's kind names ("shared_attention:3" -> 3); None for any other kind."""
     name, _, source = kind.partition(":")
     return int(source) if name == SHARED and source.isdigit() else None
+
+
 _FLOAT_DTYPES = ("F32", "F16", "BF16")
 
 
@@ -264,9 +266,9 @@ class Layout:
 def check_layout(header: dict, meta: StateMetadata, layout: Layout, source) -> None:
     """Refuse a file whose tensors, by its header alone, do not fit `layout`: every layer's K/V shaped
     [1, kv_heads, tokens, head_dim] in one floating dtype, linear-attention states of the model's sizes, the
-    model's layer kinds and nothing else. CacheFileError naming the first disagreement."""
+    model's layer kinds and nothing else. LayoutError (a CacheFileError) naming the first disagreement."""
     def refuse(why: str):
-        raise CacheFileError(f"{source} does not fit this model: {why}")
+        raise LayoutError(f"{source} does not fit this model: {why}")
 
     kinds = list(meta.layer_kinds) or [FULL] * len(layout.kinds)  # files before format 2: all full attention
     if kinds != list(layout.kinds):
@@ -298,8 +300,8 @@ def check_layout(header: dict, meta: StateMetadata, layout: Layout, source) -> N
             dtypes.add(first["dtype"])  # the recurrent state stays float32 whatever the model's dtype
             continue
         shape, (heads, dim) = first["shape"], layout.kv_shapes[i]
-        tokens_ok = len(shape) == 4 and _tokens_ok(kind, shape[2], n, layout.chunk, layout.window)
-        if second["shape"] != shape or not tokens_ok or shape[0] != 1 or shape[1] != heads or shape[3] != dim:
+        held_ok = len(shape) == 4 and tokens_ok(kind, shape[2], n, layout.chunk, layout.window)
+        if second["shape"] != shape or not held_ok or shape[0] != 1 or shape[1] != heads or shape[3] != dim:
             tokens = (n if kind == FULL else f"{n % layout.chunk if layout.chunk else 0}..{n}" if kind == CHUNKED
                       else f"{_sliding_least(n, layout.window)}..{n}")
             refuse(f"layer {i}'s keys and values are {shape} and {second['shape']}, the model's [1, {heads}, "
@@ -309,9 +311,11 @@ def check_layout(header: dict, meta: StateMetadata, layout: Layout, source) -> N
         refuse(f"its layers mix dtypes ({', '.join(sorted(dtypes))})")
 
 
-def _tokens_ok(kind: str, held: int, n: int, chunk: int | None, window: int | None) -> bool:
-    """A sliding layer holds at least the prefix's last window - 1 tokens (all a later token sees), a chunked
-    layer at least those of its last chunk (tails: the server's continuations hold more), every other layer all n."""
+def tokens_ok(kind: str, held: int, n: int, chunk: int | None = None, window: int | None = None) -> bool:
+    """Whether a layer of `kind` holding `held` of a prefix's n tokens is whole: a sliding layer holds at least
+    the last window - 1 (all a later token sees; without the window, at least one), a chunked layer at least
+    those of its last chunk (without the chunk size, any number; tails: the server's continuations hold more),
+    every other layer all n."""
     if kind == SLIDING:
         return _sliding_least(n, window) <= held <= n
     if kind == CHUNKED:

@@ -218,10 +218,10 @@ def load(name: str, device: str = "auto", dtype: str | torch.dtype = "auto", unc
         # 1. The config says the family and the stored dtype: enough to choose and check before the weights.
         config = AutoConfig.from_pretrained(name)
         model_type = getattr(config, "model_type", None)
-        if family_class(model_type) is None and not is_image_text_to_text(model_type):
+        family = family_class(model_type)
+        if family is None and not is_image_text_to_text(model_type):
             raise ModelLoadError(f"model {name!r} is a {model_type!r}, which vlcache does not support (transformers "
                                  "does not load it as image-text-to-text); supported: " + ", ".join(supported_model_types()))
-        family = family_class(model_type)
         why = family.refuse(config) if family is not None else None
         if why:
             raise ModelLoadError(f"model {name!r}: {why}")

@@ -27,7 +27,7 @@ from . import storage
 from .errors import CacheFileError
 from .header import (  # noqa: F401 - the header's readers are part of this module's interface
     _MAX_HEADER_BYTES, FORMAT_NAME, FORMAT_VERSION, Layout, StateMetadata, _cache_path, _check_header, _metadata,
-    check_layout, read_header, read_metadata, shared_source,
+    check_layout, read_header, read_metadata, shared_source, tokens_ok,
 )
 
 _STALE_TMP_SECONDS = 3600  # a save killed midway leaves a temporary file; later saves remove ones this old
@@ -190,11 +190,10 @@ def _check_shapes(state: ImageState, path) -> None:
 
 
 def _layer_ok(k, v, kind: str, n: int) -> bool:
-    """A layer's tensors against its kind, for a prefix of n tokens: a sliding-window layer stores the last
-    tokens (at least one), a chunked layer those of its last chunk (none when the prefix ends a chunk; the
-    model's layout checks how many), a linear-attention layer a conv state [1, channels, kernel] and a
-    recurrent state [1, heads, dk, dv], a shared layer nothing (its kind names the layer whose K/V it reads);
-    every other layer all n."""
+    """A layer's tensors against its kind, for a prefix of n tokens, without the model: a linear-attention layer
+    stores a conv state [1, channels, kernel] and a recurrent state [1, heads, dk, dv], a shared layer nothing
+    (its kind names the layer whose K/V it reads), every other layer K/V of as many tokens as tokens_ok allows
+    (the model's window and chunk size are its layout's check)."""
     if shared_source(kind) is not None:
         return k is None and v is None
     if k is None or v is None:
@@ -203,8 +202,7 @@ def _layer_ok(k, v, kind: str, n: int) -> bool:
         return k.ndim == 3 and v.ndim == 4 and k.shape[0] == v.shape[0] == 1
     if not (k.ndim == 4 and k.shape == v.shape and k.shape[0] == 1):
         return False
-    held = k.shape[2]
-    return 0 < held <= n if kind == "sliding_attention" else 0 <= held <= n if kind == "chunked_attention" else held == n
+    return tokens_ok(kind, k.shape[2], n)
 
 
 _DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}

@@ -43,12 +43,6 @@ class Gemma4(PlainImageText):
                     "state would depend on the question after it, so vlcache cannot cache it")
         return None
 
-    def __init__(self, model, processor):
-        why = self.refuse(model.config)
-        if why:
-            raise ValueError(why)
-        super().__init__(model, processor)
-
     def layer_kinds(self) -> list[str]:
         cfg = self.text_config
         types, modes = cfg.layer_types, cfg.kv_sharing_modes
