@@ -396,8 +396,9 @@ class RowSampling:
         self.logprobs = self._logprobs(logits, tokens, rows) if "logprobs" in flags else [None] * rows
         # Bookkeeping on the device: the counter, what the rules remember, the stop rules.
         self.draws[:rows] += 1
-        index = torch.arange(rows, device=logits.device)
-        chosen = tokens.clamp(min=0)
+        if self.seen is not None or self.counts is not None or self.history is not None:
+            index = torch.arange(rows, device=logits.device)
+            chosen = tokens.clamp(min=0)
         if self.seen is not None:
             self.seen[index, chosen] = True
         if self.counts is not None:
