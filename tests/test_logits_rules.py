@@ -234,6 +234,10 @@ def test_logit_bias_forces_a_token_in_its_row_only(qwen):
     assert answer.token_ids == [token] * 4
     with pytest.raises(VlcacheError, match="logit_bias values must be in -100..100"):
         qwen.engine.ask(qwen.state, QUESTION, max_new_tokens=4, logit_bias={token: 101})
+    with pytest.raises(VlcacheError, match="logit_bias names token 10000000, the model's vocabulary has"):
+        qwen.engine.ask(qwen.state, QUESTION, max_new_tokens=4, logit_bias={10**7: 1})
+    with pytest.raises(VlcacheError, match="unknown generation option 'logit_biases'"):
+        qwen.engine.ask(qwen.state, QUESTION, max_new_tokens=4, logit_biases={token: 1})
 
 
 def test_logprobs_equal_the_uncached_models_log_softmax(qwen):

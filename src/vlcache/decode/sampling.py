@@ -281,9 +281,9 @@ class RowSampling:
         for flag, name, tokens in (("suppress", "suppress", params.suppress_tokens),
                                    ("begin", "begin", params.begin_suppress_tokens),
                                    ("forced_eos", "eos_forced", params.forced_eos_token_id)):
-            if flag in flags:
-                self._wide(name)[slot, torch.tensor([t for t in tokens if 0 <= t < self.vocab] or [0], device=self.device)] = bool(
-                    [t for t in tokens if 0 <= t < self.vocab])
+            inside = [t for t in tokens if 0 <= t < self.vocab]  # ids past the logits cannot be generated anyway
+            if flag in flags and inside:
+                self._wide(name)[slot, torch.tensor(inside, device=self.device)] = True
         if "history" in flags:
             history = self._wide("history", row.prompt + max_new_tokens + 1)
             history[slot, : row.prompt] = ids
