@@ -185,6 +185,27 @@ def test_settings_that_need_another_decoding_loop_are_refused():
         assert why and f"{name}=" in why and "--generation-config" in why, settings
 
 
+def test_every_setting_of_this_transformers_is_applied_ignored_for_a_reason_or_refused():
+    """Each GenerationConfig setting is in exactly one class; one no class names (a newer transformers') is
+    refused when a checkpoint sets it, never dropped."""
+    from transformers import GenerationConfig
+
+    names = set(vars(GenerationConfig()))
+    classes = [set(rules.APPLIED), set(rules.NO_EFFECT), set(rules._REFUSED)]
+    assert set().union(*classes) == names
+    assert sum(len(c) for c in classes) == len(names)  # no setting in two classes
+
+    class Newer(GenerationConfig):
+        def __init__(self, **kwargs):
+            self.novel_penalty = kwargs.pop("novel_penalty", None)
+            super().__init__(**kwargs)
+
+    assert rules.refusal(Newer()) is None
+    why = rules.refusal(Newer(novel_penalty=1.5))
+    assert why and "novel_penalty" in why and "--generation-config novel_penalty=null" in why and "\n" not in why
+    assert rules.refusal(GenerationConfig(assistant_early_exit=4)).startswith("the model's generation config sets assistant_early_exit=4")
+
+
 def test_a_stop_string_ends_ask_with_finish_reason_stop(tiny_model_dir, qwen, tmp_path):
     eos = sorted(qwen.engine.eos_ids)
     _, first, _, _ = _settings(qwen)
