@@ -377,3 +377,46 @@ def test_seeded_rows_with_filters_draw_the_same_alone_or_batched():
     batched = draw(seeded, list(range(len(FILTERS))))
     for i, p in enumerate(seeded):
         assert [step[0] for step in draw([p], [i])] == [step[i] for step in batched], p
+
+
+# -- the issue's case end to end ----------------------------------------------------------------------------
+
+def test_llava_no_repeat_ngram_through_the_server_and_a_fresh_cli_equal_generate(family_dir, family_engine, tmp_path):
+    """A LLaVA checkpoint whose generation_config.json sets no_repeat_ngram_size 3: the server's answers (asked
+    at once, so they share decode steps) and a fresh process's batch from a cache file equal generate(), which
+    reads the same file; the setting changes answers (else this test could not fail)."""
+    import concurrent.futures
+
+    from reference import reference_tokens
+    from test_cli import run
+    from test_server import LiveServer, image_messages
+    from vlcache.media import MediaOptions
+
+    folder = _folder_with(tmp_path, family_dir("llava_onevision"), "llava-ngram", {"no_repeat_ngram_size": 3})
+    engine = Engine.load(str(folder), device="cpu")
+    questions = [QUESTION, "What is in the picture?", "What colors dominate the scene?"]  # the last: no 3-gram repeats
+    expected = [reference_tokens(engine, photo("rocket.jpg"), SYSTEM, q, N, max_pixels=PIXELS) for q in questions]
+    plain = family_engine("llava_onevision")
+    unbanned = [reference_tokens(plain, photo("rocket.jpg"), SYSTEM, q, N, max_pixels=PIXELS) for q in questions]
+    assert [e != u for e, u in zip(expected, unbanned)] == [True, True, False]
+    # A fresh process: the model from the cache file's metadata, its generation config from the folder.
+    cache = engine.cache_image(photo("rocket.jpg"), system_prompt=SYSTEM, max_pixels=PIXELS).save(tmp_path / "rocket.pt")
+    prompts = [arg for q in questions for arg in ("--prompt", q)]
+    asked = run("ask", "--cache", cache, *prompts, "--max-new-tokens", N, "--temperature", 0, "--json")
+    assert asked.returncode == 0, asked.stderr
+    assert [json.loads(line)["token_ids"] for line in asked.stdout.splitlines()] == expected
+    # The server, through the openai client.
+    live = LiveServer(engine, tmp_path / "states", media=MediaOptions(max_pixels=PIXELS))
+    try:
+        def chat(question):
+            return live.client.chat.completions.create(model="m", messages=image_messages("rocket.jpg", question),
+                                                       max_tokens=N, temperature=0)
+
+        first = chat(questions[0])  # makes the state; the others share it, asked at once
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            replies = [first, *pool.map(chat, questions[1:])]
+    finally:
+        live.close()
+    for reply, tokens in zip(replies, expected):
+        assert reply.choices[0].message.content == engine.processor.tokenizer.decode(tokens, skip_special_tokens=True)
+        assert reply.usage.completion_tokens == len(tokens)
