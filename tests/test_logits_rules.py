@@ -86,15 +86,30 @@ def llava(family_engine):
     return Case(family_engine("llava_onevision"), photo("rocket.jpg"), PIXELS)
 
 
+def straddling(tokenizer, ids: list[int], start: int, skip_special_tokens: bool = False) -> tuple[str, int, int]:
+    """A string of decode(ids) that ends one token and begins the next (up to two characters of each, three or
+    four in all), at a token boundary after `start`, first found there: (the string, where it starts in the
+    text, the index of the token it begins in)."""
+    text = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+    decoded = lambda n: tokenizer.decode(ids[:n], skip_special_tokens=skip_special_tokens)  # noqa: E731
+    for i in range(start, len(ids) - 1):
+        before, a, b = decoded(i), decoded(i + 1), decoded(i + 2)
+        if not text.startswith(b) or len(a) == len(before) or len(b) == len(a):
+            continue
+        at = len(a) - min(2, len(a) - len(before))
+        stop = b[at: len(a) + 2]
+        if len(stop) >= 3 and stop.isprintable() and "\ufffd" not in stop and text.find(stop) == at:
+            return stop, at, i
+    raise AssertionError("no token boundary to put a stop string across")
+
+
 def _settings(case: Case) -> tuple[list[int], list[dict], list[int], list[dict]]:
     """Settings that change this model's greedy answer, derived from it: (eos, settings with the model's eos;
     eos', settings that need an end-of-sequence token the answer reaches)."""
     eos = sorted(case.engine.eos_ids)
     plain = case.generate({}, eos)
     common = max(set(plain), key=plain.count)
-    text = case.tokenizer.decode(plain)
-    stop = next(s for i in range(10, N) if len(s := case.tokenizer.decode(plain[i:i + 2]).strip("\ufffd")) > 2)
-    assert stop in text
+    stop, _, _ = straddling(case.tokenizer, plain, 10)
     first = [settings for settings in (
         {"no_repeat_ngram_size": 2},
         {"repetition_penalty": 1.3},
@@ -103,7 +118,7 @@ def _settings(case: Case) -> tuple[list[int], list[dict], list[int], list[dict]]
         {"bad_words_ids": [[common], [plain[1], plain[2]]]},
         {"sequence_bias": [[[common], -3.0], [[plain[5], plain[6]], 8.0]]},
         {"forced_eos_token_id": plain[0] + 1},
-        {"stop_strings": [stop[-3:]]},
+        {"stop_strings": [stop]},
         {"remove_invalid_values": True},  # no effect on finite logits
         {"forced_bos_token_id": 3},  # no effect after a prompt (it forces the first token of a sequence)
     )]
@@ -420,3 +435,31 @@ def test_llava_no_repeat_ngram_through_the_server_and_a_fresh_cli_equal_generate
     for reply, tokens in zip(replies, expected):
         assert reply.choices[0].message.content == engine.processor.tokenizer.decode(tokens, skip_special_tokens=True)
         assert reply.usage.completion_tokens == len(tokens)
+
+
+def test_a_requests_stop_strings_across_token_boundaries_cut_exactly(qwen, tmp_path):
+    """OpenAI's `stop`, through the live server: a stop string made of the end of one token and the start of
+    the next cuts the answer just before it, streamed and not; of two stop strings the earlier one wins."""
+    from reference import reference_tokens
+    from test_server import LiveServer, image_messages
+
+    engine, question = qwen.engine, "Describe the image."
+    ids = reference_tokens(engine, photo("chelsea.png"), SYSTEM, question, N)
+    whole = qwen.tokenizer.decode(ids, skip_special_tokens=True)
+    stop, at, token = straddling(qwen.tokenizer, ids, 1, skip_special_tokens=True)
+    later, _, _ = straddling(qwen.tokenizer, ids, token + 2, skip_special_tokens=True)
+    live = LiveServer(engine, tmp_path / "states")
+    try:
+        def chat(**kwargs):
+            return live.client.chat.completions.create(model="m", messages=image_messages("chelsea.png", question),
+                                                       max_tokens=N, temperature=0, **kwargs)
+
+        assert chat().choices[0].message.content == whole
+        for stops in ([stop], [later, stop]):
+            cut = chat(stop=stops)
+            assert cut.choices[0].message.content == whole[:at] and cut.choices[0].finish_reason == "stop", stops
+            streamed = "".join(c.choices[0].delta.content or "" for c in chat(stop=stops, stream=True) if c.choices)
+            assert streamed == whole[:at], stops
+        assert chat(stop=[later]).choices[0].message.content == whole[: whole.index(later)] != whole[:at]
+    finally:
+        live.close()
