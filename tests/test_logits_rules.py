@@ -55,7 +55,7 @@ class Case:
 
     def params(self, settings: dict, eos: list[int], **options) -> SamplingParams:
         config = copy.deepcopy(self.engine.model.generation_config)
-        config.update(**settings)
+        config.update(**{"do_sample": False, **settings})  # greedy, as generate() is asked here, unless told
         config.eos_token_id = eos
         return decode.sampling_params(config, **options)
 
@@ -463,3 +463,37 @@ def test_a_requests_stop_strings_across_token_boundaries_cut_exactly(qwen, tmp_p
         assert chat(stop=[later]).choices[0].message.content == whole[: whole.index(later)] != whole[:at]
     finally:
         live.close()
+
+
+# -- every family ---------------------------------------------------------------------------------------------
+
+def _every_family():
+    from vlcache.testing.families import KINDS
+
+    # Qwen3-VL and LLaVA-OneVision run every setting above; LLaVA-NeXT has no family: the generic adapter.
+    return [k for k in KINDS if k not in ("qwen3_vl", "llava_onevision", "llava_next")] + ["generic"]
+
+
+@pytest.mark.parametrize("kind", _every_family())
+def test_rules_that_read_the_prompt_answer_as_generate_in_every_family(kind, family_dir, family_engine):
+    """The rules read the ids generate() is given (the state's and the question's): per family, rows with the
+    n-gram rule, the repetition penalty with a sequence bias and the first-token suppression, and a plain row,
+    decoded together, each equal generate() over 64 tokens."""
+    if kind == "generic":
+        engine = Engine.load(str(family_dir("llava_next")), device="cpu", unchecked=True)
+        assert engine.family.name == "generic"
+    else:
+        engine = family_engine(kind)
+    case = Case(engine, photo("chelsea.png"), PIXELS)
+    eos = sorted(engine.eos_ids)
+    plain = case.generate({}, eos)
+    if len(plain) < N:  # an early end: no end token at all, on both sides, so that 64 tokens come
+        eos = [engine.model.get_output_embeddings().weight.shape[0]]
+        plain = case.generate({}, eos)
+    group = [{"no_repeat_ngram_size": 2},
+             {"repetition_penalty": 1.3, "sequence_bias": [[[plain[3], plain[4]], 4.0]], "begin_suppress_tokens": [plain[0]]},
+             {}]
+    rows = case.rows([case.params(s, eos) for s in group], eos)
+    expected = [case.generate(s, eos) for s in group]
+    assert rows == expected
+    assert expected[1] != plain  # the first token is banned: this row would see a rule left out
