@@ -49,8 +49,8 @@ class Case:
     def generate(self, settings: dict, eos: list[int], n: int = N, **extra) -> list[int]:
         kwargs = {"tokenizer": self.tokenizer} if "stop_strings" in settings else {}
         with torch.inference_mode():
-            out = self.engine.model.generate(**self.inputs, max_new_tokens=n, do_sample=False, eos_token_id=eos,
-                                             **settings, **kwargs, **extra)
+            out = self.engine.model.generate(**self.inputs, max_new_tokens=n, eos_token_id=eos,
+                                             **{"do_sample": False, **settings}, **kwargs, **extra)
         return out[0, self.prompt:].tolist()
 
     def params(self, settings: dict, eos: list[int], **options) -> SamplingParams:
@@ -148,6 +148,29 @@ def test_every_generation_setting_answers_as_generate_alone_and_batched(family, 
         if "stop_strings" in str(group):
             stopped = batched[[i for i, s in enumerate(group) if "stop_strings" in s][0]]
             assert len(stopped) < N
+
+
+@pytest.mark.parametrize("family", ["qwen", "llava"])
+def test_sampling_filters_that_keep_one_token_answer_as_generate_samples(family, request):
+    """Sampling rows whose filters leave one token (so any draw takes it): generate(do_sample=True) with the same
+    settings chooses the same 64 tokens, alone and batched with a greedy row. Typical-p keeps the token whose
+    surprise is nearest the entropy (after the temperature and top-k): not the greedy one."""
+    case = request.getfixturevalue(family)
+    eos = sorted(case.engine.eos_ids)
+    group = [{"do_sample": True, "typical_p": 1e-9},
+             {"do_sample": True, "temperature": 0.6, "top_k": 3, "typical_p": 1e-9},
+             {"do_sample": True, "temperature": 1.5, "min_p": 1.0},
+             {"do_sample": True, "top_k": 0, "epsilon_cutoff": 0.9, "eta_cutoff": 0.9},
+             {}]
+    params = [case.params(s, eos) for s in group]
+    assert [p.greedy for p in params] == [False] * 4 + [True]
+    batched = case.rows(params, eos)
+    plain = case.generate({}, eos)
+    for settings, p, row in zip(group, params, batched):
+        expected = case.generate(settings, eos)
+        assert row == expected, settings
+        assert case.rows([p], eos)[0] == expected, settings
+    assert batched[0] != plain and batched[1] != plain and batched[0] != batched[1]
 
 
 def _folder_with(tmp_path, source, name: str, settings: dict):
