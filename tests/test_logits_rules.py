@@ -420,14 +420,15 @@ def test_seeded_rows_with_filters_draw_the_same_alone_or_batched():
 # -- the issue's case end to end ----------------------------------------------------------------------------
 
 def test_llava_no_repeat_ngram_through_the_server_and_a_fresh_cli_equal_generate(family_dir, family_engine, tmp_path):
-    """A LLaVA checkpoint whose generation_config.json sets no_repeat_ngram_size 3: the server's answers (asked
-    at once, so they share decode steps) and a fresh process's batch from a cache file equal generate(), which
-    reads the same file; the setting changes answers (else this test could not fail)."""
+    """A LLaVA checkpoint whose generation_config.json sets no_repeat_ngram_size 3: a fresh process's batch from
+    a cache file, a two-turn conversation and the server's answers (asked at once, so they share decode steps)
+    equal generate(), which reads the same file; the setting changes answers (else this test could not fail)."""
     import concurrent.futures
 
-    from reference import reference_tokens
+    from reference import reference_for_messages, reference_tokens
     from test_cli import run
     from test_server import LiveServer, image_messages
+    from vlcache.conversation import Conversation
     from vlcache.media import MediaOptions
 
     folder = _folder_with(tmp_path, family_dir("llava_onevision"), "llava-ngram", {"no_repeat_ngram_size": 3})
@@ -443,6 +444,13 @@ def test_llava_no_repeat_ngram_through_the_server_and_a_fresh_cli_equal_generate
     asked = run("ask", "--cache", cache, *prompts, "--max-new-tokens", N, "--temperature", 0, "--json")
     assert asked.returncode == 0, asked.stderr
     assert [json.loads(line)["token_ids"] for line in asked.stdout.splitlines()] == expected
+    # A conversation: the second turn's rule reads the first turn and its answer, as generate() does.
+    talk, messages = Conversation(engine, engine.load_state(cache)), [{"role": "system", "content": SYSTEM}]
+    for i, question in enumerate(questions[:2]):
+        answer = talk.ask(question, max_new_tokens=N, temperature=0)
+        messages.append({"role": "user", "content": ([{"type": "image"}] if i == 0 else []) + [{"type": "text", "text": question}]})
+        assert answer.token_ids == reference_for_messages(engine, messages, photo("rocket.jpg"), N, max_pixels=PIXELS), i
+        messages.append({"role": "assistant", "content": answer.text})
     # The server, through the openai client.
     live = LiveServer(engine, tmp_path / "states", media=MediaOptions(max_pixels=PIXELS))
     try:
