@@ -181,7 +181,7 @@ def _folder_with(tmp_path, source, name: str, settings: dict):
     return folder
 
 
-def test_a_checkpoints_generation_config_is_honoured_and_beams_are_refused(tiny_model_dir, qwen, tmp_path):
+def test_a_checkpoints_generation_config_is_honoured_and_beams_are_refused(tiny_model_dir, qwen, tmp_path, capsys):
     # The case: no_repeat_ngram_size in generation_config.json, honoured by ask (and by generate()).
     folder = _folder_with(tmp_path, tiny_model_dir, "ngram", {"no_repeat_ngram_size": 3})
     engine = Engine.load(str(folder), device="cpu")
@@ -198,6 +198,14 @@ def test_a_checkpoints_generation_config_is_honoured_and_beams_are_refused(tiny_
     message = str(refused.value)
     assert "\n" not in message and "num_beams=4" in message and "--generation-config num_beams=1" in message
     assert Engine.load(str(beams), device="cpu", generation_config={"num_beams": 1}).model.generation_config.num_beams == 1
+    # The CLI: the refusal is one line and exit 1, nothing on stdout; the override it names works.
+    ask = ["ask", "--model", str(beams), "--prompt", "Hello!", "--max-new-tokens", "2", "--device", "cpu"]
+    assert cli.main(ask) == 1
+    refused_cli = capsys.readouterr()
+    assert refused_cli.out == "" and "Traceback" not in refused_cli.err
+    assert refused_cli.err.strip().splitlines()[-1] == f"error: {message}"
+    assert cli.main(ask + ["--generation-config", "num_beams=1"]) == 0
+    assert capsys.readouterr().out.strip()
     # The CLI takes the override as KEY=VALUE or a JSON file; a malformed one is an argument error.
     file = tmp_path / "gen.json"
     file.write_text(json.dumps({"num_beams": 1, "top_k": 5}))
