@@ -87,9 +87,9 @@ def llava(family_engine):
 
 
 def straddling(tokenizer, ids: list[int], start: int, skip_special_tokens: bool = False) -> tuple[str, int, int]:
-    """A string of decode(ids) that ends one token and begins the next (up to two characters of each, three or
-    four in all), at a token boundary after `start`, first found there: (the string, where it starts in the
-    text, the index of the token it begins in)."""
+    """A string of decode(ids) across a token boundary after `start` (up to two characters before it, three or
+    four in all, over two or more tokens), first found there: (the string, where it starts in the text, the
+    index of the token it begins in)."""
     text = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
     decoded = lambda n: tokenizer.decode(ids[:n], skip_special_tokens=skip_special_tokens)  # noqa: E731
     for i in range(start, len(ids) - 1):
@@ -97,7 +97,7 @@ def straddling(tokenizer, ids: list[int], start: int, skip_special_tokens: bool 
         if not text.startswith(b) or len(a) == len(before) or len(b) == len(a):
             continue
         at = len(a) - min(2, len(a) - len(before))
-        stop = b[at: len(a) + 2]
+        stop = text[at: at + 4]  # at least one character after the boundary
         if len(stop) >= 3 and stop.isprintable() and "\ufffd" not in stop and text.find(stop) == at:
             return stop, at, i
     raise AssertionError("no token boundary to put a stop string across")
@@ -515,9 +515,10 @@ def _every_family():
 
 @pytest.mark.parametrize("kind", _every_family())
 def test_rules_that_read_the_prompt_answer_as_generate_in_every_family(kind, family_dir, family_engine):
-    """The rules read the ids generate() is given (the state's and the question's): per family, rows with the
-    n-gram rule, the repetition penalty with a sequence bias and the first-token suppression, and a plain row,
-    decoded together, each equal generate() over 64 tokens."""
+    """The rules read the ids generate() is given (the state's and the question's) and the family's tokenizer:
+    per family, rows with the n-gram rule, the repetition penalty with a sequence bias and the first-token
+    suppression, a stop string across a token boundary, and a plain row, decoded together, each equal
+    generate() over 64 tokens."""
     if kind == "generic":
         engine = Engine.load(str(family_dir("llava_next")), device="cpu", unchecked=True)
         assert engine.family.name == "generic"
@@ -529,10 +530,13 @@ def test_rules_that_read_the_prompt_answer_as_generate_in_every_family(kind, fam
     if len(plain) < N:  # an early end: no end token at all, on both sides, so that 64 tokens come
         eos = [engine.model.get_output_embeddings().weight.shape[0]]
         plain = case.generate({}, eos)
+    stop, _, _ = straddling(case.tokenizer, plain, 4)  # this family's tokenizer decides where tokens meet
     group = [{"no_repeat_ngram_size": 2},
              {"repetition_penalty": 1.3, "sequence_bias": [[[plain[3], plain[4]], 4.0]], "begin_suppress_tokens": [plain[0]]},
+             {"stop_strings": [stop]},
              {}]
     rows = case.rows([case.params(s, eos) for s in group], eos)
     expected = [case.generate(s, eos) for s in group]
     assert rows == expected
     assert expected[1] != plain  # the first token is banned: this row would see a rule left out
+    assert len(expected[2]) < len(plain)  # the stop string ended the row
