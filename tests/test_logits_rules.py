@@ -231,6 +231,35 @@ def test_settings_that_need_another_decoding_loop_are_refused():
         assert why and f"{name}=" in why and "--generation-config" in why, settings
 
 
+@pytest.mark.parametrize("settings, fragment", [
+    ({"no_repeat_ngram_size": "three"}, 'no_repeat_ngram_size="three" is not a value it takes'),
+    ({"suppress_tokens": 5}, "suppress_tokens=5 is not a value it takes"),
+    ({"bad_words_ids": [[]]}, "bad_words_ids=[[]] is not a value it takes"),
+    ({"sequence_bias": {"a": 1}}, 'sequence_bias={"a": 1} is not a value it takes'),
+    ({"stop_strings": 7}, "stop_strings=7 is not a value it takes"),
+    ({"exponential_decay_length_penalty": 3}, "exponential_decay_length_penalty=3 is not a value it takes"),
+    ({"do_sample": True, "temperature": -1.0}, "temperature must be a number in 0.0..inf, got -1.0"),
+    ({"top_p": 2}, "top_p must be a number in 0.0..1.0, got 2"),
+])
+def test_a_value_no_rule_takes_is_refused_at_load_naming_it(settings, fragment):
+    from transformers import GenerationConfig
+
+    config = GenerationConfig()
+    for key, value in settings.items():
+        setattr(config, key, value)
+    with pytest.raises(ValueError) as refused:
+        for temperature in (None, 1.0):  # what Engine.load checks
+            decode.sampling_params(config, temperature).check()
+    assert fragment in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_a_value_no_rule_takes_fails_the_load_not_the_first_question(tiny_model_dir):
+    with pytest.raises(ModelLoadError) as refused:
+        Engine.load(str(tiny_model_dir), device="cpu", generation_config={"no_repeat_ngram_size": "three"})
+    assert 'no_repeat_ngram_size="three" is not a value it takes' in str(refused.value)
+    assert "--generation-config KEY=VALUE" in str(refused.value)
+
+
 def test_every_setting_of_this_transformers_is_applied_ignored_for_a_reason_or_refused():
     """Each GenerationConfig setting is in exactly one class; one no class names (a newer transformers') is
     refused when a checkpoint sets it, never dropped."""

@@ -71,6 +71,12 @@ class Engine:
         why = decode.rules.refusal(self.model.generation_config)
         if why:
             raise ModelLoadError(f"model {loaded.name!r}: {why}")
+        try:  # values no rule takes fail here, not at the first question
+            for temperature in (None, 1.0):  # the config's own rows, and a caller's sampling row
+                decode.sampling_params(self.model.generation_config, temperature).check()
+        except (ValueError, TypeError) as exc:
+            raise ModelLoadError(f"model {loaded.name!r}: {exc}; override it with --generation-config KEY=VALUE "
+                                 "(Engine.load(generation_config={...}))") from None
         # An unlisted model type gets the generic adapter (model.load lets it through once `vlcache check` passed).
         self.family = (family_class(self.model.config.model_type) or GENERIC)(self.model, self.processor)
         self.eos_ids = _eos_ids(self.model.generation_config)

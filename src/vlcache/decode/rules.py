@@ -138,27 +138,52 @@ def apply_override(generation_config, override: dict | None) -> None:
 
 
 def config_rules(generation_config) -> dict:
-    """The per-row rules a generation config asks for, as SamplingParams fields (see decode.sampling)."""
+    """The per-row rules a generation config asks for, as SamplingParams fields (see decode.sampling). A value
+    no rule can take is a ValueError naming the setting."""
     get = lambda name: setting(generation_config, name)  # noqa: E731
-    min_new = int(get("min_new_tokens") or 0)
-    decay = get("exponential_decay_length_penalty")
-    forced_eos = get("forced_eos_token_id")
-    stops = get("stop_strings")
+    min_new = _as("min_new_tokens", get("min_new_tokens"), lambda v: int(v or 0))
     return {
-        "no_repeat_ngram_size": int(get("no_repeat_ngram_size") or 0),
+        "no_repeat_ngram_size": _as("no_repeat_ngram_size", get("no_repeat_ngram_size"), lambda v: int(v or 0)),
         # generate() replaces min_length by min_new_tokens + the prompt's length when min_new_tokens is set
-        "min_length": 0 if min_new else int(get("min_length") or 0),
+        "min_length": 0 if min_new else _as("min_length", get("min_length"), lambda v: int(v or 0)),
         "min_new_tokens": min_new,
-        "suppress_tokens": tuple(int(t) for t in get("suppress_tokens") or ()),
-        "begin_suppress_tokens": tuple(int(t) for t in get("begin_suppress_tokens") or ()),
-        "bad_words_ids": tuple(tuple(int(t) for t in seq) for seq in get("bad_words_ids") or ()),
-        "sequence_bias": _sequence_bias(get("sequence_bias")),
-        "forced_bos_token_id": get("forced_bos_token_id"),
-        "forced_eos_token_id": tuple([forced_eos] if isinstance(forced_eos, int) else forced_eos or ()),
-        "exponential_decay_length_penalty": (int(decay[0]), float(decay[1])) if decay else None,
+        "suppress_tokens": _as("suppress_tokens", get("suppress_tokens"), _ids),
+        "begin_suppress_tokens": _as("begin_suppress_tokens", get("begin_suppress_tokens"), _ids),
+        "bad_words_ids": _as("bad_words_ids", get("bad_words_ids"), lambda v: tuple(_ids(seq, empty=False) for seq in v or ())),
+        "sequence_bias": _as("sequence_bias", get("sequence_bias"), _sequence_bias),
+        "forced_bos_token_id": _as("forced_bos_token_id", get("forced_bos_token_id"), lambda v: None if v is None else int(v)),
+        "forced_eos_token_id": _as("forced_eos_token_id", get("forced_eos_token_id"),
+                                   lambda v: _ids([v] if isinstance(v, int) else v)),
+        "exponential_decay_length_penalty": _as("exponential_decay_length_penalty", get("exponential_decay_length_penalty"),
+                                                lambda v: (int(v[0]), float(v[1])) if v else None),
         "remove_invalid_values": bool(get("remove_invalid_values")),
-        "stop_strings": tuple([stops] if isinstance(stops, str) else stops or ()),
+        "stop_strings": _as("stop_strings", get("stop_strings"), _strings),
     }
+
+
+def _as(name: str, value, convert):
+    try:
+        return convert(value)
+    except (TypeError, ValueError, IndexError, KeyError) as exc:
+        shown = json.dumps(value, default=str)
+        raise ValueError(f"generation setting {name}={shown} is not a value it takes ({exc})") from None
+
+
+def _ids(value, empty: bool = True) -> tuple[int, ...]:
+    """A list of token ids (int() of a bool or a float with a fraction is refused)."""
+    if isinstance(value, (str, bytes)) or (not value and not empty):
+        raise ValueError("expected a list of token ids")
+    out = tuple(int(t) for t in value or ())
+    if any(isinstance(t, bool) or float(t) != int(t) or int(t) < 0 for t in value or ()):
+        raise ValueError("expected token ids >= 0")
+    return out
+
+
+def _strings(value) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else list(value or ())
+    if not all(isinstance(s, str) and s for s in items):
+        raise ValueError("expected a string or a list of non-empty strings")
+    return tuple(items)
 
 
 def warper_settings(generation_config) -> dict:
@@ -179,4 +204,4 @@ def _sequence_bias(value) -> tuple:
     if not value:
         return ()
     pairs = value.items() if isinstance(value, dict) else value
-    return tuple((tuple(int(t) for t in ids), float(bias)) for ids, bias in pairs)
+    return tuple((_ids(ids, empty=False), float(bias)) for ids, bias in pairs)

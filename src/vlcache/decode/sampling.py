@@ -85,6 +85,12 @@ class SamplingParams:
 
     def check(self) -> None:
         """Refuse values no rule takes (ValueError, one line)."""
+        for name, low, high in (("temperature", 0.0, math.inf), ("top_p", 0.0, 1.0), ("typical_p", 0.0, 1.0),
+                                ("epsilon_cutoff", 0.0, 1.0), ("eta_cutoff", 0.0, 1.0), ("no_repeat_ngram_size", 0, math.inf),
+                                ("min_length", 0, math.inf), ("min_new_tokens", 0, math.inf)):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high):
+                raise ValueError(f"{name} must be a number in {low}..{high}, got {value!r}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in 0..{MAX_LOGPROBS}, got {self.logprobs}")
         for token, bias in self.logit_bias:
