@@ -569,3 +569,20 @@ def test_rules_that_read_the_prompt_answer_as_generate_in_every_family(kind, fam
     assert rows == expected
     assert expected[1] != plain  # the first token is banned: this row would see a rule left out
     assert len(expected[2]) < len(plain)  # the stop string ended the row
+
+
+def test_a_stop_criterion_is_made_once_per_tokenizer(qwen, monkeypatch):
+    """Making transformers' StopStringCriteria reads the whole vocabulary: batches share one per tokenizer."""
+    import transformers
+
+    from vlcache.decode import sampling
+
+    made = []
+    real = transformers.StopStringCriteria
+    monkeypatch.setattr(transformers, "StopStringCriteria", lambda *a, **k: made.append(a[1]) or real(*a, **k))
+    eos = sorted(qwen.engine.eos_ids)
+    params = qwen.params({"stop_strings": ["never-said-xyz"]}, eos)
+    first = qwen.rows([params], eos, n=4)
+    assert qwen.rows([params, params], eos, n=4) == [first[0]] * 2
+    assert made == [["never-said-xyz"]]  # one for three rows in two batches (no other test uses this string)
+    assert sampling._stop_criteria(qwen.tokenizer, ("never-said-xyz",)) is sampling._stop_criteria(qwen.tokenizer, ("never-said-xyz",))

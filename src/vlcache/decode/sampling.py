@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -542,9 +543,7 @@ class RowSampling:
         for value, members in groups.items():
             key = ("stop_strings", value)
             if key not in self._processors:
-                from transformers import StopStringCriteria
-
-                self._processors[key] = StopStringCriteria(self.tokenizer, list(value))
+                self._processors[key] = _stop_criteria(self.tokenizer, value)
             criteria = self._processors[key]
             index = torch.tensor(members, device=self.device)
             # generate() checks the criteria after each new token: the window ends at it (draws already counted)
@@ -670,6 +669,26 @@ def _filters(values: torch.Tensor, min_p: torch.Tensor, typical: torch.Tensor, e
         cutoff = torch.minimum(eta, eta.sqrt() * torch.exp(-entropy)).unsqueeze(1)
         values = values.masked_fill((p < cutoff) & ~first, inf)
     return values
+
+
+_STOP_CRITERIA: dict = {}  # (id(tokenizer), stop strings) -> (tokenizer, StopStringCriteria), the last few used
+_STOP_LOCK = threading.Lock()
+
+
+def _stop_criteria(tokenizer, value: tuple[str, ...]):
+    """transformers' StopStringCriteria for `value`, made once per tokenizer: making one reads the whole
+    vocabulary (half a second for Qwen's 151,646 tokens), and every request's batch needs one."""
+    key = (id(tokenizer), value)
+    with _STOP_LOCK:  # batches of several threads (the server's, a caller's) share it
+        hit = _STOP_CRITERIA.pop(key, None)
+        if hit is None or hit[0] is not tokenizer:
+            from transformers import StopStringCriteria
+
+            hit = (tokenizer, StopStringCriteria(tokenizer, list(value)))
+        _STOP_CRITERIA[key] = hit  # last used last
+        while len(_STOP_CRITERIA) > 16:
+            _STOP_CRITERIA.pop(next(iter(_STOP_CRITERIA)))
+        return hit[1]
 
 
 def _sequence_bias_processor(value):
