@@ -258,6 +258,8 @@ def test_a_value_no_rule_takes_fails_the_load_not_the_first_question(tiny_model_
         Engine.load(str(tiny_model_dir), device="cpu", generation_config={"no_repeat_ngram_size": "three"})
     assert 'no_repeat_ngram_size="three" is not a value it takes' in str(refused.value)
     assert "--generation-config KEY=VALUE" in str(refused.value)
+    with pytest.raises(ModelLoadError, match="generation setting bad_words_ids names token 99999, the model has"):
+        Engine.load(str(tiny_model_dir), device="cpu", generation_config={"bad_words_ids": [[5], [7, 99999]]})
 
 
 def test_every_setting_of_this_transformers_is_applied_ignored_for_a_reason_or_refused():

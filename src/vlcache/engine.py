@@ -73,7 +73,14 @@ class Engine:
             raise ModelLoadError(f"model {loaded.name!r}: {why}")
         try:  # values no rule takes fail here, not at the first question
             for temperature in (None, 1.0):  # the config's own rows, and a caller's sampling row
-                decode.sampling_params(self.model.generation_config, temperature).check()
+                params = decode.sampling_params(self.model.generation_config, temperature)
+                params.check()
+            vocab = self.model.get_output_embeddings().weight.shape[0]
+            for name, sequences in (("bad_words_ids", params.bad_words_ids),
+                                    ("sequence_bias", [ids for ids, _ in params.sequence_bias])):
+                outside = [t for ids in sequences for t in ids if t >= vocab]
+                if outside:  # generate() refuses these too (transformers' SequenceBiasLogitsProcessor)
+                    raise ValueError(f"generation setting {name} names token {outside[0]}, the model has {vocab} tokens")
         except (ValueError, TypeError) as exc:
             raise ModelLoadError(f"model {loaded.name!r}: {exc}; override it with --generation-config KEY=VALUE "
                                  "(Engine.load(generation_config={...}))") from None
