@@ -548,8 +548,8 @@ def _every_family():
 def test_rules_that_read_the_prompt_answer_as_generate_in_every_family(kind, family_dir, family_engine):
     """The rules read the ids generate() is given (the state's and the question's) and the family's tokenizer:
     per family, rows with the n-gram rule, the repetition penalty with a sequence bias and the first-token
-    suppression, a stop string across a token boundary, and a plain row, decoded together, each equal
-    generate() over 64 tokens."""
+    suppression, a stop string across a token boundary, the length rules with a suppressed token, and a plain
+    row, decoded together, each equal generate() over 64 tokens."""
     if kind == "generic":
         engine = Engine.load(str(family_dir("llava_next")), device="cpu", unchecked=True)
         assert engine.family.name == "generic"
@@ -558,19 +558,26 @@ def test_rules_that_read_the_prompt_answer_as_generate_in_every_family(kind, fam
     case = Case(engine, photo("chelsea.png"), PIXELS)
     eos = sorted(engine.eos_ids)
     plain = case.generate({}, eos)
-    if len(plain) < N:  # an early end: no end token at all, on both sides, so that 64 tokens come
-        eos = [engine.model.get_output_embeddings().weight.shape[0]]
+    vocab = engine.model.get_output_embeddings().weight.shape[0]
+    for last in range(vocab - 1, vocab - 6, -1):  # an early end: another end token, on both sides, so 64 tokens come
+        if len(plain) == N:
+            break
+        eos = [last]
         plain = case.generate({}, eos)
+    assert len(plain) == N
     stop, _, _ = straddling(case.tokenizer, plain, 4)  # this family's tokenizer decides where tokens meet
     group = [{"no_repeat_ngram_size": 2},
              {"repetition_penalty": 1.3, "sequence_bias": [[[plain[3], plain[4]], 4.0]], "begin_suppress_tokens": [plain[0]]},
              {"stop_strings": [stop]},
+             # the length rules count the prompt as generate() does; an early end token is held off
+             {"min_length": case.prompt + 12, "exponential_decay_length_penalty": (20, 1.2), "suppress_tokens": [plain[2]]},
              {}]
     rows = case.rows([case.params(s, eos) for s in group], eos)
     expected = [case.generate(s, eos) for s in group]
     assert rows == expected
     assert expected[1] != plain  # the first token is banned: this row would see a rule left out
     assert len(expected[2]) < len(plain)  # the stop string ended the row
+    assert expected[3][:2] == plain[:2] and expected[3][2] != plain[2]  # the suppressed token
 
 
 def test_a_stop_criterion_is_made_once_per_tokenizer(qwen, monkeypatch):
