@@ -1,0 +1,11 @@
+"""`vlcache check`: whether cached answers equal transformers' own for a model."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def run_check(args: argparse.Namespace) -> int:
+    from ..check import run
+
+    return run(args.model, device=args.device, dtype=args.dtype or "auto")
