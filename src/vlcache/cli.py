@@ -247,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-web", action="store_true", help="no chat page at / (the API alone)")
     serve.add_argument("--cors-origin", type=web_origin, default=None, metavar="ORIGIN",
                        help="one other origin whose pages may call the API, e.g. https://example.com (default: none)")
+    serve.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                       help="another name clients reach the server by (its Host header), repeatable; requests naming "
+                            "none of loopback, --host and these are refused (default: none; '*' allows any)")
     serve.add_argument("--ray", action="store_true",
                        help="run --replicas copies under Ray Serve ($RAY_ADDRESS or a local Ray), routed by image")
     serve.add_argument("--replicas", metavar="N", type=positive_int, default=2, help="with --ray: server replicas (default: 2)")
@@ -536,7 +539,8 @@ def _serve_options(args: argparse.Namespace, cache_dir, local):
                         max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, max_state_bytes=args.max_state_bytes,
                         max_uploads=args.max_uploads, upload_quota=args.upload_quota, media_workers=args.media_workers,
                         video_decode_pixels=args.video_decode_pixels, media=MediaOptions(fps=args.fps, max_frames=args.max_frames),
-                        web=not args.no_web, cors_origin=args.cors_origin)
+                        web=not args.no_web, cors_origin=args.cors_origin, host=args.host,
+                        allowed_hosts=tuple(args.allowed_host))
 
 
 def _serve_on_ray(args: argparse.Namespace, options) -> int:

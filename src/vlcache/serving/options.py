@@ -29,3 +29,5 @@ class ServeOptions:
     default_max_tokens: int = 512
     web: bool = True  # the chat page at / (--no-web: off)
     cors_origin: str | None = None  # the one other origin whose pages may call the API (--cors-origin); none by default
+    host: str = "127.0.0.1"  # the address listened on: a name requests' Host header may give
+    allowed_hosts: tuple[str, ...] = ()  # other names it may give (--allowed-host; "*": any)

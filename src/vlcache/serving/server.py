@@ -31,7 +31,7 @@ from .options import ServeOptions
 from .requests import APIError, error_response, parse_chat, valid_id
 from .service import Service
 from .streaming import answer_events, collect_answer, unless_disconnected
-from .web import add_origin_policy, add_web_page
+from .web import HostCheck, add_origin_policy, add_web_page, server_names
 
 __all__ = ["ServeOptions", "create_app", "server_config"]  # ServeOptions: what callers build an app from
 
@@ -144,7 +144,8 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
     if options.web:
         add_web_page(app)
     add_origin_policy(app, options.cors_origin)
-    return BodyLimit(app, options.max_body_bytes, uploads=(STATES,))
+    limited = BodyLimit(app, options.max_body_bytes, uploads=(STATES,))
+    return HostCheck(limited, server_names(options.host, options.allowed_hosts))  # outermost: before anything else
 
 
 def _endpoint(request: Request) -> str:

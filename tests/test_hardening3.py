@@ -1,0 +1,94 @@
+"""Issue 31: the findings of a third hostile review (the page's host, the states list, memory per request,
+forged linear states, planted kernels), each reproduced against a live server on 127.0.0.1; where a finding is
+about other clients, a victim asks at the same time and its answer stays exact."""
+
+import base64
+import concurrent.futures
+import http.client
+import json
+
+import pytest
+
+from conftest import SYSTEM, photo
+from test_hardening import still_exact
+from test_server import LiveServer, data_url
+
+STATES = "/v1/vlcache/states"
+
+
+@pytest.fixture
+def live(engine, tmp_path):
+    server = LiveServer(engine, tmp_path / "states")
+    yield server
+    server.close()
+
+
+def raw(live, method: str, path: str, host: str, body: bytes | None = None, headers: dict | None = None):
+    """(status, parsed JSON body) of one request with the given Host header (what a rebound page sends)."""
+    connection = http.client.HTTPConnection("127.0.0.1", live.port, timeout=60)
+    try:
+        connection.request(method, path, body=body, headers={"Host": host, **(headers or {})})
+        response = connection.getresponse()
+        data = response.read()
+        return response.status, json.loads(data) if data.startswith(b"{") else data
+    finally:
+        connection.close()
+
+
+def with_victim(engine, live, attack):
+    """Run `attack()` while a victim asks about a photo; the victim's answer stays exact. Returns attack()'s value."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        victim = pool.submit(still_exact, engine, live)
+        out = attack()
+        victim.result(timeout=120)
+    return out
+
+
+def shared_state(live, name="rocket.jpg", system=SYSTEM) -> dict:
+    image = base64.b64encode(photo(name).read_bytes()).decode()
+    status, made = live.post("/v1/vlcache/cache", json.dumps({"parts": [{"type": "image", "data": image}],
+                                                             "system_prompt": system}).encode())
+    assert status == 200, made
+    return made
+
+
+# 1 -------------------------------------------------------------------------------------------------------------
+
+def test_1_a_host_the_server_does_not_answer_to_is_refused_before_anything(engine, live):
+    made = shared_state(live)
+    rebound = f"rebind.example:{live.port}"
+    origin = {"Origin": f"http://{rebound}"}
+    chat = json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}).encode()
+
+    def attack():
+        return [raw(live, "GET", STATES, rebound),
+                raw(live, "POST", "/v1/chat/completions", rebound, chat, {"Content-Type": "text/plain", **origin}),
+                raw(live, "DELETE", f"/v1/images/{made['id']}", rebound, headers=origin),
+                raw(live, "GET", f"/v1/images/{made['id']}", rebound)]
+
+    for status, body in with_victim(engine, live, attack):
+        assert status == 400 and "Host header" in body["error"]["message"], body
+    assert live.get(f"/v1/images/{made['id']}")[0] == 200  # not deleted
+    for name in ("127.0.0.1", "localhost", "[::1]"):  # loopback names, with and without the port
+        assert raw(live, "GET", "/health", f"{name}:{live.port}")[0] == 200
+        assert raw(live, "GET", "/health", name)[0] == 200
+    assert raw(live, "GET", "/health", "")[0] == 400
+
+
+def test_1_allowed_host_names_more(engine, tmp_path):
+    from vlcache.cli import _serve_options, build_parser
+
+    args = build_parser().parse_args(["serve", "--allowed-host", "vlcache.lan", "--allowed-host", "10.0.0.5"])
+    options = _serve_options(args, tmp_path / "states", None)
+    assert (options.host, options.allowed_hosts) == ("127.0.0.1", ("vlcache.lan", "10.0.0.5"))
+    server = LiveServer(engine, tmp_path / "states", allowed_hosts=("vlcache.lan",))
+    try:
+        assert raw(server, "GET", "/health", f"vlcache.lan:{server.port}")[0] == 200
+        assert raw(server, "GET", "/health", "other.lan")[0] == 400
+    finally:
+        server.close()
+    server = LiveServer(engine, tmp_path / "states", allowed_hosts=("*",))
+    try:
+        assert raw(server, "GET", "/health", "anything.example")[0] == 200
+    finally:
+        server.close()
