@@ -247,7 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-web", action="store_true", help="no chat page at / (the API alone)")
     serve.add_argument("--cors-origin", type=web_origin, default=None, metavar="ORIGIN",
                        help="one other origin whose pages may call the API, e.g. https://example.com (default: none)")
-    serve.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+    serve.add_argument("--share-all-states", action="store_true",
+                       help="list, and answer by id, every state (chat completions' too: other clients' conversations "
+                            "and photos); by default only those made through /v1/vlcache/cache and /v1/images")
+    serve.add_argument("--allowed-host", action="append", default=None, metavar="NAME",
                        help="another name clients reach the server by (its Host header), repeatable; requests naming "
                             "none of loopback, --host and these are refused (default: none; '*' allows any)")
     serve.add_argument("--ray", action="store_true",
@@ -540,7 +543,7 @@ def _serve_options(args: argparse.Namespace, cache_dir, local):
                         max_uploads=args.max_uploads, upload_quota=args.upload_quota, media_workers=args.media_workers,
                         video_decode_pixels=args.video_decode_pixels, media=MediaOptions(fps=args.fps, max_frames=args.max_frames),
                         web=not args.no_web, cors_origin=args.cors_origin, host=args.host,
-                        allowed_hosts=tuple(args.allowed_host))
+                        allowed_hosts=tuple(args.allowed_host or ()), share_all_states=args.share_all_states)
 
 
 def _serve_on_ray(args: argparse.Namespace, options) -> int:

@@ -31,3 +31,4 @@ class ServeOptions:
     cors_origin: str | None = None  # the one other origin whose pages may call the API (--cors-origin); none by default
     host: str = "127.0.0.1"  # the address listened on: a name requests' Host header may give
     allowed_hosts: tuple[str, ...] = ()  # other names it may give (--allowed-host; "*": any)
+    share_all_states: bool = False  # list and answer by id every state, chat completions' too (--share-all-states)

@@ -117,6 +117,7 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
             data = await service.on_media_thread(fetch_image_bytes, url, options)
             conversation = prompt.image_conversation(system_prompt)
             key, state, cached = await unless_disconnected(request, service.state_for([data], [IMAGE], [conversation]))
+            await run_in_threadpool(service.store.share, key)  # this endpoint shares it: listed, and named by id
         except ImageError as exc:
             raise APIError(400, str(exc), "image") from None
         finally:
@@ -126,7 +127,7 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
 
     @app.get("/v1/images/{image_id}")
     async def get_image(image_id: str):
-        meta = await run_in_threadpool(service.store.metadata, valid_id(image_id))
+        meta = await run_in_threadpool(service.shared_metadata, valid_id(image_id))
         if meta is None:
             raise APIError(404, f"no image state {image_id}", "image_id")
         return {"id": image_id, "object": "image_state", "tokens": meta.prefix_tokens, "image_tokens": meta.image_tokens,
@@ -135,7 +136,8 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
 
     @app.delete("/v1/images/{image_id}")
     async def delete_image(image_id: str):
-        if not await run_in_threadpool(service.store.delete, valid_id(image_id)):
+        key = valid_id(image_id)
+        if not await run_in_threadpool(service.store.visible, key) or not await run_in_threadpool(service.store.delete, key):
             raise APIError(404, f"no image state {image_id}", "image_id")
         service._gauges()
         return {"id": image_id, "object": "image_state", "deleted": True}

@@ -58,7 +58,8 @@ class Service:
         self.engine = engine
         self.options = options = _resolved(options, engine, self._context_length(engine))
         self.store = StateStore(options.cache_dir, options.memory_budget, engine.fingerprint, engine.device,
-                                adopt=engine.adopt, layout=engine.layout(), upload_quota=options.upload_quota)
+                                adopt=engine.adopt, layout=engine.layout(), upload_quota=options.upload_quota,
+                                share_all=options.share_all_states)
         self.metrics = Metrics()
         self.scheduler = Scheduler(engine, max_batch=options.max_batch, prefill_chunk=options.prefill_chunk, stats=self.metrics)
         # Fetching and decoding media run on threads of their own: slow downloads or long videos never hold
@@ -272,9 +273,18 @@ class Service:
     def _context_length(engine: Engine) -> int:
         return int(getattr(engine.model.config.get_text_config(), "max_position_embeddings", None) or 2**31)
 
+    def shared_metadata(self, key: str):
+        """The metadata of a state a client may name by id (a shared one, or an upload), else None."""
+        if self.store.visible(key) or self.store.is_upload(key):
+            return self.store.metadata(key)
+        return None
+
     async def _stored(self, key: str):
-        """A stored state by id: (key, state, its tokens, the messages it covers); 404 if the server has none."""
-        state, source = await run_in_threadpool(self.store.get, valid_id(key, "state"))
+        """A stored state by id: (key, state, its tokens, the messages it covers); 404 if the server has none (or
+        holds it only for a chat completion: another client's conversation, found by its contents alone)."""
+        state, source = None, "miss"
+        if await run_in_threadpool(self.store.visible, valid_id(key, "state")):
+            state, source = await run_in_threadpool(self.store.get, key)
         if state is None:  # an uploaded cache file, named by the hash of its bytes
             state, source = await run_in_threadpool(self.store.get_upload, key)
         self.metrics.states.labels(result=source).inc()
