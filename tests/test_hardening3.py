@@ -136,3 +136,50 @@ def test_2_chat_completion_states_are_neither_listed_nor_answered_by_id(engine, 
     assert [s.key for s in again.listing()] == [shared["id"]] and again.visible(shared["id"]) and not again.visible(victim)
     everything = StateStore(tmp_path / "states", 2**30, engine.fingerprint, engine.device, share_all=True)
     assert {s.key for s in everything.listing()} == {shared["id"], victim}
+
+
+# 5 -------------------------------------------------------------------------------------------------------------
+
+def test_5_a_recurrent_state_in_another_dtype_is_refused_and_never_sets_the_batchs(family_engine, tmp_path):
+    import torch
+
+    from test_hardening2 import forged, upload
+    from vlcache import client as client_module
+    from vlcache import decode
+    from vlcache.errors import CacheFileError, ModelMismatchError
+    from vlcache.state import load_state
+
+    engine = family_engine("qwen3_5")
+    state = engine.cache_image(photo("rocket.jpg"), system_prompt=SYSTEM)
+    linear = [i for i, kind in enumerate(engine.family.layer_kinds()) if kind == "linear_attention"]
+    bad = forged(state)
+    bad.kv = [(k, v.to(torch.bfloat16)) if i in linear else (k, v) for i, (k, v) in enumerate(state.kv)]
+    path = bad.save(tmp_path / "bf16.safetensors")
+    with pytest.raises(CacheFileError, match="recurrent state is BF16"):
+        load_state(path, layout=engine.layout())
+    with pytest.raises(ModelMismatchError, match="recurrent state is BF16"):
+        engine.load_state(path)
+    live = LiveServer(engine, tmp_path / "states")
+    try:
+        good = upload(live, state.save(tmp_path / "good.safetensors").read_bytes())[1]["id"]
+        expected = engine.ask(state, "What is this?", max_new_tokens=8, temperature=0).token_ids
+
+        def victim():
+            return client_module.Client(live.url).ask(good, [{"role": "user", "content": "What is this?"}], 8, 0.0).token_ids
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(victim)
+            status, reply = upload(live, path.read_bytes())
+            assert answer.result(timeout=120) == expected
+        assert status == 400 and "recurrent state is BF16" in reply["error"]["message"], reply
+    finally:
+        live.close()
+    # A state in memory that got past the files does not decide the batch's buffers' dtype either.
+    from vlcache.engine import GenerationOptions
+
+    batch = engine.batch()
+    with torch.inference_mode():
+        batch.add(decode.Prefix(kv=bad.kv, tokens=bad.num_tokens), engine.sampling(GenerationOptions(max_new_tokens=4)),
+                  4, bad.input_ids[0])
+    assert {buffers[1].dtype for buffers in batch.cache._linear.values()} == {torch.float32}
+    assert {buffers[0].dtype for buffers in batch.cache._linear.values()} == {engine.dtype}

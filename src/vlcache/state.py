@@ -62,8 +62,8 @@ class ImageState:
         for (k, v), kind in zip(self.kv, self.metadata.layer_kinds or [FULL_ATTENTION] * len(self.kv)):
             if k is None:  # a shared layer: nothing of its own
                 kv.append((None, None))
-            elif kind == LINEAR_ATTENTION:
-                kv.append((k.to(device=device, dtype=dtype or k.dtype), v.to(device=device)))
+            elif kind == LINEAR_ATTENTION:  # the recurrent state in float32 (empty ones keep theirs: nothing in them)
+                kv.append((k.to(device=device, dtype=dtype or k.dtype), v.to(device=device, dtype=torch.float32 if v.numel() else v.dtype)))
             else:
                 kv.append((k.to(device=device, dtype=dtype or k.dtype), v.to(device=device, dtype=dtype or v.dtype)))
         small = {name: getattr(self, name).to(device) for name in _SMALL_TENSORS}
