@@ -183,3 +183,118 @@ def test_5_a_recurrent_state_in_another_dtype_is_refused_and_never_sets_the_batc
                   4, bad.input_ids[0])
     assert {buffers[1].dtype for buffers in batch.cache._linear.values()} == {torch.float32}
     assert {buffers[0].dtype for buffers in batch.cache._linear.values()} == {engine.dtype}
+
+
+# 3 and 12 ------------------------------------------------------------------------------------------------------
+
+def stalled_downloads(live, key: str, n: int) -> list:
+    """n connections that ask for a state's file and read nothing of the answer."""
+    import socket
+
+    held = []
+    for _ in range(n):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the kernel takes little of it for them
+        sock.settimeout(60)
+        sock.connect(("127.0.0.1", live.port))
+        sock.sendall(f"GET {STATES}/{key} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        held.append(sock)
+    return held
+
+
+def test_3_downloads_from_an_object_store_are_streamed_in_pieces_and_bounded(engine, tmp_path, monkeypatch):
+    import time
+    import tracemalloc
+
+    from vlcache.serving import store as store_module
+    from vlcache.state import load_state
+
+    live = LiveServer(engine, f"file://{tmp_path}/states", max_downloads=10)
+    try:
+        made = shared_state(live)
+        file = tmp_path / "states" / f"{made['id']}.safetensors"
+        with file.open("ab") as out:  # a state of a larger model: what is sent is the file's bytes as they are
+            out.write(b"\0" * 8 * 2**20)
+        size = file.stat().st_size
+        monkeypatch.setattr(store_module, "DOWNLOAD_PIECE", 128 * 1024)
+        tracemalloc.start()
+        try:
+            base = tracemalloc.get_traced_memory()[0]
+            tracemalloc.reset_peak()
+            held = stalled_downloads(live, made["id"], 10)
+            time.sleep(1.0)  # each has been answered as far as it goes (a victim's photo would count here too)
+            peak = tracemalloc.get_traced_memory()[1] - base
+        finally:
+            tracemalloc.stop()
+        # The whole file read per request held 10 x its size; streamed, each holds a piece or two.
+        assert peak < min(size // 2, 10 * 3 * store_module.DOWNLOAD_PIECE), (peak, size)
+        busy = with_victim(engine, live, lambda: raw(live, "GET", f"{STATES}/{made['id']}", "127.0.0.1"))
+        assert busy[0] == 429 and "sending 10 state files" in busy[1]["error"]["message"], busy
+        for sock in held:
+            sock.close()
+        deadline = time.time() + 30
+        while live.service.downloading and time.time() < deadline:  # a client that left frees its slot
+            time.sleep(0.05)
+        status, data = raw(live, "GET", f"{STATES}/{made['id']}", "127.0.0.1")
+        assert status == 200 and data == file.read_bytes()
+    finally:
+        live.close()
+
+
+def test_3_a_state_held_in_memory_only_is_sent_in_pieces_that_make_its_file(engine, tmp_path, monkeypatch):
+    from vlcache.serving import store as store_module
+    from vlcache.state import load_state
+
+    live = LiveServer(engine, tmp_path / "states")
+    try:
+        monkeypatch.setattr(store_module.ImageState, "save", lambda self, path: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+        made = shared_state(live)
+        assert live.service.store.write_errors == 1
+        monkeypatch.setattr(store_module, "DOWNLOAD_PIECE", 1000)
+        pieces = []
+        monkeypatch.setattr(store_module.ImageState, "pieces", lambda self, size, real=store_module.ImageState.pieces:
+                            iter([pieces.append(len(p)) or p for p in real(self, size)]))
+        status, data = raw(live, "GET", f"{STATES}/{made['id']}", "127.0.0.1")
+        assert status == 200 and max(pieces) <= 1000 + 8 * 1024 and len(pieces) > 10
+        (tmp_path / "got.safetensors").write_bytes(data)
+        got, kept = load_state(tmp_path / "got.safetensors", layout=engine.layout()), live.service.store.get(made["id"])[0]
+        assert torch_equal_states(got, kept)
+    finally:
+        live.close()
+
+
+def torch_equal_states(a, b) -> bool:
+    import torch
+
+    return (a.metadata == b.metadata and torch.equal(a.input_ids, b.input_ids)
+            and all(torch.equal(x, y) for (ak, av), (bk, bv) in zip(a.kv, b.kv) for x, y in ((ak, bk), (av, bv))))
+
+
+def test_12_a_download_racing_a_delete_is_a_404_or_the_whole_file_never_a_path(engine, live, tmp_path, monkeypatch):
+    store = live.service.store
+    real_path_for, real_open = type(store).path_for, type(store).open_download
+    first, second = shared_state(live), shared_state(live, "chelsea.png")
+    whole = (tmp_path / "states" / f"{second['id']}.safetensors").read_bytes()
+    armed = {first["id"], second["id"]}  # each races once
+
+    def deleted_after_lookup(self, key):  # the file is found, then a client deletes it before it is opened
+        path = real_path_for(self, key)
+        if key == first["id"] and key in armed:
+            armed.discard(key)
+            assert live.get(f"/v1/images/{key}", method="DELETE")[0] == 200
+        return path
+
+    def deleted_after_open(self, key):  # opened, then deleted before a byte is sent
+        download = real_open(self, key)
+        if key == second["id"] and key in armed:
+            armed.discard(key)
+            assert live.get(f"/v1/images/{key}", method="DELETE")[0] == 200
+        return download
+
+    monkeypatch.setattr(type(store), "path_for", deleted_after_lookup)
+    monkeypatch.setattr(type(store), "open_download", deleted_after_open)
+    gone, sent = with_victim(engine, live, lambda: (raw(live, "GET", f"{STATES}/{first['id']}", "127.0.0.1"),
+                                                    raw(live, "GET", f"{STATES}/{second['id']}", "127.0.0.1")))
+    assert gone[0] == 404 and str(tmp_path) not in json.dumps(gone[1]), gone
+    assert sent == (200, whole)
+    assert not (tmp_path / "states" / f"{second['id']}.safetensors").exists()

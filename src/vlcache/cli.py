@@ -238,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="largest cache file a client (--server) may upload (default: the model's K/V at its context length)")
     serve.add_argument("--max-uploads", metavar="N", type=positive_int, default=2,
                        help="uploads received at once; more get 429 (default: 2)")
+    serve.add_argument("--max-downloads", metavar="N", type=positive_int, default=8,
+                       help="state files sent at once, in pieces; more get 429 (default: 8)")
     serve.add_argument("--upload-quota", metavar="SIZE", type=byte_size, default=None,
                        help="bytes of uploaded cache files kept, least recently used removed (default: 4x --max-state-bytes)")
     serve.add_argument("--media-workers", metavar="N", type=positive_int, default=4,
@@ -540,7 +542,7 @@ def _serve_options(args: argparse.Namespace, cache_dir, local):
                         allow_private_urls=args.allow_private_urls, max_image_pixels=args.max_image_pixels,
                         allow_local_files=local, max_body_bytes=args.max_body, max_batch=args.max_batch,
                         max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, max_state_bytes=args.max_state_bytes,
-                        max_uploads=args.max_uploads, upload_quota=args.upload_quota, media_workers=args.media_workers,
+                        max_uploads=args.max_uploads, max_downloads=args.max_downloads, upload_quota=args.upload_quota, media_workers=args.media_workers,
                         video_decode_pixels=args.video_decode_pixels, media=MediaOptions(fps=args.fps, max_frames=args.max_frames),
                         web=not args.no_web, cors_origin=args.cors_origin, host=args.host,
                         allowed_hosts=tuple(args.allowed_host or ()), share_all_states=args.share_all_states)

@@ -11,28 +11,30 @@
   tokens, size, creation, newest first, in pages (`limit`, `after`); what the web page offers to pick from.
   A chat completion's state is not among them and is not answered by id: it holds another client's
   conversation and photo, and was found only by its contents.
-- `GET /v1/vlcache/states/{id}`: a stored state's file (what `vlcache cache --server` saves).
+- `GET /v1/vlcache/states/{id}`: a stored state's file (what `vlcache cache --server` saves), streamed in pieces
+  from one open handle; at most --max-downloads at once, each within DOWNLOAD_SECONDS.
 - `POST /v1/vlcache/cache`: images and videos (base64) and a system prompt; the state is computed (or found)
   and its id returned.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 import uuid
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from .. import prompt, storage
+from .. import prompt
 from ..errors import ImageError, VlcacheError
 from .body import json_body
 from .requests import APIError, parse_ask, parse_cache, valid_id
 from .service import Service
-from .store import StoredState
+from .store import Download, StoredState
 from .streaming import answer_events, collect_answer, unless_disconnected
 from .uploads import receive_upload
 
@@ -94,18 +96,19 @@ def add_native_routes(app: FastAPI, service: Service) -> None:
     @app.get(STATES + "/{state_id}")
     async def download_state(state_id: str):
         key = valid_id(state_id, "state_id")
+        if service.downloading >= options.max_downloads:
+            raise APIError(429, f"the server is sending {service.downloading} state files; retry shortly",
+                           kind="rate_limit_exceeded", headers={"Retry-After": "5"})
         if not await run_in_threadpool(service.store.visible, key):
             raise APIError(404, f"no state file {state_id} on this server", "state_id")
-        path = await run_in_threadpool(service.store.path_for, key)
-        if path is None:  # a state whose file could not be written (disk full) is sent from memory
-            data = await run_in_threadpool(service.store.file_bytes, key)
-            if data is None:
-                raise APIError(404, f"no state file {state_id} on this server", "state_id")
-            return Response(data, media_type="application/octet-stream")
-        if storage.is_url(path):
-            data = await run_in_threadpool(storage.read_bytes, str(path))
-            return Response(data, media_type="application/octet-stream")
-        return FileResponse(path, media_type="application/octet-stream", filename=f"{state_id}.safetensors")
+        download = await run_in_threadpool(service.store.open_download, key)  # opened once: a delete cannot cut it
+        if download is None:
+            raise APIError(404, f"no state file {state_id} on this server", "state_id")
+        service.downloading += 1
+        headers = {"Content-Disposition": f'attachment; filename="{state_id}.safetensors"'}
+        if download.size is not None:
+            headers["Content-Length"] = str(download.size)
+        return DownloadResponse(download, lambda: setattr(service, "downloading", service.downloading - 1), headers)
 
     @app.post(CACHE)
     async def cache(request: Request):
@@ -127,6 +130,32 @@ def add_native_routes(app: FastAPI, service: Service) -> None:
                 "frames": sum(p.get("frames", 0) for p in state.metadata.parts), "cached": cached > 0}
 
     del ask, upload_state, list_states, download_state, cache  # registered on the app
+
+
+DOWNLOAD_SECONDS = 1800.0  # a download still going after this is cut off (a client that stopped reading holds a slot)
+
+
+class DownloadResponse(StreamingResponse):
+    """A state file sent piece by piece, each read off the event loop and sent once the client took the one
+    before (uvicorn's flow control): a client that does not read holds one piece, never the file. The whole
+    download must end within DOWNLOAD_SECONDS; then, or when the client leaves, the file is closed."""
+
+    def __init__(self, download: Download, done, headers: dict):
+        super().__init__(self._pieces(download), media_type="application/octet-stream", headers=headers)
+        self._download, self._done = download, done
+
+    async def _pieces(self, download: Download):
+        while (piece := await run_in_threadpool(next, download.pieces, None)) is not None:
+            yield piece
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await asyncio.wait_for(super().__call__(scope, receive, send), DOWNLOAD_SECONDS)
+        except asyncio.TimeoutError:
+            log.info("a state download was cut off: it took longer than %ss", DOWNLOAD_SECONDS)
+        finally:
+            await run_in_threadpool(self._download.close)
+            self._done()
 
 
 LIST_LIMIT, LIST_MAX = 100, 1000  # states per page of the listing: default and most

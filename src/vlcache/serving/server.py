@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 import uuid
 
@@ -35,6 +36,7 @@ from .web import HostCheck, add_origin_policy, add_web_page, server_names
 
 __all__ = ["ServeOptions", "create_app", "server_config"]  # ServeOptions: what callers build an app from
 
+log = logging.getLogger("vlcache")
 HEADER_SECONDS = 10.0  # a connection whose request headers take longer is closed
 
 
@@ -61,7 +63,9 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
-        return error_response(500, f"internal error: {type(exc).__name__}: {exc}", kind="server_error")
+        # The log has the details; the answer never does (an OSError's text names the server's files).
+        log.error("internal error on %s: %s: %s", _endpoint(request), type(exc).__name__, exc)
+        return error_response(500, f"internal error ({type(exc).__name__})", kind="server_error")
 
     @app.get("/health")
     async def health():

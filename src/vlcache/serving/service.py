@@ -70,6 +70,7 @@ class Service:
         self._lock = threading.Lock()
         self.in_flight = 0  # chat requests accepted and not answered yet (event loop only)
         self.uploading = 0  # uploads being received (event loop only)
+        self.downloading = 0  # state files being sent (event loop only)
 
     def close(self) -> None:
         self.scheduler.stop()

@@ -9,6 +9,7 @@ it; a file made by `vlcache cache` and dropped into the folder is found by its m
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -17,6 +18,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,8 +34,18 @@ from ..state import ImageState, StateMetadata, kv_nbytes, load_state, read_metad
 KEY_PATTERN = re.compile(r"[0-9a-f]{64}")  # use fullmatch: "$" would also accept a trailing newline
 RESCAN_SECONDS = 1.0  # a miss looks for files others added at most this often
 UPLOADS = "uploads"  # the subfolder of uploaded cache files, by content hash
+DOWNLOAD_PIECE = 1 << 20  # bytes a download reads (an object store: one ranged request) and sends at a time
 SHARED = "shared"  # the subfolder of markers (<key>.shared, empty) of states made through a sharing endpoint
 log = logging.getLogger("vlcache")
+
+
+@dataclass
+class Download:
+    """A state's bytes being sent: `pieces` yields them, `close` frees the file (call it whatever happens)."""
+
+    pieces: Iterator[bytes]
+    close: Callable[[], None]
+    size: int | None  # None: not known before the end (a state serialized from memory)
 
 
 @dataclass(frozen=True)
@@ -199,11 +211,24 @@ class StateStore:
         self._keep_hot(key, state)
         return state, "disk"
 
-    def file_bytes(self, key: str) -> bytes | None:
-        """A state held in memory only (its file could not be written: disk full) as a cache file's bytes."""
+    def open_download(self, key: str) -> "Download | None":
+        """A state's cache file opened once for sending (a delete or a rescan afterwards does not cut it short),
+        or, held in memory only (its file could not be written: disk full), its state serialized piece by piece;
+        None if neither is here. Either way a download holds one piece in memory at a time, never the file."""
+        path = self.path_for(key)
+        if path is not None:
+            try:
+                handle = storage.open_read(str(path), DOWNLOAD_PIECE) if self.folder.is_url else open(path, "rb")
+            except (OSError, CacheFileError):  # deleted since: answered from memory, or a 404
+                handle = None
+            if handle is not None:
+                size = handle.size if self.folder.is_url else os.fstat(handle.fileno()).st_size
+                return Download(iter(functools.partial(handle.read, DOWNLOAD_PIECE), b""), handle.close, size)
         with self._lock:
             state = self._hot.get(key)
-        return state.to_bytes() if isinstance(state, ImageState) else None
+        if not isinstance(state, ImageState):
+            return None
+        return Download(state.pieces(DOWNLOAD_PIECE), lambda: None, None)
 
     def add_continuation(self, image_key: str, state: Continuation) -> None:
         """Keep, in memory under the same budget, what followed an image state: a next turn starts from it."""
