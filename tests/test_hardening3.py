@@ -298,3 +298,66 @@ def test_12_a_download_racing_a_delete_is_a_404_or_the_whole_file_never_a_path(e
     assert gone[0] == 404 and str(tmp_path) not in json.dumps(gone[1]), gone
     assert sent == (200, whole)
     assert not (tmp_path / "states" / f"{second['id']}.safetensors").exists()
+
+
+# 4 -------------------------------------------------------------------------------------------------------------
+
+LONG_TEXT = "hello " * 375  # ~1,500 tokens of the tiny tokenizer: within the tiny model's 4,096 context
+
+
+def test_4_a_prompt_too_large_for_memory_is_refused_before_it_is_prefilled(engine, live, monkeypatch):
+    from vlcache import decode
+    from vlcache import model as model_loading
+
+    prefilled = []
+    real_prefill = decode.Batch.prefill
+    monkeypatch.setattr(decode.Batch, "prefill", lambda self, pieces: prefilled.append(max(len(p) for p in pieces))
+                        or real_prefill(self, pieces))
+    monkeypatch.setattr(model_loading, "available_memory", lambda device: 2**20)  # 1 MiB free: ~1,000 tokens' rows
+    body = json.dumps({"messages": [{"role": "user", "content": LONG_TEXT}], "max_tokens": 4}).encode()
+    status, reply = with_victim(engine, live, lambda: live.post("/v1/chat/completions", body))
+    assert status == 400 and "too large for the memory at hand" in reply["error"]["message"], reply
+    assert prefilled and max(prefilled) < 1000  # the victim's rows only: the long one never reached a forward
+    monkeypatch.undo()
+    live.service.scheduler.prefill_chunk = 4096  # then it fits: answered in one piece
+    assert live.post("/v1/chat/completions", body)[0] == 200
+
+
+def test_4_a_prefill_that_fails_fails_its_own_rows_while_running_rows_go_on(engine, live, monkeypatch):
+    import time
+
+    from conftest import photo as photo_path
+    from reference import reference_tokens
+    from test_server import image_messages
+    from vlcache import decode
+    from vlcache.serving.scheduler import Scheduler
+
+    real_prefill, real_decode = decode.Batch.prefill, Scheduler._decode
+
+    def prefill(self, pieces):  # an address-space cap standing in for device memory: the long prompt's forward fails
+        if max(len(p) for p in pieces) > 1000:
+            raise MemoryError("cannot allocate the prefill's activations")
+        return real_prefill(self, pieces)
+
+    def slow_decode(self):  # the victim is still answering when the long prompt's prefill fails
+        time.sleep(0.03)
+        return real_decode(self)
+
+    monkeypatch.setattr(decode.Batch, "prefill", prefill)
+    monkeypatch.setattr(Scheduler, "_decode", slow_decode)
+    live.service.scheduler.prefill_chunk = 4096
+    n = 24
+    stream = live.client.chat.completions.create(model="m", messages=image_messages("rocket.jpg", "What is this?"),
+                                                 max_tokens=n, temperature=0, stream=True)
+    pieces = []
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+            break
+    body = json.dumps({"messages": [{"role": "user", "content": LONG_TEXT}], "max_tokens": 4}).encode()
+    status, reply = live.post("/v1/chat/completions", body)
+    assert status == 500 and "MemoryError" in reply["error"]["message"], reply
+    assert live.service.scheduler.running == 1  # the victim, still decoding
+    pieces += [c.choices[0].delta.content or "" for c in stream if c.choices]
+    expected = reference_tokens(engine, photo_path("rocket.jpg"), SYSTEM, "What is this?", n)
+    assert "".join(pieces) == engine.processor.tokenizer.decode(expected, skip_special_tokens=True)

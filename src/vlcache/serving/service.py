@@ -26,6 +26,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from .. import model as model_loading
 from .. import prompt, video
 from ..engine import Engine
 from ..errors import ImageError, VlcacheError
@@ -38,6 +39,7 @@ from .store import Continuation, StateStore
 from .streaming import released, unless_disconnected
 
 
+ROW_COPIES = 2  # a row's K/V is held twice at most: in the prefill's batch, then in the running batch
 FAILURE_SECONDS = 600.0  # a state that failed to compute (a broken or too costly video) is refused this long
 _FAILURES_KEPT = 1024
 
@@ -221,6 +223,7 @@ class Service:
                 history, new_ids, group, cached = ids[:, :same], ids[:, same:], f"{cont.key}:{same}", same
             keep = None if engine.family.has_linear_layers else self._keeper(key, state, cont, history.shape[1])
         self._fit_context(request, history.shape[1] + new_ids.shape[1])
+        self._fit_memory(history.shape[1] + new_ids.shape[1] + request.options.max_new_tokens)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
@@ -265,6 +268,17 @@ class Service:
                                 f"{prompt_tokens:,} and max_tokens asks for {options.max_new_tokens:,} more", "messages",
                            kind="invalid_request_error")
         options.max_new_tokens = min(options.max_new_tokens, context - prompt_tokens)
+
+    def _fit_memory(self, tokens: int) -> None:
+        """Refuse, before anything is allocated, a row the memory at hand cannot hold: its K/V in the batch and
+        in the prefill's batch it moves from (media have their own check; a long text prompt needs this one, or
+        its out-of-memory would come in the middle of a forward)."""
+        need = ROW_COPIES * tokens * self.engine.kv_bytes_per_token()
+        free = model_loading.available_memory(self.engine.device)
+        if free is not None and need > free:
+            raise APIError(400, f"the prompt is too large for the memory at hand: {tokens:,} tokens with the answer "
+                                f"need about {need / 2**30:.2f} GiB, {free / 2**30:.2f} GiB is free; send a shorter "
+                                "prompt or a smaller max_tokens", "messages")
 
     @property
     def context_length(self) -> int:
