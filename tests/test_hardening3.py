@@ -361,3 +361,39 @@ def test_4_a_prefill_that_fails_fails_its_own_rows_while_running_rows_go_on(engi
     pieces += [c.choices[0].delta.content or "" for c in stream if c.choices]
     expected = reference_tokens(engine, photo_path("rocket.jpg"), SYSTEM, "What is this?", n)
     assert "".join(pieces) == engine.processor.tokenizer.decode(expected, skip_special_tokens=True)
+
+
+# 6 -------------------------------------------------------------------------------------------------------------
+
+def test_6_compiled_kernels_go_under_vlcache_home_and_a_planted_temporary_folder_turns_compiling_off(tmp_path, monkeypatch):
+    import getpass
+    import os
+    import stat
+    import tempfile
+
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    import vlcache.engine  # noqa: F401 - transformers has imported inductor: its cache folder is the temporary one
+    from vlcache.decode.step import StepRunner
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # torch's default: <tmp>/torchinductor_<user>
+    monkeypatch.setenv("VLCACHE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "tmp" / f"torchinductor_{getpass.getuser()}"))
+    default = tmp_path / "tmp" / f"torchinductor_{getpass.getuser()}"
+    (tmp_path / "tmp").mkdir()
+    assert StepRunner(None, "cpu").failed is None
+    ours = tmp_path / "home" / "compile" / "inductor"
+    assert cache_dir() == str(ours) and os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(ours)
+    for folder in (tmp_path / "home" / "compile", ours, default):  # the default made by vlcache, for this user alone
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+    # Another user made the default first and planted a kernel in it (or left it open): no compiled steps at all.
+    default.chmod(0o777)
+    (default / "planted.so").write_bytes(b"\x7fELF")
+    runner = StepRunner(None, "cpu")
+    assert runner.failed == f"no private compile cache: {default} may be written by other users"
+    if os.getuid() == 0:
+        os.chown(default, 65534, 65534)
+        assert "belongs to another user" in StepRunner(None, "cpu").failed
+        os.chown(default, 0, 0)
+
+
