@@ -250,7 +250,7 @@ class Engine:
     def adopt(self, state: ImageState) -> ImageState:
         """The state in this engine's dtype: cast if it was computed in another, with a note (once per dtype)."""
         stored = next(k.dtype for k, _ in state.kv if k is not None)
-        if stored == self.dtype:
+        if stored == self.dtype and all(k is None or k.dtype == self.dtype for k, _ in state.kv):  # every layer's
             return state
         name, mine = str(stored).removeprefix("torch."), str(self.dtype).removeprefix("torch.")
         if name not in self._dtype_notes:

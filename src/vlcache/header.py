@@ -243,6 +243,7 @@ def shared_source(kind: str) -> int | None:
 
 
 _FLOAT_DTYPES = ("F32", "F16", "BF16")
+RECURRENT_DTYPE = "F32"  # a linear-attention layer's recurrent state, in every model's dtype
 
 
 @dataclass(frozen=True)
@@ -297,7 +298,11 @@ def check_layout(header: dict, meta: StateMetadata, layout: Layout, source) -> N
             if (first["shape"] != [1, *(layout.conv_shape or ())] or second["shape"] != [1, *(layout.recurrent_shape or ())]):
                 refuse(f"layer {i}'s linear-attention state is {first['shape']} and {second['shape']}, the model's "
                        f"[1, {', '.join(map(str, layout.conv_shape or ()))}] and [1, {', '.join(map(str, layout.recurrent_shape or ()))}]")
-            dtypes.add(first["dtype"])  # the recurrent state stays float32 whatever the model's dtype
+            # The recurrent state is float32 whatever the model's dtype (as transformers keeps it): another dtype
+            # would be copied into the batch's buffers of every row (an empty one, LFM2's, holds nothing).
+            if second["dtype"] != RECURRENT_DTYPE and math.prod(second["shape"]):
+                refuse(f"layer {i}'s recurrent state is {second['dtype']}; the model keeps it in {RECURRENT_DTYPE}")
+            dtypes.add(first["dtype"])
             continue
         shape, (heads, dim) = first["shape"], layout.kv_shapes[i]
         held_ok = len(shape) == 4 and tokens_ok(kind, shape[2], n, layout.chunk, layout.window)
