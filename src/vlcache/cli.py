@@ -635,7 +635,7 @@ def _layer_summary(kinds: list) -> str:
 def run_check(args: argparse.Namespace) -> int:
     from .check import run
 
-    return run(args.model, device=args.device, dtype=args.dtype or "auto")
+    return run(args.model, device=args.device, dtype=args.dtype or "auto", debug=getattr(args, "debug", False))
 
 
 # -- plumbing ----------------------------------------------------------------------------------------------
