@@ -591,6 +591,8 @@ def run_inspect(args: argparse.Namespace) -> int:
         f"tokens:        {meta.prefix_tokens} ({meta.image_tokens} {_media_words(meta)} tokens)",
         f"conversation:  {turns} saved turns" if turns else "conversation:  none (image state)",
         f"created:       {meta.created}",
+        *([f"template time: {meta.template_time} (the chat template stamps the time: every question is rendered "
+           "at this instant)"] if meta.template_time else []),
         "versions:      " + ", ".join(f"{k} {v}" for k, v in meta.versions.items()),
         f"format:        vlcache {meta.format_version}",
     ]
@@ -634,7 +636,9 @@ def _layer_summary(kinds: list) -> str:
 
 def run_check(args: argparse.Namespace) -> int:
     from .check import run
+    from .model import quiet_transformers
 
+    quiet_transformers(verbose=getattr(args, "verbose", False))  # as every command that loads a model
     return run(args.model, device=args.device, dtype=args.dtype or "auto", debug=getattr(args, "debug", False))
 
 

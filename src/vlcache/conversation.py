@@ -103,7 +103,7 @@ class Conversation:
 
     def _target_ids(self, messages: list[dict], add_generation_prompt: bool) -> torch.Tensor:
         meta = self.state.metadata
-        rest = prompt.ids_after(self.engine.processor, meta.messages, messages, add_generation_prompt, meta.template_time)
+        rest = self.engine.ids_after(meta.messages, messages, add_generation_prompt, meta.template_time)
         return torch.cat([self.state.input_ids, rest.to(self.state.input_ids.device)], dim=1)
 
     def prompt_ids(self, text: str) -> torch.Tensor:

@@ -361,7 +361,14 @@ class Engine:
     def question_ids(self, messages: list[dict], question: str, at: str | None = None) -> torch.Tensor:
         """The ids a question adds after a state of `messages` whose template text was rendered at `at`."""
         prompt.check_text(self.processor, question, "the question")
-        return prompt.question_ids(self.processor, messages, question, at).to(self.device)
+        return self.ids_after(messages, prompt.with_question(messages, question), at=at)
+
+    def ids_after(self, covered: list[dict], messages: list[dict], add_generation_prompt: bool = True,
+                  at: str | None = None) -> torch.Tensor:
+        """Token ids of `messages` after what a state of the `covered` messages holds, rendered at the state's
+        instant `at`, tokenized as the processor tokenizes the whole conversation (the family's encode_after)."""
+        before, rest = prompt.split_after(self.processor, covered, messages, add_generation_prompt, at)
+        return self.family.encode_after(before, rest).to(self.device)
 
     def pin_time(self) -> str | None:
         """Now, where the chat template stamps the date or time (a state's text and its questions are all rendered

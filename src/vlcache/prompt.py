@@ -10,6 +10,8 @@ already covers. The covered text always ends in a special token (<|vision_end|>)
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import datetime
 
 from .errors import PromptError
@@ -74,8 +76,8 @@ def render(processor, messages: list[dict], add_generation_prompt: bool, at: str
     """The chat template's text of `messages`; `at` (an ISO instant) pins the clock of a template that stamps
     the date or time (None: now, as transformers renders it)."""
     messages = template_messages(processor, messages)
-    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                         **clock_variables(processor.chat_template, at))
+    with pinned_clock(processor.chat_template, at):
+        return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
 # -- templates that stamp the date or time ---------------------------------------------------------------------
@@ -85,13 +87,14 @@ def render(processor, messages: list[dict], add_generation_prompt: bool, at: str
 # template_time) and every later question about it is rendered at that instant.
 
 _clock_users: dict[str, bool] = {}
+_pinned: ContextVar[datetime | None] = ContextVar("vlcache_template_instant", default=None)
 
 
-def stamps_time(template: str | None) -> bool:
+def stamps_time(template) -> bool:
     """Whether the template reads transformers' clock (`strftime_now`), in its parsed source. A branch that one
     conversation does not reach may be reached by another, so any use counts (pinning costs nothing where the
     text does not move); tests render such a template at two instants to see it move."""
-    if not template:
+    if not isinstance(template, str) or not template:
         return False
     if template not in _clock_users:
         try:
@@ -112,12 +115,37 @@ def now() -> str:
     return datetime.now().astimezone().isoformat(timespec="seconds")
 
 
-def clock_variables(template: str | None, at: str | None) -> dict:
-    """Template variables that pin `strftime_now` to the instant `at` (none for a template without a clock)."""
+@contextmanager
+def pinned_clock(template, at: str | None):
+    """Within it, in this thread or task only, the template's `strftime_now` reads the instant `at` (local wall
+    clock, as transformers' own). transformers hands templates plain data only (a function passed as a
+    template variable arrives as a placeholder string), so the clock in the compiled template's environment is
+    wrapped: it reads a context variable that only a pinned render sets, and otherwise calls the original."""
     if at is None or not stamps_time(template):
-        return {}
-    instant = datetime.fromisoformat(at).replace(tzinfo=None)  # the local wall clock, as transformers' own
-    return {"strftime_now": instant.strftime}
+        yield
+        return
+    _make_pinnable(template)
+    token = _pinned.set(datetime.fromisoformat(at).replace(tzinfo=None))
+    try:
+        yield
+    finally:
+        _pinned.reset(token)
+
+
+def _make_pinnable(template: str) -> None:
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    env = _compile_jinja_template(template).environment  # the one render_jinja_template uses (cached per template)
+    original = env.globals.get("strftime_now")
+    if getattr(original, "vlcache_pinnable", False):
+        return
+
+    def strftime_now(format: str) -> str:
+        instant = _pinned.get()
+        return instant.strftime(format) if instant is not None else original(format)
+
+    strftime_now.vlcache_pinnable = True
+    env.globals["strftime_now"] = strftime_now
 
 
 def template_messages(processor, messages: list[dict]) -> list[dict]:
@@ -159,18 +187,12 @@ def covered_text(processor, messages: list[dict], at: str | None = None) -> str:
 def text_after(processor, covered_messages: list[dict], messages: list[dict], add_generation_prompt: bool = True,
                at: str | None = None) -> str:
     """The template text of `messages` after what a state of `covered_messages` holds (which must lead it)."""
-    return _split(processor, covered_messages, messages, add_generation_prompt, at)[1]
+    return split_after(processor, covered_messages, messages, add_generation_prompt, at)[1]
 
 
-def ids_after(processor, covered_messages: list[dict], messages: list[dict], add_generation_prompt: bool = True,
-              at: str | None = None):
-    """Token ids of `messages` after what a state of `covered_messages` holds, tokenized in context: [1, n] long."""
-    covered, rest = _split(processor, covered_messages, messages, add_generation_prompt, at)
-    return encode_in_context(processor, covered, rest)
-
-
-def _split(processor, covered_messages: list[dict], messages: list[dict], add_generation_prompt: bool,
-           at: str | None) -> tuple[str, str]:
+def split_after(processor, covered_messages: list[dict], messages: list[dict], add_generation_prompt: bool = True,
+                at: str | None = None) -> tuple[str, str]:
+    """(the text a state of `covered_messages` holds, the text of `messages` after it), both rendered at `at`."""
     covered = covered_text(processor, covered_messages, at)
     full = render(processor, messages, add_generation_prompt, at)
     if not full.startswith(covered):
@@ -192,11 +214,6 @@ def check_video_placeholders(processor, text: str, kinds: list[str]) -> None:
 def question_text(processor, messages: list[dict], question: str, at: str | None = None) -> str:
     """The text a question adds after what a state of `messages` covers, up to the assistant header."""
     return text_after(processor, messages, with_question(messages, question), at=at)
-
-
-def question_ids(processor, messages: list[dict], question: str, at: str | None = None):
-    """The token ids a question adds after a state of `messages` (rendered at `at`), tokenized in context."""
-    return ids_after(processor, messages, with_question(messages, question), at=at)
 
 
 def encode_text(processor, text: str):

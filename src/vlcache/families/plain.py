@@ -56,6 +56,26 @@ class PlainImageText(OneDimPositions, Family):
         return self.processor(text=[text], return_tensors="pt", add_special_tokens=not (bos and text.startswith(bos)),
                               **self.media_kwargs(images, videos, images_kwargs))
 
+    def encode_after(self, before: str, text: str) -> torch.Tensor:
+        """As the processor tokenizes the whole conversation: a processor may rewrite the text around its media
+        placeholders before tokenizing (Idefics2's puts a space after the image's closing token: ` What`, not
+        `What`), so `before` + `text` and `before` go through the processor's own text path (no media: the
+        placeholders expand, or stay, alike in both) and the ids after the covered ones are the question's.
+        Where the processor cannot run without media, or the covered ids do not lead, the tokenizer's in-context
+        ids are used; `vlcache check` compares the result with the processor's ids for the whole conversation."""
+        try:
+            head, whole = self._processor_ids(before), self._processor_ids(before + text)
+        except Exception:  # noqa: BLE001 - a processor that needs the media to expand its placeholders
+            return super().encode_after(before, text)
+        if whole[: len(head)] != head:
+            return super().encode_after(before, text)
+        return torch.tensor([whole[len(head):]], dtype=torch.long)
+
+    def _processor_ids(self, text: str) -> list[int]:
+        bos = getattr(self.processor.tokenizer, "bos_token", None)
+        ids = self.processor(text=[text], add_special_tokens=not (bos and text.startswith(bos)))["input_ids"][0]
+        return [int(i) for i in ids]
+
     def image_token_mask(self, inputs) -> torch.Tensor:
         return (inputs["input_ids"] == self.image_token_id()).long()
 

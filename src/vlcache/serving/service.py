@@ -249,7 +249,7 @@ class Service:
         if prefix is None:
             return prompt.encode_text(processor, prompt.render(processor, messages, add_generation_prompt=True)).to(self.engine.device)
         try:
-            return prompt.ids_after(processor, prefix, messages, at=at).to(self.engine.device)
+            return self.engine.ids_after(prefix, messages, at=at)
         except ValueError:
             raise APIError(400, "the conversation cannot be split at its image with this chat template", "messages") from None
 
