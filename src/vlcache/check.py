@@ -240,14 +240,16 @@ def run(name: str | None, device: str = "auto", dtype: str = "auto", out=None, d
         identity = model_loading.check_identity(engine.model, engine.processor, engine.fingerprint)
         record = {"model": engine.model_name, "model_type": model_type, "probes": [p.name for p in probes]}
         model_loading.remember_check(identity, record if all(p.held for p in probes) else None)
-    return _verdict(engine, probes, how, out)
+    return _verdict(engine, probes, out, debug)
 
 
-def _verdict(engine, probes: list[Probe], how: str, out) -> int:
+def _verdict(engine, probes: list[Probe], out, debug: bool) -> int:
     bugs = [p for p in probes if p.status == BUG]
     if bugs:
-        print(f"error: a bug in vlcache ({how}) on {engine.model_name}: the {bugs[0].name} probe raised {bugs[0].detail}"
-              " (rerun with --debug for the traceback)", file=sys.stderr)
+        listed = family_class(engine.model.config.model_type) is not None
+        who = f"vlcache's {engine.family.name} family" if listed else "vlcache's generic adapter"
+        print(f"error: a bug in {who} on {engine.model_name}, not a verdict on the model: the {bugs[0].name} probe "
+              f"raised {bugs[0].detail}" + ("" if debug else " (rerun with --debug for the traceback)"), file=sys.stderr)
         return 1
     differed = [p for p in probes if p.status == DIFFERED]
     if differed:
