@@ -156,3 +156,49 @@ def test_states_are_keyed_by_the_text_their_template_renders(minute_engine, engi
     assert plain.metadata.template_time is None and plain.metadata.template_sha256 is None
     assert engine.state_key(parts, messages, MediaOptions()) == state_key(
         engine.fingerprint, media_identity(parts), messages, engine.media_settings(MediaOptions(), ["image"]))
+
+
+def test_the_server_keys_a_stamped_state_by_its_rendered_prefix(minute_engine, clock, tmp_path, monkeypatch):
+    """Through the server and the openai client: within the minute the state is reused; at the next minute the
+    same messages render another prefix, so a new state is made and the answer is generate()'s at 12:35.
+    Control: keyed by the messages alone, the 12:34 state is reused at 12:35 and the answer is not generate()'s."""
+    from test_server import LiveServer, ask
+
+    import vlcache.header
+
+    decode = minute_engine.processor.tokenizer.decode
+
+    def expected():
+        return decode(reference_tokens(minute_engine, photo("chelsea.png"), SYSTEM, QUESTION, N), skip_special_tokens=True)
+
+    at_before = expected()
+    clock.current = AFTER
+    at_after = expected()
+    assert at_before != at_after
+    clock.current = BEFORE
+    live = LiveServer(minute_engine, tmp_path / "keyed")
+    try:
+        first = ask(live.client, "chelsea.png", QUESTION)
+        again = ask(live.client, "chelsea.png", QUESTION)
+        clock.current = AFTER
+        next_minute = ask(live.client, "chelsea.png", QUESTION)
+    finally:
+        live.close()
+    assert [r.choices[0].message.content for r in (first, again, next_minute)] == [at_before, at_before, at_after]
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens > 0
+    assert next_minute.usage.prompt_tokens_details.cached_tokens == 0  # a new state: the prefix rendered at 12:35
+
+    keyed_by_messages = vlcache.header.state_key
+    monkeypatch.setattr(vlcache.header, "state_key", lambda fingerprint, media, messages, settings, salt=None, rendered=None:
+                        keyed_by_messages(fingerprint, media, messages, settings, salt))
+    clock.current = BEFORE
+    live = LiveServer(minute_engine, tmp_path / "control")
+    try:
+        ask(live.client, "chelsea.png", QUESTION)
+        clock.current = AFTER
+        stale = ask(live.client, "chelsea.png", QUESTION)
+    finally:
+        live.close()
+    assert stale.usage.prompt_tokens_details.cached_tokens > 0
+    assert stale.choices[0].message.content == at_before != at_after
