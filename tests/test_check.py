@@ -175,3 +175,54 @@ def prompt_image():
     from vlcache.uncached import probe_image
 
     return Image.open(probe_image()).convert("RGB")
+
+
+def module_graph() -> dict[str, set[str]]:
+    """vlcache's modules (packages included) -> the vlcache modules each imports, at the top or inside functions."""
+    import ast
+
+    from conftest import REPO
+
+    root = REPO / "src"
+    graph: dict[str, set[str]] = {}
+    for path in (root / "vlcache").rglob("*.py"):
+        parts = list(path.relative_to(root).with_suffix("").parts)
+        package = parts[:-1]
+        name = ".".join(parts if parts[-1] != "__init__" else parts[:-1])
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package[: len(package) - node.level + 1]
+                stem = base + (node.module.split(".") if node.module else [])
+                # `from .decode import probe` imports the submodule: names that are no module are never followed
+                # (`from . import prompt` names the package only as the parent every module runs under)
+                found |= ({".".join(stem)} if node.module else set()) | {".".join(stem + [a.name]) for a in node.names}
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names if a.name.startswith("vlcache")}
+        graph[name] = found
+    return graph
+
+
+def reaches(graph: dict[str, set[str]], start: str, goal: str) -> bool:
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph.get(todo.pop(), ()):
+            if nxt == goal:
+                return True
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return False
+
+
+def test_the_probe_and_the_check_import_no_circle_through_the_engine():
+    """The circle engine -> decode/probe -> check -> engine is gone: the probe's questions and its uncached
+    reference live in vlcache.uncached, which reaches neither the check nor the engine."""
+    graph = module_graph()
+    assert "vlcache.uncached" in graph["vlcache.decode.probe"] and "vlcache.uncached" in graph["vlcache.check"]
+    assert "vlcache.check" not in graph["vlcache.decode.probe"]
+    for module in ("vlcache.engine", "vlcache.check", "vlcache.decode.probe"):
+        assert not reaches(graph, "vlcache.uncached", module), module
+    assert not reaches(graph, "vlcache.decode.probe", "vlcache.check")
+    assert not reaches(graph, "vlcache.check", "vlcache.check")
+    assert not reaches(graph, "vlcache.uncached", "vlcache.uncached")
