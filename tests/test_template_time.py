@@ -202,3 +202,45 @@ def test_the_server_keys_a_stamped_state_by_its_rendered_prefix(minute_engine, c
         live.close()
     assert stale.usage.prompt_tokens_details.cached_tokens > 0
     assert stale.choices[0].message.content == at_before != at_after
+
+
+def test_the_check_across_a_minute_boundary_holds_with_the_pin_and_fails_on_prompt_ids_without(
+        tiny_model_dir, clock, tmp_path, monkeypatch, capsys):
+    """`vlcache check` on a minute-stamping template whose state is made at 12:34:50 and asked at 12:35:10: every
+    probe holds (the questions and generate()'s prompt rendered at the pinned instant). Control: without the pin
+    the state's prefix says 12:34, the questions and generate() 12:35, and the check fails on the prompt ids."""
+    import shutil
+
+    monkeypatch.setenv("VLCACHE_HOME", str(tmp_path / "home"))
+    model = tmp_path / "stamped"
+    shutil.copytree(tiny_model_dir, model)
+    assert (model / "chat_template.jinja").exists()
+    (model / "chat_template.jinja").write_text(MINUTE_TEMPLATE)
+    cache_image = Engine.cache_image
+
+    def then_the_next_minute(self, *args, **kwargs):
+        state = cache_image(self, *args, **kwargs)
+        clock.current = AFTER
+        return state
+
+    monkeypatch.setattr(Engine, "cache_image", then_the_next_minute)
+
+    def check():
+        clock.current = BEFORE
+        code = cli.main(["check", "--model", str(model), "--device", "cpu"])
+        assert clock.current == AFTER  # the probes ran at the next minute
+        out, err = capsys.readouterr()
+        return code, out.splitlines(), err.strip().splitlines()
+
+    code, out, err = check()
+    assert code == 0, err
+    assert "  the chat template stamps the time: each state's instant is pinned, its questions rendered at it" in out
+    for probe in ("cached image", "batch of two", "two-turn chat"):
+        assert any(line.startswith(f"  held      {probe}: prompt ids equal (") for line in out), (probe, out)
+    assert out[-1] == "exact: every probe held"
+
+    monkeypatch.setattr(Engine, "pin_time", lambda self: None)
+    code, out, err = check()
+    assert code == 1
+    assert any(line.startswith("  DIFFERED  cached image: prompt ids differ at ") for line in out), out
+    assert err[-1].startswith(f"error: vlcache is not exact for {model}: cached image (prompt ids")
