@@ -488,8 +488,8 @@ def test_gemma4_shared_layers_store_nothing_and_wrong_sources_are_caught(family_
     wrong.kv = [loaded.kv[1] if i == 3 else kv for i, kv in enumerate(loaded.kv)]  # the source's K/V from layer 1
     assert answers(wrong) != expected
     with monkeypatch.context() as patch:  # image tokens that see only earlier ones
-        patch.setattr(plain, "vision_inputs", lambda inputs, dtype, right=plain.vision_inputs: {
-            k: v for k, v in right(inputs, dtype).items() if k != "mm_token_type_ids"})
+        patch.setattr(plain, "vision_inputs", lambda inputs, dtype, model=None, right=plain.vision_inputs: {
+            k: v for k, v in right(inputs, dtype, model).items() if k != "mm_token_type_ids"})
         causal = engine.cache_image(photo("rocket.jpg"), system_prompt=SYSTEM, max_pixels=PIXELS)
     assert answers(causal) != expected
     assert answers(loaded) == expected  # the patches are gone
