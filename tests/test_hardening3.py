@@ -76,10 +76,11 @@ def test_1_a_host_the_server_does_not_answer_to_is_refused_before_anything(engin
 
 
 def test_1_allowed_host_names_more(engine, tmp_path):
-    from vlcache.cli import _serve_options, build_parser
+    from vlcache.cli import build_parser
+    from vlcache.commands.serve import serve_options
 
     args = build_parser().parse_args(["serve", "--allowed-host", "vlcache.lan", "--allowed-host", "10.0.0.5"])
-    options = _serve_options(args, tmp_path / "states", None)
+    options = serve_options(args, tmp_path / "states", None)
     assert (options.host, options.allowed_hosts) == ("127.0.0.1", ("vlcache.lan", "10.0.0.5"))
     server = LiveServer(engine, tmp_path / "states", allowed_hosts=("vlcache.lan",))
     try:
