@@ -24,6 +24,7 @@ from transformers.generation.logits_process import (
 from conftest import SYSTEM, photo
 from reference import _inputs
 from vlcache import Engine, cli, decode
+from vlcache.commands.common import overrides
 from vlcache.decode import rules
 from vlcache.decode.constraint import TokenSequences, allowed, set_allowed, words
 from vlcache.decode.sampling import RowSampling, SamplingParams
@@ -210,7 +211,7 @@ def test_a_checkpoints_generation_config_is_honoured_and_beams_are_refused(tiny_
     file = tmp_path / "gen.json"
     file.write_text(json.dumps({"num_beams": 1, "top_k": 5}))
     args = cli.build_parser().parse_args(["check", "--generation-config", "num_beams=1", "--generation-config", str(file)])
-    assert cli._overrides(args) == {"num_beams": 1, "top_k": 5}
+    assert overrides(args) == {"num_beams": 1, "top_k": 5}
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["check", "--generation-config", "not a setting"])
     with pytest.raises(ModelLoadError, match="'no_such_setting' is not a generation setting"):
