@@ -397,3 +397,30 @@ def test_6_compiled_kernels_go_under_vlcache_home_and_a_planted_temporary_folder
         os.chown(default, 0, 0)
 
 
+
+
+# 13 ------------------------------------------------------------------------------------------------------------
+
+def test_13_no_answer_names_the_models_path_only_its_name(engine, live, tmp_path, tiny_model_dir):
+    folder = str(tiny_model_dir)
+    answers = [live.get("/health")[1], live.get("/v1/models")[1]]
+    answers.append(live.client.chat.completions.create(model="m", max_tokens=2, messages=[{"role": "user", "content": "Hi"}]).model_dump())
+    answers += [c.model_dump() for c in live.client.chat.completions.create(model="m", max_tokens=2, stream=True,
+                                                                             messages=[{"role": "user", "content": "Hi"}])]
+    for answer in answers:
+        assert folder not in json.dumps(answer) and str(tmp_path.parent) not in json.dumps(answer), answer
+    assert answers[0]["model"] == answers[1]["data"][0]["id"] == answers[2]["model"] == tiny_model_dir.name
+    named = LiveServer(engine, tmp_path / "other", served_model_name="qwen-vl")
+    try:
+        assert named.get("/health")[1]["model"] == "qwen-vl"
+        assert named.client.chat.completions.create(model="m", max_tokens=1, messages=[{"role": "user", "content": "Hi"}]).model == "qwen-vl"
+    finally:
+        named.close()
+    from vlcache.cli import _serve_options, build_parser
+
+    args = build_parser().parse_args(["serve", "--served-model-name", "qwen-vl"])
+    assert _serve_options(args, tmp_path / "states", None).served_model_name == "qwen-vl"
+    from vlcache import paths
+
+    assert paths.served_name("Qwen/Qwen3-VL-2B-Instruct") == "Qwen/Qwen3-VL-2B-Instruct"  # a hub id, as it is
+

@@ -216,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"folder or URL where states are written (default: $VLCACHE_HOME/states, now {paths.states_dir()})")
     serve.add_argument("--memory-budget", metavar="SIZE", type=byte_size, default=byte_size("4GiB"),
                        help="bytes of states kept in memory (default: 4GiB)")
+    serve.add_argument("--disk-quota", metavar="SIZE", type=byte_size, default=byte_size("20GiB"),
+                       help="bytes of computed states' files kept in --cache-dir, least recently used removed (default: 20GiB)")
     serve.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image and video URLs")
     serve.add_argument("--allow-private-urls", action="store_true",
                        help="with --allow-remote-images: also private, loopback and link-local addresses")
@@ -249,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-web", action="store_true", help="no chat page at / (the API alone)")
     serve.add_argument("--cors-origin", type=web_origin, default=None, metavar="ORIGIN",
                        help="one other origin whose pages may call the API, e.g. https://example.com (default: none)")
+    serve.add_argument("--served-model-name", metavar="NAME", default=None,
+                       help="the model's name in /v1/models, /health and answers (default: the hub id, or a local folder's name)")
     serve.add_argument("--share-all-states", action="store_true",
                        help="list, and answer by id, every state (chat completions' too: other clients' conversations "
                             "and photos); by default only those made through /v1/vlcache/cache and /v1/images")
@@ -538,14 +542,16 @@ def _serve_options(args: argparse.Namespace, cache_dir, local):
     from .media import MediaOptions
     from .serving.server import ServeOptions
 
-    return ServeOptions(cache_dir=cache_dir, memory_budget=args.memory_budget, allow_remote_images=args.allow_remote_images,
+    return ServeOptions(cache_dir=cache_dir, memory_budget=args.memory_budget, disk_quota=args.disk_quota,
+                        allow_remote_images=args.allow_remote_images,
                         allow_private_urls=args.allow_private_urls, max_image_pixels=args.max_image_pixels,
                         allow_local_files=local, max_body_bytes=args.max_body, max_batch=args.max_batch,
                         max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, max_state_bytes=args.max_state_bytes,
                         max_uploads=args.max_uploads, max_downloads=args.max_downloads, upload_quota=args.upload_quota, media_workers=args.media_workers,
                         video_decode_pixels=args.video_decode_pixels, media=MediaOptions(fps=args.fps, max_frames=args.max_frames),
                         web=not args.no_web, cors_origin=args.cors_origin, host=args.host,
-                        allowed_hosts=tuple(args.allowed_host or ()), share_all_states=args.share_all_states)
+                        allowed_hosts=tuple(args.allowed_host or ()), share_all_states=args.share_all_states,
+                        served_model_name=args.served_model_name)
 
 
 def _serve_on_ray(args: argparse.Namespace, options) -> int:
