@@ -424,3 +424,37 @@ def test_13_no_answer_names_the_models_path_only_its_name(engine, live, tmp_path
 
     assert paths.served_name("Qwen/Qwen3-VL-2B-Instruct") == "Qwen/Qwen3-VL-2B-Instruct"  # a hub id, as it is
 
+
+# 7 -------------------------------------------------------------------------------------------------------------
+
+def test_7_computed_states_are_held_to_a_disk_quota_least_recently_used_first(engine, tmp_path):
+    import time
+
+    folder = tmp_path / "states"
+    first = LiveServer(engine, folder, memory_budget=1)  # nothing stays in memory: every use reads the file
+    try:
+        a = shared_state(first, system="A.")
+        size = (folder / f"{a['id']}.safetensors").stat().st_size
+    finally:
+        first.close()
+    live = LiveServer(engine, folder, memory_budget=1, disk_quota=int(2.5 * size))
+    try:
+        b = shared_state(live, system="B.")
+        time.sleep(0.05)
+        assert shared_state(live, system="A.")["cached"]  # read again: recently used
+        time.sleep(0.05)
+        c = shared_state(live, system="C.")
+        files = {p.stem for p in folder.glob("*.safetensors")}
+        assert files == {a["id"], c["id"]}, files  # B, the least recently used, went
+        assert sum(p.stat().st_size for p in folder.glob("*.safetensors")) <= 2.5 * size
+        assert not (folder / "shared" / f"{b['id']}.shared").exists()
+        assert [s["id"] for s in live.get(STATES)[1]["data"]] == [c["id"], a["id"]]
+        assert not shared_state(live, system="B.")["cached"]  # asked again: computed again
+        still_exact(engine, live)
+    finally:
+        live.close()
+    from vlcache.cli import _serve_options, build_parser
+
+    assert _serve_options(build_parser().parse_args(["serve"]), folder, None).disk_quota == 20 * 2**30
+    assert _serve_options(build_parser().parse_args(["serve", "--disk-quota", "1GiB"]), folder, None).disk_quota == 2**30
+

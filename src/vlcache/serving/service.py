@@ -61,7 +61,7 @@ class Service:
         self.options = options = _resolved(options, engine, self._context_length(engine))
         self.store = StateStore(options.cache_dir, options.memory_budget, engine.fingerprint, engine.device,
                                 adopt=engine.adopt, layout=engine.layout(), upload_quota=options.upload_quota,
-                                share_all=options.share_all_states)
+                                share_all=options.share_all_states, disk_quota=options.disk_quota)
         self.metrics = Metrics()
         self.scheduler = Scheduler(engine, max_batch=options.max_batch, prefill_chunk=options.prefill_chunk, stats=self.metrics)
         # Fetching and decoding media run on threads of their own: slow downloads or long videos never hold

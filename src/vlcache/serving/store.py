@@ -86,7 +86,8 @@ class Continuation:
 
 class StateStore:
     def __init__(self, cache_dir: str | Path, memory_budget: int, fingerprint: str, device, adopt=None,
-                 layout: Layout | None = None, upload_quota: int | None = None, share_all: bool = False):
+                 layout: Layout | None = None, upload_quota: int | None = None, share_all: bool = False,
+                 disk_quota: int | None = None):
         self.folder = Folder(cache_dir)  # a local folder or an fsspec URL (s3://bucket/prefix/): shared by a fleet
         self.folder.make()  # CacheFileError for a folder that cannot be written: refused at start
         self.budget = memory_budget
@@ -95,6 +96,7 @@ class StateStore:
         self._adopt = adopt or (lambda state: state)  # e.g. Engine.adopt: states of another dtype are cast
         self.layout = layout  # the model's: files whose tensors do not fit it are misses, read no further than the header
         self.upload_quota = upload_quota  # bytes of uploaded files kept; the least recently used go beyond it
+        self.disk_quota = disk_quota  # bytes of the files of computed states kept; the least recently used go beyond it
         self._hot: OrderedDict[str, ImageState] = OrderedDict()
         self._hot_bytes = 0
         self._index: dict[str, Path | str] = {}  # key -> file, for files not named by their key
@@ -130,6 +132,9 @@ class StateStore:
             state = self._adopt(load_state(path, device=self.device, layout=self.layout))
         except CacheFileError:
             return None, "miss"
+        if not self.folder.is_url:
+            with contextlib.suppress(OSError):
+                os.utime(path)  # used: the disk quota removes the least recently used files first
         self._keep_hot(key, state)
         with self._lock:
             self._used[key] = time.time()
@@ -144,6 +149,7 @@ class StateStore:
                 state.save(target)
             with self._lock:
                 self._index[key] = target
+            self._hold_disk_quota(keep=target)
         except Exception as exc:  # noqa: BLE001 - disk full, read-only, any object store's error: the answer goes on
             self.write_errors += 1
             log.warning(f"warning: could not write state {key[:12]} to {self.folder}: {_reason(exc)}; serving it from memory")
@@ -191,6 +197,32 @@ class StateStore:
                 with self._lock:
                     self._evict(UPLOADS + ":" + Path(str(path)).stem)
                 log.info(f"upload {Path(str(path)).stem[:12]} removed: uploads over their {self.upload_quota:,}-byte quota")
+
+    def _hold_disk_quota(self, keep) -> None:
+        """Remove the least recently used (written or read) files of computed states beyond the disk quota, all
+        but `keep`, the newest. Only files named by their key (what this server writes) count and go: a cache file
+        someone put in the folder under another name is theirs to remove."""
+        if self.disk_quota is None:
+            return
+        entries = {path: stamp for path, stamp in self.folder.entries((".safetensors",)).items()
+                   if KEY_PATTERN.fullmatch(Path(str(path)).name.split(".")[0])}
+        total = sum(size for _, size in entries.values())
+        for path, (_, size) in sorted(entries.items(), key=lambda item: item[1][0]):  # least recently used first
+            if total <= self.disk_quota:
+                break
+            if str(path) == str(keep):
+                continue
+            key = Path(str(path)).name.split(".")[0]
+            if self.folder.delete(path):
+                total -= size
+                with self._lock:  # held in memory, it is still served (and sent) from there, shared as it was
+                    self._index.pop(key, None)
+                    gone = key not in self._hot
+                    if gone:
+                        self._shared.discard(key)
+                if gone:
+                    self.folder.delete(self._marker(key))
+                log.info(f"state {key[:12]} removed: states over their {self.disk_quota:,}-byte disk quota")
 
     def get_upload(self, digest: str) -> tuple[ImageState | None, str]:
         key = UPLOADS + ":" + digest
