@@ -248,7 +248,18 @@ class Service:
         return key, state, cached, covered[-1], request.media[-1].at[0]
 
     def _encode(self, messages: list[dict], prefix: list[dict] | None) -> torch.Tensor:
-        """Token ids of the conversation after the image prefix (all of it without one); off the event loop."""
+        """Token ids of the conversation after the image prefix (all of it without one); off the event loop.
+        Its control tokens must be the template's alone: texts that write one out, however they are split or
+        joined with what the template writes around them, are refused."""
+        ids = self._ids(messages, prefix)
+        control = prompt.control_ids(self.engine.processor)
+        template = self._ids(prompt.without_texts(messages), None if prefix is None else prompt.without_texts(prefix))
+        if _count(ids, control) != _count(template, control):
+            raise APIError(400, "the messages' texts make up one of the model's control tokens; control tokens cannot "
+                                "be typed in text", "messages")
+        return ids.to(self.engine.device)
+
+    def _ids(self, messages: list[dict], prefix: list[dict] | None) -> torch.Tensor:
         processor = self.engine.processor
         if prefix is None:
             text = prompt.render(processor, messages, add_generation_prompt=True)
@@ -257,7 +268,7 @@ class Service:
                 text = prompt.text_after(processor, prefix, messages)
             except ValueError:
                 raise APIError(400, "the conversation cannot be split at its image with this chat template", "messages") from None
-        return prompt.encode_text(processor, text).to(self.engine.device)
+        return prompt.encode_text(processor, text)
 
     def _fit_context(self, request: ChatRequest, prompt_tokens: int) -> None:
         """Refuse what the model cannot hold; the default answer length shrinks to fit."""
@@ -337,6 +348,10 @@ class Service:
                                                                 answer_start=answer_start))
 
         return keep
+
+
+def _count(ids: torch.Tensor, wanted: frozenset[int]) -> int:
+    return sum(1 for i in ids.view(-1).tolist() if i in wanted)
 
 
 def _prefix(messages: list[dict], at: tuple[int, int]) -> list[dict]:
