@@ -481,3 +481,41 @@ def test_9_control_tokens_split_across_text_parts_are_refused(engine, live, monk
     fine = [{"role": "user", "content": [{"type": "text", "text": "Hi <|"}, {"type": "text", "text": "there"}]}]
     status, reply = live.post("/v1/chat/completions", json.dumps({"messages": fine, "max_tokens": 2}).encode())
     assert status == 200, reply
+
+
+# 11 ------------------------------------------------------------------------------------------------------------
+
+def test_11_conversations_of_too_many_parts_or_messages_are_refused_and_parsing_is_off_the_event_loop(engine, live, monkeypatch):
+    import threading
+
+    from vlcache import prompt
+    from vlcache.serving import body as body_module
+    from vlcache.serving import native as native_module
+    from vlcache.serving import requests as requests_module
+    from vlcache.serving import server as server_module
+
+    many_parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}] * 200_000}], "max_tokens": 1}
+    many_messages = {"messages": [{"role": "user", "content": "a"}] * 5000, "max_tokens": 1}
+
+    def attack():
+        return [live.post(path, json.dumps(body).encode()) for body in (many_parts, many_messages)
+                for path in ("/v1/chat/completions", "/v1/vlcache/ask")]
+
+    replies = with_victim(engine, live, attack)
+    for (status, reply), what in zip(replies, ["4096 content parts"] * 2 + ["1024 messages"] * 2):
+        assert status == 400 and f"at most {what} per conversation" in reply["error"]["message"], reply
+    threads = []
+
+    def recorded(module, name):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, **k: threads.append((name, threading.current_thread())) or real(*a, **k))
+
+    for module, name in ((body_module, "_loads"), (server_module, "parse_chat"), (native_module, "parse_ask"),
+                         (prompt, "check_messages")):
+        recorded(module, name)
+    fine = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    assert live.post("/v1/chat/completions", json.dumps(fine).encode())[0] == 200
+    assert live.post("/v1/vlcache/ask", json.dumps(fine).encode())[0] == 200
+    assert {name for name, _ in threads} == {"_loads", "parse_chat", "parse_ask", "check_messages"}
+    assert all(thread is not live.thread for _, thread in threads), threads  # the event loop's thread parses nothing
+    assert requests_module.MAX_PARTS == 4096 and requests_module.MAX_MESSAGES == 1024

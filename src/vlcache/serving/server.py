@@ -86,7 +86,7 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         started = time.perf_counter()
-        chat = parse_chat(await json_body(request), options.default_max_tokens)
+        chat = await run_in_threadpool(parse_chat, await json_body(request), options.default_max_tokens)
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def stream(job, events, cached):

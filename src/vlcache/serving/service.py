@@ -205,7 +205,7 @@ class Service:
         """Build the generation job for a chat request; returns it with its cached-token count and event queue."""
         engine = self.engine
         try:
-            prompt.check_messages(engine.processor, request.messages)
+            await run_in_threadpool(prompt.check_messages, engine.processor, request.messages)  # long texts: off the loop
         except VlcacheError as exc:
             raise APIError(400, str(exc), "messages") from None
         if not request.media and request.state is None:
