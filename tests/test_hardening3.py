@@ -519,3 +519,53 @@ def test_11_conversations_of_too_many_parts_or_messages_are_refused_and_parsing_
     assert {name for name, _ in threads} == {"_loads", "parse_chat", "parse_ask", "check_messages"}
     assert all(thread is not live.thread for _, thread in threads), threads  # the event loop's thread parses nothing
     assert requests_module.MAX_PARTS == 4096 and requests_module.MAX_MESSAGES == 1024
+
+
+# 10 ------------------------------------------------------------------------------------------------------------
+
+def test_10_the_listing_pages_and_reads_no_file_again_while_the_folder_is_unchanged(engine, live, tmp_path, monkeypatch):
+    import copy
+    import os
+    import time
+
+    from vlcache.serving import store as store_module
+    from vlcache.state import load_state
+
+    folder = tmp_path / "states"
+    made = shared_state(live)
+    state = load_state(folder / f"{made['id']}.safetensors")
+    for i in range(120):  # states of other system prompts, as a fleet's other servers write them
+        other = copy.copy(state)
+        other.metadata = copy.deepcopy(state.metadata)
+        other.metadata.system_prompt = f"Prompt {i}."
+        other.metadata.messages = [{"role": "system", "content": f"Prompt {i}."}, *state.metadata.messages[1:]]
+        other.metadata.created = f"2020-01-01T00:{i // 60:02d}:{i % 60:02d}+00:00"  # older than the one made
+        other.save(folder / f"other-{i}.safetensors")
+    store = live.service.store
+    store.share_all = True
+    monkeypatch.setattr(store_module, "RESCAN_SECONDS", 0.0)
+    ids = []
+    after = None
+    while True:  # pages of 50: every state once, newest first
+        status, page = live.get(f"{STATES}?limit=50" + (f"&after={after}" if after else ""))
+        assert status == 200
+        ids += [s["id"] for s in page["data"]]
+        if not page["has_more"]:
+            break
+        after = page["last_id"]
+    assert len(ids) == len(set(ids)) == 121 and ids[0] == made["id"]
+    old = time.time() - 60  # the folder unchanged for a while: listings read neither headers nor every file's stat
+    os.utime(folder, (old, old))
+    os.utime(folder / "shared", (old, old))
+    live.get(STATES)
+    headers, scans = [], []
+    real_read, real_entries = store_module.read_metadata, store.folder.entries
+    monkeypatch.setattr(store_module, "read_metadata", lambda path: headers.append(path) or real_read(path))
+    monkeypatch.setattr(store.folder, "entries", lambda *a, **k: scans.append(a) or real_entries(*a, **k))
+    listed = with_victim(engine, live, lambda: [live.get(f"{STATES}?limit=5")[1] for _ in range(20)])
+    assert all(len(page["data"]) == 5 for page in listed) and (headers, scans) == ([], [])
+    other.metadata.system_prompt = "Added."
+    other.metadata.messages = [{"role": "system", "content": "Added."}, *state.metadata.messages[1:]]
+    other.metadata.created = "2999-01-01T00:00:00+00:00"  # the newest
+    other.save(folder / "added.safetensors")  # a file added: one scan, one header read
+    assert live.get(STATES)[1]["data"][0]["system_prompt"] == "Added." and len(headers) == 1

@@ -33,6 +33,7 @@ from ..state import ImageState, StateMetadata, kv_nbytes, load_state, read_metad
 
 KEY_PATTERN = re.compile(r"[0-9a-f]{64}")  # use fullmatch: "$" would also accept a trailing newline
 RESCAN_SECONDS = 1.0  # a miss looks for files others added at most this often
+STAMP_SETTLED_NS = 2 * 10**9  # a folder changed more recently than this is scanned whatever its stamp says
 UPLOADS = "uploads"  # the subfolder of uploaded cache files, by content hash
 DOWNLOAD_PIECE = 1 << 20  # bytes a download reads (an object store: one ranged request) and sends at a time
 SHARED = "shared"  # the subfolder of markers (<key>.shared, empty) of states made through a sharing endpoint
@@ -102,6 +103,7 @@ class StateStore:
         self._index: dict[str, Path | str] = {}  # key -> file, for files not named by their key
         self._scanned: dict[Path | str, tuple[float, int]] = {}  # file -> (mtime, size) when its header was read
         self._last_scan = 0.0
+        self._stamp: tuple | None = None  # _folder_stamp() when the index was last brought up to date
         self._meta: dict[Path | str, StateMetadata] = {}  # file -> its metadata, read by the scan that indexed it
         self._used: dict[str, float] = {}  # key -> when this process last served or stored it (time.time())
         self.write_errors = 0  # states that could not be written to disk (kept in memory only)
@@ -398,6 +400,9 @@ class StateStore:
         """
         with self._lock:
             self._last_scan = time.monotonic()
+        stamp = self._folder_stamp()
+        if stamp is not None and stamp == self._stamp:
+            return  # no file added, removed or renamed since the last scan: the index is up to date
         try:
             seen = self.folder.entries((".safetensors", ".pt"))
             shared = {Path(str(path)).stem for path in self.folder.entries((".shared",), sub=SHARED)}
@@ -415,6 +420,22 @@ class StateStore:
             self._scanned = seen
             self._shared |= {key for key in shared if KEY_PATTERN.fullmatch(key)}
             self._meta = {path: meta for path, meta in self._meta.items() if path in seen}
+            self._stamp = stamp
+
+    def _folder_stamp(self) -> tuple | None:
+        """When the local folder and its markers' folder last had a file added, removed or renamed (states are
+        written by a rename), or None: not known, or too recent to rely on (a change within the clock's tick of
+        the last scan would look like none), or an object store. A listing then skips the scan of every file."""
+        if self.folder.is_url:
+            return None
+        try:
+            stamps = [os.stat(folder).st_mtime_ns for folder in (self.folder.location, self.folder.location / SHARED)
+                      if os.path.isdir(folder)]
+        except OSError:
+            return None
+        if not stamps or time.time_ns() - max(stamps) < STAMP_SETTLED_NS:
+            return None
+        return tuple(stamps)
 
     def _key_of(self, path: Path | str) -> str | None:
         try:
