@@ -569,3 +569,20 @@ def test_10_the_listing_pages_and_reads_no_file_again_while_the_folder_is_unchan
     other.metadata.created = "2999-01-01T00:00:00+00:00"  # the newest
     other.save(folder / "added.safetensors")  # a file added: one scan, one header read
     assert live.get(STATES)[1]["data"][0]["system_prompt"] == "Added." and len(headers) == 1
+
+
+# 8 -------------------------------------------------------------------------------------------------------------
+
+def test_8_media_beyond_the_context_are_refused_before_the_vision_encoder(engine, live, monkeypatch):
+    from test_hardening import chat_body, png_bytes
+    from vlcache import engine as engine_module
+
+    encoded = []
+    real = engine_module.Engine.prefill_media_steps
+    monkeypatch.setattr(engine_module.Engine, "prefill_media_steps",
+                        lambda self, prepared, *a, **k: encoded.append(prepared.inputs["input_ids"].shape[1]) or real(self, prepared, *a, **k))
+    flat = "data:image/png;base64," + base64.b64encode(png_bytes(2400, 2400)).decode()  # ~5,600 tokens, a few KB
+    status, reply = with_victim(engine, live, lambda: live.post("/v1/chat/completions", json.dumps(chat_body(flat)).encode()))
+    assert status == 400 and "beyond this model's context of 4,096" in reply["error"]["message"], reply
+    assert encoded and max(encoded) < 4096  # the victim's state alone reached the encoder
+    assert len(list(live.service.store.folder.location.glob("*.safetensors"))) == 1  # the victim's: none stored for it

@@ -169,7 +169,14 @@ class Service:
 
     def _prepare(self, sources: list[bytes], messages: list[dict], budget: video.DecodeBudget):
         with video.limited(budget):
-            return self.engine.prepare_media(sources, messages, self.options.media, self.options.max_image_pixels)
+            prepared = self.engine.prepare_media(sources, messages, self.options.media, self.options.max_image_pixels)
+        # The processor's grids gave the state's length: one the model cannot hold is refused before the vision
+        # encoder runs (it would stall every running answer, and every question about it would be refused).
+        tokens, context = int(prepared.inputs["input_ids"].shape[1]), self.context_length
+        if tokens >= context:
+            raise ImageError(f"the media make {tokens:,} tokens, beyond this model's context of {context:,}; send "
+                             "smaller images or fewer frames")
+        return prepared
 
     async def respond(self, request: Request, chat: ChatRequest, endpoint: str, stream, collect):
         """Admit a request (or 429), build and submit its job, then answer it: `stream(job, events, cached)` gives
