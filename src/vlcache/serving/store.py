@@ -151,6 +151,7 @@ class StateStore:
                 state.save(target)
             with self._lock:
                 self._index[key] = target
+                self._meta[target] = state.metadata  # listed at once, not after the next scan
             self._hold_disk_quota(keep=target)
         except Exception as exc:  # noqa: BLE001 - disk full, read-only, any object store's error: the answer goes on
             self.write_errors += 1
