@@ -151,7 +151,10 @@ class StateStore:
                 state.save(target)
             with self._lock:
                 self._index[key] = target
-                self._meta[target] = state.metadata  # listed at once, not after the next scan
+            if not self.folder.is_url:  # listed at once, with its size, not after the next scan
+                info = os.stat(target)
+                with self._lock:
+                    self._meta[target], self._scanned[target] = state.metadata, (info.st_mtime, info.st_size)
             self._hold_disk_quota(keep=target)
         except Exception as exc:  # noqa: BLE001 - disk full, read-only, any object store's error: the answer goes on
             self.write_errors += 1
