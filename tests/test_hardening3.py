@@ -76,10 +76,11 @@ def test_1_a_host_the_server_does_not_answer_to_is_refused_before_anything(engin
 
 
 def test_1_allowed_host_names_more(engine, tmp_path):
-    from vlcache.cli import _serve_options, build_parser
+    from vlcache.cli import build_parser
+    from vlcache.commands.serve import serve_options
 
     args = build_parser().parse_args(["serve", "--allowed-host", "vlcache.lan", "--allowed-host", "10.0.0.5"])
-    options = _serve_options(args, tmp_path / "states", None)
+    options = serve_options(args, tmp_path / "states", None)
     assert (options.host, options.allowed_hosts) == ("127.0.0.1", ("vlcache.lan", "10.0.0.5"))
     server = LiveServer(engine, tmp_path / "states", allowed_hosts=("vlcache.lan",))
     try:
@@ -416,10 +417,11 @@ def test_13_no_answer_names_the_models_path_only_its_name(engine, live, tmp_path
         assert named.client.chat.completions.create(model="m", max_tokens=1, messages=[{"role": "user", "content": "Hi"}]).model == "qwen-vl"
     finally:
         named.close()
-    from vlcache.cli import _serve_options, build_parser
+    from vlcache.cli import build_parser
+    from vlcache.commands.serve import serve_options
 
     args = build_parser().parse_args(["serve", "--served-model-name", "qwen-vl"])
-    assert _serve_options(args, tmp_path / "states", None).served_model_name == "qwen-vl"
+    assert serve_options(args, tmp_path / "states", None).served_model_name == "qwen-vl"
     from vlcache import paths
 
     assert paths.served_name("Qwen/Qwen3-VL-2B-Instruct") == "Qwen/Qwen3-VL-2B-Instruct"  # a hub id, as it is
@@ -453,10 +455,11 @@ def test_7_computed_states_are_held_to_a_disk_quota_least_recently_used_first(en
         still_exact(engine, live)
     finally:
         live.close()
-    from vlcache.cli import _serve_options, build_parser
+    from vlcache.cli import build_parser
+    from vlcache.commands.serve import serve_options
 
-    assert _serve_options(build_parser().parse_args(["serve"]), folder, None).disk_quota == 20 * 2**30
-    assert _serve_options(build_parser().parse_args(["serve", "--disk-quota", "1GiB"]), folder, None).disk_quota == 2**30
+    assert serve_options(build_parser().parse_args(["serve"]), folder, None).disk_quota == 20 * 2**30
+    assert serve_options(build_parser().parse_args(["serve", "--disk-quota", "1GiB"]), folder, None).disk_quota == 2**30
 
 
 # 9 -------------------------------------------------------------------------------------------------------------

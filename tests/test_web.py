@@ -507,12 +507,13 @@ def test_no_web_turns_the_page_off(engine, tmp_path):
 
 
 def test_serve_flags():
-    from vlcache.cli import _serve_options, build_parser
+    from vlcache.cli import build_parser
+    from vlcache.commands.serve import serve_options
 
     args = build_parser().parse_args(["serve", "--no-web", "--cors-origin", "http://localhost:3000/"])
-    options = _serve_options(args, Path("states"), None)
+    options = serve_options(args, Path("states"), None)
     assert (options.web, options.cors_origin) == (False, "http://localhost:3000")
-    options = _serve_options(build_parser().parse_args(["serve"]), Path("states"), None)
+    options = serve_options(build_parser().parse_args(["serve"]), Path("states"), None)
     assert (options.web, options.cors_origin) == (True, None)
     with pytest.raises(SystemExit) as exit_:
         build_parser().parse_args(["serve", "--cors-origin", "localhost:3000/path"])

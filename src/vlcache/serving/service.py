@@ -221,7 +221,7 @@ class Service:
             keep = None
         else:
             key, state, cached, covered, after = await self._base(request)
-            new_ids = await run_in_threadpool(self._encode, request.messages, covered)
+            new_ids = await run_in_threadpool(self._encode, request.messages, covered, state.metadata.template_time)
             kv, history, delta, group = state.kv, state.input_ids, int(state.rope_deltas.view(-1)[0]), key
             cont, same = await self._continuation(request.messages[after + 1:], key, history, new_ids)
             if cont is not None:
@@ -254,28 +254,27 @@ class Service:
         key, state, cached = await self.state_for(sources, [ref.kind for ref in request.media], covered, request.salt)
         return key, state, cached, covered[-1], request.media[-1].at[0]
 
-    def _encode(self, messages: list[dict], prefix: list[dict] | None) -> torch.Tensor:
-        """Token ids of the conversation after the image prefix (all of it without one); off the event loop.
-        Its control tokens must be the template's alone: texts that write one out, however they are split or
-        joined with what the template writes around them, are refused."""
-        ids = self._ids(messages, prefix)
+    def _encode(self, messages: list[dict], prefix: list[dict] | None, at: str | None = None) -> torch.Tensor:
+        """Token ids of the conversation after the image prefix (all of it without one), rendered at the state's
+        pinned instant `at` where its template stamps the time; off the event loop. Its control tokens must be
+        the template's alone: texts that write one out, however they are split or joined with what the template
+        writes around them, are refused."""
+        ids = self._ids(messages, prefix, at)
         control = prompt.control_ids(self.engine.processor)
-        template = self._ids(prompt.without_texts(messages), None if prefix is None else prompt.without_texts(prefix))
+        template = self._ids(prompt.without_texts(messages), None if prefix is None else prompt.without_texts(prefix), at)
         if _count(ids, control) != _count(template, control):
             raise APIError(400, "the messages' texts make up one of the model's control tokens; control tokens cannot "
                                 "be typed in text", "messages")
         return ids.to(self.engine.device)
 
-    def _ids(self, messages: list[dict], prefix: list[dict] | None) -> torch.Tensor:
+    def _ids(self, messages: list[dict], prefix: list[dict] | None, at: str | None) -> torch.Tensor:
         processor = self.engine.processor
         if prefix is None:
-            text = prompt.render(processor, messages, add_generation_prompt=True)
-        else:
-            try:
-                text = prompt.text_after(processor, prefix, messages)
-            except ValueError:
-                raise APIError(400, "the conversation cannot be split at its image with this chat template", "messages") from None
-        return prompt.encode_text(processor, text)
+            return prompt.encode_text(processor, prompt.render(processor, messages, add_generation_prompt=True))
+        try:
+            return self.engine.ids_after(prefix, messages, at=at)
+        except ValueError:
+            raise APIError(400, "the conversation cannot be split at its image with this chat template", "messages") from None
 
     def _fit_context(self, request: ChatRequest, prompt_tokens: int) -> None:
         """Refuse what the model cannot hold; the default answer length shrinks to fit."""
