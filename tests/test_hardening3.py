@@ -242,6 +242,32 @@ def test_3_downloads_from_an_object_store_are_streamed_in_pieces_and_bounded(eng
         live.close()
 
 
+def test_3_a_download_that_outlasts_its_time_is_cut_and_frees_its_slot(engine, tmp_path, monkeypatch):
+    import time
+
+    from vlcache.serving import native as native_module
+    from vlcache.serving import store as store_module
+
+    live = LiveServer(engine, tmp_path / "states", max_downloads=1)
+    try:
+        made = shared_state(live)
+        with (tmp_path / "states" / f"{made['id']}.safetensors").open("ab") as out:
+            out.write(b"\0" * 8 * 2**20)  # more than the sockets between take: the client's not reading holds it
+        monkeypatch.setattr(store_module, "DOWNLOAD_PIECE", 64 * 1024)
+        monkeypatch.setattr(native_module, "DOWNLOAD_SECONDS", 1.0)
+        (held,) = stalled_downloads(live, made["id"], 1)
+        time.sleep(0.3)
+        assert live.service.downloading == 1
+        deadline = time.time() + 30
+        while live.service.downloading and time.time() < deadline:
+            time.sleep(0.05)
+        assert live.service.downloading == 0  # cut after DOWNLOAD_SECONDS though its client never left
+        held.close()
+        assert raw(live, "GET", f"{STATES}/{made['id']}", "127.0.0.1")[0] == 200
+    finally:
+        live.close()
+
+
 def test_3_a_state_held_in_memory_only_is_sent_in_pieces_that_make_its_file(engine, tmp_path, monkeypatch):
     from vlcache.serving import store as store_module
     from vlcache.state import load_state
