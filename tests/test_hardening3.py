@@ -617,26 +617,29 @@ def test_8_media_beyond_the_context_are_refused_before_the_vision_encoder(engine
     assert len(list(live.service.store.folder.location.glob("*.safetensors"))) == 1  # the victim's: none stored for it
 
 
-def test_8_the_vision_encoder_runs_one_image_or_video_per_unit_of_work_and_stays_exact(engine, monkeypatch):
+@pytest.mark.parametrize("kind", ["qwen3_vl", "qwen2_5_vl"])  # GLM-4.1V: see below
+def test_8_the_vision_encoder_runs_one_image_or_video_per_unit_of_work_and_stays_exact(kind, engine, family_engine, monkeypatch):
     from test_media import N, QUESTION, clip, expected
     from vlcache import prompt as prompt_module
 
+    model = engine if kind == "qwen3_vl" else family_engine(kind)
     sources = [photo("rocket.jpg"), photo("coffee.png"), clip(), photo("chelsea.png")]
     messages = prompt_module.media_conversation(SYSTEM, ["image", "image", "video", "image"])
     unit, calls = [0], []
     for name in ("get_image_features", "get_video_features"):
-        real = getattr(engine.model.model, name)
-        monkeypatch.setattr(engine.model.model, name, lambda *a, real=real, name=name, **k: calls.append((name, unit[0])) or real(*a, **k))
-    steps = engine.cache_media_steps(sources, messages, chunk=8)
+        real = getattr(model.model.model, name)
+        monkeypatch.setattr(model.model.model, name, lambda *a, real=real, name=name, **k: calls.append((name, unit[0])) or real(*a, **k))
+    steps = model.cache_media_steps(sources, messages, chunk=8)
     try:
         while True:
             next(steps)
             unit[0] += 1
     except StopIteration as done:
         state = done.value
-    # Each item its own unit (a running answer's decode step goes between): the images, then the video (whose
-    # encoder calls the image encoder in turn).
+    # Each image its own unit, then the video (a running answer's step between). A video whose frames went in
+    # groups was not exact (not done): a long clip is still one unit. GLM-4.1V's images and a video in pieces fail
+    # in its forward (video features counted as image tokens) with or without this change: a separate bug.
     assert [u for n, u in calls if n == "get_video_features"] == [3], calls
-    assert [u for n, u in calls if n == "get_image_features"] == [0, 1, 2, 3], calls
+    assert [u for n, u in calls if n == "get_image_features" and u < 3] == [0, 1, 2], calls
     monkeypatch.undo()
-    assert engine.ask(state, QUESTION, max_new_tokens=N).token_ids == expected(engine, state, sources)
+    assert model.ask(state, QUESTION, max_new_tokens=N).token_ids == expected(model, state, sources)
