@@ -7,6 +7,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Remembered fingerprints go to a folder of this run, never the user's ~/.cache (subprocesses inherit it).
 os.environ["VLCACHE_HOME"] = tempfile.mkdtemp(prefix="vlcache-home-")
+# Compiled steps, though, are kept from one run to the next (as torch's own temporary cache kept them): a cold
+# compile of every served tiny model would cost minutes. This user's alone (0700), as vlcache requires.
+_COMPILED = Path(tempfile.gettempdir()) / f"vlcache-test-compile-{os.getuid()}"
+_COMPILED.mkdir(mode=0o700, exist_ok=True)
+(Path(os.environ["VLCACHE_HOME"]) / "compile").symlink_to(_COMPILED)
 
 import pytest  # noqa: E402
 

@@ -11,6 +11,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 import uvicorn
@@ -194,8 +195,8 @@ def test_image_endpoints(server):
 
 def test_models_health_metrics(server):
     status, models = server.get("/v1/models")
-    assert status == 200 and models["data"][0]["id"] == server.service.engine.model_name
-    assert [m.id for m in server.client.models.list()] == [server.service.engine.model_name]
+    assert status == 200 and models["data"][0]["id"] == Path(server.service.engine.model_name).name
+    assert [m.id for m in server.client.models.list()] == [Path(server.service.engine.model_name).name]
     ask(server.client, "astronaut.png", "Hi?")
     metrics = urllib.request.urlopen(server.url + "/metrics").read().decode()
     assert "vlcache_time_to_first_token_seconds_count 1.0" in metrics

@@ -233,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"folder or URL where states are written (default: $VLCACHE_HOME/states, now {paths.states_dir()})")
     serve.add_argument("--memory-budget", metavar="SIZE", type=byte_size, default=byte_size("4GiB"),
                        help="bytes of states kept in memory (default: 4GiB)")
+    serve.add_argument("--disk-quota", metavar="SIZE", type=byte_size, default=byte_size("20GiB"),
+                       help="bytes of computed states' files kept in --cache-dir, least recently used removed (default: 20GiB)")
     serve.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image and video URLs")
     serve.add_argument("--allow-private-urls", action="store_true",
                        help="with --allow-remote-images: also private, loopback and link-local addresses")
@@ -266,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-web", action="store_true", help="no chat page at / (the API alone)")
     serve.add_argument("--cors-origin", type=web_origin, default=None, metavar="ORIGIN",
                        help="one other origin whose pages may call the API, e.g. https://example.com (default: none)")
+    serve.add_argument("--served-model-name", metavar="NAME", default=None,
+                       help="the model's name in /v1/models, /health and answers (default: the hub id, or a local folder's name)")
     serve.add_argument("--share-all-states", action="store_true",
                        help="list, and answer by id, every state (chat completions' too: other clients' conversations "
                             "and photos); by default only those made through /v1/vlcache/cache and /v1/images")

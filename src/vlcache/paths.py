@@ -61,8 +61,8 @@ def _owner_only(folder: Path, fix: bool) -> None:
         folder.mkdir(parents=True, mode=0o700)
     except FileExistsError:
         pass
-    info = folder.lstat()
-    if hasattr(os, "getuid") and (info.st_uid != os.getuid() or not folder.is_dir() or folder.is_symlink()):
+    info = folder.stat()  # a link is judged by what it leads to
+    if not folder.is_dir() or (hasattr(os, "getuid") and info.st_uid != os.getuid()):
         raise PermissionError(f"{folder} belongs to another user")
     if info.st_mode & 0o022 and not fix:
         raise PermissionError(f"{folder} may be written by other users")
@@ -73,3 +73,9 @@ def _owner_only(folder: Path, fix: bool) -> None:
 def checks_file() -> Path:
     """Models outside vlcache's families that passed `vlcache check`, by weight fingerprint."""
     return home() / "checked.json"
+
+
+def served_name(model: str) -> str:
+    """The name a server's clients see for its model: a hub id as it is, a local folder by its own name alone (its
+    absolute path would tell every client how the server's disk is laid out)."""
+    return Path(model).name if Path(model).exists() else model

@@ -258,12 +258,33 @@ def check_text(processor, text: str, where: str = "the prompt") -> None:
 
 
 def check_messages(processor, messages: list[dict]) -> None:
-    """check_text on every text of a conversation (plain-string contents and text parts)."""
+    """check_text on every text of a conversation (plain-string contents and text parts), text parts that follow
+    one another joined as a template writes them: "<|im_" and "start|>" in two parts make the token together."""
     for i, message in enumerate(messages):
         content = message["content"]
-        for part in content if isinstance(content, list) else [{"text": content}]:
+        run: list[str] = []
+        for part in [*(content if isinstance(content, list) else [{"text": content}]), {}]:  # {}: ends the last run
             if "text" in part:
-                check_text(processor, part["text"], f"messages[{i}] ({message['role']})")
+                run.append(part["text"])
+                continue
+            if run:
+                check_text(processor, "".join(run), f"messages[{i}] ({message['role']})")
+            run = []
+
+
+def control_ids(processor) -> frozenset[int]:
+    """The ids of the tokenizer's control tokens."""
+    ids = processor.tokenizer.convert_tokens_to_ids(list(control_tokens(processor)))
+    return frozenset(i for i in ids if isinstance(i, int))
+
+
+def without_texts(messages: list[dict]) -> list[dict]:
+    """The conversation with every text a user wrote replaced by a plain letter: what the template alone writes.
+    Its control tokens are all the rendered conversation may have; one more came from the texts."""
+    def part(p):
+        return {**p, "text": "x"} if "text" in p else p
+
+    return [{**m, "content": [part(p) for p in m["content"]] if isinstance(m["content"], list) else "x"} for m in messages]
 
 
 def check_plain_text(text: str, where: str = "the prompt") -> None:

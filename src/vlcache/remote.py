@@ -141,7 +141,7 @@ def cache(args: argparse.Namespace, url: str) -> int:
 
 def _check_model(args: argparse.Namespace, client: Client) -> None:
     health = client.health()
-    if getattr(args, "model", None) and args.model != health["model"]:
+    if getattr(args, "model", None) and health["model"] not in (args.model, paths.served_name(args.model)):
         raise VlcacheError(f"--model {args.model} is not the server's model ({health['model']} at {client.url}); drop "
                            "--model, or run without --server")
 

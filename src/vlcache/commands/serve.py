@@ -55,7 +55,8 @@ def serve_options(args: argparse.Namespace, cache_dir, local):
                         media_workers=args.media_workers,
                         video_decode_pixels=args.video_decode_pixels, media=MediaOptions(fps=args.fps, max_frames=args.max_frames),
                         web=not args.no_web, cors_origin=args.cors_origin, host=args.host,
-                        allowed_hosts=tuple(args.allowed_host or ()), share_all_states=args.share_all_states)
+                        allowed_hosts=tuple(args.allowed_host or ()), share_all_states=args.share_all_states,
+                        served_model_name=args.served_model_name, disk_quota=args.disk_quota)
 
 
 def _serve_on_ray(args: argparse.Namespace, options) -> int:

@@ -59,7 +59,7 @@ class QwenMRoPE(Family):
         return run_steps(self.prefill_steps(inputs, cache, dtype, None))
 
     def prefill_steps(self, inputs, cache, dtype: torch.dtype, chunk: int | None, start: int = 0):
-        """The vision encoder as one unit, then the prefix in pieces of `chunk` tokens, each given the image
+        """The vision encoder one image or video at a time, then the prefix in pieces of `chunk` tokens, each given the image
         and video features (and Qwen3-VL's deepstack features) of the media tokens inside it.
 
         With `start` > 0 the cache already holds the first `start` tokens (a state that ends after a media
@@ -82,8 +82,14 @@ class QwenMRoPE(Family):
         if start == 0 and (chunk is None or n <= chunk):  # all at once, as generate() does it
             forward(self.model, ids, positions, cache, mm_token_type_ids=types, **_vision_inputs(inputs, dtype))
             return delta
-        encoded = {kind: self._encode(inputs, kind, dtype, start) for kind in _KINDS if inputs.get(_KINDS[kind][1]) is not None}
-        encoded = {kind: value for kind, value in encoded.items() if value is not None}
+        encoded = {}
+        for kind in _KINDS:  # one image or video per unit of work: running answers take a step between them
+            if inputs.get(_KINDS[kind][1]) is not None:
+                if encoded:
+                    yield
+                value = yield from self._encode(inputs, kind, dtype, start)
+                if value is not None:
+                    encoded[kind] = value
         yield
         chunk = chunk or n
         for piece in range(start, n, chunk):
@@ -101,7 +107,7 @@ class QwenMRoPE(Family):
         return delta
 
     def _encode(self, inputs, kind: str, dtype: torch.dtype, start: int):
-        """The encoder's output for the `kind` media items whose tokens lie at or after `start`, and how many
+        """(A generator: one unit of work per item.) The encoder's output for the `kind` media items whose tokens lie at or after `start`, and how many
         tokens of that kind come before the first of them (None if there are no such items)."""
         code, pixels_name, grid_name = _KINDS[kind]
         grids = inputs[grid_name]
@@ -116,8 +122,24 @@ class QwenMRoPE(Family):
             return None  # all of them are in the state already
         patches = int(grids[:skip].prod(-1).sum())
         encoder = self.model.model.get_image_features if kind == "image" else self.model.model.get_video_features
-        with torch.inference_mode():
-            features = encoder(inputs[pixels_name][patches:].to(dtype), grids[skip:], return_dict=True)
+        # Item by item (the encoder attends within an image, or a video's frame, only), a unit of work between
+        # two: the outputs, per item already, are joined as one call over all of them gives them.
+        features, pooled, deep = None, [], None
+        for i in range(skip, len(tokens)):
+            size = int(grids[i].prod())
+            with torch.inference_mode():
+                out = encoder(inputs[pixels_name][patches : patches + size].to(dtype), grids[i : i + 1], return_dict=True)
+            patches += size
+            features = features or out
+            pooled += list(out.pooler_output)
+            levels = getattr(out, "deepstack_features", None)
+            if levels is not None:
+                deep = [list(level) for level in levels] if deep is None else [d + list(level) for d, level in zip(deep, levels)]
+            if i < len(tokens) - 1:
+                yield
+        features["pooler_output"] = tuple(pooled)
+        if deep is not None:
+            features["deepstack_features"] = [tuple(level) for level in deep]
         return features, skipped
 
     # -- positions -------------------------------------------------------------------------------------------

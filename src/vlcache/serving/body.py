@@ -8,6 +8,7 @@ import json
 import time
 
 from fastapi import FastAPI, Request
+from starlette.concurrency import run_in_threadpool
 
 from .requests import APIError, error_response
 
@@ -113,6 +114,10 @@ async def json_body(request: Request):
         raise APIError(413, str(exc)) from None
     except BodyTimeout:
         raise APIError(408, f"the request body did not arrive within {BODY_SECONDS:.0f} s") from None
+    return await run_in_threadpool(_loads, raw)  # off the event loop: a body of --max-body takes a while
+
+
+def _loads(raw: bytes):
     try:
         return json.loads(raw)
     except (ValueError, RecursionError):  # bad JSON or UTF-8, integers of thousands of digits, nesting too deep

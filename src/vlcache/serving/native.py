@@ -48,7 +48,7 @@ def add_native_routes(app: FastAPI, service: Service) -> None:
     @app.post(ASK)
     async def ask(request: Request):
         started = time.perf_counter()
-        chat = parse_ask(await json_body(request), options.default_max_tokens)
+        chat = await run_in_threadpool(parse_ask, await json_body(request), options.default_max_tokens)
 
         def stream(job, events, cached):
             return _answer_events(service, job, events, cached, started)
@@ -115,7 +115,7 @@ def add_native_routes(app: FastAPI, service: Service) -> None:
         body = await json_body(request)  # the body first: refused before reading, a sender gets a broken pipe, not a 429
         service.admit()  # as a chat is: a queued state holds its decoded media
         try:
-            sources, kinds, system_prompt = parse_cache(body)
+            sources, kinds, system_prompt = await run_in_threadpool(parse_cache, body)
             covered = [prompt.media_conversation(system_prompt, kinds[: j + 1]) for j in range(len(kinds))]
             key, state, cached = await unless_disconnected(request, service.state_for(sources, kinds, covered))
             await run_in_threadpool(service.store.share, key)  # this endpoint shares it: listed, and named by id

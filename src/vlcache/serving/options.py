@@ -12,6 +12,7 @@ from ..media import MediaOptions
 class ServeOptions:
     cache_dir: Path | str  # a local folder, or an fsspec URL (s3://bucket/prefix/) several servers share
     memory_budget: int
+    disk_quota: int | None = 20 * 2**30  # bytes of computed states' files kept, least recently used removed (None: no bound)
     allow_remote_images: bool = False
     allow_private_urls: bool = False  # remote images from private, loopback and link-local addresses too
     allow_local_files: Path | None = None
@@ -32,4 +33,5 @@ class ServeOptions:
     cors_origin: str | None = None  # the one other origin whose pages may call the API (--cors-origin); none by default
     host: str = "127.0.0.1"  # the address listened on: a name requests' Host header may give
     allowed_hosts: tuple[str, ...] = ()  # other names it may give (--allowed-host; "*": any)
+    served_model_name: str | None = None  # the model's name in answers (--served-model-name; None: hub id or folder name)
     share_all_states: bool = False  # list and answer by id every state, chat completions' too (--share-all-states)

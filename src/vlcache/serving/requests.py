@@ -16,6 +16,8 @@ from .store import KEY_PATTERN
 
 MAX_TOKENS_CAP = 8192
 MAX_MEDIA_PARTS = 32  # images and videos in one conversation
+MAX_MESSAGES = 1024  # messages in one conversation
+MAX_PARTS = 4096  # content parts in one conversation, of every kind
 
 
 class APIError(Exception):
@@ -58,6 +60,7 @@ def parse_chat(body: object, default_max_tokens: int) -> ChatRequest:
     raw = body.get("messages")
     if not isinstance(raw, list) or not raw:
         raise APIError(400, "'messages' must be a non-empty list", "messages")
+    _check_counts(raw)
     messages, found = [], []
     for i, message in enumerate(raw):
         messages.append(parse_message(message, i, found))
@@ -102,6 +105,16 @@ def parse_chat(body: object, default_max_tokens: int) -> ChatRequest:
         max_tokens_given=given,
         salt=salt,
     )
+
+
+def _check_counts(raw: list) -> None:
+    """Refuse, before any message is parsed, conversations of more messages or parts than any chat needs: a body
+    of a million tiny parts would otherwise cost seconds of parsing before its 400."""
+    if len(raw) > MAX_MESSAGES:
+        raise APIError(400, f"at most {MAX_MESSAGES} messages per conversation, got {len(raw)}", "messages")
+    parts = sum(len(m["content"]) for m in raw if isinstance(m, dict) and isinstance(m.get("content"), list))
+    if parts > MAX_PARTS:
+        raise APIError(400, f"at most {MAX_PARTS} content parts per conversation, got {parts}", "messages")
 
 
 def parse_message(message: object, index: int, found: list) -> dict:
@@ -168,6 +181,7 @@ def parse_ask(body: object, default_max_tokens: int) -> ChatRequest:
     raw = body.get("messages")
     if not isinstance(raw, list) or not raw:
         raise APIError(400, "'messages' must be a non-empty list", "messages")
+    _check_counts(raw)
     found: list = []
     messages = [parse_message(m, i, found) for i, m in enumerate(raw)]
     if found:

@@ -5,7 +5,7 @@ One thread owns the model. Each iteration it
    image states to compute queue as tasks;
 2. ends rows whose client went away or hit a stop string;
 3. does one unit of prefill work, at most `prefill_chunk` tokens: the next piece of an image state (the
-   vision encoder is one unit, the prefix prefill goes in pieces where the family can split it), or the
+   vision encoder on one image or video, the prefix prefill in pieces, where the family can split them), or the
    questions of rows joining the batch (several short ones together, a long one in pieces); the two take
    turns when both wait;
 4. runs one decode step for every running row; finished rows leave at once and free their row.

@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .. import prompt
+from .. import paths, prompt
 from ..engine import Engine
 from ..errors import ImageError
 from ..media import IMAGE
@@ -50,7 +50,7 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
 
     app = FastAPI(title="vlcache", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.service = service
-    model_id = engine.model_name
+    model_id = options.served_model_name or paths.served_name(engine.model_name)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -86,7 +86,7 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         started = time.perf_counter()
-        chat = parse_chat(await json_body(request), options.default_max_tokens)
+        chat = await run_in_threadpool(parse_chat, await json_body(request), options.default_max_tokens)
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def stream(job, events, cached):

@@ -61,7 +61,7 @@ class Service:
         self.options = options = _resolved(options, engine, self._context_length(engine))
         self.store = StateStore(options.cache_dir, options.memory_budget, engine.fingerprint, engine.device,
                                 adopt=engine.adopt, layout=engine.layout(), upload_quota=options.upload_quota,
-                                share_all=options.share_all_states)
+                                share_all=options.share_all_states, disk_quota=options.disk_quota)
         self.metrics = Metrics()
         self.scheduler = Scheduler(engine, max_batch=options.max_batch, prefill_chunk=options.prefill_chunk, stats=self.metrics)
         # Fetching and decoding media run on threads of their own: slow downloads or long videos never hold
@@ -169,7 +169,14 @@ class Service:
 
     def _prepare(self, sources: list[bytes], messages: list[dict], budget: video.DecodeBudget):
         with video.limited(budget):
-            return self.engine.prepare_media(sources, messages, self.options.media, self.options.max_image_pixels)
+            prepared = self.engine.prepare_media(sources, messages, self.options.media, self.options.max_image_pixels)
+        # The processor's grids gave the state's length: one the model cannot hold is refused before the vision
+        # encoder runs (it would stall every running answer, and every question about it would be refused).
+        tokens, context = int(prepared.inputs["input_ids"].shape[1]), self.context_length
+        if tokens >= context:
+            raise ImageError(f"the media make {tokens:,} tokens, beyond this model's context of {context:,}; send "
+                             "smaller images or fewer frames")
+        return prepared
 
     async def respond(self, request: Request, chat: ChatRequest, endpoint: str, stream, collect):
         """Admit a request (or 429), build and submit its job, then answer it: `stream(job, events, cached)` gives
@@ -205,7 +212,7 @@ class Service:
         """Build the generation job for a chat request; returns it with its cached-token count and event queue."""
         engine = self.engine
         try:
-            prompt.check_messages(engine.processor, request.messages)
+            await run_in_threadpool(prompt.check_messages, engine.processor, request.messages)  # long texts: off the loop
         except VlcacheError as exc:
             raise APIError(400, str(exc), "messages") from None
         if not request.media and request.state is None:
@@ -249,10 +256,21 @@ class Service:
 
     def _encode(self, messages: list[dict], prefix: list[dict] | None, at: str | None = None) -> torch.Tensor:
         """Token ids of the conversation after the image prefix (all of it without one), rendered at the state's
-        pinned instant `at` where its template stamps the time; off the event loop."""
+        pinned instant `at` where its template stamps the time; off the event loop. Its control tokens must be
+        the template's alone: texts that write one out, however they are split or joined with what the template
+        writes around them, are refused."""
+        ids = self._ids(messages, prefix, at)
+        control = prompt.control_ids(self.engine.processor)
+        template = self._ids(prompt.without_texts(messages), None if prefix is None else prompt.without_texts(prefix), at)
+        if _count(ids, control) != _count(template, control):
+            raise APIError(400, "the messages' texts make up one of the model's control tokens; control tokens cannot "
+                                "be typed in text", "messages")
+        return ids.to(self.engine.device)
+
+    def _ids(self, messages: list[dict], prefix: list[dict] | None, at: str | None) -> torch.Tensor:
         processor = self.engine.processor
         if prefix is None:
-            return prompt.encode_text(processor, prompt.render(processor, messages, add_generation_prompt=True)).to(self.engine.device)
+            return prompt.encode_text(processor, prompt.render(processor, messages, add_generation_prompt=True))
         try:
             return self.engine.ids_after(prefix, messages, at=at)
         except ValueError:
@@ -336,6 +354,10 @@ class Service:
                                                                 answer_start=answer_start))
 
         return keep
+
+
+def _count(ids: torch.Tensor, wanted: frozenset[int]) -> int:
+    return sum(1 for i in ids.view(-1).tolist() if i in wanted)
 
 
 def _prefix(messages: list[dict], at: tuple[int, int]) -> list[dict]:

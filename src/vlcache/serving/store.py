@@ -33,6 +33,7 @@ from ..state import ImageState, StateMetadata, kv_nbytes, load_state, read_metad
 
 KEY_PATTERN = re.compile(r"[0-9a-f]{64}")  # use fullmatch: "$" would also accept a trailing newline
 RESCAN_SECONDS = 1.0  # a miss looks for files others added at most this often
+STAMP_SETTLED_NS = 2 * 10**9  # a folder changed more recently than this is scanned whatever its stamp says
 UPLOADS = "uploads"  # the subfolder of uploaded cache files, by content hash
 DOWNLOAD_PIECE = 1 << 20  # bytes a download reads (an object store: one ranged request) and sends at a time
 SHARED = "shared"  # the subfolder of markers (<key>.shared, empty) of states made through a sharing endpoint
@@ -86,7 +87,8 @@ class Continuation:
 
 class StateStore:
     def __init__(self, cache_dir: str | Path, memory_budget: int, fingerprint: str, device, adopt=None,
-                 layout: Layout | None = None, upload_quota: int | None = None, share_all: bool = False):
+                 layout: Layout | None = None, upload_quota: int | None = None, share_all: bool = False,
+                 disk_quota: int | None = None):
         self.folder = Folder(cache_dir)  # a local folder or an fsspec URL (s3://bucket/prefix/): shared by a fleet
         self.folder.make()  # CacheFileError for a folder that cannot be written: refused at start
         self.budget = memory_budget
@@ -95,11 +97,13 @@ class StateStore:
         self._adopt = adopt or (lambda state: state)  # e.g. Engine.adopt: states of another dtype are cast
         self.layout = layout  # the model's: files whose tensors do not fit it are misses, read no further than the header
         self.upload_quota = upload_quota  # bytes of uploaded files kept; the least recently used go beyond it
+        self.disk_quota = disk_quota  # bytes of the files of computed states kept; the least recently used go beyond it
         self._hot: OrderedDict[str, ImageState] = OrderedDict()
         self._hot_bytes = 0
         self._index: dict[str, Path | str] = {}  # key -> file, for files not named by their key
         self._scanned: dict[Path | str, tuple[float, int]] = {}  # file -> (mtime, size) when its header was read
         self._last_scan = 0.0
+        self._stamp: tuple | None = None  # _folder_stamp() when the index was last brought up to date
         self._meta: dict[Path | str, StateMetadata] = {}  # file -> its metadata, read by the scan that indexed it
         self._used: dict[str, float] = {}  # key -> when this process last served or stored it (time.time())
         self.write_errors = 0  # states that could not be written to disk (kept in memory only)
@@ -130,6 +134,9 @@ class StateStore:
             state = self._adopt(load_state(path, device=self.device, layout=self.layout))
         except CacheFileError:
             return None, "miss"
+        if not self.folder.is_url:
+            with contextlib.suppress(OSError):
+                os.utime(path)  # used: the disk quota removes the least recently used files first
         self._keep_hot(key, state)
         with self._lock:
             self._used[key] = time.time()
@@ -144,6 +151,11 @@ class StateStore:
                 state.save(target)
             with self._lock:
                 self._index[key] = target
+            if not self.folder.is_url:  # listed at once, with its size, not after the next scan
+                info = os.stat(target)
+                with self._lock:
+                    self._meta[target], self._scanned[target] = state.metadata, (info.st_mtime, info.st_size)
+            self._hold_disk_quota(keep=target)
         except Exception as exc:  # noqa: BLE001 - disk full, read-only, any object store's error: the answer goes on
             self.write_errors += 1
             log.warning(f"warning: could not write state {key[:12]} to {self.folder}: {_reason(exc)}; serving it from memory")
@@ -191,6 +203,32 @@ class StateStore:
                 with self._lock:
                     self._evict(UPLOADS + ":" + Path(str(path)).stem)
                 log.info(f"upload {Path(str(path)).stem[:12]} removed: uploads over their {self.upload_quota:,}-byte quota")
+
+    def _hold_disk_quota(self, keep) -> None:
+        """Remove the least recently used (written or read) files of computed states beyond the disk quota, all
+        but `keep`, the newest. Only files named by their key (what this server writes) count and go: a cache file
+        someone put in the folder under another name is theirs to remove."""
+        if self.disk_quota is None:
+            return
+        entries = {path: stamp for path, stamp in self.folder.entries((".safetensors",)).items()
+                   if KEY_PATTERN.fullmatch(Path(str(path)).name.split(".")[0])}
+        total = sum(size for _, size in entries.values())
+        for path, (_, size) in sorted(entries.items(), key=lambda item: item[1][0]):  # least recently used first
+            if total <= self.disk_quota:
+                break
+            if str(path) == str(keep):
+                continue
+            key = Path(str(path)).name.split(".")[0]
+            if self.folder.delete(path):
+                total -= size
+                with self._lock:  # held in memory, it is still served (and sent) from there, shared as it was
+                    self._index.pop(key, None)
+                    gone = key not in self._hot
+                    if gone:
+                        self._shared.discard(key)
+                if gone:
+                    self.folder.delete(self._marker(key))
+                log.info(f"state {key[:12]} removed: states over their {self.disk_quota:,}-byte disk quota")
 
     def get_upload(self, digest: str) -> tuple[ImageState | None, str]:
         key = UPLOADS + ":" + digest
@@ -366,6 +404,9 @@ class StateStore:
         """
         with self._lock:
             self._last_scan = time.monotonic()
+        stamp = self._folder_stamp()
+        if stamp is not None and stamp == self._stamp:
+            return  # no file added, removed or renamed since the last scan: the index is up to date
         try:
             seen = self.folder.entries((".safetensors", ".pt"))
             shared = {Path(str(path)).stem for path in self.folder.entries((".shared",), sub=SHARED)}
@@ -383,6 +424,22 @@ class StateStore:
             self._scanned = seen
             self._shared |= {key for key in shared if KEY_PATTERN.fullmatch(key)}
             self._meta = {path: meta for path, meta in self._meta.items() if path in seen}
+            self._stamp = stamp
+
+    def _folder_stamp(self) -> tuple | None:
+        """When the local folder and its markers' folder last had a file added, removed or renamed (states are
+        written by a rename), or None: not known, or too recent to rely on (a change within the clock's tick of
+        the last scan would look like none), or an object store. A listing then skips the scan of every file."""
+        if self.folder.is_url:
+            return None
+        try:
+            stamps = [os.stat(folder).st_mtime_ns for folder in (self.folder.location, self.folder.location / SHARED)
+                      if os.path.isdir(folder)]
+        except OSError:
+            return None
+        if not stamps or time.time_ns() - max(stamps) < STAMP_SETTLED_NS:
+            return None
+        return tuple(stamps)
 
     def _key_of(self, path: Path | str) -> str | None:
         try:
