@@ -105,7 +105,12 @@ def test_chat_through_the_server_equals_a_local_conversation(engine, server, cac
     assert result.returncode == 0, result.stderr
     chat = Conversation(engine, engine.load_state(cache_file))
     expected = [chat.ask(t, max_new_tokens=N, temperature=0).token_ids for t in turns]
-    assert [json.loads(line)["token_ids"] for line in result.stdout.splitlines()] == expected
+    answers = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [a["token_ids"] for a in answers] == expected
+    # Each turn continues the server's kept conversation: the cached part grows by the turns before it.
+    cached = [a["cached_tokens"] for a in answers]
+    assert cached[0] == engine.load_state(cache_file).num_tokens and cached[0] < cached[1] < cached[2], cached
+    assert all(a["cached_tokens"] < a["prompt_tokens"] for a in answers), answers
     saving = run("chat", "--server", server.url, "--cache", cache_file, stdin="/save x.pt\n")
     assert saving.returncode == 1 and "not available through a server" in saving.stderr
 

@@ -34,7 +34,7 @@ from .metrics import Metrics
 from .options import ServeOptions
 from .requests import APIError, ChatRequest, valid_id
 from .scheduler import Job, Scheduler
-from .store import Continuation, StateStore
+from .store import UPLOADS, Continuation, StateStore
 from .streaming import released, unless_disconnected
 
 
@@ -277,6 +277,7 @@ class Service:
         state, source = await run_in_threadpool(self.store.get, valid_id(key, "state"))
         if state is None:  # an uploaded cache file, named by the hash of its bytes
             state, source = await run_in_threadpool(self.store.get_upload, key)
+            key = f"{UPLOADS}:{key}"  # the store's own key for it: a next turn's continuation is kept under it
         self.metrics.states.labels(result=source).inc()
         if state is None:
             raise APIError(404, f"no state {key} on this server; upload its cache file first", "state")
