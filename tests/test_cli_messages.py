@@ -235,3 +235,22 @@ def test_a_default_run_prints_only_vlcaches_lines(kind, tiny_model_dir, tmp_path
     assert any("Loading weights" in line for line in hidden), verbose.stderr
     if kind == "qwen3_5":
         assert any("causal-conv1d" in line or "causal_conv1d" in line for line in hidden), verbose.stderr
+
+
+def test_a_moved_model_folder_is_not_offered_for_download(astronaut_state, tmp_path, capsys, monkeypatch):
+    """Issue 32 item 5: a local folder cannot be downloaded, so the hint asks where the model is now; a hub id
+    (the control) is still offered for download."""
+    import dataclasses
+
+    monkeypatch.delenv("VLCACHE_MODEL", raising=False)
+    moved, hub = tmp_path / "mv1", "vlcache-test/not-in-any-cache"
+    for name, model in (("moved.pt", str(moved)), ("hub.pt", hub)):
+        meta = dataclasses.replace(astronaut_state.metadata, model=model)
+        dataclasses.replace(astronaut_state, metadata=meta).save(tmp_path / name)
+    assert cli.main(["ask", "--cache", str(tmp_path / "moved.pt"), "--prompt", "x"]) == 1
+    assert err_lines(capsys) == [f"error: the cache was made with the model folder {moved}, which is not on this "
+                                 "machine; pass --model with where that model is now (or set VLCACHE_MODEL)"]
+    assert cli.main(["chat", "--cache", str(tmp_path / "hub.pt")]) == 1
+    assert err_lines(capsys) == [f"error: the cache was made with {hub}, which is not on this machine; pass --model "
+                                 f"{hub} to download and use it (vlcache does not download what a cache file names on "
+                                 "its own)"]
