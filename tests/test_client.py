@@ -4,6 +4,7 @@ uploaded once, checked like any cache file, and refused for another model."""
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -191,6 +192,15 @@ def test_serve_detach_status_and_stop(tiny_model_dir, tmp_path, cache_file, engi
         assert started.returncode == 0, started.stderr
         url = started.stdout.strip()
         assert url == f"http://127.0.0.1:{port}"
+        # Issue 32 items 3 and 4: the start shows the server's progress as it comes (the load, each decode step
+        # compiled, k of n with an estimate), each line once, and nothing but vlcache's lines (no torch notes).
+        lines = started.stderr.splitlines()
+        assert lines[0] == f"loading {tiny_model_dir} (auto, auto)..." and lines[-1].startswith(f"vlcache serve is up at {url}")
+        assert any(re.fullmatch(r"decode steps: compiling the step for batch size 16 \(5 of 5; about \d+(s| min) left\)\.\.\.",
+                                line) for line in lines), lines
+        assert len([line for line in lines if re.match(r"decode steps: (compiled|eager) \(", line)]) == 1, lines
+        ours = ("loading ", "loaded in ", "preparing decode steps ", "decode steps: ", "serving ", "vlcache serve is up ")
+        assert all(line.startswith(ours) for line in lines) and len(set(lines)) == len(lines), lines
         status = run("status", "--json", env=env)  # finds the detached server from its record
         assert status.returncode == 0, status.stderr
         assert json.loads(status.stdout)["model"] == str(tiny_model_dir)

@@ -314,6 +314,7 @@ def _version() -> str:
 def run_command(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Run a command with the CLI's error policy: one line on stderr and a non-zero exit, never a traceback."""
     _log_to_stderr()
+    _quiet_libraries(getattr(args, "verbose", False))
     try:
         return run(args)
     except UsageError as exc:
@@ -369,6 +370,16 @@ def _log_to_stderr() -> None:
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    """stderr is vlcache's lines: torch's note that no CUDA runtime is found (logged when torch.compile, or
+    anything else, imports its C++ extension helper on a machine with /usr/local/cuda but no GPU) only with
+    --verbose. Set before torch is imported: the note comes at import."""
+    import logging
+
+    if not verbose:
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:

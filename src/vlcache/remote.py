@@ -158,22 +158,46 @@ def detach(args: argparse.Namespace, argv: list[str]) -> int:
     log = record.with_name("serve.log")
     command = [sys.executable, "-m", "vlcache", "serve", *[a for a in argv if a != "--detach"]]
     with open(log, "ab") as out:
+        start_of_run = out.tell()
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
     url = f"http://{args.host}:{args.port}"
     record.write_text(json.dumps({"pid": process.pid, "url": url, "log": str(log)}))
     deadline = time.monotonic() + DETACH_WAIT_SECONDS
+    echo = _LogEcho(log, start_of_run)  # the server's progress (loading, decode steps) shown while it starts
     while time.monotonic() < deadline:
+        echo.lines()
         if process.poll() is not None:
+            echo.lines()
             record.unlink(missing_ok=True)
             raise VlcacheError(f"the server exited (code {process.returncode}) before it answered; see {log}")
         try:
             health = Client(url, timeout=2).health()
+            echo.lines()
             info(f"vlcache serve is up at {url} (pid {process.pid}, {health['model']}); log {log}")
             print(url)
             return 0
         except ServerError:
             time.sleep(0.5)
     raise VlcacheError(f"the server did not answer within {DETACH_WAIT_SECONDS:.0f} s; see {log}")
+
+
+class _LogEcho:
+    """The whole lines a starting server adds to its log, from `offset` on, copied to stderr."""
+
+    def __init__(self, path: Path, offset: int):
+        self.path, self.offset = path, offset
+
+    def lines(self) -> None:
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self.offset)
+                data = fh.read()
+        except OSError:
+            return
+        whole = data[: data.rfind(b"\n") + 1]
+        self.offset += len(whole)
+        for line in whole.decode("utf-8", "replace").splitlines():
+            info(line)
 
 
 def status(args: argparse.Namespace) -> int:

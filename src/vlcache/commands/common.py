@@ -51,9 +51,9 @@ def compile_steps(engine, mode: str, buckets: list[int]) -> None:
     """Choose the decode step (decode.probe) and say which, and why, on stderr."""
     if mode == "off":
         return
-    info(f"preparing decode steps ({mode}) for {len(buckets)} batch size(s): {', '.join(map(str, buckets))}...")
-    status = engine.compile_steps(mode, buckets)
-    info(f"decode steps: {status['step']} ({status['reason']})")
+    info(f"preparing decode steps ({mode}) for {len(buckets)} batch size(s): {', '.join(map(str, buckets))} (minutes on a "
+         "first start, seconds once $VLCACHE_HOME/compile holds them; --compile off starts at once)...")
+    engine.compile_steps(mode, buckets)  # its last line says what was chosen and why (the logger "vlcache")
 
 
 def first_metadata(caches: list):
