@@ -144,6 +144,7 @@ def test_the_progress_bar_counts_what_it_caches(tiny_model_dir, tmp_path, capsys
     argv = ["cache", str(clips), "-d", str(tmp_path / "out"), "--model", str(tiny_model_dir), "--progress"]
     assert cli.main(argv) == 0
     err = capsys.readouterr().err
+    assert err.startswith(f"loading {tiny_model_dir} "), err  # issue 32 item 4: no empty bar before the model loads
     bar = [line for line in err.replace("\r", "\n").splitlines() if "|" in line]
     assert bar and all("video" in line and "image" not in line for line in bar if "1/1" in line), err
     from vlcache.commands.cache import inputs_unit
@@ -254,3 +255,19 @@ def test_a_moved_model_folder_is_not_offered_for_download(astronaut_state, tmp_p
     assert err_lines(capsys) == [f"error: the cache was made with {hub}, which is not on this machine; pass --model "
                                  f"{hub} to download and use it (vlcache does not download what a cache file names on "
                                  "its own)"]
+
+
+def test_check_and_the_python_api_print_nothing_of_transformers(tiny_model_dir):
+    """Issue 32 item 4: stderr is vlcache's lines only. `vlcache check` prints its report on stdout and nothing on
+    stderr (no loading bar, no video processor warning); Engine.load prints nothing at all; --verbose shows them."""
+    checked = subprocess.run([sys.executable, "-m", "vlcache", "check", "--model", str(tiny_model_dir), "--device", "cpu"],
+                             capture_output=True, text=True, timeout=300)
+    assert checked.returncode == 0 and checked.stderr == "", checked.stderr
+    assert checked.stdout.splitlines()[-1] == "exact: every probe held"
+    load = "import sys; from vlcache import Engine; Engine.load(sys.argv[1], device='cpu'); print('loaded')"
+    loaded = subprocess.run([sys.executable, "-c", load, str(tiny_model_dir)], capture_output=True, text=True, timeout=300)
+    assert (loaded.returncode, loaded.stdout, loaded.stderr) == (0, "loaded\n", "")
+    verbose = "import sys; from vlcache import Engine; from vlcache.model import quiet_transformers; " \
+              "quiet_transformers(verbose=True); Engine.load(sys.argv[1], device='cpu')"
+    shown = subprocess.run([sys.executable, "-c", verbose, str(tiny_model_dir)], capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0 and "Loading weights" in shown.stderr  # the control: the bar exists, and is shown on request

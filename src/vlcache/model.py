@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import json
 import os
@@ -233,7 +235,8 @@ def load(name: str, device: str = "auto", dtype: str | torch.dtype = "auto", unc
         check_memory(name, torch_device, torch_dtype, files)
         # 2. The processor and the weights.
         processor = AutoProcessor.from_pretrained(name)
-        model = AutoModelForImageTextToText.from_pretrained(name, dtype=torch_dtype)
+        with _no_loading_bar():
+            model = AutoModelForImageTextToText.from_pretrained(name, dtype=torch_dtype)
     except ImportError as exc:  # a processor's optional dependency
         extra = next((extra for package, extra in _EXTRAS.items() if package in str(exc)), None)
         hint = f" (pip install 'vlcache[{extra}]')" if extra else ""
@@ -390,9 +393,30 @@ def quiet_transformers(verbose: bool = False) -> None:
     kernel warnings come at the first forward, not at load."""
     from transformers.utils import logging as hf_logging
 
+    global _SHOW_LOADING_BAR
+    _SHOW_LOADING_BAR = verbose
     if verbose:
         hf_logging.set_verbosity_warning()
         hf_logging.enable_progress_bar()
     else:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+
+
+_SHOW_LOADING_BAR = False  # transformers' "Loading weights" bar: only after quiet_transformers(verbose=True)
+
+
+@contextlib.contextmanager
+def _no_loading_bar():
+    """Engine.load prints nothing of its own (a library's caller decides what its stderr shows): transformers'
+    loading bar is off for the load, then as it was."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if not _SHOW_LOADING_BAR:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was and not hf_logging.is_progress_bar_enabled():
+            hf_logging.enable_progress_bar()

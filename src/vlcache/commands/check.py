@@ -7,5 +7,7 @@ import argparse
 
 def run_check(args: argparse.Namespace) -> int:
     from ..check import run
+    from ..model import quiet_transformers
 
+    quiet_transformers(verbose=getattr(args, "verbose", False))  # transformers' bar and warnings: --verbose only
     return run(args.model, device=args.device, dtype=args.dtype or "auto")
