@@ -271,3 +271,41 @@ def test_check_and_the_python_api_print_nothing_of_transformers(tiny_model_dir):
               "quiet_transformers(verbose=True); Engine.load(sys.argv[1], device='cpu')"
     shown = subprocess.run([sys.executable, "-c", verbose, str(tiny_model_dir)], capture_output=True, text=True, timeout=300)
     assert shown.returncode == 0 and "Loading weights" in shown.stderr  # the control: the bar exists, and is shown on request
+
+
+def test_offline_an_absent_hub_model_fails_at_once_and_a_demo_model_stands_in(tmp_path):
+    """Issue 32 item 1: with no model folder, an empty Hugging Face cache and no hub (a loopback port nothing
+    listens on), one line says so and what to do (no retries); `vlcache demo-model` writes a random-weight model
+    that the commands then load without any network."""
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "VLCACHE_MODEL") and "PROXY" not in k.upper()}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="http://127.0.0.1:1")
+
+    def vlcache(*args):
+        return subprocess.run([sys.executable, "-m", "vlcache", *map(str, args)], capture_output=True, text=True,
+                              env=env, timeout=300)
+
+    started = time.monotonic()
+    offline = vlcache("ask", "--prompt", "hi")
+    assert time.monotonic() - started < 60
+    assert offline.returncode == 1 and offline.stdout == ""
+    assert offline.stderr.splitlines() == [
+        "loading Qwen/Qwen3-VL-2B-Instruct (auto, auto)...",
+        "error: cannot load model 'Qwen/Qwen3-VL-2B-Instruct': the Hugging Face hub (http://127.0.0.1:1) cannot be "
+        "reached (Connection refused) and the model is not on this machine; pass --model /path/to/a/model/folder (or "
+        "set VLCACHE_MODEL=/path), set HF_HUB_OFFLINE=1 to use models already downloaded, or try vlcache offline with "
+        "a small random-weight model: vlcache demo-model DIR"]
+    folder = tmp_path / "demo"
+    made = vlcache("demo-model", folder)
+    assert made.returncode == 0 and made.stdout == f"{folder}\n"
+    assert re.fullmatch(rf"wrote a demo model with RANDOM weights \(\d+\.\d MiB; its answers are noise\) to {folder}; "
+                        rf"try it: export VLCACHE_MODEL={folder}\n", made.stderr), made.stderr
+    assert "RANDOM WEIGHTS" in (folder / "README.md").read_text()
+    asked = vlcache("ask", "--model", folder, "--image", photo("rocket.jpg"), "--prompt", "hi", "--max-new-tokens", 2,
+                    "--json")
+    assert asked.returncode == 0, asked.stderr
+    assert 1 <= len(json.loads(asked.stdout)["token_ids"]) <= 2
+    again = vlcache("demo-model", folder)
+    assert (again.returncode, again.stderr) == (1, f"error: {folder} exists and is not an empty folder; name a new "
+                                                   "folder for the demo model\n")

@@ -20,6 +20,7 @@ from .commands.ask import run_ask
 from .commands.cache import run_cache
 from .commands.chat import run_chat
 from .commands.check import run_check
+from .commands.demo import run_demo_model
 from .commands.inspect import run_inspect
 from .commands.serve import run_serve, run_status, run_stop
 from .console import UsageError
@@ -279,6 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(check, "model id or local folder (default: $VLCACHE_MODEL or Qwen/Qwen3-VL-2B-Instruct)",
                         AUTO_DTYPE_HELP)
     check.set_defaults(run=run_check)
+
+    demo = sub.add_parser("demo-model", help="write a tiny Qwen3-VL with RANDOM weights to try vlcache offline "
+                                             "(its answers are noise)")
+    demo.add_argument("folder", metavar="DIR", help="a new (or empty) folder to write it to")
+    demo.set_defaults(run=run_demo_model)
 
     for p in sub.choices.values():  # flags every command takes after its name; its own usage on an error
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")

@@ -52,6 +52,41 @@ def is_available_locally(name: str) -> bool:
         return False
 
 
+HUB_PROBE_SECONDS = 5.0
+
+
+def check_hub_reachable(name: str) -> None:
+    """Before a hub id that is not on this machine is fetched: one connection to the hub (5 s at most). Without it
+    a machine offline waits through huggingface_hub's retries (five, ~25 s) for an error that says only that it
+    could not connect; this says so at once, with what to do instead."""
+    import socket
+    import urllib.parse
+
+    from huggingface_hub import constants
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if offline or Path(name).expanduser().exists() or is_available_locally(name):
+        return
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return  # not a hub id: from_pretrained says what is wrong with it without the network
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")):
+        return  # the hub is reached through a proxy: a direct connection would prove nothing
+    endpoint = urllib.parse.urlsplit(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=HUB_PROBE_SECONDS).close()
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise ModelLoadError(
+            f"cannot load model {name!r}: the Hugging Face hub ({constants.ENDPOINT}) cannot be reached ({reason}) and "
+            "the model is not on this machine; pass --model /path/to/a/model/folder (or set VLCACHE_MODEL=/path), "
+            "set HF_HUB_OFFLINE=1 to use models already downloaded, or try vlcache offline with a small random-weight "
+            "model: vlcache demo-model DIR") from None
+
+
 def resolve_device(device: str) -> torch.device:
     if device not in DEVICES:
         raise ModelLoadError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
@@ -216,6 +251,7 @@ def load(name: str, device: str = "auto", dtype: str | torch.dtype = "auto", unc
 
     torch_device = resolve_device(device)
     requested = resolve_dtype(dtype)
+    check_hub_reachable(name)
     try:
         # 1. The config says the family and the stored dtype: enough to choose and check before the weights.
         config = AutoConfig.from_pretrained(name)
