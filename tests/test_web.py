@@ -304,7 +304,7 @@ def test_stop_cancels_the_row_on_the_server(page, live):
     assert page.page.locator(".message.assistant .note", has_text="stopped").count() == 1
 
 
-def test_errors_are_one_line_by_their_message_and_the_page_stays_usable(browser, engine, tmp_path):
+def test_errors_are_shown_whole_by_their_question_and_the_page_stays_usable(browser, engine, tmp_path):
     server = LiveServer(engine, tmp_path / "states", max_body_bytes=400_000, max_batch=1, max_queue=0)
     page = Page(browser, server.url, viewport={"width": 390, "height": 800})  # narrow: long errors would wrap
     try:
@@ -341,7 +341,10 @@ def test_errors_are_one_line_by_their_message_and_the_page_stays_usable(browser,
         assert page.page.locator(".message.assistant .stats").count() == 1
         errors = page.page.locator(".message.assistant .error")
         assert errors.count() == 3
-        assert errors.evaluate_all("lines => lines.every(e => e.offsetHeight <= 1.5 * parseFloat(getComputedStyle(e).lineHeight))")
+        # Issue 32 item 8: the whole message is shown, wrapped on a phone's width (no tooltip, nothing cut off).
+        assert errors.evaluate_all("lines => lines.every(e => !e.title && e.scrollWidth <= e.clientWidth)")
+        assert errors.evaluate_all("lines => lines.some(e => e.offsetHeight > 1.5 * parseFloat(getComputedStyle(e).lineHeight))")
+        assert [errors.nth(i).inner_text() for i in range(3)] == ["error: " + m["error"] for m in (failed, too_large, busy)]
 
         # The server gone: one line, and the page still answers clicks.
         server.close()

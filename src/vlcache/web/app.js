@@ -179,7 +179,6 @@ function setComposerError(message) {
     $("composer").prepend(line);
   }
   line.textContent = `error: ${message}`;
-  line.title = message;
 }
 
 // -- chats -------------------------------------------------------------------------------------------------------
@@ -383,7 +382,6 @@ function messageView(m, index, messages) {
     const line = document.createElement("p");
     line.className = "error";
     line.textContent = `error: ${m.error}`;
-    line.title = m.error;
     item.append(line);
   }
   const meta = document.createElement("div");
