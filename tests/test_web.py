@@ -200,6 +200,54 @@ def test_a_listed_state_is_asked_about(page, live):
     assert int(page.stats(0)["cached"]) == made["tokens"]  # the whole state was reused
 
 
+def thumbnail_bytes(live, digest: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(f"{live.url}/v1/vlcache/thumbs/{digest}", timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, b""
+
+
+def test_stored_states_can_be_told_apart(page, live):
+    """Issue 32 item 7: each stored state shows its image's thumbnail (kept by the server, by content hash), the file
+    name this browser gave, its system prompt's first words and when it was made; a video shows a badge with its
+    duration. A salted state's image gets no thumbnail (the control: it is never listed either)."""
+    import hashlib
+    import io
+
+    from PIL import Image
+
+    system = "You are a careful observer of rockets and launch pads on sunny days."
+    page.settings(temperature=0, system=system, **{"max-tokens": 2})
+    page.attach(photo("hubble_deep_field.jpg"))
+    assert "error" not in page.ask("What is this?")
+    digest = hashlib.sha256(photo("hubble_deep_field.jpg").read_bytes()).hexdigest()
+    listed = [st for st in live.get("/v1/vlcache/states")[1]["data"] if st["parts"][0]["sha256"] == digest]
+    assert len(listed) == 1 and listed[0]["system_prompt"] == system
+    status, jpeg = thumbnail_bytes(live, digest)
+    assert status == 200 and max(Image.open(io.BytesIO(jpeg)).size) == 160
+    clip = base64.b64encode(CLIP.read_bytes()).decode()
+    status, video = live.post("/v1/vlcache/cache", json.dumps({"parts": [{"type": "video", "data": clip}]}).encode())
+    assert status == 200, video
+
+    page.page.click("#refresh-states")
+    row = page.page.locator(f"#states li[data-id='{listed[0]['id']}']")
+    row.locator("img.state-thumb").wait_for()
+    assert row.locator("img.state-thumb").evaluate("img => img.complete && img.naturalWidth") == 160
+    assert row.locator(".state-title").text_content() == "hubble_deep_field.jpg"
+    assert row.locator(".system").text_content() == "“You are a careful observer of rockets and…”"
+    detail = row.locator(".muted.small").first.text_content()
+    assert detail.startswith(f"image, 1 part, {listed[0]['tokens']:,} tokens · ") and " · made just now · " in detail
+    duration = next(st for st in live.get("/v1/vlcache/states")[1]["data"] if st["id"] == video["id"])["parts"][0]["duration"]
+    badge = page.page.locator(f"#states li[data-id='{video['id']}'] .state-thumb.badge")
+    assert badge.text_content() == (f"▶ {duration:.1f} s" if duration >= 10 else f"▶ {duration:.2f} s")
+
+    salted = hashlib.sha256(photo("camera.png").read_bytes()).hexdigest()
+    live.client.chat.completions.create(model="any", max_tokens=1, extra_body={"cache_salt": "tenant-a"}, messages=[
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(photo("camera.png"), "image/png")}}]}])
+    assert thumbnail_bytes(live, salted)[0] == 404
+
+
 def test_drop_paste_remove_regenerate_edit_new_chat_export_import(page, browser, live, tmp_path):
     p = page.page
     page.settings(temperature=0, **{"max-tokens": N})

@@ -8,6 +8,7 @@
   looks a state up by its image (that could be another client's).
 - `GET /v1/vlcache/states`: the states the server holds that a client may ask about by id (not uploads, not
   states of a cache_salt): kind, parts, tokens, size, last use; what the web page offers to pick from.
+- `GET /v1/vlcache/thumbs/{sha256}`: a small JPEG of a listed state's image, by the sha256 its part lists.
 - `GET /v1/vlcache/states/{id}`: a stored state's file (what `vlcache cache --server` saves).
 - `POST /v1/vlcache/cache`: images and videos (base64) and a system prompt; the state is computed (or found)
   and its id returned.
@@ -35,6 +36,7 @@ from .uploads import receive_upload
 
 log = logging.getLogger("vlcache")
 ASK, STATES, CACHE = "/v1/vlcache/ask", "/v1/vlcache/states", "/v1/vlcache/cache"
+THUMBS = "/v1/vlcache/thumbs"
 
 
 def add_native_routes(app: FastAPI, service: Service) -> None:
@@ -80,6 +82,14 @@ def add_native_routes(app: FastAPI, service: Service) -> None:
         states = await run_in_threadpool(service.store.listing)
         return {"object": "list", "data": [_listed(s) for s in states]}
 
+    @app.get(THUMBS + "/{digest}")
+    async def thumbnail(digest: str):
+        """The preview of a listed state's image, by the sha256 its part records (the page's state list)."""
+        data = await run_in_threadpool(service.thumbs.get, digest)
+        if data is None:
+            raise APIError(404, "no thumbnail of that image on this server", "digest")
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
+
     @app.get(STATES + "/{state_id}")
     async def download_state(state_id: str):
         key = valid_id(state_id, "state_id")
@@ -112,12 +122,13 @@ def add_native_routes(app: FastAPI, service: Service) -> None:
         return {"id": key, "object": "state", "tokens": state.num_tokens, "image_tokens": state.metadata.image_tokens,
                 "frames": sum(p.get("frames", 0) for p in state.metadata.parts), "cached": cached > 0}
 
-    del ask, upload_state, list_states, download_state, cache  # registered on the app
+    del ask, upload_state, list_states, thumbnail, download_state, cache  # registered on the app
 
 
 def _listed(state: StoredState) -> dict:
     meta = state.metadata
-    parts = [{"type": p["type"], "size": p["size"], **({"frames": p["frames"]} if "frames" in p else {})} for p in meta.parts]
+    parts = [{"type": p["type"], "size": p["size"], "sha256": p.get("sha256"),
+              **{k: p[k] for k in ("frames", "duration") if k in p}} for p in meta.parts]
     parts = parts or [{"type": "image", "size": meta.image_size}]  # files before format 3: one image
     kinds = {p["type"] for p in parts}
     return {"id": state.key, "object": "state", "kind": kinds.pop() if len(kinds) == 1 else "mixed", "parts": parts,

@@ -20,6 +20,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from fastapi import Request
@@ -36,6 +37,7 @@ from .requests import APIError, ChatRequest, valid_id
 from .scheduler import Job, Scheduler
 from .store import UPLOADS, Continuation, StateStore
 from .streaming import released, unless_disconnected
+from .thumbs import Thumbnails
 
 
 FAILURE_SECONDS = 600.0  # a state that failed to compute (a broken or too costly video) is refused this long
@@ -64,6 +66,8 @@ class Service:
         # Fetching and decoding media run on threads of their own: slow downloads or long videos never hold
         # the threads that text-only requests, uploads and lookups use.
         self.media_pool = concurrent.futures.ThreadPoolExecutor(options.media_workers, thread_name_prefix="vlcache-media")
+        folder = self.store.folder
+        self.thumbs = Thumbnails(None if folder.is_url else Path(folder.location) / "thumbs")  # the page's state list
         self._pending: dict[str, _Pending] = {}
         self._failed: OrderedDict[str, tuple[float, str]] = OrderedDict()  # state key -> (when, why)
         self._lock = threading.Lock()
@@ -103,6 +107,9 @@ class Service:
         FAILURE_SECONDS (the same bytes are refused at once); one that no request waits for any more stops.
         """
         digests = [(kind, hashlib.sha256(data).hexdigest()) for kind, data in zip(kinds, sources)]
+        if salt is None:  # a listed state: its images get thumbnails (a salted one is never listed)
+            for (kind, digest), data in zip(digests, sources):
+                self.media_pool.submit(self.thumbs.add, kind, digest, data, self.options.max_image_pixels)
         keys = self.keys(digests, prefixes, salt)
         key = keys[-1]
         state, source = await run_in_threadpool(self.store.get, key)

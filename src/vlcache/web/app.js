@@ -9,6 +9,8 @@ import { renderMarkdown } from "./markdown.js";
 const $ = (id) => document.getElementById(id);
 const SETTINGS_KEY = "vlcache.settings.v1";
 const THEME_KEY = "vlcache.theme";
+const NAMES_KEY = "vlcache.names.v1";  // sha256 of a file's bytes -> its name, for the stored states' list
+const NAMES_KEPT = 500;
 const MEDIA = /^(image|video)\//;
 const EXTENSIONS = { image: /\.(png|jpe?g|gif|webp|bmp|tiff?|avif|heic)$/i, video: /\.(mp4|webm|mov|mkv|avi|m4v)$/i };
 
@@ -112,11 +114,36 @@ async function readFiles(files) {
     }
     try {
       pending.push({ kind, name: file.name, dataUrl: await readDataUrl(file, kind) });
+      await rememberName(file);
     } catch (error) {
       setComposerError(error.message);
     }
   }
   drawAttachments();
+}
+
+// The server lists a state's parts by the sha256 of their bytes: a file this browser sent is shown by its name.
+function knownNames() {
+  try {
+    const names = JSON.parse(localStorage.getItem(NAMES_KEY) || "{}");
+    return names && typeof names === "object" ? names : {};
+  } catch (_) {
+    return {};
+  }
+}
+
+async function rememberName(file) {
+  if (!(window.crypto && crypto.subtle)) return;  // a page not on a secure origin (http on a LAN address): no names
+  const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", await file.arrayBuffer()));
+  const hex = [...digest].map((b) => b.toString(16).padStart(2, "0")).join("");
+  const names = knownNames();
+  delete names[hex];
+  names[hex] = file.name;  // the newest last: the oldest leave first
+  const keys = Object.keys(names);
+  for (const key of keys.slice(0, Math.max(0, keys.length - NAMES_KEPT))) delete names[key];
+  try {
+    localStorage.setItem(NAMES_KEY, JSON.stringify(names));
+  } catch (_) { /* storage full: the list shows kinds instead of names */ }
 }
 
 function thumbnail(part) {
@@ -514,24 +541,79 @@ async function refreshStates() {
     list.replaceChildren(line);
     return;
   }
-  list.replaceChildren(...states.map((s) => {
-    const item = document.createElement("li");
-    item.className = "state";
-    item.dataset.id = s.id;
-    const sizes = s.parts.map((p) => `${p.type} ${p.size.join("×")}${p.frames ? `, ${p.frames} frames` : ""}`).join("; ");
-    const label = `${s.kind}, ${s.parts.length} part${s.parts.length > 1 ? "s" : ""}, ${number.format(s.tokens)} tokens`;
-    const text = document.createElement("div");
-    text.className = "grow";
-    const title = document.createElement("div");
-    title.textContent = label;
-    const detail = document.createElement("div");
-    detail.className = "muted small";
-    detail.textContent = `${bytes(s.bytes)} · ${ago(s.last_used)} · ${s.id.slice(0, 8)}`;
-    text.title = `${sizes}${s.system_prompt ? `\nsystem prompt: ${s.system_prompt}` : ""}`;
-    text.append(title, detail);
-    item.append(text, button("Ask", "Start a chat about this state", () => { startChat(s.id, `(${label})`); closeSideOnPhone(); }));
-    return item;
+  const names = knownNames();
+  list.replaceChildren(...states.map((s) => stateView(s, names)));
+}
+
+function made(iso) {
+  const when = Date.parse(iso);
+  if (!Number.isFinite(when)) return "";
+  const s = Math.max(0, (Date.now() - when) / 1000);
+  if (s < 60) return "made just now";
+  if (s < 3600) return `made ${Math.round(s / 60)} min ago`;
+  if (s < 86400) return `made ${Math.round(s / 3600)} h ago`;
+  return `made ${new Date(when).toLocaleDateString()}`;
+}
+
+function firstWords(text, count = 8) {
+  const words = text.trim().split(/\s+/);
+  return words.slice(0, count).join(" ") + (words.length > count ? "…" : "");
+}
+
+// One stored state: a thumbnail per image (a badge with the duration per video), the names this browser gave
+// its files, its numbers and age, and the first words of its system prompt.
+function stateView(s, names) {
+  const item = document.createElement("li");
+  item.className = "state";
+  item.dataset.id = s.id;
+  const pictures = document.createElement("div");
+  pictures.className = "state-thumbs";
+  pictures.append(...s.parts.slice(0, 3).map((p) => partView(p, names[p.sha256])));
+  const label = `${s.kind}, ${s.parts.length} part${s.parts.length > 1 ? "s" : ""}, ${number.format(s.tokens)} tokens`;
+  const given = s.parts.map((p) => names[p.sha256]).filter(Boolean);
+  const text = document.createElement("div");
+  text.className = "grow";
+  const title = document.createElement("div");
+  title.className = "state-title";
+  title.textContent = given.length ? given.join(", ") : label;
+  const detail = document.createElement("div");
+  detail.className = "muted small";
+  detail.textContent = [given.length ? label : null, bytes(s.bytes), made(s.created), s.id.slice(0, 8)].filter(Boolean).join(" · ");
+  text.append(title, detail);
+  if (s.system_prompt) {
+    const system = document.createElement("div");
+    system.className = "muted small system";
+    system.textContent = `“${firstWords(s.system_prompt)}”`;
+    text.append(system);
+  }
+  const sizes = s.parts.map((p) => `${p.type} ${p.size.join("×")}${p.frames ? `, ${p.frames} frames` : ""}`).join("; ");
+  text.title = `${sizes}; ${ago(s.last_used)}${s.system_prompt ? `\nsystem prompt: ${s.system_prompt}` : ""}`;
+  item.append(pictures, text, button("Ask", "Start a chat about this state", () => {
+    startChat(s.id, `(${given.length ? given.join(", ") : label})`);
+    closeSideOnPhone();
   }));
+  return item;
+}
+
+function partView(part, name) {
+  if (part.type === "video") {
+    const badge = document.createElement("span");
+    badge.className = "state-thumb badge";
+    badge.textContent = `▶ ${Number.isFinite(part.duration) ? seconds(part.duration) : "video"}`;
+    badge.title = name || "video";
+    return badge;
+  }
+  const image = document.createElement("img");
+  image.className = "state-thumb";
+  image.alt = name || "image";
+  image.src = `v1/vlcache/thumbs/${encodeURIComponent(part.sha256 || "none")}`;
+  image.addEventListener("error", () => {  // none kept (made before thumbnails, or elsewhere): say what it is
+    const gone = document.createElement("span");
+    gone.className = "state-thumb badge";
+    gone.textContent = "image";
+    image.replaceWith(gone);
+  }, { once: true });
+  return image;
 }
 
 // -- wiring ------------------------------------------------------------------------------------------------------
