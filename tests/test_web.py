@@ -53,8 +53,10 @@ def browser():
 class Page:
     """A fresh browser context (its own localStorage) on the page, collecting page errors and every URL asked."""
 
-    def __init__(self, browser, url: str, **context):
+    def __init__(self, browser, url: str, init_script: str | None = None, **context):
         self.context = browser.new_context(**context)
+        if init_script:
+            self.context.add_init_script(init_script)
         self.page = self.context.new_page()
         self.errors, self.requests = [], []
         self.page.on("pageerror", lambda error: self.errors.append(str(error)))
@@ -248,6 +250,54 @@ def test_stored_states_can_be_told_apart(page, live):
     assert thumbnail_bytes(live, salted)[0] == 404
 
 
+def test_settings_cancel_and_bounds_an_edit_renames_the_chat_videos_are_badged_the_pill_follows(browser, live):
+    """Issue 32 item 9: Max tokens is bounded by the model's context (from /health), Settings has Cancel, an edited
+    first question renames its chat, a video attachment shows a badge with its duration, and the rows pill is
+    refreshed when an answer ends (the page's 2-second poll is switched off here, so only that refresh counts)."""
+    page = Page(browser, live.url, init_script="window.setInterval = () => 0;")
+    try:
+        p = page.page
+        context = live.get("/health")[1]["context_length"]
+        p.wait_for_function("() => !document.getElementById('model').textContent.startsWith('connecting')")  # /health read
+        assert context == 4096 and p.get_attribute("#set-max-tokens", "max") == str(context - 1)
+        p.click("#open-settings")
+        p.fill("#set-max-tokens", "5000")
+        p.click("#save-settings")
+        assert p.is_visible("#settings") and p.text_content("#settings-error") == (
+            "error: Max tokens must be under the model's context of 4,096 tokens (with the question in it)")
+        p.click("#cancel-settings")
+        assert not p.is_visible("#settings") and p.evaluate("localStorage.getItem('vlcache.settings.v1')") is None
+        page.settings(temperature=0, **{"max-tokens": 2})
+        p.click("#open-settings")
+        p.fill("#set-temperature", "1.5")
+        p.click("#cancel-settings")
+        assert json.loads(p.evaluate("localStorage.getItem('vlcache.settings.v1')"))["temperature"] == 0
+
+        health_calls = lambda: sum(url.endswith("/health") for url in page.requests)  # noqa: E731
+        before = health_calls()
+        assert "error" not in page.ask("first question")
+        for _ in range(40):  # the answer's end asks /health again at once
+            if health_calls() > before:
+                break
+            p.wait_for_timeout(50)
+        assert health_calls() > before
+        p.wait_for_function("() => document.getElementById('rows').textContent.startsWith('0 running')", timeout=2000)
+        assert re.fullmatch(r"0 running · 0 queued", p.text_content("#rows"))
+        p.locator(".message.user button", has_text="Edit").click()
+        p.fill(".message.user textarea.edit", "the renamed question")
+        p.locator(".message.user button", has_text="Send").click()
+        p.locator(".message.assistant .stats").wait_for()
+        p.wait_for_selector("#send:not([hidden])")
+        assert page.saved()["title"] == "the renamed question"
+        assert p.text_content("#chats li.current button.grow") == "the renamed question"
+
+        page.attach(CLIP)
+        p.wait_for_function("() => /^▶ \\d+\\.\\d+ s$/.test(document.querySelector('#attachments .media.video .badge').textContent)")
+        assert page.errors == []
+    finally:
+        page.close()
+
+
 def test_drop_paste_remove_regenerate_edit_new_chat_export_import(page, browser, live, tmp_path):
     p = page.page
     page.settings(temperature=0, **{"max-tokens": N})
@@ -300,7 +350,7 @@ def test_drop_paste_remove_regenerate_edit_new_chat_export_import(page, browser,
     other = Page(browser, live.url)
     try:
         other.page.set_input_files("#import-file", str(exported))
-        other.page.click("#chats button:has-text('What is on the table?')")
+        other.page.click("#chats button:has-text('What is in the cup?')")  # the edited question names the chat
         assert other.page.locator(".message.assistant").count() == 1
         assert other.saved()["messages"] == page.saved()["messages"]
         assert other.page.locator(".message.user img.thumb").count() == 1  # the photograph came along
@@ -349,7 +399,11 @@ def test_stop_cancels_the_row_on_the_server(page, live):
     assert metric(live, "vlcache_batch_size_count") - steps < 1500  # by the stop, long before its 3000 tokens
     saved = page.saved()["messages"][-1]
     assert saved.get("stopped") and "stats" not in saved
-    assert page.page.locator(".message.assistant .note", has_text="stopped").count() == 1
+    # Issue 32 item 9: a stopped answer still says what was measured of it.
+    assert saved["stopped"]["pieces"] >= 1 and saved["stopped"]["total_s"] >= saved["stopped"]["first_s"] > 0
+    note = page.page.locator(".message.assistant .note", has_text="stopped")
+    assert note.count() == 1
+    assert re.fullmatch(r"stopped after \d+\.\d+ s · first token \d+\.\d+ s · [\d,]+ streamed pieces?", note.text_content())
 
 
 def test_errors_are_shown_whole_by_their_question_and_the_page_stays_usable(browser, engine, tmp_path):
@@ -363,6 +417,7 @@ def test_errors_are_shown_whole_by_their_question_and_the_page_stays_usable(brow
         failed = page.ask("What is this?")
         line = page.page.locator(".message.assistant.failed .error")
         assert failed["error"] and line.text_content() == "error: " + failed["error"]
+        assert failed["error"].startswith("broken.png: not an image")  # issue 32 item 9: the refused file is named
         assert "\n" not in failed["error"]
 
         # Over the server's body limit: the same limit as the API, its 413 message by the question.
@@ -458,6 +513,9 @@ def test_phone_width_and_dark_theme(browser, live):
     page = Page(browser, live.url, viewport={"width": 390, "height": 800}, color_scheme="light")
     try:
         p = page.page
+        p.wait_for_function("() => !document.getElementById('model').textContent.startsWith('connecting')")
+        health = live.get("/health")[1]
+        assert p.is_visible("#model") and p.text_content("#model").startswith(Path(health["model"]).name)  # item 9
         assert p.evaluate("document.documentElement.scrollWidth") <= 390  # nothing sticks out sideways
         assert p.is_visible("#input") and p.is_visible("#send")
         assert p.evaluate("document.getElementById('side').getBoundingClientRect().right") <= 0  # the side panel is away
