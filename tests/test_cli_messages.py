@@ -309,3 +309,30 @@ def test_offline_an_absent_hub_model_fails_at_once_and_a_demo_model_stands_in(tm
     again = vlcache("demo-model", folder)
     assert (again.returncode, again.stderr) == (1, f"error: {folder} exists and is not an empty folder; name a new "
                                                    "folder for the demo model\n")
+
+
+def test_a_still_image_named_as_a_video_says_how_to_give_it(tmp_path, capsys):
+    """Issue 32 item 6: the refusal says how to give the file as an image (before any model load)."""
+    fake = tmp_path / "fake.mp4"
+    fake.write_bytes(photo("rocket.jpg").read_bytes())
+    assert cli.main(["cache", str(fake), "-o", str(tmp_path / "x.pt"), "--model", str(tmp_path / "no-model")]) == 1
+    assert err_lines(capsys) == [f"error: not a video: {fake} is a still image (jpeg); a file is taken as a video by its "
+                                 "suffix (.mp4, .webm, .mov, ...): give it an image's suffix (.jpg, .png, ...) on the "
+                                 "command line, or send it as an image_url"]
+
+
+def test_chat_at_a_terminal_says_what_it_takes(astronaut_state, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """Issue 32 item 6: at a terminal, chat names /reset, /save and /quit once; piped, it prints no such line."""
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    path = astronaut_state.save(tmp_path / "a.pt")
+    hint = ("type a question and press Enter; /reset goes back to the cached image, /save PATH writes the conversation "
+            "as a cache file, /quit ends")
+    for stdin, shown in ((Terminal("/quit\n"), True), (io.StringIO("/quit\n"), False)):
+        monkeypatch.setattr(sys, "stdin", stdin)
+        assert cli.main(["chat", "--cache", str(path), "--model", str(tiny_model_dir)]) == 0
+        assert (hint in capsys.readouterr().err.splitlines()) is shown

@@ -242,3 +242,21 @@ def test_a_forged_upload_cannot_answer_another_clients_question(engine, server, 
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": QUESTION}]}])
     assert answer.choices[0].message.content == engine.ask(camera, QUESTION, max_new_tokens=N, temperature=0).text
     assert answer.usage.prompt_tokens_details.cached_tokens == 0  # computed from the image, not taken from the upload
+
+
+def test_which_server_and_model_is_never_silent(engine, server, cache_file, tiny_model_dir):
+    """Issue 32 item 6: with VLCACHE_SERVER exported, a VLCACHE_MODEL that is not the server's model is refused (not
+    ignored); `--server ""` runs here whatever VLCACHE_SERVER says (it names a port nothing listens on)."""
+    from vlcache.client import Client
+
+    model = Client(server.url).health()["model"]
+    refused = run("ask", "--cache", cache_file, "--prompt", QUESTION, env={"VLCACHE_SERVER": server.url,
+                                                                          "VLCACHE_MODEL": "/models/other"})
+    assert (refused.returncode, refused.stdout) == (1, "")
+    assert refused.stderr == (f"error: VLCACHE_MODEL=/models/other is not the server's model ({model} at {server.url}); "
+                              "unset VLCACHE_MODEL, or pass --server '' to load it here\n")
+    here = run("ask", "--server", "", "--cache", cache_file, "--prompt", QUESTION, "--max-new-tokens", N, "--temperature",
+               "0", "--json", "--model", tiny_model_dir, env={"VLCACHE_SERVER": "http://127.0.0.1:9"})
+    assert here.returncode == 0, here.stderr
+    assert json.loads(here.stdout)["token_ids"] == local(engine, cache_file).token_ids
+    assert here.stderr.startswith(f"loading {tiny_model_dir} ")  # the model was loaded here

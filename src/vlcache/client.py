@@ -294,5 +294,8 @@ def file_digest(path: str | os.PathLike) -> str:
 
 
 def server_url(given: str | None) -> str | None:
-    """--server, else $VLCACHE_SERVER, else None (run locally)."""
-    return given or os.environ.get(ENV) or None
+    """--server, else $VLCACHE_SERVER, else None (run locally). `--server ""` runs locally whatever the
+    environment says."""
+    if given is not None:
+        return given.strip() or None
+    return os.environ.get(ENV) or None

@@ -140,10 +140,16 @@ def cache(args: argparse.Namespace, url: str) -> int:
 
 
 def _check_model(args: argparse.Namespace, client: Client) -> None:
+    from .defaults import MODEL_ENV_VAR
+
     health = client.health()
     if getattr(args, "model", None) and args.model != health["model"]:
         raise VlcacheError(f"--model {args.model} is not the server's model ({health['model']} at {client.url}); drop "
                            "--model, or run without --server")
+    named = os.environ.get(MODEL_ENV_VAR)
+    if not getattr(args, "model", None) and named and named != health["model"]:  # never ignored in silence
+        raise VlcacheError(f"{MODEL_ENV_VAR}={named} is not the server's model ({health['model']} at {client.url}); "
+                           f"unset {MODEL_ENV_VAR}, or pass --server '' to load it here")
 
 
 # -- a server in the background ------------------------------------------------------------------------------
