@@ -244,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="largest cache file a client (--server) may upload (default: the model's K/V at its context length)")
     serve.add_argument("--max-uploads", metavar="N", type=positive_int, default=2,
                        help="uploads received at once; more get 429 (default: 2)")
+    serve.add_argument("--max-downloads", metavar="N", type=positive_int, default=8,
+                       help="state files sent at once, in pieces; more get 429 (default: 8)")
     serve.add_argument("--upload-quota", metavar="SIZE", type=byte_size, default=None,
                        help="bytes of uploaded cache files kept, least recently used removed (default: 4x --max-state-bytes)")
     serve.add_argument("--media-workers", metavar="N", type=positive_int, default=4,
@@ -253,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-web", action="store_true", help="no chat page at / (the API alone)")
     serve.add_argument("--cors-origin", type=web_origin, default=None, metavar="ORIGIN",
                        help="one other origin whose pages may call the API, e.g. https://example.com (default: none)")
+    serve.add_argument("--share-all-states", action="store_true",
+                       help="list, and answer by id, every state (chat completions' too: other clients' conversations "
+                            "and photos); by default only those made through /v1/vlcache/cache and /v1/images")
+    serve.add_argument("--allowed-host", action="append", default=None, metavar="NAME",
+                       help="another name clients reach the server by (its Host header), repeatable; requests naming "
+                            "none of loopback, --host and these are refused (default: none; '*' allows any)")
     serve.add_argument("--ray", action="store_true",
                        help="run --replicas copies under Ray Serve ($RAY_ADDRESS or a local Ray), routed by image")
     serve.add_argument("--replicas", metavar="N", type=positive_int, default=2, help="with --ray: server replicas (default: 2)")

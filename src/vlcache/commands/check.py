@@ -9,5 +9,5 @@ def run_check(args: argparse.Namespace) -> int:
     from ..check import run
     from ..model import quiet_transformers
 
-    quiet_transformers(verbose=getattr(args, "verbose", False))  # transformers' bar and warnings: --verbose only
-    return run(args.model, device=args.device, dtype=args.dtype or "auto")
+    quiet_transformers(verbose=getattr(args, "verbose", False))  # as every command that loads a model
+    return run(args.model, device=args.device, dtype=args.dtype or "auto", debug=getattr(args, "debug", False))

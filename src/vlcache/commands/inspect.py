@@ -36,6 +36,8 @@ def run_inspect(args: argparse.Namespace) -> int:
         f"tokens:        {meta.prefix_tokens} ({meta.image_tokens} {media_words(meta)} tokens)",
         f"conversation:  {turns} saved turns" if turns else "conversation:  none (image state)",
         f"created:       {meta.created}",
+        *([f"template time: {meta.template_time} (the chat template stamps the time: every question is rendered "
+           "at this instant)"] if meta.template_time else []),
         "versions:      " + ", ".join(f"{k} {v}" for k, v in meta.versions.items()),
         f"format:        vlcache {meta.format_version}",
     ]

@@ -51,9 +51,11 @@ def serve_options(args: argparse.Namespace, cache_dir, local):
                         allow_private_urls=args.allow_private_urls, max_image_pixels=args.max_image_pixels,
                         allow_local_files=local, max_body_bytes=args.max_body, max_batch=args.max_batch,
                         max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, max_state_bytes=args.max_state_bytes,
-                        max_uploads=args.max_uploads, upload_quota=args.upload_quota, media_workers=args.media_workers,
+                        max_uploads=args.max_uploads, max_downloads=args.max_downloads, upload_quota=args.upload_quota,
+                        media_workers=args.media_workers,
                         video_decode_pixels=args.video_decode_pixels, media=MediaOptions(fps=args.fps, max_frames=args.max_frames),
-                        web=not args.no_web, cors_origin=args.cors_origin)
+                        web=not args.no_web, cors_origin=args.cors_origin, host=args.host,
+                        allowed_hosts=tuple(args.allowed_host or ()), share_all_states=args.share_all_states)
 
 
 def _serve_on_ray(args: argparse.Namespace, options) -> int:

@@ -26,10 +26,10 @@ def choose(engine, mode: str, buckets: list[int], backend: str | None = None) ->
         return {"step": "eager", "reason": "compile off", "buckets": []}
     cuda = engine.device.type == "cuda"
     backends = [backend] if backend else (["inductor", "cudagraphs"] if cuda and mode == "auto" else ["inductor"])
-    from .. import check
+    from .. import uncached
 
-    image = check.probe_image()
-    state = engine.cache_image(image, system_prompt=check.SYSTEM)
+    image = uncached.probe_image()
+    state = engine.cache_image(image, system_prompt=uncached.SYSTEM)
     reasons = []
     for name in backends:
         # 1. Compile (or capture) the step for each bucket, timing the first (which pays for the compile).
@@ -40,7 +40,7 @@ def choose(engine, mode: str, buckets: list[int], backend: str | None = None) ->
         total = len(later) + 1
         log.info(f"decode steps: {doing} for batch size 1 (1 of {total})...")
         started = time.perf_counter()
-        engine.ask(state, check.QUESTIONS[0], max_new_tokens=2, temperature=0)
+        engine.ask(state, uncached.QUESTIONS[0], max_new_tokens=2, temperature=0)
         compile_s = time.perf_counter() - started
         if 1 in buckets:
             warm(engine, 1)
@@ -56,7 +56,7 @@ def choose(engine, mode: str, buckets: list[int], backend: str | None = None) ->
             return _status(label, "--compile on", runner, compile_s)
         # 2. Exactness: the probe's greedy tokens against generate() on the uncached conversation.
         log.info("decode steps: checking the step's tokens against generate() on the probe...")
-        tokens, expected = check.one_question(engine, state, image)
+        tokens, expected = uncached.one_question(engine, state, image)
         if tokens != expected:
             where = next((i for i, (a, b) in enumerate(zip(tokens, expected)) if a != b), min(len(tokens), len(expected)))
             reasons.append(f"{name} step differs from generate() at token {where} of the probe")

@@ -151,7 +151,11 @@ class Scheduler:
                 return
             try:
                 self._drop_cancelled()
-                self._prefill_unit()
+                try:
+                    self._prefill_unit()
+                except Exception as exc:  # noqa: BLE001 - e.g. out of memory: the prefill's own batch, its rows alone
+                    log.exception("prefill failed")
+                    self._fail_prefill(f"generation failed: {type(exc).__name__}: {exc}")
                 if self._running:
                     self._decode()
             except Exception as exc:  # noqa: BLE001 - a failed forward: its rows get an error, the server goes on
@@ -338,6 +342,12 @@ class Scheduler:
         if tail and not job.cancelled.is_set():
             job.emit("delta", tail)
         job.emit("done", answer)
+
+    def _fail_prefill(self, message: str) -> None:
+        """After a failed prefill: its rows get the error; running rows, in a batch of their own, go on."""
+        for row in self._prefill.rows if self._prefill else []:
+            row.job.emit("error", message)
+        self._prefill = None
 
     def _fail_rows(self, message: str) -> None:
         """After a failed forward: every row in it gets the error; the batch starts over."""

@@ -1,8 +1,9 @@
 """Small previews of the images behind the listed states, for the web page's state list: one JPEG per image, by
-the sha256 of its encoded bytes (what a state file's part records). Made, off the model thread, when the server
-computes or serves a state for a request without a cache_salt (a salted state is never listed, so its images are
-never shown); kept in memory (bounded) and, when the states folder is local, in its thumbs/ subfolder, so a
-restart keeps them. A thumbnail is a convenience: an image it cannot be made of simply has none."""
+the sha256 of its encoded bytes (what a state file's part records). Made, off the model thread, only for states
+that are listed (made through /v1/vlcache/cache or /v1/images, or any without a cache_salt with
+--share-all-states): a chat completion's photo is another client's. Kept in memory (bounded) and, when the
+states folder is local, in its thumbs/ subfolder, so a restart keeps them. A thumbnail is a convenience: an
+image it cannot be made of simply has none."""
 
 from __future__ import annotations
 

@@ -580,13 +580,15 @@ const bytes = (n) => {
   return `${i ? n.toFixed(1) : n} ${units[i]}`;
 };
 
-function ago(unix) {
-  if (!unix) return "not used yet";
+// When a state was made (the listing shows no one's last use: that would tell what other clients ask about).
+function ago(created) {
+  const unix = Date.parse(created) / 1000;
+  if (!unix) return "made at an unknown time";
   const s = Math.max(0, Date.now() / 1000 - unix);
-  if (s < 60) return "used just now";
-  if (s < 3600) return `used ${Math.round(s / 60)} min ago`;
-  if (s < 86400) return `used ${Math.round(s / 3600)} h ago`;
-  return `used ${Math.round(s / 86400)} days ago`;
+  if (s < 60) return "made just now";
+  if (s < 3600) return `made ${Math.round(s / 60)} min ago`;
+  if (s < 86400) return `made ${Math.round(s / 3600)} h ago`;
+  return `made ${Math.round(s / 86400)} days ago`;
 }
 
 async function refreshStates() {
@@ -612,16 +614,6 @@ async function refreshStates() {
   list.replaceChildren(...states.map((s) => stateView(s, names)));
 }
 
-function made(iso) {
-  const when = Date.parse(iso);
-  if (!Number.isFinite(when)) return "";
-  const s = Math.max(0, (Date.now() - when) / 1000);
-  if (s < 60) return "made just now";
-  if (s < 3600) return `made ${Math.round(s / 60)} min ago`;
-  if (s < 86400) return `made ${Math.round(s / 3600)} h ago`;
-  return `made ${new Date(when).toLocaleDateString()}`;
-}
-
 function firstWords(text, count = 8) {
   const words = text.trim().split(/\s+/);
   return words.slice(0, count).join(" ") + (words.length > count ? "…" : "");
@@ -645,7 +637,7 @@ function stateView(s, names) {
   title.textContent = given.length ? given.join(", ") : label;
   const detail = document.createElement("div");
   detail.className = "muted small";
-  detail.textContent = [given.length ? label : null, bytes(s.bytes), made(s.created), s.id.slice(0, 8)].filter(Boolean).join(" · ");
+  detail.textContent = [given.length ? label : null, bytes(s.bytes), ago(s.created), s.id.slice(0, 8)].filter(Boolean).join(" · ");
   text.append(title, detail);
   if (s.system_prompt) {
     const system = document.createElement("div");
@@ -654,7 +646,7 @@ function stateView(s, names) {
     text.append(system);
   }
   const sizes = s.parts.map((p) => `${p.type} ${p.size.join("×")}${p.frames ? `, ${p.frames} frames` : ""}`).join("; ");
-  text.title = `${sizes}; ${ago(s.last_used)}${s.system_prompt ? `\nsystem prompt: ${s.system_prompt}` : ""}`;
+  text.title = `${sizes}${s.system_prompt ? `\nsystem prompt: ${s.system_prompt}` : ""}`;
   item.append(pictures, text, button("Ask", "Start a chat about this state", () => {
     startChat(s.id, `(${given.length ? given.join(", ") : label})`);
     closeSideOnPhone();
