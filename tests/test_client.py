@@ -260,3 +260,26 @@ def test_which_server_and_model_is_never_silent(engine, server, cache_file, tiny
     assert here.returncode == 0, here.stderr
     assert json.loads(here.stdout)["token_ids"] == local(engine, cache_file).token_ids
     assert here.stderr.startswith(f"loading {tiny_model_dir} ")  # the model was loaded here
+
+
+def test_health_lists_the_decode_shapes_compiled_after_the_start(engine, tmp_path, cache_file):
+    """Issue 32 item 6: /health's decode shapes are the ones compiled so far, not the start's list (a traced step,
+    eager backend: cheap; a photograph's state needs a larger capacity than the start's text-only warm-up)."""
+    from test_server import LiveServer
+    from vlcache.client import Client
+
+    try:
+        engine.compile_steps("on", buckets=[1], backend="eager")
+        started = [tuple(s) for s in engine.compile_status["shapes"]]
+        live = LiveServer(engine, tmp_path / "states")
+        try:
+            assert [tuple(s) for s in Client(live.url).health()["decode"]["shapes"]] == started
+            asked = run("ask", "--server", live.url, "--cache", cache_file, "--prompt", QUESTION, "--max-new-tokens", 3,
+                        "--temperature", "0", "--json")
+            assert asked.returncode == 0, asked.stderr
+            shapes = {tuple(s) for s in Client(live.url).health()["decode"]["shapes"]}
+            assert shapes == set(engine.runner.shapes) and len(shapes) > len(started), (started, shapes)
+        finally:
+            live.close()
+    finally:
+        engine.compile_steps("off")
