@@ -43,10 +43,10 @@ def build_unlisted(kind: str, folder: Path, seed: int = 0, init_std: float = 0.2
 
 
 def _save(model_class, config, folder: Path, seed: int, init_std: float, eos: int, pad: int) -> None:
-    from .families import _save_model
+    from .builder import save_model
 
-    _save_model(model_class, config, folder, seed, init_std, eos, pad, randomize=("text_model", "language_model", "lm_head",
-                                                                                  "connector", "multi_modal_projector"))
+    save_model(model_class, config, folder, seed, init_std, eos, pad, randomize=("text_model", "language_model", "lm_head",
+                                                                                 "connector", "multi_modal_projector"))
 
 
 def _idefics2(folder: Path, seed: int, init_std: float) -> None:
