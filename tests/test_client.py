@@ -122,8 +122,14 @@ def test_cache_through_the_server_saves_the_state_here(engine, server, tmp_path)
     assert made.returncode == 0 and made.stdout == "", made.stderr
     got, want = engine.load_state(out), engine.cache_image(photo("astronaut.png"), system_prompt=SYSTEM)
     assert got.input_ids.tolist() == want.input_ids.tolist()
-    same = [{k: v for k, v in p.items() if k != "path"} for p in want.metadata.parts]  # the server saw bytes, no path
-    assert [{k: v for k, v in p.items() if k != "path"} for p in got.metadata.parts] == same
+    # The server saw bytes; the client records the files' paths as a local cache does (issue 32 item 6).
+    assert got.metadata.parts == want.metadata.parts and got.metadata.image_path == want.metadata.image_path
+    clip = REPO.parent / "shared" / "videos" / "hubble_pan.mp4"
+    video = run("cache", clip, "--output", tmp_path / "clip.pt", "--server", server.url)
+    assert video.returncode == 0, video.stderr
+    assert engine.load_state(tmp_path / "clip.pt").metadata.parts[0]["path"] == str(clip.resolve())
+    shown = run("inspect", tmp_path / "clip.pt")
+    assert shown.returncode == 0 and f"video:         {clip.resolve()} (" in shown.stdout, shown.stdout
     assert engine.ask(got, QUESTION, max_new_tokens=N, temperature=0).token_ids == \
         engine.ask(want, QUESTION, max_new_tokens=N, temperature=0).token_ids
     flags = run("cache", photo("astronaut.png"), "--output", out, "--server", server.url, "--fps", "1")

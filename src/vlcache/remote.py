@@ -132,7 +132,7 @@ def cache(args: argparse.Namespace, url: str) -> int:
     output = Path(args.output)
     start = time.perf_counter()
     made = client.cache(args.images, args.system_prompt)
-    path = client.download(made["id"], output)
+    path = client.download(made["id"], output, sources=args.images)
     frames = f"; {made['frames']} video frames" if made.get("frames") else ""
     info(f"cached {', '.join(args.images)} on {client.url}: {made['tokens']} tokens ({made['image_tokens']} media "
          f"tokens{frames}) in {time.perf_counter() - start:.2f}s -> {path} ({path.stat().st_size / 2**20:.1f} MiB)")
