@@ -97,6 +97,7 @@ def desktop(browser, url: str, args) -> None:
     page.goto(url + "/")
     page.wait_for_selector("html[data-ready]")
     page.click("#open-settings")
+    page.fill("#set-system", "You are describing photographs for a curious reader.")  # shown in the state list
     page.fill("#set-temperature", "0")
     page.fill("#set-max-tokens", str(args.max_tokens))
     page.click("#save-settings")

@@ -39,7 +39,7 @@ def table_rows() -> dict[str, str]:
         if not line.startswith("| `vlcache ") and not line.startswith("| every command"):
             continue
         first, flags = [cell.strip() for cell in line.strip("|").split(" | ", 1)]
-        names = re.findall(r"`vlcache (\w+)", first) or ["*"]
+        names = re.findall(r"`vlcache ([\w-]+)", first) or ["*"]
         for name in names:  # the command cell's flags written as code spans of their own
             rows[name] = rows.get(name, "") + " " + " ".join(f"`{f}`" for f in re.findall(r" (--[a-z-]+)", first)) + " " + flags
     return rows
@@ -126,7 +126,8 @@ def test_every_readme_command_parses():
 
 @pytest.mark.parametrize("command", sorted(subparsers()))
 def test_an_unknown_flag_after_a_command_prints_that_commands_usage(command, capsys):
-    required = {"cache": ["x.jpg", "-o", "x.pt"], "chat": ["--cache", "x.pt"], "inspect": ["x.pt"]}.get(command, [])
+    required = {"cache": ["x.jpg", "-o", "x.pt"], "chat": ["--cache", "x.pt"], "inspect": ["x.pt"],
+                "demo-model": ["demo"]}.get(command, [])
     with pytest.raises(SystemExit) as info:
         cli.main([command, *required, "--frobnicate"])
     assert info.value.code == 2

@@ -144,6 +144,7 @@ def test_the_progress_bar_counts_what_it_caches(tiny_model_dir, tmp_path, capsys
     argv = ["cache", str(clips), "-d", str(tmp_path / "out"), "--model", str(tiny_model_dir), "--progress"]
     assert cli.main(argv) == 0
     err = capsys.readouterr().err
+    assert err.startswith(f"loading {tiny_model_dir} "), err  # issue 32 item 4: no empty bar before the model loads
     bar = [line for line in err.replace("\r", "\n").splitlines() if "|" in line]
     assert bar and all("video" in line and "image" not in line for line in bar if "1/1" in line), err
     from vlcache.commands.cache import inputs_unit
@@ -235,3 +236,103 @@ def test_a_default_run_prints_only_vlcaches_lines(kind, tiny_model_dir, tmp_path
     assert any("Loading weights" in line for line in hidden), verbose.stderr
     if kind == "qwen3_5":
         assert any("causal-conv1d" in line or "causal_conv1d" in line for line in hidden), verbose.stderr
+
+
+def test_a_moved_model_folder_is_not_offered_for_download(astronaut_state, tmp_path, capsys, monkeypatch):
+    """Issue 32 item 5: a local folder cannot be downloaded, so the hint asks where the model is now; a hub id
+    (the control) is still offered for download."""
+    import dataclasses
+
+    monkeypatch.delenv("VLCACHE_MODEL", raising=False)
+    moved, hub = tmp_path / "mv1", "vlcache-test/not-in-any-cache"
+    for name, model in (("moved.pt", str(moved)), ("hub.pt", hub)):
+        meta = dataclasses.replace(astronaut_state.metadata, model=model)
+        dataclasses.replace(astronaut_state, metadata=meta).save(tmp_path / name)
+    assert cli.main(["ask", "--cache", str(tmp_path / "moved.pt"), "--prompt", "x"]) == 1
+    assert err_lines(capsys) == [f"error: the cache was made with the model folder {moved}, which is not on this "
+                                 "machine; pass --model with where that model is now (or set VLCACHE_MODEL)"]
+    assert cli.main(["chat", "--cache", str(tmp_path / "hub.pt")]) == 1
+    assert err_lines(capsys) == [f"error: the cache was made with {hub}, which is not on this machine; pass --model "
+                                 f"{hub} to download and use it (vlcache does not download what a cache file names on "
+                                 "its own)"]
+
+
+def test_check_and_the_python_api_print_nothing_of_transformers(tiny_model_dir):
+    """Issue 32 item 4: stderr is vlcache's lines only. `vlcache check` prints its report on stdout and nothing on
+    stderr (no loading bar, no video processor warning); Engine.load prints nothing at all; --verbose shows them."""
+    checked = subprocess.run([sys.executable, "-m", "vlcache", "check", "--model", str(tiny_model_dir), "--device", "cpu"],
+                             capture_output=True, text=True, timeout=300)
+    assert checked.returncode == 0 and checked.stderr == "", checked.stderr
+    assert checked.stdout.splitlines()[-1] == "exact: every probe held"
+    load = "import sys; from vlcache import Engine; Engine.load(sys.argv[1], device='cpu'); print('loaded')"
+    loaded = subprocess.run([sys.executable, "-c", load, str(tiny_model_dir)], capture_output=True, text=True, timeout=300)
+    assert (loaded.returncode, loaded.stdout, loaded.stderr) == (0, "loaded\n", "")
+    verbose = "import sys; from vlcache import Engine; from vlcache.model import quiet_transformers; " \
+              "quiet_transformers(verbose=True); Engine.load(sys.argv[1], device='cpu')"
+    shown = subprocess.run([sys.executable, "-c", verbose, str(tiny_model_dir)], capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0 and "Loading weights" in shown.stderr  # the control: the bar exists, and is shown on request
+
+
+def test_offline_an_absent_hub_model_fails_at_once_and_a_demo_model_stands_in(tmp_path):
+    """Issue 32 item 1: with no model folder, an empty Hugging Face cache and no hub (a loopback port nothing
+    listens on), one line says so and what to do (no retries); `vlcache demo-model` writes a random-weight model
+    that the commands then load without any network."""
+    import time
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "VLCACHE_MODEL") and "PROXY" not in k.upper()}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="http://127.0.0.1:1")
+
+    def vlcache(*args):
+        return subprocess.run([sys.executable, "-m", "vlcache", *map(str, args)], capture_output=True, text=True,
+                              env=env, timeout=300)
+
+    started = time.monotonic()
+    offline = vlcache("ask", "--prompt", "hi")
+    assert time.monotonic() - started < 60
+    assert offline.returncode == 1 and offline.stdout == ""
+    assert offline.stderr.splitlines() == [
+        "loading Qwen/Qwen3-VL-2B-Instruct (auto, auto)...",
+        "error: cannot load model 'Qwen/Qwen3-VL-2B-Instruct': the Hugging Face hub (http://127.0.0.1:1) cannot be "
+        "reached (Connection refused) and the model is not on this machine; pass --model /path/to/a/model/folder (or "
+        "set VLCACHE_MODEL=/path), set HF_HUB_OFFLINE=1 to use models already downloaded, or try vlcache offline with "
+        "a small random-weight model: vlcache demo-model DIR"]
+    folder = tmp_path / "demo"
+    made = vlcache("demo-model", folder)
+    assert made.returncode == 0 and made.stdout == f"{folder}\n"
+    assert re.fullmatch(rf"wrote a demo model with RANDOM weights \(\d+\.\d MiB; its answers are noise\) to {folder}; "
+                        rf"try it: export VLCACHE_MODEL={folder}\n", made.stderr), made.stderr
+    assert "RANDOM WEIGHTS" in (folder / "README.md").read_text()
+    asked = vlcache("ask", "--model", folder, "--image", photo("rocket.jpg"), "--prompt", "hi", "--max-new-tokens", 2,
+                    "--json")
+    assert asked.returncode == 0, asked.stderr
+    assert 1 <= len(json.loads(asked.stdout)["token_ids"]) <= 2
+    again = vlcache("demo-model", folder)
+    assert (again.returncode, again.stderr) == (1, f"error: {folder} exists and is not an empty folder; name a new "
+                                                   "folder for the demo model\n")
+
+
+def test_a_still_image_named_as_a_video_says_how_to_give_it(tmp_path, capsys):
+    """Issue 32 item 6: the refusal says how to give the file as an image (before any model load)."""
+    fake = tmp_path / "fake.mp4"
+    fake.write_bytes(photo("rocket.jpg").read_bytes())
+    assert cli.main(["cache", str(fake), "-o", str(tmp_path / "x.pt"), "--model", str(tmp_path / "no-model")]) == 1
+    assert err_lines(capsys) == [f"error: not a video: {fake} is a still image (jpeg); a file is taken as a video by its "
+                                 "suffix (.mp4, .webm, .mov, ...): give it an image's suffix (.jpg, .png, ...) on the "
+                                 "command line, or send it as an image_url"]
+
+
+def test_chat_at_a_terminal_says_what_it_takes(astronaut_state, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """Issue 32 item 6: at a terminal, chat names /reset, /save and /quit once; piped, it prints no such line."""
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    path = astronaut_state.save(tmp_path / "a.pt")
+    hint = ("type a question and press Enter; /reset goes back to the cached image, /save PATH writes the conversation "
+            "as a cache file, /quit ends")
+    for stdin, shown in ((Terminal("/quit\n"), True), (io.StringIO("/quit\n"), False)):
+        monkeypatch.setattr(sys, "stdin", stdin)
+        assert cli.main(["chat", "--cache", str(path), "--model", str(tiny_model_dir)]) == 0
+        assert (hint in capsys.readouterr().err.splitlines()) is shown

@@ -4,6 +4,7 @@ uploaded once, checked like any cache file, and refused for another model."""
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -105,7 +106,12 @@ def test_chat_through_the_server_equals_a_local_conversation(engine, server, cac
     assert result.returncode == 0, result.stderr
     chat = Conversation(engine, engine.load_state(cache_file))
     expected = [chat.ask(t, max_new_tokens=N, temperature=0).token_ids for t in turns]
-    assert [json.loads(line)["token_ids"] for line in result.stdout.splitlines()] == expected
+    answers = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [a["token_ids"] for a in answers] == expected
+    # Each turn continues the server's kept conversation: the cached part grows by the turns before it.
+    cached = [a["cached_tokens"] for a in answers]
+    assert cached[0] == engine.load_state(cache_file).num_tokens and cached[0] < cached[1] < cached[2], cached
+    assert all(a["cached_tokens"] < a["prompt_tokens"] for a in answers), answers
     saving = run("chat", "--server", server.url, "--cache", cache_file, stdin="/save x.pt\n")
     assert saving.returncode == 1 and "not available through a server" in saving.stderr
 
@@ -116,8 +122,14 @@ def test_cache_through_the_server_saves_the_state_here(engine, server, tmp_path)
     assert made.returncode == 0 and made.stdout == "", made.stderr
     got, want = engine.load_state(out), engine.cache_image(photo("astronaut.png"), system_prompt=SYSTEM)
     assert got.input_ids.tolist() == want.input_ids.tolist()
-    same = [{k: v for k, v in p.items() if k != "path"} for p in want.metadata.parts]  # the server saw bytes, no path
-    assert [{k: v for k, v in p.items() if k != "path"} for p in got.metadata.parts] == same
+    # The server saw bytes; the client records the files' paths as a local cache does (issue 32 item 6).
+    assert got.metadata.parts == want.metadata.parts and got.metadata.image_path == want.metadata.image_path
+    clip = REPO.parent / "shared" / "videos" / "hubble_pan.mp4"
+    video = run("cache", clip, "--output", tmp_path / "clip.pt", "--server", server.url)
+    assert video.returncode == 0, video.stderr
+    assert engine.load_state(tmp_path / "clip.pt").metadata.parts[0]["path"] == str(clip.resolve())
+    shown = run("inspect", tmp_path / "clip.pt")
+    assert shown.returncode == 0 and f"video:         {clip.resolve()} (" in shown.stdout, shown.stdout
     assert engine.ask(got, QUESTION, max_new_tokens=N, temperature=0).token_ids == \
         engine.ask(want, QUESTION, max_new_tokens=N, temperature=0).token_ids
     flags = run("cache", photo("astronaut.png"), "--output", out, "--server", server.url, "--fps", "1")
@@ -186,6 +198,15 @@ def test_serve_detach_status_and_stop(tiny_model_dir, tmp_path, cache_file, engi
         assert started.returncode == 0, started.stderr
         url = started.stdout.strip()
         assert url == f"http://127.0.0.1:{port}"
+        # Issue 32 items 3 and 4: the start shows the server's progress as it comes (the load, each decode step
+        # compiled, k of n with an estimate), each line once, and nothing but vlcache's lines (no torch notes).
+        lines = started.stderr.splitlines()
+        assert lines[0] == f"loading {tiny_model_dir} (auto, auto)..." and lines[-1].startswith(f"vlcache serve is up at {url}")
+        assert any(re.fullmatch(r"decode steps: compiling the step for batch size 16 \(5 of 5; about \d+(s| min) left\)\.\.\.",
+                                line) for line in lines), lines
+        assert len([line for line in lines if re.match(r"decode steps: (compiled|eager) \(", line)]) == 1, lines
+        ours = ("loading ", "loaded in ", "preparing decode steps ", "decode steps: ", "serving ", "vlcache serve is up ")
+        assert all(line.startswith(ours) for line in lines) and len(set(lines)) == len(lines), lines
         status = run("status", "--json", env=env)  # finds the detached server from its record
         assert status.returncode == 0, status.stderr
         assert json.loads(status.stdout)["model"] == tiny_model_dir.name  # never the server's path
@@ -227,3 +248,44 @@ def test_a_forged_upload_cannot_answer_another_clients_question(engine, server, 
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": QUESTION}]}])
     assert answer.choices[0].message.content == engine.ask(camera, QUESTION, max_new_tokens=N, temperature=0).text
     assert answer.usage.prompt_tokens_details.cached_tokens == 0  # computed from the image, not taken from the upload
+
+
+def test_which_server_and_model_is_never_silent(engine, server, cache_file, tiny_model_dir):
+    """Issue 32 item 6: with VLCACHE_SERVER exported, a VLCACHE_MODEL that is not the server's model is refused (not
+    ignored); `--server ""` runs here whatever VLCACHE_SERVER says (it names a port nothing listens on)."""
+    from vlcache.client import Client
+
+    model = Client(server.url).health()["model"]
+    refused = run("ask", "--cache", cache_file, "--prompt", QUESTION, env={"VLCACHE_SERVER": server.url,
+                                                                          "VLCACHE_MODEL": "/models/other"})
+    assert (refused.returncode, refused.stdout) == (1, "")
+    assert refused.stderr == (f"error: VLCACHE_MODEL=/models/other is not the server's model ({model} at {server.url}); "
+                              "unset VLCACHE_MODEL, or pass --server '' to load it here\n")
+    here = run("ask", "--server", "", "--cache", cache_file, "--prompt", QUESTION, "--max-new-tokens", N, "--temperature",
+               "0", "--json", "--model", tiny_model_dir, env={"VLCACHE_SERVER": "http://127.0.0.1:9"})
+    assert here.returncode == 0, here.stderr
+    assert json.loads(here.stdout)["token_ids"] == local(engine, cache_file).token_ids
+    assert here.stderr.startswith(f"loading {tiny_model_dir} ")  # the model was loaded here
+
+
+def test_health_lists_the_decode_shapes_compiled_after_the_start(engine, tmp_path, cache_file):
+    """Issue 32 item 6: /health's decode shapes are the ones compiled so far, not the start's list (a traced step,
+    eager backend: cheap; a photograph's state needs a larger capacity than the start's text-only warm-up)."""
+    from test_server import LiveServer
+    from vlcache.client import Client
+
+    try:
+        engine.compile_steps("on", buckets=[1], backend="eager")
+        started = [tuple(s) for s in engine.compile_status["shapes"]]
+        live = LiveServer(engine, tmp_path / "states")
+        try:
+            assert [tuple(s) for s in Client(live.url).health()["decode"]["shapes"]] == started
+            asked = run("ask", "--server", live.url, "--cache", cache_file, "--prompt", QUESTION, "--max-new-tokens", 3,
+                        "--temperature", "0", "--json")
+            assert asked.returncode == 0, asked.stderr
+            shapes = {tuple(s) for s in Client(live.url).health()["decode"]["shapes"]}
+            assert shapes == set(engine.runner.shapes) and len(shapes) > len(started), (started, shapes)
+        finally:
+            live.close()
+    finally:
+        engine.compile_steps("off")

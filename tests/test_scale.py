@@ -106,7 +106,11 @@ def test_batch_caching_on_ray_into_s3_then_asking_from_it(engine, s3, tmp_path, 
     first = run("cache", folder, "--output-dir", prefix, "--ray", "--workers", 2, "--model", tiny_model_dir,
                 "--system-prompt", SYSTEM, env=env)
     assert first.returncode == 1, first.stderr  # the broken file fails alone
-    assert "3 cached, 0 up to date (skipped), 1 failed" in first.stderr
+    # Issue 32 item 4: stderr is vlcache's lines only (no Ray INFO/WARNING lines, no core_worker.cc error line).
+    lines = first.stderr.splitlines()
+    assert lines[0] == f"caching on Ray with 2 worker(s), each loading {tiny_model_dir}", lines
+    assert lines[-1] == f"3 cached, 0 up to date (skipped), 1 failed -> {prefix}", lines
+    assert len(lines) == 3 and lines[1].startswith("error: ") and "broken.png" in lines[1], lines
     from vlcache import storage
 
     manifest = json.loads(storage.read_bytes(prefix + "manifest.json"))

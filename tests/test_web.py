@@ -53,8 +53,10 @@ def browser():
 class Page:
     """A fresh browser context (its own localStorage) on the page, collecting page errors and every URL asked."""
 
-    def __init__(self, browser, url: str, **context):
+    def __init__(self, browser, url: str, init_script: str | None = None, **context):
         self.context = browser.new_context(**context)
+        if init_script:
+            self.context.add_init_script(init_script)
         self.page = self.context.new_page()
         self.errors, self.requests = [], []
         self.page.on("pageerror", lambda error: self.errors.append(str(error)))
@@ -200,6 +202,119 @@ def test_a_listed_state_is_asked_about(page, live):
     assert int(page.stats(0)["cached"]) == made["tokens"]  # the whole state was reused
 
 
+def thumbnail_bytes(live, digest: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(f"{live.url}/v1/vlcache/thumbs/{digest}", timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, b""
+
+
+def test_stored_states_can_be_told_apart(browser, live, engine, tmp_path):
+    """Issue 32 item 7: each stored state shows its image's thumbnail (kept by the server, by content hash), the file
+    name this browser gave, its system prompt's first words and when it was made; a video shows a badge with its
+    duration. Thumbnails exist only for listed states (issue 31.2): with --share-all-states the page's own chats
+    are listed; on a default server a chat completion's photo, and on any server a cache_salt's, get none."""
+    import hashlib
+    import io
+
+    from PIL import Image
+
+    shared = LiveServer(engine, tmp_path / "shared-states", share_all_states=True)
+    page = Page(browser, shared.url)
+    try:
+        system = "You are a careful observer of rockets and launch pads on sunny days."
+        page.settings(temperature=0, system=system, **{"max-tokens": 2})
+        page.attach(photo("hubble_deep_field.jpg"))
+        assert "error" not in page.ask("What is this?")
+        digest = hashlib.sha256(photo("hubble_deep_field.jpg").read_bytes()).hexdigest()
+        listed = [st for st in shared.get("/v1/vlcache/states")[1]["data"] if st["parts"][0]["sha256"] == digest]
+        assert len(listed) == 1 and listed[0]["system_prompt"] == system
+        for _ in range(100):  # made on a media thread, beside the answer
+            status, jpeg = thumbnail_bytes(shared, digest)
+            if status == 200:
+                break
+            page.page.wait_for_timeout(50)
+        assert status == 200 and max(Image.open(io.BytesIO(jpeg)).size) == 160
+        clip = base64.b64encode(CLIP.read_bytes()).decode()
+        status, video = shared.post("/v1/vlcache/cache", json.dumps({"parts": [{"type": "video", "data": clip}]}).encode())
+        assert status == 200, video
+
+        page.page.click("#refresh-states")
+        row = page.page.locator(f"#states li[data-id='{listed[0]['id']}']")
+        row.locator("img.state-thumb").wait_for()
+        page.page.wait_for_function("img => img.complete", arg=row.locator("img.state-thumb").element_handle())
+        assert row.locator("img.state-thumb").evaluate("img => img.naturalWidth") == 160
+        assert row.locator(".state-title").text_content() == "hubble_deep_field.jpg"
+        assert row.locator(".system").text_content() == "“You are a careful observer of rockets and…”"
+        detail = row.locator(".muted.small").first.text_content()
+        assert detail.startswith(f"image, 1 part, {listed[0]['tokens']:,} tokens · ") and " · made just now · " in detail
+        duration = next(st for st in shared.get("/v1/vlcache/states")[1]["data"] if st["id"] == video["id"])["parts"][0]["duration"]
+        badge = page.page.locator(f"#states li[data-id='{video['id']}'] .state-thumb.badge")
+        assert badge.text_content() == (f"▶ {duration:.1f} s" if duration >= 10 else f"▶ {duration:.2f} s")
+        assert page.errors == []
+
+        salted = hashlib.sha256(photo("camera.png").read_bytes()).hexdigest()
+        shared.client.chat.completions.create(model="any", max_tokens=1, extra_body={"cache_salt": "tenant-a"}, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(photo("camera.png"), "image/png")}}]}])
+    finally:
+        page.close()
+        shared.close()
+    unlisted = hashlib.sha256(photo("coffee.png").read_bytes()).hexdigest()
+    api_answer(live, [{"type": "image_url", "image_url": {"url": data_url(photo("coffee.png"), "image/png")}}], "Hi?")
+    assert not (tmp_path / "shared-states" / "thumbs" / f"{salted}.jpg").exists()  # a cache_salt's image: none
+    assert (tmp_path / "shared-states" / "thumbs" / f"{digest}.jpg").exists()  # the control: a listed image has one
+    assert thumbnail_bytes(live, unlisted)[0] == 404
+
+
+def test_settings_cancel_and_bounds_an_edit_renames_the_chat_videos_are_badged_the_pill_follows(browser, live):
+    """Issue 32 item 9: Max tokens is bounded by the model's context (from /health), Settings has Cancel, an edited
+    first question renames its chat, a video attachment shows a badge with its duration, and the rows pill is
+    refreshed when an answer ends (the page's 2-second poll is switched off here, so only that refresh counts)."""
+    page = Page(browser, live.url, init_script="window.setInterval = () => 0;")
+    try:
+        p = page.page
+        context = live.get("/health")[1]["context_length"]
+        p.wait_for_function("() => !document.getElementById('model').textContent.startsWith('connecting')")  # /health read
+        assert context == 4096 and p.get_attribute("#set-max-tokens", "max") == str(context - 1)
+        p.click("#open-settings")
+        p.fill("#set-max-tokens", "5000")
+        p.click("#save-settings")
+        assert p.is_visible("#settings") and p.text_content("#settings-error") == (
+            "error: Max tokens must be under the model's context of 4,096 tokens (with the question in it)")
+        p.click("#cancel-settings")
+        assert not p.is_visible("#settings") and p.evaluate("localStorage.getItem('vlcache.settings.v1')") is None
+        page.settings(temperature=0, **{"max-tokens": 2})
+        p.click("#open-settings")
+        p.fill("#set-temperature", "1.5")
+        p.click("#cancel-settings")
+        assert json.loads(p.evaluate("localStorage.getItem('vlcache.settings.v1')"))["temperature"] == 0
+
+        health_calls = lambda: sum(url.endswith("/health") for url in page.requests)  # noqa: E731
+        before = health_calls()
+        assert "error" not in page.ask("first question")
+        for _ in range(40):  # the answer's end asks /health again at once
+            if health_calls() > before:
+                break
+            p.wait_for_timeout(50)
+        assert health_calls() > before
+        p.wait_for_function("() => document.getElementById('rows').textContent.startsWith('0 running')", timeout=2000)
+        assert re.fullmatch(r"0 running · 0 queued", p.text_content("#rows"))
+        p.locator(".message.user button", has_text="Edit").click()
+        p.fill(".message.user textarea.edit", "the renamed question")
+        p.locator(".message.user button", has_text="Send").click()
+        p.locator(".message.assistant .stats").wait_for()
+        p.wait_for_selector("#send:not([hidden])")
+        assert page.saved()["title"] == "the renamed question"
+        assert p.text_content("#chats li.current button.grow") == "the renamed question"
+
+        page.attach(CLIP)
+        p.wait_for_function("() => /^▶ \\d+\\.\\d+ s$/.test(document.querySelector('#attachments .media.video .badge').textContent)")
+        assert page.errors == []
+    finally:
+        page.close()
+
+
 def test_drop_paste_remove_regenerate_edit_new_chat_export_import(page, browser, live, tmp_path):
     p = page.page
     page.settings(temperature=0, **{"max-tokens": N})
@@ -252,7 +367,7 @@ def test_drop_paste_remove_regenerate_edit_new_chat_export_import(page, browser,
     other = Page(browser, live.url)
     try:
         other.page.set_input_files("#import-file", str(exported))
-        other.page.click("#chats button:has-text('What is on the table?')")
+        other.page.click("#chats button:has-text('What is in the cup?')")  # the edited question names the chat
         assert other.page.locator(".message.assistant").count() == 1
         assert other.saved()["messages"] == page.saved()["messages"]
         assert other.page.locator(".message.user img.thumb").count() == 1  # the photograph came along
@@ -302,10 +417,14 @@ def test_stop_cancels_the_row_on_the_server(page, live):
     assert metric(live, "vlcache_batch_size_count") - steps < 1500  # by the stop, long before its 3000 tokens
     saved = page.saved()["messages"][-1]
     assert saved.get("stopped") and "stats" not in saved
-    assert page.page.locator(".message.assistant .note", has_text="stopped").count() == 1
+    # Issue 32 item 9: a stopped answer still says what was measured of it.
+    assert saved["stopped"]["pieces"] >= 1 and saved["stopped"]["total_s"] >= saved["stopped"]["first_s"] > 0
+    note = page.page.locator(".message.assistant .note", has_text="stopped")
+    assert note.count() == 1
+    assert re.fullmatch(r"stopped after \d+\.\d+ s · first token \d+\.\d+ s · [\d,]+ streamed pieces?", note.text_content())
 
 
-def test_errors_are_one_line_by_their_message_and_the_page_stays_usable(browser, engine, tmp_path):
+def test_errors_are_shown_whole_by_their_question_and_the_page_stays_usable(browser, engine, tmp_path):
     server = LiveServer(engine, tmp_path / "states", max_body_bytes=400_000, max_batch=1, max_queue=0)
     page = Page(browser, server.url, viewport={"width": 390, "height": 800})  # narrow: long errors would wrap
     try:
@@ -316,6 +435,7 @@ def test_errors_are_one_line_by_their_message_and_the_page_stays_usable(browser,
         failed = page.ask("What is this?")
         line = page.page.locator(".message.assistant.failed .error")
         assert failed["error"] and line.text_content() == "error: " + failed["error"]
+        assert failed["error"].startswith("broken.png: not an image")  # issue 32 item 9: the refused file is named
         assert "\n" not in failed["error"]
 
         # Over the server's body limit: the same limit as the API, its 413 message by the question.
@@ -342,7 +462,10 @@ def test_errors_are_one_line_by_their_message_and_the_page_stays_usable(browser,
         assert page.page.locator(".message.assistant .stats").count() == 1
         errors = page.page.locator(".message.assistant .error")
         assert errors.count() == 3
-        assert errors.evaluate_all("lines => lines.every(e => e.offsetHeight <= 1.5 * parseFloat(getComputedStyle(e).lineHeight))")
+        # Issue 32 item 8: the whole message is shown, wrapped on a phone's width (no tooltip, nothing cut off).
+        assert errors.evaluate_all("lines => lines.every(e => !e.title && e.scrollWidth <= e.clientWidth)")
+        assert errors.evaluate_all("lines => lines.some(e => e.offsetHeight > 1.5 * parseFloat(getComputedStyle(e).lineHeight))")
+        assert [errors.nth(i).inner_text() for i in range(3)] == ["error: " + m["error"] for m in (failed, too_large, busy)]
 
         # The server gone: one line, and the page still answers clicks.
         server.close()
@@ -408,6 +531,9 @@ def test_phone_width_and_dark_theme(browser, live):
     page = Page(browser, live.url, viewport={"width": 390, "height": 800}, color_scheme="light")
     try:
         p = page.page
+        p.wait_for_function("() => !document.getElementById('model').textContent.startsWith('connecting')")
+        health = live.get("/health")[1]
+        assert p.is_visible("#model") and p.text_content("#model").startswith(Path(health["model"]).name)  # item 9
         assert p.evaluate("document.documentElement.scrollWidth") <= 390  # nothing sticks out sideways
         assert p.is_visible("#input") and p.is_visible("#send")
         assert p.evaluate("document.getElementById('side').getBoundingClientRect().right") <= 0  # the side panel is away

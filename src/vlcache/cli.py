@@ -20,6 +20,7 @@ from .commands.ask import run_ask
 from .commands.cache import run_cache
 from .commands.chat import run_chat
 from .commands.check import run_check
+from .commands.demo import run_demo_model
 from .commands.inspect import run_inspect
 from .commands.serve import run_serve, run_status, run_stop
 from .console import UsageError
@@ -304,6 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
                         AUTO_DTYPE_HELP)
     check.set_defaults(run=run_check)
 
+    demo = sub.add_parser("demo-model", help="write a tiny Qwen3-VL with RANDOM weights to try vlcache offline "
+                                             "(its answers are noise)")
+    demo.add_argument("folder", metavar="DIR", help="a new (or empty) folder to write it to")
+    demo.set_defaults(run=run_demo_model)
+
     for p in sub.choices.values():  # flags every command takes after its name; its own usage on an error
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
         p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
@@ -338,6 +344,7 @@ def _version() -> str:
 def run_command(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Run a command with the CLI's error policy: one line on stderr and a non-zero exit, never a traceback."""
     _log_to_stderr()
+    _quiet_libraries(getattr(args, "verbose", False))
     try:
         return run(args)
     except UsageError as exc:
@@ -393,6 +400,16 @@ def _log_to_stderr() -> None:
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         logger.propagate = False
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    """stderr is vlcache's lines: torch's note that no CUDA runtime is found (logged when torch.compile, or
+    anything else, imports its C++ extension helper on a machine with /usr/local/cuda but no GPU) only with
+    --verbose. Set before torch is imported: the note comes at import."""
+    import logging
+
+    if not verbose:
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -94,10 +94,11 @@ class Client:
         reply = self._json("POST", "/v1/vlcache/cache", json.dumps({"parts": parts, "system_prompt": system_prompt}).encode())
         return self._fields(reply, "/v1/vlcache/cache", id=str, tokens=int, image_tokens=int)
 
-    def download(self, key: str, output: str | os.PathLike) -> Path:
+    def download(self, key: str, output: str | os.PathLike, sources: list[str] | None = None) -> Path:
         """Write the server's state file to `output`, atomically (a temporary file beside it, then a rename), and
         only a whole cache file of the server's model: the length the server declared, at most MAX_STATE_BYTES,
-        within the call's time, its header checked (format, size, fingerprint) before it replaces anything."""
+        within the call's time, its header checked (format, size, fingerprint) before it replaces anything.
+        `sources`: the local files the state was made from, recorded as its parts' paths (the server saw bytes)."""
         output = Path(output)
         output.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_temporaries(output)
@@ -125,6 +126,9 @@ class Client:
                 raise ServerError(f"the server at {self.url} sent {size:,} of the {int(declared):,} bytes of the state file "
                                   "(the connection was cut); nothing was written")
             self._check_downloaded(tmp)
+            if sources:
+                tmp = _with_paths(tmp, sources)
+                self._check_downloaded(tmp)
             os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a cache file is as shareable as any other
             os.replace(tmp, output)
         except BaseException:
@@ -239,6 +243,36 @@ def _text(value) -> str:
     return value
 
 
+def _with_paths(path: str, sources: list[str]) -> str:
+    """The file at `path` rewritten (beside it; the original removed) with its parts' paths set to `sources`, in
+    order, as a local `vlcache cache` records them: only the header's metadata changes, the tensors are copied as
+    they are (safetensors' offsets count from the end of the header)."""
+    with open(path, "rb") as fh:
+        length = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(length))
+        fields = json.loads(header["__metadata__"]["metadata"])
+        parts = fields.get("parts") or []
+        if len(parts) != len(sources):
+            return path  # not the state of these files: left as the server sent it
+        for part, source in zip(parts, sources):
+            part["path"] = str(Path(source).resolve())
+        fields["image_path"] = parts[0]["path"] if parts else fields.get("image_path")
+        header["__metadata__"]["metadata"] = json.dumps(fields)
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the tensors' data stays 8-byte aligned
+        fd, out = tempfile.mkstemp(prefix=Path(path).name.split(".tmp")[0] + ".", suffix=".tmp", dir=Path(path).parent)
+        try:
+            with os.fdopen(fd, "wb") as target:
+                target.write(len(text).to_bytes(8, "little") + text)
+                while chunk := fh.read(1 << 22):
+                    target.write(chunk)
+        except BaseException:
+            Path(out).unlink(missing_ok=True)
+            raise
+    Path(path).unlink()
+    return out
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -294,5 +328,8 @@ def file_digest(path: str | os.PathLike) -> str:
 
 
 def server_url(given: str | None) -> str | None:
-    """--server, else $VLCACHE_SERVER, else None (run locally)."""
-    return given or os.environ.get(ENV) or None
+    """--server, else $VLCACHE_SERVER, else None (run locally). `--server ""` runs locally whatever the
+    environment says."""
+    if given is not None:
+        return given.strip() or None
+    return os.environ.get(ENV) or None

@@ -126,6 +126,9 @@ def chat_loop(ask: Callable[[str], None], reset: Callable[[], None], save: Calla
     """Read questions and /commands from stdin until it ends or /quit; a failing turn is reported and the
     loop goes on. Exit code 1 if any turn failed."""
     interactive = sys.stdin.isatty()
+    if interactive:  # a person at a terminal: what they can type besides questions
+        info("type a question and press Enter; /reset goes back to the cached image, /save PATH writes the "
+             "conversation as a cache file, /quit ends")
     failed = 0
     while True:
         if interactive:

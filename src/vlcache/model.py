@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import json
 import os
@@ -48,6 +50,41 @@ def is_available_locally(name: str) -> bool:
         return isinstance(try_to_load_from_cache(name, "config.json"), str)
     except (ValueError, OSError):  # not a valid repo id
         return False
+
+
+HUB_PROBE_SECONDS = 5.0
+
+
+def check_hub_reachable(name: str) -> None:
+    """Before a hub id that is not on this machine is fetched: one connection to the hub (5 s at most). Without it
+    a machine offline waits through huggingface_hub's retries (five, ~25 s) for an error that says only that it
+    could not connect; this says so at once, with what to do instead."""
+    import socket
+    import urllib.parse
+
+    from huggingface_hub import constants
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if offline or Path(name).expanduser().exists() or is_available_locally(name):
+        return
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return  # not a hub id: from_pretrained says what is wrong with it without the network
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")):
+        return  # the hub is reached through a proxy: a direct connection would prove nothing
+    endpoint = urllib.parse.urlsplit(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=HUB_PROBE_SECONDS).close()
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise ModelLoadError(
+            f"cannot load model {name!r}: the Hugging Face hub ({constants.ENDPOINT}) cannot be reached ({reason}) and "
+            "the model is not on this machine; pass --model /path/to/a/model/folder (or set VLCACHE_MODEL=/path), "
+            "set HF_HUB_OFFLINE=1 to use models already downloaded, or try vlcache offline with a small random-weight "
+            "model: vlcache demo-model DIR") from None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -214,6 +251,7 @@ def load(name: str, device: str = "auto", dtype: str | torch.dtype = "auto", unc
 
     torch_device = resolve_device(device)
     requested = resolve_dtype(dtype)
+    check_hub_reachable(name)
     try:
         # 1. The config says the family and the stored dtype: enough to choose and check before the weights.
         config = AutoConfig.from_pretrained(name)
@@ -233,7 +271,8 @@ def load(name: str, device: str = "auto", dtype: str | torch.dtype = "auto", unc
         check_memory(name, torch_device, torch_dtype, files)
         # 2. The processor and the weights.
         processor = AutoProcessor.from_pretrained(name)
-        model = AutoModelForImageTextToText.from_pretrained(name, dtype=torch_dtype)
+        with _no_loading_bar():
+            model = AutoModelForImageTextToText.from_pretrained(name, dtype=torch_dtype)
     except ImportError as exc:  # a processor's optional dependency
         extra = next((extra for package, extra in _EXTRAS.items() if package in str(exc)), None)
         hint = f" (pip install 'vlcache[{extra}]')" if extra else ""
@@ -422,9 +461,30 @@ def quiet_transformers(verbose: bool = False) -> None:
     kernel warnings come at the first forward, not at load."""
     from transformers.utils import logging as hf_logging
 
+    global _SHOW_LOADING_BAR
+    _SHOW_LOADING_BAR = verbose
     if verbose:
         hf_logging.set_verbosity_warning()
         hf_logging.enable_progress_bar()
     else:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+
+
+_SHOW_LOADING_BAR = False  # transformers' "Loading weights" bar: only after quiet_transformers(verbose=True)
+
+
+@contextlib.contextmanager
+def _no_loading_bar():
+    """Engine.load prints nothing of its own (a library's caller decides what its stderr shows): transformers'
+    loading bar is off for the load, then as it was."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if not _SHOW_LOADING_BAR:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was and not hf_logging.is_progress_bar_enabled():
+            hf_logging.enable_progress_bar()

@@ -132,7 +132,7 @@ def cache(args: argparse.Namespace, url: str) -> int:
     output = Path(args.output)
     start = time.perf_counter()
     made = client.cache(args.images, args.system_prompt)
-    path = client.download(made["id"], output)
+    path = client.download(made["id"], output, sources=args.images)
     frames = f"; {made['frames']} video frames" if made.get("frames") else ""
     info(f"cached {', '.join(args.images)} on {client.url}: {made['tokens']} tokens ({made['image_tokens']} media "
          f"tokens{frames}) in {time.perf_counter() - start:.2f}s -> {path} ({path.stat().st_size / 2**20:.1f} MiB)")
@@ -140,10 +140,16 @@ def cache(args: argparse.Namespace, url: str) -> int:
 
 
 def _check_model(args: argparse.Namespace, client: Client) -> None:
+    from .defaults import MODEL_ENV_VAR
+
     health = client.health()
     if getattr(args, "model", None) and health["model"] not in (args.model, paths.served_name(args.model)):
         raise VlcacheError(f"--model {args.model} is not the server's model ({health['model']} at {client.url}); drop "
                            "--model, or run without --server")
+    named = os.environ.get(MODEL_ENV_VAR)
+    if not getattr(args, "model", None) and named and named != health["model"]:  # never ignored in silence
+        raise VlcacheError(f"{MODEL_ENV_VAR}={named} is not the server's model ({health['model']} at {client.url}); "
+                           f"unset {MODEL_ENV_VAR}, or pass --server '' to load it here")
 
 
 # -- a server in the background ------------------------------------------------------------------------------
@@ -158,22 +164,46 @@ def detach(args: argparse.Namespace, argv: list[str]) -> int:
     log = record.with_name("serve.log")
     command = [sys.executable, "-m", "vlcache", "serve", *[a for a in argv if a != "--detach"]]
     with open(log, "ab") as out:
+        start_of_run = out.tell()
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
     url = f"http://{args.host}:{args.port}"
     record.write_text(json.dumps({"pid": process.pid, "url": url, "log": str(log)}))
     deadline = time.monotonic() + DETACH_WAIT_SECONDS
+    echo = _LogEcho(log, start_of_run)  # the server's progress (loading, decode steps) shown while it starts
     while time.monotonic() < deadline:
+        echo.lines()
         if process.poll() is not None:
+            echo.lines()
             record.unlink(missing_ok=True)
             raise VlcacheError(f"the server exited (code {process.returncode}) before it answered; see {log}")
         try:
             health = Client(url, timeout=2).health()
+            echo.lines()
             info(f"vlcache serve is up at {url} (pid {process.pid}, {health['model']}); log {log}")
             print(url)
             return 0
         except ServerError:
             time.sleep(0.5)
     raise VlcacheError(f"the server did not answer within {DETACH_WAIT_SECONDS:.0f} s; see {log}")
+
+
+class _LogEcho:
+    """The whole lines a starting server adds to its log, from `offset` on, copied to stderr."""
+
+    def __init__(self, path: Path, offset: int):
+        self.path, self.offset = path, offset
+
+    def lines(self) -> None:
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self.offset)
+                data = fh.read()
+        except OSError:
+            return
+        whole = data[: data.rfind(b"\n") + 1]
+        self.offset += len(whole)
+        for line in whole.decode("utf-8", "replace").splitlines():
+            info(line)
 
 
 def status(args: argparse.Namespace) -> int:

@@ -84,7 +84,8 @@ def probe(data: bytes, name: str, max_decode_pixels: int) -> VideoInfo:
     with _open(data, name) as container:
         if container.format.name.endswith("_pipe") or container.format.name == "image2":
             raise VideoError(f"not a video: {name} is a still image ({container.format.name.removesuffix('_pipe')}); "
-                             "give it as an image")
+                             "a file is taken as a video by its suffix (.mp4, .webm, .mov, ...): give it an image's "
+                             "suffix (.jpg, .png, ...) on the command line, or send it as an image_url")
         stream = _video_stream(container, name, max_decode_pixels)
         width, height = stream.codec_context.width, stream.codec_context.height
         if width <= 0 or height <= 0:

@@ -51,19 +51,16 @@ def _cache_many(args: argparse.Namespace) -> int:
     if not storage.is_url(args.output_dir) and Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
         raise VlcacheError(f"--output-dir is a file, not a folder: {args.output_dir}")
     unit = inputs_unit(args.images)  # before the model loads: nothing to cache is an error, not "0 cached"
-    bar = tqdm(total=0, unit=unit, file=sys.stderr, disable=not (args.progress or sys.stderr.isatty()))
-    started = False  # arguments that name nothing are reported before the count of images is known
+    bar = None  # made once the count is known: an empty bar drawn before the model's loading lines says nothing
 
     def on_start(total: int) -> None:
-        nonlocal started
-        started = True
-        bar.total = total
-        bar.refresh()
+        nonlocal bar
+        bar = tqdm(total=total, unit=unit, file=sys.stderr, disable=not (args.progress or sys.stderr.isatty()))
 
     def on_result(result) -> None:
         if result.status == "failed":
             tqdm.write(f"error: {result.error}", file=sys.stderr)
-        if started:
+        if bar is not None:  # arguments that name nothing are reported before the count is known
             bar.update(1)
 
     if args.ray:
@@ -76,12 +73,13 @@ def _cache_many(args: argparse.Namespace) -> int:
         info(f"caching on Ray with {args.workers} worker(s), each loading {args.model or default_model()}")
         results = cache_on_ray(args.images, args.output_dir, args.model or default_model(), args.device,
                                args.dtype or "auto", args.system_prompt, options, args.workers, args.force,
-                               on_start=on_start, on_result=on_result)
+                               on_start=on_start, on_result=on_result, verbose=getattr(args, "verbose", False))
     else:
         engine = load_engine(args.model, args)
         results = engine.cache_images(args.images, args.output_dir, args.system_prompt, args.max_pixels, args.force,
                                       on_result=on_result, on_start=on_start, fps=args.fps, max_frames=args.max_frames)
-    bar.close()
+    if bar is not None:
+        bar.close()
     counts = {status: sum(r.status == status for r in results) for status in ("cached", "skipped", "failed")}
     info(f"{counts['cached']} cached, {counts['skipped']} up to date (skipped), {counts['failed']} failed -> {args.output_dir}")
     return 1 if counts["failed"] else 0

@@ -57,9 +57,9 @@ def compile_steps(engine, mode: str, buckets: list[int]) -> None:
     """Choose the decode step (decode.probe) and say which, and why, on stderr."""
     if mode == "off":
         return
-    info(f"preparing decode steps ({mode}) for {len(buckets)} batch size(s): {', '.join(map(str, buckets))}...")
-    status = engine.compile_steps(mode, buckets)
-    info(f"decode steps: {status['step']} ({status['reason']})")
+    info(f"preparing decode steps ({mode}) for {len(buckets)} batch size(s): {', '.join(map(str, buckets))} (minutes on a "
+         "first start, seconds once $VLCACHE_HOME/compile holds them; --compile off starts at once)...")
+    engine.compile_steps(mode, buckets)  # its last line says what was chosen and why (the logger "vlcache")
 
 
 def first_metadata(caches: list):
@@ -85,12 +85,22 @@ def model_named_by(meta) -> str:
     if not is_available_locally(meta.model):
         if os.environ.get(MODEL_ENV_VAR):
             return os.environ[MODEL_ENV_VAR]
+        if _is_folder_name(meta.model):  # a folder that moved or is on another machine: nothing to download
+            raise VlcacheError(
+                f"the cache was made with the model folder {meta.model}, which is not on this machine; pass --model "
+                "with where that model is now (or set VLCACHE_MODEL)"
+            )
         raise VlcacheError(
             f"the cache was made with {meta.model}, which is not on this machine; pass --model {meta.model} to "
             "download and use it (vlcache does not download what a cache file names on its own)"
         )
     info(f"using {meta.model}, the model the cache names")
     return meta.model
+
+
+def _is_folder_name(name: str) -> bool:
+    """A model named by a path, never a hub id ("org/name"): absolute, relative with ./ or ~, or deeper."""
+    return name.startswith(("/", ".", "~", "\\")) or ":" in name or name.count("/") > 1
 
 
 def _check_image_arg(path: str) -> None:

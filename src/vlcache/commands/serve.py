@@ -69,7 +69,8 @@ def _serve_on_ray(args: argparse.Namespace, options) -> int:
     model = args.model or default_model()
     info(f"serving {model} with {args.replicas} replicas on Ray Serve at http://{args.host}:{args.port}/v1 "
          f"(states in {options.cache_dir})")
-    ray_serve.run(model, args.device, args.dtype or "auto", options, args.replicas, args.host, args.port, blocking=True)
+    ray_serve.run(model, args.device, args.dtype or "auto", options, args.replicas, args.host, args.port, blocking=True,
+                  verbose=getattr(args, "verbose", False))
     return 0
 
 

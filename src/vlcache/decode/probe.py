@@ -9,9 +9,12 @@ captured as CUDA graphs where that holds). One line says what was chosen and why
 
 from __future__ import annotations
 
+import logging
 import time
 
 from .step import StepRunner, time_steps
+
+log = logging.getLogger("vlcache")  # the CLI shows these progress lines on stderr; a library user opts in
 
 WARM_TEXT = "Describe this."  # what the warm-up rows prefill (text only: no state needed)
 
@@ -32,10 +35,18 @@ def choose(engine, mode: str, buckets: list[int], backend: str | None = None) ->
         # 1. Compile (or capture) the step for each bucket, timing the first (which pays for the compile).
         runner = StepRunner(engine.model, engine.device, name)
         engine.runner = runner
+        doing = _DOING.get(name, f"tracing the step ({name} backend)")
+        later = [rows for rows in buckets if rows != 1]  # the probe's own question compiles batch size 1
+        total = len(later) + 1
+        log.info(f"decode steps: {doing} for batch size 1 (1 of {total})...")
         started = time.perf_counter()
         engine.ask(state, uncached.QUESTIONS[0], max_new_tokens=2, temperature=0)
         compile_s = time.perf_counter() - started
-        for rows in buckets:
+        if 1 in buckets:
+            warm(engine, 1)
+        for k, rows in enumerate(later, start=1):
+            left = (total - k) * (time.perf_counter() - started) / k  # each batch size costs about what the done ones did
+            log.info(f"decode steps: {doing} for batch size {rows} ({k + 1} of {total}; about {_duration(left)} left)...")
             warm(engine, rows)
         if runner.failed:
             reasons.append(f"{name} failed to compile: {runner.failed}")
@@ -44,6 +55,7 @@ def choose(engine, mode: str, buckets: list[int], backend: str | None = None) ->
         if mode == "on":
             return _status(label, "--compile on", runner, compile_s)
         # 2. Exactness: the probe's greedy tokens against generate() on the uncached conversation.
+        log.info("decode steps: checking the step's tokens against generate() on the probe...")
         tokens, expected = uncached.one_question(engine, state, image)
         if tokens != expected:
             where = next((i for i, (a, b) in enumerate(zip(tokens, expected)) if a != b), min(len(tokens), len(expected)))
@@ -51,6 +63,7 @@ def choose(engine, mode: str, buckets: list[int], backend: str | None = None) ->
             continue
         # 3. Speed, on a CPU (on CUDA a graph only removes launch overhead): against the eager step, batch 1.
         if not cuda:
+            log.info("decode steps: timing the step against the eager one...")
             fast, slow = _speed(engine, runner)
             if fast >= slow:
                 reasons.append(f"{name} step not faster on this CPU ({fast * 1e3:.1f} ms vs eager {slow * 1e3:.1f} ms)")
@@ -63,6 +76,11 @@ def choose(engine, mode: str, buckets: list[int], backend: str | None = None) ->
 
 
 _LABELS = {"inductor": "compiled", "cudagraphs": "CUDA graphs of the eager step"}
+_DOING = {"inductor": "compiling the step", "cudagraphs": "capturing CUDA graphs of the eager step"}
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f}s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
 def warm(engine, rows: int, steps: int = 2) -> None:

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -89,8 +90,9 @@ def list_inputs(arguments: Sequence[str]) -> tuple[list[str], list[CacheResult]]
 def cache_on_ray(arguments: Sequence[str], output_dir: str, model: str, device: str = "auto", dtype: str = "auto",
                  system_prompt: str | None = None, options: MediaOptions | None = None, workers: int = 1,
                  force: bool = False, on_start: Callable[[int], None] | None = None,
-                 on_result: Callable[[CacheResult], None] | None = None) -> list[CacheResult]:
-    """Cache every input on Ray (RAY_ADDRESS, or a local cluster started for the call) into `output_dir`."""
+                 on_result: Callable[[CacheResult], None] | None = None, verbose: bool = False) -> list[CacheResult]:
+    """Cache every input on Ray (RAY_ADDRESS, or a local cluster started for the call) into `output_dir`. Ray's
+    own log lines reach stderr only when `verbose`."""
     try:
         import pandas  # noqa: F401 - Ray Data needs it when the batch runs, long after `import ray` succeeded
         import ray
@@ -106,16 +108,22 @@ def cache_on_ray(arguments: Sequence[str], output_dir: str, model: str, device: 
         os.makedirs(output_dir, exist_ok=True)
         output_dir = os.path.abspath(output_dir)
     if sources:
-        if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False, include_dashboard=False)
+        from .cluster import init
+
+        init(verbose)
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
         dataset = ray.data.from_items([{"source": s} for s in sources], override_num_blocks=len(sources))
-        computed = dataset.map_batches(
-            CacheWorker, batch_size=1, concurrency=max(1, min(workers, len(sources))), num_gpus=gpus,
-            num_cpus=0 if gpus else 1, fn_constructor_kwargs={
-                "model": model, "device": device, "dtype": dtype, "output_dir": str(output_dir),
-                "system_prompt": system_prompt, "options": asdict(options or MediaOptions()), "force": force},
-        )
+        with warnings.catch_warnings():
+            # max_restarts=0 (Ray Data's documented switch; a keyword its newer versions call deprecated without a
+            # named replacement yet): a worker is not restarted from constructor arguments the object store may
+            # have dropped, and Ray's core no longer logs an error line on stderr for every batch about that.
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+            computed = dataset.map_batches(
+                CacheWorker, batch_size=1, concurrency=max(1, min(workers, len(sources))), num_gpus=gpus,
+                num_cpus=0 if gpus else 1, max_restarts=0, fn_constructor_kwargs={
+                    "model": model, "device": device, "dtype": dtype, "output_dir": str(output_dir),
+                    "system_prompt": system_prompt, "options": asdict(options or MediaOptions()), "force": force},
+            )
         for row in computed.iter_rows():
             result = CacheResult(row["source"], row["output"] or None, row["status"], row["error"] or None,
                                  int(row["tokens"]), float(row["seconds"]))

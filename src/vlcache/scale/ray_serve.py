@@ -131,15 +131,17 @@ def build(model: str, device: str, dtype: str, options, replicas: int, gpus: flo
     return Router.bind(Replica.bind())
 
 
-def run(model: str, device: str, dtype: str, options, replicas: int, host: str, port: int, blocking: bool = True):
+def run(model: str, device: str, dtype: str, options, replicas: int, host: str, port: int, blocking: bool = True,
+        verbose: bool = False):
     """Start (or join, with RAY_ADDRESS) a Ray cluster and serve the application on host:port."""
     import os
 
     import ray
     from ray import serve
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False, include_dashboard=False)
+    from .cluster import init
+
+    init(verbose)
     from ..errors import VlcacheError
 
     gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= replicas else 0.0

@@ -11,6 +11,7 @@
   tokens, size, creation, newest first, in pages (`limit`, `after`); what the web page offers to pick from.
   A chat completion's state is not among them and is not answered by id: it holds another client's
   conversation and photo, and was found only by its contents.
+- `GET /v1/vlcache/thumbs/{sha256}`: a small JPEG of a listed state's image, by the sha256 its part lists.
 - `GET /v1/vlcache/states/{id}`: a stored state's file (what `vlcache cache --server` saves), streamed in pieces
   from one open handle; at most --max-downloads at once, each within DOWNLOAD_SECONDS.
 - `POST /v1/vlcache/cache`: images and videos (base64) and a system prompt; the state is computed (or found)
@@ -26,7 +27,7 @@ import time
 import uuid
 
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from .. import prompt
@@ -40,6 +41,7 @@ from .uploads import receive_upload
 
 log = logging.getLogger("vlcache")
 ASK, STATES, CACHE = "/v1/vlcache/ask", "/v1/vlcache/states", "/v1/vlcache/cache"
+THUMBS = "/v1/vlcache/thumbs"
 
 
 def add_native_routes(app: FastAPI, service: Service) -> None:
@@ -93,6 +95,14 @@ def add_native_routes(app: FastAPI, service: Service) -> None:
         return {"object": "list", "data": [_listed(s) for s in page], "first_id": page[0].key if page else None,
                 "last_id": page[-1].key if page else None, "has_more": start + limit < len(states)}
 
+    @app.get(THUMBS + "/{digest}")
+    async def thumbnail(digest: str):
+        """The preview of a listed state's image, by the sha256 its part records (the page's state list)."""
+        data = await run_in_threadpool(service.thumbs.get, digest)
+        if data is None:
+            raise APIError(404, "no thumbnail of that image on this server", "digest")
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
+
     @app.get(STATES + "/{state_id}")
     async def download_state(state_id: str):
         key = valid_id(state_id, "state_id")
@@ -119,6 +129,7 @@ def add_native_routes(app: FastAPI, service: Service) -> None:
             covered = [prompt.media_conversation(system_prompt, kinds[: j + 1]) for j in range(len(kinds))]
             key, state, cached = await unless_disconnected(request, service.state_for(sources, kinds, covered))
             await run_in_threadpool(service.store.share, key)  # this endpoint shares it: listed, and named by id
+            service.add_thumbnails(kinds, sources)
         except ImageError as exc:
             raise APIError(400, str(exc), "parts") from None
         except VlcacheError as exc:
@@ -129,7 +140,7 @@ def add_native_routes(app: FastAPI, service: Service) -> None:
         return {"id": key, "object": "state", "tokens": state.num_tokens, "image_tokens": state.metadata.image_tokens,
                 "frames": sum(p.get("frames", 0) for p in state.metadata.parts), "cached": cached > 0}
 
-    del ask, upload_state, list_states, download_state, cache  # registered on the app
+    del ask, upload_state, list_states, thumbnail, download_state, cache  # registered on the app
 
 
 DOWNLOAD_SECONDS = 1800.0  # a download still going after this is cut off (a client that stopped reading holds a slot)
@@ -172,7 +183,8 @@ def _page(query) -> tuple[int, str | None]:
 
 def _listed(state: StoredState) -> dict:
     meta = state.metadata
-    parts = [{"type": p["type"], "size": p["size"], **({"frames": p["frames"]} if "frames" in p else {})} for p in meta.parts]
+    parts = [{"type": p["type"], "size": p["size"], "sha256": p.get("sha256"),
+              **{k: p[k] for k in ("frames", "duration") if k in p}} for p in meta.parts]
     parts = parts or [{"type": "image", "size": meta.image_size}]  # files before format 3: one image
     kinds = {p["type"] for p in parts}
     return {"id": state.key, "object": "state", "kind": kinds.pop() if len(kinds) == 1 else "mixed", "parts": parts,

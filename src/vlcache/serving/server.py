@@ -72,7 +72,7 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
         return {"status": "ok", "model": model_id, "fingerprint": engine.fingerprint, "family": engine.family.name,
                 "dtype": str(engine.dtype).removeprefix("torch."), "hot_states": service.store.hot_count,
                 "hot_bytes": service.store.hot_bytes, "running": service.scheduler.running, "queued": service.scheduler.queued,
-                "decode": engine.compile_status}
+                "decode": _decode_status(engine), "context_length": service.context_length}
 
     @app.get("/metrics")
     async def metrics():
@@ -122,6 +122,7 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
             conversation = prompt.image_conversation(system_prompt)
             key, state, cached = await unless_disconnected(request, service.state_for([data], [IMAGE], [conversation]))
             await run_in_threadpool(service.store.share, key)  # this endpoint shares it: listed, and named by id
+            service.add_thumbnails([IMAGE], [data])
         except ImageError as exc:
             raise APIError(400, str(exc), "image") from None
         finally:
@@ -232,3 +233,14 @@ class TimedH11Protocol(H11Protocol):
 def server_config(app, host: str, port: int, **kwargs) -> uvicorn.Config:
     """uvicorn's configuration for vlcache's app: header and keep-alive timeouts against idle connections."""
     return uvicorn.Config(app, host=host, port=port, http=TimedH11Protocol, timeout_keep_alive=5, **kwargs)
+
+
+def _decode_status(engine) -> dict:
+    """The decode step chosen at start, with the shapes compiled so far: a step compiles a new (rows, capacity)
+    shape the first time a batch needs it, after the start's list was taken."""
+    status = dict(engine.compile_status)
+    runner = engine.runner
+    if runner is not None:
+        shapes = sorted(runner.shapes)
+        status.update(shapes=shapes, buckets=sorted({rows for rows, _ in shapes}))
+    return status

@@ -20,6 +20,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from fastapi import Request
@@ -35,8 +36,9 @@ from .metrics import Metrics
 from .options import ServeOptions
 from .requests import APIError, ChatRequest, valid_id
 from .scheduler import Job, Scheduler
-from .store import Continuation, StateStore
+from .store import UPLOADS, Continuation, StateStore
 from .streaming import released, unless_disconnected
+from .thumbs import Thumbnails
 
 
 ROW_COPIES = 2  # a row's K/V is held twice at most: in the prefill's batch, then in the running batch
@@ -67,6 +69,8 @@ class Service:
         # Fetching and decoding media run on threads of their own: slow downloads or long videos never hold
         # the threads that text-only requests, uploads and lookups use.
         self.media_pool = concurrent.futures.ThreadPoolExecutor(options.media_workers, thread_name_prefix="vlcache-media")
+        folder = self.store.folder
+        self.thumbs = Thumbnails(None if folder.is_url else Path(folder.location) / "thumbs")  # the page's state list
         self._pending: dict[str, _Pending] = {}
         self._failed: OrderedDict[str, tuple[float, str]] = OrderedDict()  # state key -> (when, why)
         self._lock = threading.Lock()
@@ -107,6 +111,8 @@ class Service:
         FAILURE_SECONDS (the same bytes are refused at once); one that no request waits for any more stops.
         """
         digests = [(kind, hashlib.sha256(data).hexdigest()) for kind, data in zip(kinds, sources)]
+        if salt is None and self.store.share_all:  # every unsalted state is listed: its images get thumbnails
+            self.add_thumbnails(kinds, sources)
         keys = self.keys(digests, prefixes, salt)
         key = keys[-1]
         state, source = await run_in_threadpool(self.store.get, key)
@@ -135,6 +141,13 @@ class Service:
         self._gauges()
         # A request that waited for another's computation computed nothing itself.
         return key, state, state.metadata.reused_tokens if owner else state.num_tokens
+
+    def add_thumbnails(self, kinds: list[str], sources: list[bytes]) -> None:
+        """Thumbnails of a listed state's images, for the page's state list (off the event loop, on the media
+        threads). Only for states that are listed: a chat completion's photo is another client's."""
+        for kind, data in zip(kinds, sources):
+            self.media_pool.submit(self.thumbs.add, kind, hashlib.sha256(data).hexdigest(), data,
+                                   self.options.max_image_pixels)
 
     async def _computed(self, key: str, sources: list[bytes], messages: list[dict], earlier: list[str], pending: _Pending):
         try:
@@ -319,6 +332,7 @@ class Service:
             state, source = await run_in_threadpool(self.store.get, key)
         if state is None:  # an uploaded cache file, named by the hash of its bytes
             state, source = await run_in_threadpool(self.store.get_upload, key)
+            key = f"{UPLOADS}:{key}"  # the store's own key for it: a next turn's continuation is kept under it
         self.metrics.states.labels(result=source).inc()
         if state is None:
             raise APIError(404, f"no state {key} on this server; upload its cache file first", "state")

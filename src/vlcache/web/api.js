@@ -1,7 +1,12 @@
 // The server's HTTP API as the page uses it: the same endpoints, limits and errors any client gets. Paths are
 // relative, so the page also works behind a proxy that serves it under a prefix.
 
-export class ApiError extends Error {}
+export class ApiError extends Error {
+  constructor(message, status = 0) {
+    super(message);
+    this.status = status;  // the HTTP status of a refusal (0: no answer, or a failure mid-stream)
+  }
+}
 
 const UNREACHABLE = "cannot reach the server";
 
@@ -13,7 +18,7 @@ async function call(path, options = {}) {
     if (error.name === "AbortError") throw error;
     throw new ApiError(UNREACHABLE);
   }
-  if (!response.ok) throw new ApiError(await errorMessage(response));
+  if (!response.ok) throw new ApiError(await errorMessage(response), response.status);
   return response;
 }
 

@@ -9,6 +9,8 @@ import { renderMarkdown } from "./markdown.js";
 const $ = (id) => document.getElementById(id);
 const SETTINGS_KEY = "vlcache.settings.v1";
 const THEME_KEY = "vlcache.theme";
+const NAMES_KEY = "vlcache.names.v1";  // sha256 of a file's bytes -> its name, for the stored states' list
+const NAMES_KEPT = 500;
 const MEDIA = /^(image|video)\//;
 const EXTENSIONS = { image: /\.(png|jpe?g|gif|webp|bmp|tiff?|avif|heic)$/i, video: /\.(mp4|webm|mov|mkv|avi|m4v)$/i };
 
@@ -34,18 +36,37 @@ const FIELDS = { system: "set-system", temperature: "set-temperature", top_p: "s
 
 function openSettings() {
   for (const [name, id] of Object.entries(FIELDS)) $(id).value = settings[name] ?? "";
+  $("settings-error").hidden = true;
   $("settings").showModal();
 }
 
-function saveSettings() {
+let contextLength = null;  // the model's context in tokens, from /health: the most Max tokens can be
+
+function saveSettings(event) {
   const out = {};
   for (const [name, id] of Object.entries(FIELDS)) {
     const value = $(id).value;
     if (value === "") continue;
     out[name] = name === "system" ? value : Number(value);
   }
+  const problem = settingsProblem(out);
+  $("settings-error").hidden = !problem;
+  $("settings-error").textContent = problem ? `error: ${problem}` : "";
+  if (problem) {
+    event.preventDefault();  // the dialog stays open with what was typed
+    return;
+  }
   settings = out;
   localStorage.setItem(SETTINGS_KEY, JSON.stringify(settings));
+}
+
+function settingsProblem(out) {
+  if (!Number.isFinite(out.max_tokens)) return null;
+  if (out.max_tokens < 1 || !Number.isInteger(out.max_tokens)) return "Max tokens is a whole number from 1";
+  if (contextLength && out.max_tokens >= contextLength) {
+    return `Max tokens must be under the model's context of ${number.format(contextLength)} tokens (with the question in it)`;
+  }
+  return null;
 }
 
 // The sampling settings as the API takes them; empty ones are left to the model and the server.
@@ -112,11 +133,36 @@ async function readFiles(files) {
     }
     try {
       pending.push({ kind, name: file.name, dataUrl: await readDataUrl(file, kind) });
+      await rememberName(file);
     } catch (error) {
       setComposerError(error.message);
     }
   }
   drawAttachments();
+}
+
+// The server lists a state's parts by the sha256 of their bytes: a file this browser sent is shown by its name.
+function knownNames() {
+  try {
+    const names = JSON.parse(localStorage.getItem(NAMES_KEY) || "{}");
+    return names && typeof names === "object" ? names : {};
+  } catch (_) {
+    return {};
+  }
+}
+
+async function rememberName(file) {
+  if (!(window.crypto && crypto.subtle)) return;  // a page not on a secure origin (http on a LAN address): no names
+  const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", await file.arrayBuffer()));
+  const hex = [...digest].map((b) => b.toString(16).padStart(2, "0")).join("");
+  const names = knownNames();
+  delete names[hex];
+  names[hex] = file.name;  // the newest last: the oldest leave first
+  const keys = Object.keys(names);
+  for (const key of keys.slice(0, Math.max(0, keys.length - NAMES_KEPT))) delete names[key];
+  try {
+    localStorage.setItem(NAMES_KEY, JSON.stringify(names));
+  } catch (_) { /* storage full: the list shows kinds instead of names */ }
 }
 
 function thumbnail(part) {
@@ -146,11 +192,27 @@ function thumbnail(part) {
   return media;
 }
 
+// A thumbnail with, for a video, a badge that says so and how long it is (once the browser read its header).
+function mediaView(part) {
+  const shown = thumbnail(part);
+  if (part.kind !== "video") return shown;
+  const box = document.createElement("span");
+  box.className = "media video";
+  const badge = document.createElement("span");
+  badge.className = "badge";
+  badge.textContent = "▶ video";
+  shown.addEventListener("loadedmetadata", () => {
+    if (Number.isFinite(shown.duration)) badge.textContent = `▶ ${seconds(shown.duration)}`;
+  }, { once: true });
+  box.append(shown, badge);
+  return box;
+}
+
 function drawAttachments() {
   const list = $("attachments");
   list.replaceChildren(...pending.map((part, i) => {
     const item = document.createElement("li");
-    item.append(thumbnail(part));
+    item.append(mediaView(part));
     const remove = document.createElement("button");
     remove.type = "button";
     remove.className = "remove";
@@ -179,7 +241,6 @@ function setComposerError(message) {
     $("composer").prepend(line);
   }
   line.textContent = `error: ${message}`;
-  line.title = message;
 }
 
 // -- chats -------------------------------------------------------------------------------------------------------
@@ -255,8 +316,12 @@ async function answer(chat) {
   const body = document.querySelector("#messages > li:last-child .body");
   let frame = 0;
   const list = $("messages");
+  const started = performance.now();
+  let firstAt = null, pieces = 0;  // what a stopped answer can still say: when its text began, how much came
   const onText = (text) => {
     reply.text = text;
+    pieces++;
+    if (firstAt === null) firstAt = performance.now();
     if (frame) return;
     frame = requestAnimationFrame(() => {
       frame = 0;
@@ -275,14 +340,23 @@ async function answer(chat) {
     reply.finish = result.finish || undefined;
     if (result.stats) reply.stats = result.stats;
   } catch (error) {
-    if (error.name === "AbortError") reply.stopped = true;
-    else reply.error = error instanceof ApiError ? error.message : `${error.name}: ${error.message}`;
+    if (error.name === "AbortError") {
+      reply.stopped = { pieces, total_s: (performance.now() - started) / 1000,
+                        first_s: firstAt === null ? null : (firstAt - started) / 1000 };
+    } else {
+      reply.error = error instanceof ApiError ? error.message : `${error.name}: ${error.message}`;
+      const asked = chat.messages[chat.messages.length - 2];
+      if (error.status === 400 && asked && asked.attachments && asked.attachments.length && !chat.state) {
+        reply.error = `${asked.attachments.map((a) => a.name).join(", ")}: ${reply.error}`;  // which files were refused
+      }
+    }
   } finally {
     cancelAnimationFrame(frame);
     running = null;
     save();
     draw();
     refreshStates();
+    refreshHealth();  // the rows pill: this answer no longer runs
   }
 }
 
@@ -319,6 +393,9 @@ function resend(index, text) {
   if (running || !current) return;
   const message = current.messages[index];
   message.text = text.trim();
+  if (current.messages.findIndex((m) => m.role === "user") === index) {  // the chat is named by its first question
+    current.title = (message.text || message.attachments.map((p) => p.name).join(", ")).slice(0, 80);
+  }
   current.messages.length = index + 1;  // what followed the edited question is answered again
   answer(current);
 }
@@ -359,7 +436,7 @@ function messageView(m, index, messages) {
     if (m.attachments.length) {
       const thumbs = document.createElement("div");
       thumbs.className = "thumbs";
-      thumbs.append(...m.attachments.map(thumbnail));
+      thumbs.append(...m.attachments.map(mediaView));
       item.append(thumbs);
     }
     const body = document.createElement("div");
@@ -383,18 +460,29 @@ function messageView(m, index, messages) {
     const line = document.createElement("p");
     line.className = "error";
     line.textContent = `error: ${m.error}`;
-    line.title = m.error;
     item.append(line);
   }
   const meta = document.createElement("div");
   meta.className = "meta";
   if (m.stats) meta.append(statsView(m.stats));
-  if (m.stopped) meta.append(note("stopped"));
+  if (m.stopped) meta.append(stoppedView(m.stopped));
   if (m.finish === "length") meta.append(note("cut at max tokens"));
   if (idle && index === messages.length - 1) meta.append(button("Regenerate", "Ask this question again", regenerate));
   if (meta.childElementCount) item.append(meta);
   if (running && index === messages.length - 1) item.classList.add("streaming");
   return item;
+}
+
+// What was measured of a stopped answer: when it was stopped, when its text began, how many streamed pieces came
+// (about one a token). Chats saved before these figures say "stopped" alone.
+function stoppedView(stopped) {
+  const span = note("stopped");
+  if (typeof stopped !== "object") return span;
+  const parts = [`stopped after ${seconds(stopped.total_s)}`];
+  if (Number.isFinite(stopped.first_s)) parts.push(`first token ${seconds(stopped.first_s)}`);
+  parts.push(`${number.format(stopped.pieces)} streamed piece${stopped.pieces === 1 ? "" : "s"}`);
+  span.textContent = parts.join(" · ");
+  return span;
 }
 
 function note(text) {
@@ -473,6 +561,10 @@ async function refreshHealth() {
     $("model").title = `model ${h.model}, family ${h.family}, dtype ${h.dtype}`;
     $("model").classList.remove("error");
     $("rows").textContent = `${h.running} running · ${h.queued} queued`;
+    if (Number.isFinite(h.context_length)) {
+      contextLength = h.context_length;
+      $("set-max-tokens").max = String(h.context_length - 1);
+    }
     $("rows").hidden = false;
   } catch (error) {
     $("model").textContent = error instanceof ApiError ? error.message : "cannot reach the server";
@@ -518,24 +610,69 @@ async function refreshStates() {
     list.replaceChildren(line);
     return;
   }
-  list.replaceChildren(...states.map((s) => {
-    const item = document.createElement("li");
-    item.className = "state";
-    item.dataset.id = s.id;
-    const sizes = s.parts.map((p) => `${p.type} ${p.size.join("×")}${p.frames ? `, ${p.frames} frames` : ""}`).join("; ");
-    const label = `${s.kind}, ${s.parts.length} part${s.parts.length > 1 ? "s" : ""}, ${number.format(s.tokens)} tokens`;
-    const text = document.createElement("div");
-    text.className = "grow";
-    const title = document.createElement("div");
-    title.textContent = label;
-    const detail = document.createElement("div");
-    detail.className = "muted small";
-    detail.textContent = `${bytes(s.bytes)} · ${ago(s.created)} · ${s.id.slice(0, 8)}`;
-    text.title = `${sizes}${s.system_prompt ? `\nsystem prompt: ${s.system_prompt}` : ""}`;
-    text.append(title, detail);
-    item.append(text, button("Ask", "Start a chat about this state", () => { startChat(s.id, `(${label})`); closeSideOnPhone(); }));
-    return item;
+  const names = knownNames();
+  list.replaceChildren(...states.map((s) => stateView(s, names)));
+}
+
+function firstWords(text, count = 8) {
+  const words = text.trim().split(/\s+/);
+  return words.slice(0, count).join(" ") + (words.length > count ? "…" : "");
+}
+
+// One stored state: a thumbnail per image (a badge with the duration per video), the names this browser gave
+// its files, its numbers and age, and the first words of its system prompt.
+function stateView(s, names) {
+  const item = document.createElement("li");
+  item.className = "state";
+  item.dataset.id = s.id;
+  const pictures = document.createElement("div");
+  pictures.className = "state-thumbs";
+  pictures.append(...s.parts.slice(0, 3).map((p) => partView(p, names[p.sha256])));
+  const label = `${s.kind}, ${s.parts.length} part${s.parts.length > 1 ? "s" : ""}, ${number.format(s.tokens)} tokens`;
+  const given = s.parts.map((p) => names[p.sha256]).filter(Boolean);
+  const text = document.createElement("div");
+  text.className = "grow";
+  const title = document.createElement("div");
+  title.className = "state-title";
+  title.textContent = given.length ? given.join(", ") : label;
+  const detail = document.createElement("div");
+  detail.className = "muted small";
+  detail.textContent = [given.length ? label : null, bytes(s.bytes), ago(s.created), s.id.slice(0, 8)].filter(Boolean).join(" · ");
+  text.append(title, detail);
+  if (s.system_prompt) {
+    const system = document.createElement("div");
+    system.className = "muted small system";
+    system.textContent = `“${firstWords(s.system_prompt)}”`;
+    text.append(system);
+  }
+  const sizes = s.parts.map((p) => `${p.type} ${p.size.join("×")}${p.frames ? `, ${p.frames} frames` : ""}`).join("; ");
+  text.title = `${sizes}${s.system_prompt ? `\nsystem prompt: ${s.system_prompt}` : ""}`;
+  item.append(pictures, text, button("Ask", "Start a chat about this state", () => {
+    startChat(s.id, `(${given.length ? given.join(", ") : label})`);
+    closeSideOnPhone();
   }));
+  return item;
+}
+
+function partView(part, name) {
+  if (part.type === "video") {
+    const badge = document.createElement("span");
+    badge.className = "state-thumb badge";
+    badge.textContent = `▶ ${Number.isFinite(part.duration) ? seconds(part.duration) : "video"}`;
+    badge.title = name || "video";
+    return badge;
+  }
+  const image = document.createElement("img");
+  image.className = "state-thumb";
+  image.alt = name || "image";
+  image.src = `v1/vlcache/thumbs/${encodeURIComponent(part.sha256 || "none")}`;
+  image.addEventListener("error", () => {  // none kept (made before thumbnails, or elsewhere): say what it is
+    const gone = document.createElement("span");
+    gone.className = "state-thumb badge";
+    gone.textContent = "image";
+    image.replaceWith(gone);
+  }, { once: true });
+  return image;
 }
 
 // -- wiring ------------------------------------------------------------------------------------------------------
@@ -564,6 +701,7 @@ function wire() {
   $("new-chat").addEventListener("click", () => startChat());
   $("open-settings").addEventListener("click", openSettings);
   $("save-settings").addEventListener("click", saveSettings);
+  $("cancel-settings").addEventListener("click", () => $("settings").close());  // what was typed is dropped
   $("theme").addEventListener("click", toggleTheme);
   $("toggle-side").addEventListener("click", () => {
     document.body.classList.toggle(matchMedia("(max-width: 800px)").matches ? "side-open" : "side-closed");
