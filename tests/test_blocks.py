@@ -88,7 +88,7 @@ def test_refcounts_return_to_zero_after_1000_random_joins_and_leaves():
             assert tables.table[slot, : len(blocks)].tolist() == blocks
         assert tables.table[len(rows):].eq(NULL).all()
         held = sum(len([b for b in r if b != NULL]) for r in tables.rows) + sum(len(p[1]) for p in prefixes.values())
-        assert sum(pool.refs) == held
+        assert sum(pool.refs) == held and pool.used == sum(1 for r in pool.refs if r > 0) <= pool.peak
     for slot in reversed(range(len(rows))):
         tables.remove_row(slot)
     for _, blocks, _ in prefixes.values():

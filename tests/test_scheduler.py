@@ -310,14 +310,18 @@ def test_memory_grows_with_what_rows_hold_not_with_their_limits(engine, states):
             scheduler.submit(other)
             time.sleep(0.01)
         assert all(done.wait(60) for _, _, done in others)
+        from vlcache.decode.blocks import NULL, RESERVED, blocks_for
         from vlcache.decode.rows import CAPACITY_STEP
 
         cache = scheduler._batch.cache
         longest = cache.book.longest()
         layer = cache.attention_layers()[0][1]
-        # grown to what rows hold (prefix and tokens, in steps), not to 4,000 more slots
-        assert made == [1] and layer._keys.shape[2] <= 2 * (longest + CAPACITY_STEP) < 4000
-        assert cache.book.keys.shape[1] == layer._keys.shape[2]
+        (tables,) = cache.kinds.values()
+        # grown to what rows hold (prefix and tokens, in blocks), not to 4,000 more positions
+        assert made == [1] and cache.book.capacity <= 2 * (longest + CAPACITY_STEP) < 4000
+        assert [b for b in tables.rows[0] if b != NULL] == tables.rows[0]
+        assert len(tables.rows[0]) == blocks_for(longest, tables.block_size)
+        assert layer._keys.shape[0] == tables.pool.capacity <= 2 * tables.pool.peak + RESERVED
         job.cancelled.set()
         assert finished.wait(60)
     finally:

@@ -42,16 +42,13 @@ class BlockPool:
         self.limit = limit  # blocks at most, the reserved ones included (None: no bound)
         self.refs: list[int] = [0] * RESERVED
         self.free: list[int] = []
+        self.used = 0  # blocks held by someone (the reserved ones not counted)
+        self.peak = 0  # the most blocks held at once
         self.listeners: list[Callable[[int], None]] = []  # called with the new capacity when the pool grows
 
     @property
     def capacity(self) -> int:
         return len(self.refs)
-
-    @property
-    def used(self) -> int:
-        """Blocks held by someone (the reserved ones not counted)."""
-        return sum(1 for r in self.refs[RESERVED:] if r > 0)
 
     @property
     def shared(self) -> int:
@@ -64,6 +61,8 @@ class BlockPool:
             self._grow()
         block = self.free.pop()
         self.refs[block] = 1
+        self.used += 1
+        self.peak = max(self.peak, self.used)
         return block
 
     def hold(self, block: int) -> None:
@@ -79,6 +78,7 @@ class BlockPool:
             self.refs[block] -= 1
             if self.refs[block] == 0:
                 self.free.append(block)
+                self.used -= 1
 
     def _grow(self) -> None:
         have = self.capacity

@@ -11,7 +11,7 @@ One thread owns the model. Each iteration it
 4. runs one decode step for every running row; finished rows leave at once and free their row.
 
 Rows about different image states (and text-only rows) share one batch: each attends to its own prefix,
-copied into the row's slot when it joins (vlcache.decode). So a new question waits at most one prefill unit and
+referenced through its block table (one copy of a state for all its rows, vlcache.decode). So a new question waits at most one prefill unit and
 one decode step before its own prefill starts, never for someone else's answer to end.
 """
 

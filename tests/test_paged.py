@@ -1,0 +1,160 @@
+"""Rows read K/V through block tables (issue 28): one physical copy of a shared state, copy-on-write, controls."""
+
+import pytest
+import torch
+
+from conftest import SYSTEM, photo
+from vlcache import decode
+from vlcache.decode.blocks import NULL, blocks_for
+
+N = 6
+QUESTIONS = ["What is in the picture?", "Describe the colours in a few words.", "Is it day or night?",
+             "What would you title this photograph?"]
+
+
+def _tokens(batch, question_ids):
+    out = [[] for _ in question_ids]
+    for step in decode.generate(batch, question_ids):
+        for i, token in enumerate(step):
+            if token is not None:
+                out[i].append(token)
+    return out
+
+
+def _own_blocks_only(cache, prefix_tokens: int) -> None:
+    """Per layer kind: every row shares the prefix's whole blocks and holds blocks of its own tokens only;
+    the pool holds exactly those."""
+    held = next(iter(cache._held.values())).blocks
+    for kind, tables in cache.kinds.items():
+        size = tables.block_size
+        shared = prefix_tokens // size
+        prefix = [b for b in held[kind] if b != NULL]
+        own = []
+        for slot, row in enumerate(tables.rows):
+            assert row[:shared] == held[kind][:shared]
+            mine = [b for b in row[shared:] if b != NULL]
+            assert len(mine) == blocks_for(cache.book.lengths[slot], size) - shared
+            own += mine
+        assert len(set(own)) == len(own) and not set(own) & set(prefix)  # no row's block is another's
+        assert tables.pool.used == len(prefix) + len(own)
+
+
+def test_sixteen_rows_on_one_state_allocate_blocks_for_their_own_tokens_only(engine, astronaut_state):
+    made = []
+    real = engine.batch
+    engine.batch = lambda: made.append(real()) or made[-1]
+    try:
+        prompts = [QUESTIONS[i % 4] + f" ({i})" for i in range(16)]
+        answers = engine.ask_many(astronaut_state, prompts, max_new_tokens=N, temperature=0)
+    finally:
+        del engine.batch
+    (batch,) = made
+    cache = batch.cache
+    n = astronaut_state.num_tokens
+    assert n % 16 != 0  # a partly filled last block: each row copies it (16 copies, not 16 states)
+    _own_blocks_only(cache, n)
+    (tables,) = cache.kinds.values()
+    state_blocks = blocks_for(n, tables.block_size)
+    assert tables.pool.used < state_blocks + 16 * 3  # a private copy each would be 16 * state_blocks (~290)
+    alone = engine.ask(astronaut_state, prompts[5], max_new_tokens=N, temperature=0)
+    assert answers[5].token_ids == alone.token_ids
+    for slot in reversed(range(batch.rows)):
+        batch.remove(slot)
+    assert tables.pool.used == 0 and set(tables.pool.refs) == {0} and not cache._held  # all back
+
+
+def test_control_a_block_table_pointing_at_another_states_block_changes_the_answer(engine, astronaut_state):
+    other = engine.cache_image(photo("camera.png"), system_prompt=SYSTEM)
+    question = engine.question_ids(astronaut_state.metadata.messages, QUESTIONS[0])[0]
+
+    def run(swap: bool):
+        batch = engine.batch()
+        batch.add(engine.state_prefix(astronaut_state), decode.SamplingParams(0.0), 12, question)
+        batch.add(engine.state_prefix(other), decode.SamplingParams(0.0), 12, question)
+        if swap:  # row 0's whole blocks after the first become row 1's: the same positions of another image
+            for tables in batch.cache.kinds.values():
+                for j in range(1, astronaut_state.num_tokens // tables.block_size):
+                    theirs, mine = tables.rows[1][j], tables.rows[0][j]
+                    tables.pool.hold(theirs)
+                    tables.pool.release(mine)
+                    tables.rows[0][j] = theirs
+                    with torch.inference_mode():
+                        tables.table[0, j] = theirs
+        return _tokens(batch, [question, question])[0]
+
+    expected = engine.ask(astronaut_state, QUESTIONS[0], max_new_tokens=12, temperature=0).token_ids
+    assert min(other.num_tokens, astronaut_state.num_tokens) > 9 * 16
+    assert run(swap=False) == expected
+    assert run(swap=True) != expected
+
+
+@pytest.mark.parametrize("copy_on_write", [True, False])
+def test_a_shared_partial_block_is_copied_on_write_and_control(engine, astronaut_state, copy_on_write):
+    """Two rows on one state whose last block is partly filled: each writes its question after it, into the
+    same positions. With copy-on-write each row gets a copy of that block and answers as alone; without
+    (control) both write into the one block, one row's question keys overwrite the other's and the answers
+    change."""
+    n = astronaut_state.num_tokens
+    assert n % 16 != 0
+    prefix = engine.state_prefix(astronaut_state)
+    questions = [QUESTIONS[1], QUESTIONS[0]]
+    ids = [engine.question_ids(astronaut_state.metadata.messages, q)[0] for q in questions]
+    batch = engine.batch()
+    for question in ids:
+        batch.add(prefix, decode.SamplingParams(0.0), 12, question)
+    for tables in batch.cache.kinds.values():
+        tables.copy_on_write = copy_on_write
+    got = _tokens(batch, ids)
+    alone = [engine.ask(astronaut_state, q, max_new_tokens=12, temperature=0).token_ids for q in questions]
+    (tables,) = batch.cache.kinds.values()
+    partial = n // tables.block_size
+    shared = tables.rows[0][partial] == tables.rows[1][partial]
+    if copy_on_write:
+        assert got == alone and not shared
+    else:
+        assert shared and got != alone
+
+
+def test_rows_move_between_batches_without_copying_the_state_twice(engine, astronaut_state):
+    """The server prefills rows in a batch of their own and moves them into the running one (adopt): the
+    running batch holds the state once, the rows' own blocks copied; answers as alone."""
+    prefix = engine.state_prefix(astronaut_state)
+    ids = [engine.question_ids(astronaut_state.metadata.messages, q)[0] for q in QUESTIONS[:3]]
+    running = engine.batch()
+    got = []
+    for question in ids:
+        prefill = engine.batch()
+        prefill.add(prefix, decode.SamplingParams(0.0), N, question)
+        first, _ = prefill.sample(prefill.prefill([question]))
+        got.append(first)
+        running.adopt(prefill, 0)
+    _own_blocks_only(running.cache, astronaut_state.num_tokens)
+    for _ in range(N - 1):
+        tokens, _ = running.sample(running.step())
+        for row, token in zip(got, tokens):
+            row.append(token)
+    for question, tokens in zip(QUESTIONS, got):
+        alone = engine.ask(astronaut_state, question, max_new_tokens=N, temperature=0).token_ids
+        assert tokens[: len(alone)] == alone
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "qwen3_5", "lfm2_vl", "llama4", "gemma4", "mistral3"])
+def test_every_layer_kind_shares_the_state_and_answers_as_alone(kind, family_engine):
+    """Sliding windows (Gemma 3, Mistral), chunked layers (Llama 4), linear and conv states (Qwen3.5, LFM2:
+    per row), shared layers (Gemma 4: no blocks): three rows on one state each equal asking alone, and hold
+    blocks of their own tokens only."""
+    engine = family_engine(kind)
+    state = engine.cache_image(photo("rocket.jpg"), system_prompt=SYSTEM, max_pixels=160 * 160)
+    made = []
+    real = engine.batch
+    engine.batch = lambda: made.append(real()) or made[-1]
+    try:
+        questions = [q + " Answer briefly." for q in QUESTIONS[:3]] if engine.family.has_linear_layers else QUESTIONS[:3]
+        answers = engine.ask_many(state, questions, max_new_tokens=N, temperature=0)
+    finally:
+        del engine.batch
+    for batch in made:
+        if batch.rows > 1:
+            _own_blocks_only(batch.cache, state.num_tokens)
+    for question, answer in zip(questions, answers):
+        assert answer.token_ids == engine.ask(state, question, max_new_tokens=N, temperature=0).token_ids
