@@ -4,7 +4,7 @@ A Qwen3-VL with the 2B's K/V geometry (28 layers, 8 K/V heads of 128: 224 KiB a 
 everywhere else (hidden 64, a 2-block vision tower), the real processor, random weights, float32, eager steps.
 One photograph is cached (about 860 tokens), then ask_many asks R questions about it (greedy, 8 new tokens).
 Each R runs in a fresh process (glibc's mmap threshold fixed at 64 KiB): peak RSS growth (VmHWM after, reset before, minus VmRSS before) during
-ask_many, and the bytes of K/V the batch holds at its end (its tensors; blocks used where the pool exists).
+ask_many, and the bytes of K/V the batch held (its slot tensors before the pool; the most blocks in use after).
 
 Usage: python bench/paged.py --work-dir /tmp/bpaged [--rows 1 16 64] [--json docs/benchmarks-paged.json]
 """
@@ -87,7 +87,11 @@ def one(folder: Path, rows: int) -> dict:
 
 
 def _held_bytes(cache) -> int:
-    """Bytes of the attention layers' K/V tensors a batch's cache holds (slots before issue 28, blocks after)."""
+    """Bytes of K/V a batch's cache holds: its slot tensors before issue 28; after, the most blocks in use at
+    once (the pool's tensors are reserved, committed only where written)."""
+    pool = getattr(cache, "pool", None)
+    if pool is not None:
+        return sum(blocks.peak * pool.block_bytes(kind) for kind, blocks in pool.pools.items())
     total = 0
     for _, layer in cache.attention_layers():
         for name in ("_keys", "_values"):

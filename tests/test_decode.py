@@ -14,6 +14,7 @@ from transformers.generation.logits_process import (
 from conftest import SYSTEM, photo
 from test_families import KINDS, PIXELS
 from vlcache import Engine, decode
+from vlcache.decode import kvpool as kvpool_module
 from vlcache.decode import rows as rows_module
 from vlcache.decode.sampling import RowSampling, SamplingParams
 from vlcache.decode.step import StepRunner
@@ -214,7 +215,7 @@ def test_a_slot_that_changes_hands_is_cleared_and_control(engine, astronaut_stat
 
     expected = engine.ask(good, QUESTIONS[0], max_new_tokens=N, temperature=0).token_ids
     assert run() == expected
-    monkeypatch.setattr(rows_module.RowsCache, "_zero", lambda self, kind, block: None)  # reused blocks keep NaN
+    monkeypatch.setattr(kvpool_module.KVPool, "zero", lambda self, kind, block: None)  # reused blocks keep NaN
     assert run() != expected
 
 

@@ -1,5 +1,7 @@
 """Rows read K/V through block tables (issue 28): one physical copy of a shared state, copy-on-write, controls."""
 
+import threading
+
 import pytest
 import torch
 
@@ -24,7 +26,7 @@ def _tokens(batch, question_ids):
 def _own_blocks_only(cache, prefix_tokens: int) -> None:
     """Per layer kind: every row shares the prefix's whole blocks and holds blocks of its own tokens only;
     the pool holds exactly those."""
-    held = next(iter(cache._held.values())).blocks
+    held = next(iter(cache.pool.held.values())).blocks
     for kind, tables in cache.kinds.items():
         size = tables.block_size
         shared = prefix_tokens // size
@@ -60,7 +62,7 @@ def test_sixteen_rows_on_one_state_allocate_blocks_for_their_own_tokens_only(eng
     assert answers[5].token_ids == alone.token_ids
     for slot in reversed(range(batch.rows)):
         batch.remove(slot)
-    assert tables.pool.used == 0 and set(tables.pool.refs) == {0} and not cache._held  # all back
+    assert tables.pool.used == 0 and set(tables.pool.refs) == {0} and not cache.pool.held  # all back
 
 
 def test_control_a_block_table_pointing_at_another_states_block_changes_the_answer(engine, astronaut_state):
@@ -158,3 +160,44 @@ def test_every_layer_kind_shares_the_state_and_answers_as_alone(kind, family_eng
             _own_blocks_only(batch.cache, state.num_tokens)
     for question, answer in zip(questions, answers):
         assert answer.token_ids == engine.ask(state, question, max_new_tokens=N, temperature=0).token_ids
+
+
+def test_the_servers_scheduler_holds_one_copy_of_a_state_for_sixteen_rows(engine, astronaut_state):
+    """Sixteen questions about one state through the server's scheduler (prefilled in a batch of their own,
+    then moved into the running one): while all sixteen decode, the pool holds the state's blocks once and
+    each row's own; every answer equals asking alone; after they finish, no block is held."""
+    from churn import job_for
+    from vlcache.serving.scheduler import Scheduler
+
+    scheduler = Scheduler(engine, max_batch=16, prefill_chunk=512)
+    try:
+        blocker, blocking = threading.Event(), threading.Event()
+        scheduler.call(lambda: (blocking.set(), blocker.wait()))
+        assert blocking.wait(30)  # all sixteen queue, then join in one prefill
+        questions = [QUESTIONS[i % 4] + f" ({i})" for i in range(16)]
+        jobs = [job_for(engine, astronaut_state, q, 24, "astronaut") for q in questions]
+        for job, _, _ in jobs:
+            scheduler.submit(job)
+        seen = []
+
+        def look():
+            if len(scheduler._running) == 16 and not seen:
+                cache = scheduler._batch.cache
+                _own_blocks_only(cache, astronaut_state.num_tokens)  # raises here: the Future carries it
+                seen.append(cache.pool.stats()["full"])
+
+        blocker.set()
+        while not seen and not all(done.is_set() for _, _, done in jobs):
+            scheduler.call(look).result(60)
+        assert seen, "the sixteen rows never ran together"
+        state_blocks = blocks_for(astronaut_state.num_tokens, 16)
+        assert state_blocks < seen[0]["used"] < state_blocks + 16 * 4 and seen[0]["shared"] >= state_blocks - 1
+        assert all(done.wait(60) for _, _, done in jobs)
+        for question, (_, events, _) in zip(questions, jobs):
+            kind, answer = events[-1]
+            assert kind == "done", answer
+            assert answer.token_ids == engine.ask(astronaut_state, question, max_new_tokens=24, temperature=0).token_ids
+        stats = scheduler.call(lambda: (scheduler._pool.stats()["full"], len(scheduler._pool.held))).result(60)
+        assert stats[0]["used"] == 0 and stats[1] == 0
+    finally:
+        scheduler.stop()

@@ -45,6 +45,7 @@ class BlockPool:
         self.used = 0  # blocks held by someone (the reserved ones not counted)
         self.peak = 0  # the most blocks held at once
         self.listeners: list[Callable[[int], None]] = []  # called with the new capacity when the pool grows
+        self.fits: Callable[[int], bool] = lambda size: True  # whether a capacity fits (decode.kvpool: bytes)
 
     @property
     def capacity(self) -> int:
@@ -85,6 +86,12 @@ class BlockPool:
         size = max(2 * have, RESERVED + 8)
         if self.limit is not None:
             size = min(size, self.limit)
+        if size > have and not self.fits(size):
+            low, high = have, size  # the largest capacity that fits: low fits (or is what we have), high not
+            while high - low > 1:
+                middle = (low + high) // 2
+                low, high = (middle, high) if self.fits(middle) else (low, middle)
+            size = low
         if size <= have:
             raise PoolFull(f"all {have - RESERVED} K/V blocks are in use")
         self.refs.extend([0] * (size - have))

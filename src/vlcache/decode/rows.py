@@ -40,7 +40,8 @@ from transformers import DynamicCache
 from transformers.cache_utils import DummyLayer, DynamicLayer, LinearAttentionLayer
 
 from ..families.base import kv_shapes
-from .blocks import BLOCK_SIZE, NULL, SCRATCH, BlockPool, BlockTables, blocks_for
+from .blocks import BLOCK_SIZE, NULL, SCRATCH, BlockTables
+from .kvpool import KVPool
 
 
 @dataclass(eq=False)
@@ -51,14 +52,6 @@ class Prefix:
     kv: list
     tokens: int
     rope_delta: int = 0
-
-
-@dataclass(eq=False)
-class _Held:
-    """A prefix written into a cache's blocks: its blocks per layer kind (one reference each) and its rows."""
-
-    blocks: dict
-    users: int = 0
 
 
 @dataclass(frozen=True)
@@ -181,65 +174,44 @@ def shared_rows(bias: torch.Tensor, length: int) -> torch.Tensor:
 
 
 class RowsLayer(DynamicLayer):
-    """An attention layer's K/V blocks [blocks, kv_heads, block_size, D], read through its kind's block tables;
-    the forward sees the first `batch` rows and `span` positions. `sliding_window` or `chunk` (chunked local
-    attention) say what later queries can still see of a row."""
+    """An attention layer's K/V blocks [blocks, kv_heads, block_size, D] (in the KVPool), read through its
+    kind's block tables; the forward sees the first `batch` rows and `span` positions. `sliding_window` or
+    `chunk` (chunked local attention) say what later queries can still see of a row."""
 
-    def __init__(self, book: RowsBook, tables: BlockTables, shape: tuple[int, int], sliding_window: int | None = None,
+    def __init__(self, book: RowsBook, tables: BlockTables, pool: KVPool, index: int, sliding_window: int | None = None,
                  chunk: int | None = None):
         super().__init__()
-        self.book, self.tables, self.shape = book, tables, shape  # shape: (kv_heads, head_dim)
+        self.book, self.tables, self.pool, self.index = book, tables, pool, index
         self.sliding_window, self.chunk = sliding_window, chunk
-        self._keys: torch.Tensor | None = None
-        self._values: torch.Tensor | None = None
         self.is_initialized = True
         self.keys = self.values = None
+
+    @property
+    def _keys(self) -> torch.Tensor | None:
+        return self.pool.keys.get(self.index)
+
+    @property
+    def _values(self) -> torch.Tensor | None:
+        return self.pool.values.get(self.index)
 
     def get_seq_length(self) -> int:
         return self.book.span
 
     def update(self, key_states, value_states, *args, **kwargs):
-        tables = self.tables
-        self._keys[tables.write_block, :, tables.write_offset] = key_states.transpose(1, 2)
-        self._values[tables.write_block, :, tables.write_offset] = value_states.transpose(1, 2)
-        return _gather(self._keys, tables.view), _gather(self._values, tables.view)
-
-    def reserve(self, dtype: torch.dtype | None, blocks: int, device) -> None:
-        """Room for `blocks` blocks (zeros: masked positions still go through the matmuls, and 0 * NaN is NaN)."""
-        if self._keys is not None and blocks <= self._keys.shape[0]:
-            return
-        heads, dim = self.shape
-        for name in ("_keys", "_values"):
-            old = getattr(self, name)
-            buffer = torch.zeros((blocks, heads, self.tables.block_size, dim), dtype=old.dtype if old is not None else dtype,
-                                 device=device)
-            if old is not None:
-                buffer[: old.shape[0]] = old
-            setattr(self, name, buffer)
-
-    def put(self, blocks: torch.Tensor, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Write [kv_heads, n, D] K/V at positions start.. of the blocks `blocks` (a row's or a prefix's, by position)."""
-        n = keys.shape[-2]
-        if n:
-            block, offset = self._where(blocks, start, start + n)
-            self._keys[block, :, offset] = keys.transpose(0, 1)
-            self._values[block, :, offset] = values.transpose(0, 1)
+        tables, keys, values = self.tables, self._keys, self._values
+        keys[tables.write_block, :, tables.write_offset] = key_states.transpose(1, 2)
+        values[tables.write_block, :, tables.write_offset] = value_states.transpose(1, 2)
+        return _gather(keys, tables.view), _gather(values, tables.view)
 
     def tokens(self, slot: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A row's K/V from `start` to `end` as fresh [1, kv_heads, n, D] tensors."""
         if self._keys is None or end <= start:
-            heads, dim = self.shape
-            empty = torch.zeros(1, heads, max(end - start, 0), dim, dtype=self._keys.dtype if self._keys is not None else None,
-                                device=self.book.device)
+            heads, dim = self.pool.shapes[self.index]
+            empty = torch.zeros(1, heads, max(end - start, 0), dim, dtype=self.pool.dtype, device=self.book.device)
             return empty, empty.clone()
-        block, offset = self._where(self.tables.table[slot], start, end)
+        block, offset = self.pool.where(self.tables.table[slot], start, end)
         return (self._keys[block, :, offset].transpose(0, 1).unsqueeze(0).contiguous(),
                 self._values[block, :, offset].transpose(0, 1).unsqueeze(0).contiguous())
-
-    def _where(self, blocks: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        size = self.tables.block_size
-        position = torch.arange(start, end, device=blocks.device)
-        return blocks[position // size], position % size
 
 
 def _gather(pool: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
@@ -263,7 +235,8 @@ class RowsLinearLayer(LinearAttentionLayer):
 class RowsCache(DynamicCache):
     """The cache of a batch of rows with their own prefixes (see the module docstring)."""
 
-    def __init__(self, config, device, dtype: torch.dtype | None = None, block_size: int = BLOCK_SIZE):
+    def __init__(self, config, device, dtype: torch.dtype | None = None, block_size: int = BLOCK_SIZE,
+                 pool: KVPool | None = None):
         super().__init__(config=config)
         text = config.get_text_config()
         # transformers builds a chunked layer's cache as a sliding one (window = the chunk size): only the
@@ -286,29 +259,31 @@ class RowsCache(DynamicCache):
             else:
                 windows.add(window)
                 layers.append((window, None))
-        self.book = RowsBook(device, tuple(sorted(windows, key=lambda w: -1 if w is None else w)), tuple(sorted(chunks)),
-                             align=block_size)
         self._shapes = kv_shapes(text)  # per layer: (kv_heads, head_dim)
-        # One pool and one set of block tables per layer kind (full, each window, each chunk size): the layers of
-        # a kind keep the same positions of a row, so one block id names them in each.
-        self.kinds: dict[tuple, BlockTables] = {}
-        self._kind_layers: dict[tuple, list[int]] = {}
+        # The layers of a kind (full, each window, each chunk size) keep the same positions of a row, so one block
+        # id names them in each: one block pool and one set of block tables per kind.
+        kind_layers: dict[tuple, list[int]] = {}
         for i, layer in enumerate(layers):
             if isinstance(layer, tuple):
-                if layer not in self.kinds:
-                    pool = BlockPool(block_size, limit=None)
-                    pool.listeners.append(lambda size, kind=layer: self._grow(kind, size))
-                    tables = self.kinds[layer] = BlockTables(pool, device)
-                    tables.zero = lambda block, kind=layer: self._zero(kind, block)
-                    tables.copy = lambda source, target, kind=layer: self._copy(kind, source, target)
-                    self._kind_layers[layer] = []
-                self._kind_layers[layer].append(i)
-                layers[i] = RowsLayer(self.book, self.kinds[layer], self._shapes[i], *layer)
+                kind_layers.setdefault(layer, []).append(i)
+        if pool is None:
+            pool = KVPool(kind_layers, self._shapes, block_size, device, dtype)
+        elif pool.kind_layers != kind_layers or pool.shapes != self._shapes:
+            raise ValueError("the K/V pool was made for another model's layers")
+        self.pool = pool
+        self.book = RowsBook(device, tuple(sorted(windows, key=lambda w: -1 if w is None else w)), tuple(sorted(chunks)),
+                             align=pool.block_size)
+        self.kinds: dict[tuple, BlockTables] = {}
+        for kind in kind_layers:
+            tables = self.kinds[kind] = BlockTables(pool.pools[kind], device)
+            tables.zero = lambda block, kind=kind: pool.zero(kind, block)
+            tables.copy = lambda source, target, kind=kind: pool.copy(kind, source, target)
+        for kind, indices in kind_layers.items():
+            for i in indices:
+                layers[i] = RowsLayer(self.book, self.kinds[kind], pool, i, *kind)
         self.layers = layers
         self._linear: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> slot buffers (conv, recurrent)
         self._dtype = dtype
-        self._kv_dtype = dtype  # the blocks' dtype: the model's, or the first state's
-        self._held: dict[Prefix, _Held] = {}  # prefixes written into the blocks, while rows use them
 
     @property
     def rows(self) -> int:
@@ -331,7 +306,7 @@ class RowsCache(DynamicCache):
         book = self.book
         tokens = prefix.tokens
         self._reserve(slot + 1, tokens + 1, prefix)
-        held = self._hold(prefix)
+        held = self.pool.hold(prefix)
         book.prefixes.append(prefix)
         book.lengths.append(tokens)
         book.keys[slot] = -1
@@ -369,19 +344,25 @@ class RowsCache(DynamicCache):
 
     @torch.inference_mode()
     def adopt(self, other: "RowsCache", other_slot: int) -> int:
-        """Move a row from another cache (where it was prefilled) into this one; returns its new slot. Its prefix's
-        blocks are this cache's (written once here), its own blocks copied."""
+        """Move a row from another cache (where it was prefilled) into this one; returns its new slot. On the same
+        pool its blocks are referenced (the other cache still holds them until its row is removed); otherwise its
+        prefix's blocks are this pool's (written once here) and its own blocks copied."""
         prefix, length = other.book.prefixes[other_slot], other.book.lengths[other_slot]
         slot = self.rows
         book = self.book
         self._reserve(slot + 1, length + 1, like=other)
-        held = self._hold(prefix)
+        same = other.pool is self.pool
+        held = self.pool.hold(prefix)
         book.prefixes.append(prefix)
         book.lengths.append(length)
         book.keys[slot] = -1
         book.keys[slot, :length] = other.book.keys[other_slot, :length]
         for kind, tables in self.kinds.items():
-            theirs, their_prefix, mine = other.kinds[kind].rows[other_slot], other._held[prefix].blocks[kind], held.blocks[kind]
+            theirs = other.kinds[kind].rows[other_slot]
+            if same:
+                tables.share_row(theirs)
+                continue
+            their_prefix, mine = other.pool.held[prefix].blocks[kind], held.blocks[kind]
             blocks = []
             for j, block in enumerate(theirs):
                 if block == NULL:
@@ -391,9 +372,9 @@ class RowsCache(DynamicCache):
                     blocks.append(mine[j])
                 else:
                     fresh = tables.pool.allocate()
-                    for i in self._kind_layers[kind]:
-                        self.layers[i]._keys[fresh] = other.layers[i]._keys[block]
-                        self.layers[i]._values[fresh] = other.layers[i]._values[block]
+                    for i in self.pool.kind_layers[kind]:
+                        self.pool.keys[i][fresh] = other.pool.keys[i][block]
+                        self.pool.values[i][fresh] = other.pool.values[i][block]
                     blocks.append(fresh)
             tables.add_row(blocks)
         for i, layer in enumerate(self.layers):
@@ -421,8 +402,14 @@ class RowsCache(DynamicCache):
         book.keys[last] = -1
         book.lengths.pop()
         book.prefixes.pop()
-        self._release(prefix)
+        self.pool.release(prefix)
         self._bind()
+
+    @torch.inference_mode()
+    def close(self) -> None:
+        """Remove every row (their blocks back to the pool: a batch on a shared pool must be closed)."""
+        for slot in reversed(range(self.rows)):
+            self.remove(slot)
 
     @torch.inference_mode()
     def truncate(self, slot: int, length: int) -> None:
@@ -470,16 +457,15 @@ class RowsCache(DynamicCache):
 
     def _reserve(self, rows: int, length: int, prefix: Prefix | None = None, like: "RowsCache | None" = None) -> None:
         self.book.reserve(rows, length)
-        if self._kv_dtype is None:  # what gives the blocks their dtype (the model's, or the first state's)
-            template = None
-            if prefix is not None:
-                template = next((k for k, _ in prefix.kv if k is not None and k.dim() == 4), None)
-            if like is not None:
-                template = next((layer._keys for _, layer in like.attention_layers() if layer._keys is not None), None)
-            self._kv_dtype = template.dtype if template is not None else None
-        for kind, tables in self.kinds.items():
+        template = None  # what gives the blocks their dtype (the model's, or the first state's)
+        if prefix is not None:
+            template = next((k for k, _ in prefix.kv if k is not None and k.dim() == 4), None)
+        if like is not None:
+            template = next((layer._keys for _, layer in like.attention_layers() if layer._keys is not None), None)
+        self.pool.set_dtype(template.dtype if template is not None else None)
+        self.pool.ensure()
+        for tables in self.kinds.values():
             tables.reserve(self.book.keys.shape[0], self.book.capacity // tables.block_size)
-            self._grow(kind, tables.pool.capacity)
         for i, (conv, recurrent) in list(self._linear.items()):
             if conv.shape[0] < self.book.keys.shape[0]:
                 self._set_linear(i, 0, conv[0], recurrent[0])  # grows the slot buffers (slot 0 rewritten as it is)
@@ -495,74 +481,18 @@ class RowsCache(DynamicCache):
                 tables.writable(i, starts[i], starts[i] + n)
         book = self.book
         book.begin(logical, counts, batch, span)
-        for kind, tables in self.kinds.items():
+        self.pool.ensure()
+        for tables in self.kinds.values():
             size = tables.block_size
             tables.reserve(book.keys.shape[0], book.capacity // size)
-            self._grow(kind, tables.pool.capacity)
             rows = tables.table[: book.batch]
             tables.write_block = torch.where(book.valid, rows.gather(1, book.write // size), SCRATCH)
             tables.write_offset = book.write % size
             tables.view = rows[:, : book.span // size]
 
-    def _hold(self, prefix: Prefix) -> "_Held":
-        """The prefix's blocks per kind (written into the pool once, by the first row that uses it), held by one
-        more row."""
-        held = self._held.get(prefix)
-        if held is None:
-            held = self._held[prefix] = _Held({kind: self._write_prefix(kind, prefix) for kind in self.kinds})
-        held.users += 1
-        return held
-
-    def _release(self, prefix: Prefix) -> None:
-        held = self._held[prefix]
-        held.users -= 1
-        if held.users == 0:
-            for kind, blocks in held.blocks.items():
-                for block in blocks:
-                    self.kinds[kind].pool.release(block)
-            del self._held[prefix]
-
-    def _write_prefix(self, kind: tuple, prefix: Prefix) -> list[int]:
-        """Blocks holding the prefix's K/V of one kind's layers; NULL for positions none of them keeps (a sliding
-        layer's before its window, a chunked layer's before its last chunk)."""
-        tables, tokens = self.kinds[kind], prefix.tokens
-        size = tables.block_size
-        stored = max(prefix.kv[i][0].shape[-2] for i in self._kind_layers[kind])
-        blocks = [NULL] * blocks_for(tokens, size)
-        for j in range((tokens - stored) // size, len(blocks)):
-            blocks[j] = tables.pool.allocate()
-            self._zero(kind, blocks[j])
-        table = torch.tensor(blocks, dtype=torch.long, device=self.book.device)
-        for i in self._kind_layers[kind]:
-            keys, values = prefix.kv[i]
-            self.layers[i].put(table, tokens - keys.shape[-2], keys[0], values[0])
-        return blocks
-
-    def _grow(self, kind: tuple, blocks: int) -> None:
-        for i in self._kind_layers[kind]:
-            self.layers[i].reserve(self._kv_dtype, blocks, self.book.device)
-
-    def _zero(self, kind: tuple, block: int) -> None:
-        for i in self._kind_layers[kind]:
-            self.layers[i]._keys[block] = 0
-            self.layers[i]._values[block] = 0
-
-    def _copy(self, kind: tuple, source: int, target: int) -> None:
-        for i in self._kind_layers[kind]:
-            self.layers[i]._keys[target] = self.layers[i]._keys[source]
-            self.layers[i]._values[target] = self.layers[i]._values[source]
-
     def block_stats(self) -> dict:
-        """Per layer kind ("full", "window 512", "chunk 8192"): block size, blocks used, shared and free, the bytes
-        of one block (all the kind's layers, K and V)."""
-        out = {}
-        for kind, tables in self.kinds.items():
-            window, chunk = kind
-            name = f"chunk {chunk}" if chunk else f"window {window}" if window else "full"
-            layers = [self.layers[i] for i in self._kind_layers[kind]]
-            per_block = sum(2 * layer._keys[0].numel() * layer._keys.element_size() for layer in layers if layer._keys is not None)
-            out[name] = {**tables.stats(), "block_bytes": per_block}
-        return out
+        """The pool's blocks per layer kind (KVPool.stats)."""
+        return self.pool.stats()
 
     def _set_linear(self, i: int, slot: int, conv: torch.Tensor, recurrent: torch.Tensor) -> None:
         buffers = self._linear.get(i)

@@ -70,8 +70,9 @@ class StepRunner:
         # 2. The step. A shape seen before runs with only the guards that tell compiled variants apart (the full
         # check costs about as much as a thin model's whole step, bench/decode.py); should that miss a variant,
         # torch refuses before running anything and the step runs again with every guard.
-        # The pools' sizes are part of the shapes too (a pool that grew is a new variant, compiled with every guard).
-        variant = (size, capacity, tuple(tables.pool.capacity for tables in cache.kinds.values()))
+        # The K/V tensors' sizes are part of the shapes too (one that grew is a new variant, compiled with every
+        # guard; on the CPU they are reserved once, decode.kvpool).
+        variant = (size, capacity, tuple(keys.shape[0] for keys in cache.pool.keys.values()))
         first = variant not in self._variants
         linear = None if not first else [tuple(b.clone() for b in buffers) for buffers in cache._linear.values()]
         try:

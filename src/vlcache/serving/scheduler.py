@@ -11,8 +11,9 @@ One thread owns the model. Each iteration it
 4. runs one decode step for every running row; finished rows leave at once and free their row.
 
 Rows about different image states (and text-only rows) share one batch: each attends to its own prefix,
-referenced through its block table (one copy of a state for all its rows, vlcache.decode). So a new question waits at most one prefill unit and
-one decode step before its own prefill starts, never for someone else's answer to end.
+referenced through its block table (one copy of a state in the K/V blocks for all its rows, vlcache.decode).
+So a new question waits at most one prefill unit and one decode step before its own prefill starts, never for
+someone else's answer to end.
 """
 
 from __future__ import annotations
@@ -102,6 +103,9 @@ class Scheduler:
         self._prefill: _Prefill | None = None
         self._running: list[_Row] = []  # row i sits in slot i of self._batch
         self._batch: decode.Batch | None = None
+        # The K/V blocks of every batch here (the running one and the one prefilling joining rows): a state is
+        # written once for all its rows, and a row moves into the running batch by reference.
+        self._pool: decode.KVPool | None = None
         self._prefixes: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # group -> Prefix in use
         self._tasks_turn = False
         self._thread = threading.Thread(target=self._run, name="vlcache-model", daemon=True)
@@ -246,6 +250,12 @@ class Scheduler:
             return
         # 2. Prefilled: each row's first token (one transfer for all); rows that go on join the running batch.
         self._prefill = None
+        try:
+            self._join(prefill, logits)
+        finally:
+            prefill.batch.cache.close()  # the rows that joined hold their blocks in the running batch now
+
+    def _join(self, prefill: _Prefill, logits: torch.Tensor) -> None:
         tokens, done = prefill.batch.sample(logits)
         for i, row in enumerate(prefill.rows):
             if tokens[i] < 0:
@@ -255,7 +265,7 @@ class Scheduler:
                 self._finish(row, prefill.batch, i)
                 continue
             if self._batch is None:
-                self._batch = self.engine.batch()
+                self._batch = self._new_batch()
             self._batch.adopt(prefill.batch, i)
             self._running.append(row)
 
@@ -274,7 +284,7 @@ class Scheduler:
                 break
             chosen.append(self._waiting.popleft())
             budget -= row.remaining
-        batch = self.engine.batch()
+        batch = self._new_batch()
         now = time.perf_counter()
         rows = []
         for row in chosen:
@@ -290,6 +300,11 @@ class Scheduler:
             rows.append(row)
             self.stats.queue_wait(now - row.job.submitted)
         return _Prefill(rows, batch) if rows else None
+
+    def _new_batch(self) -> decode.Batch:
+        batch = self.engine.batch(self._pool)
+        self._pool = batch.cache.pool
+        return batch
 
     # -- decode ----------------------------------------------------------------------------------------------
 
@@ -345,6 +360,7 @@ class Scheduler:
         for row in rows:
             row.job.emit("error", message)
         self._running, self._prefill, self._batch = [], None, None
+        self._pool = None  # the failed forward's blocks may be held by rows no one will remove: a fresh pool
 
 
 def _fresh(row: _Row) -> bool:
