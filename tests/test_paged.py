@@ -201,3 +201,90 @@ def test_the_servers_scheduler_holds_one_copy_of_a_state_for_sixteen_rows(engine
         assert stats[0]["used"] == 0 and stats[1] == 0
     finally:
         scheduler.stop()
+
+
+def _run_bounded(engine, jobs, kv_memory):
+    """Submit `jobs` (from churn.job_for) at once to a Scheduler bounded to `kv_memory` bytes of K/V; the most
+    rows that decoded together, and the /health figures seen meanwhile."""
+    from vlcache.serving.scheduler import Scheduler
+
+    scheduler = Scheduler(engine, max_batch=8, prefill_chunk=512, kv_memory=kv_memory)
+    try:
+        blocker, blocking = threading.Event(), threading.Event()
+        scheduler.call(lambda: (blocking.set(), blocker.wait()))
+        assert blocking.wait(30)
+        for job, _, _ in jobs:
+            scheduler.submit(job)
+        most, health = [0], []
+        blocker.set()
+        while not all(done.is_set() for _, _, done in jobs):
+            most[0] = max(most[0], scheduler.call(lambda: len(scheduler._running)).result(60))
+            health.append(scheduler.kv_stats())
+        assert all(done.wait(60) for _, _, done in jobs)
+        after = scheduler.call(lambda: (scheduler._reserved, scheduler._pool.stats())).result(60)
+        return most[0], health, after
+    finally:
+        scheduler.stop()
+
+
+def _needs(engine, jobs):
+    """(bytes of NULL and SCRATCH, [(own, state) bytes per job]) as the scheduler reckons them."""
+    from vlcache.serving.scheduler import Scheduler
+
+    scheduler = Scheduler(engine, kv_memory=1 << 40)
+    try:
+        return scheduler.call(lambda: (scheduler._fixed(), [scheduler._needs(scheduler._row(j)) for j, _, _ in jobs])).result(60)
+    finally:
+        scheduler.stop()
+
+
+def test_a_request_whose_blocks_do_not_fit_waits_in_the_queue_and_control(engine, astronaut_state):
+    """Two questions about two states under a --kv-memory that holds either but not both: the second waits until
+    the first is done (one row at a time), both answer as alone, and all is given back after. Control: unbounded,
+    they decode together."""
+    from churn import job_for
+
+    other = engine.cache_image(photo("rocket.jpg"), system_prompt=SYSTEM)
+    cases = [(astronaut_state, QUESTIONS[0], "astronaut"), (other, QUESTIONS[1], "rocket")]
+
+    def jobs():
+        return [job_for(engine, state, q, 16, key) for state, q, key in cases]
+
+    fixed, needs = _needs(engine, jobs())
+    bound = fixed + sum(own + state for own, state in needs) - 1
+    for kv_memory, together in [(bound, 1), (None, 2)]:
+        made = jobs()
+        most, health, (reserved, stats) = _run_bounded(engine, made, kv_memory)
+        assert most == together
+        for (state, question, _), (_, events, _) in zip(cases, made):
+            kind, answer = events[-1]
+            assert kind == "done", answer
+            assert answer.token_ids == engine.ask(state, question, max_new_tokens=16, temperature=0).token_ids
+        assert reserved == 0 and stats["full"]["used"] == 0
+        if kv_memory is not None:
+            assert all(h["kv_memory"] == bound and fixed + h["reserved_bytes"] <= bound for h in health)
+            assert max(h["used_bytes"] for h in health) > 0
+
+
+def test_rows_on_one_state_are_admitted_counting_the_state_once(engine, astronaut_state):
+    """A bound that holds the state once and two rows' own tokens: both rows decode together."""
+    from churn import job_for
+
+    def jobs():
+        return [job_for(engine, astronaut_state, q, 16, "astronaut") for q in QUESTIONS[:2]]
+
+    fixed, needs = _needs(engine, jobs())
+    bound = fixed + needs[0][1] + needs[0][0] + needs[1][0]
+    assert bound < fixed + sum(own + state for own, state in needs)  # two copies would not fit
+    most, _, (reserved, _) = _run_bounded(engine, jobs(), bound)
+    assert most == 2 and reserved == 0
+
+
+def test_a_request_that_cannot_fit_even_alone_fails_at_once(engine, astronaut_state):
+    from churn import job_for
+
+    made = [job_for(engine, astronaut_state, QUESTIONS[0], 16, "astronaut")]
+    fixed, needs = _needs(engine, made)
+    _run_bounded(engine, made, fixed + sum(needs[0]) - 1)
+    kind, message = made[0][1][-1]
+    assert kind == "error" and "--kv-memory" in message

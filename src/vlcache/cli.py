@@ -232,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="most requests decoded together (default: 16)")
     serve.add_argument("--max-queue", metavar="N", type=non_negative_int, default=64,
                        help="requests that may wait beyond the batch; more get 429 (default: 64)")
+    serve.add_argument("--kv-memory", metavar="SIZE", type=byte_size, default=None,
+                       help="memory for the running requests' K/V blocks; a request that does not fit waits in the queue "
+                            "(default: half the device's free memory at start)")
     serve.add_argument("--prefill-chunk", metavar="N", type=positive_int, default=256,
                        help="most prefill tokens between two decode steps (default: 256)")
     serve.add_argument("--max-state-bytes", metavar="SIZE", type=byte_size, default=None,
@@ -515,7 +518,10 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.ray:
         return _serve_on_ray(args, options)
     engine = _load_engine(args.model, args)
+    from .decode.kvpool import default_kv_memory
     from .decode.rows import bucket
+
+    options.kv_memory = args.kv_memory or default_kv_memory(engine.device)
 
     buckets = sorted({bucket(n) for n in range(1, args.max_batch + 1)})
     _compile_steps(engine, args.compile, buckets)
@@ -533,7 +539,8 @@ def _serve_options(args: argparse.Namespace, cache_dir, local):
     return ServeOptions(cache_dir=cache_dir, memory_budget=args.memory_budget, allow_remote_images=args.allow_remote_images,
                         allow_private_urls=args.allow_private_urls, max_image_pixels=args.max_image_pixels,
                         allow_local_files=local, max_body_bytes=args.max_body, max_batch=args.max_batch,
-                        max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, max_state_bytes=args.max_state_bytes,
+                        max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, kv_memory=args.kv_memory,
+                        max_state_bytes=args.max_state_bytes,
                         max_uploads=args.max_uploads, upload_quota=args.upload_quota, media_workers=args.media_workers,
                         video_decode_pixels=args.video_decode_pixels, media=MediaOptions(fps=args.fps, max_frames=args.max_frames),
                         web=not args.no_web, cors_origin=args.cors_origin)

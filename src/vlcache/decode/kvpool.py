@@ -35,6 +35,18 @@ class Held:
     users: int = 0
 
 
+def default_kv_memory(device) -> int:
+    """`vlcache serve`'s bound on K/V blocks when --kv-memory is not given: half the memory free on the device
+    at start (CUDA: free GPU memory once the model is loaded; CPU: the system's MemAvailable)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 2
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024 // 2
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") // 2
+
+
 def kind_name(kind: tuple) -> str:
     window, chunk = kind
     return f"chunk {chunk}" if chunk else f"window {window}" if window else "full"

@@ -68,7 +68,7 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
         return {"status": "ok", "model": model_id, "fingerprint": engine.fingerprint, "family": engine.family.name,
                 "dtype": str(engine.dtype).removeprefix("torch."), "hot_states": service.store.hot_count,
                 "hot_bytes": service.store.hot_bytes, "running": service.scheduler.running, "queued": service.scheduler.queued,
-                "decode": engine.compile_status}
+                "decode": engine.compile_status, "kv": service.scheduler.kv_stats()}
 
     @app.get("/metrics")
     async def metrics():
