@@ -288,3 +288,56 @@ def test_a_request_that_cannot_fit_even_alone_fails_at_once(engine, astronaut_st
     _run_bounded(engine, made, fixed + sum(needs[0]) - 1)
     kind, message = made[0][1][-1]
     assert kind == "error" and "--kv-memory" in message
+
+
+def test_refcounts_return_to_zero_after_1000_random_joins_and_leaves_of_rows(engine):
+    """RowsCache on one KVPool shared by two batches (as the server's prefill and running batches): rows join
+    (on one of four states, some text-only), write tokens, move between the caches and leave at random; every
+    block is held by exactly its holders all along, and nothing is held after."""
+    import random
+
+    from vlcache.decode.rows import Prefix, RowsCache
+
+    rng = random.Random(28)
+    config = engine.model.config
+    first = RowsCache(config, "cpu", torch.float32)
+    second = RowsCache(config, "cpu", torch.float32, pool=first.pool)
+    caches = [first, second]
+
+    def prefix(tokens):
+        kv = [(torch.randn(1, heads, tokens, dim), torch.randn(1, heads, tokens, dim)) for heads, dim in first._shapes]
+        return Prefix(kv, tokens)
+
+    states = [prefix(n) for n in (0, 16, 37, 50)]
+    (kind, pool), = first.pool.pools.items()
+    for _ in range(1000):
+        cache = rng.choice(caches)
+        roll = rng.random()
+        if cache.rows and roll < 0.4:
+            cache.remove(rng.randrange(cache.rows))
+        elif cache.rows and roll < 0.55:
+            other = caches[1 - caches.index(cache)]
+            slot = rng.randrange(cache.rows)
+            other.adopt(cache, slot)
+            cache.remove(slot)
+        elif cache.rows < 12:
+            cache.add(rng.choice(states))
+        if cache.rows:
+            counts = [rng.randrange(0, 5) for _ in range(cache.rows)]
+            width = max(counts + [1])
+            logical = torch.tensor([[n + j for j in range(width)] for n in cache.book.next_logical()])
+            with torch.inference_mode():
+                cache.begin(logical, counts)
+        holders = {}
+        for c in caches:
+            for row in c.kinds[kind].rows:
+                for block in row:
+                    holders[block] = holders.get(block, 0) + 1
+        for held in first.pool.held.values():
+            for block in held.blocks[kind]:
+                holders[block] = holders.get(block, 0) + 1
+        holders.pop(NULL, None)
+        assert {b: r for b, r in enumerate(pool.refs) if r} == holders and pool.used == len(holders)
+    for cache in caches:
+        cache.close()
+    assert pool.used == 0 and set(pool.refs) == {0} and not first.pool.held

@@ -25,7 +25,7 @@ import torch
 NULL = 0
 SCRATCH = 1
 RESERVED = 2
-BLOCK_SIZE = 16  # tokens a block holds (docs/paged-kv.md: the gather's cost against 64)
+BLOCK_SIZE = 16  # tokens a block holds (vLLM's default; other sizes not measured, docs/benchmarks-paged.md)
 
 
 class PoolFull(RuntimeError):
