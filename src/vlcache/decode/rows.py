@@ -519,7 +519,7 @@ class RowsCache(DynamicCache):
         return Chunked(chunk) if chunk else window
 
     def attend(self, query, key, value, scaling, window, layer_idx: int | None = None):
-        """query [B, Hq, L, D], key/value [B, Hkv, S, D] (each row's slots) -> [B, L, Hq, D].
+        """query [B, Hq, L, D], key/value [B, Hkv, S, D] (each row's positions, gathered from its blocks) -> [B, L, Hq, D].
 
         transformers' eager attention, numerically: matmuls in the model dtype, softmax in float32; grouped
         query heads folded into the query dimension so K/V are never repeated."""
