@@ -13,4 +13,5 @@ if [ "${VLCACHE_LOCK:-1}" = 0 ]; then
   python -m pip list 2>/dev/null | grep -iE "^(torch|torchvision|transformers|tokenizers|safetensors|huggingface.hub|fastapi|starlette|uvicorn|av|pillow) " >&2
 fi
 export HF_HUB_OFFLINE=1
-exec python -m pytest -q "$@"
+# --durations: the slowest tests in every run, so the suite's time stays visible (it must stay well under 20 minutes on 2 cores)
+exec python -m pytest -q --durations=15 "$@"

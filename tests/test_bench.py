@@ -132,7 +132,7 @@ def test_families_bench_real_sizes_reach_the_checkpoint(tmp_path, monkeypatch):
     import torch
     from transformers import AutoProcessor
 
-    import vlcache.testing.families as testing_families
+    import vlcache.testing.builder as testing_builder
     from vlcache.testing.more_families import build
 
     bench = _families_bench()
@@ -143,7 +143,7 @@ def test_families_bench_real_sizes_reach_the_checkpoint(tmp_path, monkeypatch):
             model_class(config)  # the sizes must make a model transformers can build
         built[folder] = config
 
-    monkeypatch.setattr(testing_families, "_save_model", config_only)
+    monkeypatch.setattr(testing_builder, "save_model", config_only)
     for kind, (tiny_kind, sizes) in bench.REAL_SIZES.items():
         folder = tmp_path / kind
         build(tiny_kind, folder, 0, 0.02, sizes=sizes)
@@ -208,7 +208,7 @@ def test_families_bench_gemma4_e2b_is_the_published_size(tmp_path, monkeypatch):
     from PIL import Image
     from transformers import AutoProcessor
 
-    import vlcache.testing.families as testing_families
+    import vlcache.testing.builder as testing_builder
     from vlcache.testing.more_families import build
 
     models = []
@@ -217,7 +217,7 @@ def test_families_bench_gemma4_e2b_is_the_published_size(tmp_path, monkeypatch):
         with torch.device("meta"):
             models.append(model_class(config))
 
-    monkeypatch.setattr(testing_families, "_save_model", config_only)
+    monkeypatch.setattr(testing_builder, "save_model", config_only)
     tiny_kind, sizes = _families_bench().REAL_SIZES["gemma4_e2b"]
     build(tiny_kind, tmp_path, 0, 0.02, sizes=sizes)
     model = models[0]

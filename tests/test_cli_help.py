@@ -165,14 +165,16 @@ def imports(module: Path, package: str) -> set[str]:
     """vlcache modules a file imports, at the top or inside functions."""
     found = set()
     for node in ast.walk(ast.parse(module.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            found |= {f"{package}.{node.module}"} if node.module else {f"{package}.{a.name}" for a in node.names}
+        if isinstance(node, ast.ImportFrom) and node.level >= 1:
+            base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+            found |= {f"{base}.{node.module}"} if node.module else {f"{base}.{a.name}" for a in node.names}
     return found
 
 
 def test_the_cli_modules_import_no_circle():
     root = REPO / "src" / "vlcache"
     graph = {f"vlcache.{p.stem}": imports(p, "vlcache") for p in root.glob("*.py")}
+    graph |= {f"vlcache.commands.{p.stem}": imports(p, "vlcache.commands") for p in (root / "commands").glob("*.py")}
 
     def reaches(start: str, goal: str, seen: set) -> bool:
         for nxt in graph.get(start, ()):
@@ -180,9 +182,31 @@ def test_the_cli_modules_import_no_circle():
                 return True
         return False
 
-    for module in ("vlcache.cli", "vlcache.remote", "vlcache.console", "vlcache.paths", "vlcache.batch", "vlcache.prompt"):
+    commands = [name for name in graph if name.startswith("vlcache.commands.")]
+    for module in ("vlcache.cli", "vlcache.remote", "vlcache.console", "vlcache.paths", "vlcache.batch", "vlcache.prompt",
+                   *commands):
         assert not reaches(module, module, {module}), f"{module} imports itself through others"
-    assert "vlcache.cli" not in graph["vlcache.remote"] and "vlcache.remote" in graph["vlcache.cli"]
+    assert "vlcache.cli" not in graph["vlcache.remote"]
+    assert all("vlcache.cli" not in graph[name] for name in commands), "a command's runner imports the parser"
+    assert {"vlcache.commands.ask", "vlcache.commands.chat", "vlcache.commands.cache"} <= graph["vlcache.cli"]
+    assert all("vlcache.remote" in graph[f"vlcache.commands.{name}"] for name in ("ask", "chat", "cache", "serve"))
+
+
+def test_each_command_is_a_module_read_in_one_sitting():
+    """cli.py holds the parser and the error policy; each command's runner is its own module, and none of them
+    (cli.py included) grows past what a person reads in one sitting."""
+    root = REPO / "src" / "vlcache"
+    sizes = {p.name: len(p.read_text().splitlines()) for p in [root / "cli.py", *(root / "commands").glob("*.py")]}
+    assert {"ask.py", "cache.py", "chat.py", "serve.py", "inspect.py", "check.py"} <= set(sizes)
+    assert max(sizes.values()) <= 450, sizes
+    runners = re.findall(r"^def (run_\w+)", (root / "cli.py").read_text(), flags=re.M)
+    assert runners == ["run_command"], runners  # the error policy, not a command
+
+
+def test_the_tiny_builders_import_no_circle():
+    testing = REPO / "src" / "vlcache" / "testing"
+    graph = {p.stem: {m.rsplit(".", 1)[-1] for m in imports(p, "t")} for p in testing.glob("*.py")}
+    assert "families" not in graph["more_families"] and "builder" in graph["more_families"] & graph["families"]
 
 
 def fake_detached_server(home: Path, url: str) -> subprocess.Popen:

@@ -146,8 +146,10 @@ def test_the_progress_bar_counts_what_it_caches(tiny_model_dir, tmp_path, capsys
     err = capsys.readouterr().err
     bar = [line for line in err.replace("\r", "\n").splitlines() if "|" in line]
     assert bar and all("video" in line and "image" not in line for line in bar if "1/1" in line), err
-    assert cli._inputs_unit([str(photo("rocket.jpg"))]) == "image"
-    assert cli._inputs_unit([str(photo("rocket.jpg")), str(clips)]) == "file"
+    from vlcache.commands.cache import inputs_unit
+
+    assert inputs_unit([str(photo("rocket.jpg"))]) == "image"
+    assert inputs_unit([str(photo("rocket.jpg")), str(clips)]) == "file"
 
 
 def test_output_into_a_missing_folder_is_refused(tmp_path, capsys):

@@ -421,7 +421,7 @@ def test_18_a_chunked_body_over_the_limit_is_413(engine, tmp_path):
     live = LiveServer(engine, tmp_path / "s", max_body_bytes=1000)
     try:
         sock = socket.create_connection(("127.0.0.1", live.port))
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Transfer-Encoding: chunked\r\n\r\n" + b"1f4\r\n" + b"x" * 500 + b"\r\n")
         sock.settimeout(10)
         try:
@@ -448,12 +448,12 @@ def test_18_slow_headers_and_bodies_are_cut_off(live, monkeypatch):
     monkeypatch.setattr(server_module, "HEADER_SECONDS", 0.5)
     monkeypatch.setattr(body_module, "BODY_SECONDS", 0.5)
     slow = socket.create_connection(("127.0.0.1", live.port))
-    slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")  # and then nothing more
+    slow.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and then nothing more
     slow.settimeout(10)
     assert slow.recv(100) == b""  # closed by the server
     slow.close()
     body = socket.create_connection(("127.0.0.1", live.port))
-    body.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    body.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  b"Content-Length: 100\r\n\r\n{")
     body.settimeout(10)
     assert b" 408 " in body.recv(1000).split(b"\r\n")[0]

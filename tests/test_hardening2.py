@@ -121,7 +121,7 @@ def test_1_the_real_state_still_uploads_and_answers(engine, live, rocket_state, 
 def _raw_upload(live, head: bytes, declared: int) -> socket.socket:
     """An upload that sends `head` of a body declared `declared` bytes long, and then nothing."""
     sock = socket.create_connection(("127.0.0.1", live.port), timeout=10)
-    sock.sendall(f"POST {STATES} HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+    sock.sendall(f"POST {STATES} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
                  f"Content-Length: {declared}\r\n\r\n".encode() + head)
     return sock
 

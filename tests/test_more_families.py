@@ -223,7 +223,9 @@ def test_check_on_a_listed_family_prints_what_held(family_dir, capsys):
     assert cli.main(["check", "--model", str(family_dir("glm4v")), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     for probe in ("cached image", "batch of two", "two-turn chat", "video"):
-        assert f"held  {probe}: equal token ids" in out
+        assert f"held      {probe}: prompt ids equal (" in out
+        line = next(line for line in out.splitlines() if f" {probe}: " in line)
+        assert "; tokens equal (16" in line and "; first-step logits within " in line
     assert "exact: every probe held" in out
 
 
@@ -240,7 +242,7 @@ def test_an_unlisted_model_is_checked_then_used(family_dir, tmp_path, monkeypatc
         "once to test whether the generic adapter (plain positions, full-attention K/V) is exact for these weights")
     assert cli.main(["check", "--model", str(model), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "held  two-turn chat: equal token ids" in out and "remembered" in out
+    assert "held      two-turn chat: prompt ids equal (" in out and "remembered" in out
     engine = Engine.load(str(model), device="cpu")  # no longer refused
     assert engine.family.name == "generic"
     cache = engine.cache_image(photo("rocket.jpg"), system_prompt=SYSTEM).save(tmp_path / "n.pt")
@@ -260,7 +262,8 @@ def test_check_fails_and_names_what_differed_when_the_generic_adapter_is_wrong(t
         monkeypatch.setattr(module, "family_class", lambda model_type: None)
     assert check.run(str(tiny_model_dir), device="cpu") == 1
     captured = capsys.readouterr()
-    assert "DIFFERED  cached image: cached [" in captured.out
+    assert "DIFFERED  cached image: prompt ids equal (" in captured.out  # the prompt is right, the positions are not
+    assert "; tokens differ at " in captured.out
     assert captured.err.strip().splitlines()[-1].startswith(f"error: vlcache is not exact for {tiny_model_dir}: cached image")
     assert not (tmp_path / "home" / "checked.json").exists() or json.loads((tmp_path / "home" / "checked.json").read_text()) == {}
 
@@ -485,8 +488,8 @@ def test_gemma4_shared_layers_store_nothing_and_wrong_sources_are_caught(family_
     wrong.kv = [loaded.kv[1] if i == 3 else kv for i, kv in enumerate(loaded.kv)]  # the source's K/V from layer 1
     assert answers(wrong) != expected
     with monkeypatch.context() as patch:  # image tokens that see only earlier ones
-        patch.setattr(plain, "vision_inputs", lambda inputs, dtype, right=plain.vision_inputs: {
-            k: v for k, v in right(inputs, dtype).items() if k != "mm_token_type_ids"})
+        patch.setattr(plain, "vision_inputs", lambda inputs, dtype, model=None, right=plain.vision_inputs: {
+            k: v for k, v in right(inputs, dtype, model).items() if k != "mm_token_type_ids"})
         causal = engine.cache_image(photo("rocket.jpg"), system_prompt=SYSTEM, max_pixels=PIXELS)
     assert answers(causal) != expected
     assert answers(loaded) == expected  # the patches are gone

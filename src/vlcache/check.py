@@ -1,175 +1,277 @@
 """`vlcache check`: is vlcache exact for the model at hand? Cached answers against transformers' own generate.
 
-Greedy decoding, 16 tokens each, on a photograph shipped with the package (and a clip panned over it, where
-the family takes video):
-- a cached image: the state's answer equals generate() on the whole uncached conversation;
-- a batch of two questions over one state: each equals its uncached generate();
-- a two-turn chat continuing from the state: the second turn equals generate() on both turns;
-- a video (families that take one: Qwen-VL, GLM-4.xV, InternVL, SmolVLM2): the same as the first, over a clip.
+On a photograph shipped with the package (and a clip panned over it, where the family takes video):
+- a cached image: one question asked from the state;
+- a batch of two questions over one state;
+- a two-turn chat continuing from the state;
+- a video (families that take one: Qwen-VL, GLM-4.xV, InternVL, SmolVLM2): the first, over a clip.
+
+Each probe compares, in this order: the prompt ids vlcache feeds the model (the state's ids, then each turn's,
+tokenized as vlcache does) against the processor's ids of the whole conversation, which needs no weights
+to be right; the greedy tokens (16); and the logits of the first step, within a tolerance stated per dtype. It
+says which held. A probe that raises is a bug (its type is named), never a verdict on the model; a model
+vlcache cannot run at all (cross-attention to the image, no chat template) is refused before any probe.
 
 For a model type outside vlcache's families the generic adapter (plain positions, full-attention K/V) is what
-runs; when every probe held, the weights' fingerprint is remembered under $VLCACHE_HOME and the model then
-loads like a listed one. A failed probe forgets it.
+runs; when every probe held, the pass is remembered under $VLCACHE_HOME for the weights, the generation
+config, the chat template, the processor's settings and transformers' version (model.check_identity), and the
+model then loads like a listed one. Anything else forgets it.
 """
 
 from __future__ import annotations
 
+import sys
 import tempfile
-from dataclasses import dataclass
-from importlib import resources
+import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from . import model as model_loading, prompt
+from . import model as model_loading
+from .errors import VlcacheError
 from .families import family_class
-from .images import load_image
+from .uncached import PROBE_TOKENS, QUESTIONS, SYSTEM, Reference, messages, probe_image, reference
 
-PROBE_TOKENS = 16
-QUESTIONS = ("What is in this picture?", "What colors do you see?")
-SYSTEM = "You are a helpful assistant."
+# The first step's logits, cached against uncached: the largest difference may be this fraction of the largest
+# uncached logit (at least 1). float32 differs in the last bits only (summation order); 16-bit formats keep
+# 8 (bfloat16) or 11 (float16) bits of mantissa, and the cached and uncached attention round at other places.
+LOGITS_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6, torch.bfloat16: 5e-2, torch.float16: 2e-2}
+
+HELD, DIFFERED, CANNOT, BUG = "held", "DIFFERED", "CANNOT RUN", "BUG"
+
+
+@dataclass
+class Row:
+    """One answer of a probe: what vlcache fed and did, and what generate() did on the whole conversation."""
+
+    fed: list[int]
+    tokens: list[int]
+    logits: torch.Tensor  # [V] float32, the first step's
+    want: Reference
 
 
 @dataclass
 class Probe:
     name: str
-    held: bool
-    detail: str  # the token ids, or where they part
+    status: str  # HELD, DIFFERED, CANNOT (vlcache refused something), BUG (an exception it did not mean)
+    detail: str
+    failed: list[str] = field(default_factory=list)  # what differed: "prompt ids", "tokens", "logits"
+    trace: str = ""  # the traceback of a BUG
 
-
-def probe_image() -> Path:
-    """The photograph the probe asks about (a Falcon 9 launch, 320x213, public domain)."""
-    return Path(str(resources.files("vlcache") / "data" / "probe.jpg"))
+    @property
+    def held(self) -> bool:
+        return self.status == HELD
 
 
 def check_engine(engine, video: bool | None = None) -> list[Probe]:
-    """Run every probe on `engine`; `video` None: the video probe where the family takes video. A probe that
-    raises (the adapter cannot run this model) did not hold."""
+    """Run every probe on `engine`; `video` None: the video probe where the family takes video."""
     image = probe_image()
-    try:
+    tolerance = LOGITS_TOLERANCE.get(engine.dtype, 5e-2)
+    state = None
+
+    def cached_image():
+        nonlocal state
         state = engine.cache_image(image, system_prompt=SYSTEM)
-    except Exception as exc:  # noqa: BLE001 - any failure is the answer to "is vlcache exact here"
-        return [Probe("cached image", False, f"caching the photograph failed: {_line(exc)}")]
-    probes = [_attempt("cached image", one_question, engine, state, image),
-              _attempt("batch of two", _batch, engine, state, image),
-              _attempt("two-turn chat", _chat, engine, state, image)]
+        return _one(engine, state, image)
+
+    probes = [_attempt("cached image", cached_image, tolerance)]
+    if state is None:  # caching the photograph failed: nothing else can run
+        return probes
+    probes += [_attempt("batch of two", lambda: _batch(engine, state, image), tolerance),
+               _attempt("two-turn chat", lambda: _chat(engine, state, image), tolerance)]
     if video or (video is None and engine.family.takes_video):
-        probes.append(_attempt("video", _video, engine, image))
+        probes.append(_attempt("video", lambda: _video(engine, image), tolerance))
     return probes
 
 
-def one_question(engine, state, image: Path) -> tuple:
-    """(cached, uncached) greedy token ids of the first question about `state`, the state of `image`."""
-    cached = engine.ask(state, QUESTIONS[0], max_new_tokens=PROBE_TOKENS, temperature=0).token_ids
-    return cached, uncached(engine, _messages([QUESTIONS[0]]), [image])
+def _one(engine, state, image: Path) -> list[Row]:
+    ids = engine.question_ids(state.metadata.messages, QUESTIONS[0], state.metadata.template_time)
+    tokens = engine.ask(state, QUESTIONS[0], max_new_tokens=PROBE_TOKENS, temperature=0).token_ids
+    want = reference(engine, messages([QUESTIONS[0]]), [image], at=state.metadata.template_time)
+    return [_row(engine, state, ids, tokens, want)]
 
 
-def _batch(engine, state, image: Path) -> tuple:
-    batch = engine.ask_many(state, list(QUESTIONS), max_new_tokens=PROBE_TOKENS, temperature=0)
-    return [a.token_ids for a in batch], [uncached(engine, _messages([q]), [image]) for q in QUESTIONS]
+def _batch(engine, state, image: Path) -> list[Row]:
+    ids = [engine.question_ids(state.metadata.messages, q, state.metadata.template_time) for q in QUESTIONS]
+    answers = engine.ask_many(state, list(QUESTIONS), max_new_tokens=PROBE_TOKENS, temperature=0)
+    logits = first_logits(engine, state, ids)  # the two rows padded together, as the batch ran them
+    at = state.metadata.template_time
+    return [Row(_fed(state, i), a.token_ids, row_logits, reference(engine, messages([q]), [image], at=at))
+            for i, a, row_logits, q in zip(ids, answers, logits, QUESTIONS)]
 
 
-def _chat(engine, state, image: Path) -> tuple:
-    """The second turn continues from the first's K/V."""
+def _chat(engine, state, image: Path) -> list[Row]:
+    """The second turn continues from the first's K/V; its ids are the whole conversation's as vlcache feeds them."""
     from .conversation import Conversation
 
     chat = Conversation(engine, state)
     first = chat.ask(QUESTIONS[0], max_new_tokens=PROBE_TOKENS, temperature=0)
+    fed = chat.prompt_ids(QUESTIONS[1])
     second = chat.ask(QUESTIONS[1], max_new_tokens=PROBE_TOKENS, temperature=0).token_ids
-    return second, uncached(engine, _messages(list(QUESTIONS), answers=[first.text]), [image])
+    want = reference(engine, messages(list(QUESTIONS), answers=[first.text]), [image], at=state.metadata.template_time)
+    return [_row(engine, state, fed[:, state.num_tokens:], second, want)]
 
 
-def _video(engine, image: Path) -> tuple:
+def _video(engine, image: Path) -> list[Row]:
     """A clip panning over the photograph, 2 s at 4 frames a second."""
     from .testing.clips import make_clip
 
     with tempfile.TemporaryDirectory(prefix="vlcache-check-") as folder:
         clip = make_clip(Path(folder) / "pan.mp4", seconds=2.0, fps=4, size=(128, 96), source=image)
         state = engine.cache([clip], system_prompt=SYSTEM)
-        cached = engine.ask(state, QUESTIONS[0], max_new_tokens=PROBE_TOKENS, temperature=0).token_ids
-        return cached, uncached(engine, _messages([QUESTIONS[0]], media="video"), [clip])
+        ids = engine.question_ids(state.metadata.messages, QUESTIONS[0], state.metadata.template_time)
+        tokens = engine.ask(state, QUESTIONS[0], max_new_tokens=PROBE_TOKENS, temperature=0).token_ids
+        want = reference(engine, messages([QUESTIONS[0]], media="video"), [clip], at=state.metadata.template_time)
+        return [_row(engine, state, ids, tokens, want)]
 
 
-def _attempt(name: str, probe, *args) -> Probe:
+def _row(engine, state, new_ids: torch.Tensor, tokens: list[int], want: Reference) -> Row:
+    return Row(_fed(state, new_ids), tokens, first_logits(engine, state, [new_ids])[0], want)
+
+
+def _fed(state, new_ids: torch.Tensor) -> list[int]:
+    return state.input_ids[0].tolist() + new_ids[0].tolist()
+
+
+def first_logits(engine, state, new_ids: list[torch.Tensor]) -> torch.Tensor:
+    """[rows, V] float32: the logits after each row's new ids [1, m], prefilled from `state` in one batch (padded;
+    rows by themselves where linear-attention layers cannot be padded into, as ask_many runs them)."""
+    from .engine import GenerationOptions
+
+    if engine.family.has_linear_layers and len(new_ids) > 1:
+        return torch.cat([first_logits(engine, state, [ids]) for ids in new_ids])
+    batch = engine.batch()
+    params = engine.sampling(GenerationOptions(max_new_tokens=1, temperature=0))
+    prefix = engine.state_prefix(engine.adopt(state))
+    for ids in new_ids:
+        batch.add(prefix, params, 1, torch.cat([state.input_ids[0], ids[0]]))
+    return batch.prefill([ids[0] for ids in new_ids]).float()
+
+
+def _attempt(name: str, probe, tolerance: float) -> Probe:
     try:
-        got, want = probe(*args)
-    except Exception as exc:  # noqa: BLE001 - a probe that cannot run did not hold
-        return Probe(name, False, f"failed: {_line(exc)}")
-    if got == want:
-        return Probe(name, True, "equal token ids")
-    return Probe(name, False, f"cached {got} vs uncached {want}")
+        rows = probe()
+    except VlcacheError as exc:  # vlcache refused on purpose: it cannot run this (the message says why)
+        return Probe(name, CANNOT, _line(exc, with_type=False))
+    except Exception as exc:  # noqa: BLE001 - an exception vlcache did not mean is a bug, not a verdict
+        return Probe(name, BUG, _line(exc), trace=traceback.format_exc())
+    return judge(name, rows, tolerance)
 
 
-def _line(exc: BaseException) -> str:
+def judge(name: str, rows: list[Row], tolerance: float) -> Probe:
+    """Prompt ids first, then tokens, then the first step's logits; each row of a probe must hold all three."""
+    failed, notes = [], []
+    bad = next((r for r in rows if r.fed != r.want.prompt_ids), None)
+    if bad is None:
+        notes.append(f"prompt ids equal ({', '.join(str(len(r.fed)) for r in rows)} tokens)")
+    else:
+        i = _parting(bad.fed, bad.want.prompt_ids)
+        failed.append("prompt ids")
+        notes.append(f"prompt ids differ at {i} of {len(bad.want.prompt_ids)}: fed {bad.fed[i:i + 4]}, processor "
+                     f"{bad.want.prompt_ids[i:i + 4]}")
+    bad = next((r for r in rows if r.tokens != r.want.tokens), None)
+    if bad is None:
+        notes.append(f"tokens equal ({', '.join(str(len(r.tokens)) for r in rows)})")
+    else:
+        failed.append("tokens")
+        notes.append(f"tokens differ at {_parting(bad.tokens, bad.want.tokens)}: cached {bad.tokens} vs uncached "
+                     f"{bad.want.tokens}")
+    errors = [_logits_error(r) for r in rows]
+    worst = max(errors)
+    allowed = tolerance * max(1.0, max(float(r.want.first_logits.abs().max()) for r in rows))
+    if worst <= allowed:
+        notes.append(f"first-step logits within {worst:.1e} (tolerance {allowed:.1e})")
+    else:
+        failed.append("logits")
+        notes.append(f"first-step logits off by {worst:.3g} (tolerance {allowed:.1e})")
+    return Probe(name, DIFFERED if failed else HELD, "; ".join(notes), failed)
+
+
+def _parting(got: list[int], want: list[int]) -> int:
+    """Where two different id lists part (the shorter one's length when one leads the other)."""
+    return next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+
+
+def _logits_error(row: Row) -> float:
+    got, want = row.logits.to(row.want.first_logits.device), row.want.first_logits
+    if got.shape != want.shape:
+        return float("inf")
+    return float((got - want).abs().max())
+
+
+def _line(exc: BaseException, with_type: bool = True) -> str:
     text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+    line = text.splitlines()[0] if text else ""
+    if not with_type:
+        return line or type(exc).__name__
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
 
 
-def uncached(engine, messages: list[dict], sources: list, fps: float | None = None) -> list[int]:
-    """transformers' generate() on the whole conversation, greedy: its images filled from `sources` in order,
-    videos decoded and sampled by transformers' own loader with the model's own video processor."""
-    from transformers.video_utils import load_video
-
-    vp = getattr(engine.processor, "video_processor", None)
-    images, videos, metadata = [], [], []
-    for kind, source in zip(prompt.media_kinds(messages), sources):
-        if kind == "image":
-            images.append(engine.family.prepare_image(load_image(source).image, None))
-        else:
-            frames, meta = load_video(str(source), backend="pyav", sample_indices_fn=lambda metadata, **_: vp.sample_frames(
-                metadata, fps=engine.family.video_fps(fps)))
-            videos.append(frames)
-            metadata.append(meta)
-    text = prompt.render(engine.processor, messages, add_generation_prompt=True)
-    kwargs = {}
-    if images:
-        kwargs["images"] = images
-    if videos:
-        kwargs.update(videos=videos, video_metadata=metadata, do_sample_frames=False)
-    bos = getattr(engine.processor.tokenizer, "bos_token", None)
-    inputs = engine.processor(text=[text], return_tensors="pt", add_special_tokens=not (bos and text.startswith(bos)),
-                              **kwargs).to(engine.device)
-    for name, value in inputs.items():
-        if torch.is_tensor(value) and value.is_floating_point():
-            inputs[name] = value.to(engine.dtype)
-    with torch.inference_mode():
-        out = engine.model.generate(**inputs, max_new_tokens=PROBE_TOKENS, do_sample=False)
-    return out[0, inputs["input_ids"].shape[1]:].tolist()
-
-
-def run(name: str | None, device: str = "auto", dtype: str = "auto", out=None) -> int:
-    """Load the model, run the probes, print one line each; 0 when all held (remembered), 1 naming what differed."""
-    import sys
-
+def run(name: str | None, device: str = "auto", dtype: str = "auto", out=None, debug: bool = False) -> int:
+    """Load the model, run the probes, print one line each; 0 when all held (remembered), 1 naming what differed,
+    what vlcache cannot run, or the bug. With `debug`, a probe's traceback goes to stderr."""
     from .engine import Engine
 
     out = out or sys.stdout
+    name = name or model_loading.default_model()
+    why = _refusal(name)
+    if why:
+        raise VlcacheError(f"cannot run: {why}")
     engine = Engine.load(name, device=device, dtype=dtype, unchecked=True)
-    listed = family_class(engine.model.config.model_type) is not None
+    if not getattr(engine.processor, "chat_template", None):
+        raise VlcacheError("cannot run: the processor has no chat template (vlcache renders every prompt with it); "
+                           "give the model folder a chat_template.jinja")
+    model_type = engine.model.config.model_type
+    listed = family_class(model_type) is not None
     how = f"family {engine.family.name}" if listed else "the generic adapter (plain positions, full-attention K/V)"
-    print(f"checking {engine.model_name} ({engine.model.config.model_type}, {how}, "
-          f"{str(engine.dtype).removeprefix('torch.')}): cached against uncached greedy, {PROBE_TOKENS} tokens", file=out)
+    tolerance = LOGITS_TOLERANCE.get(engine.dtype, 5e-2)
+    print(f"checking {engine.model_name} ({model_type}, {how}, {str(engine.dtype).removeprefix('torch.')}): cached "
+          f"against uncached generate(): prompt ids, {PROBE_TOKENS} greedy tokens, first-step logits within "
+          f"{tolerance:g} x the largest logit", file=out)
+    if engine.pin_time():
+        print("  the chat template stamps the time: each state's instant is pinned, its questions rendered at it", file=out)
     probes = check_engine(engine)
     for probe in probes:
-        print(f"  {'held' if probe.held else 'DIFFERED'}  {probe.name}: {probe.detail}", file=out)
-    failed = [p.name for p in probes if not p.held]
+        print(f"  {probe.status:<10}{probe.name}: {probe.detail}", file=out)
+        if probe.trace and debug:
+            print(probe.trace, file=sys.stderr, end="")
     if not listed:
-        record = {"model": engine.model_name, "model_type": engine.model.config.model_type, "probes": [p.name for p in probes]}
-        model_loading.remember_check(engine.fingerprint, None if failed else record)
-    if failed:
-        print(f"error: vlcache is not exact for {engine.model_name}: {', '.join(failed)} differed", file=sys.stderr)
+        identity = model_loading.check_identity(engine.model, engine.processor, engine.fingerprint)
+        record = {"model": engine.model_name, "model_type": model_type, "probes": [p.name for p in probes]}
+        model_loading.remember_check(identity, record if all(p.held for p in probes) else None)
+    return _verdict(engine, probes, out, debug)
+
+
+def _verdict(engine, probes: list[Probe], out, debug: bool) -> int:
+    bugs = [p for p in probes if p.status == BUG]
+    if bugs:
+        listed = family_class(engine.model.config.model_type) is not None
+        who = f"vlcache's {engine.family.name} family" if listed else "vlcache's generic adapter"
+        print(f"error: a bug in {who} on {engine.model_name}, not a verdict on the model: the {bugs[0].name} probe "
+              f"raised {bugs[0].detail}" + ("" if debug else " (rerun with --debug for the traceback)"), file=sys.stderr)
         return 1
-    note = "" if listed else "; remembered: this model now loads through the generic adapter"
+    differed = [p for p in probes if p.status == DIFFERED]
+    if differed:
+        what = ", ".join(f"{p.name} ({' and '.join(p.failed)})" for p in differed)
+        print(f"error: vlcache is not exact for {engine.model_name}: {what} differed", file=sys.stderr)
+        return 1
+    refused = [p for p in probes if p.status == CANNOT]
+    if refused:
+        print(f"error: cannot run: {refused[0].detail} (the {refused[0].name} probe)", file=sys.stderr)
+        return 1
+    note = "" if family_class(engine.model.config.model_type) else "; remembered: this model now loads through the generic adapter"
     print(f"exact: every probe held{note}", file=out)
     return 0
 
 
-def _messages(questions: list[str], answers: list[str] = (), media: str = "image") -> list[dict]:
-    """The system turn, then user turns asking `questions` (the first with the media), `answers` between them."""
-    messages = [{"role": "system", "content": SYSTEM}]
-    for i, question in enumerate(questions):
-        content = ([{"type": media}] if i == 0 else []) + [{"type": "text", "text": question}]
-        messages.append({"role": "user", "content": content})
-        if i < len(answers):
-            messages.append({"role": "assistant", "content": answers[i]})
-    return messages
+def _refusal(name: str) -> str | None:
+    """Why vlcache cannot run the model, from its config alone (before any weight is read); None: it may."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except Exception:  # noqa: BLE001 - loading the model says what is wrong with it
+        return None
+    return model_loading.refusal(config)
+

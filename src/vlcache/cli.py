@@ -1,4 +1,6 @@
-"""The `vlcache` command: cache, ask, inspect. Answers go to stdout, everything else to stderr.
+"""The `vlcache` command line: the parser (every command's flags, in one place: the README's flag table is
+checked against it), the checks that need several arguments, and the error policy. Each command's runner lives in
+vlcache.commands, one module a command.
 
 main() only parses arguments and calls the library; a VlcacheError becomes `error: <message>` and exit 1,
 argument errors exit 2 (argparse), and no traceback is shown unless --debug is given.
@@ -8,16 +10,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import json
 import re
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import paths, storage
-from .console import (UsageError, add_timings, chat_loop, check_output, check_prompt, info, print_answer, print_streamed,
-                      read_prompts)
+from . import paths
+from .commands.ask import run_ask
+from .commands.cache import run_cache
+from .commands.chat import run_chat
+from .commands.check import run_check
+from .commands.inspect import run_inspect
+from .commands.serve import run_serve, run_status, run_stop
+from .console import UsageError
 from .defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SYSTEM_PROMPT
 from .errors import VlcacheError
 
@@ -241,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="largest cache file a client (--server) may upload (default: the model's K/V at its context length)")
     serve.add_argument("--max-uploads", metavar="N", type=positive_int, default=2,
                        help="uploads received at once; more get 429 (default: 2)")
+    serve.add_argument("--max-downloads", metavar="N", type=positive_int, default=8,
+                       help="state files sent at once, in pieces; more get 429 (default: 8)")
     serve.add_argument("--upload-quota", metavar="SIZE", type=byte_size, default=None,
                        help="bytes of uploaded cache files kept, least recently used removed (default: 4x --max-state-bytes)")
     serve.add_argument("--media-workers", metavar="N", type=positive_int, default=4,
@@ -250,6 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-web", action="store_true", help="no chat page at / (the API alone)")
     serve.add_argument("--cors-origin", type=web_origin, default=None, metavar="ORIGIN",
                        help="one other origin whose pages may call the API, e.g. https://example.com (default: none)")
+    serve.add_argument("--share-all-states", action="store_true",
+                       help="list, and answer by id, every state (chat completions' too: other clients' conversations "
+                            "and photos); by default only those made through /v1/vlcache/cache and /v1/images")
+    serve.add_argument("--allowed-host", action="append", default=None, metavar="NAME",
+                       help="another name clients reach the server by (its Host header), repeatable; requests naming "
+                            "none of loopback, --host and these are refused (default: none; '*' allows any)")
     serve.add_argument("--ray", action="store_true",
                        help="run --replicas copies under Ray Serve ($RAY_ADDRESS or a local Ray), routed by image")
     serve.add_argument("--replicas", metavar="N", type=positive_int, default=2, help="with --ray: server replicas (default: 2)")
@@ -288,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
 VERBOSE_HELP = "also show what libraries print (transformers' loading bar and warnings)"
 
 
-# -- commands ----------------------------------------------------------------------------------------------
+# -- checks across arguments, and the error policy ---------------------------------------------------------
 
 def usage_problem(args: argparse.Namespace) -> str | None:
     """Checks that need more than one argument, made before anything runs."""
@@ -301,437 +314,6 @@ def usage_problem(args: argparse.Namespace) -> str | None:
     if args.command == "ask" and args.image and args.caches:
         return "--image and --cache exclude each other"
     return None
-
-
-def run_cache(args: argparse.Namespace) -> int:
-    url = _server(args)
-    if url:
-        from . import remote
-
-        return remote.cache(args, url)
-    return _cache_one(args) if args.output_dir is None else _cache_many(args)
-
-
-def _server(args: argparse.Namespace) -> str | None:
-    from .client import server_url
-
-    return server_url(getattr(args, "server", None))
-
-
-def _cache_one(args: argparse.Namespace) -> int:
-    """All inputs into one state (an image, a video, or several of them in order)."""
-    from .media import MediaOptions
-
-    for source in args.images:
-        _check_media_arg(source)
-    check_output(args.output, args.images)
-    options = MediaOptions(max_pixels=args.max_pixels, fps=args.fps, max_frames=args.max_frames)
-    options.check()
-    engine = _load_engine(args.model, args)
-    start = time.perf_counter()
-    state = engine.cache(args.images, system_prompt=args.system_prompt, options=options)
-    path = state.save(args.output)
-    size = storage.size(path) if storage.is_url(path) else Path(path).stat().st_size
-    frames = sum(p.get("frames", 0) for p in state.metadata.parts)
-    info(
-        f"cached {', '.join(args.images)}: {state.num_tokens} tokens ({state.metadata.image_tokens} {_media_words(state.metadata)} tokens"
-        + (f"; {frames} video frames" if frames else "")
-        + f") in {time.perf_counter() - start:.2f}s -> {path} ({size / 2**20:.1f} MiB)"
-    )
-    return 0
-
-
-def _cache_many(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    if not storage.is_url(args.output_dir) and Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
-        raise VlcacheError(f"--output-dir is a file, not a folder: {args.output_dir}")
-    unit = _inputs_unit(args.images)  # before the model loads: nothing to cache is an error, not "0 cached"
-    bar = tqdm(total=0, unit=unit, file=sys.stderr, disable=not (args.progress or sys.stderr.isatty()))
-    started = False  # arguments that name nothing are reported before the count of images is known
-
-    def on_start(total: int) -> None:
-        nonlocal started
-        started = True
-        bar.total = total
-        bar.refresh()
-
-    def on_result(result) -> None:
-        if result.status == "failed":
-            tqdm.write(f"error: {result.error}", file=sys.stderr)
-        if started:
-            bar.update(1)
-
-    if args.ray:
-        from .media import MediaOptions
-        from .model import default_model
-        from .scale.ray_cache import cache_on_ray
-
-        options = MediaOptions(max_pixels=args.max_pixels, fps=args.fps, max_frames=args.max_frames)
-        options.check()
-        info(f"caching on Ray with {args.workers} worker(s), each loading {args.model or default_model()}")
-        results = cache_on_ray(args.images, args.output_dir, args.model or default_model(), args.device,
-                               args.dtype or "auto", args.system_prompt, options, args.workers, args.force,
-                               on_start=on_start, on_result=on_result)
-    else:
-        engine = _load_engine(args.model, args)
-        results = engine.cache_images(args.images, args.output_dir, args.system_prompt, args.max_pixels, args.force,
-                                      on_result=on_result, on_start=on_start, fps=args.fps, max_frames=args.max_frames)
-    bar.close()
-    counts = {status: sum(r.status == status for r in results) for status in ("cached", "skipped", "failed")}
-    info(f"{counts['cached']} cached, {counts['skipped']} up to date (skipped), {counts['failed']} failed -> {args.output_dir}")
-    return 1 if counts["failed"] else 0
-
-
-def _inputs_unit(arguments: list[str]) -> str:
-    """What the progress bar counts ("image", "video" or "file"), from the inputs expanded as the batch will.
-    Local inputs that name no image or video are an error here, before any model is loaded."""
-    from .batch import expand_images
-    from .media import kind_of
-
-    if any(storage.is_url(a) for a in arguments):
-        return "file"  # prefixes in a bucket are listed by the batch itself
-    found, missing = expand_images(arguments)
-    if not found:
-        problems = [r.error for r in missing] or [f"no images or videos in {', '.join(arguments)} (a folder contributes "
-                                                   "files ending in .jpg, .png, .webp, .mp4, .webm, .mov, ...)"]
-        raise VlcacheError("; ".join(problems))
-    kinds = {kind_of(p) for p in found}
-    return kinds.pop() if len(kinds) == 1 else "file"
-
-
-def run_ask(args: argparse.Namespace) -> int:
-    from .batch import expand_caches
-
-    url = _server(args)
-    if url:
-        from . import remote
-
-        return remote.ask(args, url)
-    prompts = read_prompts(args)
-    for i, text in enumerate(prompts):
-        check_prompt(text, "--prompt" if len(prompts) == 1 else f"prompt {i + 1}")
-    caches = expand_caches(args.caches) if args.caches else []
-    meta = _first_metadata(caches)
-    model = args.model or (_model_named_by(meta) if meta else None)
-    if args.image:
-        _check_media_arg(args.image)
-    start = time.perf_counter()
-    engine = _load_engine(model, args, meta)
-    _compile_steps(engine, _one_command(args), [1])
-    extra = {"model_load_s": time.perf_counter() - start}
-    if args.image:  # the uncached path: process the image now, in memory
-        start = time.perf_counter()
-        state = engine.cache([args.image], system_prompt=args.system_prompt or DEFAULT_SYSTEM_PROMPT)
-        extra["image_prefill_s"] = time.perf_counter() - start
-        return _ask_state(engine, state, args.image, prompts, args, extra, single=len(prompts) == 1)
-    if not caches:
-        return _ask_text_only(engine, prompts, args, extra)
-    failed = 0
-    for cache in caches:
-        try:
-            start = time.perf_counter()
-            state = engine.load_state(cache)
-            extra["state_load_s"] = time.perf_counter() - start
-        except VlcacheError as exc:
-            if len(caches) == 1:
-                raise
-            print(f"error: {exc}", file=sys.stderr)
-            failed += 1
-            continue
-        _ask_state(engine, state, str(cache), prompts, args, extra, single=len(prompts) == 1 and len(caches) == 1)
-    return 1 if failed else 0
-
-
-def _ask_state(engine, state, label: str, prompts: list[str], args: argparse.Namespace, extra: dict, single: bool) -> int:
-    """One question about one source prints (and may stream) the bare answer; otherwise one per pair."""
-    options = (args.max_new_tokens, args.temperature, args.top_p, args.seed)
-    if single:
-        print_streamed(engine.stream(state, prompts[0], *options), args, extra)
-        return 0
-    if args.sequential:
-        answers = [engine.ask(state, p, *options) for p in prompts]
-    else:
-        answers = engine.ask_many(state, prompts, *options)
-    for prompt_text, answer in zip(prompts, answers):
-        add_timings(answer, extra)
-        print_answer(answer, args, cache=label, prompt=prompt_text)
-    return 0
-
-
-def _ask_text_only(engine, prompts: list[str], args: argparse.Namespace, extra: dict) -> int:
-    for prompt_text in prompts:
-        stream = engine.stream(None, prompt_text, args.max_new_tokens, args.temperature, args.top_p, args.seed,
-                               system_prompt=args.system_prompt)
-        if len(prompts) == 1:
-            print_streamed(stream, args, extra)
-        else:
-            print_answer(_last(stream).answer, args, cache=None, prompt=prompt_text)
-    return 0
-
-
-def run_chat(args: argparse.Namespace) -> int:
-    url = _server(args)
-    if url:
-        from . import remote
-
-        return remote.chat(args, url)
-    from .conversation import Conversation
-    from .state import read_metadata
-
-    meta = read_metadata(args.cache)
-    engine = _load_engine(args.model or _model_named_by(meta), args, meta)
-    _compile_steps(engine, _one_command(args), [1])
-    chat = Conversation(engine, engine.load_state(args.cache))
-
-    def save(target: str) -> None:
-        path = chat.save(target)
-        info(f"saved the conversation ({chat.turns} turns) to {path}")
-
-    options = (args.max_new_tokens, args.temperature, args.top_p, args.seed)
-    return chat_loop(lambda text: print_streamed(chat.stream(text, *options), args), chat.reset, save)
-
-
-def _last(iterable):
-    item = None
-    for item in iterable:
-        pass
-    return item
-
-
-def run_serve(args: argparse.Namespace) -> int:
-    if args.detach:
-        from . import remote
-
-        child = args.argv[args.argv.index("serve") + 1:]
-        return remote.detach(args, child + (["--verbose"] if args.verbose and "--verbose" not in child else []))
-    import uvicorn
-
-    from .serving.server import create_app, server_config
-
-    local = Path(args.allow_local_files) if args.allow_local_files else None
-    if local is not None and not local.is_dir():
-        raise VlcacheError(f"--allow-local-files: not a folder: {local}")
-    cache_dir = args.cache_dir or paths.states_dir()
-    cache_dir = cache_dir if storage.is_url(cache_dir) else Path(cache_dir)  # s3://bucket/prefix/: a fleet's store
-    options = _serve_options(args, cache_dir, local)
-    if args.ray:
-        return _serve_on_ray(args, options)
-    engine = _load_engine(args.model, args)
-    from .decode.kvpool import default_kv_memory
-    from .decode.rows import bucket
-
-    options.kv_memory = args.kv_memory or default_kv_memory(engine.device)
-
-    buckets = sorted({bucket(n) for n in range(1, args.max_batch + 1)})
-    _compile_steps(engine, args.compile, buckets)
-    app = create_app(engine, options)
-    info(f"serving {engine.model_name} on http://{args.host}:{args.port}/v1 (states in {cache_dir})"
-         + ("" if args.no_web else f"; the chat page: http://{args.host}:{args.port}/"))
-    uvicorn.Server(server_config(app, args.host, args.port, log_level="warning")).run()
-    return 0
-
-
-def _serve_options(args: argparse.Namespace, cache_dir, local):
-    from .media import MediaOptions
-    from .serving.server import ServeOptions
-
-    return ServeOptions(cache_dir=cache_dir, memory_budget=args.memory_budget, allow_remote_images=args.allow_remote_images,
-                        allow_private_urls=args.allow_private_urls, max_image_pixels=args.max_image_pixels,
-                        allow_local_files=local, max_body_bytes=args.max_body, max_batch=args.max_batch,
-                        max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, kv_memory=args.kv_memory,
-                        max_state_bytes=args.max_state_bytes,
-                        max_uploads=args.max_uploads, upload_quota=args.upload_quota, media_workers=args.media_workers,
-                        video_decode_pixels=args.video_decode_pixels, media=MediaOptions(fps=args.fps, max_frames=args.max_frames),
-                        web=not args.no_web, cors_origin=args.cors_origin)
-
-
-def _serve_on_ray(args: argparse.Namespace, options) -> int:
-    import signal
-
-    from .model import default_model
-    from .scale import ray_serve
-
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # `vlcache stop`: Ray shuts down at exit
-    model = args.model or default_model()
-    info(f"serving {model} with {args.replicas} replicas on Ray Serve at http://{args.host}:{args.port}/v1 "
-         f"(states in {options.cache_dir})")
-    ray_serve.run(model, args.device, args.dtype or "auto", options, args.replicas, args.host, args.port, blocking=True)
-    return 0
-
-
-def run_status(args: argparse.Namespace) -> int:
-    from . import remote
-
-    return remote.status(args)
-
-
-def run_stop(args: argparse.Namespace) -> int:
-    from . import remote
-
-    return remote.stop(args)
-
-
-def run_inspect(args: argparse.Namespace) -> int:
-    from .header import read_header, read_metadata
-
-    header = read_header(args.path)
-    meta = read_metadata(args.path)
-    size = storage.size(args.path) if storage.is_url(args.path) else Path(args.path).stat().st_size
-    kv_bytes = sum(
-        t["data_offsets"][1] - t["data_offsets"][0] for name, t in header.items() if name.startswith("layers.")
-    )
-    info = {"path": str(args.path), "file_bytes": size, "kv_bytes": kv_bytes, **meta.__dict__}
-    if args.json:
-        print(json.dumps(info))
-        return 0
-    turns = sum(1 for m in meta.messages if m.get("role") == "assistant")
-    lines = [
-        f"file:          {args.path} ({size:,} bytes; KV {kv_bytes:,} bytes)",
-        f"model:         {meta.model}",
-        f"family:        {meta.family}; layers: {_layer_summary(meta.layer_kinds)}",
-        f"fingerprint:   {meta.fingerprint}",
-        f"dtype:         {meta.dtype}",
-        f"system prompt: {meta.system_prompt!r}",
-        *_part_lines(meta),
-        f"max pixels:    {meta.max_pixels or 'processor default'}",
-        f"tokens:        {meta.prefix_tokens} ({meta.image_tokens} {_media_words(meta)} tokens)",
-        f"conversation:  {turns} saved turns" if turns else "conversation:  none (image state)",
-        f"created:       {meta.created}",
-        "versions:      " + ", ".join(f"{k} {v}" for k, v in meta.versions.items()),
-        f"format:        vlcache {meta.format_version}",
-    ]
-    print("\n".join(lines))
-    return 0
-
-
-def _media_words(meta) -> str:
-    return "image and video" if any(p["type"] == "video" for p in meta.parts) else "image"
-
-
-def _part_lines(meta) -> list[str]:
-    """One line per image and video of the state (files before format 3 name one image)."""
-    parts = meta.parts or [{"type": "image", "path": meta.image_path, "size": meta.image_size, "sha256": meta.image_sha256}]
-    lines = []
-    for part in parts:
-        w, h = part["size"]
-        line = f"{part['type'] + ':':<15}{part.get('path') or '(bytes)'} ({w}x{h}, sha256 {part['sha256'][:16]}...)"
-        if part["type"] == "video":
-            stamps = part.get("timestamps") or [0]
-            line += (f"; {part['frames']} frames sampled, at {stamps[0]:g}-{stamps[-1]:g} s, from a source of "
-                     f"{part['total_frames']} frames at {part['fps']:g} fps")
-        lines.append(line)
-    return lines
-
-
-def _layer_summary(kinds: list) -> str:
-    """'3 sliding_attention, 1 full_attention' in layer order of first appearance."""
-    if not kinds:
-        return "full_attention (a format 1 file)"
-    from .header import SHARED, shared_source
-
-    own = [kind for kind in kinds if shared_source(kind) is None]
-    counts = {kind: own.count(kind) for kind in dict.fromkeys(own)}
-    out = [f"{n} {kind}" for kind, n in counts.items()]
-    shared = [f"{i} reads {shared_source(kind)}" for i, kind in enumerate(kinds) if shared_source(kind) is not None]
-    if shared:  # Gemma 4: layers that read another layer's K/V and store none
-        out.append(f"{len(shared)} {SHARED} (layer {', '.join(shared)})")
-    return ", ".join(out)
-
-
-def run_check(args: argparse.Namespace) -> int:
-    from .check import run
-
-    return run(args.model, device=args.device, dtype=args.dtype or "auto")
-
-
-# -- plumbing ----------------------------------------------------------------------------------------------
-
-def _load_engine(model: str | None, args: argparse.Namespace, meta=None):
-    """Load the model (--device, --dtype, else the dtype of the cache `meta` describes, else auto) with the CLI's
-    two stderr lines; transformers' own output only with --verbose."""
-    from .engine import Engine
-    from .model import default_model, quiet_transformers
-
-    quiet_transformers(verbose=getattr(args, "verbose", False))
-    name = model or default_model()
-    dtype = args.dtype or (meta.dtype if meta is not None else "auto")
-    if args.dtype and args.dtype != "auto":
-        why = f"--dtype {args.dtype}"
-    elif not args.dtype and meta is not None:
-        why = "the cache's dtype"
-    else:
-        why = None  # --dtype auto chose: the engine says why
-    info(f"loading {name} ({args.device}, {dtype})...")
-    start = time.perf_counter()
-    engine = Engine.load(name, device=args.device, dtype=dtype)
-    info(f"loaded in {time.perf_counter() - start:.1f}s on {engine.device} as "
-         f"{str(engine.dtype).removeprefix('torch.')} ({why or engine.dtype_reason})")
-    return engine
-
-
-def _one_command(args: argparse.Namespace) -> str:
-    """--compile for a command that answers and ends: auto is off (it cannot pay back a compile). The guide's
-    scripts share ask's flags but not this one: off for them too."""
-    mode = getattr(args, "compile", "auto")
-    return "off" if mode == "auto" else mode
-
-
-def _compile_steps(engine, mode: str, buckets: list[int]) -> None:
-    """Choose the decode step (decode.probe) and say which, and why, on stderr."""
-    if mode == "off":
-        return
-    info(f"preparing decode steps ({mode}) for {len(buckets)} batch size(s): {', '.join(map(str, buckets))}...")
-    status = engine.compile_steps(mode, buckets)
-    info(f"decode steps: {status['step']} ({status['reason']})")
-
-
-def _first_metadata(caches: list):
-    """The metadata of the first readable cache (which model and dtype to load); one file's error if none is."""
-    from .state import read_metadata
-
-    error = None
-    for cache in caches:
-        try:
-            return read_metadata(cache)
-        except VlcacheError as exc:
-            error = error or exc
-    if error is not None:
-        raise error
-    return None
-
-
-def _model_named_by(meta) -> str:
-    """The model a cache file names, when no --model or VLCACHE_MODEL says otherwise: a stranger's file must not
-    decide what is downloaded, so only a local folder or a model already in the Hugging Face cache is taken."""
-    from .model import MODEL_ENV_VAR, is_available_locally
-
-    if not is_available_locally(meta.model):
-        if os.environ.get(MODEL_ENV_VAR):
-            return os.environ[MODEL_ENV_VAR]
-        raise VlcacheError(
-            f"the cache was made with {meta.model}, which is not on this machine; pass --model {meta.model} to "
-            "download and use it (vlcache does not download what a cache file names on its own)"
-        )
-    info(f"using {meta.model}, the model the cache names")
-    return meta.model
-
-
-def _check_image_arg(path: str) -> None:
-    # Fail before the model load (seconds to minutes) when the image cannot even be opened.
-    from .images import load_image
-
-    load_image(path)
-
-
-def _check_media_arg(path: str) -> None:
-    """An image opens; a video's container is probed (no frame decoded): before the model load."""
-    from . import video
-
-    if not video.is_video_path(path):
-        return _check_image_arg(path)
-    data, name = video.read_video_bytes(path)
-    video.probe(data, name, video.MAX_DECODE_PIXELS)
 
 
 def _version() -> str:

@@ -102,10 +102,13 @@ class Conversation:
     # -- helpers ---------------------------------------------------------------------------------------------
 
     def _target_ids(self, messages: list[dict], add_generation_prompt: bool) -> torch.Tensor:
-        processor = self.engine.processor
-        text = prompt.text_after(processor, self.state.metadata.messages, messages, add_generation_prompt)
-        rest = prompt.encode_text(processor, text).to(self.state.input_ids.device)
-        return torch.cat([self.state.input_ids, rest], dim=1)
+        meta = self.state.metadata
+        rest = self.engine.ids_after(meta.messages, messages, add_generation_prompt, meta.template_time)
+        return torch.cat([self.state.input_ids, rest.to(self.state.input_ids.device)], dim=1)
+
+    def prompt_ids(self, text: str) -> torch.Tensor:
+        """The whole conversation's ids that asking `text` next feeds the model: [1, n] (the state's, then the rest)."""
+        return self._target_ids(prompt.with_question(self.messages, text), add_generation_prompt=True)
 
     def _linear_states(self) -> list:
         """The live row's (conv, recurrent) states of the linear layers, as fresh tensors (a snapshot)."""

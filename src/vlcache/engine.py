@@ -163,7 +163,8 @@ class Engine:
         kinds = prompt.media_kinds(messages)
         if len(kinds) != len(sources):
             raise ImageError(f"the conversation has {len(kinds)} media parts but {len(sources)} sources were given")
-        text = prompt.covered_text(self.processor, messages)
+        at = self.pin_time()  # a template that stamps the time: the instant this state's text is rendered at
+        text = prompt.covered_text(self.processor, messages, at)
         prompt.check_video_placeholders(self.processor, text, kinds)
         images_kwargs = self.images_kwargs(options.max_pixels)
         parts = media.load_parts(sources, kinds, self.family, options, images_kwargs, max_decode_pixels, self._check_memory)
@@ -175,7 +176,8 @@ class Engine:
             ).to(self.device)
         except ValueError as exc:  # e.g. a video of one frame where the encoder pairs frames
             raise ImageError(f"the model's processor refused the media: {str(exc).splitlines()[0]}") from None
-        return PreparedMedia(messages=messages, parts=parts, inputs=inputs, options=options)
+        return PreparedMedia(messages=messages, parts=parts, inputs=inputs, options=options, at=at,
+                             rendered=_sha256(text) if at else None)
 
     def prefill_media_steps(self, prepared: "PreparedMedia", chunk: int | None = None, base: ImageState | None = None):
         """The model half of cache_media_steps: vision encoder + prefill with the family's own positions
@@ -194,10 +196,11 @@ class Engine:
             mm_token_type_ids=self.family.image_token_mask(inputs),
             image_grid_thw=_grids(inputs, self.device),
             rope_deltas=torch.tensor([[rope_delta]], device=self.device),
-            metadata=self._metadata(prepared.messages, prepared.parts, inputs, prepared.options, reused=start),
+            metadata=self._metadata(prepared, inputs, reused=start),
         )
 
-    def _metadata(self, messages: list[dict], parts: list[media.Part], inputs, options: MediaOptions, reused: int) -> StateMetadata:
+    def _metadata(self, prepared: "PreparedMedia", inputs, reused: int) -> StateMetadata:
+        messages, parts, options = prepared.messages, prepared.parts, prepared.options
         first = parts[0]
         grids = _part_grids(parts, inputs)
         settings = self.media_settings(options, [p.kind for p in parts])
@@ -220,6 +223,8 @@ class Engine:
             layer_kinds=self.family.layer_kinds(),
             parts=[p.record(g) for p, g in zip(parts, grids)],
             reused_tokens=reused,
+            template_time=prepared.at,
+            template_sha256=prepared.rendered,
         )
 
     def cache_images(self, images: Sequence[str], output_dir: str | os.PathLike,
@@ -250,7 +255,7 @@ class Engine:
     def adopt(self, state: ImageState) -> ImageState:
         """The state in this engine's dtype: cast if it was computed in another, with a note (once per dtype)."""
         stored = next(k.dtype for k, _ in state.kv if k is not None)
-        if stored == self.dtype:
+        if stored == self.dtype and all(k is None or k.dtype == self.dtype for k, _ in state.kv):  # every layer's
             return state
         name, mine = str(stored).removeprefix("torch."), str(self.dtype).removeprefix("torch.")
         if name not in self._dtype_notes:
@@ -317,7 +322,7 @@ class Engine:
             return self.stream_ids(decode.Prefix(self.empty_kv(), 0), new_ids[:, :0], new_ids, options)
         self.check_state(state)
         state = self.adopt(state)
-        new_ids = self.question_ids(state.metadata.messages, prompt_text)
+        new_ids = self.question_ids(state.metadata.messages, prompt_text, state.metadata.template_time)
         return self.stream_ids(self.state_prefix(state), state.input_ids, new_ids, options)
 
     def ask_many(self, state: ImageState, prompts: Sequence[str], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
@@ -334,7 +339,7 @@ class Engine:
         self.check_state(state)
         state = self.adopt(state)
         prefix = self.state_prefix(state)
-        new_ids = [self.question_ids(state.metadata.messages, p) for p in prompts]
+        new_ids = [self.question_ids(state.metadata.messages, p, state.metadata.template_time) for p in prompts]
         start = time.perf_counter()
         tokens: list[list[int]] = [[] for _ in prompts]
         first = None
@@ -353,9 +358,22 @@ class Engine:
 
     # -- the layers under ask, stream and ask_many -------------------------------------------------------------
 
-    def question_ids(self, messages: list[dict], question: str) -> torch.Tensor:
+    def question_ids(self, messages: list[dict], question: str, at: str | None = None) -> torch.Tensor:
+        """The ids a question adds after a state of `messages` whose template text was rendered at `at`."""
         prompt.check_text(self.processor, question, "the question")
-        return prompt.encode_text(self.processor, prompt.question_text(self.processor, messages, question)).to(self.device)
+        return self.ids_after(messages, prompt.with_question(messages, question), at=at)
+
+    def ids_after(self, covered: list[dict], messages: list[dict], add_generation_prompt: bool = True,
+                  at: str | None = None) -> torch.Tensor:
+        """Token ids of `messages` after what a state of the `covered` messages holds, rendered at the state's
+        instant `at`, tokenized as the processor tokenizes the whole conversation (the family's encode_after)."""
+        before, rest = prompt.split_after(self.processor, covered, messages, add_generation_prompt, at)
+        return self.family.encode_after(before, rest).to(self.device)
+
+    def pin_time(self) -> str | None:
+        """Now, where the chat template stamps the date or time (a state's text and its questions are all rendered
+        at the instant it was made); None for a template without a clock."""
+        return prompt.now() if prompt.stamps_time(self.processor.chat_template) else None
 
     def state_prefix(self, state: ImageState) -> decode.Prefix:
         return decode.Prefix(kv=state.kv, tokens=state.num_tokens, rope_delta=_delta(state))
@@ -451,8 +469,12 @@ class Engine:
         its store and the Ray batch name a state by."""
         from .header import media_identity, state_key
 
+        # A template that stamps the time renders these messages into another prefix on another day (or minute):
+        # states are then found by the text rendered now.
+        at = self.pin_time()
+        rendered = _sha256(prompt.covered_text(self.processor, messages, at)) if at else None
         return state_key(self.fingerprint, media_identity(list(parts)), messages,
-                         self.media_settings(options, [kind for kind, _ in parts]), salt)
+                         self.media_settings(options, [kind for kind, _ in parts]), salt, rendered)
 
     def media_settings(self, options: MediaOptions, kinds: Sequence[str]) -> dict:
         """processor_settings, and with videos among `kinds` what decides their frames and tokens."""
@@ -517,6 +539,8 @@ class PreparedMedia:
     parts: list[media.Part]
     inputs: dict
     options: MediaOptions
+    at: str | None = None  # the instant a clock-reading chat template was rendered at
+    rendered: str | None = None  # then the sha256 of the text rendered
 
 
 @dataclass
@@ -566,6 +590,12 @@ def _eos_ids(generation_config) -> frozenset[int]:
     if eos is None:
         return frozenset()
     return frozenset([eos] if isinstance(eos, int) else eos)
+
+
+def _sha256(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _now() -> str:

@@ -18,7 +18,8 @@ from .errors import CacheFileError, LayoutError
 FORMAT_NAME = "vlcache"
 # 2: metadata names the family and each layer's kind (version 1 files read as Qwen-VL)
 # 3: metadata lists every image and video part; image_grid_thw holds one row per part with a grid
-FORMAT_VERSION = 3
+# 4: metadata may pin the instant a clock-reading chat template was rendered at (template_time); older files read
+FORMAT_VERSION = 4
 _MAX_HEADER_BYTES = 8 * 1024 * 1024  # real headers are kilobytes; a hostile one must not cost every reader
 
 
@@ -47,6 +48,11 @@ class StateMetadata:
     # indices and timestamps, the source fps and duration. Files before version 3: empty (one image, above).
     parts: list = field(default_factory=list)
     reused_tokens: int = 0  # tokens taken from an earlier state when this one was made (not computed again)
+    # A chat template that stamps the date or time (strftime_now): the instant its text was rendered at (ISO,
+    # local time with offset), which every later question is rendered at too, and the sha256 of the text the
+    # state covers (part of its key: the server finds a state by what its template renders now). None otherwise.
+    template_time: str | None = None
+    template_sha256: str | None = None
 
 
 def read_header(path: str | os.PathLike) -> dict:
@@ -188,11 +194,14 @@ def _metadata(header: dict, path) -> StateMetadata:
     except (KeyError, TypeError, ValueError, RecursionError):
         raise CacheFileError(f"cache file is corrupt (bad metadata): {path}") from None
     if not all(isinstance(getattr(meta, name), kind) for name, kind in _FIELD_TYPES.items()) or not all(
-        isinstance(getattr(meta, name), (str, type(None))) for name in ("system_prompt", "image_path")
+        isinstance(getattr(meta, name), (str, type(None)))
+        for name in ("system_prompt", "image_path", "template_time", "template_sha256")
     ):
         raise CacheFileError(f"cache file is corrupt (bad metadata): {path}")
     if not all(isinstance(kind, str) for kind in meta.layer_kinds):
         raise CacheFileError(f"cache file is corrupt (bad layer kinds): {path}")
+    if meta.template_time is not None and not _is_instant(meta.template_time):
+        raise CacheFileError(f"cache file is corrupt (bad template time): {path}")
     if not all(isinstance(p, dict) and p.get("type") in ("image", "video") and isinstance(p.get("sha256"), str)
                and isinstance(p.get("size"), list) for p in meta.parts):
         raise CacheFileError(f"cache file is corrupt (bad media parts): {path}")
@@ -202,6 +211,16 @@ def _metadata(header: dict, path) -> StateMetadata:
 
 
 _ROLES = ("system", "user", "assistant")
+
+
+def _is_instant(text: str) -> bool:
+    from datetime import datetime
+
+    try:
+        datetime.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _conversation_ok(messages: list, media_parts: int) -> bool:
@@ -243,6 +262,7 @@ def shared_source(kind: str) -> int | None:
 
 
 _FLOAT_DTYPES = ("F32", "F16", "BF16")
+RECURRENT_DTYPE = "F32"  # a linear-attention layer's recurrent state, in every model's dtype
 
 
 @dataclass(frozen=True)
@@ -297,7 +317,11 @@ def check_layout(header: dict, meta: StateMetadata, layout: Layout, source) -> N
             if (first["shape"] != [1, *(layout.conv_shape or ())] or second["shape"] != [1, *(layout.recurrent_shape or ())]):
                 refuse(f"layer {i}'s linear-attention state is {first['shape']} and {second['shape']}, the model's "
                        f"[1, {', '.join(map(str, layout.conv_shape or ()))}] and [1, {', '.join(map(str, layout.recurrent_shape or ()))}]")
-            dtypes.add(first["dtype"])  # the recurrent state stays float32 whatever the model's dtype
+            # The recurrent state is float32 whatever the model's dtype (as transformers keeps it): another dtype
+            # would be copied into the batch's buffers of every row (an empty one, LFM2's, holds nothing).
+            if second["dtype"] != RECURRENT_DTYPE and math.prod(second["shape"]):
+                refuse(f"layer {i}'s recurrent state is {second['dtype']}; the model keeps it in {RECURRENT_DTYPE}")
+            dtypes.add(first["dtype"])
             continue
         shape, (heads, dim) = first["shape"], layout.kv_shapes[i]
         held_ok = len(shape) == 4 and tokens_ok(kind, shape[2], n, layout.chunk, layout.window)
@@ -349,16 +373,21 @@ def media_identity(parts: list[tuple[str, str]]) -> str:
     return ",".join(f"{kind}:{digest}" for kind, digest in parts)
 
 
-def state_key(fingerprint: str, media: str, messages: list, processor_settings: dict, salt: str | None = None) -> str:
+def state_key(fingerprint: str, media: str, messages: list, processor_settings: dict, salt: str | None = None,
+              rendered: str | None = None) -> str:
     """A state's identity. `media`: media_identity of its parts. `salt` (a tenant's cache_salt or user) keeps
-    its states apart from everyone else's."""
+    its states apart from everyone else's. `rendered`: for a chat template that stamps the time, the sha256 of
+    the text the state covers (the same messages render another prefix on another day)."""
     identity = {"fingerprint": fingerprint, "image": media, "messages": messages, "processor": processor_settings}
     if salt is not None:
         identity["salt"] = salt
+    if rendered is not None:
+        identity["rendered"] = rendered
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
 def metadata_key(meta: StateMetadata) -> str:
     """The key of the state a file holds, as the server computes it for the same conversation."""
     parts = [(p["type"], p["sha256"]) for p in meta.parts] or [("image", meta.image_sha256)]
-    return state_key(meta.fingerprint, media_identity(parts), meta.messages, meta.processor_settings)
+    return state_key(meta.fingerprint, media_identity(parts), meta.messages, meta.processor_settings,
+                     rendered=meta.template_sha256)

@@ -15,7 +15,7 @@ import torch
 from . import paths
 from .defaults import DEFAULT_MODEL, MODEL_ENV_VAR
 from .errors import ModelLoadError
-from .families import family_class, supported_model_types
+from .families import GENERIC, family_class, supported_model_types
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -222,7 +222,7 @@ def load(name: str, device: str = "auto", dtype: str | torch.dtype = "auto", unc
         if family is None and not is_image_text_to_text(model_type):
             raise ModelLoadError(f"model {name!r} is a {model_type!r}, which vlcache does not support (transformers "
                                  "does not load it as image-text-to-text); supported: " + ", ".join(supported_model_types()))
-        why = family.refuse(config) if family is not None else None
+        why = refusal(config)
         if why:
             raise ModelLoadError(f"model {name!r}: {why}")
         if requested == "auto":
@@ -252,12 +252,23 @@ def load(name: str, device: str = "auto", dtype: str | torch.dtype = "auto", unc
         fingerprint=remembered_fingerprint(model, files or weight_files(name)),
         dtype_reason=reason,
     )
-    # 3. An unlisted model type runs through the generic adapter only once `vlcache check` passed for its weights.
-    if family_class(model_type) is None and not unchecked and checked(loaded.fingerprint) is None:
-        raise ModelLoadError(
-            f"model {name!r} is a {model_type!r}, which vlcache has no family for: run `vlcache check --model {name}` "
-            "once to test whether the generic adapter (plain positions, full-attention K/V) is exact for these weights")
+    # 3. An unlisted model type runs through the generic adapter only once `vlcache check` passed for its weights
+    # with this generation config, chat template, processor settings and transformers version.
+    if family_class(model_type) is None and not unchecked:
+        changed = check_changes(check_identity(model, processor, loaded.fingerprint))
+        if changed is None:
+            raise ModelLoadError(
+                f"model {name!r} is a {model_type!r}, which vlcache has no family for: run `vlcache check --model {name}` "
+                "once to test whether the generic adapter (plain positions, full-attention K/V) is exact for these weights")
+        if changed:
+            raise ModelLoadError(f"model {name!r}: its {' and '.join(changed)} changed since `vlcache check` passed for "
+                                 f"these weights; run `vlcache check --model {name}` again")
     return loaded
+
+
+def refusal(config) -> str | None:
+    """Why vlcache cannot be exact for a model of this config, by its family (or the generic adapter's); None: it can."""
+    return (family_class(getattr(config, "model_type", None)) or GENERIC).refuse(config)
 
 
 def is_image_text_to_text(model_type: str | None) -> bool:
@@ -280,25 +291,46 @@ def checks_path() -> Path:
     return paths.checks_file()
 
 
-def checked(fingerprint: str) -> dict | None:
-    """What `vlcache check` recorded for these weights when it passed under this transformers version, or None."""
+def check_identity(model, processor, fingerprint: str) -> dict:
+    """What a pass of `vlcache check` holds for: the weights, and what else decides the prompt ids and the tokens
+    (the generation config, the chat template, the processor's settings, transformers' version). The weights
+    alone would let a copy with `no_repeat_ngram_size` or another template load on the plain copy's pass."""
     import transformers
 
-    record = _read_json(checks_path()).get(fingerprint)
-    if isinstance(record, dict) and record.get("transformers") == transformers.__version__:
-        return record
-    return None
+    generation = model.generation_config.to_dict()
+    generation.pop("transformers_version", None)  # the version that wrote the file, not the one that runs it
+    return {"weights": fingerprint, "generation config": _digest(generation),
+            "chat template": _digest(getattr(processor, "chat_template", None)),
+            "processor settings": _digest(processor.to_dict()), "transformers version": transformers.__version__}
 
 
-def remember_check(fingerprint: str, record: dict | None) -> None:
-    """Record that `vlcache check` passed for these weights (or forget it: `record` None after a failure)."""
-    import transformers
+def checked(identity: dict) -> dict | None:
+    """What `vlcache check` recorded when it passed for exactly this identity (check_identity), or None."""
+    record = _read_json(checks_path()).get(identity["weights"])
+    return record if isinstance(record, dict) and record.get("identity") == identity else None
 
+
+def check_changes(identity: dict) -> list[str] | None:
+    """None: `vlcache check` never passed for these weights; else what changed since it did (empty: nothing)."""
+    record = _read_json(checks_path()).get(identity["weights"])
+    if not isinstance(record, dict):
+        return None
+    passed = record.get("identity") if isinstance(record.get("identity"), dict) else {}
+    return [name for name, value in identity.items() if passed.get(name) != value]
+
+
+def remember_check(identity: dict, record: dict | None) -> None:
+    """Record that `vlcache check` passed for this identity (or forget the weights' pass: `record` None after a
+    failure). One pass is kept per weights: the latest."""
     known = _read_json(checks_path())
-    known.pop(fingerprint, None)
+    known.pop(identity["weights"], None)
     if record is not None:
-        known[fingerprint] = {**record, "transformers": transformers.__version__}
+        known[identity["weights"]] = {**record, "identity": identity}
     _write_json(checks_path(), known)
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
 def checkpoint_identity(model: torch.nn.Module, files: list[Path]) -> str | None:

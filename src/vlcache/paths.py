@@ -39,6 +39,37 @@ def compile_dir() -> Path:
     return home() / "compile"
 
 
+def private_compile_dir() -> Path:
+    """torch.compile's cache for vlcache: $VLCACHE_HOME/compile/inductor, owner-only (0700). Compiled kernels are
+    loaded from it as code, so it is never torch's default, a folder in the shared temporary directory that another
+    user may have made first. Torch still puts a few things in that default whatever the setting (precompiled
+    headers, some caches): it must be this user's own and written by no one else, and is made so when missing.
+    PermissionError otherwise."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    _owner_only(Path(default_cache_dir()), fix=False)
+    folder = compile_dir() / "inductor"
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for part in (compile_dir(), folder):
+        _owner_only(part, fix=True)
+    return folder
+
+
+def _owner_only(folder: Path, fix: bool) -> None:
+    """Make `folder` (0700) if missing; refuse one of another user's, and one others may write in unless `fix`."""
+    try:
+        folder.mkdir(parents=True, mode=0o700)
+    except FileExistsError:
+        pass
+    info = folder.lstat()
+    if hasattr(os, "getuid") and (info.st_uid != os.getuid() or not folder.is_dir() or folder.is_symlink()):
+        raise PermissionError(f"{folder} belongs to another user")
+    if info.st_mode & 0o022 and not fix:
+        raise PermissionError(f"{folder} may be written by other users")
+    if info.st_mode & 0o077:
+        os.chmod(folder, 0o700)
+
+
 def checks_file() -> Path:
     """Models outside vlcache's families that passed `vlcache check`, by weight fingerprint."""
     return home() / "checked.json"

@@ -10,6 +10,9 @@ already covers. The covered text always ends in a special token (<|vision_end|>)
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
+from contextvars import ContextVar
+from datetime import datetime
 
 from .errors import PromptError
 
@@ -69,9 +72,80 @@ def conversation(system_prompt: str | None, question: str, with_image: bool) -> 
     return with_question(media_conversation(system_prompt, ["image"] if with_image else []), question)
 
 
-def render(processor, messages: list[dict], add_generation_prompt: bool) -> str:
+def render(processor, messages: list[dict], add_generation_prompt: bool, at: str | None = None) -> str:
+    """The chat template's text of `messages`; `at` (an ISO instant) pins the clock of a template that stamps
+    the date or time (None: now, as transformers renders it)."""
     messages = template_messages(processor, messages)
-    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    with pinned_clock(processor.chat_template, at):
+        return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+# -- templates that stamp the date or time ---------------------------------------------------------------------
+# transformers gives a chat template one clock, `strftime_now(format)` (Llama 3.x writes "Today Date: ..." with
+# it). A state's text is rendered once, its questions later: they must see the same instant, or the cached
+# answer is generate()'s on another prompt. The instant a state is made is pinned (its metadata's
+# template_time) and every later question about it is rendered at that instant.
+
+_clock_users: dict[str, bool] = {}
+_pinned: ContextVar[datetime | None] = ContextVar("vlcache_template_instant", default=None)
+
+
+def stamps_time(template) -> bool:
+    """Whether the template reads transformers' clock (`strftime_now`), in its parsed source. A branch that one
+    conversation does not reach may be reached by another, so any use counts (pinning costs nothing where the
+    text does not move); tests render such a template at two instants to see it move."""
+    if not isinstance(template, str) or not template:
+        return False
+    if template not in _clock_users:
+        try:
+            from jinja2 import nodes
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+
+            parsed = _compile_jinja_template(template).environment.parse(template)
+            names = {node.name for node in parsed.find_all(nodes.Name)}
+        except Exception:  # noqa: BLE001 - a template transformers cannot parse either: its text decides
+            names = {"strftime_now"} if "strftime_now" in template else set()
+        _clock_users[template] = "strftime_now" in names
+    return _clock_users[template]
+
+
+def now() -> str:
+    """The instant a state's template text is rendered at: local time with its offset, to the second (transformers'
+    strftime_now reads the local clock)."""
+    return datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+@contextmanager
+def pinned_clock(template, at: str | None):
+    """Within it, in this thread or task only, the template's `strftime_now` reads the instant `at` (local wall
+    clock, as transformers' own). transformers hands templates plain data only (a function passed as a
+    template variable arrives as a placeholder string), so the clock in the compiled template's environment is
+    wrapped: it reads a context variable that only a pinned render sets, and otherwise calls the original."""
+    if at is None or not stamps_time(template):
+        yield
+        return
+    _make_pinnable(template)
+    token = _pinned.set(datetime.fromisoformat(at).replace(tzinfo=None))
+    try:
+        yield
+    finally:
+        _pinned.reset(token)
+
+
+def _make_pinnable(template: str) -> None:
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    env = _compile_jinja_template(template).environment  # the one render_jinja_template uses (cached per template)
+    original = env.globals.get("strftime_now")
+    if getattr(original, "vlcache_pinnable", False):
+        return
+
+    def strftime_now(format: str) -> str:
+        instant = _pinned.get()
+        return instant.strftime(format) if instant is not None else original(format)
+
+    strftime_now.vlcache_pinnable = True
+    env.globals["strftime_now"] = strftime_now
 
 
 def template_messages(processor, messages: list[dict]) -> list[dict]:
@@ -100,23 +174,30 @@ def _renders_plain_strings(template: str) -> bool:
     return _string_support[template]
 
 
-def covered_text(processor, messages: list[dict]) -> str:
-    """The template text a state of these messages holds in its KV."""
+def covered_text(processor, messages: list[dict], at: str | None = None) -> str:
+    """The template text a state of these messages holds in its KV (rendered at the instant `at`)."""
     if messages and messages[-1]["role"] == "user":  # open turn: everything before the question
-        full = render(processor, with_question(messages, _SENTINEL), add_generation_prompt=True)
+        full = render(processor, with_question(messages, _SENTINEL), add_generation_prompt=True, at=at)
         if full.count(_SENTINEL) != 1:
             raise ValueError("the chat template does not place the question exactly once; cannot split the prompt")
         return full.split(_SENTINEL)[0]
-    return render(processor, messages, add_generation_prompt=False)
+    return render(processor, messages, add_generation_prompt=False, at=at)
 
 
-def text_after(processor, covered_messages: list[dict], messages: list[dict], add_generation_prompt: bool = True) -> str:
+def text_after(processor, covered_messages: list[dict], messages: list[dict], add_generation_prompt: bool = True,
+               at: str | None = None) -> str:
     """The template text of `messages` after what a state of `covered_messages` holds (which must lead it)."""
-    covered = covered_text(processor, covered_messages)
-    full = render(processor, messages, add_generation_prompt)
+    return split_after(processor, covered_messages, messages, add_generation_prompt, at)[1]
+
+
+def split_after(processor, covered_messages: list[dict], messages: list[dict], add_generation_prompt: bool = True,
+                at: str | None = None) -> tuple[str, str]:
+    """(the text a state of `covered_messages` holds, the text of `messages` after it), both rendered at `at`."""
+    covered = covered_text(processor, covered_messages, at)
+    full = render(processor, messages, add_generation_prompt, at)
     if not full.startswith(covered):
         raise ValueError("the chat template re-renders earlier turns differently; cannot continue the cached state")
-    return full[len(covered):]
+    return covered, full[len(covered):]
 
 
 def check_video_placeholders(processor, text: str, kinds: list[str]) -> None:
@@ -130,9 +211,9 @@ def check_video_placeholders(processor, text: str, kinds: list[str]) -> None:
                           "cache images with this model, or use one whose template takes videos")
 
 
-def question_text(processor, messages: list[dict], question: str) -> str:
+def question_text(processor, messages: list[dict], question: str, at: str | None = None) -> str:
     """The text a question adds after what a state of `messages` covers, up to the assistant header."""
-    return text_after(processor, messages, with_question(messages, question))
+    return text_after(processor, messages, with_question(messages, question), at=at)
 
 
 def encode_text(processor, text: str):
@@ -141,6 +222,24 @@ def encode_text(processor, text: str):
 
     ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
     return torch.tensor([ids], dtype=torch.long)
+
+
+def encode_in_context(processor, before: str, text: str):
+    """Token ids of `text` as the processor tokenizes it after `before` (the text a state covers): [1, n] long.
+
+    Tokenized alone, text can get other ids than within the whole conversation: a tokenizer that marks the
+    start of a string (Llama/Mistral's Metaspace "first": `▁What` alone, `What` after <image>; byte-level
+    BPEs with a prefix space) would feed the model another prompt than generate() gets. So the whole is
+    tokenized and the covered text's ids cut off. Where they do not lead the whole's (a merge across the
+    boundary), the text alone is what is left; `vlcache check` compares the ids and says so."""
+    import torch
+
+    tokenizer = processor.tokenizer
+    head = tokenizer(before, add_special_tokens=False)["input_ids"]
+    whole = tokenizer(before + text, add_special_tokens=False)["input_ids"]
+    if whole[: len(head)] != head:
+        return encode_text(processor, text)
+    return torch.tensor([whole[len(head):]], dtype=torch.long)
 
 
 def text_only_ids(processor, system_prompt: str | None, question: str):

@@ -33,6 +33,9 @@ from .header import (  # noqa: F401 - the header's readers are part of this modu
 _STALE_TMP_SECONDS = 3600  # a save killed midway leaves a temporary file; later saves remove ones this old
 # Stored narrow, restored to long: ids fit int32, masks and token types fit int8.
 _NARROW = {"input_ids": torch.int32, "attention_mask": torch.int8, "mm_token_type_ids": torch.int8}
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                       torch.bool: "BOOL"}
 _SMALL_TENSORS = ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw", "rope_deltas")
 
 
@@ -62,8 +65,8 @@ class ImageState:
         for (k, v), kind in zip(self.kv, self.metadata.layer_kinds or [FULL_ATTENTION] * len(self.kv)):
             if k is None:  # a shared layer: nothing of its own
                 kv.append((None, None))
-            elif kind == LINEAR_ATTENTION:
-                kv.append((k.to(device=device, dtype=dtype or k.dtype), v.to(device=device)))
+            elif kind == LINEAR_ATTENTION:  # the recurrent state in float32 (empty ones keep theirs: nothing in them)
+                kv.append((k.to(device=device, dtype=dtype or k.dtype), v.to(device=device, dtype=torch.float32 if v.numel() else v.dtype)))
             else:
                 kv.append((k.to(device=device, dtype=dtype or k.dtype), v.to(device=device, dtype=dtype or v.dtype)))
         small = {name: getattr(self, name).to(device) for name in _SMALL_TENSORS}
@@ -87,6 +90,24 @@ class ImageState:
         """The cache file's bytes (what save writes)."""
         tensors, header = self._tensors()
         return safetensors_save(tensors, metadata=header)
+
+    def pieces(self, size: int = 1 << 20):
+        """The cache file's bytes (what to_bytes gives, tensors possibly in another order) in pieces of at most
+        `size` bytes, from the tensors as they are: sending a state held in memory needs no copy of it whole."""
+        tensors, header = self._tensors()
+        names, entries, offset = sorted(tensors), {"__metadata__": header}, 0
+        for name in names:
+            t = tensors[name]
+            entries[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                             "data_offsets": [offset, offset + t.numel() * t.element_size()]}
+            offset += t.numel() * t.element_size()
+        text = json.dumps(entries, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # safetensors aligns the data that follows to 8 bytes
+        yield len(text).to_bytes(8, "little") + text
+        for name in names:
+            flat = tensors[name].reshape(-1).view(torch.uint8)
+            for start in range(0, flat.numel(), size):
+                yield flat[start : start + size].numpy().tobytes()
 
     def save(self, path: str | os.PathLike) -> Path | str:
         """Write atomically: a temporary file beside the target, then a rename (an fsspec URL: one PUT)."""

@@ -76,6 +76,13 @@ def read_bytes(url: str) -> bytes:
         raise _failed(url, exc) from None
 
 
+def open_read(url: str, block: int = 1 << 20):
+    """A file at a URL opened for reading in pieces: an object store's reads are ranged requests of `block`
+    bytes, so reading it through holds one piece at a time, never the whole object. FileNotFoundError if gone."""
+    fs, path = _fs(url)
+    return fs.open(path, "rb", block_size=block)
+
+
 def write_atomic(url: str, data: bytes) -> None:
     """The object appears whole or not at all (local: temporary file and rename; object stores: one PUT)."""
     fs, path = _fs(url)

@@ -23,17 +23,17 @@ def choose(engine, mode: str, buckets: list[int], backend: str | None = None) ->
         return {"step": "eager", "reason": "compile off", "buckets": []}
     cuda = engine.device.type == "cuda"
     backends = [backend] if backend else (["inductor", "cudagraphs"] if cuda and mode == "auto" else ["inductor"])
-    from .. import check
+    from .. import uncached
 
-    image = check.probe_image()
-    state = engine.cache_image(image, system_prompt=check.SYSTEM)
+    image = uncached.probe_image()
+    state = engine.cache_image(image, system_prompt=uncached.SYSTEM)
     reasons = []
     for name in backends:
         # 1. Compile (or capture) the step for each bucket, timing the first (which pays for the compile).
         runner = StepRunner(engine.model, engine.device, name)
         engine.runner = runner
         started = time.perf_counter()
-        engine.ask(state, check.QUESTIONS[0], max_new_tokens=2, temperature=0)
+        engine.ask(state, uncached.QUESTIONS[0], max_new_tokens=2, temperature=0)
         compile_s = time.perf_counter() - started
         for rows in buckets:
             warm(engine, rows)
@@ -44,7 +44,7 @@ def choose(engine, mode: str, buckets: list[int], backend: str | None = None) ->
         if mode == "on":
             return _status(label, "--compile on", runner, compile_s)
         # 2. Exactness: the probe's greedy tokens against generate() on the uncached conversation.
-        tokens, expected = check.one_question(engine, state, image)
+        tokens, expected = uncached.one_question(engine, state, image)
         if tokens != expected:
             where = next((i for i, (a, b) in enumerate(zip(tokens, expected)) if a != b), min(len(tokens), len(expected)))
             reasons.append(f"{name} step differs from generate() at token {where} of the probe")

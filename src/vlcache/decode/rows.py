@@ -498,7 +498,10 @@ class RowsCache(DynamicCache):
         buffers = self._linear.get(i)
         size = self.book.keys.shape[0]
         if buffers is None or size > buffers[0].shape[0]:
-            grown = (conv.new_zeros((size, *conv.shape)), recurrent.new_zeros((size, *recurrent.shape)))
+            # In the model's dtypes, never the first row's: one row's state must not decide every row's precision.
+            recurrent_dtype = torch.float32 if recurrent.numel() else recurrent.dtype
+            grown = (conv.new_zeros((size, *conv.shape), dtype=self._dtype or conv.dtype),
+                     recurrent.new_zeros((size, *recurrent.shape), dtype=recurrent_dtype))
             if buffers is not None:
                 grown[0][: buffers[0].shape[0]] = buffers[0]
                 grown[1][: buffers[1].shape[0]] = buffers[1]

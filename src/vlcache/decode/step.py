@@ -18,7 +18,7 @@ import os
 import time
 import torch
 
-from ..paths import compile_dir
+from ..paths import private_compile_dir
 from .rows import RowsLinearLayer, bucket
 
 log = logging.getLogger("vlcache")
@@ -35,9 +35,13 @@ class StepRunner:
         self.model, self.device, self.backend = model, torch.device(device), backend
         self.failed: str | None = None  # why compiled steps stopped (then every step is eager)
         self.shapes: set[tuple[int, int]] = set()  # (bucket, capacity) compiled so far
-        self._variants: set[tuple] = set()  # (bucket, capacity, block pool sizes) run so far
-        # Inductor's caches (FX graphs, kernels) under $VLCACHE_HOME: a later process reuses them.
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_dir() / "inductor"))
+        self._variants: set[tuple] = set()  # (bucket, capacity, K/V tensor sizes) run so far
+        # Inductor's caches (FX graphs, kernels) under $VLCACHE_HOME, owner-only: a later process reuses them. Set,
+        # not defaulted: importing transformers already set it to torch's default in the shared temporary folder.
+        try:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(private_compile_dir())
+        except OSError as exc:  # another user's folder, a read-only home: eager steps, never someone else's kernels
+            self.failed = f"no private compile cache: {exc}"
         from torch import _dynamo
 
         _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)

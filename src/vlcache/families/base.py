@@ -102,6 +102,13 @@ class Family:
                 kwargs["cap_pixels_per_frame"] = False  # transformers' default, said out loud (it warns otherwise)
         return kwargs
 
+    def encode_after(self, before: str, text: str) -> torch.Tensor:
+        """Token ids [1, n] of template `text` as the whole conversation's tokenization gives them after `before`
+        (the text a state covers): tokenized in context, not alone (see prompt.encode_in_context)."""
+        from ..prompt import encode_in_context
+
+        return encode_in_context(self.processor, before, text)
+
     # -- videos ----------------------------------------------------------------------------------------------
 
     takes_video = False  # families whose video path vlcache runs and tests

@@ -9,6 +9,7 @@ counts) goes to the model with explicit positions 0..n-1.
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import torch
@@ -24,6 +25,15 @@ _PROCESSOR_SETTINGS = ("image_seq_length", "image_seq_len", "num_image_tokens", 
 class PlainImageText(OneDimPositions, Family):
     name = "generic"
     model_types: tuple[str, ...] = ()
+
+    @classmethod
+    def refuse(cls, config) -> str | None:
+        """A text model that reads the image through cross-attention layers (mllama: Llama 3.2 Vision) has no
+        image tokens in its sequence: what follows the image is not a continuation of a K/V prefix."""
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        if getattr(text, "cross_attention_layers", None) or getattr(config, "cross_attention_layers", None):
+            return f"cross-attention to the image ({config.model_type}) is not a prefix state"
+        return None
 
     def layer_kinds(self) -> list[str]:
         """The config's layer types; without them, a `sliding_window` makes every layer sliding (as transformers'
@@ -46,6 +56,26 @@ class PlainImageText(OneDimPositions, Family):
         return self.processor(text=[text], return_tensors="pt", add_special_tokens=not (bos and text.startswith(bos)),
                               **self.media_kwargs(images, videos, images_kwargs))
 
+    def encode_after(self, before: str, text: str) -> torch.Tensor:
+        """As the processor tokenizes the whole conversation: a processor may rewrite the text around its media
+        placeholders before tokenizing (Idefics2's puts a space after the image's closing token: ` What`, not
+        `What`), so `before` + `text` and `before` go through the processor's own text path (no media: the
+        placeholders expand, or stay, alike in both) and the ids after the covered ones are the question's.
+        Where the processor cannot run without media, or the covered ids do not lead, the tokenizer's in-context
+        ids are used; `vlcache check` compares the result with the processor's ids for the whole conversation."""
+        try:
+            head, whole = self._processor_ids(before), self._processor_ids(before + text)
+        except Exception:  # noqa: BLE001 - a processor that needs the media to expand its placeholders
+            return super().encode_after(before, text)
+        if whole[: len(head)] != head:
+            return super().encode_after(before, text)
+        return torch.tensor([whole[len(head):]], dtype=torch.long)
+
+    def _processor_ids(self, text: str) -> list[int]:
+        bos = getattr(self.processor.tokenizer, "bos_token", None)
+        ids = self.processor(text=[text], add_special_tokens=not (bos and text.startswith(bos)))["input_ids"][0]
+        return [int(i) for i in ids]
+
     def image_token_mask(self, inputs) -> torch.Tensor:
         return (inputs["input_ids"] == self.image_token_id()).long()
 
@@ -61,18 +91,36 @@ class PlainImageText(OneDimPositions, Family):
 
         ids = inputs["input_ids"]
         index = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
-        forward(self.model, ids, index, cache, **vision_inputs(inputs, dtype))
+        forward(self.model, ids, index, cache, **vision_inputs(inputs, dtype, self.model))
         return 0
 
 
-def vision_inputs(inputs, dtype: torch.dtype) -> dict:
-    """Every tensor the processor returned besides the text's, floating ones (pixels) in the compute dtype."""
+# What a processor returns that is a training target, not an input (PaliGemma's returns `labels` with every
+# prompt: passed on, the forward computes a loss against the wrong length).
+_TARGETS = ("labels",)
+
+
+def vision_inputs(inputs, dtype: torch.dtype, model=None) -> dict:
+    """Every tensor the processor returned besides the text's that `model`'s forward takes by name, floating ones
+    (pixels) in the compute dtype."""
+    takes = _named_inputs(model) if model is not None else None
     out = {}
     for name, value in inputs.items():
-        if name in _TEXT_INPUTS or not torch.is_tensor(value):
+        if name in _TEXT_INPUTS or name in _TARGETS or not torch.is_tensor(value):
             continue
+        if takes is not None and name not in takes:
+            continue  # a forward's **kwargs go to attention and losses, not to the vision tower
         out[name] = value.to(dtype) if value.is_floating_point() else value
     return out
+
+
+def _named_inputs(model) -> set[str] | None:
+    """The parameters a model's forward names (None where it cannot be read)."""
+    try:
+        return {name for name, p in inspect.signature(model.forward).parameters.items()
+                if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    except (TypeError, ValueError):
+        return None
 
 
 def _json(obj) -> dict:

@@ -6,30 +6,35 @@
   unpickled, shapes, this model's fingerprint) and kept under the sha256 of its bytes, which is returned: a
   file's metadata is its sender's word, so an upload answers only requests that name it, never one that
   looks a state up by its image (that could be another client's).
-- `GET /v1/vlcache/states`: the states the server holds that a client may ask about by id (not uploads, not
-  states of a cache_salt): kind, parts, tokens, size, last use; what the web page offers to pick from.
-- `GET /v1/vlcache/states/{id}`: a stored state's file (what `vlcache cache --server` saves).
+- `GET /v1/vlcache/states`: the states a client may ask about by id: those made through `/v1/vlcache/cache`
+  and `/v1/images` (all with --share-all-states; never uploads or states of a cache_salt): kind, parts,
+  tokens, size, creation, newest first, in pages (`limit`, `after`); what the web page offers to pick from.
+  A chat completion's state is not among them and is not answered by id: it holds another client's
+  conversation and photo, and was found only by its contents.
+- `GET /v1/vlcache/states/{id}`: a stored state's file (what `vlcache cache --server` saves), streamed in pieces
+  from one open handle; at most --max-downloads at once, each within DOWNLOAD_SECONDS.
 - `POST /v1/vlcache/cache`: images and videos (base64) and a system prompt; the state is computed (or found)
   and its id returned.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 import uuid
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from .. import prompt, storage
+from .. import prompt
 from ..errors import ImageError, VlcacheError
 from .body import json_body
 from .requests import APIError, parse_ask, parse_cache, valid_id
 from .service import Service
-from .store import StoredState
+from .store import Download, StoredState
 from .streaming import answer_events, collect_answer, unless_disconnected
 from .uploads import receive_upload
 
@@ -76,23 +81,34 @@ def add_native_routes(app: FastAPI, service: Service) -> None:
         return {"id": digest, "object": "state", "tokens": meta.prefix_tokens}
 
     @app.get(STATES)
-    async def list_states():
+    async def list_states(request: Request):
+        limit, after = _page(request.query_params)
         states = await run_in_threadpool(service.store.listing)
-        return {"object": "list", "data": [_listed(s) for s in states]}
+        start = 0
+        if after is not None:
+            start = next((i + 1 for i, s in enumerate(states) if s.key == after), None)
+            if start is None:
+                raise APIError(400, f"'after' names no listed state: {after}", "after")
+        page = states[start : start + limit]
+        return {"object": "list", "data": [_listed(s) for s in page], "first_id": page[0].key if page else None,
+                "last_id": page[-1].key if page else None, "has_more": start + limit < len(states)}
 
     @app.get(STATES + "/{state_id}")
     async def download_state(state_id: str):
         key = valid_id(state_id, "state_id")
-        path = await run_in_threadpool(service.store.path_for, key)
-        if path is None:  # a state whose file could not be written (disk full) is sent from memory
-            data = await run_in_threadpool(service.store.file_bytes, key)
-            if data is None:
-                raise APIError(404, f"no state file {state_id} on this server", "state_id")
-            return Response(data, media_type="application/octet-stream")
-        if storage.is_url(path):
-            data = await run_in_threadpool(storage.read_bytes, str(path))
-            return Response(data, media_type="application/octet-stream")
-        return FileResponse(path, media_type="application/octet-stream", filename=f"{state_id}.safetensors")
+        if service.downloading >= options.max_downloads:
+            raise APIError(429, f"the server is sending {service.downloading} state files; retry shortly",
+                           kind="rate_limit_exceeded", headers={"Retry-After": "5"})
+        if not await run_in_threadpool(service.store.visible, key):
+            raise APIError(404, f"no state file {state_id} on this server", "state_id")
+        download = await run_in_threadpool(service.store.open_download, key)  # opened once: a delete cannot cut it
+        if download is None:
+            raise APIError(404, f"no state file {state_id} on this server", "state_id")
+        service.downloading += 1
+        headers = {"Content-Disposition": f'attachment; filename="{state_id}.safetensors"'}
+        if download.size is not None:
+            headers["Content-Length"] = str(download.size)
+        return DownloadResponse(download, lambda: setattr(service, "downloading", service.downloading - 1), headers)
 
     @app.post(CACHE)
     async def cache(request: Request):
@@ -102,6 +118,7 @@ def add_native_routes(app: FastAPI, service: Service) -> None:
             sources, kinds, system_prompt = parse_cache(body)
             covered = [prompt.media_conversation(system_prompt, kinds[: j + 1]) for j in range(len(kinds))]
             key, state, cached = await unless_disconnected(request, service.state_for(sources, kinds, covered))
+            await run_in_threadpool(service.store.share, key)  # this endpoint shares it: listed, and named by id
         except ImageError as exc:
             raise APIError(400, str(exc), "parts") from None
         except VlcacheError as exc:
@@ -115,14 +132,51 @@ def add_native_routes(app: FastAPI, service: Service) -> None:
     del ask, upload_state, list_states, download_state, cache  # registered on the app
 
 
+DOWNLOAD_SECONDS = 1800.0  # a download still going after this is cut off (a client that stopped reading holds a slot)
+
+
+class DownloadResponse(StreamingResponse):
+    """A state file sent piece by piece, each read off the event loop and sent once the client took the one
+    before (uvicorn's flow control): a client that does not read holds one piece, never the file. The whole
+    download must end within DOWNLOAD_SECONDS; then, or when the client leaves, the file is closed."""
+
+    def __init__(self, download: Download, done, headers: dict):
+        super().__init__(self._pieces(download), media_type="application/octet-stream", headers=headers)
+        self._download, self._done = download, done
+
+    async def _pieces(self, download: Download):
+        while (piece := await run_in_threadpool(next, download.pieces, None)) is not None:
+            yield piece
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await asyncio.wait_for(super().__call__(scope, receive, send), DOWNLOAD_SECONDS)
+        except asyncio.TimeoutError:
+            log.info("a state download was cut off: it took longer than %ss", DOWNLOAD_SECONDS)
+        finally:
+            await run_in_threadpool(self._download.close)
+            self._done()
+
+
+LIST_LIMIT, LIST_MAX = 100, 1000  # states per page of the listing: default and most
+
+
+def _page(query) -> tuple[int, str | None]:
+    """The listing's `limit` (1..LIST_MAX) and `after` (the last id of the previous page)."""
+    raw = query.get("limit", str(LIST_LIMIT))
+    if not raw.isdigit() or not 1 <= int(raw) <= LIST_MAX:
+        raise APIError(400, f"'limit' must be a whole number from 1 to {LIST_MAX}", "limit")
+    after = query.get("after")
+    return int(raw), None if after is None else valid_id(after, "after")
+
+
 def _listed(state: StoredState) -> dict:
     meta = state.metadata
     parts = [{"type": p["type"], "size": p["size"], **({"frames": p["frames"]} if "frames" in p else {})} for p in meta.parts]
     parts = parts or [{"type": "image", "size": meta.image_size}]  # files before format 3: one image
     kinds = {p["type"] for p in parts}
     return {"id": state.key, "object": "state", "kind": kinds.pop() if len(kinds) == 1 else "mixed", "parts": parts,
-            "tokens": meta.prefix_tokens, "bytes": state.bytes, "last_used": round(state.last_used, 3),
-            "created": meta.created, "system_prompt": meta.system_prompt, "in_memory": state.in_memory}
+            "tokens": meta.prefix_tokens, "bytes": state.bytes, "created": meta.created, "system_prompt": meta.system_prompt}
 
 
 def _with_cached(answer, cached: int) -> dict:

@@ -23,6 +23,7 @@ class ServeOptions:
     max_image_pixels: int = 25_000_000  # images and video frames declaring more are refused before decoding
     max_state_bytes: int | None = None  # largest cache file a client may upload (None: the model's K/V at its context)
     max_uploads: int = 2  # uploads received at once; more get 429
+    max_downloads: int = 8  # state files sent at once; more get 429
     upload_quota: int | None = None  # bytes of uploaded files kept, least recently used removed (None: 4 x max_state_bytes)
     media_workers: int = 4  # threads that fetch and decode media, apart from the rest of the server
     video_decode_pixels: int = 4_000_000_000  # frame pixels one request may decode (each decoded frame's width x height)
@@ -30,3 +31,6 @@ class ServeOptions:
     default_max_tokens: int = 512
     web: bool = True  # the chat page at / (--no-web: off)
     cors_origin: str | None = None  # the one other origin whose pages may call the API (--cors-origin); none by default
+    host: str = "127.0.0.1"  # the address listened on: a name requests' Host header may give
+    allowed_hosts: tuple[str, ...] = ()  # other names it may give (--allowed-host; "*": any)
+    share_all_states: bool = False  # list and answer by id every state, chat completions' too (--share-all-states)

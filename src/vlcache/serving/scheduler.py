@@ -167,7 +167,11 @@ class Scheduler:
                 return
             try:
                 self._drop_cancelled()
-                self._prefill_unit()
+                try:
+                    self._prefill_unit()
+                except Exception as exc:  # noqa: BLE001 - e.g. out of memory: the prefill's own batch, its rows alone
+                    log.exception("prefill failed")
+                    self._fail_prefill(f"generation failed: {type(exc).__name__}: {exc}")
                 if self._running:
                     self._decode()
             except Exception as exc:  # noqa: BLE001 - a failed forward: its rows get an error, the server goes on
@@ -446,6 +450,16 @@ class Scheduler:
         if tail and not job.cancelled.is_set():
             job.emit("delta", tail)
         job.emit("done", answer)
+
+    def _fail_prefill(self, message: str) -> None:
+        """After a failed prefill: its rows get the error and give back their blocks and reservations; running
+        rows, in a batch of their own (on the same pool), go on."""
+        prefill, self._prefill = self._prefill, None
+        for row in prefill.rows if prefill else []:
+            row.job.emit("error", message)
+            self._unreserve(row)
+        if prefill is not None:
+            prefill.batch.cache.close()
 
     def _fail_rows(self, message: str) -> None:
         """After a failed forward: every row in it gets the error; the batch starts over."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 import uuid
 
@@ -31,10 +32,11 @@ from .options import ServeOptions
 from .requests import APIError, error_response, parse_chat, valid_id
 from .service import Service
 from .streaming import answer_events, collect_answer, unless_disconnected
-from .web import add_origin_policy, add_web_page
+from .web import HostCheck, add_origin_policy, add_web_page, server_names
 
 __all__ = ["ServeOptions", "create_app", "server_config"]  # ServeOptions: what callers build an app from
 
+log = logging.getLogger("vlcache")
 HEADER_SECONDS = 10.0  # a connection whose request headers take longer is closed
 
 
@@ -61,7 +63,9 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
-        return error_response(500, f"internal error: {type(exc).__name__}: {exc}", kind="server_error")
+        # The log has the details; the answer never does (an OSError's text names the server's files).
+        log.error("internal error on %s: %s: %s", _endpoint(request), type(exc).__name__, exc)
+        return error_response(500, f"internal error ({type(exc).__name__})", kind="server_error")
 
     @app.get("/health")
     async def health():
@@ -117,6 +121,7 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
             data = await service.on_media_thread(fetch_image_bytes, url, options)
             conversation = prompt.image_conversation(system_prompt)
             key, state, cached = await unless_disconnected(request, service.state_for([data], [IMAGE], [conversation]))
+            await run_in_threadpool(service.store.share, key)  # this endpoint shares it: listed, and named by id
         except ImageError as exc:
             raise APIError(400, str(exc), "image") from None
         finally:
@@ -126,7 +131,7 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
 
     @app.get("/v1/images/{image_id}")
     async def get_image(image_id: str):
-        meta = await run_in_threadpool(service.store.metadata, valid_id(image_id))
+        meta = await run_in_threadpool(service.shared_metadata, valid_id(image_id))
         if meta is None:
             raise APIError(404, f"no image state {image_id}", "image_id")
         return {"id": image_id, "object": "image_state", "tokens": meta.prefix_tokens, "image_tokens": meta.image_tokens,
@@ -135,7 +140,8 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
 
     @app.delete("/v1/images/{image_id}")
     async def delete_image(image_id: str):
-        if not await run_in_threadpool(service.store.delete, valid_id(image_id)):
+        key = valid_id(image_id)
+        if not await run_in_threadpool(service.store.visible, key) or not await run_in_threadpool(service.store.delete, key):
             raise APIError(404, f"no image state {image_id}", "image_id")
         service._gauges()
         return {"id": image_id, "object": "image_state", "deleted": True}
@@ -144,7 +150,8 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
     if options.web:
         add_web_page(app)
     add_origin_policy(app, options.cors_origin)
-    return BodyLimit(app, options.max_body_bytes, uploads=(STATES,))
+    limited = BodyLimit(app, options.max_body_bytes, uploads=(STATES,))
+    return HostCheck(limited, server_names(options.host, options.allowed_hosts))  # outermost: before anything else
 
 
 def _endpoint(request: Request) -> str:

@@ -26,6 +26,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from .. import model as model_loading
 from .. import prompt, video
 from ..engine import Engine
 from ..errors import ImageError, VlcacheError
@@ -38,6 +39,7 @@ from .store import Continuation, StateStore
 from .streaming import released, unless_disconnected
 
 
+ROW_COPIES = 2  # a row's K/V is held twice at most: in the prefill's batch, then in the running batch
 FAILURE_SECONDS = 600.0  # a state that failed to compute (a broken or too costly video) is refused this long
 _FAILURES_KEPT = 1024
 
@@ -58,7 +60,8 @@ class Service:
         self.engine = engine
         self.options = options = _resolved(options, engine, self._context_length(engine))
         self.store = StateStore(options.cache_dir, options.memory_budget, engine.fingerprint, engine.device,
-                                adopt=engine.adopt, layout=engine.layout(), upload_quota=options.upload_quota)
+                                adopt=engine.adopt, layout=engine.layout(), upload_quota=options.upload_quota,
+                                share_all=options.share_all_states)
         self.metrics = Metrics()
         self.scheduler = Scheduler(engine, max_batch=options.max_batch, prefill_chunk=options.prefill_chunk, stats=self.metrics,
                                    kv_memory=options.kv_memory)
@@ -70,6 +73,7 @@ class Service:
         self._lock = threading.Lock()
         self.in_flight = 0  # chat requests accepted and not answered yet (event loop only)
         self.uploading = 0  # uploads being received (event loop only)
+        self.downloading = 0  # state files being sent (event loop only)
 
     def close(self) -> None:
         self.scheduler.stop()
@@ -211,7 +215,7 @@ class Service:
             keep = None
         else:
             key, state, cached, covered, after = await self._base(request)
-            new_ids = await run_in_threadpool(self._encode, request.messages, covered)
+            new_ids = await run_in_threadpool(self._encode, request.messages, covered, state.metadata.template_time)
             kv, history, delta, group = state.kv, state.input_ids, int(state.rope_deltas.view(-1)[0]), key
             cont, same = await self._continuation(request.messages[after + 1:], key, history, new_ids)
             if cont is not None:
@@ -220,6 +224,7 @@ class Service:
                 history, new_ids, group, cached = ids[:, :same], ids[:, same:], f"{cont.key}:{same}", same
             keep = None if engine.family.has_linear_layers else self._keeper(key, state, cont, history.shape[1])
         self._fit_context(request, history.shape[1] + new_ids.shape[1])
+        self._fit_memory(history.shape[1] + new_ids.shape[1] + request.options.max_new_tokens)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
@@ -243,17 +248,16 @@ class Service:
         key, state, cached = await self.state_for(sources, [ref.kind for ref in request.media], covered, request.salt)
         return key, state, cached, covered[-1], request.media[-1].at[0]
 
-    def _encode(self, messages: list[dict], prefix: list[dict] | None) -> torch.Tensor:
-        """Token ids of the conversation after the image prefix (all of it without one); off the event loop."""
+    def _encode(self, messages: list[dict], prefix: list[dict] | None, at: str | None = None) -> torch.Tensor:
+        """Token ids of the conversation after the image prefix (all of it without one), rendered at the state's
+        pinned instant `at` where its template stamps the time; off the event loop."""
         processor = self.engine.processor
         if prefix is None:
-            text = prompt.render(processor, messages, add_generation_prompt=True)
-        else:
-            try:
-                text = prompt.text_after(processor, prefix, messages)
-            except ValueError:
-                raise APIError(400, "the conversation cannot be split at its image with this chat template", "messages") from None
-        return prompt.encode_text(processor, text).to(self.engine.device)
+            return prompt.encode_text(processor, prompt.render(processor, messages, add_generation_prompt=True)).to(self.engine.device)
+        try:
+            return self.engine.ids_after(prefix, messages, at=at)
+        except ValueError:
+            raise APIError(400, "the conversation cannot be split at its image with this chat template", "messages") from None
 
     def _fit_context(self, request: ChatRequest, prompt_tokens: int) -> None:
         """Refuse what the model cannot hold; the default answer length shrinks to fit."""
@@ -265,6 +269,17 @@ class Service:
                            kind="invalid_request_error")
         options.max_new_tokens = min(options.max_new_tokens, context - prompt_tokens)
 
+    def _fit_memory(self, tokens: int) -> None:
+        """Refuse, before anything is allocated, a row the memory at hand cannot hold: its K/V in the batch and
+        in the prefill's batch it moves from (media have their own check; a long text prompt needs this one, or
+        its out-of-memory would come in the middle of a forward)."""
+        need = ROW_COPIES * tokens * self.engine.kv_bytes_per_token()
+        free = model_loading.available_memory(self.engine.device)
+        if free is not None and need > free:
+            raise APIError(400, f"the prompt is too large for the memory at hand: {tokens:,} tokens with the answer "
+                                f"need about {need / 2**30:.2f} GiB, {free / 2**30:.2f} GiB is free; send a shorter "
+                                "prompt or a smaller max_tokens", "messages")
+
     @property
     def context_length(self) -> int:
         return self._context_length(self.engine)
@@ -273,9 +288,18 @@ class Service:
     def _context_length(engine: Engine) -> int:
         return int(getattr(engine.model.config.get_text_config(), "max_position_embeddings", None) or 2**31)
 
+    def shared_metadata(self, key: str):
+        """The metadata of a state a client may name by id (a shared one, or an upload), else None."""
+        if self.store.visible(key) or self.store.is_upload(key):
+            return self.store.metadata(key)
+        return None
+
     async def _stored(self, key: str):
-        """A stored state by id: (key, state, its tokens, the messages it covers); 404 if the server has none."""
-        state, source = await run_in_threadpool(self.store.get, valid_id(key, "state"))
+        """A stored state by id: (key, state, its tokens, the messages it covers); 404 if the server has none (or
+        holds it only for a chat completion: another client's conversation, found by its contents alone)."""
+        state, source = None, "miss"
+        if await run_in_threadpool(self.store.visible, valid_id(key, "state")):
+            state, source = await run_in_threadpool(self.store.get, key)
         if state is None:  # an uploaded cache file, named by the hash of its bytes
             state, source = await run_in_threadpool(self.store.get_upload, key)
         self.metrics.states.labels(result=source).inc()

@@ -9,6 +9,7 @@ it; a file made by `vlcache cache` and dropped into the folder is found by its m
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -17,6 +18,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +34,18 @@ from ..state import ImageState, StateMetadata, kv_nbytes, load_state, read_metad
 KEY_PATTERN = re.compile(r"[0-9a-f]{64}")  # use fullmatch: "$" would also accept a trailing newline
 RESCAN_SECONDS = 1.0  # a miss looks for files others added at most this often
 UPLOADS = "uploads"  # the subfolder of uploaded cache files, by content hash
+DOWNLOAD_PIECE = 1 << 20  # bytes a download reads (an object store: one ranged request) and sends at a time
+SHARED = "shared"  # the subfolder of markers (<key>.shared, empty) of states made through a sharing endpoint
 log = logging.getLogger("vlcache")
+
+
+@dataclass
+class Download:
+    """A state's bytes being sent: `pieces` yields them, `close` frees the file (call it whatever happens)."""
+
+    pieces: Iterator[bytes]
+    close: Callable[[], None]
+    size: int | None  # None: not known before the end (a state serialized from memory)
 
 
 @dataclass(frozen=True)
@@ -73,7 +86,7 @@ class Continuation:
 
 class StateStore:
     def __init__(self, cache_dir: str | Path, memory_budget: int, fingerprint: str, device, adopt=None,
-                 layout: Layout | None = None, upload_quota: int | None = None):
+                 layout: Layout | None = None, upload_quota: int | None = None, share_all: bool = False):
         self.folder = Folder(cache_dir)  # a local folder or an fsspec URL (s3://bucket/prefix/): shared by a fleet
         self.folder.make()  # CacheFileError for a folder that cannot be written: refused at start
         self.budget = memory_budget
@@ -92,6 +105,11 @@ class StateStore:
         self.write_errors = 0  # states that could not be written to disk (kept in memory only)
         # Conversations that went on after an image state, in memory only: image key -> continuation keys.
         self._continuations: dict[str, list[str]] = {}
+        # States that may be listed and named by id: those made through /v1/images and /v1/vlcache/cache (a
+        # marker file each, so a restarted server or another one sharing the folder agrees), or all with share_all.
+        # A chat completion's state is another client's conversation and photo: it is found only by its contents.
+        self.share_all = share_all
+        self._shared: set[str] = set()
         self._lock = threading.RLock()
         remove_stale_uploads(self.upload_folder())
         self.rescan()
@@ -193,11 +211,24 @@ class StateStore:
         self._keep_hot(key, state)
         return state, "disk"
 
-    def file_bytes(self, key: str) -> bytes | None:
-        """A state held in memory only (its file could not be written: disk full) as a cache file's bytes."""
+    def open_download(self, key: str) -> "Download | None":
+        """A state's cache file opened once for sending (a delete or a rescan afterwards does not cut it short),
+        or, held in memory only (its file could not be written: disk full), its state serialized piece by piece;
+        None if neither is here. Either way a download holds one piece in memory at a time, never the file."""
+        path = self.path_for(key)
+        if path is not None:
+            try:
+                handle = storage.open_read(str(path), DOWNLOAD_PIECE) if self.folder.is_url else open(path, "rb")
+            except (OSError, CacheFileError):  # deleted since: answered from memory, or a 404
+                handle = None
+            if handle is not None:
+                size = handle.size if self.folder.is_url else os.fstat(handle.fileno()).st_size
+                return Download(iter(functools.partial(handle.read, DOWNLOAD_PIECE), b""), handle.close, size)
         with self._lock:
             state = self._hot.get(key)
-        return state.to_bytes() if isinstance(state, ImageState) else None
+        if not isinstance(state, ImageState):
+            return None
+        return Download(state.pieces(DOWNLOAD_PIECE), lambda: None, None)
 
     def add_continuation(self, image_key: str, state: Continuation) -> None:
         """Keep, in memory under the same budget, what followed an image state: a next turn starts from it."""
@@ -230,11 +261,51 @@ class StateStore:
                 self._hot.move_to_end(best[0])
         return best[1], best[2]
 
+    def share(self, key: str) -> None:
+        """Mark a state as made through a sharing endpoint: listed, and answered by id (a marker beside it)."""
+        with self._lock:
+            if key in self._shared:
+                return
+            self._shared.add(key)
+        marker = self._marker(key)
+        try:
+            if self.folder.is_url:
+                storage.write_atomic(str(marker), b"")
+            else:
+                Path(marker).parent.mkdir(parents=True, exist_ok=True)
+                Path(marker).touch()
+        except Exception as exc:  # noqa: BLE001 - disk full, an object store's error: shared in this process still
+            log.warning(f"warning: could not mark state {key[:12]} as shared in {self.folder}: {_reason(exc)}")
+
+    def visible(self, key: str) -> bool:
+        """Whether a client may name this state by id (read its metadata or file, ask about it, delete it)."""
+        if self.share_all:
+            return True
+        with self._lock:
+            if key in self._shared:
+                return True
+        if self.folder.exists(self._marker(key)):  # shared by another server on the same folder
+            with self._lock:
+                self._shared.add(key)
+            return True
+        return False
+
+    def is_upload(self, digest: str) -> bool:
+        with self._lock:
+            if UPLOADS + ":" + digest in self._hot:
+                return True
+        return self.folder.exists(self.folder.file(f"{UPLOADS}/{digest}.safetensors"))
+
+    def _marker(self, key: str) -> Path | str:
+        return self.folder.file(f"{SHARED}/{key}.shared")
+
     def delete(self, key: str) -> bool:
         with self._lock:
             found = key in self._hot
             self._evict(key)
+            self._shared.discard(key)
             path = self._index.pop(key, None) or self.folder.file(f"{key}.safetensors")
+        self.folder.delete(self._marker(key))
         return self.folder.delete(path) or found
 
     def metadata(self, key: str) -> StateMetadata | None:
@@ -261,11 +332,15 @@ class StateStore:
         return sum(1 for key in self._hot if ":" not in key or key.startswith(UPLOADS + ":"))
 
     def listing(self) -> list[StoredState]:
-        """The states a client may ask about by id, last used first: the folder's cache files and the states held
-        in memory only (their write failed). Uploads are left out (they answer only whoever has their file),
-        and so are states made for a cache_salt: their file is named by a key their metadata cannot give, and
-        listing them would hand one tenant's states to everyone."""
-        self.rescan()
+        """The states a client may ask about by id, newest first: those made through a sharing endpoint (all of
+        the folder's with share_all), from the folder's cache files and the states held in memory only (their
+        write failed). Uploads are left out (they answer only whoever has their file), and so are states made for
+        a cache_salt: their file is named by a key their metadata cannot give, and listing them would hand one
+        tenant's states to everyone. The folder is looked at again at most every RESCAN_SECONDS."""
+        with self._lock:
+            due = time.monotonic() - self._last_scan >= RESCAN_SECONDS
+        if due:
+            self.rescan()
         with self._lock:
             out = {}
             for key, path in self._index.items():  # states of a cache_salt are not indexed (rescan)
@@ -277,7 +352,9 @@ class StateStore:
                 if key in out or ":" in key or not isinstance(state, ImageState) or metadata_key(state.metadata) != key:
                     continue
                 out[key] = StoredState(key, state.metadata, state.kv_bytes, self._used.get(key, 0.0), True)
-        return sorted(out.values(), key=lambda s: s.last_used, reverse=True)
+            if not self.share_all:
+                out = {key: state for key, state in out.items() if key in self._shared}
+        return sorted(out.values(), key=lambda s: (s.metadata.created, s.key), reverse=True)
 
     # -- internals -------------------------------------------------------------------------------------------
 
@@ -291,6 +368,7 @@ class StateStore:
             self._last_scan = time.monotonic()
         try:
             seen = self.folder.entries((".safetensors", ".pt"))
+            shared = {Path(str(path)).stem for path in self.folder.entries((".shared",), sub=SHARED)}
         except CacheFileError as exc:
             log.warning(f"warning: cannot list {self.folder}: {exc}")
             return
@@ -303,6 +381,7 @@ class StateStore:
                 if key is not None and not _named_for_another_key(path, key):
                     self._index[key] = path
             self._scanned = seen
+            self._shared |= {key for key in shared if KEY_PATTERN.fullmatch(key)}
             self._meta = {path: meta for path, meta in self._meta.items() if path in seen}
 
     def _key_of(self, path: Path | str) -> str | None:

@@ -5,6 +5,9 @@
   time. `--no-web` leaves both out (404).
 - Every response says: run only this server's own script files (no inline script, no eval, nothing from another
   origin), connect only here, no framing, no sniffing, no referrer (`HEADERS`).
+- Only requests that name this server in their `Host` header are answered (`HostCheck`, before anything
+  else): a page on another name that its DNS re-points at this machine (DNS rebinding) sends its own name
+  there, so it can neither read answers nor make its `Origin` look like the server's own.
 - Browsers may change things from this origin only: a POST or DELETE whose Origin is another site's is refused
   (403), so no other page can spend the model, fill the cache or upload states on its visitors' behalf. With
   `--cors-origin`, that one other origin may, and gets CORS headers; no other does.
@@ -12,12 +15,14 @@
 
 from __future__ import annotations
 
+import socket
 from importlib import resources
 from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.responses import FileResponse
 from starlette.middleware.cors import CORSMiddleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.staticfiles import StaticFiles
 
 from .requests import error_response
@@ -96,3 +101,61 @@ class OriginPolicy:
             await send(message)
 
         return sending
+
+
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+WILDCARD_ADDRESSES = ("", "0.0.0.0", "::", "[::]")
+
+
+def server_names(host: str, allowed: tuple[str, ...] = ()) -> list[str]:
+    """The names a request's Host may give: loopback, the address listened on, and --allowed-host's. Listening
+    on every address (0.0.0.0), the machine's own host names and their addresses too; "*" turns the check off."""
+    names = [*LOOPBACK_NAMES, *allowed]
+    if host in WILDCARD_ADDRESSES:
+        own = {socket.gethostname(), socket.getfqdn()}
+        for name in list(own):
+            try:
+                own.update(info[4][0] for info in socket.getaddrinfo(name, None))
+            except OSError:
+                pass
+        names += sorted(own)
+    else:
+        names.append(host)
+    return [f"[{name}]" if ":" in name and not name.startswith("[") else name for name in names if name]
+
+
+class HostCheck(TrustedHostMiddleware):
+    """Starlette's TrustedHostMiddleware (it decides), answering a refusal with OpenAI's error JSON."""
+
+    def __init__(self, app, names: list[str]):
+        super().__init__(_Passed(app), allowed_hosts=names, www_redirect=False)
+        self.state = getattr(app, "state", None)  # tests reach the service through app.state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await super().__call__(scope, receive, send)
+        refused = False
+
+        async def sending(message):
+            nonlocal refused
+            if message["type"] == "http.response.start" and not scope.get(_PASSED):  # the middleware's own refusal
+                refused = True
+                response = error_response(400, "the request's Host header names none of this server's names "
+                                               "(loopback, --host, --allowed-host)")
+                return await response(scope, receive, send)
+            if not refused:
+                await send(message)
+
+        await super().__call__(scope, receive, sending)
+
+
+_PASSED = "vlcache.host_checked"
+
+
+class _Passed:
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        scope[_PASSED] = True
+        await self.app(scope, receive, send)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import CHAT_TEMPLATE, CORPUS, SPECIAL_TOKENS, _train_tokenizer, build_tiny_checkpoint, gemma_tokenizer
+from . import CHAT_TEMPLATE, CORPUS, SPECIAL_TOKENS, _train_tokenizer, build_tiny_checkpoint, builder, gemma_tokenizer
 from .more_families import MORE_KINDS
 from .more_families import build as build_more
 
@@ -143,25 +143,6 @@ def _vision_ids(ids: dict) -> dict:
                 vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
 
 
-def _save_model(model_class, config, folder: Path, seed: int, init_std: float, eos: int, pad: int,
-                randomize=("language_model", "lm_head", "multi_modal_projector"), adjust=None) -> None:
-    """Random weights wide enough that greedy decoding varies (a model repeating one token hides bugs)."""
-    torch.manual_seed(seed)
-    model = model_class(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                param.add_(torch.randn_like(param) * init_std)
-            elif param.dim() == 2 and any(part in name for part in randomize):
-                param.normal_(0.0, init_std)
-        if adjust is not None:
-            adjust(model)
-    model.generation_config.eos_token_id = eos
-    model.generation_config.pad_token_id = pad
-    model.generation_config.do_sample = False
-    model.save_pretrained(folder)
-
-
 def _qwen_tokenizer():
     tokenizer = _train_tokenizer(vocab_size=400)
     return tokenizer, {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
@@ -180,7 +161,7 @@ def _qwen2_family(folder: Path, seed: int, init_std: float, config_class, model_
                        "initializer_range": init_std},
         tie_word_embeddings=False, **_vision_ids(ids),
     )
-    _save_model(model_class, config, folder, seed, init_std, ids["<|im_end|>"], ids["<|endoftext|>"])
+    builder.save_model(model_class, config, folder, seed, init_std, ids["<|im_end|>"], ids["<|endoftext|>"])
     image = Qwen2VLImageProcessor(patch_size=14, merge_size=2, temporal_patch_size=2,
                                   size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280})
     processor_class(image_processor=image, tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(),
@@ -220,8 +201,8 @@ def _qwen3_vl_moe(folder: Path, seed: int, init_std: float) -> None:
                           rope_scaling={"rope_type": "default", "mrope_section": [4, 2, 2], "mrope_interleaved": True}),
         vision_config=_qwen3_vision(init_std), tie_word_embeddings=False, **_vision_ids(ids),
     )
-    _save_model(Qwen3VLMoeForConditionalGeneration, config, folder, seed, init_std, ids["<|im_end|>"], ids["<|endoftext|>"],
-                randomize=("language_model", "lm_head", "experts", "gate"))
+    builder.save_model(Qwen3VLMoeForConditionalGeneration, config, folder, seed, init_std, ids["<|im_end|>"], ids["<|endoftext|>"],
+                       randomize=("language_model", "lm_head", "experts", "gate"))
     _save_processor(tokenizer, folder)
 
 
@@ -244,7 +225,7 @@ def _qwen3_vl_real(folder: Path, seed: int, init_std: float) -> None:
         ),
         vision_config=_qwen3_vision(init_std), tie_word_embeddings=False, **special,
     )
-    _save_model(Qwen3VLForConditionalGeneration, config, folder, seed, init_std, 151645, 151643)
+    builder.save_model(Qwen3VLForConditionalGeneration, config, folder, seed, init_std, 151645, 151643)
     for name in ("chat_template.jinja", "merges.txt", "vocab.json", "tokenizer.json", "tokenizer_config.json",
                  "preprocessor_config.json", "video_preprocessor_config.json"):
         shutil.copy(REAL_QWEN3_VL / name, folder / name)
@@ -270,7 +251,7 @@ def _llava_onevision(folder: Path, seed: int, init_std: float) -> None:
         vision_feature_layer=-1, image_grid_pinpoints=pinpoints, vision_aspect_ratio="anyres_max_9",
         tie_word_embeddings=False, initializer_range=init_std,
     )
-    _save_model(LlavaOnevisionForConditionalGeneration, config, folder, seed, init_std, ids["<|im_end|>"], ids["<|endoftext|>"])
+    builder.save_model(LlavaOnevisionForConditionalGeneration, config, folder, seed, init_std, ids["<|im_end|>"], ids["<|endoftext|>"])
     LlavaOnevisionProcessor(
         image_processor=LlavaOnevisionImageProcessor(size={"height": crop, "width": crop}, image_grid_pinpoints=pinpoints,
                                                      image_mean=[0.5] * 3, image_std=[0.5] * 3),
@@ -309,8 +290,8 @@ def _gemma3(folder: Path, seed: int, init_std: float) -> None:
         mm_tokens_per_image=4, boi_token_index=vocab["<start_of_image>"], eoi_token_index=vocab["<end_of_image>"],
         image_token_index=vocab["<image_soft_token>"], initializer_range=init_std,
     )
-    _save_model(Gemma3ForConditionalGeneration, config, folder, seed, init_std, [1, end_of_turn], 0,
-                randomize=("language_model", "lm_head", "multi_modal_projector", "mm_input_projection"))
+    builder.save_model(Gemma3ForConditionalGeneration, config, folder, seed, init_std, [1, end_of_turn], 0,
+                       randomize=("language_model", "lm_head", "multi_modal_projector", "mm_input_projection"))
     Gemma3Processor(image_processor=Gemma3ImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer,
                     chat_template=GEMMA3_TEMPLATE, image_seq_length=4).save_pretrained(folder)
 
@@ -337,8 +318,8 @@ def _qwen3_5(folder: Path, seed: int, init_std: float, moe: bool = False) -> Non
     vision = _qwen3_vision(init_std)
     del vision["deepstack_visual_indexes"]
     config = config_class(text_config=text, vision_config=vision, tie_word_embeddings=False, **_vision_ids(ids))
-    _save_model(model_class, config, folder, seed, init_std, ids["<|im_end|>"], ids["<|endoftext|>"], randomize=(),
-                adjust=_long_memory)
+    builder.save_model(model_class, config, folder, seed, init_std, ids["<|im_end|>"], ids["<|endoftext|>"], randomize=(),
+                       adjust=_long_memory)
     _save_processor(tokenizer, folder, chat_template=QWEN3_5_TEMPLATE)
 
 

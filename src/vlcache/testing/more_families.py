@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import _train_tokenizer
+from . import _train_tokenizer, builder
 
 # zai-org/GLM-4.1V-9B-Thinking, reduced: [gMASK]<sop>, role headers, media as begin/end-marked placeholders.
 GLM4V_TEMPLATE = (
@@ -92,9 +92,7 @@ def _text(tokenizer, ids: dict, init_std: float, eos: str = "<|im_end|>", **extr
 
 
 def _save(model_class, config, folder, seed, init_std, ids, eos="<|im_end|>", randomize=("language_model", "lm_head", "projector")):
-    from .families import _save_model
-
-    _save_model(model_class, config, folder, seed, init_std, ids[eos], ids["<|endoftext|>"], randomize=randomize)
+    builder.save_model(model_class, config, folder, seed, init_std, ids[eos], ids["<|endoftext|>"], randomize=randomize)
 
 
 # -- GLM-4.1V, GLM-4.5V and GLM-4.6V ------------------------------------------------------------------------------------
@@ -353,7 +351,6 @@ def _gemma4(folder: Path, seed: int, init_std: float, kind: str, sizes: dict) ->
     from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
 
     from . import gemma_tokenizer
-    from .families import _save_model
 
     init_std = 0.02  # Gemma's scaled embeddings and (1 + w) norms saturate into one repeated token above this
     specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<|turn>", "<turn|>", "<|image>", "<image|>", "<|image|>",
@@ -378,8 +375,8 @@ def _gemma4(folder: Path, seed: int, init_std: float, kind: str, sizes: dict) ->
         audio_config=None, boi_token_id=vocab["<|image>"], eoi_token_id=vocab["<image|>"], image_token_id=vocab["<|image|>"],
         video_token_id=vocab["<|video|>"], boa_token_id=vocab["<|audio>"], eoa_token_index=vocab["<audio|>"],
         audio_token_id=vocab["<|audio|>"])))
-    _save_model(Gemma4ForConditionalGeneration, config, folder, seed + 2, init_std, [1, end_of_turn], 0,
-                randomize=("language_model", "lm_head", "embed_vision"))
+    builder.save_model(Gemma4ForConditionalGeneration, config, folder, seed + 2, init_std, [1, end_of_turn], 0,
+                       randomize=("language_model", "lm_head", "embed_vision"))
     pixels = dict(patch_size=4, max_soft_tokens=70, pooling_kernel_size=3)
     Gemma4Processor(feature_extractor=Gemma4AudioFeatureExtractor(),
                     image_processor=Gemma4ImageProcessor(**_sized(sizes, "image", pixels)), tokenizer=tokenizer,

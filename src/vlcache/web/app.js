@@ -488,13 +488,15 @@ const bytes = (n) => {
   return `${i ? n.toFixed(1) : n} ${units[i]}`;
 };
 
-function ago(unix) {
-  if (!unix) return "not used yet";
+// When a state was made (the listing shows no one's last use: that would tell what other clients ask about).
+function ago(created) {
+  const unix = Date.parse(created) / 1000;
+  if (!unix) return "made at an unknown time";
   const s = Math.max(0, Date.now() / 1000 - unix);
-  if (s < 60) return "used just now";
-  if (s < 3600) return `used ${Math.round(s / 60)} min ago`;
-  if (s < 86400) return `used ${Math.round(s / 3600)} h ago`;
-  return `used ${Math.round(s / 86400)} days ago`;
+  if (s < 60) return "made just now";
+  if (s < 3600) return `made ${Math.round(s / 60)} min ago`;
+  if (s < 86400) return `made ${Math.round(s / 3600)} h ago`;
+  return `made ${Math.round(s / 86400)} days ago`;
 }
 
 async function refreshStates() {
@@ -528,7 +530,7 @@ async function refreshStates() {
     title.textContent = label;
     const detail = document.createElement("div");
     detail.className = "muted small";
-    detail.textContent = `${bytes(s.bytes)} · ${ago(s.last_used)} · ${s.id.slice(0, 8)}`;
+    detail.textContent = `${bytes(s.bytes)} · ${ago(s.created)} · ${s.id.slice(0, 8)}`;
     text.title = `${sizes}${s.system_prompt ? `\nsystem prompt: ${s.system_prompt}` : ""}`;
     text.append(title, detail);
     item.append(text, button("Ask", "Start a chat about this state", () => { startChat(s.id, `(${label})`); closeSideOnPhone(); }));

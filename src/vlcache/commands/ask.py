@@ -1,0 +1,83 @@
+"""`vlcache ask` (and the guide's run_smart_prompt.py): questions about cache files, an image, or text alone."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from ..console import add_timings, check_prompt, print_answer, print_streamed, read_prompts
+from ..defaults import DEFAULT_SYSTEM_PROMPT
+from ..errors import VlcacheError
+from .common import (check_media_arg, compile_steps, first_metadata, last, load_engine, model_named_by, one_command,
+                     server_url_of)
+
+
+def run_ask(args: argparse.Namespace) -> int:
+    from ..batch import expand_caches
+
+    url = server_url_of(args)
+    if url:
+        from .. import remote
+
+        return remote.ask(args, url)
+    prompts = read_prompts(args)
+    for i, text in enumerate(prompts):
+        check_prompt(text, "--prompt" if len(prompts) == 1 else f"prompt {i + 1}")
+    caches = expand_caches(args.caches) if args.caches else []
+    meta = first_metadata(caches)
+    model = args.model or (model_named_by(meta) if meta else None)
+    if args.image:
+        check_media_arg(args.image)
+    start = time.perf_counter()
+    engine = load_engine(model, args, meta)
+    compile_steps(engine, one_command(args), [1])
+    extra = {"model_load_s": time.perf_counter() - start}
+    if args.image:  # the uncached path: process the image now, in memory
+        start = time.perf_counter()
+        state = engine.cache([args.image], system_prompt=args.system_prompt or DEFAULT_SYSTEM_PROMPT)
+        extra["image_prefill_s"] = time.perf_counter() - start
+        return _ask_state(engine, state, args.image, prompts, args, extra, single=len(prompts) == 1)
+    if not caches:
+        return _ask_text_only(engine, prompts, args, extra)
+    failed = 0
+    for cache in caches:
+        try:
+            start = time.perf_counter()
+            state = engine.load_state(cache)
+            extra["state_load_s"] = time.perf_counter() - start
+        except VlcacheError as exc:
+            if len(caches) == 1:
+                raise
+            print(f"error: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        _ask_state(engine, state, str(cache), prompts, args, extra, single=len(prompts) == 1 and len(caches) == 1)
+    return 1 if failed else 0
+
+
+def _ask_state(engine, state, label: str, prompts: list[str], args: argparse.Namespace, extra: dict, single: bool) -> int:
+    """One question about one source prints (and may stream) the bare answer; otherwise one per pair."""
+    options = (args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    if single:
+        print_streamed(engine.stream(state, prompts[0], *options), args, extra)
+        return 0
+    if args.sequential:
+        answers = [engine.ask(state, p, *options) for p in prompts]
+    else:
+        answers = engine.ask_many(state, prompts, *options)
+    for prompt_text, answer in zip(prompts, answers):
+        add_timings(answer, extra)
+        print_answer(answer, args, cache=label, prompt=prompt_text)
+    return 0
+
+
+def _ask_text_only(engine, prompts: list[str], args: argparse.Namespace, extra: dict) -> int:
+    for prompt_text in prompts:
+        stream = engine.stream(None, prompt_text, args.max_new_tokens, args.temperature, args.top_p, args.seed,
+                               system_prompt=args.system_prompt)
+        if len(prompts) == 1:
+            print_streamed(stream, args, extra)
+        else:
+            print_answer(last(stream).answer, args, cache=None, prompt=prompt_text)
+    return 0

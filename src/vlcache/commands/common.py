@@ -1,0 +1,117 @@
+"""What several commands share: the server they go through, the model load and its stderr lines, the decode
+steps, which model a cache file names, and the media checks made before the model loads."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+from ..console import info
+from ..errors import VlcacheError
+
+
+def server_url_of(args: argparse.Namespace) -> str | None:
+    from ..client import server_url
+
+    return server_url(getattr(args, "server", None))
+
+
+def load_engine(model: str | None, args: argparse.Namespace, meta=None):
+    """Load the model (--device, --dtype, else the dtype of the cache `meta` describes, else auto) with the CLI's
+    two stderr lines; transformers' own output only with --verbose."""
+    from ..engine import Engine
+    from ..model import default_model, quiet_transformers
+
+    quiet_transformers(verbose=getattr(args, "verbose", False))
+    name = model or default_model()
+    dtype = args.dtype or (meta.dtype if meta is not None else "auto")
+    if args.dtype and args.dtype != "auto":
+        why = f"--dtype {args.dtype}"
+    elif not args.dtype and meta is not None:
+        why = "the cache's dtype"
+    else:
+        why = None  # --dtype auto chose: the engine says why
+    info(f"loading {name} ({args.device}, {dtype})...")
+    start = time.perf_counter()
+    engine = Engine.load(name, device=args.device, dtype=dtype)
+    info(f"loaded in {time.perf_counter() - start:.1f}s on {engine.device} as "
+         f"{str(engine.dtype).removeprefix('torch.')} ({why or engine.dtype_reason})")
+    return engine
+
+
+def one_command(args: argparse.Namespace) -> str:
+    """--compile for a command that answers and ends: auto is off (it cannot pay back a compile). The guide's
+    scripts share ask's flags but not this one: off for them too."""
+    mode = getattr(args, "compile", "auto")
+    return "off" if mode == "auto" else mode
+
+
+def compile_steps(engine, mode: str, buckets: list[int]) -> None:
+    """Choose the decode step (decode.probe) and say which, and why, on stderr."""
+    if mode == "off":
+        return
+    info(f"preparing decode steps ({mode}) for {len(buckets)} batch size(s): {', '.join(map(str, buckets))}...")
+    status = engine.compile_steps(mode, buckets)
+    info(f"decode steps: {status['step']} ({status['reason']})")
+
+
+def first_metadata(caches: list):
+    """The metadata of the first readable cache (which model and dtype to load); one file's error if none is."""
+    from ..state import read_metadata
+
+    error = None
+    for cache in caches:
+        try:
+            return read_metadata(cache)
+        except VlcacheError as exc:
+            error = error or exc
+    if error is not None:
+        raise error
+    return None
+
+
+def model_named_by(meta) -> str:
+    """The model a cache file names, when no --model or VLCACHE_MODEL says otherwise: a stranger's file must not
+    decide what is downloaded, so only a local folder or a model already in the Hugging Face cache is taken."""
+    from ..model import MODEL_ENV_VAR, is_available_locally
+
+    if not is_available_locally(meta.model):
+        if os.environ.get(MODEL_ENV_VAR):
+            return os.environ[MODEL_ENV_VAR]
+        raise VlcacheError(
+            f"the cache was made with {meta.model}, which is not on this machine; pass --model {meta.model} to "
+            "download and use it (vlcache does not download what a cache file names on its own)"
+        )
+    info(f"using {meta.model}, the model the cache names")
+    return meta.model
+
+
+def _check_image_arg(path: str) -> None:
+    # Fail before the model load (seconds to minutes) when the image cannot even be opened.
+    from ..images import load_image
+
+    load_image(path)
+
+
+def check_media_arg(path: str) -> None:
+    """An image opens; a video's container is probed (no frame decoded): before the model load."""
+    from .. import video
+
+    if not video.is_video_path(path):
+        return _check_image_arg(path)
+    data, name = video.read_video_bytes(path)
+    video.probe(data, name, video.MAX_DECODE_PIXELS)
+
+
+def media_words(meta) -> str:
+    return "image and video" if any(p["type"] == "video" for p in meta.parts) else "image"
+
+
+def last(iterable):
+    item = None
+    for item in iterable:
+        pass
+    return item
+
+
