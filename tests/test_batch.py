@@ -52,8 +52,9 @@ def test_batch_on_another_image(engine):
 
 
 def test_rows_hold_the_prefix_and_all_go_through_the_rows_attention(engine, astronaut_state, monkeypatch):
-    """One decode path: each row's slot holds a copy of the state's K/V, and every layer of the prefill and of
-    each decode step attends through RowsCache.attend."""
+    """One decode path: each row reads the state's K/V through its block table, both rows through the same
+    blocks (one physical copy), and every layer of the prefill and of each decode step attends through
+    RowsCache.attend."""
     from vlcache import decode
 
     batch = engine.batch()
@@ -64,7 +65,10 @@ def test_rows_hold_the_prefix_and_all_go_through_the_rows_attention(engine, astr
     n = astronaut_state.num_tokens
     for (_, layer), (k, v) in zip(batch.cache.attention_layers(), astronaut_state.kv):
         for slot in range(2):
-            assert torch.equal(layer._keys[slot, :, :n], k[0]) and torch.equal(layer._values[slot, :, :n], v[0])
+            keys, values = layer.tokens(slot, 0, n)
+            assert torch.equal(keys, k) and torch.equal(values, v)
+    for tables in batch.cache.kinds.values():
+        assert tables.rows[0] == tables.rows[1] and tables.pool.used == -(-n // tables.block_size)
     calls = []
     real = decode.RowsCache.attend
     monkeypatch.setattr(decode.RowsCache, "attend", lambda self, *a: calls.append(a[0].shape[2]) or real(self, *a))

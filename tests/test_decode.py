@@ -14,6 +14,7 @@ from transformers.generation.logits_process import (
 from conftest import SYSTEM, photo
 from test_families import KINDS, PIXELS
 from vlcache import Engine, decode
+from vlcache.decode import kvpool as kvpool_module
 from vlcache.decode import rows as rows_module
 from vlcache.decode.sampling import RowSampling, SamplingParams
 from vlcache.decode.step import StepRunner
@@ -187,18 +188,22 @@ def test_control_a_length_not_advanced_is_caught(engine, astronaut_state, monkey
 
 
 def test_a_slot_that_changes_hands_is_cleared_and_control(engine, astronaut_state, states_for_slots, monkeypatch):
-    """A row whose state is NaN leaves; the row that takes its slot answers as it would alone, next to a longer
-    row (so the step spans the stale slots). Without the clearing (control), the stale NaN slots poison it:
-    0 probability times NaN is NaN."""
+    """Rows whose state is NaN leave; the row that takes their slot (and their freed blocks) answers as it would
+    alone, next to a longer row (so the step spans the stale positions). Without zeroing reused blocks (control),
+    the stale NaN poisons it: 0 probability times NaN is NaN."""
     good, poisoned = states_for_slots
 
     def run():
         batch = engine.batch()
         question = engine.question_ids(good.metadata.messages, QUESTIONS[0])
         long_q = engine.question_ids(poisoned.metadata.messages, "Describe everything in this picture in great detail.")
+        # Two poisoned rows (two prefixes: two copies in the blocks) leave; their freed blocks keep NaN, more
+        # of them than the next two prefixes take again.
         batch.add(engine.state_prefix(poisoned), SamplingParams(0.0), 4, long_q[0])
-        batch.sample(batch.prefill([long_q[0]]))
-        batch.remove(0)  # the poisoned row leaves; its slot keeps what it wrote
+        batch.add(engine.state_prefix(poisoned), SamplingParams(0.0), 4, long_q[0])
+        batch.sample(batch.prefill([long_q[0], long_q[0]]))
+        batch.remove(1)
+        batch.remove(0)
         batch.add(engine.state_prefix(good), SamplingParams(0.0), N, question[0])
         batch.add(engine.state_prefix(astronaut_state), SamplingParams(0.0), N, long_q[0])
         tokens = []
@@ -210,7 +215,7 @@ def test_a_slot_that_changes_hands_is_cleared_and_control(engine, astronaut_stat
 
     expected = engine.ask(good, QUESTIONS[0], max_new_tokens=N, temperature=0).token_ids
     assert run() == expected
-    monkeypatch.setattr(rows_module.RowsLayer, "clear", lambda self, slot, start, end: None)
+    monkeypatch.setattr(kvpool_module.KVPool, "zero", lambda self, kind, block: None)  # reused blocks keep NaN
     assert run() != expected
 
 
@@ -287,11 +292,14 @@ def test_the_server_decodes_through_the_compiled_step_and_reports_it(engine, tmp
     finally:
         live.close()
     engine.compile_steps("on", buckets=[1, 2, 4], backend="eager")
-    live = LiveServer(engine, tmp_path / "traced")
+    live = LiveServer(engine, tmp_path / "traced", kv_memory=64 * 2**20)  # --kv-memory: admission by blocks
     try:
         assert answers(live) == expected
         health = live.get("/health")[1]
         assert health["decode"]["step"] == "traced (eager backend)" and health["decode"]["buckets"] == [1, 2, 4]
+        kv = health["kv"]  # all answered: nothing reserved or used, the pool's blocks per layer kind
+        assert kv["kv_memory"] == 64 * 2**20 and kv["reserved_bytes"] == kv["used_bytes"] == 0
+        assert kv["blocks"]["full"]["used"] == kv["blocks"]["full"]["shared"] == 0 and kv["blocks"]["full"]["peak"] > 0
     finally:
         live.close()
         engine.compile_steps("off")

@@ -310,14 +310,25 @@ def test_memory_grows_with_what_rows_hold_not_with_their_limits(engine, states):
             scheduler.submit(other)
             time.sleep(0.01)
         assert all(done.wait(60) for _, _, done in others)
+        from vlcache.decode.blocks import NULL, RESERVED, blocks_for
         from vlcache.decode.rows import CAPACITY_STEP
 
-        cache = scheduler._batch.cache
-        longest = cache.book.longest()
-        layer = cache.attention_layers()[0][1]
-        # grown to what rows hold (prefix and tokens, in steps), not to 4,000 more slots
-        assert made == [1] and layer._keys.shape[2] <= 2 * (longest + CAPACITY_STEP) < 4000
-        assert cache.book.keys.shape[1] == layer._keys.shape[2]
+        def look():  # on the model thread, between steps: the rocket row goes on decoding meanwhile
+            cache = scheduler._batch.cache
+            (kind, tables), = cache.kinds.items()
+            prefix_blocks = cache.pool.held[cache.book.prefixes[0]].blocks[kind]
+            return {"longest": cache.book.longest(), "capacity": cache.book.capacity, "row": list(tables.rows[0]),
+                    "size": tables.block_size, "pool_capacity": tables.pool.capacity, "peak": tables.pool.peak,
+                    "used": tables.pool.used, "held": len(cache.pool.held), "prefix": prefix_blocks,
+                    "one_pool": scheduler._prefill is None and cache.pool is scheduler._pool}
+
+        seen = scheduler.call(look).result(60)
+        # grown to what rows hold (prefix and tokens, in blocks), not to 4,000 more positions
+        assert made == [1] and seen["capacity"] <= 2 * (seen["longest"] + CAPACITY_STEP) < 4000
+        assert NULL not in seen["row"] and len(seen["row"]) == blocks_for(seen["longest"], seen["size"])
+        assert seen["pool_capacity"] <= 2 * seen["peak"] + RESERVED and seen["one_pool"]
+        # Nothing else holds a block: the twelve rows that finished, their state and the prefill batches gave theirs back.
+        assert seen["held"] == 1 and seen["used"] == len(set(seen["row"]) | set(seen["prefix"]))
         job.cancelled.set()
         assert finished.wait(60)
     finally:

@@ -252,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="most requests decoded together (default: 16)")
     serve.add_argument("--max-queue", metavar="N", type=non_negative_int, default=64,
                        help="requests that may wait beyond the batch; more get 429 (default: 64)")
+    serve.add_argument("--kv-memory", metavar="SIZE", type=byte_size, default=None,
+                       help="memory for the running requests' K/V blocks; a request that does not fit waits in the queue "
+                            "(default: half the device's free memory at start)")
     serve.add_argument("--prefill-chunk", metavar="N", type=positive_int, default=256,
                        help="most prefill tokens between two decode steps (default: 256)")
     serve.add_argument("--max-state-bytes", metavar="SIZE", type=byte_size, default=None,

@@ -367,7 +367,7 @@ class Engine:
     def ask_many(self, state: ImageState, prompts: Sequence[str], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                  temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
                  **extras) -> list[Answer]:
-        """Answer several prompts about one state in one batched generation (rows over copies of the state).
+        """Answer several prompts about one state in one batched generation (rows reading one copy of the state).
 
         With greedy decoding each answer equals asking its prompt alone. With sampling and a seed, row i
         samples with seed + i, so a batch is repeatable. `extras`: as for ask (a constraint factory makes one
@@ -426,10 +426,11 @@ class Engine:
     def state_prefix(self, state: ImageState) -> decode.Prefix:
         return decode.Prefix(kv=state.kv, tokens=state.num_tokens, rope_delta=_delta(state))
 
-    def batch(self) -> decode.Batch:
-        """An empty batch of rows on this engine's model: what every question decodes in."""
+    def batch(self, pool: decode.KVPool | None = None) -> decode.Batch:
+        """An empty batch of rows on this engine's model: what every question decodes in. `pool`: K/V blocks
+        shared with other batches (a state written once for all their rows), else its own."""
         return decode.Batch(self.model, self.family.positions, self.eos_ids, self.device, self.dtype, runner=self.runner,
-                            tokenizer=getattr(self.processor, "tokenizer", self.processor))
+                            tokenizer=getattr(self.processor, "tokenizer", self.processor), pool=pool)
 
     def stream_ids(self, prefix: decode.Prefix, history: torch.Tensor, new_ids: torch.Tensor,
                    options: GenerationOptions, batch: decode.Batch | None = None) -> Iterator[Delta]:

@@ -32,7 +32,10 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.ray:
         return _serve_on_ray(args, options)
     engine = load_engine(args.model, args)
+    from ..decode.kvpool import default_kv_memory
     from ..decode.rows import bucket
+
+    options.kv_memory = args.kv_memory or default_kv_memory(engine.device)
 
     buckets = sorted({bucket(n) for n in range(1, args.max_batch + 1)})
     compile_steps(engine, args.compile, buckets)
@@ -50,7 +53,8 @@ def serve_options(args: argparse.Namespace, cache_dir, local):
     return ServeOptions(cache_dir=cache_dir, memory_budget=args.memory_budget, allow_remote_images=args.allow_remote_images,
                         allow_private_urls=args.allow_private_urls, max_image_pixels=args.max_image_pixels,
                         allow_local_files=local, max_body_bytes=args.max_body, max_batch=args.max_batch,
-                        max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, max_state_bytes=args.max_state_bytes,
+                        max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, kv_memory=args.kv_memory,
+                        max_state_bytes=args.max_state_bytes,
                         max_uploads=args.max_uploads, max_downloads=args.max_downloads, upload_quota=args.upload_quota,
                         media_workers=args.media_workers,
                         video_decode_pixels=args.video_decode_pixels, media=MediaOptions(fps=args.fps, max_frames=args.max_frames),

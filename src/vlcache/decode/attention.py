@@ -39,7 +39,7 @@ def install(model) -> None:
 def forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor, cache, logical: torch.Tensor,
             counts: list[int], batch: int | None = None, span: int | None = None) -> torch.Tensor:
     """New tokens for the rows of `cache` (left-padded; `counts` real tokens per row); logits of the last [B, V]."""
-    cache.book.begin(logical, counts, batch, span)
+    cache.begin(logical, counts, batch, span)
     out = model(input_ids=input_ids, position_ids=position_ids, cache=cache, use_cache=True, logits_to_keep=1,
                 vlcache_rows=cache)
     return out.logits[:, -1, :]

@@ -1,31 +1,34 @@
-"""A batch of independent rows: each row continues from its own prefix, in a slot of its own.
+"""A batch of independent rows: each row continues from its own prefix, reading K/V through a block table.
 
-Rows join and leave between forwards. A row's slot in every attention layer's buffer [rows, kv_heads,
-capacity, D] holds its prefix (an image state's K/V, copied in when the row joins) followed by its own tokens
-(question and answer so far). Copying the prefix, rather than referencing it from the attention, is what
-makes every forward one batched attention over fixed-shape buffers: no per-prefix grouping in Python, so a
-decode step has the same shapes from one token to the next and can be compiled and captured as a CUDA graph
-(docs/benchmarks.md measures the copy against the step). A row that leaves is replaced by the last one, so
-the running rows are always the first B slots.
+Rows join and leave between forwards. Every attention layer keeps its K/V in fixed-size blocks [blocks,
+kv_heads, block_size, D] (decode.blocks); a row's block table names, for every block_size positions, the block
+that holds them. A prefix (an image state's K/V) is written into blocks once, by the first row that uses it;
+every further row on the same Prefix object references those blocks (reference counts) and owns only the blocks
+of its own tokens (question and answer so far). The prefix's partly filled last block is copied when a row
+first writes into it (copy-on-write), so no row ever changes another's keys. A forward gathers each row's blocks
+into [rows, kv_heads, span, D] in position order, so the attention below is the one of a contiguous layout;
+every forward is one batched attention with shapes that depend only on the rows and the span (a multiple of
+the block size), which a compiled step can fix. A row that leaves releases its blocks and is replaced by the
+last one (its block table moves, no K/V is copied), so the running rows are always the first B.
 
 Which keys a query sees is decided from logical positions (a row's unpadded sequence index), kept per slot
 in `RowsBook.keys` (-1: empty): padding, causality and sliding windows give each row exactly what it would
-compute alone. A sliding-window layer's state holds only the last window - 1 prefix tokens; they are copied
-to the slots of their positions and the slots before them stay zero, outside every later query's window.
+compute alone. A sliding-window layer's state holds only the last window - 1 prefix tokens; they are written
+to the blocks of their positions and the blocks before them are NULL (zeros), outside every later query's window.
 A chunked layer (Llama 4's local attention: a query sees a key only in its own chunk of C positions, k // C
 == q // C) is kept the same way: its state holds the tokens of the prefix's last, unfinished chunk (n % C of
 them, none when n is a multiple of C), and its mask is keyed by a Chunked(C) beside the windows.
 
 New tokens of unequal length are padded on the left (so that every row's last column is a real token and
-logits_to_keep=1 works); padding is written after the row's real tokens, in slots marked empty, and is
-overwritten later. Linear-attention layers (Qwen3.5) keep a per-row (conv, recurrent) state in slot buffers;
-they cannot be padded into, so callers give them rows of equal length. A layer that reads another layer's
+logits_to_keep=1 works); padding's K/V go to the SCRATCH block, which no table names. Linear-attention
+layers (Qwen3.5) keep a per-row (conv, recurrent) state in slot buffers (small: never shared); they cannot be
+padded into, so callers give them rows of equal length. A layer that reads another layer's
 K/V (Gemma 4's shared layers: transformers gives them a DummyLayer, and the model hands them the K/V its
 source layer's update returned) keeps nothing here, and its prefix is (None, None). Layers may differ in
 K/V shape (Gemma 4's full-attention layers have their own head size and head count).
 
-Slots a previous row wrote past the new occupant's length are zeroed when the slot changes hands: masked
-keys still go through the matmuls, and a probability of 0 times a stale NaN is NaN.
+A block taken from the free list is zeroed before a row writes into it: masked keys still go through the
+matmuls, and a probability of 0 times a stale NaN (another row's) is NaN.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ from transformers import DynamicCache
 from transformers.cache_utils import DummyLayer, DynamicLayer, LinearAttentionLayer
 
 from ..families.base import kv_shapes
+from .blocks import BLOCK_SIZE, NULL, SCRATCH, BlockTables
+from .kvpool import KVPool
 
 
 @dataclass(eq=False)
@@ -73,21 +78,22 @@ def _grow(have: int, need: int, step: int) -> int:
 
 
 class RowsBook:
-    """Per slot: the logical position of every cache slot (-1: none), how many slots hold real tokens; and the
+    """Per slot: the logical position of every cache position (-1: none), how many hold real tokens; and the
     layout of the forward in progress (where its tokens go, their positions, the attention biases)."""
 
-    def __init__(self, device, windows: tuple, chunks: tuple = ()):
+    def __init__(self, device, windows: tuple, chunks: tuple = (), align: int = 1):
         self.device = device
         self.windows = windows  # the model's sliding windows (None: full attention)
         self.chunks = chunks  # the model's attention chunk sizes (chunked local attention)
+        self.align = align  # a forward's span is a multiple of this (the K/V block size)
         self.keys = torch.full((0, 0), -1, dtype=torch.long, device=device)
         self.lengths: list[int] = []  # real tokens per running row (prefix included)
-        self.dirty: list[int] = []  # per slot: slots written so far (zeroed when the slot changes hands)
         self.prefixes: list[Prefix] = []
         # Set by begin() for the forward in progress:
         self.batch = 0  # rows in the forward (the running rows, or a fixed bucket of them)
-        self.span = 0  # slots the layers look at
-        self.write: torch.Tensor | None = None  # [batch, L] slot each new token goes to
+        self.span = 0  # positions the layers look at
+        self.write: torch.Tensor | None = None  # [batch, L] position each new token goes to
+        self.valid: torch.Tensor | None = None  # [batch, L] which of them are real tokens (not padding, not idle)
         self.masks: dict = {}  # window or Chunked -> additive bias [batch, 1, g*L, span] (g folded in by the attention)
         self.queries: torch.Tensor | None = None  # [batch, L] logical positions of the forward's tokens
 
@@ -109,7 +115,7 @@ class RowsBook:
     def begin(self, logical: torch.Tensor, counts: list[int], batch: int | None = None, span: int | None = None) -> None:
         """Lay out a forward's new tokens: `logical` [B, L] positions, `counts` real (unpadded, right-aligned)
         tokens per row. `batch`/`span`: a fixed shape (rows beyond the running ones are idle and write nothing
-        that is read; span the whole capacity); by default the running rows and the slots in use."""
+        that is read; span the whole capacity); by default the running rows and the positions in use."""
         rows, width = logical.shape
         batch = batch or rows
         need = max((n + width for n in self.lengths[:rows]), default=width)
@@ -121,33 +127,27 @@ class RowsBook:
             logical = torch.cat([logical, logical.new_zeros(batch - rows, width)])
         column = torch.arange(width, device=device)
         valid = column.unsqueeze(0) >= (width - counts_t).unsqueeze(1)
-        # Real tokens go right after the row's real tokens, padding after them (slots that stay marked empty).
+        # Real tokens go right after the row's real tokens, padding after them (positions that stay marked empty).
         order = torch.remainder(column - (width - counts_t).unsqueeze(1), width)
-        self.write = starts.unsqueeze(1) + order
+        self.write, self.valid = starts.unsqueeze(1) + order, valid
         self.keys[:batch].scatter_(1, self.write, torch.where(valid, logical, torch.full_like(logical, -1)))
-        for i in range(batch):
-            self.dirty[i] = max(self.dirty[i], (self.lengths[i] if i < rows else 0) + width)
         for i, n in enumerate(counts):
             self.lengths[i] += n
         self.batch = batch
-        self.span = span or need  # every slot a row has written or writes now
+        self.span = span or -(-need // self.align) * self.align  # every position a row has written or writes now
         keys = self.keys[:batch, : self.span]
         self.masks = {window: _bias(keys, logical, window) for window in self.windows}
         self.masks.update({Chunked(size): _bias(keys, logical, None, size) for size in self.chunks})
         self.queries = logical
 
     def reserve(self, rows: int, length: int) -> bool:
-        """Room for `rows` slots of `length`; True if the buffers were reallocated."""
+        """Room for `rows` rows of `length`; True if the table of positions was reallocated."""
         have_rows, have_len = self.keys.shape
-        while len(self.dirty) < rows:
-            self.dirty.append(0)
         if rows <= have_rows and length <= have_len:
             return False
         grown = self.keys.new_full((max(_grow(have_rows, rows, 1), 4), _grow(have_len, length, CAPACITY_STEP)), -1)
         grown[:have_rows, :have_len] = self.keys
         self.keys = grown
-        while len(self.dirty) < grown.shape[0]:
-            self.dirty.append(0)
         return True
 
 
@@ -174,59 +174,52 @@ def shared_rows(bias: torch.Tensor, length: int) -> torch.Tensor:
 
 
 class RowsLayer(DynamicLayer):
-    """An attention layer's buffers for all slots; the forward sees the first `batch` rows and `span` slots.
-    `sliding_window` or `chunk` (chunked local attention) say what later queries can still see of a row."""
+    """An attention layer's K/V blocks [blocks, kv_heads, block_size, D] (in the KVPool), read through its
+    kind's block tables; the forward sees the first `batch` rows and `span` positions. `sliding_window` or
+    `chunk` (chunked local attention) say what later queries can still see of a row."""
 
-    def __init__(self, book: RowsBook, sliding_window: int | None = None, chunk: int | None = None):
+    def __init__(self, book: RowsBook, tables: BlockTables, pool: KVPool, index: int, sliding_window: int | None = None,
+                 chunk: int | None = None):
         super().__init__()
-        self.book, self.sliding_window, self.chunk = book, sliding_window, chunk
-        self._keys: torch.Tensor | None = None
-        self._values: torch.Tensor | None = None
+        self.book, self.tables, self.pool, self.index = book, tables, pool, index
+        self.sliding_window, self.chunk = sliding_window, chunk
         self.is_initialized = True
         self.keys = self.values = None
+
+    @property
+    def _keys(self) -> torch.Tensor | None:
+        return self.pool.keys.get(self.index)
+
+    @property
+    def _values(self) -> torch.Tensor | None:
+        return self.pool.values.get(self.index)
 
     def get_seq_length(self) -> int:
         return self.book.span
 
     def update(self, key_states, value_states, *args, **kwargs):
-        book = self.book
-        self.reserve(key_states, book.keys.shape[0], book.capacity)
-        rows = torch.arange(book.batch, device=key_states.device).unsqueeze(1)
-        self._keys[rows, :, book.write] = key_states.transpose(1, 2)
-        self._values[rows, :, book.write] = value_states.transpose(1, 2)
-        return self._keys[: book.batch, :, : book.span], self._values[: book.batch, :, : book.span]
-
-    def reserve(self, like: torch.Tensor, rows: int, length: int) -> None:
-        if self._keys is not None and rows <= self._keys.shape[0] and length <= self._keys.shape[2]:
-            return
-        old = self._keys.shape if self._keys is not None else (0, like.shape[1], 0, like.shape[-1])
-        shape = (max(rows, old[0]), like.shape[1], max(length, old[2]), like.shape[-1])
-        for name in ("_keys", "_values"):
-            # Zeros, not empty memory: masked slots still go through the matmuls, and 0 * NaN garbage is NaN.
-            buffer = like.new_zeros(shape)
-            if getattr(self, name) is not None:
-                buffer[: old[0], :, : old[2]] = getattr(self, name)
-            setattr(self, name, buffer)
-
-    def put(self, slot: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Write [kv_heads, n, D] K/V into a slot from `start` on."""
-        n = keys.shape[-2]
-        self._keys[slot, :, start : start + n] = keys
-        self._values[slot, :, start : start + n] = values
-
-    def clear(self, slot: int, start: int, end: int) -> None:
-        if end > start:
-            self._keys[slot, :, start:end] = 0
-            self._values[slot, :, start:end] = 0
+        tables, keys, values = self.tables, self._keys, self._values
+        keys[tables.write_block, :, tables.write_offset] = key_states.transpose(1, 2)
+        values[tables.write_block, :, tables.write_offset] = value_states.transpose(1, 2)
+        return _gather(keys, tables.view), _gather(values, tables.view)
 
     def tokens(self, slot: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A slot's K/V from `start` to `end` as fresh [1, kv_heads, n, D] tensors."""
-        return self._keys[slot : slot + 1, :, start:end].clone(), self._values[slot : slot + 1, :, start:end].clone()
+        """A row's K/V from `start` to `end` as fresh [1, kv_heads, n, D] tensors."""
+        if self._keys is None or end <= start:
+            heads, dim = self.pool.shapes[self.index]
+            empty = torch.zeros(1, heads, max(end - start, 0), dim, dtype=self.pool.dtype, device=self.book.device)
+            return empty, empty.clone()
+        block, offset = self.pool.where(self.tables.table[slot], start, end)
+        return (self._keys[block, :, offset].transpose(0, 1).unsqueeze(0).contiguous(),
+                self._values[block, :, offset].transpose(0, 1).unsqueeze(0).contiguous())
 
-    def copy_slot(self, source: "RowsLayer", source_slot: int, slot: int, length: int) -> None:
-        if length:
-            self._keys[slot, :, :length] = source._keys[source_slot, :, :length]
-            self._values[slot, :, :length] = source._values[source_slot, :, :length]
+
+def _gather(pool: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+    """The K or V of a forward's rows [B, kv_heads, nb * block_size, D] through their block tables `view` [B, nb]:
+    the positions in a row's logical order, as the slot layout before had them (so the attention is unchanged)."""
+    rows, blocks = view.shape
+    _, heads, size, dim = pool.shape
+    return pool[view].transpose(1, 2).reshape(rows, heads, blocks * size, dim)
 
 
 class RowsLinearLayer(LinearAttentionLayer):
@@ -242,7 +235,8 @@ class RowsLinearLayer(LinearAttentionLayer):
 class RowsCache(DynamicCache):
     """The cache of a batch of rows with their own prefixes (see the module docstring)."""
 
-    def __init__(self, config, device, dtype: torch.dtype | None = None):
+    def __init__(self, config, device, dtype: torch.dtype | None = None, block_size: int = BLOCK_SIZE,
+                 pool: KVPool | None = None):
         super().__init__(config=config)
         text = config.get_text_config()
         # transformers builds a chunked layer's cache as a sliding one (window = the chunk size): only the
@@ -265,10 +259,30 @@ class RowsCache(DynamicCache):
             else:
                 windows.add(window)
                 layers.append((window, None))
-        self.book = RowsBook(device, tuple(sorted(windows, key=lambda w: -1 if w is None else w)), tuple(sorted(chunks)))
-        self.layers = [RowsLayer(self.book, *layer) if isinstance(layer, tuple) else layer for layer in layers]
-        self._linear: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> slot buffers (conv, recurrent)
         self._shapes = kv_shapes(text)  # per layer: (kv_heads, head_dim)
+        # The layers of a kind (full, each window, each chunk size) keep the same positions of a row, so one block
+        # id names them in each: one block pool and one set of block tables per kind.
+        kind_layers: dict[tuple, list[int]] = {}
+        for i, layer in enumerate(layers):
+            if isinstance(layer, tuple):
+                kind_layers.setdefault(layer, []).append(i)
+        if pool is None:
+            pool = KVPool(kind_layers, self._shapes, block_size, device, dtype)
+        elif pool.kind_layers != kind_layers or pool.shapes != self._shapes:
+            raise ValueError("the K/V pool was made for another model's layers")
+        self.pool = pool
+        self.book = RowsBook(device, tuple(sorted(windows, key=lambda w: -1 if w is None else w)), tuple(sorted(chunks)),
+                             align=pool.block_size)
+        self.kinds: dict[tuple, BlockTables] = {}
+        for kind in kind_layers:
+            tables = self.kinds[kind] = BlockTables(pool.pools[kind], device)
+            tables.zero = lambda block, kind=kind: pool.zero(kind, block)
+            tables.copy = lambda source, target, kind=kind: pool.copy(kind, source, target)
+        for kind, indices in kind_layers.items():
+            for i in indices:
+                layers[i] = RowsLayer(self.book, self.kinds[kind], pool, i, *kind)
+        self.layers = layers
+        self._linear: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> slot buffers (conv, recurrent)
         self._dtype = dtype
 
     @property
@@ -285,27 +299,23 @@ class RowsCache(DynamicCache):
 
     @torch.inference_mode()  # the batch's buffers are inference tensors: written only in inference mode
     def add(self, prefix: Prefix) -> int:
-        """A new row starting from `prefix` (its K/V copied into the row's slot); returns its slot."""
+        """A new row starting from `prefix`: it references the prefix's blocks (written into the pool by the
+        first row that uses it) and owns only blocks of its own tokens; returns its slot."""
         self._check(prefix)
         slot = self.rows
         book = self.book
         tokens = prefix.tokens
         self._reserve(slot + 1, tokens + 1, prefix)
+        held = self.pool.hold(prefix)
         book.prefixes.append(prefix)
         book.lengths.append(tokens)
         book.keys[slot] = -1
         book.keys[slot, :tokens] = torch.arange(tokens, device=book.device)
+        for kind, tables in self.kinds.items():
+            tables.share_row(held.blocks[kind])
         for i, (a, b) in enumerate(prefix.kv):
-            layer = self.layers[i]
-            if isinstance(layer, RowsLayer):
-                stored = a.shape[-2] if a is not None else 0
-                layer.clear(slot, 0, tokens - stored)  # positions a sliding layer does not keep
-                if stored:
-                    layer.put(slot, tokens - stored, a[0], b[0])
-                layer.clear(slot, tokens, book.dirty[slot])
-            elif isinstance(layer, RowsLinearLayer) and a is not None:
+            if isinstance(self.layers[i], RowsLinearLayer) and a is not None:
                 self._set_linear(i, slot, a[0], b[0])
-        book.dirty[slot] = tokens
         self._bind()
         return slot
 
@@ -334,47 +344,72 @@ class RowsCache(DynamicCache):
 
     @torch.inference_mode()
     def adopt(self, other: "RowsCache", other_slot: int) -> int:
-        """Move a row from another cache (where it was prefilled) into this one; returns its new slot."""
+        """Move a row from another cache (where it was prefilled) into this one; returns its new slot. On the same
+        pool its blocks are referenced (the other cache still holds them until its row is removed); otherwise its
+        prefix's blocks are this pool's (written once here) and its own blocks copied."""
         prefix, length = other.book.prefixes[other_slot], other.book.lengths[other_slot]
         slot = self.rows
         book = self.book
         self._reserve(slot + 1, length + 1, like=other)
+        same = other.pool is self.pool
+        held = self.pool.hold(prefix)
         book.prefixes.append(prefix)
         book.lengths.append(length)
         book.keys[slot] = -1
         book.keys[slot, :length] = other.book.keys[other_slot, :length]
+        for kind, tables in self.kinds.items():
+            theirs = other.kinds[kind].rows[other_slot]
+            if same:
+                tables.share_row(theirs)
+                continue
+            their_prefix, mine = other.pool.held[prefix].blocks[kind], held.blocks[kind]
+            blocks = []
+            for j, block in enumerate(theirs):
+                if block == NULL:
+                    blocks.append(NULL)
+                elif j < len(their_prefix) and block == their_prefix[j]:
+                    tables.pool.hold(mine[j])
+                    blocks.append(mine[j])
+                else:
+                    fresh = tables.pool.allocate()
+                    for i in self.pool.kind_layers[kind]:
+                        self.pool.keys[i][fresh] = other.pool.keys[i][block]
+                        self.pool.values[i][fresh] = other.pool.values[i][block]
+                    blocks.append(fresh)
+            tables.add_row(blocks)
         for i, layer in enumerate(self.layers):
-            if isinstance(layer, RowsLayer):
-                layer.copy_slot(other.layers[i], other_slot, slot, length)
-                layer.clear(slot, length, book.dirty[slot])
-            elif isinstance(layer, RowsLinearLayer):
+            if isinstance(layer, RowsLinearLayer):
                 conv, recurrent = other.layers[i].conv_states[0], other.layers[i].recurrent_states[0]
                 self._set_linear(i, slot, conv[other_slot], recurrent[other_slot])
-        book.dirty[slot] = length
         self._bind()
         return slot
 
     @torch.inference_mode()
     def remove(self, slot: int) -> None:
-        """Drop a row; the last row moves into its slot (so the running rows stay the first B slots)."""
+        """Drop a row, releasing its blocks; the last row moves into its slot (so the running rows stay the first
+        B slots): its block table moves, no K/V is copied."""
         last = self.rows - 1
         book = self.book
+        prefix = book.prefixes[slot]
+        for tables in self.kinds.values():
+            tables.remove_row(slot)
         if slot != last:
-            length = book.lengths[last]
             book.keys[slot] = book.keys[last]
-            book.lengths[slot], book.prefixes[slot] = length, book.prefixes[last]
-            for i, layer in enumerate(self.layers):
-                if isinstance(layer, RowsLayer):
-                    layer.copy_slot(layer, last, slot, length)
-                    layer.clear(slot, length, book.dirty[slot])
-                elif i in self._linear:
-                    for buffer in self._linear[i]:
-                        buffer[slot] = buffer[last]
-            book.dirty[slot] = length
+            book.lengths[slot], book.prefixes[slot] = book.lengths[last], book.prefixes[last]
+            for i in self._linear:
+                for buffer in self._linear[i]:
+                    buffer[slot] = buffer[last]
         book.keys[last] = -1
         book.lengths.pop()
         book.prefixes.pop()
+        self.pool.release(prefix)
         self._bind()
+
+    @torch.inference_mode()
+    def close(self) -> None:
+        """Remove every row (their blocks back to the pool: a batch on a shared pool must be closed)."""
+        for slot in reversed(range(self.rows)):
+            self.remove(slot)
 
     @torch.inference_mode()
     def truncate(self, slot: int, length: int) -> None:
@@ -422,21 +457,42 @@ class RowsCache(DynamicCache):
 
     def _reserve(self, rows: int, length: int, prefix: Prefix | None = None, like: "RowsCache | None" = None) -> None:
         self.book.reserve(rows, length)
-        template = None  # what gives the buffers their dtype (the model's, or the first state's)
+        template = None  # what gives the blocks their dtype (the model's, or the first state's)
         if prefix is not None:
             template = next((k for k, _ in prefix.kv if k is not None and k.dim() == 4), None)
         if like is not None:
             template = next((layer._keys for _, layer in like.attention_layers() if layer._keys is not None), None)
-        for i, layer in self.attention_layers():
-            source = template if template is not None else layer._keys
-            dtype = source.dtype if source is not None else self._dtype
-            heads, dim = self._shapes[i]
-            shape_source = torch.empty(1, heads, 0, dim, dtype=dtype, device=self.book.device)
-            layer.reserve(shape_source, self.book.keys.shape[0], self.book.capacity)
-
+        self.pool.set_dtype(template.dtype if template is not None else None)
+        self.pool.ensure()
+        for tables in self.kinds.values():
+            tables.reserve(self.book.keys.shape[0], self.book.capacity // tables.block_size)
         for i, (conv, recurrent) in list(self._linear.items()):
             if conv.shape[0] < self.book.keys.shape[0]:
                 self._set_linear(i, 0, conv[0], recurrent[0])  # grows the slot buffers (slot 0 rewritten as it is)
+
+    # -- blocks ------------------------------------------------------------------------------------------------
+
+    def begin(self, logical: torch.Tensor, counts: list[int], batch: int | None = None, span: int | None = None) -> None:
+        """Lay out a forward (RowsBook.begin) and where its K/V go: blocks of their own for the positions the rows
+        write (a shared block copied first), the padding's and idle rows' K/V into the SCRATCH block."""
+        starts = self.book.lengths[: len(counts)]
+        for tables in self.kinds.values():
+            for i, n in enumerate(counts):
+                tables.writable(i, starts[i], starts[i] + n)
+        book = self.book
+        book.begin(logical, counts, batch, span)
+        self.pool.ensure()
+        for tables in self.kinds.values():
+            size = tables.block_size
+            tables.reserve(book.keys.shape[0], book.capacity // size)
+            rows = tables.table[: book.batch]
+            tables.write_block = torch.where(book.valid, rows.gather(1, book.write // size), SCRATCH)
+            tables.write_offset = book.write % size
+            tables.view = rows[:, : book.span // size]
+
+    def block_stats(self) -> dict:
+        """The pool's blocks per layer kind (KVPool.stats)."""
+        return self.pool.stats()
 
     def _set_linear(self, i: int, slot: int, conv: torch.Tensor, recurrent: torch.Tensor) -> None:
         buffers = self._linear.get(i)
@@ -466,7 +522,7 @@ class RowsCache(DynamicCache):
         return Chunked(chunk) if chunk else window
 
     def attend(self, query, key, value, scaling, window, layer_idx: int | None = None):
-        """query [B, Hq, L, D], key/value [B, Hkv, S, D] (each row's slots) -> [B, L, Hq, D].
+        """query [B, Hq, L, D], key/value [B, Hkv, S, D] (each row's positions, gathered from its blocks) -> [B, L, Hq, D].
 
         transformers' eager attention, numerically: matmuls in the model dtype, softmax in float32; grouped
         query heads folded into the query dimension so K/V are never repeated."""

@@ -35,6 +35,7 @@ class StepRunner:
         self.model, self.device, self.backend = model, torch.device(device), backend
         self.failed: str | None = None  # why compiled steps stopped (then every step is eager)
         self.shapes: set[tuple[int, int]] = set()  # (bucket, capacity) compiled so far
+        self._variants: set[tuple] = set()  # (bucket, capacity, K/V tensor sizes) run so far
         # Inductor's caches (FX graphs, kernels) under $VLCACHE_HOME, owner-only: a later process reuses them. Set,
         # not defaulted: importing transformers already set it to torch's default in the shared temporary folder.
         try:
@@ -66,14 +67,17 @@ class StepRunner:
         capacity = book.capacity
         padded = torch.cat([logical, logical.new_zeros(size - rows, 1)])
         positions = batch.positions(padded, padded, batch.deltas[:size])
-        book.begin(logical, [1] * rows, batch=size, span=capacity)
+        cache.begin(logical, [1] * rows, batch=size, span=capacity)
         cache._bind(size)
         if self.device.type == "cuda":
             _mark_static(cache)
         # 2. The step. A shape seen before runs with only the guards that tell compiled variants apart (the full
         # check costs about as much as a thin model's whole step, bench/decode.py); should that miss a variant,
         # torch refuses before running anything and the step runs again with every guard.
-        first = (size, capacity) not in self.shapes
+        # The K/V tensors' sizes are part of the shapes too (one that grew is a new variant, compiled with every
+        # guard; on the CPU they are reserved once, decode.kvpool).
+        variant = (size, capacity, tuple(keys.shape[0] for keys in cache.pool.keys.values()))
+        first = variant not in self._variants
         linear = None if not first else [tuple(b.clone() for b in buffers) for buffers in cache._linear.values()]
         try:
             logits = None
@@ -98,17 +102,20 @@ class StepRunner:
         finally:
             cache._bind(rows)
         self.shapes.add((size, capacity))
+        self._variants.add(variant)
         return logits[:rows]
 
 
 def _mark_static(cache) -> None:
-    """The slot buffers are written in place by every step: a CUDA graph may keep their addresses (they change
-    only when the buffers grow, which is a new capacity and so a new graph)."""
+    """The K/V blocks and the block tables are written in place by every step: a CUDA graph may keep their
+    addresses (they change only when a pool or a table grows, which is a new shape and so a new graph)."""
     from torch import _dynamo
 
     for _, layer in cache.attention_layers():
         for buffer in (layer._keys, layer._values):
             _dynamo.mark_static_address(buffer)
+    for tables in cache.kinds.values():
+        _dynamo.mark_static_address(tables.table)
     for buffers in cache._linear.values():
         for buffer in buffers:
             _dynamo.mark_static_address(buffer)

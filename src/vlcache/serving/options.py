@@ -20,6 +20,7 @@ class ServeOptions:
     max_batch: int = 16
     max_queue: int = 64  # questions waiting beyond the running batch; more get 429
     prefill_chunk: int = 256  # tokens of prefill work between two decode steps
+    kv_memory: int | None = None  # bytes of K/V blocks for running rows; more wait in the queue (None: unbounded)
     max_image_pixels: int = 25_000_000  # images and video frames declaring more are refused before decoding
     max_state_bytes: int | None = None  # largest cache file a client may upload (None: the model's K/V at its context)
     max_uploads: int = 2  # uploads received at once; more get 429

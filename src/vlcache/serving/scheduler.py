@@ -10,9 +10,15 @@ One thread owns the model. Each iteration it
    turns when both wait;
 4. runs one decode step for every running row; finished rows leave at once and free their row.
 
+Admission by memory (`kv_memory` bytes, `vlcache serve --kv-memory`): a row starts only when the K/V blocks it
+may need at most (its own tokens up to max_tokens, and its state's blocks unless a running row holds that state
+already) fit beside what the rows already started may need; otherwise it waits in the queue, first come first
+served. So the pool never runs out of blocks; a request that could not fit even alone fails at once.
+
 Rows about different image states (and text-only rows) share one batch: each attends to its own prefix,
-copied into the row's slot when it joins (vlcache.decode). So a new question waits at most one prefill unit and
-one decode step before its own prefill starts, never for someone else's answer to end.
+referenced through its block table (one copy of a state in the K/V blocks for all its rows, vlcache.decode).
+So a new question waits at most one prefill unit and one decode step before its own prefill starts, never for
+someone else's answer to end.
 """
 
 from __future__ import annotations
@@ -61,6 +67,7 @@ class _Row:
     text: TextAssembler
     fed: int = 0  # new ids prefilled so far
     first: float | None = None
+    reserved: int = 0  # bytes of K/V blocks set aside for its own tokens (admission by memory)
 
     @property
     def remaining(self) -> int:
@@ -89,9 +96,15 @@ class Stats:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, max_batch: int = 16, prefill_chunk: int = 256, stats: Stats | None = None):
+    def __init__(self, engine: Engine, max_batch: int = 16, prefill_chunk: int = 256, stats: Stats | None = None,
+                 kv_memory: int | None = None):
         if max_batch < 1 or prefill_chunk < 1:
             raise ValueError("max_batch and prefill_chunk must be at least 1")
+        if kv_memory is not None and kv_memory < 1:
+            raise ValueError("kv_memory must be at least 1 byte")
+        self.kv_memory = kv_memory  # bytes of K/V blocks at most (None: unbounded)
+        self._reserved = 0  # bytes the started rows may take at most (their own tokens, their states' blocks)
+        self._groups: dict[str, list[int]] = {}  # state group -> [bytes of its blocks, rows started on it]
         self.engine = engine
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
@@ -102,6 +115,9 @@ class Scheduler:
         self._prefill: _Prefill | None = None
         self._running: list[_Row] = []  # row i sits in slot i of self._batch
         self._batch: decode.Batch | None = None
+        # The K/V blocks of every batch here (the running one and the one prefilling joining rows): a state is
+        # written once for all its rows, and a row moves into the running batch by reference.
+        self._pool: decode.KVPool | None = None
         self._prefixes: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # group -> Prefix in use
         self._tasks_turn = False
         self._thread = threading.Thread(target=self._run, name="vlcache-model", daemon=True)
@@ -209,7 +225,9 @@ class Scheduler:
     # -- prefill ---------------------------------------------------------------------------------------------
 
     def _prefill_unit(self) -> None:
-        rows_ready = self._prefill is not None or (self._waiting and len(self._running) < self.max_batch)
+        self._refuse_too_large()
+        rows_ready = self._prefill is not None or (self._waiting and len(self._running) < self.max_batch
+                                                   and self._fits(self._waiting[0]))
         if self._tasks and (self._tasks_turn or not rows_ready):
             self._task_unit()
             self._tasks_turn = False
@@ -250,16 +268,23 @@ class Scheduler:
             return
         # 2. Prefilled: each row's first token (one transfer for all); rows that go on join the running batch.
         self._prefill = None
+        try:
+            self._join(prefill, logits)
+        finally:
+            prefill.batch.cache.close()  # the rows that joined hold their blocks in the running batch now
+
+    def _join(self, prefill: _Prefill, logits: torch.Tensor) -> None:
         tokens, done = prefill.batch.sample(logits)
         for i, row in enumerate(prefill.rows):
             if tokens[i] < 0:
                 row.job.emit("error", "sampling failed: the model gave no valid distribution (NaN logits)")
+                self._unreserve(row)
                 continue
             if self._advance(row, tokens[i], done[i]):
                 self._finish(row, prefill.batch, i)
                 continue
             if self._batch is None:
-                self._batch = self.engine.batch()
+                self._batch = self._new_batch()
             self._batch.adopt(prefill.batch, i)
             self._running.append(row)
 
@@ -269,16 +294,18 @@ class Scheduler:
         chosen = [first]
         budget = self.prefill_chunk - first.remaining
         linear = self.engine.family.has_linear_layers
+        self._reserve(first)
         while self._waiting and len(self._running) + len(chosen) < self.max_batch:
             row = self._waiting[0]
-            if row.remaining > budget:
+            if row.remaining > budget or not self._fits(row):
                 break
             # Linear-attention states cannot be padded into, and fresh ones cannot share a batch with restored ones.
             if linear and (row.remaining != first.remaining or _fresh(row) != _fresh(first)):
                 break
             chosen.append(self._waiting.popleft())
+            self._reserve(row)
             budget -= row.remaining
-        batch = self.engine.batch()
+        batch = self._new_batch()
         now = time.perf_counter()
         rows = []
         for row in chosen:
@@ -290,10 +317,89 @@ class Scheduler:
             except (RuntimeError, ValueError, IndexError, TypeError) as exc:
                 log.warning(f"a request's state does not fit the model: {type(exc).__name__}: {exc}")
                 row.job.emit("error", f"the state does not fit this model: {exc}")
+                self._unreserve(row)
                 continue
             rows.append(row)
             self.stats.queue_wait(now - row.job.submitted)
         return _Prefill(rows, batch) if rows else None
+
+    def _new_batch(self) -> decode.Batch:
+        batch = self.engine.batch(self._pool)
+        if self._pool is None:
+            batch.cache.pool.limit_bytes = self.kv_memory  # before its first block: the CPU reserves this much
+        self._pool = batch.cache.pool
+        return batch
+
+    # -- admission by memory ---------------------------------------------------------------------------------
+
+    def _layout(self) -> decode.KVPool:
+        """The pool (made empty if none yet): its block sizes per layer kind."""
+        if self._pool is None:
+            self._new_batch()
+        return self._pool
+
+    def _needs(self, row: _Row) -> tuple[int, int]:
+        """Bytes of blocks a row may take at most: (its own tokens', its state's)."""
+        pool = self._layout()
+        size, tokens = pool.block_size, row.job.history.shape[1]
+        end = tokens + row.job.new_ids.shape[1] + row.job.options.max_new_tokens
+        own = state = 0
+        for kind in pool.kind_layers:
+            block = pool.block_bytes(kind)
+            own += block * (-(-end // size) - tokens // size)  # the state's partial last block: copied on write
+            state += block * (-(-tokens // size))
+        return own, state
+
+    def _fixed(self) -> int:
+        pool = self._layout()
+        return sum(2 * pool.block_bytes(kind) for kind in pool.kind_layers)  # NULL and SCRATCH
+
+    def _fits(self, row: _Row) -> bool:
+        if self.kv_memory is None:
+            return True
+        own, state = self._needs(row)
+        shared = row.job.group in self._groups and row.job.group != ""
+        return self._fixed() + self._reserved + own + (0 if shared else state) <= self.kv_memory
+
+    def _refuse_too_large(self) -> None:
+        """A waiting row that could not fit even with nothing else running fails now instead of waiting forever."""
+        if self.kv_memory is None:
+            return
+        for row in [r for r in self._waiting if self._fixed() + sum(self._needs(r)) > self.kv_memory]:
+            self._waiting.remove(row)
+            own, state = self._needs(row)
+            row.job.emit("error", f"the request needs up to {own + state} bytes of K/V blocks (its state and "
+                                  f"max_tokens), more than the server's --kv-memory of {self.kv_memory} allows")
+
+    def _reserve(self, row: _Row) -> None:
+        if self.kv_memory is None:
+            return
+        own, state = self._needs(row)
+        group = self._groups.get(row.job.group)
+        if group is None or row.job.group == "":
+            group = self._groups[row.job.group or f"row {id(row)}"] = [state, 0]
+            self._reserved += state
+        group[1] += 1
+        row.reserved = own
+        self._reserved += own
+
+    def _unreserve(self, row: _Row) -> None:
+        if not row.reserved:
+            return
+        self._reserved -= row.reserved
+        row.reserved = 0
+        key = row.job.group or f"row {id(row)}"
+        group = self._groups[key]
+        group[1] -= 1
+        if group[1] == 0:
+            self._reserved -= group[0]
+            del self._groups[key]
+
+    def kv_stats(self) -> dict:
+        """For /health: the K/V memory bound, what started rows may take, the pool's blocks per layer kind."""
+        pool = self._pool
+        return {"kv_memory": self.kv_memory, "reserved_bytes": self._reserved,
+                "used_bytes": pool.bytes_used() if pool else 0, "blocks": pool.stats() if pool else {}}
 
     # -- decode ----------------------------------------------------------------------------------------------
 
@@ -315,6 +421,7 @@ class Scheduler:
             self._leave(slot)
 
     def _leave(self, slot: int) -> None:
+        self._unreserve(self._running[slot])
         self._batch.remove(slot)
         self._running[slot] = self._running[-1]
         self._running.pop()
@@ -331,6 +438,7 @@ class Scheduler:
         return done or row.job.cancelled.is_set()
 
     def _finish(self, row: _Row, batch: decode.Batch | None = None, slot: int | None = None) -> None:
+        self._unreserve(row)
         job, tokens = row.job, row.text.token_ids
         if job.keep is not None and batch is not None and tokens and not job.cancelled.is_set():
             length = job.new_ids.shape[1] + len(tokens) - 1  # the last token never went through the model
@@ -344,10 +452,14 @@ class Scheduler:
         job.emit("done", answer)
 
     def _fail_prefill(self, message: str) -> None:
-        """After a failed prefill: its rows get the error; running rows, in a batch of their own, go on."""
-        for row in self._prefill.rows if self._prefill else []:
+        """After a failed prefill: its rows get the error and give back their blocks and reservations; running
+        rows, in a batch of their own (on the same pool), go on."""
+        prefill, self._prefill = self._prefill, None
+        for row in prefill.rows if prefill else []:
             row.job.emit("error", message)
-        self._prefill = None
+            self._unreserve(row)
+        if prefill is not None:
+            prefill.batch.cache.close()
 
     def _fail_rows(self, message: str) -> None:
         """After a failed forward: every row in it gets the error; the batch starts over."""
@@ -355,6 +467,10 @@ class Scheduler:
         for row in rows:
             row.job.emit("error", message)
         self._running, self._prefill, self._batch = [], None, None
+        self._pool = None  # the failed forward's blocks may be held by rows no one will remove: a fresh pool
+        self._reserved, self._groups = 0, {}
+        for row in rows:
+            row.reserved = 0
 
 
 def _fresh(row: _Row) -> bool:

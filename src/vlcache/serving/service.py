@@ -65,7 +65,8 @@ class Service:
                                 adopt=engine.adopt, layout=engine.layout(), upload_quota=options.upload_quota,
                                 share_all=options.share_all_states, disk_quota=options.disk_quota)
         self.metrics = Metrics()
-        self.scheduler = Scheduler(engine, max_batch=options.max_batch, prefill_chunk=options.prefill_chunk, stats=self.metrics)
+        self.scheduler = Scheduler(engine, max_batch=options.max_batch, prefill_chunk=options.prefill_chunk, stats=self.metrics,
+                                   kv_memory=options.kv_memory)
         # Fetching and decoding media run on threads of their own: slow downloads or long videos never hold
         # the threads that text-only requests, uploads and lookups use.
         self.media_pool = concurrent.futures.ThreadPoolExecutor(options.media_workers, thread_name_prefix="vlcache-media")

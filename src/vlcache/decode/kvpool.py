@@ -1,0 +1,215 @@
+"""The K/V blocks of a model's attention layers, which any number of batches read (issue 28).
+
+A `KVPool` holds, per attention layer, the tensors [blocks, kv_heads, block_size, D] of its K and V, and per
+layer kind (full, one sliding window, one chunk size) a `BlockPool` of block ids (decode.blocks): the layers
+of a kind keep the same positions of a row, so one block id names them in each. A prefix (an image state's
+K/V) is written into blocks once, by the first row that uses it, and released when its last row leaves,
+whichever batch the rows are in: the server prefills joining rows in a batch of their own and moves them into
+the running one without copying the state again.
+
+`limit_bytes` bounds the blocks (all kinds together); a block that would pass it raises PoolFull (the
+server's admission keeps that from happening: it reserves a request's blocks before it starts).
+
+On the CPU the tensors are reserved at once for `limit_bytes` (or a quarter of the machine's memory) and left
+uninitialized: the system commits a page only when a block is first written (every block is zeroed or copied
+into when it is handed out), so memory grows with the blocks in use while the tensors never move. Growing by
+copying would hold the old and the new tensors at once (twice the pool at its peak) and change the shapes a
+compiled step depends on. Elsewhere (CUDA: memory is committed when allocated) they grow by doubling.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .blocks import NULL, RESERVED, BlockPool, PoolFull, blocks_for
+
+
+@dataclass(eq=False)
+class Held:
+    """A prefix written into the pool: its blocks per layer kind (one reference each) and its rows."""
+
+    blocks: dict
+    users: int = 0
+
+
+def default_kv_memory(device) -> int:
+    """`vlcache serve`'s bound on K/V blocks when --kv-memory is not given: half the memory free on the device
+    at start (CUDA: free GPU memory once the model is loaded; CPU: the system's MemAvailable)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 2
+    for line in open("/proc/meminfo"):
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024 // 2
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") // 2
+
+
+def kind_name(kind: tuple) -> str:
+    window, chunk = kind
+    return f"chunk {chunk}" if chunk else f"window {window}" if window else "full"
+
+
+class KVPool:
+    def __init__(self, kind_layers: dict[tuple, list[int]], shapes: list, block_size: int, device,
+                 dtype: torch.dtype | None = None, limit_bytes: int | None = None):
+        self.kind_layers = kind_layers  # (window, chunk) -> the attention layers of that kind
+        self.shapes = shapes  # per layer: (kv_heads, head_dim)
+        self.block_size = block_size
+        self.device = device
+        self.dtype = dtype  # the blocks' dtype: the model's, or the first state's
+        self.limit_bytes = limit_bytes
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.pools: dict[tuple, BlockPool] = {}
+        for kind in kind_layers:
+            pool = self.pools[kind] = BlockPool(block_size)
+            pool.listeners.append(lambda size, kind=kind: self._grow(kind, size))
+            pool.fits = lambda size, kind=kind: self._fits(kind, size)
+        self.held: dict = {}  # Prefix -> Held: prefixes written into the blocks, while rows use them
+
+    # -- sizes -------------------------------------------------------------------------------------------------
+
+    def element_size(self) -> int:
+        return torch.empty(0, dtype=self.dtype or torch.float32).element_size()
+
+    def block_bytes(self, kind: tuple) -> int:
+        """Bytes of one block of a kind: K and V of every layer of the kind."""
+        size = self.element_size()
+        return sum(2 * self.shapes[i][0] * self.block_size * self.shapes[i][1] * size for i in self.kind_layers[kind])
+
+    def bytes_used(self) -> int:
+        """Bytes of the blocks in use (all kinds)."""
+        return sum(pool.used * self.block_bytes(kind) for kind, pool in self.pools.items())
+
+    def _fits(self, kind: tuple, size: int) -> bool:
+        if self.limit_bytes is None:
+            return True
+        others = sum(pool.capacity * self.block_bytes(k) for k, pool in self.pools.items() if k != kind)
+        return others + size * self.block_bytes(kind) <= self.limit_bytes
+
+    def stats(self) -> dict:
+        """Per layer kind ("full", "window 512", "chunk 8192"): block size, blocks used, shared, free (in the
+        tensors), the most used at once, the bytes of one block."""
+        return {kind_name(kind): {"block_size": self.block_size, "used": pool.used, "shared": pool.shared,
+                                  "free": pool.capacity - RESERVED - pool.used, "peak": pool.peak,
+                                  "block_bytes": self.block_bytes(kind)}
+                for kind, pool in self.pools.items()}
+
+    # -- tensors -----------------------------------------------------------------------------------------------
+
+    def set_dtype(self, dtype: torch.dtype | None) -> None:
+        if self.dtype is None and not self.keys:
+            self.dtype = dtype
+
+    def _reserved_blocks(self) -> int:
+        """Blocks per kind the CPU tensors are reserved for (memory committed only where written)."""
+        budget = self.limit_bytes
+        if budget is None:
+            budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+        return max(RESERVED + 8, budget // max(sum(self.block_bytes(kind) for kind in self.kind_layers), 1))
+
+    def _grow(self, kind: tuple, blocks: int) -> None:
+        """Room for `blocks` blocks in each layer of the kind. The reserved blocks (NULL, SCRATCH) are zeros:
+        masked positions still go through the matmuls, and 0 * NaN is NaN; any other block is written before
+        it is read."""
+        lazy = torch.device(self.device).type == "cpu"
+        for i in self.kind_layers[kind]:
+            heads, dim = self.shapes[i]
+            for tensors in (self.keys, self.values):
+                old = tensors.get(i)
+                if old is not None and blocks <= old.shape[0]:
+                    continue
+                size = max(blocks, self._reserved_blocks()) if lazy else blocks
+                buffer = torch.empty((size, heads, self.block_size, dim), dtype=self.dtype, device=self.device)
+                if old is not None:
+                    buffer[: old.shape[0]] = old
+                else:
+                    buffer[:RESERVED] = 0
+                tensors[i] = buffer
+
+    def ensure(self) -> None:
+        """Every layer's tensors exist (as large as its kind's pool)."""
+        for kind, pool in self.pools.items():
+            self._grow(kind, pool.capacity)
+
+    def zero(self, kind: tuple, block: int) -> None:
+        for i in self.kind_layers[kind]:
+            self.keys[i][block] = 0
+            self.values[i][block] = 0
+
+    def copy(self, kind: tuple, source: int, target: int) -> None:
+        for i in self.kind_layers[kind]:
+            self.keys[i][target] = self.keys[i][source]
+            self.values[i][target] = self.values[i][source]
+
+    def put(self, i: int, blocks: torch.Tensor, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write [kv_heads, n, D] K/V of layer i at positions start.. of `blocks` (by position)."""
+        n = keys.shape[-2]
+        if n:
+            block, offset = self.where(blocks, start, start + n)
+            self.keys[i][block, :, offset] = keys.transpose(0, 1)
+            self.values[i][block, :, offset] = values.transpose(0, 1)
+
+    def where(self, blocks: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        position = torch.arange(start, end, device=blocks.device)
+        return blocks[position // self.block_size], position % self.block_size
+
+    # -- prefixes ----------------------------------------------------------------------------------------------
+
+    def hold(self, prefix) -> Held:
+        """The prefix's blocks per kind (written into the pool by its first row), held by one more row."""
+        held = self.held.get(prefix)
+        if held is None:
+            blocks = {}
+            try:
+                for kind in self.kind_layers:
+                    blocks[kind] = self._write_prefix(kind, prefix)
+            except PoolFull:
+                for kind, written in blocks.items():
+                    for block in written:
+                        self.pools[kind].release(block)
+                raise
+            held = self.held[prefix] = Held(blocks)
+        held.users += 1
+        return held
+
+    def release(self, prefix) -> None:
+        held = self.held[prefix]
+        held.users -= 1
+        if held.users == 0:
+            for kind, blocks in held.blocks.items():
+                for block in blocks:
+                    self.pools[kind].release(block)
+            del self.held[prefix]
+
+    def prefix_blocks(self, prefix) -> dict[tuple, int]:
+        """Blocks per kind that writing `prefix` would take (none if it is held already)."""
+        if prefix in self.held:
+            return {kind: 0 for kind in self.kind_layers}
+        return {kind: len(self._prefix_range(kind, prefix)) for kind in self.kind_layers}
+
+    def _prefix_range(self, kind: tuple, prefix) -> range:
+        stored = max(prefix.kv[i][0].shape[-2] for i in self.kind_layers[kind])
+        return range((prefix.tokens - stored) // self.block_size, blocks_for(prefix.tokens, self.block_size))
+
+    def _write_prefix(self, kind: tuple, prefix) -> list[int]:
+        """Blocks holding the prefix's K/V of one kind's layers; NULL for positions none of them keeps (a sliding
+        layer's before its window, a chunked layer's before its last chunk)."""
+        pool, tokens = self.pools[kind], prefix.tokens
+        blocks = [NULL] * blocks_for(tokens, self.block_size)
+        try:
+            for j in self._prefix_range(kind, prefix):
+                blocks[j] = pool.allocate()
+                self.zero(kind, blocks[j])
+        except PoolFull:
+            for block in blocks:
+                pool.release(block)
+            raise
+        table = torch.tensor(blocks, dtype=torch.long, device=self.device)
+        for i in self.kind_layers[kind]:
+            keys, values = prefix.kv[i]
+            self.put(i, table, tokens - keys.shape[-2], keys[0], values[0])
+        return blocks
