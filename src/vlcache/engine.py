@@ -32,6 +32,19 @@ class GenerationOptions:
     temperature: float | None = None  # None: the model's generation config; 0: greedy
     top_p: float | None = None
     seed: int | None = None
+    # OpenAI's and vLLM's further sampling rules (decode.sampling has their definitions); None: off.
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit
+    logprobs: int | None = None  # None: none; k: each token's log-probability and the k likeliest beside it
+    # Structured output: the answer is JSON held to this schema ({"type": "object"}: any object; vlcache.structured).
+    # json_strict: objects carry only the properties the schema names (OpenAI's strict mode).
+    json_schema: dict | None = None
+    json_strict: bool = True
+    json_wrap: tuple[str, str] | None = None  # fixed text around the JSON (a forced tool call's <tool_call> tags)
 
     def check(self) -> None:
         if self.max_new_tokens < 1:

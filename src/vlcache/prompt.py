@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 
+from . import toolcalls
 from .errors import PromptError
 
 _SENTINEL = "\u2063vlcache-question\u2063"
@@ -70,8 +71,10 @@ def conversation(system_prompt: str | None, question: str, with_image: bool) -> 
 
 
 def render(processor, messages: list[dict], add_generation_prompt: bool) -> str:
+    tools, messages = toolcalls.split(messages)  # a request's tools ride in the conversation (vlcache.toolcalls)
     messages = template_messages(processor, messages)
-    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    extra = {"tools": tools} if tools else {}
+    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt, **extra)
 
 
 def template_messages(processor, messages: list[dict]) -> list[dict]:
