@@ -32,14 +32,6 @@ class GenerationOptions:
     temperature: float | None = None  # None: the model's generation config; 0: greedy
     top_p: float | None = None
     seed: int | None = None
-    # OpenAI's and vLLM's further sampling rules (decode.sampling has their definitions); None: off.
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    logit_bias: dict[int, float] | None = None  # token id -> added to its logit
-    logprobs: int | None = None  # None: none; k: each token's log-probability and the k likeliest beside it
     # Structured output: the answer is JSON held to this schema ({"type": "object"}: any object; vlcache.structured).
     # json_strict: objects carry only the properties the schema names (OpenAI's strict mode).
     json_schema: dict | None = None
@@ -66,6 +58,7 @@ class Engine:
         self.family = (family_class(self.model.config.model_type) or GENERIC)(self.model, self.processor)
         self.eos_ids = _eos_ids(self.model.generation_config)
         self._dtype_notes: set[str] = set()
+        self._grammars = None  # vlcache.structured.JsonGrammars, made on first use (Engine.grammars)
         decode.install(self.model)
         self.runner = None  # a decode.step.StepRunner once compiled steps are enabled (compile_steps)
         self.compile_status = {"step": "eager", "reason": "compile off", "buckets": []}
@@ -413,6 +406,29 @@ class Engine:
         if params.seed is not None:
             params = _with_seed(params, params.seed + seed_offset)
         return params
+
+    @property
+    def grammars(self):
+        """This model's JSON grammars (vlcache.structured), made on first use: reading the tokenizer costs time."""
+        if self._grammars is None:
+            from .structured import JsonGrammars
+
+            vocab = self.model.get_output_embeddings().weight.shape[0]
+            self._grammars = JsonGrammars(self.processor.tokenizer, vocab, self.eos_ids)
+        return self._grammars
+
+    def constraint(self, options: GenerationOptions):
+        """A fresh grammar state for one row of `options` (a JSON schema's, or the caller's own), or None."""
+        if options.json_schema is not None:
+            return self.grammars.constraint(options.json_schema, options.json_strict, options.json_wrap)
+        return None
+
+    def check_options(self, options: GenerationOptions) -> None:
+        """Refuse options this model cannot take, before any row starts: the ranges, a token id past the
+        vocabulary, a schema that does not compile (compiled here once, then cached)."""
+        options.check()
+        if options.json_schema is not None:
+            self.grammars.compile(options.json_schema, options.json_strict, options.json_wrap)
 
     def answer(self, token_ids: list[int], cached: int, prompt_tokens: int, timing: "_Timing") -> Answer:
         end = time.perf_counter()

@@ -165,6 +165,8 @@ def check_messages(processor, messages: list[dict]) -> None:
     """check_text on every text of a conversation (plain-string contents and text parts)."""
     for i, message in enumerate(messages):
         content = message["content"]
+        if message.get("tool_calls"):  # earlier calls' names and arguments are rendered as text too
+            check_text(processor, repr(message["tool_calls"]), f"messages[{i}] ({message['role']}) tool_calls")
         for part in content if isinstance(content, list) else [{"text": content}]:
             if "text" in part:
                 check_text(processor, part["text"], f"messages[{i}] ({message['role']})")

@@ -61,6 +61,8 @@ class _Row:
     text: TextAssembler
     fed: int = 0  # new ids prefilled so far
     first: float | None = None
+    constraint: object = None  # the row's grammar (decode.TokenConstraint), or None
+    logprobs: list = field(default_factory=list)  # per token, when the options ask for them
 
     @property
     def remaining(self) -> int:
@@ -182,7 +184,8 @@ class Scheduler:
 
     def _row(self, job: Job) -> _Row:
         job.options.check()
-        return _Row(job, None, self.engine.sampling(job.options), TextAssembler(self.engine.processor.tokenizer))
+        return _Row(job, None, self.engine.sampling(job.options), TextAssembler(self.engine.processor.tokenizer),
+                    constraint=self.engine.constraint(job.options))
 
     def _prefix(self, job: Job) -> decode.Prefix:
         """One Prefix object per state in use: a state made on demand (job.kv a function) is made once."""
@@ -251,7 +254,7 @@ class Scheduler:
             if tokens[i] < 0:
                 row.job.emit("error", "sampling failed: the model gave no valid distribution (NaN logits)")
                 continue
-            if self._advance(row, tokens[i], done[i]):
+            if self._advance(row, tokens[i], done[i], prefill.batch.logprobs[i]):
                 self._finish(row, prefill.batch, i)
                 continue
             if self._batch is None:
@@ -282,7 +285,7 @@ class Scheduler:
             try:
                 row.prefix = self._prefix(row.job)
                 seen = torch.cat([row.job.history[0], row.job.new_ids[0]])
-                batch.add(row.prefix, row.sampling, row.job.options.max_new_tokens, seen)
+                batch.add(row.prefix, row.sampling, row.job.options.max_new_tokens, seen, row.constraint)
             except (RuntimeError, ValueError, IndexError, TypeError) as exc:
                 log.warning(f"a request's state does not fit the model: {type(exc).__name__}: {exc}")
                 row.job.emit("error", f"the state does not fit this model: {exc}")
@@ -303,7 +306,7 @@ class Scheduler:
             if tokens[slot] < 0:
                 row.job.emit("error", "sampling failed: the model gave no valid distribution (NaN logits)")
                 finished.append((slot, False))
-            elif self._advance(row, tokens[slot], done[slot]):
+            elif self._advance(row, tokens[slot], done[slot], batch.logprobs[slot]):
                 finished.append((slot, True))
         for slot, ok in reversed(finished):
             if ok:
@@ -317,10 +320,14 @@ class Scheduler:
 
     # -- rows ------------------------------------------------------------------------------------------------
 
-    def _advance(self, row: _Row, token: int, done: bool) -> bool:
-        """Record and stream a token; True when the row is done (`done`: end of sequence or its length limit,
-        decided on the device)."""
+    def _advance(self, row: _Row, token: int, done: bool, logprobs=None) -> bool:
+        """Record and stream a token (and its logprobs, where asked for: before its text); True when the row is
+        done (`done`: end of sequence, its length limit or its grammar, decided with the step)."""
         row.first = row.first or time.perf_counter()
+        if row.job.options.logprobs is not None:
+            row.logprobs.append(logprobs)
+            if not row.job.cancelled.is_set():
+                row.job.emit("logprobs", logprobs)
         piece = row.text.add(token)
         if piece and not row.job.cancelled.is_set():
             row.job.emit("delta", piece)
@@ -333,7 +340,8 @@ class Scheduler:
             ids = torch.cat([job.history, job.new_ids, job.new_ids.new_tensor([tokens[:-1]])], dim=1)
             job.keep(ids, batch.cache.suffix_kv(slot, length), job.history.shape[1] + job.new_ids.shape[1])
         prompt = job.history.shape[1] + job.new_ids.shape[1]
-        answer: Answer = self.engine.answer(tokens, job.history.shape[1], prompt, _Timing(job.submitted, row.first))
+        answer: Answer = self.engine.answer(tokens, job.history.shape[1], prompt, _Timing(job.submitted, row.first),
+                                            row.logprobs if job.options.logprobs is not None else None)
         tail = row.text.rest(answer.text)
         if tail and not job.cancelled.is_set():
             job.emit("delta", tail)
