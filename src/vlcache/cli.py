@@ -16,8 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import paths, storage
-from .console import (UsageError, add_timings, chat_loop, check_output, check_prompt, info, print_answer, print_streamed,
-                      read_prompts)
+from .console import (UsageError, add_timings, chat_loop, check_output, check_prompt, info, print_answer, print_json_answers,
+                      print_streamed, read_prompts, read_schema)
 from .defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SYSTEM_PROMPT
 from .errors import VlcacheError
 
@@ -157,11 +157,14 @@ def add_ask_arguments(parser: argparse.ArgumentParser, max_tokens_flags: tuple[s
         parser.add_argument("--image", default=None, metavar="PATH",
                             help="ask about an image without a cache file (processes it now: the uncached path)")
         parser.add_argument("--sequential", action="store_true", help="answer several questions one by one, not as a batch")
+        parser.add_argument("--json-schema", metavar="FILE", default=None,
+                            help="answer with JSON held to this JSON schema (a file); prints one JSON object per "
+                                 "image and question")
     else:
         parser.add_argument("--cache", dest="caches", type=lambda text: [text], default=None,
                             help="cache file from save_embeddings.py (omit for a text-only prompt)")
         parser.add_argument("--prompt", dest="prompts", type=lambda text: [text], required=True, help="your question")
-        parser.set_defaults(prompts_file=None, image=None, sequential=False)
+        parser.set_defaults(prompts_file=None, image=None, sequential=False, json_schema=None)
     parser.add_argument("--system-prompt", default=None, metavar="TEXT",
                         help="system turn for a text-only chat (default: none) or for --image (default: "
                              f'"{DEFAULT_SYSTEM_PROMPT}"); a cache keeps the one it was made with')
@@ -401,9 +404,12 @@ def run_ask(args: argparse.Namespace) -> int:
     from .batch import expand_caches
 
     url = _server(args)
+    schema = read_schema(args.json_schema) if args.json_schema else None
     if url:
         from . import remote
 
+        if schema is not None:
+            raise UsageError("--json-schema answers in this process; leave out --server (and $VLCACHE_SERVER)")
         return remote.ask(args, url)
     prompts = read_prompts(args)
     for i, text in enumerate(prompts):
@@ -417,6 +423,9 @@ def run_ask(args: argparse.Namespace) -> int:
     engine = _load_engine(model, args, meta)
     _compile_steps(engine, _one_command(args), [1])
     extra = {"model_load_s": time.perf_counter() - start}
+    if schema is not None:
+        engine.grammars.compile(schema)  # a schema the grammar library refuses fails here, before any answer
+        args.generation = {"json_schema": schema}
     if args.image:  # the uncached path: process the image now, in memory
         start = time.perf_counter()
         state = engine.cache([args.image], system_prompt=args.system_prompt or DEFAULT_SYSTEM_PROMPT)
@@ -443,6 +452,11 @@ def run_ask(args: argparse.Namespace) -> int:
 def _ask_state(engine, state, label: str, prompts: list[str], args: argparse.Namespace, extra: dict, single: bool) -> int:
     """One question about one source prints (and may stream) the bare answer; otherwise one per pair."""
     options = (args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    generation = getattr(args, "generation", {})
+    if generation:
+        answers = [_last(engine.stream(state, p, *options, **generation)).answer for p in prompts] if args.sequential \
+            else engine.ask_many(state, prompts, *options, **generation)
+        return print_json_answers(answers, args, label, prompts, extra, single)
     if single:
         print_streamed(engine.stream(state, prompts[0], *options), args, extra)
         return 0
@@ -457,6 +471,11 @@ def _ask_state(engine, state, label: str, prompts: list[str], args: argparse.Nam
 
 
 def _ask_text_only(engine, prompts: list[str], args: argparse.Namespace, extra: dict) -> int:
+    generation = getattr(args, "generation", {})
+    if generation:
+        answers = [_last(engine.stream(None, p, args.max_new_tokens, args.temperature, args.top_p, args.seed,
+                                       system_prompt=args.system_prompt, **generation)).answer for p in prompts]
+        return print_json_answers(answers, args, None, prompts, extra, len(prompts) == 1)
     for prompt_text in prompts:
         stream = engine.stream(None, prompt_text, args.max_new_tokens, args.temperature, args.top_p, args.seed,
                                system_prompt=args.system_prompt)
