@@ -21,9 +21,7 @@ class TokenText:
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
-
-        self._byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
+        self._byte_of = {char: byte for byte, char in _bytes_to_unicode().items()}
         self._cache: dict[int, tuple[str, list[int]]] = {}
 
     def __call__(self, token: int) -> tuple[str, list[int]]:
@@ -46,6 +44,20 @@ class TokenText:
             t, b = self(token)
             top.append({"token": t, "logprob": value, "bytes": b})
         return {"token": text, "logprob": logprobs.logprob, "bytes": raw, "top_logprobs": top}
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level BPE alphabet (Qwen's too): printable bytes stand for themselves, the others are moved
+    past 255."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            table[byte] = chr(byte)
+        else:
+            table[byte] = chr(256 + extra)
+            extra += 1
+    return table
 
 
 def message(chat: ChatRequest, text: str, finish: str) -> tuple[dict, str]:
