@@ -10,6 +10,7 @@ import torch
 from conftest import SYSTEM, photo
 from reference import _inputs
 from test_server import LiveServer, image_messages
+from test_web import browser  # noqa: F401 - the chat page test's fixture
 
 xgr = pytest.importorskip("xgrammar", reason="structured outputs need xgrammar (pip install 'vlcache[structured]')")
 import xgrammar.contrib.hf  # noqa: E402
@@ -344,3 +345,32 @@ def test_parameters_sent_as_null_or_default_pass(live):
         {"model": "any", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "audio": None, "store": False,
          "n": 1, "logprobs": False, "service_tier": "auto", "top_k": -1, "tool_choice": None}).encode())
     assert status == 200, body
+
+
+# -- the chat page ---------------------------------------------------------------------------------------------
+
+def test_the_pages_json_schema_setting_shapes_the_answer(browser, live):
+    from test_web import Page, data_url as page_data_url
+
+    page = Page(browser, live.url)
+    try:
+        page.page.click("#open-settings")
+        page.page.fill("#set-json-schema", "[1, 2]")  # not a schema: the dialog stays open, nothing is saved
+        page.page.click("#save-settings")
+        assert page.page.locator("#settings").evaluate("d => d.open")
+        page.page.fill("#set-json-schema", json.dumps(SCHEMA))
+        page.page.fill("#set-temperature", "0")
+        page.page.fill("#set-max-tokens", str(LONG))
+        page.page.click("#save-settings")
+        page.attach(photo("rocket.jpg"))
+        answer = page.ask(QUESTION)
+        assert "error" not in answer
+        reply = live.client.chat.completions.create(
+            model="any", max_tokens=LONG, temperature=0,
+            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": page_data_url(photo("rocket.jpg"), "image/jpeg")}},
+                                                   {"type": "text", "text": QUESTION}]}],
+            response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA, "strict": True}})
+        assert answer["text"] == reply.choices[0].message.content and json.loads(answer["text"])["colour"]
+        assert page.errors == []
+    finally:
+        page.close()

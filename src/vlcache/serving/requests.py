@@ -328,12 +328,18 @@ def valid_id(image_id: object, param: str = "image_id") -> str:
 
 
 
+ASK_KEYS = {"state", "messages", "max_new_tokens", "temperature", "top_p", "seed", "stream", "response_format",
+            "logit_bias", "frequency_penalty", "presence_penalty", "top_k", "min_p", "repetition_penalty"}
+
+
 def parse_ask(body: object, default_max_tokens: int) -> ChatRequest:
-    """{"state": id or null, "messages": [...], "max_new_tokens", "temperature", "top_p", "seed", "stream"}.
+    """{"state": id or null, "messages": [...], "max_new_tokens", "temperature", "top_p", "seed", "stream", and
+    the chat body's response_format, logit_bias, penalties, top_k, min_p}.
     With a state, `messages` are what follows it (user questions, and earlier answers of a chat); without,
     a whole text-only conversation."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
+    refuse_unknown(body, ASK_KEYS)
     state = body.get("state")
     if state is not None:
         valid_id(state, "state")
@@ -344,6 +350,8 @@ def parse_ask(body: object, default_max_tokens: int) -> ChatRequest:
     messages = [parse_message(m, i, found) for i, m in enumerate(raw)]
     if found:
         raise APIError(400, "send images and videos to /v1/vlcache/cache or /v1/chat/completions, not here", "messages")
+    if any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+        raise APIError(400, "tool calls go through /v1/chat/completions with 'tools', not here", "messages")
     if messages[-1]["role"] != "user":
         raise APIError(400, "the last message must be the user's question", "messages")
     if state is not None and any(m["role"] == "system" for m in messages):
@@ -354,6 +362,8 @@ def parse_ask(body: object, default_max_tokens: int) -> ChatRequest:
         temperature=number(body.get("temperature"), "temperature", float, 0, 2),
         top_p=number(body.get("top_p"), "top_p", float, 0, 1),
         seed=number(body.get("seed"), "seed", int, -(2**63), 2**63 - 1),
+        **sampling_extras(body),
+        **response_format(body.get("response_format")),
     )
     if options.top_p == 0:
         raise APIError(400, "top_p must be greater than 0", "top_p")
