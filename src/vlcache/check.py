@@ -137,14 +137,14 @@ def uncached(engine, messages: list[dict], sources: list, fps: float | None = No
     return out[0, inputs["input_ids"].shape[1]:].tolist()
 
 
-def run(name: str | None, device: str = "auto", dtype: str = "auto", out=None) -> int:
+def run(name: str | None, device: str = "auto", dtype: str = "auto", out=None, generation_config: dict | None = None) -> int:
     """Load the model, run the probes, print one line each; 0 when all held (remembered), 1 naming what differed."""
     import sys
 
     from .engine import Engine
 
     out = out or sys.stdout
-    engine = Engine.load(name, device=device, dtype=dtype, unchecked=True)
+    engine = Engine.load(name, device=device, dtype=dtype, unchecked=True, generation_config=generation_config)
     listed = family_class(engine.model.config.model_type) is not None
     how = f"family {engine.family.name}" if listed else "the generic adapter (plain positions, full-attention K/V)"
     print(f"checking {engine.model_name} ({engine.model.config.model_type}, {how}, "

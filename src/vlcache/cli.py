@@ -102,6 +102,18 @@ def add_model_arguments(parser: argparse.ArgumentParser, model_help: str, dtype_
     parser.add_argument("--model", default=None, help=model_help)
     parser.add_argument("--device", choices=DEVICES, default="auto", help="where to run (default: auto, the GPU if any)")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help=f"compute dtype (default: {dtype_help})")
+    parser.add_argument("--generation-config", metavar="KEY=VALUE|FILE", action="append", type=_generation_setting,
+                        default=None, help="replace a setting of the model's generation_config.json (VALUE as JSON, "
+                        "e.g. num_beams=1), or several from a JSON file; repeatable (default: none)")
+
+
+def _generation_setting(text: str) -> dict:
+    from .decode.rules import parse_override
+
+    try:
+        return parse_override([text])
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_compile_argument(parser: argparse.ArgumentParser, auto: str) -> None:
@@ -654,10 +666,16 @@ def _layer_summary(kinds: list) -> str:
 def run_check(args: argparse.Namespace) -> int:
     from .check import run
 
-    return run(args.model, device=args.device, dtype=args.dtype or "auto")
+    return run(args.model, device=args.device, dtype=args.dtype or "auto", generation_config=_overrides(args))
 
 
 # -- plumbing ----------------------------------------------------------------------------------------------
+
+def _overrides(args: argparse.Namespace) -> dict | None:
+    """--generation-config's settings (later ones win), or None."""
+    override = {k: v for item in getattr(args, "generation_config", None) or () for k, v in item.items()}
+    return override or None
+
 
 def _load_engine(model: str | None, args: argparse.Namespace, meta=None):
     """Load the model (--device, --dtype, else the dtype of the cache `meta` describes, else auto) with the CLI's
@@ -676,7 +694,7 @@ def _load_engine(model: str | None, args: argparse.Namespace, meta=None):
         why = None  # --dtype auto chose: the engine says why
     info(f"loading {name} ({args.device}, {dtype})...")
     start = time.perf_counter()
-    engine = Engine.load(name, device=args.device, dtype=dtype)
+    engine = Engine.load(name, device=args.device, dtype=dtype, generation_config=_overrides(args))
     info(f"loaded in {time.perf_counter() - start:.1f}s on {engine.device} as "
          f"{str(engine.dtype).removeprefix('torch.')} ({why or engine.dtype_reason})")
     return engine

@@ -6,7 +6,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,7 +17,7 @@ from . import decode, generate, images, media, model as model_loading, prompt
 from .families import GENERIC, LINEAR, family_class
 from .families.base import run_steps
 from .defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SYSTEM_PROMPT
-from .errors import CacheFileError, ImageError, LayoutError, ModelMismatchError, VlcacheError
+from .errors import CacheFileError, ImageError, LayoutError, ModelLoadError, ModelMismatchError, VlcacheError
 from .media import MediaOptions
 from .answer import Answer, Delta  # noqa: F401 - part of the engine's interface
 from .header import Layout, check_layout, read_metadata, shared_source
@@ -32,6 +32,16 @@ class GenerationOptions:
     temperature: float | None = None  # None: the model's generation config; 0: greedy
     top_p: float | None = None
     seed: int | None = None
+    # OpenAI's and vLLM's per-request extras (None: the model's generation config, or off); see decode.sampling
+    top_k: int | None = None  # sampling rows only; 0: no top-k
+    min_p: float | None = None  # sampling rows only
+    repetition_penalty: float | None = None  # replaces the model's
+    logit_bias: dict[int, float] | None = None  # token id -> bias in -100..100
+    frequency_penalty: float | None = None  # -2..2, OpenAI's definition (generated tokens only)
+    presence_penalty: float | None = None  # -2..2
+    logprobs: int | None = None  # 0..20: each token's logprob and the top N (Answer.logprobs, Delta.logprobs)
+    # A grammar: called once per row for a fresh decode.TokenConstraint (ask_many makes one per prompt)
+    constraint: Callable[[], decode.TokenConstraint] | None = None
     # Structured output: the answer is JSON held to this schema ({"type": "object"}: any object; vlcache.structured).
     # json_strict: objects carry only the properties the schema names (OpenAI's strict mode).
     json_schema: dict | None = None
@@ -47,13 +57,25 @@ class GenerationOptions:
             raise VlcacheError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.seed is not None and not -(2**63) <= self.seed < 2**63:
             raise VlcacheError(f"seed must be a 64-bit integer, got {self.seed}")
+        try:  # the extras' ranges, as the decode step checks them
+            decode.SamplingParams(0.0, top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
+                                  logit_bias=tuple((self.logit_bias or {}).items()),
+                                  frequency_penalty=self.frequency_penalty or 0.0,
+                                  presence_penalty=self.presence_penalty or 0.0, logprobs=self.logprobs).check()
+        except (ValueError, TypeError) as exc:
+            raise VlcacheError(str(exc)) from None
 
 
 class Engine:
-    def __init__(self, loaded: model_loading.LoadedModel):
+    def __init__(self, loaded: model_loading.LoadedModel, generation_config: dict | None = None):
         self._loaded = loaded
         self.model = loaded.model
         self.processor = loaded.processor
+        # The model's generation config with the caller's overrides; a setting no decode step honours is refused.
+        decode.rules.apply_override(self.model.generation_config, generation_config)
+        why = decode.rules.refusal(self.model.generation_config)
+        if why:
+            raise ModelLoadError(f"model {loaded.name!r}: {why}")
         # An unlisted model type gets the generic adapter (model.load lets it through once `vlcache check` passed).
         self.family = (family_class(self.model.config.model_type) or GENERIC)(self.model, self.processor)
         self.eos_ids = _eos_ids(self.model.generation_config)
@@ -70,14 +92,16 @@ class Engine:
 
     @classmethod
     def load(cls, model: str | None = None, device: str = "auto", dtype: str = "auto", compile: str = "off",
-             unchecked: bool = False) -> "Engine":
+             unchecked: bool = False, generation_config: dict | None = None) -> "Engine":
         """Load a model by hub id or local folder (default: $VLCACHE_MODEL or Qwen/Qwen3-VL-2B-Instruct).
 
         `compile`: "off" (eager decode steps), "on" (compiled fixed-shape steps), "auto" (compiled where the
         exactness probe holds and they measure faster; see compile_steps). `unchecked`: an unlisted model type
-        loads before `vlcache check` passed for it (the check itself)."""
+        loads before `vlcache check` passed for it (the check itself). `generation_config`: settings that replace
+        the model's generation_config.json's ({"no_repeat_ngram_size": 0, "num_beams": 1, ...}); a setting
+        vlcache cannot honour (beam search, assistant models, watermarking, guidance) is refused here."""
         engine = cls(model_loading.load(model or model_loading.default_model(), device=device, dtype=dtype,
-                                        unchecked=unchecked))
+                                        unchecked=unchecked), generation_config)
         if compile != "off":
             engine.compile_steps(compile)
         return engine
@@ -304,18 +328,20 @@ class Engine:
 
     def ask(self, state: ImageState | None, prompt_text: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
             temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
-            system_prompt: str | None = None) -> Answer:
-        """Answer a prompt about a cached image (state) or, with state None, a text-only prompt."""
+            system_prompt: str | None = None, **extras) -> Answer:
+        """Answer a prompt about a cached image (state) or, with state None, a text-only prompt. `extras`: the
+        per-request options of GenerationOptions (top_k, min_p, repetition_penalty, logit_bias,
+        frequency_penalty, presence_penalty, logprobs, constraint)."""
         delta = None
-        for delta in self.stream(state, prompt_text, max_new_tokens, temperature, top_p, seed, system_prompt):
+        for delta in self.stream(state, prompt_text, max_new_tokens, temperature, top_p, seed, system_prompt, **extras):
             pass
         return delta.answer
 
     def stream(self, state: ImageState | None, prompt_text: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
-               system_prompt: str | None = None) -> Iterator[Delta]:
+               system_prompt: str | None = None, **extras) -> Iterator[Delta]:
         """Like ask, yielding text as it is generated; the last Delta carries the Answer."""
-        options = GenerationOptions(max_new_tokens, temperature, top_p, seed)
+        options = _options(max_new_tokens, temperature, top_p, seed, extras)
         if state is None:
             prompt.check_text(self.processor, prompt_text, "the question")
             prompt.check_text(self.processor, system_prompt or "", "the system prompt")
@@ -327,13 +353,15 @@ class Engine:
         return self.stream_ids(self.state_prefix(state), state.input_ids, new_ids, options)
 
     def ask_many(self, state: ImageState, prompts: Sequence[str], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-                 temperature: float | None = None, top_p: float | None = None, seed: int | None = None) -> list[Answer]:
+                 temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
+                 **extras) -> list[Answer]:
         """Answer several prompts about one state in one batched generation (rows over copies of the state).
 
         With greedy decoding each answer equals asking its prompt alone. With sampling and a seed, row i
-        samples with seed + i, so a batch is repeatable.
+        samples with seed + i, so a batch is repeatable. `extras`: as for ask (a constraint factory makes one
+        constraint per prompt).
         """
-        options = GenerationOptions(max_new_tokens, temperature, top_p, seed)
+        options = _options(max_new_tokens, temperature, top_p, seed, extras)
         options.check()
         if not prompts:
             return []
@@ -343,19 +371,26 @@ class Engine:
         new_ids = [self.question_ids(state.metadata.messages, p) for p in prompts]
         start = time.perf_counter()
         tokens: list[list[int]] = [[] for _ in prompts]
+        logprobs: list[list] = [[] for _ in prompts]
+        stopped = [False] * len(prompts)
         first = None
         # Rows that cannot be padded (linear-attention layers) are batched by question length.
         for rows in generate.batch_groups([n.shape[1] for n in new_ids], can_pad=not self.family.has_linear_layers):
             batch = self.batch()
             for r in rows:
-                batch.add(prefix, self.sampling(options, r), options.max_new_tokens, torch.cat([state.input_ids[0], new_ids[r][0]]))
+                batch.add(prefix, self.sampling(options, r), options.max_new_tokens, torch.cat([state.input_ids[0], new_ids[r][0]]),
+                          self.constraint(options))
             for step in decode.generate(batch, [new_ids[r][0] for r in rows]):
                 first = first or time.perf_counter()
-                for r, token in zip(rows, step):
+                for i, (r, token) in enumerate(zip(rows, step)):
                     if token is not None:
                         tokens[r].append(token)
+                        logprobs[r].append(batch.logprobs[i])
+                        stopped[r] = batch.ended[i] and len(tokens[r]) < options.max_new_tokens
         timing = _Timing(start, first)
-        return [self.answer(ids, state.num_tokens, state.num_tokens + n.shape[1], timing) for ids, n in zip(tokens, new_ids)]
+        wanted = options.logprobs is not None
+        return [self.answer(ids, state.num_tokens, state.num_tokens + n.shape[1], timing, lps if wanted else None, stop)
+                for ids, n, lps, stop in zip(tokens, new_ids, logprobs, stopped)]
 
     # -- the layers under ask, stream and ask_many -------------------------------------------------------------
 
@@ -368,7 +403,8 @@ class Engine:
 
     def batch(self) -> decode.Batch:
         """An empty batch of rows on this engine's model: what every question decodes in."""
-        return decode.Batch(self.model, self.family.positions, self.eos_ids, self.device, self.dtype, runner=self.runner)
+        return decode.Batch(self.model, self.family.positions, self.eos_ids, self.device, self.dtype, runner=self.runner,
+                            tokenizer=getattr(self.processor, "tokenizer", self.processor))
 
     def stream_ids(self, prefix: decode.Prefix, history: torch.Tensor, new_ids: torch.Tensor,
                    options: GenerationOptions, batch: decode.Batch | None = None) -> Iterator[Delta]:
@@ -382,27 +418,39 @@ class Engine:
         text = TextAssembler(self.processor.tokenizer)
         first = None
         seen = torch.cat([history[0], new_ids[0]])
+        constraint = self.constraint(options)
         if batch is None:
             batch = self.batch()
-            batch.add(prefix, self.sampling(options), options.max_new_tokens, seen)
+            batch.add(prefix, self.sampling(options), options.max_new_tokens, seen, constraint)
         else:
-            batch.restart(0, self.sampling(options), options.max_new_tokens, seen)
+            batch.restart(0, self.sampling(options), options.max_new_tokens, seen, constraint)
+        logprobs: list = []
+        last = None
         for (token_id,) in decode.generate(batch, [new_ids[0]]):
             if token_id is None:  # a broken distribution (NaN logits): nothing more can come
                 break
             first = first or time.perf_counter()
-            if len(text.token_ids) + 1 == options.max_new_tokens or token_id in self.eos_ids:
+            logprobs.append(last := batch.logprobs[0])
+            # The last token (the length limit, end of sequence, a stop string, a complete grammar) goes out
+            # with the answer below.
+            if len(text.token_ids) + 1 == options.max_new_tokens or token_id in self.eos_ids or batch.ended[0]:
                 text.token_ids.append(token_id)
-                break  # the last token goes out with the answer below
-            yield Delta(text=text.add(token_id), token_id=token_id)
+                break
+            yield Delta(text=text.add(token_id), token_id=token_id, logprobs=last)
         if not text.token_ids:
             raise VlcacheError("generation failed: the model gave no valid distribution (NaN logits)")
-        answer = self.answer(text.token_ids, history.shape[1], history.shape[1] + new_ids.shape[1], _Timing(start, first))
-        yield Delta(text=text.rest(answer.text), token_id=text.token_ids[-1], answer=answer)
+        stopped = bool(batch.ended and batch.ended[0]) and len(text.token_ids) < options.max_new_tokens
+        answer = self.answer(text.token_ids, history.shape[1], history.shape[1] + new_ids.shape[1], _Timing(start, first),
+                             logprobs if options.logprobs is not None else None, stopped)
+        yield Delta(text=text.rest(answer.text), token_id=text.token_ids[-1], answer=answer, logprobs=last)
 
     def sampling(self, options: GenerationOptions, seed_offset: int = 0) -> decode.SamplingParams:
         """How a row samples: the model's generation config overridden by `options`; a seed moved by `seed_offset`."""
-        params = decode.sampling_params(self.model.generation_config, options.temperature, options.top_p, options.seed)
+        params = decode.sampling_params(
+            self.model.generation_config, options.temperature, options.top_p, options.seed, top_k=options.top_k,
+            min_p=options.min_p, repetition_penalty=options.repetition_penalty, logit_bias=options.logit_bias,
+            frequency_penalty=options.frequency_penalty, presence_penalty=options.presence_penalty,
+            logprobs=options.logprobs)
         if params.seed is not None:
             params = _with_seed(params, params.seed + seed_offset)
         return params
@@ -418,7 +466,9 @@ class Engine:
         return self._grammars
 
     def constraint(self, options: GenerationOptions):
-        """A fresh grammar state for one row of `options` (a JSON schema's, or the caller's own), or None."""
+        """A fresh grammar state for one row of `options` (the caller's own, or a JSON schema's), or None."""
+        if options.constraint is not None:
+            return options.constraint()
         if options.json_schema is not None:
             return self.grammars.constraint(options.json_schema, options.json_strict, options.json_wrap)
         return None
@@ -430,7 +480,9 @@ class Engine:
         if options.json_schema is not None:
             self.grammars.compile(options.json_schema, options.json_strict, options.json_wrap)
 
-    def answer(self, token_ids: list[int], cached: int, prompt_tokens: int, timing: "_Timing") -> Answer:
+    def answer(self, token_ids: list[int], cached: int, prompt_tokens: int, timing: "_Timing",
+               logprobs: list | None = None, stopped: bool = False) -> Answer:
+        """`stopped`: the row ended by a rule (a stop string, a complete grammar): finish_reason "stop"."""
         end = time.perf_counter()
         first = timing.first or end
         decode = end - first
@@ -439,13 +491,14 @@ class Engine:
             token_ids=token_ids,
             prompt_tokens=prompt_tokens,
             cached_tokens=cached,
-            finish_reason="stop" if token_ids and token_ids[-1] in self.eos_ids else "length",
+            finish_reason="stop" if stopped or (token_ids and token_ids[-1] in self.eos_ids) else "length",
             timings={
                 "ttft_s": first - timing.start,
                 "decode_s": decode,
                 "total_s": end - timing.start,
                 "tokens_per_s": (len(token_ids) - 1) / decode if len(token_ids) > 1 and decode > 0 else 0.0,
             },
+            logprobs=logprobs,
         )
 
     def empty_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -580,6 +633,15 @@ def _part_grids(parts: list[media.Part], inputs) -> list:
 
 def _delta(state: ImageState) -> int:
     return int(state.rope_deltas.view(-1)[0])
+
+
+def _options(max_new_tokens, temperature, top_p, seed, extras: dict) -> GenerationOptions:
+    """GenerationOptions from ask's arguments; an extra GenerationOptions does not know is refused."""
+    known = set(GenerationOptions.__dataclass_fields__) - {"max_new_tokens", "temperature", "top_p", "seed"}
+    unknown = sorted(set(extras) - known)
+    if unknown:
+        raise VlcacheError(f"unknown generation option {unknown[0]!r}; known: {', '.join(sorted(known))}")
+    return GenerationOptions(max_new_tokens, temperature, top_p, seed, **extras)
 
 
 def _with_seed(params: decode.SamplingParams, seed: int) -> decode.SamplingParams:

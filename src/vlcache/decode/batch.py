@@ -14,6 +14,8 @@ from collections.abc import Iterator
 import torch
 
 from . import attention
+from ..answer import TokenLogprobs
+from .constraint import TokenConstraint
 from .rows import Prefix, RowsCache
 from .sampling import RowSampling, SamplingParams
 
@@ -21,16 +23,17 @@ PREFILL_PIECE = 1024  # tokens of new ids a forward takes at most (a long text-o
 
 
 class Batch:
-    def __init__(self, model, positions, eos_ids: frozenset[int], device, dtype, runner=None):
+    def __init__(self, model, positions, eos_ids: frozenset[int], device, dtype, runner=None, tokenizer=None):
         self.model = model
         self.positions = positions  # the family's: (slots, logical, rope deltas [B, 1]) -> position ids
         self.device = device
         self.cache = RowsCache(model.config, device, dtype)
         vocab = model.get_output_embeddings().weight.shape[0]
-        self.sampling = RowSampling(vocab, eos_ids, device)
+        self.sampling = RowSampling(vocab, eos_ids, device, tokenizer)  # the tokenizer: for stop strings
         self.deltas = torch.zeros(0, 1, dtype=torch.long, device=device)
         self.last = torch.zeros(0, 1, dtype=torch.long, device=device)  # each row's last sampled token
         self.runner = runner  # a decode.step.StepRunner for fixed-shape (compiled, graphed) steps, or None
+        self.ended: list[bool] = []  # per row: done after the last sample()
 
     @property
     def rows(self) -> int:
@@ -39,21 +42,28 @@ class Batch:
     # -- rows in and out ---------------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def add(self, prefix: Prefix, params: SamplingParams, max_new_tokens: int, seen: torch.Tensor) -> int:
-        """A row continuing from `prefix`; `seen` [n] its ids so far (for the repetition penalty)."""
-        slot = self.cache.add(prefix)
-        self.sampling.add(params, max_new_tokens, seen)
+    def add(self, prefix: Prefix, params: SamplingParams, max_new_tokens: int, seen: torch.Tensor,
+            constraint: TokenConstraint | None = None) -> int:
+        """A row continuing from `prefix`; `seen` [n] its ids so far (the prompt the rules read); `constraint`
+        its grammar (decode.constraint), or None."""
+        self.sampling.add(params, max_new_tokens, seen, constraint)  # first: settings no rule takes fail here
+        try:
+            slot = self.cache.add(prefix)
+        except Exception:
+            self.sampling.remove(self.sampling.rows - 1)
+            raise
         self._reserve(slot + 1)
         self.deltas[slot] = prefix.rope_delta
         return slot
 
     @torch.inference_mode()
-    def restart(self, slot: int, params: SamplingParams, max_new_tokens: int, seen: torch.Tensor) -> None:
+    def restart(self, slot: int, params: SamplingParams, max_new_tokens: int, seen: torch.Tensor,
+                constraint: TokenConstraint | None = None) -> None:
         """New sampling for the last row (a conversation's next turn continues in the same slot)."""
         if slot != self.rows - 1:
             raise ValueError("only the last row can restart")
         self.sampling.remove(slot)
-        self.sampling.add(params, max_new_tokens, seen)
+        self.sampling.add(params, max_new_tokens, seen, constraint)
 
     @torch.inference_mode()
     def adopt(self, other: "Batch", slot: int) -> int:
@@ -125,14 +135,22 @@ class Batch:
         where = self.positions(logical, logical, self.deltas[:rows])
         return attention.forward(self.model, self.last[:rows], where, self.cache, logical, [1] * rows)
 
+    @property
+    def logprobs(self) -> list[TokenLogprobs | None]:
+        """Per row, the logprobs of the token the last sample() chose (None for rows that did not ask)."""
+        return self.sampling.logprobs
+
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor) -> tuple[list[int], list[bool]]:
         """Every row's next token and whether it is done, with one transfer to the host. A token of -1: the
-        row's distribution was broken (NaN logits); it is done."""
+        row's distribution was broken (NaN logits); it is done. A row whose grammar completes (or refuses the
+        token) is done. Logprobs of the rows that asked: self.logprobs."""
         tokens, done = self.sampling.sample(logits)
         self.last[: tokens.shape[0], 0] = tokens.clamp(min=0)
         host = torch.stack([tokens, done.long()]).tolist()
-        return host[0], [bool(d) for d in host[1]]
+        ended = self.sampling.accept(host[0])
+        self.ended = [bool(d) or e for d, e in zip(host[1], ended)]
+        return host[0], self.ended
 
 
 def generate(batch: Batch, new_ids: list[torch.Tensor], stopped=None) -> Iterator[list[int | None]]:
