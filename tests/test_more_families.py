@@ -5,6 +5,7 @@ positions are restored wrongly; and `vlcache check` on a listed model, on an unl
 checked, then used) and on a model the generic adapter gets wrong.
 """
 
+import functools
 import json
 
 import pytest
@@ -359,25 +360,69 @@ def test_llama4_a_saved_conversation_keeps_its_last_chunk(family_engine, tmp_pat
         engine, messages, photo("coffee.png"), N, max_pixels=PIXELS)
 
 
-def test_llama4_generate_fails_upstream(family_dir):
-    """transformers 5.24's Llama4ForConditionalGeneration.forward reads `image_outputs` from the language model's
-    MoeCausalLMOutputWithPast, which has no such field, so generate() itself fails on a model as transformers
-    loads it. vlcache's Llama 4 family hands the language model's output on with that field (families/llama4.py),
-    which the references above rely on. When this test fails, transformers has fixed it and the workaround can go."""
-    import torch
-    from PIL import Image
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+def _bare_reference(engine, model):
+    """reference_tokens' inputs, but generate() on `model` (as transformers loads it) instead of the engine's."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(model=model, processor=engine.processor, family=engine.family, device=engine.device,
+                           dtype=engine.dtype, images_kwargs=engine.images_kwargs)
+
+
+def _plant_upstream_output_bug(monkeypatch):
+    """transformers 5.24's bug, planted: the top forward reads `image_outputs` from its language model's output."""
+    from transformers.models.llama4 import modeling_llama4
+
+    cls = modeling_llama4.Llama4ForConditionalGeneration
+    original = cls.forward
+
+    @functools.wraps(original)  # generate() checks its kwargs against forward's signature
+    def forward(self, *args, **kwargs):
+        seen = []
+        handle = self.language_model.register_forward_hook(lambda module, inputs, output: seen.append(output))
+        try:
+            result = original(self, *args, **kwargs)
+        finally:
+            handle.remove()
+        seen[-1].image_outputs  # noqa: B018 (the read that fails upstream)
+        return result
+
+    monkeypatch.setattr(cls, "forward", forward)
+
+
+def test_llama4_is_exact_with_and_without_the_upstream_output_bug(family_dir, monkeypatch):
+    """transformers 5.24's Llama4ForConditionalGeneration.forward read `image_outputs` from its language model's
+    output, which has no such field, so generate() itself failed; 5.25 fixed it. vlcache finds out by behaviour
+    which one it runs on and installs its workaround only where the bug is. With the transformers installed and
+    with the bug planted, the workaround is on exactly when generate() on the model as transformers loads it
+    fails, and vlcache's answers equal generate() on the model as transformers ships it where that works, on
+    the worked-around model otherwise."""
+    from transformers import AutoModelForImageTextToText
 
     folder = family_dir("llama4")
-    processor = AutoProcessor.from_pretrained(folder)
-    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
-    messages = [{"role": "user", "content": [{"type": "image", "image": Image.open(photo("rocket.jpg"))},
-                                             {"type": "text", "text": QUESTIONS[0]}]}]
-    inputs = processor.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True,
-                                           return_tensors="pt")
-    inputs["pixel_values"] = inputs["pixel_values"].float()  # its image processor normalizes in bfloat16
-    with pytest.raises(AttributeError, match="'MoeCausalLMOutputWithPast' object has no attribute 'image_outputs'"):
-        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    question = QUESTIONS[0]
+
+    def bare_model():
+        return AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32).eval()
+
+    for planted in (False, True):
+        with monkeypatch.context() as patch:
+            if planted:
+                _plant_upstream_output_bug(patch)
+            engine = Engine.load(str(folder), device="cpu")
+            workaround = engine.model.language_model._vlcache_output_workaround
+            bare = _bare_reference(engine, bare_model())
+            try:
+                expected = reference_tokens(bare, photo("rocket.jpg"), SYSTEM, question, N, max_pixels=PIXELS)
+                bare_fails = False
+            except AttributeError as error:
+                assert "'MoeCausalLMOutputWithPast' object has no attribute 'image_outputs'" in str(error)
+                bare_fails = True
+                expected = reference_tokens(engine, photo("rocket.jpg"), SYSTEM, question, N, max_pixels=PIXELS)
+            assert workaround == bare_fails
+            if planted:
+                assert bare_fails  # the plant is real: without the workaround generate() fails
+            state = engine.cache_image(photo("rocket.jpg"), system_prompt=SYSTEM, max_pixels=PIXELS)
+            assert engine.ask(state, question, max_new_tokens=N, temperature=0).token_ids == expected
 
 
 GEMMA4_KINDS = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention", "shared_attention:3",

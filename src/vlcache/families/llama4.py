@@ -12,9 +12,11 @@ local attention; plain 1D RoPE.
   scale is applied to the query projection from each token's own position instead (the same products, bit for
   bit), and transformers' own is switched off for that forward.
 - transformers 5.24's Llama4ForConditionalGeneration.forward reads `image_outputs` from its language model's
-  output, a MoeCausalLMOutputWithPast that has no such field, so every call (generate's too) raises. The
-  language model's output is handed on as a class with that field (None: the image features are not kept),
-  which is all the top model reads from it. tests/test_more_families.py keeps a test of the upstream failure.
+  output, a MoeCausalLMOutputWithPast that has no such field, so every call (generate's too) raises (5.25 fixed
+  it). Whether the loaded transformers has the bug is found by behaviour, not by version: one text-only forward
+  of one token when the family is made. Only where that raises for the missing field is the language model's
+  output handed on as a class with it (None: the image features are not kept), which is all the top model reads
+  from it. tests/test_more_families.py checks answers are exact with and without the bug.
 - The image processor rescales and normalizes in bfloat16, as the original code does; the prefill casts the
   pixels to the compute dtype (exactly: bfloat16 values are representable in float32).
 """
@@ -71,17 +73,36 @@ def _with_image_outputs(module, args, kwargs, output):
 
 
 def _install(model) -> None:
-    """Once per model: the output workaround and per-row temperature scales of the NoPE layers."""
+    """Once per model: the output workaround (where this transformers needs it) and per-row temperature scales of
+    the NoPE layers."""
     text = model.language_model
     if getattr(text, "_vlcache_llama4", False):
         return
-    text.register_forward_hook(_with_image_outputs, with_kwargs=True)
+    text._vlcache_output_workaround = needs_output_workaround(model)
+    if text._vlcache_output_workaround:
+        # prepend: the field must be there before anything else that reads the output sees it.
+        text.register_forward_hook(_with_image_outputs, with_kwargs=True, prepend=True)
     for layer in text.model.layers:
         attention = layer.self_attn
         if attention.attn_temperature_tuning and not attention.use_rope:
             attention.forward = _rows_temperature(attention, attention.forward)
             attention.q_proj.register_forward_hook(_scale_queries(attention))
     text._vlcache_llama4 = True
+
+
+def needs_output_workaround(model) -> bool:
+    """Whether the top model's forward fails on its language model's output for want of `image_outputs`: one
+    text-only forward of one token. Any other failure is not ours to hide: it propagates."""
+    token = model.config.get_text_config().bos_token_id or 0
+    ids = torch.tensor([[token]], device=next(model.parameters()).device)
+    try:
+        with torch.inference_mode():
+            model(input_ids=ids, use_cache=False)
+    except AttributeError as error:
+        if "image_outputs" in str(error):
+            return True
+        raise
+    return False
 
 
 def _rows_temperature(attention, forward):
