@@ -51,6 +51,27 @@ def schema_text(schema) -> str:
     return text
 
 
+_DATA_KEYS = ("enum", "const", "default", "examples")  # JSON values, not schemas: left as they are
+
+
+def _plain_strings(schema):
+    """The schema with every length-limited string ({"type": "string", "maxLength": n}) as a pattern of the same
+    length over the characters JSON lets stand unescaped. xgrammar 0.2.8 builds length-limited strings from a
+    character class that lets raw control characters through (invalid JSON: tested) and no escapes; its regex
+    path for patterns excludes what the pattern excludes. Escapes are then not written in such strings."""
+    if isinstance(schema, list):
+        return [_plain_strings(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: value if key in _DATA_KEYS else _plain_strings(value) for key, value in schema.items()}
+    limited = "minLength" in out or "maxLength" in out
+    if out.get("type") == "string" and limited and not any(k in out for k in ("pattern", "format", *_DATA_KEYS)):
+        low, high = out.pop("minLength", 0), out.pop("maxLength", "")
+        if isinstance(low, int) and (high == "" or isinstance(high, int)):
+            out["pattern"] = f'^[^\\x00-\\x1f"\\\\]{{{low},{high}}}$'
+    return out
+
+
 class JsonConstraint:
     """One row's grammar state (decode.sampling.TokenConstraint): fill_mask, accept, is_terminated."""
 
@@ -58,10 +79,14 @@ class JsonConstraint:
         self.matcher = _xgrammar().GrammarMatcher(compiled)
 
     def fill_mask(self, bitmask_row) -> None:
-        """Write the allowed next tokens into `bitmask_row` (int32 [ceil(V/32)], CPU)."""
-        self.matcher.fill_next_token_bitmask(bitmask_row)
+        """Write the allowed next tokens into `bitmask_row` (int32 [ceil(V/32)], CPU). A finished row may still sit
+        in its batch until the others end (its tokens dropped): its mask is left as it came (all allowed)."""
+        if not self.matcher.is_terminated():
+            self.matcher.fill_next_token_bitmask(bitmask_row)
 
     def accept(self, token: int) -> bool:
+        if self.matcher.is_terminated():
+            return False  # nothing follows the stop token
         return self.matcher.accept_token(int(token))
 
     def is_terminated(self) -> bool:
@@ -95,7 +120,7 @@ class JsonGrammars:
         if schema is None:
             text, strict = '{"type":"object"}', False
         else:
-            text = schema_text(schema)
+            text = json.dumps(_plain_strings(json.loads(schema_text(schema))), separators=(",", ":"))
         key = (text, strict, wrap)
         with self._lock:
             if key in self._compiled:
