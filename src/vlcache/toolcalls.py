@@ -122,7 +122,8 @@ def _call(body: str) -> dict | None:
         return None
     arguments = value.get("arguments", {})
     return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": value["name"], "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments)}}
+            "function": {"name": value["name"],
+                         "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)}}
 
 
 class CallStream:
