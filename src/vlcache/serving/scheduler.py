@@ -62,6 +62,7 @@ class _Row:
     fed: int = 0  # new ids prefilled so far
     first: float | None = None
     constraint: object = None  # the row's grammar (decode.TokenConstraint), or None
+    ended: bool = False  # the last sample ended the row (end of sequence, a rule, its grammar)
     logprobs: list = field(default_factory=list)  # per token, when the options ask for them
 
     @property
@@ -324,6 +325,7 @@ class Scheduler:
         """Record and stream a token (and its logprobs, where asked for: before its text); True when the row is
         done (`done`: end of sequence, its length limit or its grammar, decided with the step)."""
         row.first = row.first or time.perf_counter()
+        row.ended = done  # by the device's rules or the row's grammar
         if row.job.options.logprobs is not None:
             row.logprobs.append(logprobs)
             if not row.job.cancelled.is_set():
@@ -340,8 +342,9 @@ class Scheduler:
             ids = torch.cat([job.history, job.new_ids, job.new_ids.new_tensor([tokens[:-1]])], dim=1)
             job.keep(ids, batch.cache.suffix_kv(slot, length), job.history.shape[1] + job.new_ids.shape[1])
         prompt = job.history.shape[1] + job.new_ids.shape[1]
+        stopped = row.ended and len(tokens) < job.options.max_new_tokens  # a rule ended it, not the length limit
         answer: Answer = self.engine.answer(tokens, job.history.shape[1], prompt, _Timing(job.submitted, row.first),
-                                            row.logprobs if job.options.logprobs is not None else None)
+                                            row.logprobs if job.options.logprobs is not None else None, stopped)
         tail = row.text.rest(answer.text)
         if tail and not job.cancelled.is_set():
             job.emit("delta", tail)
