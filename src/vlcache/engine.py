@@ -451,6 +451,14 @@ class Engine:
             min_p=options.min_p, repetition_penalty=options.repetition_penalty, logit_bias=options.logit_bias,
             frequency_penalty=options.frequency_penalty, presence_penalty=options.presence_penalty,
             logprobs=options.logprobs)
+        try:
+            params.check()
+        except ValueError as exc:
+            raise VlcacheError(str(exc)) from None
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        outside = [t for t, _ in params.logit_bias if t >= vocab]
+        if outside:
+            raise VlcacheError(f"logit_bias names token {outside[0]}, the model's vocabulary has {vocab} tokens")
         if params.seed is not None:
             params = _with_seed(params, params.seed + seed_offset)
         return params

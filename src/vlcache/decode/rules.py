@@ -34,8 +34,34 @@ _REFUSED = {
     "encoder_no_repeat_ngram_size": (0, "the encoder n-gram rule"),
     "max_time": (None, "a time limit (answers would depend on the machine's speed)"),
     "use_mtp": (None, "multi-token prediction"),
+    "assistant_early_exit": (None, "self-speculative decoding"),
+    "speculation_type": (None, "speculative decoding"),
 }
 _OFF_TOO = {"guidance_scale": (1, 1.0), "token_healing": (False,), "use_mtp": (False,)}  # also "off"
+
+# Settings every row applies (decode.sampling; tests/test_logits_rules.py compares each with generate()).
+APPLIED = frozenset({
+    "do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff",
+    "repetition_penalty", "no_repeat_ngram_size", "bad_words_ids", "sequence_bias", "min_length", "min_new_tokens",
+    "forced_bos_token_id", "forced_eos_token_id", "exponential_decay_length_penalty", "suppress_tokens",
+    "begin_suppress_tokens", "remove_invalid_values", "stop_strings", "eos_token_id",
+})
+# Settings that cannot change an answer's tokens here: name -> why.
+NO_EFFECT = {
+    **dict.fromkeys(("max_length", "max_new_tokens"), "every request gives max_new_tokens, as a test gives generate()"),
+    "renormalize_logits": "a log-softmax after the filters: the same argmax and the same distribution",
+    **dict.fromkeys(("pad_token_id", "bos_token_id", "decoder_start_token_id"), "no padding, no decoder start"),
+    **dict.fromkeys(("use_cache", "cache_implementation", "cache_config", "max_cache_len", "compile_config",
+                     "disable_compile", "prefill_chunk_size", "continuous_batching_config", "low_memory"),
+                    "how generate() runs the model, not what it chooses"),
+    **dict.fromkeys(("output_attentions", "output_hidden_states", "output_logits", "output_scores",
+                     "return_dict_in_generate"), "what generate() returns besides the tokens"),
+    **dict.fromkeys(("early_stopping", "length_penalty"), "beam search only (num_beams is 1)"),
+    **dict.fromkeys(("is_assistant", "assistant_confidence_threshold", "assistant_lookbehind", "target_lookbehind",
+                     "assistant_ensemble_weight", "num_assistant_tokens", "num_assistant_tokens_schedule",
+                     "max_matching_ngram_size"), "speculative decoding only (refused above)"),
+    **dict.fromkeys(("transformers_version", "_from_model_config"), "bookkeeping"),
+}
 
 
 def defaults() -> dict:
@@ -62,6 +88,16 @@ def refusal(generation_config) -> str | None:
                 f"it with --generation-config {name}={fix} (Engine.load(generation_config={{{name!r}: {fix}}}))")
     if getattr(generation_config, "assistant_model", None) is not None:
         return "the model's generation config names an assistant model, which vlcache cannot honour"
+    # A setting of this transformers that no list above names (a newer release's) is refused when it is set,
+    # never silently dropped.
+    default = type(generation_config)()
+    for name in sorted(vars(default)):
+        if name in APPLIED or name in NO_EFFECT or name in _REFUSED:
+            continue
+        value = getattr(generation_config, name, None)
+        if value is not None and value != getattr(default, name):
+            return (f"the model's generation config sets {name}, which vlcache does not know how to apply: override it "
+                    f"with --generation-config {name}=null (Engine.load(generation_config={{{name!r}: None}}))")
     return None
 
 

@@ -281,9 +281,9 @@ class RowSampling:
         for flag, name, tokens in (("suppress", "suppress", params.suppress_tokens),
                                    ("begin", "begin", params.begin_suppress_tokens),
                                    ("forced_eos", "eos_forced", params.forced_eos_token_id)):
-            if flag in flags:
-                self._wide(name)[slot, torch.tensor([t for t in tokens if 0 <= t < self.vocab] or [0], device=self.device)] = bool(
-                    [t for t in tokens if 0 <= t < self.vocab])
+            inside = [t for t in tokens if 0 <= t < self.vocab]  # ids past the logits cannot be generated anyway
+            if flag in flags and inside:
+                self._wide(name)[slot, torch.tensor(inside, device=self.device)] = True
         if "history" in flags:
             history = self._wide("history", row.prompt + max_new_tokens + 1)
             history[slot, : row.prompt] = ids
@@ -396,8 +396,9 @@ class RowSampling:
         self.logprobs = self._logprobs(logits, tokens, rows) if "logprobs" in flags else [None] * rows
         # Bookkeeping on the device: the counter, what the rules remember, the stop rules.
         self.draws[:rows] += 1
-        index = torch.arange(rows, device=logits.device)
-        chosen = tokens.clamp(min=0)
+        if self.seen is not None or self.counts is not None or self.history is not None:
+            index = torch.arange(rows, device=logits.device)
+            chosen = tokens.clamp(min=0)
         if self.seen is not None:
             self.seen[index, chosen] = True
         if self.counts is not None:
@@ -573,8 +574,34 @@ class RowSampling:
         return ended
 
     def _draw(self, logits: torch.Tensor, rows: int, filters: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        sampling = [("sample" in r.flags) for r in self._rows[:rows]]
-        ks = [int(r.params.top_k or 0) for r, s in zip(self._rows[:rows], sampling) if s]
+        values, order = self._candidates(logits, rows, filters)
+        k = values.shape[-1]
+        probs = torch.softmax(values, dim=-1)
+        probs = torch.where(values > float("-inf"), probs, torch.zeros_like(probs))
+        cdf = torch.cumsum(probs, dim=-1)
+        total = cdf[:, -1:]
+        broken = ~torch.isfinite(cdf).all(dim=-1) | ~(total[:, 0] > 0)
+        # One uniform draw per row from its own counter, through the inverse of the kept distribution.
+        u = _uniform(self.seed[:rows], self.draws[:rows]).to(cdf.dtype).unsqueeze(1) * total
+        index = torch.searchsorted(cdf, u, right=True).clamp(max=k - 1)
+        # A draw that lands past the last kept token (rounding) takes the last kept one.
+        last_kept = (probs > 0).long().cumsum(-1).argmax(dim=-1, keepdim=True)
+        index = torch.minimum(index, last_kept)
+        return order.gather(1, index).squeeze(1), broken
+
+    @torch.inference_mode()
+    def filtered(self, logits: torch.Tensor) -> torch.Tensor:
+        """The sampling rows' scores [B, V] after temperature and the filters, -inf where a filter removed a
+        token (transformers' warpers' output; what a draw is taken from). For tests and inspection."""
+        rows = logits.shape[0]
+        values, order = self._candidates(logits.float(), rows, True)
+        out = torch.full(logits.shape, float("-inf"), device=logits.device)
+        return out.scatter(1, order, values)
+
+    def _candidates(self, logits: torch.Tensor, rows: int, filters: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sampling row's candidates, largest first: (scores after temperature and the filters, -inf where
+        removed [B, k]; their token ids [B, k])."""
+        ks = [int(r.params.top_k or 0) for r in self._rows[:rows] if "sample" in r.flags]
         vocab = logits.shape[-1]
         temperature = torch.where(self.temperature[:rows] > 0, self.temperature[:rows], torch.ones_like(self.temperature[:rows]))
         warped = logits / temperature.unsqueeze(1)
@@ -599,18 +626,7 @@ class RowSampling:
         # 3. min-p, typical-p, epsilon, eta (transformers' warpers, in its order), on the sorted candidates.
         if filters:
             values = _filters(values, self.min_p[:rows], self.typical[:rows], self.epsilon[:rows], self.eta[:rows])
-        probs = torch.softmax(values, dim=-1)
-        probs = torch.where(values > float("-inf"), probs, torch.zeros_like(probs))
-        cdf = torch.cumsum(probs, dim=-1)
-        total = cdf[:, -1:]
-        broken = ~torch.isfinite(cdf).all(dim=-1) | ~(total[:, 0] > 0)
-        # 4. One uniform draw per row from its own counter, through the inverse of the kept distribution.
-        u = _uniform(self.seed[:rows], self.draws[:rows]).to(cdf.dtype).unsqueeze(1) * total
-        index = torch.searchsorted(cdf, u, right=True).clamp(max=k - 1)
-        # A draw that lands past the last kept token (rounding) takes the last kept one.
-        last_kept = (probs > 0).long().cumsum(-1).argmax(dim=-1, keepdim=True)
-        index = torch.minimum(index, last_kept)
-        return order.gather(1, index).squeeze(1), broken
+        return values, order
 
 
 def _filters(values: torch.Tensor, min_p: torch.Tensor, typical: torch.Tensor, epsilon: torch.Tensor,
