@@ -7,11 +7,12 @@ ones (seeded), so the rows walk different paths through the schema, as sampled a
 With the tiny test checkpoint's tokenizer (a few hundred tokens) and the real Qwen3-VL-2B tokenizer (151,936
 logits). Compile time per schema is reported apart (it is paid once per schema and cached).
 
-(b) With --thin: the decode step of bench/decode.py's thin stand-in (28 layers, hidden 64, real processor)
-through vlcache's own batch, rows with and without the schema, batch 1 and 16: the whole price of a grammar in
-a step (bitmask, the transfer to the device, the masking in sampling).
+(b) With --thin and --two-b: the decode step of bench/decode.py's thin stand-in (28 layers, hidden 64, real
+processor) and of the Qwen3-VL-2B architecture (random weights) through vlcache's own batch, every row free or
+every row under the schema, batch 1 and 16: the whole price of a grammar in a step (bitmask, the transfer to
+the device, the masking in sampling, accepting the token).
 
-Usage: python bench/grammar.py [--work-dir /tmp/bgrammar] [--thin] [--json docs/benchmarks-grammar.json]
+Usage: python bench/grammar.py [--work-dir /tmp/bgrammar] [--thin] [--two-b] [--threads 2] [--json docs/benchmarks-grammar.json]
 """
 
 from __future__ import annotations
@@ -128,40 +129,70 @@ def _summary(compile_s: float, fills: list[float], accepts: list[float]) -> dict
             "accept_ms": 1000 * statistics.median(accepts), "accept_ms_mean": 1000 * statistics.mean(accepts)}
 
 
-def thin_steps(work: Path, steps: int) -> dict:
-    """ms per decode step of the thin stand-in through vlcache's batch, rows with and without the schema."""
-    from decode import build_thin
+def step_costs(engine, steps: int) -> dict:
+    """ms per decode step through vlcache's batch at 1 and 16 rows, all rows free or all under the schema (each row
+    its own matcher; temperature 1, seeds 0..B-1, the model's own top-k and top-p, as a served request), the two batches stepping alternately so drift touches both
+    alike; only the steps where every schema row is still inside its grammar count (a finished matcher masks
+    nothing). The difference is the grammar's whole price in a step: filling the bitmask on the host, its
+    transfer, the masking, accepting the token."""
+    from vlcache import decode, prompt
+    from vlcache.engine import GenerationOptions
 
-    from vlcache import Engine, decode, prompt
-
-    engine = Engine.load(str(build_thin(work / "thin")), device="cpu", dtype="float32")
-    constrain = engine.json_constraint
     ids = prompt.text_only_ids(engine.processor, None, "Describe the picture as JSON.").to(engine.device)[0]
     out = {}
     for rows in (1, 16):
+        batches = {}
         for mode in ("free", "schema"):
             batch = engine.batch()
-            for _ in range(rows):
-                params = decode.SamplingParams(temperature=1.0, seed=0,
-                                               constraint=constrain(SCHEMA) if mode == "schema" else None)
-                batch.add(decode.Prefix(engine.empty_kv(), 0), params, 10**6, ids)
-            logits = batch.prefill([ids] * rows)
-            batch.sample(logits)
-            times = []
-            for _ in range(steps):
+            for i in range(rows):
+                constraint = engine.grammars.constraint(SCHEMA, True) if mode == "schema" else None
+                batch.add(decode.Prefix(engine.empty_kv(), 0), engine.sampling(GenerationOptions(temperature=1.0, seed=i)), 10**6, ids,
+                          constraint)
+            batch.sample(batch.prefill([ids] * rows))
+            batches[mode] = batch
+        times: dict = {"free": [], "schema": []}
+        for _ in range(steps):
+            took = {}
+            for mode, batch in batches.items():
                 start = time.perf_counter()
-                logits = batch.step()
-                batch.sample(logits)
-                times.append(time.perf_counter() - start)
-            out[f"{rows} {mode}"] = 1000 * statistics.median(times)
+                batch.sample(batch.step())
+                took[mode] = time.perf_counter() - start
+            if any(batches["schema"].ended):
+                break
+            for mode in took:
+                times[mode].append(took[mode])
+        free, schema = (1000 * statistics.median(times[m]) for m in ("free", "schema"))
+        out[rows] = {"steps": len(times["free"]), "free_ms": free, "schema_ms": schema, "grammar_ms": schema - free,
+                     "grammar_share": (schema - free) / free}
     return out
+
+
+def _thin(work: Path):
+    from decode import build_thin
+
+    from vlcache import Engine
+
+    return Engine.load(str(build_thin(work / "thin")), device="cpu", dtype="float32")
+
+
+def _two_b(work: Path):
+    """The Qwen3-VL-2B architecture, random weights (as bench/decode.py), in the dtype --dtype auto picks."""
+    from vlcache import Engine
+    from vlcache.testing import build_random_checkpoint
+
+    folder = work / "qwen3-vl-2b"
+    if not (folder / "config.json").exists():
+        build_random_checkpoint(REAL / "config.json", folder)
+    return Engine.load(str(folder), device="cpu", dtype="auto")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work-dir", default="/tmp/bgrammar")
     parser.add_argument("--steps", type=int, default=48)
-    parser.add_argument("--thin", action="store_true", help="also the thin stand-in's decode step (needs the engine)")
+    parser.add_argument("--thin", action="store_true", help="also the thin stand-in's decode step, free and under the schema")
+    parser.add_argument("--two-b", action="store_true", help="also the 2B architecture's decode step (random weights)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for the 2B's decode steps (the masks and the thin stand-in: one)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -183,10 +214,19 @@ def main() -> int:
                 print(f"| {name} (V={vocab:,}) | {library} | {rows} | {r['fill_ms']:.3f} / {r['fill_ms_mean']:.3f} / "
                       f"{r['fill_ms_max']:.3f} | {r['accept_ms']:.3f} / {r['accept_ms_mean']:.3f} | "
                       f"{r['compile_s'] * 1000:.1f} | {r['steps']} |", flush=True)
-    if args.thin:
-        results["thin"] = thin_steps(work, 16)
-        for key, ms in results["thin"].items():
-            print(f"thin {key}: {ms:.2f} ms a step", flush=True)
+    # The thin stand-in on one thread (as bench/decode.py: its step is overhead), the 2B on --threads.
+    for name, wanted, load, threads in (("thin", args.thin, _thin, 1), ("2b", args.two_b, _two_b, args.threads)):
+        if wanted:
+            torch.set_num_threads(threads)
+            engine = load(work)
+            config = engine.model.generation_config
+            results[name] = {"dtype": str(engine.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+                             "top_k": config.top_k, "top_p": config.top_p,
+                             "steps": step_costs(engine, args.steps)}
+            for rows, r in results[name]["steps"].items():
+                print(f"| {name} ({results[name]['dtype']}) | {rows} | {r['free_ms']:.2f} | {r['schema_ms']:.2f} | "
+                      f"{r['grammar_ms']:+.2f} ({100 * r['grammar_share']:+.1f}%) | {r['steps']} |", flush=True)
+            del engine
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     return 0
