@@ -167,6 +167,43 @@ def step_costs(engine, steps: int) -> dict:
     return out
 
 
+def sampling_costs(tokenizer, vocab: int, eos: list[int], steps: int) -> dict:
+    """ms of vlcache's sampling step alone (decode.RowSampling.sample, then accept) over random logits of the
+    real vocabulary, every row free or every row under the schema (its own matcher), temperature 1 with
+    Qwen3-VL's top-k 20 and top-p 0.8, the two alternating: the grammar's price without a forward (which it does
+    not touch), so a loaded machine's noise in the forward does not hide it."""
+    from vlcache.decode.sampling import RowSampling, SamplingParams
+    from vlcache.structured import JsonGrammars
+
+    grammars = JsonGrammars(tokenizer, vocab, eos)
+    out = {}
+    for rows in (1, 16):
+        samplers = {}
+        for mode in ("free", "schema"):
+            sampling = RowSampling(vocab, frozenset(eos), "cpu")
+            for i in range(rows):
+                sampling.add(SamplingParams(1.0, top_k=20, top_p=0.8, seed=i), 10**6, torch.tensor([0]),
+                             grammars.constraint(SCHEMA, True) if mode == "schema" else None)
+            samplers[mode] = sampling
+        generator = torch.Generator().manual_seed(rows)
+        times: dict = {"free": [], "schema": []}
+        for _ in range(steps):
+            logits = torch.randn(rows, vocab, generator=generator) * 4
+            took, ended = {}, False
+            for mode, sampling in samplers.items():
+                start = time.perf_counter()
+                tokens, _ = sampling.sample(logits)
+                ended |= any(sampling.accept(tokens.tolist()))
+                took[mode] = time.perf_counter() - start
+            if ended:
+                break
+            for mode in took:
+                times[mode].append(took[mode])
+        free, schema = (1000 * statistics.median(times[m]) for m in ("free", "schema"))
+        out[rows] = {"steps": len(times["free"]), "free_ms": free, "schema_ms": schema, "grammar_ms": schema - free}
+    return out
+
+
 def _thin(work: Path):
     from decode import build_thin
 
@@ -214,6 +251,12 @@ def main() -> int:
                 print(f"| {name} (V={vocab:,}) | {library} | {rows} | {r['fill_ms']:.3f} / {r['fill_ms_mean']:.3f} / "
                       f"{r['fill_ms_max']:.3f} | {r['accept_ms']:.3f} / {r['accept_ms_mean']:.3f} | "
                       f"{r['compile_s'] * 1000:.1f} | {r['steps']} |", flush=True)
+    torch.set_num_threads(1)
+    results["sampling"] = sampling_costs(tokenizers["qwen3-vl-2b"][0], 151936,
+                                         [tokenizers["qwen3-vl-2b"][0].convert_tokens_to_ids("<|im_end|>")], args.steps)
+    for rows, r in results["sampling"].items():
+        print(f"| sampling alone (V=151,936) | {rows} | {r['free_ms']:.2f} | {r['schema_ms']:.2f} | {r['grammar_ms']:+.2f} | "
+              f"{r['steps']} |", flush=True)
     # The thin stand-in on one thread (as bench/decode.py: its step is overhead), the 2B on --threads.
     for name, wanted, load, threads in (("thin", args.thin, _thin, 1), ("2b", args.two_b, _two_b, args.threads)):
         if wanted:
