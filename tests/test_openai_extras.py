@@ -211,12 +211,20 @@ def test_logprobs_equal_the_uncached_models_log_softmax_streamed_and_not(engine,
 
 # -- n, logit_bias, penalties ------------------------------------------------------------------------------------
 
-def test_n_choices_with_a_seed_repeat_differ_and_count_every_token(live):
+def test_n_choices_with_a_seed_repeat_differ_and_count_every_token(live, monkeypatch):
+    from vlcache import decode
+
+    prefilled = []  # rows of each prefill forward of the server's model thread
+    real_prefill = decode.Batch.prefill
+    monkeypatch.setattr(decode.Batch, "prefill", lambda self, new_ids: prefilled.append(len(new_ids)) or real_prefill(self, new_ids))
+
     def ask(n, seed):
         return live.client.chat.completions.create(model="any", messages=image_messages("rocket.jpg", "Tell me more."),
                                                    max_tokens=10, temperature=1.0, seed=seed, n=n, logprobs=True)
 
-    first, again = ask(3, 7), ask(3, 7)
+    first = ask(3, 7)
+    assert prefilled == [1]  # one prefill of the prompt for the three choices; the others copy its row
+    again = ask(3, 7)
     texts = [c.message.content for c in first.choices]
     assert [c.index for c in first.choices] == [0, 1, 2]
     assert texts == [c.message.content for c in again.choices]

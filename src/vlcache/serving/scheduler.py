@@ -51,6 +51,9 @@ class Job:
     # Called with the row's ids, the K/V after the prefix (all but the answer's last token) and the number of
     # tokens before the answer, to continue from.
     keep: Callable[[torch.Tensor, list, int], None] | None = None
+    # Choice i > 0 of a request of n choices: the job of choice 0. Prefilled with it, such a row takes a copy of
+    # its state after the prompt instead of running the prompt again (one prefill for the n choices).
+    leader: "Job | None" = None
 
 
 @dataclass(eq=False)
@@ -81,6 +84,7 @@ class _Task:
 class _Prefill:
     rows: list[_Row]
     batch: decode.Batch
+    followers: list[_Row] = field(default_factory=list)  # choices whose leader is among the rows: not prefilled
 
 
 class Stats:
@@ -250,8 +254,9 @@ class Scheduler:
             return
         # 2. Prefilled: each row's first token (one transfer for all); rows that go on join the running batch.
         self._prefill = None
+        rows, logits = self._fork(prefill, logits)
         tokens, done = prefill.batch.sample(logits)
-        for i, row in enumerate(prefill.rows):
+        for i, row in enumerate(rows):
             if tokens[i] < 0:
                 row.job.emit("error", "sampling failed: the model gave no valid distribution (NaN logits)")
                 continue
@@ -263,14 +268,37 @@ class Scheduler:
             self._batch.adopt(prefill.batch, i)
             self._running.append(row)
 
+    def _fork(self, prefill: _Prefill, logits: torch.Tensor) -> tuple[list[_Row], torch.Tensor]:
+        """The followers join the prefill batch as copies of their leader's row after the prompt (state, position,
+        rope delta) with their own sampling, and sample from their leader's logits: rows and logits of all."""
+        rows, sources = list(prefill.rows), []
+        cache = prefill.batch.cache
+        for row in prefill.followers:
+            i = next((j for j, r in enumerate(prefill.rows) if r.job is row.job.leader), None)
+            if i is None:  # the leader failed before its prefill: this choice runs its prompt itself
+                self._waiting.appendleft(row)
+                continue
+            row.prefix = decode.Prefix(kv=cache.row_state(i), tokens=cache.book.lengths[i],
+                                       rope_delta=prefill.rows[i].prefix.rope_delta)
+            seen = torch.cat([row.job.history[0], row.job.new_ids[0]])
+            prefill.batch.add(row.prefix, row.sampling, row.job.options.max_new_tokens, seen, row.constraint)
+            row.fed = row.job.new_ids.shape[1]
+            rows.append(row)
+            sources.append(i)
+        return rows, (torch.cat([logits, logits[sources]]) if sources else logits)
+
     def _start_prefill(self) -> _Prefill | None:
-        """The next rows to prefill together, first come first served, within the token budget."""
+        """The next rows to prefill together, first come first served, within the token budget; the other
+        choices of a chosen request follow their leader (prefilled once)."""
         first = self._waiting.popleft()
-        chosen = [first]
+        chosen, followers = [first], []
         budget = self.prefill_chunk - first.remaining
         linear = self.engine.family.has_linear_layers
-        while self._waiting and len(self._running) + len(chosen) < self.max_batch:
+        while self._waiting and len(self._running) + len(chosen) + len(followers) < self.max_batch:
             row = self._waiting[0]
+            if row.job.leader is not None and any(c.job is row.job.leader for c in chosen):
+                followers.append(self._waiting.popleft())
+                continue
             if row.remaining > budget:
                 break
             # Linear-attention states cannot be padded into, and fresh ones cannot share a batch with restored ones.
@@ -293,7 +321,10 @@ class Scheduler:
                 continue
             rows.append(row)
             self.stats.queue_wait(now - row.job.submitted)
-        return _Prefill(rows, batch) if rows else None
+        if not rows:
+            self._waiting.extendleft(reversed(followers))  # each then runs its own prompt (and fails as its leader did)
+            return None
+        return _Prefill(rows, batch, followers)
 
     # -- decode ----------------------------------------------------------------------------------------------
 
@@ -352,7 +383,7 @@ class Scheduler:
 
     def _fail_rows(self, message: str) -> None:
         """After a failed forward: every row in it gets the error; the batch starts over."""
-        rows = self._running + (self._prefill.rows if self._prefill else [])
+        rows = self._running + (self._prefill.rows + self._prefill.followers if self._prefill else [])
         for row in rows:
             row.job.emit("error", message)
         self._running, self._prefill, self._batch = [], None, None

@@ -205,7 +205,7 @@ class Service:
         events: asyncio.Queue = asyncio.Queue()
         seed = job.options.seed
         options = dataclasses.replace(job.options, seed=None if seed is None else (seed + i + 2**63) % 2**64 - 2**63)
-        return dataclasses.replace(job, options=options, keep=None, cancelled=threading.Event(),
+        return dataclasses.replace(job, options=options, keep=None, cancelled=threading.Event(), leader=job,
                                    emit=lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (kind, value))), events
 
     def _gauges(self) -> None:
