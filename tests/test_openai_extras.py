@@ -3,6 +3,7 @@ on 127.0.0.1 and the real openai client; each against transformers' generate on 
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -170,6 +171,39 @@ def Engine_options(**kwargs):
     from vlcache.engine import GenerationOptions
 
     return GenerationOptions(**kwargs)
+
+
+def test_cli_annotates_a_collection_one_json_object_per_image_and_question(engine, tmp_path, capsys):
+    """`vlcache ask --cache DIR --prompts-file Q --json-schema S`: a line per image and question, each the object
+    Engine.ask gives under the schema; a bad schema file is a one-line error before any model loads."""
+    from vlcache import cli
+
+    caches = tmp_path / "caches"
+    for name in ("astronaut.png", "rocket.jpg"):
+        engine.cache_image(photo(name), system_prompt=SYSTEM).save(caches / f"{name.split('.')[0]}_cache.pt")
+    questions = tmp_path / "questions.txt"
+    questions.write_text(QUESTION + "\nIs there text in it?\n")
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(SCHEMA))
+    argv = ["ask", "--cache", str(caches), "--prompts-file", str(questions), "--json-schema", str(schema),
+            "--max-new-tokens", str(LONG), "--temperature", "0"]
+    assert cli.main(argv) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 4 and {(Path(x["cache"]).name, x["prompt"]) for x in lines} == {
+        (c, q) for c in ("astronaut_cache.pt", "rocket_cache.pt") for q in (QUESTION, "Is there text in it?")}
+    for line in lines:
+        expected = engine.ask(engine.load_state(line["cache"]), line["prompt"], max_new_tokens=LONG, temperature=0,
+                              json_schema=SCHEMA)
+        assert line["answer"] == json.loads(expected.text)
+        assert set(line["answer"]) == {"colour", "has_text", "outdoor"} and line["answer"]["colour"] in SCHEMA["properties"]["colour"]["enum"]
+    # Cut short by --max-new-tokens: an error line for each, exit 1, no half object on stdout.
+    assert cli.main(argv[:-4] + ["--max-new-tokens", "3", "--temperature", "0"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("before its JSON was complete") == 4
+    schema.write_text("[1, 2]")
+    assert cli.main(argv) != 0
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip().startswith("error:") and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
 def test_a_schema_the_library_refuses_is_a_400(live):

@@ -457,7 +457,8 @@ def run_ask(args: argparse.Namespace) -> int:
             print(f"error: {exc}", file=sys.stderr)
             failed += 1
             continue
-        _ask_state(engine, state, str(cache), prompts, args, extra, single=len(prompts) == 1 and len(caches) == 1)
+        # An answer --json-schema could not complete (cut by --max-new-tokens) fails the run, after the others.
+        failed += bool(_ask_state(engine, state, str(cache), prompts, args, extra, single=len(prompts) == 1 and len(caches) == 1))
     return 1 if failed else 0
 
 
