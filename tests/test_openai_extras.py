@@ -314,6 +314,25 @@ def test_frequency_and_presence_penalties_equal_openais_formula(engine, live, fr
     assert reply.choices[0].message.content == engine.processor.tokenizer.decode(expected, skip_special_tokens=True)
 
 
+def test_vllms_extras_top_k_min_p_and_repetition_penalty_are_applied(engine, live):
+    """top_k=1 or min_p=1 leave one token: sampling then answers as greedy does; repetition_penalty equals
+    generate()'s."""
+    question = "Describe this image in one sentence."
+
+    def ask(**extra):
+        return live.client.chat.completions.create(model="any", messages=image_messages("hubble_deep_field.jpg", question),
+                                                   max_tokens=24, extra_body=extra.pop("body", None), **extra).choices[0].message.content
+
+    greedy = ask(temperature=0)
+    assert ask(temperature=1.0, seed=3) != greedy  # the control: sampling alone answers otherwise
+    assert ask(temperature=1.0, seed=3, body={"top_k": 1}) == greedy
+    assert ask(temperature=1.0, seed=3, body={"min_p": 1.0}) == greedy
+    inputs = _inputs(engine, conversation(SYSTEM, question, with_image=True), photo("hubble_deep_field.jpg"), None)
+    out = generate_reference(engine, inputs, 24, repetition_penalty=1.5)
+    expected = engine.processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert expected != greedy and ask(temperature=0, body={"repetition_penalty": 1.5}) == expected
+
+
 # -- tool calls ------------------------------------------------------------------------------------------------
 
 TOOLS = [
@@ -382,6 +401,10 @@ def test_tools_are_part_of_the_state_and_earlier_calls_render(tool_live):
     with_tools = live.client.chat.completions.create(model="any", messages=image_messages("coffee.png", question), tools=TOOLS,
                                                      max_tokens=4, temperature=0)
     assert with_tools.usage.prompt_tokens > plain.usage.prompt_tokens  # the template wrote the tools into the prompt
+    hidden = live.client.chat.completions.create(model="any", messages=image_messages("coffee.png", question), tools=TOOLS,
+                                                 tool_choice="none", max_tokens=4, temperature=0)
+    assert hidden.usage.prompt_tokens == plain.usage.prompt_tokens and hidden.choices[0].message.tool_calls is None
+    assert hidden.choices[0].message.content == plain.choices[0].message.content  # "none": the tools not shown
     assert with_tools.usage.prompt_tokens_details.cached_tokens == 0  # another state: the system turn differs
     follow = image_messages("coffee.png", question) + [
         {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",
