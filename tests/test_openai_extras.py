@@ -5,6 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
+import jsonschema
 import pytest
 import torch
 
@@ -74,6 +75,7 @@ def test_schema_answers_parse_conform_and_equal_generate_with_the_librarys_proce
             response_format={"type": "json_schema", "json_schema": {"name": "photo", "schema": SCHEMA, "strict": True}})
         text = reply.choices[0].message.content
         value = json.loads(text)
+        jsonschema.validate(value, SCHEMA)  # a validator apart from the grammar library
         assert set(value) == {"colour", "has_text", "outdoor"} and list(value) == ["colour", "has_text", "outdoor"]
         assert value["colour"] in SCHEMA["properties"]["colour"]["enum"]
         assert isinstance(value["has_text"], bool) and isinstance(value["outdoor"], bool)
@@ -195,6 +197,7 @@ def test_cli_annotates_a_collection_one_json_object_per_image_and_question(engin
         expected = engine.ask(engine.load_state(line["cache"]), line["prompt"], max_new_tokens=LONG, temperature=0,
                               json_schema=SCHEMA)
         assert line["answer"] == json.loads(expected.text)
+        jsonschema.validate(line["answer"], SCHEMA)
         assert set(line["answer"]) == {"colour", "has_text", "outdoor"} and line["answer"]["colour"] in SCHEMA["properties"]["colour"]["enum"]
     # Cut short by --max-new-tokens: an error line for each, exit 1, no half object on stdout.
     assert cli.main(argv[:-4] + ["--max-new-tokens", "3", "--temperature", "0"]) == 1
