@@ -278,6 +278,32 @@ def test_n_choices_with_a_seed_repeat_differ_and_count_every_token(live, monkeyp
     assert streamed[-1].usage.completion_tokens == first.usage.completion_tokens
 
 
+@pytest.mark.parametrize("kind", ["gemma3", "qwen3_5", "llama4"])
+def test_choices_copied_from_one_prefill_equal_generate_with_sliding_linear_and_chunked_layers(kind, family_engine, tmp_path,
+                                                                                               monkeypatch):
+    """The followers start from a copy of the leader's row after the prompt: sliding-window layers (kept only as far
+    back as the window), linear-attention states and chunked attention must come across whole. Greedy choices
+    each equal generate() on the uncached conversation."""
+    from reference import reference_tokens
+
+    from vlcache import decode
+
+    engine = family_engine(kind)
+    prefilled = []
+    real_prefill = decode.Batch.prefill
+    monkeypatch.setattr(decode.Batch, "prefill", lambda self, new_ids: prefilled.append(len(new_ids)) or real_prefill(self, new_ids))
+    server = LiveServer(engine, tmp_path / "states")
+    try:
+        reply = server.client.chat.completions.create(model="m", messages=image_messages("camera.png", "What is this?"),
+                                                      max_tokens=8, temperature=0, n=3)
+    finally:
+        server.close()
+    expected = engine.processor.tokenizer.decode(reference_tokens(engine, photo("camera.png"), SYSTEM, "What is this?", 8),
+                                                 skip_special_tokens=True)
+    assert [c.message.content for c in reply.choices] == [expected] * 3
+    assert prefilled[-1] == 1  # the question's prefill ran one row (the image's own prefill came before it)
+
+
 def test_logit_bias_forces_a_token(engine, live):
     token = ids_of(engine, "A")[0]
     free = live.client.chat.completions.create(model="any", messages=image_messages("camera.png", "What is this?"),
