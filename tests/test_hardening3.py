@@ -208,7 +208,6 @@ def test_3_downloads_from_an_object_store_are_streamed_in_pieces_and_bounded(eng
     import tracemalloc
 
     from vlcache.serving import store as store_module
-    from vlcache.state import load_state
 
     live = LiveServer(engine, f"file://{tmp_path}/states", max_downloads=10)
     try:

@@ -225,7 +225,7 @@ def test_malformed_and_hostile_requests_get_4xx_and_the_server_keeps_serving(ser
     assert "remote image URLs are disabled" in _error(server.post(chat, json.dumps(remote).encode()), 400)
     local = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}]}
     assert "data: URLs" in _error(server.post(chat, json.dumps(local).encode()), 400)
-    for field, value in (("max_tokens", 0), ("temperature", -1), ("top_p", 5), ("n", 2), ("stop", [1]), ("max_tokens", "many")):
+    for field, value in (("max_tokens", 0), ("temperature", -1), ("top_p", 5), ("n", 9), ("n", 0), ("stop", [1]), ("max_tokens", "many")):
         body = {"messages": [{"role": "user", "content": "hi"}], field: value}
         _error(server.post(chat, json.dumps(body).encode()), 400)
     _error(server.post(chat, json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}).encode()), 400)

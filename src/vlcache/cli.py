@@ -175,11 +175,14 @@ def add_ask_arguments(parser: argparse.ArgumentParser, max_tokens_flags: tuple[s
         parser.add_argument("--image", default=None, metavar="PATH",
                             help="ask about an image without a cache file (processes it now: the uncached path)")
         parser.add_argument("--sequential", action="store_true", help="answer several questions one by one, not as a batch")
+        parser.add_argument("--json-schema", metavar="FILE", default=None,
+                            help="answer with JSON held to this JSON schema (a file); prints one JSON object per "
+                                 "image and question")
     else:
         parser.add_argument("--cache", dest="caches", type=lambda text: [text], default=None,
                             help="cache file from save_embeddings.py (omit for a text-only prompt)")
         parser.add_argument("--prompt", dest="prompts", type=lambda text: [text], required=True, help="your question")
-        parser.set_defaults(prompts_file=None, image=None, sequential=False)
+        parser.set_defaults(prompts_file=None, image=None, sequential=False, json_schema=None)
     parser.add_argument("--system-prompt", default=None, metavar="TEXT",
                         help="system turn for a text-only chat (default: none) or for --image (default: "
                              f'"{DEFAULT_SYSTEM_PROMPT}"); a cache keeps the one it was made with')

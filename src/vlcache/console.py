@@ -49,6 +49,19 @@ def check_prompt(text: str, where: str) -> None:
     check_plain_text(text, where)
 
 
+def read_schema(path: str) -> dict:
+    """`--json-schema FILE`: a JSON object, read before any model loads."""
+    try:
+        schema = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise VlcacheError(f"cannot read JSON schema {path}: {exc}") from None
+    except ValueError as exc:
+        raise VlcacheError(f"--json-schema {path} is not JSON: {exc}") from None
+    if not isinstance(schema, dict):
+        raise VlcacheError(f"--json-schema {path} must hold a JSON object (a JSON schema)")
+    return schema
+
+
 # -- an output file ---------------------------------------------------------------------------------------------
 
 def check_output(output: str, inputs: Sequence[str]) -> None:
@@ -106,6 +119,29 @@ def print_answer(answer, args: argparse.Namespace, **fields) -> None:
         print(answer.text, flush=True)
     if fields:
         report(answer)
+
+
+def print_json_answers(answers: list, args: argparse.Namespace, label: str | None, prompts: list[str], extra: dict,
+                       single: bool) -> int:
+    """Answers under --json-schema: one JSON line per image and question ({"cache", "prompt", "answer": the
+    object}; a lone answer prints the bare object), the report on stderr. An answer cut short by
+    --max-new-tokens before its JSON closed is an error line instead (exit 1)."""
+    failed = 0
+    for prompt_text, answer in zip(prompts, answers):
+        add_timings(answer, extra)
+        if args.json:
+            print(json.dumps({"cache": label, "prompt": prompt_text, **answer.to_dict()}), flush=True)
+            continue
+        try:
+            value = json.loads(answer.text)
+        except ValueError:
+            info(f"error: the answer to {prompt_text!r}{' about ' + label if label else ''} stopped after "
+                 f"{len(answer.token_ids)} tokens before its JSON was complete; raise --max-new-tokens")
+            failed += 1
+            continue
+        print(json.dumps(value if single else {"cache": label, "prompt": prompt_text, "answer": value}), flush=True)
+        report(answer)
+    return 1 if failed else 0
 
 
 def report(answer) -> None:

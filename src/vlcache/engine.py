@@ -42,6 +42,11 @@ class GenerationOptions:
     logprobs: int | None = None  # 0..20: each token's logprob and the top N (Answer.logprobs, Delta.logprobs)
     # A grammar: called once per row for a fresh decode.TokenConstraint (ask_many makes one per prompt)
     constraint: Callable[[], decode.TokenConstraint] | None = None
+    # Structured output: the answer is JSON held to this schema ({"type": "object"}: any object; vlcache.structured).
+    # json_strict: objects carry only the properties the schema names (OpenAI's strict mode).
+    json_schema: dict | None = None
+    json_strict: bool = True
+    json_wrap: tuple[str, str] | None = None  # fixed text around the JSON (a forced tool call's <tool_call> tags)
 
     def check(self) -> None:
         if self.max_new_tokens < 1:
@@ -88,6 +93,7 @@ class Engine:
         self.family = (family_class(self.model.config.model_type) or GENERIC)(self.model, self.processor)
         self.eos_ids = _eos_ids(self.model.generation_config)
         self._dtype_notes: set[str] = set()
+        self._grammars = None  # vlcache.structured.JsonGrammars, made on first use (Engine.grammars)
         decode.install(self.model)
         self.runner = None  # a decode.step.StepRunner once compiled steps are enabled (compile_steps)
         self.compile_status = {"step": "eager", "reason": "compile off", "buckets": []}
@@ -391,7 +397,7 @@ class Engine:
             batch = self.batch()
             for r in rows:
                 batch.add(prefix, self.sampling(options, r), options.max_new_tokens, torch.cat([state.input_ids[0], new_ids[r][0]]),
-                          options.constraint() if options.constraint else None)
+                          self.constraint(options))
             for step in decode.generate(batch, [new_ids[r][0] for r in rows]):
                 first = first or time.perf_counter()
                 for i, (r, token) in enumerate(zip(rows, step)):
@@ -444,7 +450,7 @@ class Engine:
         text = TextAssembler(self.processor.tokenizer)
         first = None
         seen = torch.cat([history[0], new_ids[0]])
-        constraint = options.constraint() if options.constraint else None
+        constraint = self.constraint(options)
         if batch is None:
             batch = self.batch()
             batch.add(prefix, self.sampling(options), options.max_new_tokens, seen, constraint)
@@ -488,6 +494,31 @@ class Engine:
         if params.seed is not None:
             params = _with_seed(params, params.seed + seed_offset)
         return params
+
+    @property
+    def grammars(self):
+        """This model's JSON grammars (vlcache.structured), made on first use: reading the tokenizer costs time."""
+        if self._grammars is None:
+            from .structured import JsonGrammars
+
+            vocab = self.model.get_output_embeddings().weight.shape[0]
+            self._grammars = JsonGrammars(self.processor.tokenizer, vocab, self.eos_ids)
+        return self._grammars
+
+    def constraint(self, options: GenerationOptions):
+        """A fresh grammar state for one row of `options` (the caller's own, or a JSON schema's), or None."""
+        if options.constraint is not None:
+            return options.constraint()
+        if options.json_schema is not None:
+            return self.grammars.constraint(options.json_schema, options.json_strict, options.json_wrap)
+        return None
+
+    def check_options(self, options: GenerationOptions) -> None:
+        """Refuse options this model cannot take, before any row starts: the ranges, a token id past the
+        vocabulary, a schema that does not compile (compiled here once, then cached)."""
+        options.check()
+        if options.json_schema is not None:
+            self.grammars.compile(options.json_schema, options.json_strict, options.json_wrap)
 
     def answer(self, token_ids: list[int], cached: int, prompt_tokens: int, timing: "_Timing",
                logprobs: list | None = None, stopped: bool = False) -> Answer:

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import datetime
 
+from . import toolcalls
 from .errors import PromptError
 
 _SENTINEL = "\u2063vlcache-question\u2063"
@@ -75,9 +76,12 @@ def conversation(system_prompt: str | None, question: str, with_image: bool) -> 
 def render(processor, messages: list[dict], add_generation_prompt: bool, at: str | None = None) -> str:
     """The chat template's text of `messages`; `at` (an ISO instant) pins the clock of a template that stamps
     the date or time (None: now, as transformers renders it)."""
+    tools, messages = toolcalls.split(messages)  # a request's tools ride in the conversation (vlcache.toolcalls)
     messages = template_messages(processor, messages)
+    extra = {"tools": tools} if tools else {}
     with pinned_clock(processor.chat_template, at):
-        return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             **extra)
 
 
 # -- templates that stamp the date or time ---------------------------------------------------------------------
@@ -262,6 +266,8 @@ def check_messages(processor, messages: list[dict]) -> None:
     one another joined as a template writes them: "<|im_" and "start|>" in two parts make the token together."""
     for i, message in enumerate(messages):
         content = message["content"]
+        if message.get("tool_calls"):  # earlier calls' names and arguments are rendered as text too
+            check_text(processor, repr(message["tool_calls"]), f"messages[{i}] ({message['role']}) tool_calls")
         run: list[str] = []
         for part in [*(content if isinstance(content, list) else [{"text": content}]), {}]:  # {}: ends the last run
             if "text" in part:

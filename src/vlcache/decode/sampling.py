@@ -618,7 +618,9 @@ class RowSampling:
         rank = torch.arange(k, device=logits.device).unsqueeze(0)
         kth = values.gather(1, (row_k - 1).clamp(min=0, max=k - 1))
         limited = row_k > 0
-        if k < vocab and bool((limited & (values[:, -1:] >= kth)).any()):
+        # A k-th value of -inf (fewer finite scores than k: a grammar's mask) ties only with tokens that cannot be
+        # drawn: what was taken holds every finite one, and the whole-vocabulary sort would be wasted.
+        if k < vocab and bool((limited & (values[:, -1:] >= kth) & (kth > float("-inf"))).any()):
             values, order = torch.sort(warped, dim=-1, descending=True)
             k, rank = vocab, torch.arange(vocab, device=logits.device).unsqueeze(0)
         values = values.masked_fill(limited & (values < kth), float("-inf"))

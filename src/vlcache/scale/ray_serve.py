@@ -134,7 +134,6 @@ def build(model: str, device: str, dtype: str, options, replicas: int, gpus: flo
 def run(model: str, device: str, dtype: str, options, replicas: int, host: str, port: int, blocking: bool = True,
         verbose: bool = False):
     """Start (or join, with RAY_ADDRESS) a Ray cluster and serve the application on host:port."""
-    import os
 
     import ray
     from ray import serve

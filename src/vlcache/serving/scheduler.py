@@ -57,6 +57,9 @@ class Job:
     # Called with the row's ids, the K/V after the prefix (all but the answer's last token) and the number of
     # tokens before the answer, to continue from.
     keep: Callable[[torch.Tensor, list, int], None] | None = None
+    # Choice i > 0 of a request of n choices: the job of choice 0. Prefilled with it, such a row takes a copy of
+    # its state after the prompt instead of running the prompt again (one prefill for the n choices).
+    leader: "Job | None" = None
 
 
 @dataclass(eq=False)
@@ -68,6 +71,10 @@ class _Row:
     fed: int = 0  # new ids prefilled so far
     first: float | None = None
     reserved: int = 0  # bytes of K/V blocks set aside for its own tokens (admission by memory)
+    reserved_key: str = ""  # the group its state's bytes are counted in (its own for a private copy)
+    constraint: object = None  # the row's grammar (decode.TokenConstraint), or None
+    ended: bool = False  # the last sample ended the row (end of sequence, a rule, its grammar)
+    logprobs: list = field(default_factory=list)  # per token, when the options ask for them
 
     @property
     def remaining(self) -> int:
@@ -85,6 +92,7 @@ class _Task:
 class _Prefill:
     rows: list[_Row]
     batch: decode.Batch
+    followers: list[_Row] = field(default_factory=list)  # choices whose leader is among the rows: not prefilled
 
 
 class Stats:
@@ -202,7 +210,8 @@ class Scheduler:
 
     def _row(self, job: Job) -> _Row:
         job.options.check()
-        return _Row(job, None, self.engine.sampling(job.options), TextAssembler(self.engine.processor.tokenizer))
+        return _Row(job, None, self.engine.sampling(job.options), TextAssembler(self.engine.processor.tokenizer),
+                    constraint=self.engine.constraint(job.options))
 
     def _prefix(self, job: Job) -> decode.Prefix:
         """One Prefix object per state in use: a state made on demand (job.kv a function) is made once."""
@@ -274,13 +283,14 @@ class Scheduler:
             prefill.batch.cache.close()  # the rows that joined hold their blocks in the running batch now
 
     def _join(self, prefill: _Prefill, logits: torch.Tensor) -> None:
+        rows, logits = self._fork(prefill, logits)
         tokens, done = prefill.batch.sample(logits)
-        for i, row in enumerate(prefill.rows):
+        for i, row in enumerate(rows):
             if tokens[i] < 0:
                 row.job.emit("error", "sampling failed: the model gave no valid distribution (NaN logits)")
                 self._unreserve(row)
                 continue
-            if self._advance(row, tokens[i], done[i]):
+            if self._advance(row, tokens[i], done[i], prefill.batch.logprobs[i]):
                 self._finish(row, prefill.batch, i)
                 continue
             if self._batch is None:
@@ -288,15 +298,43 @@ class Scheduler:
             self._batch.adopt(prefill.batch, i)
             self._running.append(row)
 
+    def _fork(self, prefill: _Prefill, logits: torch.Tensor) -> tuple[list[_Row], torch.Tensor]:
+        """The followers join the prefill batch as copies of their leader's row after the prompt (state, position,
+        rope delta) with their own sampling, and sample from their leader's logits: rows and logits of all."""
+        rows, sources = list(prefill.rows), []
+        cache = prefill.batch.cache
+        for row in prefill.followers:
+            i = next((j for j, r in enumerate(prefill.rows) if r.job is row.job.leader), None)
+            if i is None:  # the leader failed before its prefill: this choice runs its prompt itself
+                self._unreserve(row)
+                self._waiting.appendleft(row)
+                continue
+            row.prefix = decode.Prefix(kv=cache.row_state(i), tokens=cache.book.lengths[i],
+                                       rope_delta=prefill.rows[i].prefix.rope_delta)
+            seen = torch.cat([row.job.history[0], row.job.new_ids[0]])
+            prefill.batch.add(row.prefix, row.sampling, row.job.options.max_new_tokens, seen, row.constraint)
+            row.fed = row.job.new_ids.shape[1]
+            rows.append(row)
+            sources.append(i)
+        return rows, (torch.cat([logits, logits[sources]]) if sources else logits)
+
     def _start_prefill(self) -> _Prefill | None:
-        """The next rows to prefill together, first come first served, within the token budget."""
+        """The next rows to prefill together, first come first served, within the token budget; the other
+        choices of a chosen request follow their leader (prefilled once)."""
         first = self._waiting.popleft()
-        chosen = [first]
+        chosen, followers = [first], []
         budget = self.prefill_chunk - first.remaining
         linear = self.engine.family.has_linear_layers
         self._reserve(first)
-        while self._waiting and len(self._running) + len(chosen) < self.max_batch:
+        while self._waiting and len(self._running) + len(chosen) + len(followers) < self.max_batch:
             row = self._waiting[0]
+            if row.job.leader is not None and any(c.job is row.job.leader for c in chosen):
+                # A choice copies its leader's state after the prompt: a private copy, counted whole.
+                if not self._fits(row, private=True):
+                    break
+                followers.append(self._waiting.popleft())
+                self._reserve(followers[-1], private=True)
+                continue
             if row.remaining > budget or not self._fits(row):
                 break
             # Linear-attention states cannot be padded into, and fresh ones cannot share a batch with restored ones.
@@ -313,7 +351,7 @@ class Scheduler:
             try:
                 row.prefix = self._prefix(row.job)
                 seen = torch.cat([row.job.history[0], row.job.new_ids[0]])
-                batch.add(row.prefix, row.sampling, row.job.options.max_new_tokens, seen)
+                batch.add(row.prefix, row.sampling, row.job.options.max_new_tokens, seen, row.constraint)
             except (RuntimeError, ValueError, IndexError, TypeError) as exc:
                 log.warning(f"a request's state does not fit the model: {type(exc).__name__}: {exc}")
                 row.job.emit("error", f"the state does not fit this model: {exc}")
@@ -321,7 +359,12 @@ class Scheduler:
                 continue
             rows.append(row)
             self.stats.queue_wait(now - row.job.submitted)
-        return _Prefill(rows, batch) if rows else None
+        if not rows:
+            for row in followers:
+                self._unreserve(row)
+            self._waiting.extendleft(reversed(followers))  # each then runs its own prompt (and fails as its leader did)
+            return None
+        return _Prefill(rows, batch, followers)
 
     def _new_batch(self) -> decode.Batch:
         batch = self.engine.batch(self._pool)
@@ -354,11 +397,11 @@ class Scheduler:
         pool = self._layout()
         return sum(2 * pool.block_bytes(kind) for kind in pool.kind_layers)  # NULL and SCRATCH
 
-    def _fits(self, row: _Row) -> bool:
+    def _fits(self, row: _Row, private: bool = False) -> bool:
         if self.kv_memory is None:
             return True
         own, state = self._needs(row)
-        shared = row.job.group in self._groups and row.job.group != ""
+        shared = not private and row.job.group in self._groups and row.job.group != ""
         return self._fixed() + self._reserved + own + (0 if shared else state) <= self.kv_memory
 
     def _refuse_too_large(self) -> None:
@@ -371,13 +414,16 @@ class Scheduler:
             row.job.emit("error", f"the request needs up to {own + state} bytes of K/V blocks (its state and "
                                   f"max_tokens), more than the server's --kv-memory of {self.kv_memory} allows")
 
-    def _reserve(self, row: _Row) -> None:
+    def _reserve(self, row: _Row, private: bool = False) -> None:
+        """Count a started row's blocks: its own tokens', and its state's once per group of rows sharing it
+        (`private`: a copy of its own, as n's choices take)."""
         if self.kv_memory is None:
             return
         own, state = self._needs(row)
-        group = self._groups.get(row.job.group)
-        if group is None or row.job.group == "":
-            group = self._groups[row.job.group or f"row {id(row)}"] = [state, 0]
+        key = row.reserved_key = f"row {id(row)}" if private or row.job.group == "" else row.job.group
+        group = self._groups.get(key)
+        if group is None:
+            group = self._groups[key] = [state, 0]
             self._reserved += state
         group[1] += 1
         row.reserved = own
@@ -388,7 +434,7 @@ class Scheduler:
             return
         self._reserved -= row.reserved
         row.reserved = 0
-        key = row.job.group or f"row {id(row)}"
+        key = row.reserved_key
         group = self._groups[key]
         group[1] -= 1
         if group[1] == 0:
@@ -413,7 +459,7 @@ class Scheduler:
             if tokens[slot] < 0:
                 row.job.emit("error", "sampling failed: the model gave no valid distribution (NaN logits)")
                 finished.append((slot, False))
-            elif self._advance(row, tokens[slot], done[slot]):
+            elif self._advance(row, tokens[slot], done[slot], batch.logprobs[slot]):
                 finished.append((slot, True))
         for slot, ok in reversed(finished):
             if ok:
@@ -428,10 +474,15 @@ class Scheduler:
 
     # -- rows ------------------------------------------------------------------------------------------------
 
-    def _advance(self, row: _Row, token: int, done: bool) -> bool:
-        """Record and stream a token; True when the row is done (`done`: end of sequence or its length limit,
-        decided on the device)."""
+    def _advance(self, row: _Row, token: int, done: bool, logprobs=None) -> bool:
+        """Record and stream a token (and its logprobs, where asked for: before its text); True when the row is
+        done (`done`: end of sequence, its length limit or its grammar, decided with the step)."""
         row.first = row.first or time.perf_counter()
+        row.ended = done  # by the device's rules or the row's grammar
+        if row.job.options.logprobs is not None:
+            row.logprobs.append(logprobs)
+            if not row.job.cancelled.is_set():
+                row.job.emit("logprobs", logprobs)
         piece = row.text.add(token)
         if piece and not row.job.cancelled.is_set():
             row.job.emit("delta", piece)
@@ -445,7 +496,9 @@ class Scheduler:
             ids = torch.cat([job.history, job.new_ids, job.new_ids.new_tensor([tokens[:-1]])], dim=1)
             job.keep(ids, batch.cache.suffix_kv(slot, length), job.history.shape[1] + job.new_ids.shape[1])
         prompt = job.history.shape[1] + job.new_ids.shape[1]
-        answer: Answer = self.engine.answer(tokens, job.history.shape[1], prompt, _Timing(job.submitted, row.first))
+        stopped = row.ended and len(tokens) < job.options.max_new_tokens  # a rule ended it, not the length limit
+        answer: Answer = self.engine.answer(tokens, job.history.shape[1], prompt, _Timing(job.submitted, row.first),
+                                            row.logprobs if job.options.logprobs is not None else None, stopped)
         tail = row.text.rest(answer.text)
         if tail and not job.cancelled.is_set():
             job.emit("delta", tail)
@@ -463,7 +516,7 @@ class Scheduler:
 
     def _fail_rows(self, message: str) -> None:
         """After a failed forward: every row in it gets the error; the batch starts over."""
-        rows = self._running + (self._prefill.rows if self._prefill else [])
+        rows = self._running + (self._prefill.rows + self._prefill.followers if self._prefill else [])
         for row in rows:
             row.job.emit("error", message)
         self._running, self._prefill, self._batch = [], None, None

@@ -8,7 +8,6 @@ requests are parsed in `requests`, media fetched in `fetch`, bodies bounded in `
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 import uuid
@@ -25,13 +24,14 @@ from .. import paths, prompt
 from ..engine import Engine
 from ..errors import ImageError
 from ..media import IMAGE
+from . import completions
 from .body import BodyLimit, json_body
 from .fetch import fetch_image_bytes
 from .native import STATES, add_native_routes
 from .options import ServeOptions
 from .requests import APIError, error_response, parse_chat, valid_id
 from .service import Service
-from .streaming import answer_events, collect_answer, unless_disconnected
+from .streaming import unless_disconnected
 from .web import HostCheck, add_origin_policy, add_web_page, server_names
 
 __all__ = ["ServeOptions", "create_app", "server_config"]  # ServeOptions: what callers build an app from
@@ -51,6 +51,7 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
     app = FastAPI(title="vlcache", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.service = service
     model_id = options.served_model_name or paths.served_name(engine.model_name)
+    token_text = completions.TokenText(engine.processor.tokenizer)  # logprobs' token texts and bytes
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
@@ -90,21 +91,23 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
         chat = await run_in_threadpool(parse_chat, await json_body(request), options.default_max_tokens)
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
-        def stream(job, events, cached):
-            return _stream(service, job, events, chat, cached, completion_id, created, model_id, started, request)
+        head = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_id}
 
-        async def collect(job, events, cached):
-            text, answer, finish = await collect_answer(service.metrics, job, events, chat.stop, started, request)
+        def stream(choices, cached):
+            return completions.stream(service.metrics, choices, chat, started, head, token_text,
+                                      lambda answer: _timings(answer, cached, started), cached)
+
+        async def collect(choices, cached):
+            body, answers = await completions.collect(service.metrics, choices, chat, started, request, token_text)
             return {
                 "id": completion_id, "object": "chat.completion", "created": created, "model": model_id,
                 "system_fingerprint": engine.fingerprint[:16],
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-                             "logprobs": None}],
-                "usage": _usage(answer, cached),
-                "timings": _timings(answer, cached, started),
+                "choices": body,
+                "usage": completions.usage(answers, cached),
+                "timings": _timings(answers[0], cached, started),
             }
 
-        return await service.respond(request, chat, "/v1/chat/completions", stream, collect)
+        return await service.respond_choices(request, chat, "/v1/chat/completions", stream, collect)
 
     @app.post("/v1/images")
     async def upload_image(request: Request):
@@ -162,12 +165,6 @@ def _endpoint(request: Request) -> str:
     return getattr(route, "path", "other")
 
 
-def _usage(answer, cached: int) -> dict:
-    completion = len(answer.token_ids)
-    return {"prompt_tokens": answer.prompt_tokens, "completion_tokens": completion,
-            "total_tokens": answer.prompt_tokens + completion, "prompt_tokens_details": {"cached_tokens": cached}}
-
-
 def _timings(answer, cached: int, started: float) -> dict:
     """llama-server's `timings` beside OpenAI's usage (clients that do not know it ignore it), from this request's
     arrival: prompt_ms until the first token (reading the media, the vision encoder on a miss, the queue, the
@@ -182,33 +179,6 @@ def _timings(answer, cached: int, started: float) -> dict:
             "predicted_n": completion, "predicted_ms": decode * 1000,
             "predicted_per_second": (completion - 1) / decode if completion > 1 and decode > 0 else 0.0}
 
-
-
-async def _stream(service, job, events, chat, cached, completion_id, created, model_id, started, request):
-    def chunk(delta: dict, finish=None, usage=None, choices=True, timings=None) -> str:
-        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model_id,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}] if choices else []}
-        if usage is not None:
-            body["usage"] = usage
-        if timings is not None:
-            body["timings"] = timings
-        return f"data: {json.dumps(body)}\n\n"
-
-    try:
-        yield chunk({"role": "assistant", "content": ""})
-        async for event in answer_events(service.metrics, job, events, chat.stop, started):
-            if event[0] == "text":
-                yield chunk({"content": event[1]})
-            else:
-                _, answer, finish, _ = event
-                yield chunk({}, finish=finish, timings=_timings(answer, cached, started))
-                if chat.include_usage:
-                    yield chunk({}, usage=_usage(answer, cached), choices=False)
-        yield "data: [DONE]\n\n"
-    except APIError as exc:
-        yield f"data: {json.dumps({'error': {'message': exc.message, 'type': exc.kind, 'param': None, 'code': None}})}\n\n"
-    finally:
-        job.cancelled.set()  # a client that went away frees its batch row
 
 
 class TimedH11Protocol(H11Protocol):

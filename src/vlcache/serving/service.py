@@ -28,7 +28,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from .. import model as model_loading
-from .. import prompt, video
+from .. import prompt, toolcalls, video
 from ..engine import Engine
 from ..errors import ImageError, VlcacheError
 from .fetch import fetch_image_bytes
@@ -196,6 +196,12 @@ class Service:
         """Admit a request (or 429), build and submit its job, then answer it: `stream(job, events, cached)` gives
         the server-sent events of a streaming request (in flight until the stream ends), `collect(...)` the body
         of any other. A client that hangs up while its media are fetched or decoded stops that work."""
+        return await self.respond_choices(request, chat, endpoint, lambda choices, cached: stream(*choices[0], cached),
+                                          lambda choices, cached: collect(*choices[0], cached))
+
+    async def respond_choices(self, request: Request, chat: ChatRequest, endpoint: str, stream, collect):
+        """respond for a request of chat.n choices: `stream` and `collect` take ([(job, events)], cached). The
+        choices are rows over the one prefix the request's state lookup found, sampled with seeds seed + i."""
         self.admit()
         streaming = False
         try:
@@ -205,15 +211,27 @@ class Service:
                 raise APIError(400, str(exc), "messages") from None
             except VlcacheError as exc:
                 raise APIError(400, str(exc)) from None
-            self.scheduler.submit(job)
+            choices = [(job, events)] + [self._sibling(job, i) for i in range(1, chat.n)]
+            for choice, _ in choices:
+                self.scheduler.submit(choice)
             self.metrics.requests.labels(endpoint=endpoint, status="200").inc()
             if chat.stream:
                 streaming = True
-                return StreamingResponse(released(stream(job, events, cached), self.release), media_type="text/event-stream")
-            return await collect(job, events, cached)
+                return StreamingResponse(released(stream(choices, cached), self.release), media_type="text/event-stream")
+            return await collect(choices, cached)
         finally:
             if not streaming:
                 self.release()
+
+    def _sibling(self, job: Job, i: int) -> tuple[Job, asyncio.Queue]:
+        """Choice i of a request: the first's prefix and prompt, its seed + i (as Engine.ask_many), its own events;
+        only the first choice is kept as a continuation."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        seed = job.options.seed
+        options = dataclasses.replace(job.options, seed=None if seed is None else (seed + i + 2**63) % 2**64 - 2**63)
+        return dataclasses.replace(job, options=options, keep=None, cancelled=threading.Event(), leader=job,
+                                   emit=lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (kind, value))), events
 
     def _gauges(self) -> None:
         self.metrics.hot_bytes.set(self.store.hot_bytes)
@@ -229,6 +247,7 @@ class Service:
             await run_in_threadpool(prompt.check_messages, engine.processor, request.messages)  # long texts: off the loop
         except VlcacheError as exc:
             raise APIError(400, str(exc), "messages") from None
+        await run_in_threadpool(self._check_options, request)
         if not request.media and request.state is None:
             new_ids = await run_in_threadpool(self._encode, request.messages, None)
             kv, history, delta, group, cached = engine.empty_kv(), new_ids[:, :0], 0, "", 0
@@ -289,6 +308,23 @@ class Service:
             return self.engine.ids_after(prefix, messages, at=at)
         except ValueError:
             raise APIError(400, "the conversation cannot be split at its image with this chat template", "messages") from None
+
+    def _check_options(self, request: ChatRequest) -> None:
+        """What the model decides about the options: token ids of logit_bias, tools its template takes, a schema
+        that compiles (compiled here, off the event loop and the model thread, once per schema)."""
+        vocab = self.engine.model.get_output_embeddings().weight.shape[0]
+        bias = getattr(request.options, "logit_bias", None) or {}
+        if any(token >= vocab for token in bias):
+            raise APIError(400, f"'logit_bias' names a token id past this model's vocabulary ({vocab:,} tokens)", "logit_bias")
+        if request.tools:
+            problem = toolcalls.template_problem(self.engine.processor)
+            if problem:
+                raise APIError(400, f"unsupported parameter 'tools': {problem}", "tools")
+        try:
+            self.engine.check_options(request.options)
+        except VlcacheError as exc:
+            where = "tool_choice" if request.options.json_wrap else "response_format" if request.options.json_schema else None
+            raise APIError(400, str(exc), where) from None
 
     def _fit_context(self, request: ChatRequest, prompt_tokens: int) -> None:
         """Refuse what the model cannot hold; the default answer length shrinks to fit."""

@@ -40,13 +40,18 @@ class _StopText:
 
 
 async def answer_events(metrics: Metrics, job: Job, events: asyncio.Queue, stop: list[str], started: float):
-    """Yield ("text", piece) then ("done", answer, finish_reason, stopped); stop strings end a job early."""
+    """Yield ("text", piece) (and ("logprobs", TokenLogprobs) before a token's text where asked for) then ("done",
+    answer, finish_reason, stopped); stop strings end a job early."""
     stops = _StopText(stop)
     first = True
     while True:
         kind, value = await events.get()
         if kind == "error":
             raise APIError(500, value, kind="server_error")
+        if kind == "logprobs":  # a token's, sent before its text (options.logprobs)
+            if not stops.hit:
+                yield "logprobs", value
+            continue
         if kind == "delta":
             if first:
                 metrics.ttft.observe(time.perf_counter() - started)
@@ -72,6 +77,8 @@ async def collect_answer(metrics: Metrics, job: Job, events: asyncio.Queue, stop
         async for event in answer_events(metrics, job, events, stop, started):
             if event[0] == "text":
                 pieces.append(event[1])
+            elif event[0] == "logprobs":
+                continue  # the answer carries them all
             elif not event[3]:  # no stop string cut it: the whole answer's own decoding
                 # (streamed pieces can disagree with it where byte-fallback tokens decode differently in context)
                 return event[1].text, event[1], event[2]

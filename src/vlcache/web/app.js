@@ -32,7 +32,9 @@ function loadSettings() {
   }
 }
 
-const FIELDS = { system: "set-system", temperature: "set-temperature", top_p: "set-top-p", max_tokens: "set-max-tokens", seed: "set-seed" };
+const FIELDS = { system: "set-system", json_schema: "set-json-schema", temperature: "set-temperature", top_p: "set-top-p",
+                 max_tokens: "set-max-tokens", seed: "set-seed" };
+const TEXT_FIELDS = ["system", "json_schema"];
 
 function openSettings() {
   for (const [name, id] of Object.entries(FIELDS)) $(id).value = settings[name] ?? "";
@@ -43,11 +45,17 @@ function openSettings() {
 let contextLength = null;  // the model's context in tokens, from /health: the most Max tokens can be
 
 function saveSettings(event) {
+  const schema = $("set-json-schema");
+  schema.setCustomValidity(schemaProblem(schema.value));
+  if (!schema.reportValidity()) {
+    event.preventDefault();  // the dialog stays open on a schema that is not a JSON object
+    return;
+  }
   const out = {};
   for (const [name, id] of Object.entries(FIELDS)) {
     const value = $(id).value;
-    if (value === "") continue;
-    out[name] = name === "system" ? value : Number(value);
+    if (value.trim() === "") continue;
+    out[name] = TEXT_FIELDS.includes(name) ? value : Number(value);
   }
   const problem = settingsProblem(out);
   $("settings-error").hidden = !problem;
@@ -69,9 +77,23 @@ function settingsProblem(out) {
   return null;
 }
 
-// The sampling settings as the API takes them; empty ones are left to the model and the server.
+function schemaProblem(text) {
+  if (text.trim() === "") return "";
+  try {
+    const value = JSON.parse(text);
+    return value && typeof value === "object" && !Array.isArray(value) ? "" : "a JSON schema is a JSON object";
+  } catch (_) {
+    return "not JSON";
+  }
+}
+
+// The sampling settings as the API takes them; empty ones are left to the model and the server. A JSON schema
+// holds every answer to it (structured outputs, OpenAI's response_format).
 function sampling(maxName) {
   const out = {};
+  if (settings.json_schema) {
+    out.response_format = { type: "json_schema", json_schema: { name: "answer", schema: JSON.parse(settings.json_schema), strict: true } };
+  }
   if (Number.isFinite(settings.temperature)) out.temperature = settings.temperature;
   if (Number.isFinite(settings.top_p)) out.top_p = settings.top_p;
   if (Number.isFinite(settings.max_tokens)) out[maxName] = Math.round(settings.max_tokens);
