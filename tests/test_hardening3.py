@@ -522,8 +522,9 @@ def test_11_conversations_of_too_many_parts_or_messages_are_refused_and_parsing_
     from vlcache.serving import requests as requests_module
     from vlcache.serving import server as server_module
 
-    many_parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}] * 200_000}], "max_tokens": 1}
-    many_messages = {"messages": [{"role": "user", "content": "a"}] * 5000, "max_tokens": 1}
+    # No length key: chat completions take max_tokens, /v1/vlcache/ask max_new_tokens, and each refuses the other's.
+    many_parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}] * 200_000}]}
+    many_messages = {"messages": [{"role": "user", "content": "a"}] * 5000}
 
     def attack():
         return [live.post(path, json.dumps(body).encode()) for body in (many_parts, many_messages)
@@ -541,9 +542,9 @@ def test_11_conversations_of_too_many_parts_or_messages_are_refused_and_parsing_
     for module, name in ((body_module, "_loads"), (server_module, "parse_chat"), (native_module, "parse_ask"),
                          (prompt, "check_messages")):
         recorded(module, name)
-    fine = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
-    assert live.post("/v1/chat/completions", json.dumps(fine).encode())[0] == 200
-    assert live.post("/v1/vlcache/ask", json.dumps(fine).encode())[0] == 200
+    fine = {"messages": [{"role": "user", "content": "Hi"}]}
+    assert live.post("/v1/chat/completions", json.dumps({**fine, "max_tokens": 1}).encode())[0] == 200
+    assert live.post("/v1/vlcache/ask", json.dumps({**fine, "max_new_tokens": 1}).encode())[0] == 200
     assert {name for name, _ in threads} == {"_loads", "parse_chat", "parse_ask", "check_messages"}
     assert all(thread is not live.thread for _, thread in threads), threads  # the event loop's thread parses nothing
     assert requests_module.MAX_PARTS == 4096 and requests_module.MAX_MESSAGES == 1024

@@ -512,3 +512,31 @@ def test_the_pages_json_schema_setting_shapes_the_answer(browser, live):
         assert page.errors == []
     finally:
         page.close()
+
+
+def test_a_failure_after_the_prefill_answers_every_choice_and_gives_back_their_reservations(live, monkeypatch):
+    """n=3: the first sampling after the prompt's prefill fails. The request gets the error (no choice left
+    waiting), the reservations of all three choices (two of them private copies) are given back, and the next
+    request is answered. Without that, the choices' bytes stayed counted and admission shrank for everyone."""
+    from vlcache import decode
+
+    scheduler = live.service.scheduler
+    monkeypatch.setattr(scheduler, "kv_memory", 2**40)  # admission on: every started row is counted
+    real_sample, failed = decode.Batch.sample, []
+
+    def sample(self, logits):
+        if self.rows == 3 and not failed:
+            failed.append(True)
+            raise RuntimeError("planted failure in the first sampling")
+        return real_sample(self, logits)
+
+    monkeypatch.setattr(decode.Batch, "sample", sample)
+    client = live.client.with_options(timeout=120, max_retries=0)
+    with pytest.raises(Exception, match="planted failure"):
+        client.chat.completions.create(model="any", messages=image_messages("rocket.jpg", "Tell me more."),
+                                       max_tokens=6, temperature=1.0, seed=3, n=3)
+    assert failed and scheduler._reserved == 0 and scheduler._groups == {}
+    after = client.chat.completions.create(model="any", messages=image_messages("rocket.jpg", "Tell me more."),
+                                           max_tokens=6, temperature=1.0, seed=3, n=3)
+    assert [c.index for c in after.choices] == [0, 1, 2]
+    assert scheduler._reserved == 0

@@ -290,7 +290,9 @@ def without_texts(messages: list[dict]) -> list[dict]:
     def part(p):
         return {**p, "text": "x"} if "text" in p else p
 
-    return [{**m, "content": [part(p) for p in m["content"]] if isinstance(m["content"], list) else "x"} for m in messages]
+    # A request's tools entry (toolcalls.TOOLS_ROLE) is kept: the template renders it, and its text was checked.
+    return [m if m.get("role") == toolcalls.TOOLS_ROLE else
+            {**m, "content": [part(p) for p in m["content"]] if isinstance(m["content"], list) else "x"} for m in messages]
 
 
 def check_plain_text(text: str, where: str = "the prompt") -> None:

@@ -94,10 +94,10 @@ class BlockPool:
             size = low
         if size <= have:
             raise PoolFull(f"all {have - RESERVED} K/V blocks are in use")
+        for listener in self.listeners:  # first: a failed allocation must not leave ids beyond the tensors
+            listener(size)
         self.refs.extend([0] * (size - have))
         self.free.extend(range(size - 1, have - 1, -1))  # lowest ids first out: a compact pool
-        for listener in self.listeners:
-            listener(size)
 
 
 def blocks_for(tokens: int, block_size: int) -> int:

@@ -10,11 +10,10 @@ the running one without copying the state again.
 `limit_bytes` bounds the blocks (all kinds together); a block that would pass it raises PoolFull (the
 server's admission keeps that from happening: it reserves a request's blocks before it starts).
 
-On the CPU the tensors are reserved at once for `limit_bytes` (or a quarter of the machine's memory) and left
-uninitialized: the system commits a page only when a block is first written (every block is zeroed or copied
-into when it is handed out), so memory grows with the blocks in use while the tensors never move. Growing by
-copying would hold the old and the new tensors at once (twice the pool at its peak) and change the shapes a
-compiled step depends on. Elsewhere (CUDA: memory is committed when allocated) they grow by doubling.
+The tensors grow by doubling on every device (the old ones copied, then freed). Reserving the whole budget at
+once on the CPU, with pages committed only when written, was tried and dropped: Linux's heuristic overcommit
+charges a fork for all of a process's private writable memory, so a process holding a few such pools could no
+longer start a subprocess (Ray failed with ENOMEM).
 """
 
 from __future__ import annotations
@@ -104,26 +103,17 @@ class KVPool:
         if self.dtype is None and not self.keys:
             self.dtype = dtype
 
-    def _reserved_blocks(self) -> int:
-        """Blocks per kind the CPU tensors are reserved for (memory committed only where written)."""
-        budget = self.limit_bytes
-        if budget is None:
-            budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
-        return max(RESERVED + 8, budget // max(sum(self.block_bytes(kind) for kind in self.kind_layers), 1))
-
     def _grow(self, kind: tuple, blocks: int) -> None:
         """Room for `blocks` blocks in each layer of the kind. The reserved blocks (NULL, SCRATCH) are zeros:
         masked positions still go through the matmuls, and 0 * NaN is NaN; any other block is written before
         it is read."""
-        lazy = torch.device(self.device).type == "cpu"
         for i in self.kind_layers[kind]:
             heads, dim = self.shapes[i]
             for tensors in (self.keys, self.values):
                 old = tensors.get(i)
                 if old is not None and blocks <= old.shape[0]:
                     continue
-                size = max(blocks, self._reserved_blocks()) if lazy else blocks
-                buffer = torch.empty((size, heads, self.block_size, dim), dtype=self.dtype, device=self.device)
+                buffer = torch.empty((blocks, heads, self.block_size, dim), dtype=self.dtype, device=self.device)
                 if old is not None:
                     buffer[: old.shape[0]] = old
                 else:

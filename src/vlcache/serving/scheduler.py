@@ -93,6 +93,7 @@ class _Prefill:
     rows: list[_Row]
     batch: decode.Batch
     followers: list[_Row] = field(default_factory=list)  # choices whose leader is among the rows: not prefilled
+    settled: set = field(default_factory=set)  # rows answered, finished, running or queued again: not failed with it
 
 
 class Stats:
@@ -279,24 +280,29 @@ class Scheduler:
         self._prefill = None
         try:
             self._join(prefill, logits)
-        finally:
-            prefill.batch.cache.close()  # the rows that joined hold their blocks in the running batch now
+        except Exception:
+            self._prefill = prefill  # the caller's _fail_prefill answers (and unreserves) the rows not yet settled
+            raise
+        prefill.batch.cache.close()  # the rows that joined hold their blocks in the running batch now
 
     def _join(self, prefill: _Prefill, logits: torch.Tensor) -> None:
         rows, logits = self._fork(prefill, logits)
         tokens, done = prefill.batch.sample(logits)
         for i, row in enumerate(rows):
             if tokens[i] < 0:
+                prefill.settled.add(row)
                 row.job.emit("error", "sampling failed: the model gave no valid distribution (NaN logits)")
                 self._unreserve(row)
                 continue
             if self._advance(row, tokens[i], done[i], prefill.batch.logprobs[i]):
+                prefill.settled.add(row)
                 self._finish(row, prefill.batch, i)
                 continue
             if self._batch is None:
                 self._batch = self._new_batch()
             self._batch.adopt(prefill.batch, i)
             self._running.append(row)
+            prefill.settled.add(row)
 
     def _fork(self, prefill: _Prefill, logits: torch.Tensor) -> tuple[list[_Row], torch.Tensor]:
         """The followers join the prefill batch as copies of their leader's row after the prompt (state, position,
@@ -308,6 +314,7 @@ class Scheduler:
             if i is None:  # the leader failed before its prefill: this choice runs its prompt itself
                 self._unreserve(row)
                 self._waiting.appendleft(row)
+                prefill.settled.add(row)
                 continue
             row.prefix = decode.Prefix(kv=cache.row_state(i), tokens=cache.book.lengths[i],
                                        rope_delta=prefill.rows[i].prefix.rope_delta)
@@ -381,11 +388,13 @@ class Scheduler:
             self._new_batch()
         return self._pool
 
-    def _needs(self, row: _Row) -> tuple[int, int]:
-        """Bytes of blocks a row may take at most: (its own tokens', its state's)."""
+    def _needs(self, row: _Row, private: bool = False) -> tuple[int, int]:
+        """Bytes of blocks a row may take at most: (its own tokens', its state's). `private`: its state is a copy
+        of its leader's row after the prompt (n's choices), so the prompt is part of that state."""
         pool = self._layout()
-        size, tokens = pool.block_size, row.job.history.shape[1]
-        end = tokens + row.job.new_ids.shape[1] + row.job.options.max_new_tokens
+        size, history = pool.block_size, row.job.history.shape[1]
+        tokens = history + (row.job.new_ids.shape[1] if private else 0)
+        end = history + row.job.new_ids.shape[1] + row.job.options.max_new_tokens
         own = state = 0
         for kind in pool.kind_layers:
             block = pool.block_bytes(kind)
@@ -400,7 +409,7 @@ class Scheduler:
     def _fits(self, row: _Row, private: bool = False) -> bool:
         if self.kv_memory is None:
             return True
-        own, state = self._needs(row)
+        own, state = self._needs(row, private)
         shared = not private and row.job.group in self._groups and row.job.group != ""
         return self._fixed() + self._reserved + own + (0 if shared else state) <= self.kv_memory
 
@@ -419,7 +428,7 @@ class Scheduler:
         (`private`: a copy of its own, as n's choices take)."""
         if self.kv_memory is None:
             return
-        own, state = self._needs(row)
+        own, state = self._needs(row, private)
         key = row.reserved_key = f"row {id(row)}" if private or row.job.group == "" else row.job.group
         group = self._groups.get(key)
         if group is None:
@@ -508,9 +517,10 @@ class Scheduler:
         """After a failed prefill: its rows get the error and give back their blocks and reservations; running
         rows, in a batch of their own (on the same pool), go on."""
         prefill, self._prefill = self._prefill, None
-        for row in prefill.rows if prefill else []:
-            row.job.emit("error", message)
-            self._unreserve(row)
+        for row in prefill.rows + prefill.followers if prefill else []:
+            if row not in prefill.settled:  # n's choices too: they wait on this prefill
+                row.job.emit("error", message)
+                self._unreserve(row)
         if prefill is not None:
             prefill.batch.cache.close()
 
