@@ -32,7 +32,6 @@ def build_thin(folder: Path) -> Path:
     """The 2B's config made thin: 28 text layers of hidden 64 (4 heads of 16, 2 K/V heads), a 2-block vision tower."""
     from transformers import Qwen3VLConfig
 
-    from vlcache.testing import build_random_checkpoint
 
     if (folder / "config.json").exists():
         return folder
@@ -44,6 +43,13 @@ def build_thin(folder: Path) -> Path:
     vision = config.vision_config
     vision.depth, vision.hidden_size, vision.intermediate_size, vision.num_heads = 2, 64, 128, 4
     vision.out_hidden_size, vision.deepstack_visual_indexes = 64, [0]
+    return save_thin(config, folder)
+
+
+def save_thin(config, folder: Path) -> Path:
+    """A random float32 checkpoint of `config` in `folder`, with the real 2B's tokenizer, template and processor."""
+    from vlcache.testing import build_random_checkpoint
+
     source = folder.with_name(folder.name + "-config")
     source.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(source)

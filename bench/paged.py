@@ -23,6 +23,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 REAL = REPO.parent / "shared" / "models" / "qwen3-vl-2b-instruct"
 PHOTO = REPO.parent / "shared" / "images" / "hubble_deep_field.jpg"  # 1000x872: about 860 tokens
+sys.path.insert(0, str(Path(__file__).parent))
+from decode import save_thin  # noqa: E402 - a sibling benchmark's builder: the same thin 2B checkpoint files
+
 QUESTIONS = ["What is in the picture?", "Describe the colours.", "Who is this?", "Where was this taken?"]
 
 
@@ -30,7 +33,6 @@ def build(folder: Path) -> Path:
     """The 2B's config with its K/V geometry kept and everything else thin."""
     from transformers import Qwen3VLConfig
 
-    from vlcache.testing import build_random_checkpoint
 
     if (folder / "config.json").exists():
         return folder
@@ -40,14 +42,7 @@ def build(folder: Path) -> Path:
     vision = config.vision_config
     vision.depth, vision.hidden_size, vision.intermediate_size, vision.num_heads = 2, 64, 128, 4
     vision.out_hidden_size, vision.deepstack_visual_indexes = 64, [0]
-    source = folder.with_name(folder.name + "-config")
-    source.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(source)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "preprocessor_config.json",
-                 "video_preprocessor_config.json", "generation_config.json"):
-        if (REAL / name).exists():
-            (source / name).write_bytes((REAL / name).read_bytes())
-    return build_random_checkpoint(source / "config.json", folder, dtype=torch.float32)
+    return save_thin(config, folder)
 
 
 def _status(field: str) -> int:
