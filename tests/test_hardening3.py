@@ -16,13 +16,6 @@ from test_server import LiveServer, data_url
 STATES = "/v1/vlcache/states"
 
 
-@pytest.fixture
-def live(engine, tmp_path):
-    server = LiveServer(engine, tmp_path / "states")
-    yield server
-    server.close()
-
-
 def raw(live, method: str, path: str, host: str, body: bytes | None = None, headers: dict | None = None):
     """(status, parsed JSON body) of one request with the given Host header (what a rebound page sends)."""
     connection = http.client.HTTPConnection("127.0.0.1", live.port, timeout=60)
