@@ -14,6 +14,7 @@ import copy
 
 import torch
 
+from ..pieces import in_pieces, vision_blocks
 from .base import Family, run_steps
 
 
@@ -107,7 +108,7 @@ class QwenMRoPE(Family):
         return delta
 
     def _encode(self, inputs, kind: str, dtype: torch.dtype, start: int):
-        """(A generator: one unit of work per item.) The encoder's output for the `kind` media items whose tokens lie at or after `start`, and how many
+        """(A generator: a unit of work per item and per vision block.) The encoder's output for the `kind` media items whose tokens lie at or after `start`, and how many
         tokens of that kind come before the first of them (None if there are no such items)."""
         code, pixels_name, grid_name = _KINDS[kind]
         grids = inputs[grid_name]
@@ -123,12 +124,14 @@ class QwenMRoPE(Family):
         patches = int(grids[:skip].prod(-1).sum())
         encoder = self.model.model.get_image_features if kind == "image" else self.model.model.get_video_features
         # Item by item (the encoder attends within an image, or a video's frame, only), a unit of work between
-        # two: the outputs, per item already, are joined as one call over all of them gives them.
-        features, pooled, deep = None, [], None
+        # two and between two of an item's vision blocks: the outputs, per item already, are joined as one call
+        # over all of them gives them.
+        features, pooled, deep, blocks = None, [], None, vision_blocks(self.model)
         for i in range(skip, len(tokens)):
             size = int(grids[i].prod())
-            with torch.inference_mode():
-                out = encoder(inputs[pixels_name][patches : patches + size].to(dtype), grids[i : i + 1], return_dict=True)
+            pixels, grid = inputs[pixels_name][patches : patches + size].to(dtype), grids[i : i + 1]
+            # One item's encoder call in pieces at its vision blocks (exact: the call is only paused).
+            out = yield from in_pieces(blocks, lambda: encoder(pixels, grid, return_dict=True))
             patches += size
             features = features or out
             pooled += list(out.pooler_output)
