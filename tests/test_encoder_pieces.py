@@ -100,3 +100,26 @@ def test_pieces_return_the_calls_value_raise_its_error_and_stop_when_closed():
     for hook in hooks:
         hook.remove()
     assert not any(t.name == "vlcache-encoder" for t in threading.enumerate())
+
+
+@pytest.mark.parametrize("kind", ["llava_onevision", "gemma3", "mistral3"])
+def test_a_family_prefilled_in_one_forward_pauses_at_its_vision_blocks_and_makes_the_same_state(kind, family_engine):
+    """Families without a prefill in pieces (one forward over the prefix): the same forward, paused at each
+    vision block when the server asks for units of work, gives the state of the unpaused forward."""
+    from vlcache.media import MediaOptions
+
+    engine = family_engine(kind)
+    blocks = pieces.vision_blocks(engine.model)
+    assert len(blocks) >= 1
+    options = MediaOptions(max_pixels=160 * 160)
+    steps, units = engine.cache_media_steps([photo("rocket.jpg")], MESSAGES, options, chunk=8), 0
+    while True:
+        try:
+            next(steps)
+            units += 1
+        except StopIteration as done:
+            state = done.value
+            break
+    assert units >= len(blocks), units  # before: one unit
+    whole = run_steps(engine.cache_media_steps([photo("rocket.jpg")], MESSAGES, options))  # chunk None: one unit
+    assert same_state(state, whole)
