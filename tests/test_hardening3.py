@@ -452,6 +452,39 @@ def test_13_no_answer_names_the_models_path_only_its_name(engine, live, tmp_path
     assert paths.served_name("Qwen/Qwen3-VL-2B-Instruct") == "Qwen/Qwen3-VL-2B-Instruct"  # a hub id, as it is
 
 
+@pytest.mark.parametrize("kind", ["qwen3_vl", "llava_onevision"])
+def test_13_a_state_files_header_names_the_model_and_its_weights_never_its_path(kind, engine, family_engine, tmp_path,
+                                                                                tiny_model_dir, family_dir, capsys, monkeypatch):
+    """The header holds the model's name (a hub id or the folder's own name) and the weights' fingerprint; no
+    local path of the model. `ask --cache FILE` without --model still finds the folder on this machine (by the
+    fingerprint), and a file written before (the folder's absolute path) still reads and still names it."""
+    import dataclasses
+
+    from vlcache import cli
+
+    model, folder = (engine, tiny_model_dir) if kind == "qwen3_vl" else (family_engine(kind), family_dir(kind))
+    path = model.cache_image(photo("rocket.jpg"), system_prompt=SYSTEM, max_pixels=160 * 160).save(tmp_path / "a.safetensors")
+    data = path.read_bytes()
+    head = data[8 : 8 + int.from_bytes(data[:8], "little")].decode()
+    for where in {str(folder), str(folder.resolve()), str(folder.parent), str(folder.resolve().parent)}:
+        assert where not in head and json.dumps(where)[1:-1] not in head, where
+    meta = json.loads(json.loads(head)["__metadata__"]["metadata"])
+    assert meta["model"] == folder.name and meta["fingerprint"] == model.fingerprint
+    if kind != "qwen3_vl":
+        return
+    monkeypatch.delenv("VLCACHE_MODEL", raising=False)
+    capsys.readouterr()
+    assert cli.main(["ask", "--cache", str(path), "--prompt", "Hi", "--max-new-tokens", "2", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["token_ids"] and f"using {folder.resolve()}" in captured.err
+    # A file written before this change names the folder's absolute path: it reads, and names that folder.
+    from vlcache.commands.common import model_named_by
+
+    state = engine.load_state(path)
+    old = dataclasses.replace(state, metadata=dataclasses.replace(state.metadata, model=str(folder))).save(tmp_path / "old.safetensors")
+    assert engine.load_state(old).metadata.model == str(folder) and model_named_by(engine.load_state(old).metadata) == str(folder)
+
+
 # 7 -------------------------------------------------------------------------------------------------------------
 
 def test_7_computed_states_are_held_to_a_disk_quota_least_recently_used_first(engine, tmp_path):

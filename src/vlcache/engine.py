@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from . import decode, generate, images, media, model as model_loading, prompt
+from . import decode, generate, images, media, model as model_loading, model_folders, paths, prompt
 from .families import GENERIC, LINEAR, family_class
 from .families.base import run_steps
 from .defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SYSTEM_PROMPT
@@ -91,6 +91,8 @@ class Engine:
                                  "(Engine.load(generation_config={...}))") from None
         # An unlisted model type gets the generic adapter (model.load lets it through once `vlcache check` passed).
         self.family = (family_class(self.model.config.model_type) or GENERIC)(self.model, self.processor)
+        # State files name a local folder by its name alone; this machine remembers where it is (model_folders).
+        model_folders.remember(loaded.fingerprint, loaded.name)
         self.eos_ids = _eos_ids(self.model.generation_config)
         self._dtype_notes: set[str] = set()
         self._grammars = None  # vlcache.structured.JsonGrammars, made on first use (Engine.grammars)
@@ -248,7 +250,7 @@ class Engine:
         grids = _part_grids(parts, inputs)
         settings = self.media_settings(options, [p.kind for p in parts])
         return StateMetadata(
-            model=self.model_name,
+            model=paths.served_name(self.model_name),  # a hub id, or a folder's own name: never a local path
             fingerprint=self.fingerprint,
             dtype=str(self.dtype).removeprefix("torch."),
             system_prompt=next((m["content"] for m in messages if m["role"] == "system"), None),
