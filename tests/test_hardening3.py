@@ -650,7 +650,7 @@ def test_8_media_beyond_the_context_are_refused_before_the_vision_encoder(engine
     assert len(list(live.service.store.folder.location.glob("*.safetensors"))) == 1  # the victim's: none stored for it
 
 
-@pytest.mark.parametrize("kind", ["qwen3_vl", "qwen2_5_vl"])  # GLM-4.1V: see below
+@pytest.mark.parametrize("kind", ["qwen3_vl", "qwen2_5_vl"])
 def test_8_the_vision_encoder_runs_one_image_or_video_per_unit_of_work_and_stays_exact(kind, engine, family_engine, monkeypatch):
     from test_media import N, QUESTION, clip, expected
     from vlcache import prompt as prompt_module
@@ -670,8 +670,8 @@ def test_8_the_vision_encoder_runs_one_image_or_video_per_unit_of_work_and_stays
     except StopIteration as done:
         state = done.value
     # Each image its own unit, then the video (a running answer's step between). A video whose frames went in
-    # groups was not exact (not done): a long clip is still one unit. GLM-4.1V's images and a video in pieces fail
-    # in its forward (video features counted as image tokens) with or without this change: a separate bug.
+    # groups was not exact (not done); its encoder call is in pieces at its vision blocks instead. GLM-4.1V's
+    # images and a video: test_more_families::test_glm_images_and_a_video_in_one_state_whole_or_in_pieces_are_exact.
     # (Each call is also in pieces at its vision blocks now: tests/test_encoder_pieces.py.)
     videos = [u for n, u in calls if n == "get_video_features"]
     images = [u for n, u in calls if n == "get_image_features" and u not in videos]  # (Qwen3-VL's video calls it)

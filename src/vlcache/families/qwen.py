@@ -80,7 +80,7 @@ class QwenMRoPE(Family):
         positions = torch.cat([index, vision.to(ids.device)], dim=0)
         delta = int(deltas.view(-1)[0])
         n = ids.shape[1]
-        if start == 0 and (chunk is None or n <= chunk):  # all at once, as generate() does it
+        if start == 0 and (chunk is None or n <= chunk) and self.one_forward_ok(inputs):  # as generate() does it
             forward(self.model, ids, positions, cache, mm_token_type_ids=types, **_vision_inputs(inputs, dtype))
             return delta
         encoded = {}
@@ -95,17 +95,26 @@ class QwenMRoPE(Family):
         chunk = chunk or n
         for piece in range(start, n, chunk):
             end = min(n, piece + chunk)
-            outputs = {}
-            for kind, (features, skipped) in encoded.items():
-                mine = types[0] == _KINDS[kind][0]
-                first, count = int(mine[:piece].sum()) - skipped, int(mine[piece:end].sum())
-                if count:
-                    outputs[kind] = _slice_features(features, first, first + count)
+            outputs = self.piece_outputs(encoded, types, piece, end)
             forward(self.model, ids[:, piece:end], positions[..., piece:end], cache, mm_encoder_outputs=outputs or None,
                     mm_token_type_ids=types[:, piece:end])
             if end < n:
                 yield
         return delta
+
+    def one_forward_ok(self, inputs) -> bool:
+        """Whether the model's own forward takes these media in one call (GLM's cannot mix images and videos)."""
+        return True
+
+    def piece_outputs(self, encoded: dict, types: torch.Tensor, piece: int, end: int) -> dict:
+        """The encoder outputs of the media tokens in prefix[piece:end], by kind, as the forward takes them."""
+        outputs = {}
+        for kind, (features, skipped) in encoded.items():
+            mine = types[0] == _KINDS[kind][0]
+            first, count = int(mine[:piece].sum()) - skipped, int(mine[piece:end].sum())
+            if count:
+                outputs[kind] = _slice_features(features, first, first + count)
+        return outputs
 
     def _encode(self, inputs, kind: str, dtype: torch.dtype, start: int):
         """(A generator: a unit of work per item and per vision block.) The encoder's output for the `kind` media items whose tokens lie at or after `start`, and how many
