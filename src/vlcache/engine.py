@@ -187,7 +187,7 @@ class Engine:
 
     def cache_media_steps(self, sources: Sequence, messages: list[dict], options: MediaOptions | None = None,
                           chunk: int | None = None, max_decode_pixels: int = images.MAX_DECODE_PIXELS,
-                          base: ImageState | None = None):
+                          base: ImageState | None = None, at: str | None = None):
         """The state of `messages` (ending in an open user turn whose last part is media), whose image and
         video parts are `sources` in order, as a generator: yields between units of work (the vision encoder,
         pieces of at most `chunk` prefix tokens where the family can split its prefill) and returns the
@@ -195,20 +195,22 @@ class Engine:
         they are decoded. `base`, a state of a leading part of the same conversation that ends after a media
         part, is continued instead of starting over where the family can (only the media after it are encoded).
         """
-        prepared = self.prepare_media(sources, messages, options, max_decode_pixels)
+        prepared = self.prepare_media(sources, messages, options, max_decode_pixels, at)  # `at`: see prepare_media
         return (yield from self.prefill_media_steps(prepared, chunk, base))
 
     def prepare_media(self, sources: Sequence, messages: list[dict], options: MediaOptions | None = None,
-                      max_decode_pixels: int = images.MAX_DECODE_PIXELS) -> "PreparedMedia":
+                      max_decode_pixels: int = images.MAX_DECODE_PIXELS, at: str | None = None) -> "PreparedMedia":
         """The model-free half of cache_media_steps: open the media, check they fit, run the processor. A
-        server runs this beside the model thread (decoding a long video must not pause running answers)."""
+        server runs this beside the model thread (decoding a long video must not pause running answers).
+        `at`: the instant a clock-reading template renders at (pin_time() when the state's key was made: the
+        state must be what its key names, even when the minute turns in between); None: now."""
         options = options or MediaOptions()
         # 1. Open the media (videos: probe and choose frames) and check that all of it fits in memory.
         prompt.check_messages(self.processor, messages)
         kinds = prompt.media_kinds(messages)
         if len(kinds) != len(sources):
             raise ImageError(f"the conversation has {len(kinds)} media parts but {len(sources)} sources were given")
-        at = self.pin_time()  # a template that stamps the time: the instant this state's text is rendered at
+        at = at or self.pin_time()  # a template that stamps the time: the instant this state's text is rendered at
         text = prompt.covered_text(self.processor, messages, at)
         prompt.check_video_placeholders(self.processor, text, kinds)
         images_kwargs = self.images_kwargs(options.max_pixels)
@@ -571,14 +573,14 @@ class Engine:
         return self.family.processor_settings(max_pixels)
 
     def state_key(self, parts: Sequence[tuple[str, str]], messages: list[dict], options: MediaOptions,
-                  salt: str | None = None) -> str:
+                  salt: str | None = None, at: str | None = None) -> str:
         """The key of the state of `messages` whose media are `parts` ((kind, sha256) in order): what the server,
-        its store and the Ray batch name a state by."""
+        its store and the Ray batch name a state by. `at`: the instant pinned for the state (None: now)."""
         from .header import media_identity, state_key
 
         # A template that stamps the time renders these messages into another prefix on another day (or minute):
         # states are then found by the text rendered now.
-        at = self.pin_time()
+        at = at or self.pin_time()
         rendered = _sha256(prompt.covered_text(self.processor, messages, at)) if at else None
         return state_key(self.fingerprint, media_identity(list(parts)), messages,
                          self.media_settings(options, [kind for kind, _ in parts]), salt, rendered)
