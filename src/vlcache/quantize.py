@@ -24,9 +24,11 @@ import torch
 from .errors import ModelLoadError
 
 QUANTIZATIONS = ("none", "int8")
-# At most this many rows (tokens x sequences) go through the packed kernel; more are converted and multiplied.
-# Measured: the packed kernel wins at 1-4 rows and loses from about 8 on (bench/quant.py --kernels).
-PACKED_ROWS = 4
+# Inputs of at most PACKED_ROWS rows (tokens x sequences: decode steps, short questions) go through the packed
+# kernel, PACKED_CHUNK rows a call (it is fast up to 4 rows and slows down past them); larger inputs (prefill) are
+# converted and multiplied. Measured in bench/quant.py (a).
+PACKED_ROWS = 32
+PACKED_CHUNK = 4
 
 
 def require(quantize: str) -> None:
@@ -69,7 +71,9 @@ class Int8Linear(torch.nn.Module):
         flat = x.reshape(-1, self.in_features)
         scale = self.scale.to(x.dtype)
         if flat.shape[0] <= PACKED_ROWS and flat.device.type == "cpu":
-            y = torch._weight_int8pack_mm(flat.contiguous(), self.weight, scale)
+            # Each row's product is its own (batched rows answer as each alone; tested).
+            parts = [torch._weight_int8pack_mm(chunk.contiguous(), self.weight, scale) for chunk in flat.split(PACKED_CHUNK)]
+            y = parts[0] if len(parts) == 1 else torch.cat(parts)
         else:
             y = torch.mm(flat, self.weight.t().to(x.dtype)) * scale
         if self.bias is not None:
