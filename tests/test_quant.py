@@ -70,6 +70,16 @@ def test_a_state_is_refused_by_a_model_quantized_otherwise(int8_engine, engine, 
     assert quantized.load_state(path).metadata.quantization == "int8"
     assert cli.main(["inspect", str(path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["quantization"] == "int8"
+    assert cli.main(["inspect", str(path)]) == 0
+    assert "dtype:         float32 (K/V; the model's language-model weights were int8)" in capsys.readouterr().out
+
+
+def test_check_runs_on_the_int8_model(tiny_model_dir, capsys):
+    from vlcache.check import run as check
+
+    assert check(str(tiny_model_dir), device="cpu", quantize="int8") == 0
+    out = capsys.readouterr().out
+    assert "float32, int8 weights): cached against uncached generate()" in out
 
 
 def test_the_cli_loads_the_caches_quantization_and_refuses_another(int8_engine, tiny_model_dir, tmp_path, capsys):

@@ -229,7 +229,8 @@ def run(name: str | None, device: str = "auto", dtype: str = "auto", out=None, d
     listed = family_class(model_type) is not None
     how = f"family {engine.family.name}" if listed else "the generic adapter (plain positions, full-attention K/V)"
     tolerance = LOGITS_TOLERANCE.get(engine.dtype, 5e-2)
-    print(f"checking {engine.model_name} ({model_type}, {how}, {str(engine.dtype).removeprefix('torch.')}): cached "
+    weights = "" if engine.quantization == "none" else f", {engine.quantization} weights"
+    print(f"checking {engine.model_name} ({model_type}, {how}, {str(engine.dtype).removeprefix('torch.')}{weights}): cached "
           f"against uncached generate(): prompt ids, {PROBE_TOKENS} greedy tokens, first-step logits within "
           f"{tolerance:g} x the largest logit", file=out)
     if engine.pin_time():
