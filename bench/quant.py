@@ -123,6 +123,8 @@ def decode(engines: dict, rounds: int, tokens: int) -> dict:
             steps = len(answer.token_ids) - 1
             samples[name]["ms_per_token"].append(answer.timings["decode_s"] / steps * 1000)
             samples[name]["ttft_s"].append(answer.timings["ttft_s"])
+            print(f"  {name}: {samples[name]['ms_per_token'][-1]:.1f} ms a token, ttft {answer.timings['ttft_s']:.2f} s",
+                  file=sys.stderr, flush=True)
             prompt_tokens = answer.prompt_tokens
     out = {}
     for name, s in samples.items():
@@ -201,6 +203,7 @@ def main(argv=None) -> int:
     parser.add_argument("--kernel-runs", type=int, default=20)
     parser.add_argument("--skip-kernels", action="store_true")
     parser.add_argument("--skip-2b", action="store_true")
+    parser.add_argument("--skip-quality", action="store_true", help="(c) not measured")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     import torchao
@@ -219,7 +222,8 @@ def main(argv=None) -> int:
                    "int8": Engine.load(str(folder), device="cpu", dtype="bfloat16", quantize="int8")}
         results["decode"] = decode(engines, args.rounds, args.tokens)
         print(markdown(results), flush=True, file=sys.stderr)
-        results["quality"] = quality(engines["bfloat16"], engines["int8"])
+        if not args.skip_quality:
+            results["quality"] = quality(engines["bfloat16"], engines["int8"])
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
     print(markdown(results))
