@@ -105,7 +105,7 @@ def test_ask_image_claims_no_cached_tokens_and_a_cache_does(tiny_model_dir, astr
     assert match and match.group(3) == f"{astronaut_state.num_tokens} cached", captured.err
 
 
-LOADED = r"loaded in \d+\.\ds on cpu as (\w+) \((.*)\)"
+LOADED = r"loaded in \d+\.\ds on cpu, \d+ threads?, as (\w+) \((.*)\)"
 
 
 def test_the_load_line_says_where_the_dtype_came_from(tiny_model_dir, astronaut_state, tmp_path, capsys):
@@ -204,7 +204,7 @@ def run(*args, env=None):
 
 OWN_LINES = [
     r"loading \S+ \(\w+, \w+\)\.\.\.",
-    r"loaded in \d+\.\ds on cpu as \w+ \(.*\)",
+    r"loaded in \d+\.\ds on cpu, \d+ threads?, as \w+ \(.*\)",
     r"cached \S+: \d+ tokens \(\d+ image tokens\) in \d+\.\d\ds -> \S+ \(\d+\.\d MiB\)",
     REPORT,
 ]

@@ -107,16 +107,18 @@ class Engine:
 
     @classmethod
     def load(cls, model: str | None = None, device: str = "auto", dtype: str = "auto", compile: str = "off",
-             unchecked: bool = False, generation_config: dict | None = None) -> "Engine":
+             unchecked: bool = False, generation_config: dict | None = None, quantize: str = "none") -> "Engine":
         """Load a model by hub id or local folder (default: $VLCACHE_MODEL or Qwen/Qwen3-VL-2B-Instruct).
 
         `compile`: "off" (eager decode steps), "on" (compiled fixed-shape steps), "auto" (compiled where the
         exactness probe holds and they measure faster; see compile_steps). `unchecked`: an unlisted model type
         loads before `vlcache check` passed for it (the check itself). `generation_config`: settings that replace
         the model's generation_config.json's ({"no_repeat_ngram_size": 0, "num_beams": 1, ...}); a setting
-        vlcache cannot honour (beam search, assistant models, watermarking, guidance) is refused here."""
+        vlcache cannot honour (beam search, assistant models, watermarking, guidance) is refused here.
+        `quantize`: "int8" holds the language model's linear layers in int8 (vlcache.quantize; needs the `quant`
+        extra); its states are its own (made and used only by a model quantized the same way)."""
         engine = cls(model_loading.load(model or model_loading.default_model(), device=device, dtype=dtype,
-                                        unchecked=unchecked), generation_config)
+                                        unchecked=unchecked, quantize=quantize), generation_config)
         if compile != "off":
             engine.compile_steps(compile)
         return engine
@@ -139,6 +141,11 @@ class Engine:
     @property
     def model_name(self) -> str:
         return self._loaded.name
+
+    @property
+    def quantization(self) -> str:
+        """"none", or "int8" (vlcache.quantize)."""
+        return self._loaded.quantization
 
     @property
     def fingerprint(self) -> str:
@@ -272,6 +279,7 @@ class Engine:
             reused_tokens=reused,
             template_time=prepared.at,
             template_sha256=prepared.rendered,
+            quantization=self.quantization,
         )
 
     def cache_images(self, images: Sequence[str], output_dir: str | os.PathLike,
@@ -332,6 +340,12 @@ class Engine:
             raise ModelMismatchError(f"model mismatch: {exc}") from None
 
     def _check_fingerprint(self, meta: StateMetadata, source: str) -> None:
+        if meta.quantization != self.quantization:  # the same weights quantized otherwise compute other K/V
+            made, runs = (_quantization_words(q) for q in (meta.quantization, self.quantization))
+            flag = f"--quantize {meta.quantization}"
+            raise ModelMismatchError(
+                f"quantization mismatch: {source} was made by {made} model, but this engine runs {runs} model; "
+                f"re-create the cache with this model or load the model with {flag}")
         if meta.fingerprint != self.fingerprint:
             # A file names a local folder by its name alone: where this machine has that folder, say where.
             folder = model_folders.folder_for(meta.fingerprint)
@@ -701,6 +715,10 @@ def _with_seed(params: decode.SamplingParams, seed: int) -> decode.SamplingParam
     from dataclasses import replace
 
     return replace(params, seed=seed)
+
+
+def _quantization_words(quantization: str) -> str:
+    return "a float (not quantized)" if quantization == "none" else f"an {quantization}-quantized"
 
 
 def _eos_ids(generation_config) -> frozenset[int]:

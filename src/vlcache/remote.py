@@ -142,6 +142,14 @@ def _check_model(args: argparse.Namespace, client: Client) -> None:
     if not getattr(args, "model", None) and named and named != health["model"]:  # never ignored in silence
         raise VlcacheError(f"{MODEL_ENV_VAR}={named} is not the server's model ({health['model']} at {client.url}); "
                            f"unset {MODEL_ENV_VAR}, or pass --server '' to load it here")
+    # How the server's model computes is the server's: a flag for a model loaded here is refused, not ignored.
+    quantize, served = getattr(args, "quantize", None), health.get("quantization", "none")
+    if quantize and quantize != served:
+        raise VlcacheError(f"--quantize {quantize}: the server at {client.url} runs its model with quantization {served}; "
+                           "drop --quantize, or run without --server")
+    if getattr(args, "threads", None) is not None:
+        raise VlcacheError(f"--threads sets this process's threads, but the server at {client.url} computes the answer; "
+                           "drop --threads (give it to `vlcache serve`), or run without --server")
 
 
 # -- a server in the background ------------------------------------------------------------------------------

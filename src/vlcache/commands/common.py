@@ -19,26 +19,45 @@ def server_url_of(args: argparse.Namespace) -> str | None:
 
 
 def load_engine(model: str | None, args: argparse.Namespace, meta=None):
-    """Load the model (--device, --dtype, else the dtype of the cache `meta` describes, else auto) with the CLI's
-    two stderr lines; transformers' own output only with --verbose."""
+    """Load the model (--device, --dtype, else the dtype of the cache `meta` describes, else auto; --quantize
+    likewise; --threads) with the CLI's two stderr lines; transformers' own output only with --verbose."""
     from ..engine import Engine
     from ..model import default_model, quiet_transformers
 
     quiet_transformers(verbose=getattr(args, "verbose", False))
+    threads = apply_threads(args)
     name = model or default_model()
     dtype = args.dtype or (meta.dtype if meta is not None else "auto")
+    quantize = quantization(args, meta)
     if args.dtype and args.dtype != "auto":
         why = f"--dtype {args.dtype}"
     elif not args.dtype and meta is not None:
         why = "the cache's dtype"
     else:
         why = None  # --dtype auto chose: the engine says why
-    info(f"loading {name} ({args.device}, {dtype})...")
+    weights = "" if quantize == "none" else f", {quantize} weights"
+    info(f"loading {name} ({args.device}, {dtype}{weights})...")
     start = time.perf_counter()
-    engine = Engine.load(name, device=args.device, dtype=dtype, generation_config=overrides(args))
-    info(f"loaded in {time.perf_counter() - start:.1f}s on {engine.device} as "
-         f"{str(engine.dtype).removeprefix('torch.')} ({why or engine.dtype_reason})")
+    engine = Engine.load(name, device=args.device, dtype=dtype, generation_config=overrides(args), quantize=quantize)
+    info(f"loaded in {time.perf_counter() - start:.1f}s on {engine.device}, {threads} thread{'s' * (threads != 1)}, as "
+         f"{str(engine.dtype).removeprefix('torch.')}{weights} ({why or engine.dtype_reason})")
     return engine
+
+
+def apply_threads(args: argparse.Namespace) -> int:
+    """--threads N: torch computes with N threads from here on (set before the model loads); without it, what
+    torch chose. Returns the count, for the load line."""
+    import torch
+
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def quantization(args: argparse.Namespace, meta=None) -> str:
+    """--quantize, else the quantization of the cache `meta` describes (its states are that model's), else none."""
+    return getattr(args, "quantize", None) or (meta.quantization if meta is not None else "none")
 
 
 def overrides(args: argparse.Namespace) -> dict | None:

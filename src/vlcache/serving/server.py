@@ -71,7 +71,7 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_id, "fingerprint": engine.fingerprint, "family": engine.family.name,
-                "dtype": str(engine.dtype).removeprefix("torch."), "hot_states": service.store.hot_count,
+                "dtype": str(engine.dtype).removeprefix("torch."), "quantization": engine.quantization, "hot_states": service.store.hot_count,
                 "hot_bytes": service.store.hot_bytes, "running": service.scheduler.running, "queued": service.scheduler.queued,
                 "decode": _decode_status(engine), "context_length": service.context_length,
                 "kv": service.scheduler.kv_stats()}
