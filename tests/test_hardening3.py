@@ -466,6 +466,11 @@ def test_13_a_state_files_header_names_the_model_and_its_weights_never_its_path(
     if kind != "qwen3_vl":
         return
     monkeypatch.delenv("VLCACHE_MODEL", raising=False)
+    from vlcache import model_folders
+
+    copy = tmp_path / "copy-of-the-model"  # the same weights in another folder, loaded since: not the one named
+    copy.mkdir()
+    model_folders.remember(model.fingerprint, str(copy))
     capsys.readouterr()
     assert cli.main(["ask", "--cache", str(path), "--prompt", "Hi", "--max-new-tokens", "2", "--json"]) == 0
     captured = capsys.readouterr()

@@ -348,8 +348,7 @@ class Engine:
                 f"re-create the cache with this model or load the model with {flag}")
         if meta.fingerprint != self.fingerprint:
             # A file names a local folder by its name alone: where this machine has that folder, say where.
-            folder = model_folders.folder_for(meta.fingerprint)
-            model = folder if folder is not None and Path(folder).name == meta.model else meta.model
+            model = model_folders.folder_for(meta.fingerprint, meta.model) or meta.model
             raise ModelMismatchError(
                 f"model mismatch: {source} was made with {model} (weights {meta.fingerprint[:12]}), but this "
                 f"engine runs {self.model_name} (weights {self.fingerprint[:12]}); re-create the cache or pass "

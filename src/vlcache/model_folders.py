@@ -15,7 +15,8 @@ from pathlib import Path
 
 from . import paths
 
-_KEPT = 256  # the newest folders: a bounded file
+_KEPT = 256  # the newest fingerprints: a bounded file
+_PER_WEIGHTS = 8  # copies of the same weights under other folders (a copy with another chat template)
 
 
 def _file() -> Path:
@@ -29,15 +30,22 @@ def remember(fingerprint: str, model: str) -> None:
     if not folder.is_dir():
         return
     known = _read()
-    known.pop(fingerprint, None)
-    known[fingerprint] = str(folder.resolve())
+    where = str(folder.resolve())
+    folders = [f for f in _folders(known.pop(fingerprint, None)) if f != where] + [where]
+    known[fingerprint] = folders[-_PER_WEIGHTS:]
     _write(dict(list(known.items())[-_KEPT:]))
 
 
-def folder_for(fingerprint: str) -> str | None:
-    """The folder on this machine last loaded with the weights `fingerprint`, if it is still there."""
-    folder = _read().get(fingerprint)
-    return folder if isinstance(folder, str) and Path(folder).is_dir() else None
+def folder_for(fingerprint: str, name: str) -> str | None:
+    """The folder called `name` on this machine last loaded with the weights `fingerprint`, if it is still there."""
+    for folder in reversed(_folders(_read().get(fingerprint))):
+        if Path(folder).name == name and Path(folder).is_dir():
+            return folder
+    return None
+
+
+def _folders(value) -> list[str]:
+    return [f for f in value if isinstance(f, str)] if isinstance(value, list) else []
 
 
 def _read() -> dict:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from pathlib import Path
 
 from ..console import info
 from ..errors import VlcacheError
@@ -104,8 +103,8 @@ def model_named_by(meta) -> str:
     from ..model_folders import folder_for
 
     # A file names a local folder by its name alone (no path in a header); its fingerprint says where it is here.
-    folder = folder_for(meta.fingerprint)
-    if folder is not None and Path(folder).name == meta.model:
+    folder = folder_for(meta.fingerprint, meta.model)
+    if folder is not None:
         info(f"using {folder}, the model folder the cache names")
         return folder
     if not is_available_locally(meta.model):
