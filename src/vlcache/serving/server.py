@@ -207,11 +207,14 @@ def server_config(app, host: str, port: int, **kwargs) -> uvicorn.Config:
 
 
 def _decode_status(engine) -> dict:
-    """The decode step chosen at start, with the shapes compiled so far: a step compiles a new (rows, capacity)
-    shape the first time a batch needs it, after the start's list was taken."""
+    """The decode step chosen at start, with the (rows, span) shapes compiled so far (all of them before the server
+    listens) and dynamo's count of graphs compiled in this process, which stays put while the server runs."""
+    from ..decode.step import graphs_compiled
+
     status = dict(engine.compile_status)
     runner = engine.runner
     if runner is not None:
         shapes = sorted(runner.shapes)
         status.update(shapes=shapes, buckets=sorted({rows for rows, _ in shapes}))
+    status["graphs_compiled"] = graphs_compiled()
     return status
