@@ -81,6 +81,8 @@ def test_a_long_answer_and_a_question_joining_it_compile_nothing_after_the_serve
         after = _health(url)["decode"]
         assert after["graphs_compiled"] == during["graphs_compiled"] == started["graphs_compiled"]
         assert after["shapes"] == started["shapes"]
+        # ...and every step of them was a compiled one (none left to the eager path beyond the span).
+        assert after["compiled_steps"] >= started["compiled_steps"] + LONG - 1 and after["eager_steps_beyond_span"] == 0
         # The joined question (bucket 2 beside the long answer) answers as it does alone (bucket 1).
         alone = client.chat.completions.create(model="m", messages=question, max_tokens=24, temperature=0)
         assert joined.choices[0].message.content == alone.choices[0].message.content

@@ -42,6 +42,8 @@ class StepRunner:
         self.failed: str | None = None  # why compiled steps stopped (then every step is eager)
         self.shapes: set[tuple[int, int]] = set()  # (bucket, span) compiled so far
         self._variants: set[tuple] = set()  # (bucket, K/V tensor sizes) run so far: the first runs with every guard
+        self.steps = 0  # compiled steps run
+        self.beyond_span = 0  # steps left to the eager path because a row was longer than the span
         # Inductor's caches (FX graphs, kernels) under $VLCACHE_HOME, owner-only: a later process reuses them. Set,
         # not defaulted: importing transformers already set it to torch's default in the shared temporary folder.
         try:
@@ -66,6 +68,7 @@ class StepRunner:
         book = cache.book
         span = self.span
         if max(book.lengths) + 1 > span:
+            self.beyond_span += 1
             return None  # beyond the fixed block tables: an eager step (any length), never a new shape
         logical = torch.tensor(book.next_logical(), device=batch.device).unsqueeze(1)
         # 1. Room for the bucket's rows and the whole span, then the layout of a fixed-shape step.
@@ -119,6 +122,7 @@ class StepRunner:
             cache._bind(rows)
         self.shapes.add((size, span))
         self._variants.add(variant)
+        self.steps += 1
         return logits[:rows]
 
 

@@ -215,6 +215,7 @@ def _decode_status(engine) -> dict:
     runner = engine.runner
     if runner is not None:
         shapes = sorted(runner.shapes)
-        status.update(shapes=shapes, buckets=sorted({rows for rows, _ in shapes}))
+        status.update(shapes=shapes, buckets=sorted({rows for rows, _ in shapes}), compiled_steps=runner.steps,
+                      eager_steps_beyond_span=runner.beyond_span)
     status["graphs_compiled"] = graphs_compiled()
     return status
