@@ -207,6 +207,12 @@ def test_serve_detach_status_and_stop(tiny_model_dir, tmp_path, cache_file, engi
         assert len([line for line in lines if re.match(r"decode steps: (compiled|eager) \(", line)]) == 1, lines
         ours = ("loading ", "loaded in ", "preparing decode steps ", "decode steps: ", "serving ", "vlcache serve is up ")
         assert all(line.startswith(ours) for line in lines) and len(set(lines)) == len(lines), lines
+        # Issues 28 and 33: inductor's caches really live under $VLCACHE_HOME/compile (files written by this start),
+        # beside auto's remembered decision for this model and machine.
+        compiled = [path for path in (tmp_path / "home" / "compile" / "inductor").rglob("*") if path.is_file()]
+        assert compiled, "no compiled artifact under $VLCACHE_HOME/compile/inductor"
+        decisions = list((tmp_path / "home" / "compile" / "decisions").glob("*.json"))
+        assert len(decisions) == 1 and json.loads(decisions[0].read_text())["step"] in ("compiled", "eager")
         status = run("status", "--json", env=env)  # finds the detached server from its record
         assert status.returncode == 0, status.stderr
         assert json.loads(status.stdout)["model"] == tiny_model_dir.name  # never the server's path
