@@ -134,9 +134,9 @@ class Engine:
         """
         from .decode import probe
 
-        from .decode.blocks import BLOCK_SIZE
+        from .decode.step import span_for
 
-        span = -(-max_context // BLOCK_SIZE) * BLOCK_SIZE if max_context else None
+        span = span_for(max_context) if max_context else None
         self.compile_status = probe.choose(self, mode, list(buckets), backend, span)
         log.info(f"decode steps: {self.compile_status['step']} ({self.compile_status['reason']})")
         return self.compile_status

@@ -21,7 +21,9 @@ def run_serve(args: argparse.Namespace) -> int:
         return remote.detach(args, child + (["--verbose"] if args.verbose and "--verbose" not in child else []))
     import uvicorn
 
-    from ..serving.server import create_app, server_config
+    from ..decode.probe import remembered
+    from ..decode.step import span_for
+    from ..serving.server import compile_in_background, create_app, server_config
 
     local = Path(args.allow_local_files) if args.allow_local_files else None
     if local is not None and not local.is_dir():
@@ -39,8 +41,15 @@ def run_serve(args: argparse.Namespace) -> int:
     engine.max_context = max_context(engine, args.max_context, options.kv_memory)
 
     buckets = sorted({bucket(n) for n in range(1, args.max_batch + 1)})
-    compile_steps(engine, args.compile, buckets, engine.max_context)
-    app = create_app(engine, options)
+    on_start = None
+    if args.compile == "auto" and remembered(engine, span=span_for(engine.max_context)) is None:
+        # First start on this machine: listen at once with eager steps, decide (and compile) meanwhile.
+        info(f"deciding the decode step in the background for {len(buckets)} batch size(s) (remembered in "
+             "$VLCACHE_HOME/compile for later starts); eager steps until then")
+        on_start = lambda service: compile_in_background(service, buckets, max_context=engine.max_context)  # noqa: E731
+    else:
+        compile_steps(engine, args.compile, buckets, engine.max_context)
+    app = create_app(engine, options, on_start)
     info(f"serving {engine.model_name} on http://{args.host}:{args.port}/v1 (states in {cache_dir}; context "
          f"{engine.max_context:,} tokens)"
          + ("" if args.no_web else f"; the chat page: http://{args.host}:{args.port}/"))

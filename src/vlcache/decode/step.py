@@ -128,9 +128,13 @@ class StepRunner:
 
 def default_span(model) -> int:
     """The span of a runner made without one: the model's context (positions), in whole K/V blocks."""
+    return span_for(int(getattr(model.config.get_text_config(), "max_position_embeddings", None) or 4096))
+
+
+def span_for(context: int) -> int:
+    """The positions a step attends over to hold `context` tokens: whole K/V blocks."""
     from .blocks import BLOCK_SIZE
 
-    context = int(getattr(model.config.get_text_config(), "max_position_embeddings", None) or 4096)
     return -(-context // BLOCK_SIZE) * BLOCK_SIZE
 
 
