@@ -13,6 +13,8 @@ import urllib.request
 import pytest
 from openai import OpenAI
 
+from conftest import SYSTEM as _SYSTEM
+from conftest import photo as _photo
 from test_server import image_messages
 from vlcache.decode import decision, probe
 
@@ -161,3 +163,55 @@ def test_max_context_is_checked_at_start(tiny_model_dir, tmp_path, flags, messag
         assert done.stderr.splitlines()[-1] + "\n" == message
     else:
         assert done.stderr.splitlines()[-1].startswith("error: --max-context 4,000 needs more K/V than --kv-memory holds (")
+
+
+def test_a_first_start_serves_eager_steps_while_it_decides_then_switches(engine, tmp_path, monkeypatch, caplog):
+    """Issue 33 item 4: the server answers while the step is decided and compiled aside (traced here: cheap); the
+    compiled steps take over when ready, with one line, and answer as the eager ones did."""
+    import uvicorn
+
+    from vlcache.serving.server import ServeOptions, compile_in_background, create_app, server_config
+
+    monkeypatch.setenv("VLCACHE_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(probe, "MARGIN", -10.0)  # keep the traced step whatever the timing says
+    question = image_messages("camera.png", "What is in this picture?")
+    expected = engine.ask(engine.cache_image(_photo("camera.png"), system_prompt=_SYSTEM), "What is in this picture?",
+                          max_new_tokens=12, temperature=0).text
+    gate = threading.Event()
+    real = probe._compile
+
+    def held(*args):  # the background compile waits until a question was answered eagerly
+        assert gate.wait(120)
+        return real(*args)
+
+    monkeypatch.setattr(probe, "_compile", held)
+    app = create_app(engine, ServeOptions(cache_dir=tmp_path / "states", memory_budget=2**30),
+                     on_start=lambda service: compile_in_background(service, [1, 2], backend="eager", max_context=1024))
+    server = uvicorn.Server(server_config(app, "127.0.0.1", 0, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    try:
+        with caplog.at_level("INFO", logger="vlcache"):
+            thread.start()
+            while not server.started:
+                time.sleep(0.02)
+            url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+            client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+            decode = _health(url)["decode"]
+            assert decode["step"] == "eager" and decode["reason"].startswith("deciding in the background")
+            eager = client.chat.completions.create(model="m", messages=question, max_tokens=12, temperature=0)
+            assert eager.choices[0].message.content == expected and engine.runner is None
+            gate.set()
+            deadline = time.time() + 300
+            while _health(url)["decode"]["step"] == "eager":
+                assert time.time() < deadline
+                time.sleep(0.2)
+            decode = _health(url)["decode"]
+            assert decode["step"] == "traced (eager backend)" and decode["shapes"] == [[1, 1024], [2, 1024]]
+            steps = engine.runner.steps
+            compiled = client.chat.completions.create(model="m", messages=question, max_tokens=12, temperature=0)
+            assert compiled.choices[0].message.content == expected and engine.runner.steps >= steps + 11
+            assert sum("decode steps: switched to traced (eager backend) steps" in r.message for r in caplog.records) == 1
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        engine.compile_steps("off")
