@@ -124,8 +124,8 @@ class Engine:
                       max_context: int | None = None) -> dict:
         """Decode through compiled fixed-shape steps (decode.step), warmed up for `buckets` rows; return what
         was chosen and why (also in self.compile_status, which /health reports). `max_context`: the positions a
-        compiled step attends over (rounded up to whole K/V blocks; default the model's context), so that its
-        shapes depend only on the batch size; a longer row steps eagerly.
+        compiled step attends over (rounded up to whole K/V blocks; default the model's context, at most
+        decode.step.DEFAULT_SPAN), so that its shapes depend only on the batch size; a longer row steps eagerly.
 
         "on": compiled (inductor) steps. "auto": the step is compiled and kept only where, for this model, its
         greedy tokens equal transformers' generate() (fused kernels round differently) and, on a CPU, it is

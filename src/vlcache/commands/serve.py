@@ -22,7 +22,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ..decode.probe import remembered
-    from ..decode.step import span_for
+    from ..decode.step import DEFAULT_SPAN, span_for
     from ..serving.server import compile_in_background, create_app, server_config
 
     local = Path(args.allow_local_files) if args.allow_local_files else None
@@ -39,16 +39,19 @@ def run_serve(args: argparse.Namespace) -> int:
 
     options.kv_memory = args.kv_memory or default_kv_memory(engine.device)
     engine.max_context = max_context(engine, args.max_context, options.kv_memory)
+    # The positions a compiled step attends over: --max-context when given, else at most decode.step.DEFAULT_SPAN
+    # (longer rows step eagerly: no compile, slower).
+    span_context = args.max_context or min(engine.max_context, DEFAULT_SPAN)
 
     buckets = sorted({bucket(n) for n in range(1, args.max_batch + 1)})
     on_start = None
-    if args.compile == "auto" and remembered(engine, span=span_for(engine.max_context)) is None:
+    if args.compile == "auto" and remembered(engine, span=span_for(span_context)) is None:
         # First start on this machine: listen at once with eager steps, decide (and compile) meanwhile.
         info(f"deciding the decode step in the background for {len(buckets)} batch size(s) (remembered in "
              "$VLCACHE_HOME/compile for later starts); eager steps until then")
-        on_start = lambda service: compile_in_background(service, buckets, max_context=engine.max_context)  # noqa: E731
+        on_start = lambda service: compile_in_background(service, buckets, max_context=span_context)  # noqa: E731
     else:
-        compile_steps(engine, args.compile, buckets, engine.max_context)
+        compile_steps(engine, args.compile, buckets, span_context)
     app = create_app(engine, options, on_start)
     info(f"serving {engine.model_name} on http://{args.host}:{args.port}/v1 (states in {cache_dir}; context "
          f"{engine.max_context:,} tokens)"

@@ -126,9 +126,16 @@ class StepRunner:
         return logits[:rows]
 
 
+DEFAULT_SPAN = 4096  # positions a step attends over unless --max-context says: the step's cost and transient memory
+# grow with it (the eager gather reads every position of the span: 2B, bfloat16, 16 rows at 4,096 positions is
+# 134 MiB of K and as much of V per layer; at the 2B's 262,144 it would be 64 times that), so longer rows step eagerly
+
+
 def default_span(model) -> int:
-    """The span of a runner made without one: the model's context (positions), in whole K/V blocks."""
-    return span_for(int(getattr(model.config.get_text_config(), "max_position_embeddings", None) or 4096))
+    """The span of a runner made without one: the model's context, at most DEFAULT_SPAN, in whole K/V blocks."""
+    config = getattr(model, "config", None)
+    context = int(getattr(config.get_text_config(), "max_position_embeddings", None) or DEFAULT_SPAN) if config else DEFAULT_SPAN
+    return span_for(min(context, DEFAULT_SPAN))
 
 
 def span_for(context: int) -> int:
