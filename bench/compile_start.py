@@ -78,12 +78,12 @@ class Server:
         self.log.close()
 
 
-def start_pair(model: Path, work: Path, i: int) -> dict:
+def start_pair(model: Path, work: Path, i: int, max_batch: int) -> dict:
     home = work / f"home-{i}"
     shutil.rmtree(home, ignore_errors=True)
     out = {}
     for name in ("first", "second"):
-        server = Server(model, home, ["--compile", "auto"], work / f"start-{i}-{name}.log")
+        server = Server(model, home, ["--compile", "auto", "--max-batch", str(max_batch)], work / f"start-{i}-{name}.log")
         try:
             listening, _ = server.wait(lambda h: True)
             decided, health = server.wait(lambda h: not h["decode"]["reason"].startswith("deciding"))
@@ -101,7 +101,10 @@ def _stream(url: str, prompt: str, max_tokens: int, banned: dict, times: list, j
     request = urllib.request.Request(url + "/v1/chat/completions", data=body, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=1800) as response:
         for line in response:
-            if line.startswith(b"data: {") and b'"delta"' in line and b'"content"' in line:
+            if not line.startswith(b"data: {"):
+                continue
+            choices = json.loads(line[6:]).get("choices") or [{}]
+            if choices[0].get("delta", {}).get("content"):  # a piece of text (the first chunk is the role alone)
                 times.append(time.perf_counter())
                 if joined_at is not None and len(times) == join_after:
                     joined_at.set()
@@ -135,7 +138,7 @@ def long_with_join(model: Path, work: Path, flags: list[str], banned: dict, long
         median = statistics.median(gaps)
         end = _health(server.url)["decode"]
         solo = statistics.mean([solo_before, solo_after])
-        return {"mode": name, "step": health["decode"]["step"], "tokens": len(times),
+        return {"mode": name, "step": health["decode"]["step"], "pieces": len(times),
                 "median_gap_ms": round(median * 1e3, 2), "worst_gap_ms": round(max(gaps) * 1e3, 2),
                 "worst_over_median": round(max(gaps) / median, 2),
                 "worst_gap_after_token": gaps.index(max(gaps)) + 1,
@@ -152,6 +155,7 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, required=True)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--starts", type=int, default=2, help="first/second start pairs")
+    parser.add_argument("--start-max-batch", type=int, default=4, help="--max-batch of the start-up servers")
     parser.add_argument("--joins", type=int, default=2, help="rounds of (compiled, eager) long answers")
     parser.add_argument("--long-tokens", type=int, default=1000)
     parser.add_argument("--join-after", type=int, default=700)
@@ -165,15 +169,15 @@ def main() -> None:
     banned = {str(t): -100 for t in (eos if isinstance(eos, list) else [eos])}
     result = {"machine": _machine(), "model": "thin stand-in of bench/decode.py (Qwen3-VL-2B config, hidden 64), float32",
               "command": " ".join(["python", "bench/compile_start.py", *sys.argv[1:]]), "starts": [], "joins": []}
-    for i in range(args.starts):
-        result["starts"].append(start_pair(model, args.work_dir, i))
-        print(json.dumps(result["starts"][-1]), file=sys.stderr)
-    for i in range(args.joins):
+    for i in range(args.joins):  # first: a long first start would otherwise leave no result
         order = [("compiled", ["--compile", "on"]), ("eager", ["--compile", "off"])]
         for name, flags in (order if i % 2 == 0 else order[::-1]):
             result["joins"].append(long_with_join(model, args.work_dir, flags, banned, args.long_tokens,
                                                   args.join_after, name))
             print(json.dumps(result["joins"][-1]), file=sys.stderr)
+    for i in range(args.starts):
+        result["starts"].append(start_pair(model, args.work_dir, i, args.start_max_batch))
+        print(json.dumps(result["starts"][-1]), file=sys.stderr)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
