@@ -98,6 +98,7 @@ class Engine:
         self._grammars = None  # vlcache.structured.JsonGrammars, made on first use (Engine.grammars)
         decode.install(self.model)
         self.runner = None  # a decode.step.StepRunner once compiled steps are enabled (compile_steps)
+        self.max_context: int | None = None  # the longest conversation a server takes (--max-context); None: the model's
         self.compile_status = {"step": "eager", "reason": "compile off", "buckets": []}
         if self.device.type == "cuda" and self.dtype in (torch.bfloat16, torch.float16):
             # Measured (docs/benchmarks-cuda.md): fused SDPA kernels in generate and vlcache's shared-prefix
@@ -123,9 +124,12 @@ class Engine:
             engine.compile_steps(compile)
         return engine
 
-    def compile_steps(self, mode: str = "auto", buckets: Sequence[int] = (1,), backend: str | None = None) -> dict:
+    def compile_steps(self, mode: str = "auto", buckets: Sequence[int] = (1,), backend: str | None = None,
+                      max_context: int | None = None) -> dict:
         """Decode through compiled fixed-shape steps (decode.step), warmed up for `buckets` rows; return what
-        was chosen and why (also in self.compile_status, which /health reports).
+        was chosen and why (also in self.compile_status, which /health reports). `max_context`: the positions a
+        compiled step attends over (rounded up to whole K/V blocks; default the model's context, at most
+        decode.step.DEFAULT_SPAN), so that its shapes depend only on the batch size; a longer row steps eagerly.
 
         "on": compiled (inductor) steps. "auto": the step is compiled and kept only where, for this model, its
         greedy tokens equal transformers' generate() (fused kernels round differently) and, on a CPU, it is
@@ -134,7 +138,10 @@ class Engine:
         """
         from .decode import probe
 
-        self.compile_status = probe.choose(self, mode, list(buckets), backend)
+        from .decode.step import span_for
+
+        span = span_for(max_context) if max_context else None
+        self.compile_status = probe.choose(self, mode, list(buckets), backend, span)
         log.info(f"decode steps: {self.compile_status['step']} ({self.compile_status['reason']})")
         return self.compile_status
 

@@ -72,13 +72,13 @@ def one_command(args: argparse.Namespace) -> str:
     return "off" if mode == "auto" else mode
 
 
-def compile_steps(engine, mode: str, buckets: list[int]) -> None:
+def compile_steps(engine, mode: str, buckets: list[int], max_context: int | None = None) -> None:
     """Choose the decode step (decode.probe) and say which, and why, on stderr."""
     if mode == "off":
         return
     info(f"preparing decode steps ({mode}) for {len(buckets)} batch size(s): {', '.join(map(str, buckets))} (minutes on a "
          "first start, seconds once $VLCACHE_HOME/compile holds them; --compile off starts at once)...")
-    engine.compile_steps(mode, buckets)  # its last line says what was chosen and why (the logger "vlcache")
+    engine.compile_steps(mode, buckets, max_context=max_context)  # its last line says what was chosen and why
 
 
 def first_metadata(caches: list):

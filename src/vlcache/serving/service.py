@@ -359,6 +359,8 @@ class Service:
 
     @staticmethod
     def _context_length(engine: Engine) -> int:
+        if engine.max_context:  # `serve --max-context` (or the model's context capped by --kv-memory)
+            return engine.max_context
         return int(getattr(engine.model.config.get_text_config(), "max_position_embeddings", None) or 2**31)
 
     def shared_metadata(self, key: str):
