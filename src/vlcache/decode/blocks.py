@@ -46,6 +46,9 @@ class BlockPool:
         self.peak = 0  # the most blocks held at once
         self.listeners: list[Callable[[int], None]] = []  # called with the new capacity when the pool grows
         self.fits: Callable[[int], bool] = lambda size: True  # whether a capacity fits (decode.kvpool: bytes)
+        # Called when no block is free and the pool is at its bound: frees blocks someone keeps only in case
+        # they are wanted again (kept conversations, decode.radix); False when it has none left to free.
+        self.reclaim: Callable[[], bool] = lambda: False
 
     @property
     def capacity(self) -> int:
@@ -58,8 +61,12 @@ class BlockPool:
 
     def allocate(self) -> int:
         """A free block with one reference (the caller's); its contents are whatever was there."""
-        if not self.free:
-            self._grow()
+        while not self.free:
+            try:
+                self._grow()
+            except PoolFull:
+                if not self.reclaim():
+                    raise
         block = self.free.pop()
         self.refs[block] = 1
         self.used += 1

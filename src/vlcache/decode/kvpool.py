@@ -97,6 +97,12 @@ class KVPool:
                                   "block_bytes": self.block_bytes(kind)}
                 for kind, pool in self.pools.items()}
 
+    def set_reclaim(self, reclaim) -> None:
+        """`reclaim()` frees a block kept only in case it is wanted again (decode.radix) when a kind's pool is at
+        the bound; False when nothing is left to free."""
+        for pool in self.pools.values():
+            pool.reclaim = reclaim
+
     # -- tensors -----------------------------------------------------------------------------------------------
 
     def set_dtype(self, dtype: torch.dtype | None) -> None:
@@ -152,6 +158,11 @@ class KVPool:
     def hold(self, prefix) -> Held:
         """The prefix's blocks per kind (written into the pool by its first row), held by one more row."""
         held = self.held.get(prefix)
+        if held is None and prefix.blocks is not None:  # blocks already in this pool (a kept conversation's)
+            for kind, chain in prefix.blocks.items():
+                for block in chain:
+                    self.pools[kind].hold(block)
+            held = self.held[prefix] = Held({kind: list(chain) for kind, chain in prefix.blocks.items()})
         if held is None:
             blocks = {}
             try:
@@ -177,7 +188,7 @@ class KVPool:
 
     def prefix_blocks(self, prefix) -> dict[tuple, int]:
         """Blocks per kind that writing `prefix` would take (none if it is held already)."""
-        if prefix in self.held:
+        if prefix in self.held or prefix.blocks is not None:
             return {kind: 0 for kind in self.kind_layers}
         return {kind: len(self._prefix_range(kind, prefix)) for kind in self.kind_layers}
 
