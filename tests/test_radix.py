@@ -3,6 +3,7 @@
 import dataclasses
 import random
 import threading
+import time
 
 import torch
 
@@ -369,6 +370,12 @@ def test_the_server_keeps_no_copy_and_a_regenerate_reuses_the_conversation(engin
         assert again.usage.prompt_tokens_details.cached_tokens >= second.usage.prompt_tokens_details.cached_tokens
         assert again.usage.prompt_tokens_details.cached_tokens > first.usage.prompt_tokens
         assert scheduler.call(lambda: scheduler._radix.blocks).result(60) == blocks  # kept once
+        # /metrics: the pool's blocks per layer kind, as the pool counts them (nothing runs now).
+        gauges = _kv_gauges(live)
+        stats = scheduler.call(lambda: scheduler._pool.stats()["full"]).result(60)
+        assert gauges == {"used": stats["used"], "free": stats["free"], "shared": stats["shared"], "kept": blocks}
+        assert gauges["used"] == blocks > 0  # only the tree holds blocks between requests
+        assert gauges["shared"] == 0  # the conversations share blocks as tree nodes, each held once
         store = live.service.store
         (state_key,) = [k for k in store._hot if ":" not in k]
         assert store.hot_bytes == store._hot[state_key].kv_bytes  # the store holds the image state only
@@ -378,5 +385,55 @@ def test_the_server_keeps_no_copy_and_a_regenerate_reuses_the_conversation(engin
         scheduler.call(lambda: None).result(60)
         assert scheduler.call(lambda: scheduler._radix.blocks).result(60) == 0
         assert scheduler.call(lambda: scheduler._pool.stats()["full"]["used"]).result(60) == 0
+        assert _kv_gauges(live)["used"] == _kv_gauges(live)["kept"] == 0
     finally:
         live.close()
+
+
+def test_metrics_count_shared_blocks_while_rows_run(engine, tmp_path):
+    """Two questions about one image decoding together: /metrics shows the state's blocks shared."""
+    from test_server import LiveServer, image_messages
+
+    live = LiveServer(engine, tmp_path / "states")
+    try:
+        scheduler = live.service.scheduler
+        seen = []
+        original = scheduler.stats.batch_size
+
+        def watch(rows):  # on the model thread, after a step of both rows: read /metrics from another thread
+            if rows == 2 and not seen:
+                result = []
+                reader = threading.Thread(target=lambda: result.append(_kv_gauges(live)))
+                reader.start()
+                reader.join(30)
+                seen.append((result[0], scheduler._pool.stats()["full"]))
+            original(rows)
+
+        live.client.chat.completions.create(model="any", max_tokens=2, temperature=0,
+                                            messages=image_messages("rocket.jpg", "Hello?"))  # the state, made
+        scheduler.stats.batch_size = watch
+        blocker = _hold_thread(scheduler)
+        import concurrent.futures
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            futures = [pool.submit(live.client.chat.completions.create, model="any", max_tokens=N, temperature=0,
+                                   messages=image_messages("rocket.jpg", q)) for q in ("What is it?", "Which colour?")]
+            deadline = time.time() + 30
+            while scheduler._inbox.qsize() < 2 and time.time() < deadline:
+                time.sleep(0.05)
+            blocker.set()
+            [f.result() for f in futures]
+        (gauges, stats), = seen
+        assert gauges["used"] == stats["used"] and gauges["shared"] == stats["shared"] and gauges["free"] == stats["free"]
+        assert gauges["shared"] >= 1  # the state's blocks: referenced by both rows
+    finally:
+        live.close()
+
+
+def _kv_gauges(live) -> dict:
+    """The full-attention kind's vlcache_kv_blocks gauges from the server's /metrics."""
+    import re
+    import urllib.request
+
+    text = urllib.request.urlopen(live.url + "/metrics").read().decode()
+    found = re.findall(r'^vlcache_kv_blocks\{kind="full",state="(\w+)"\} ([0-9.e+]+)$', text, re.M)
+    return {state: int(float(value)) for state, value in found}

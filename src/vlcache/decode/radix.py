@@ -52,6 +52,7 @@ class RadixTree:
         self.block_size = pool.block_size
         self.roots: dict[str, Node] = {}
         self.blocks = 0  # nodes in the tree (each holds one block per layer kind)
+        self.kept = {kind: 0 for kind in pool.kind_layers}  # per layer kind: blocks the nodes hold (NULLs not counted)
         self._clock = itertools.count(1)
         self._lock = threading.RLock()
 
@@ -109,6 +110,7 @@ class RadixTree:
                     blocks = {kind: chain[j] for kind, chain in chains.items()}
                     for kind, block in blocks.items():
                         self.pool.pools[kind].hold(block)
+                        self.kept[kind] += block != NULL
                     child = node.children[piece] = Node(piece, blocks, node)
                     self.blocks += 1
                 child.used = now
@@ -194,6 +196,7 @@ class RadixTree:
             pool = self.pool.pools[kind]
             if block != NULL:
                 freed += pool.refs[block] == 1
+                self.kept[kind] -= 1
             pool.release(block)
         node.alive = False
         self.blocks -= 1

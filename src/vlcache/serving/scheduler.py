@@ -37,6 +37,7 @@ import torch
 
 from .. import decode
 from ..decode.blocks import blocks_for
+from ..decode.kvpool import kind_name
 from ..decode.radix import RadixTree
 from ..engine import Answer, Engine, GenerationOptions, TextAssembler, _Timing
 
@@ -494,9 +495,13 @@ class Scheduler:
 
     def kv_stats(self) -> dict:
         """For /health: the K/V memory bound, what started rows may take, the pool's blocks per layer kind."""
-        pool = self._pool
+        pool, radix = self._pool, self._radix
+        blocks = pool.stats() if pool else {}
+        if radix is not None:
+            for kind, count in radix.kept.items():  # held by the prefix tree (kept conversations), used or not
+                blocks[kind_name(kind)]["kept"] = count
         return {"kv_memory": self.kv_memory, "reserved_bytes": self._reserved,
-                "used_bytes": pool.bytes_used() if pool else 0, "blocks": pool.stats() if pool else {}}
+                "used_bytes": pool.bytes_used() if pool else 0, "blocks": blocks}
 
     # -- decode ----------------------------------------------------------------------------------------------
 

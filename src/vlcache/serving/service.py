@@ -240,6 +240,9 @@ class Service:
         self.metrics.running.set(self.scheduler.running)
         self.metrics.queued.set(self.scheduler.queued)
         self.metrics.write_errors.set(self.store.write_errors)
+        for kind, blocks in self.scheduler.kv_stats()["blocks"].items():
+            for state in ("used", "free", "shared", "kept"):
+                self.metrics.kv_blocks.labels(kind=kind, state=state).set(blocks.get(state, 0))
 
     async def prepare(self, request: ChatRequest) -> tuple[Job, int, asyncio.Queue]:
         """Build the generation job for a chat request; returns it with its cached-token count and event queue."""
