@@ -32,8 +32,12 @@ class PoolFull(RuntimeError):
     """No free block and the pool is at its limit."""
 
 
+GROWTH = 4  # on demand, a pool grows by a quarter (old and new tensors are held at once while it copies)
+
+
 class BlockPool:
-    """Block ids of one layer kind: reference counts and a free list; grows (doubling) up to `limit` blocks."""
+    """Block ids of one layer kind: reference counts and a free list; grows up to `limit` blocks: to a size asked
+    for in advance (`grow_to`, what admission knows rows will need: no copy later), else by a quarter."""
 
     def __init__(self, block_size: int = BLOCK_SIZE, limit: int | None = None):
         if block_size < 1:
@@ -90,7 +94,7 @@ class BlockPool:
 
     def _grow(self) -> None:
         have = self.capacity
-        size = max(2 * have, RESERVED + 8)
+        size = max(have + have // GROWTH, RESERVED + 8)
         if self.limit is not None:
             size = min(size, self.limit)
         if size > have and not self.fits(size):
@@ -101,10 +105,20 @@ class BlockPool:
             size = low
         if size <= have:
             raise PoolFull(f"all {have - RESERVED} K/V blocks are in use")
+        self.grow_to(size)
+
+    def grow_to(self, size: int) -> bool:
+        """Capacity for `size` blocks (the reserved ones included) if it fits the bound; False if not."""
+        have = self.capacity
+        if size <= have:
+            return True
+        if (self.limit is not None and size > self.limit) or not self.fits(size):
+            return False
         for listener in self.listeners:  # first: a failed allocation must not leave ids beyond the tensors
             listener(size)
         self.refs.extend([0] * (size - have))
-        self.free.extend(range(size - 1, have - 1, -1))  # lowest ids first out: a compact pool
+        self.free[:0] = range(size - 1, have - 1, -1)  # lowest ids first out (the free list pops its end): compact
+        return True
 
 
 def blocks_for(tokens: int, block_size: int) -> int:

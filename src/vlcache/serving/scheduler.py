@@ -392,6 +392,7 @@ class Scheduler:
             chosen.append(self._waiting.popleft())
             self._reserve(row)
             budget -= row.remaining
+        self._expect(chosen + followers)
         batch = self._new_batch()
         now = time.perf_counter()
         rows = []
@@ -445,6 +446,22 @@ class Scheduler:
             own += block * (-(-end // size) - tokens // size)  # the state's partial last block: copied on write
             state += block * (-(-tokens // size))
         return own, state
+
+    def _expect(self, rows: list[_Row]) -> None:
+        """Size the pool now for rows about to start (their worst case, each state not yet written once): one
+        allocation of its tensors for rows that arrive together, not copies as they decode."""
+        pool = self._layout()
+        size = pool.block_size
+        need = {kind: 0 for kind in pool.kind_layers}
+        groups = set()
+        for row in rows:
+            history = row.job.history.shape[1]
+            end = history + row.job.new_ids.shape[1] + row.job.options.max_new_tokens
+            fresh = row.job.group not in groups and self._prefixes.get(row.job.group) is None
+            groups.add(row.job.group)
+            for kind in need:
+                need[kind] += blocks_for(end, size) - history // size + (blocks_for(history, size) if fresh else 0)
+        pool.reserve(need)
 
     def _fixed(self) -> int:
         pool = self._layout()
