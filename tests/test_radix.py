@@ -437,3 +437,37 @@ def _kv_gauges(live) -> dict:
     text = urllib.request.urlopen(live.url + "/metrics").read().decode()
     found = re.findall(r'^vlcache_kv_blocks\{kind="full",state="(\w+)"\} ([0-9.e+]+)$', text, re.M)
     return {state: int(float(value)) for state, value in found}
+
+
+def test_a_kind_grows_within_the_bound_after_another_kind_emptied_and_control():
+    """Two layer kinds under one bound: the full kind grew and emptied; the window kind then needs the bytes.
+    The full kind's unused top is given back, so the window kind's blocks fit (control: without that, PoolFull
+    with the bound not reached)."""
+    from vlcache.decode.blocks import PoolFull, RESERVED
+    from vlcache.decode.kvpool import KVPool
+
+    full, window = (None, None), (4, None)
+
+    def pool(trim: bool) -> KVPool:
+        made = KVPool({full: [0], window: [1]}, [(1, 8), (1, 8)], 16, "cpu", torch.float32)
+        made.limit_bytes = 40 * made.block_bytes(full)  # both kinds' blocks are the same size here
+        if not trim:
+            made.pools[window].make_room = lambda: None
+        return made
+
+    for trim in (True, False):
+        kv = pool(trim)
+        taken = [kv.pools[full].allocate() for _ in range(30)]
+        held = taken[0]  # one low block stays in use
+        for block in taken[1:]:
+            kv.pools[full].release(block)
+        try:
+            got = [kv.pools[window].allocate() for _ in range(30)]  # 31 in use of 40: within the bound
+        except PoolFull:
+            assert not trim, "the window kind could not grow with the bound not reached"
+            continue
+        assert trim, "the control grew anyway: the test shows nothing"
+        assert kv.pools[full].refs[held] == 1 and kv.keys[0].shape[0] == kv.pools[full].capacity == held + 1
+        assert len(set(got)) == 30 and kv.keys[1].shape[0] == kv.pools[window].capacity
+        capacity = sum(p.capacity * kv.block_bytes(k) for k, p in kv.pools.items())
+        assert capacity <= kv.limit_bytes and kv.pools[window].capacity > RESERVED + 30 - 1

@@ -32,12 +32,11 @@ class PoolFull(RuntimeError):
     """No free block and the pool is at its limit."""
 
 
-GROWTH = 4  # on demand, a pool grows by a quarter (old and new tensors are held at once while it copies)
-
-
 class BlockPool:
     """Block ids of one layer kind: reference counts and a free list; grows up to `limit` blocks: to a size asked
-    for in advance (`grow_to`, what admission knows rows will need: no copy later), else by a quarter."""
+    for in advance (`grow_to`: what rows starting together may need), else by doubling. (Growing by smaller steps
+    was measured not to lower the peak: the tensors grow one layer at a time, so the copy's excess is one
+    layer's, docs/benchmarks-paged.md.)"""
 
     def __init__(self, block_size: int = BLOCK_SIZE, limit: int | None = None):
         if block_size < 1:
@@ -53,6 +52,8 @@ class BlockPool:
         # Called when no block is free and the pool is at its bound: frees blocks someone keeps only in case
         # they are wanted again (kept conversations, decode.radix); False when it has none left to free.
         self.reclaim: Callable[[], bool] = lambda: False
+        # Called when growing would pass the bound: gives back other kinds' unused capacity (decode.kvpool).
+        self.make_room: Callable[[], None] = lambda: None
 
     @property
     def capacity(self) -> int:
@@ -94,9 +95,11 @@ class BlockPool:
 
     def _grow(self) -> None:
         have = self.capacity
-        size = max(have + have // GROWTH, RESERVED + 8)
+        size = max(2 * have, RESERVED + 8)
         if self.limit is not None:
             size = min(size, self.limit)
+        if size > have and not self.fits(size):
+            self.make_room()
         if size > have and not self.fits(size):
             low, high = have, size  # the largest capacity that fits: low fits (or is what we have), high not
             while high - low > 1:
@@ -106,6 +109,15 @@ class BlockPool:
         if size <= have:
             raise PoolFull(f"all {have - RESERVED} K/V blocks are in use")
         self.grow_to(size)
+
+    def shrink(self) -> int:
+        """Drop the free ids above the highest block in use (the tensors are cut by the listener's owner);
+        returns the new capacity."""
+        top = next((b + 1 for b in range(self.capacity - 1, RESERVED - 1, -1) if self.refs[b]), RESERVED)
+        if top < self.capacity:
+            del self.refs[top:]
+            self.free = [b for b in self.free if b < top]
+        return top
 
     def grow_to(self, size: int) -> bool:
         """Capacity for `size` blocks (the reserved ones included) if it fits the bound; False if not."""

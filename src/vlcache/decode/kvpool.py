@@ -67,6 +67,7 @@ class KVPool:
             pool = self.pools[kind] = BlockPool(block_size)
             pool.listeners.append(lambda size, kind=kind: self._grow(kind, size))
             pool.fits = lambda size, kind=kind: self._fits(kind, size)
+            pool.make_room = lambda kind=kind: self._trim_others(kind)
         self.held: dict = {}  # Prefix -> Held: prefixes written into the blocks, while rows use them
 
     # -- sizes -------------------------------------------------------------------------------------------------
@@ -88,6 +89,19 @@ class KVPool:
             return True
         others = sum(pool.capacity * self.block_bytes(k) for k, pool in self.pools.items() if k != kind)
         return others + size * self.block_bytes(kind) <= self.limit_bytes
+
+    def _trim_others(self, kind: tuple) -> None:
+        """Give back the unused capacity at the top of the other kinds' tensors, so that a kind can grow within
+        the bound when the others grew earlier and have emptied since (each kind's capacity would only grow,
+        and a model with two kinds could then fail for want of blocks with the bound not reached)."""
+        for other, pool in self.pools.items():
+            if other == kind or pool.capacity <= RESERVED:
+                continue
+            top = pool.shrink()
+            for i in self.kind_layers[other]:
+                for tensors in (self.keys, self.values):
+                    if i in tensors and tensors[i].shape[0] > top:
+                        tensors[i] = tensors[i][:top].clone()
 
     def stats(self) -> dict:
         """Per layer kind ("full", "window 512", "chunk 8192"): block size, blocks used, shared, free (in the
