@@ -471,3 +471,28 @@ def test_a_kind_grows_within_the_bound_after_another_kind_emptied_and_control():
         assert len(set(got)) == 30 and kv.keys[1].shape[0] == kv.pools[window].capacity
         capacity = sum(p.capacity * kv.block_bytes(k) for k, p in kv.pools.items())
         assert capacity <= kv.limit_bytes and kv.pools[window].capacity > RESERVED + 30 - 1
+
+
+def test_kept_conversations_are_evicted_to_stay_within_the_servers_memory_budget(engine, astronaut_state):
+    """The tree keeps at most what the budget allows (least recently used leaves go first), a row's blocks
+    excepted; unbounded it keeps them all (control)."""
+    state = astronaut_state
+    questions = ["What is in the picture?", "Describe the colours in a few words.", "Is it day or night?"]
+    everything = None
+    for bounded in (False, True):
+        scheduler = Scheduler(engine, prefill_chunk=512)
+        try:
+            if bounded:
+                scheduler.call(lambda: scheduler._layout()).result(60)
+                block = scheduler._pool.block_bytes(next(iter(scheduler._pool.kind_layers)))
+                scheduler.kept_budget = lambda: (everything - 1) * block
+            nodes = [_first_turn(engine, scheduler, state, q)[1] for q in questions]
+            kept = scheduler.call(lambda: (scheduler._radix.blocks, scheduler._pool.stats()["full"]["used"])).result(60)
+            if not bounded:
+                assert all(node.alive for node in nodes) and kept[0] == kept[1] > 1
+                everything = kept[0]
+            else:
+                assert kept[0] <= everything - 1 and kept[1] == kept[0]  # what went was freed
+                assert nodes[-1].alive and nodes[1].alive and not nodes[0].alive  # the least recently used went
+        finally:
+            scheduler.stop()

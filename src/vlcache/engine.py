@@ -395,8 +395,6 @@ class Engine:
         # Rows that cannot be padded (linear-attention layers) are batched by question length.
         for rows in generate.batch_groups([n.shape[1] for n in new_ids], can_pad=not self.family.has_linear_layers):
             batch = self.batch()
-            ends = [state.num_tokens + new_ids[r].shape[1] + options.max_new_tokens for r in rows]
-            batch.cache.expect(prefix, ends)  # the pool's tensors made once, at the size these rows may take
             for r in rows:
                 batch.add(prefix, self.sampling(options, r), options.max_new_tokens, torch.cat([state.input_ids[0], new_ids[r][0]]),
                           self.constraint(options))

@@ -33,10 +33,10 @@ class PoolFull(RuntimeError):
 
 
 class BlockPool:
-    """Block ids of one layer kind: reference counts and a free list; grows up to `limit` blocks: to a size asked
-    for in advance (`grow_to`: what rows starting together may need), else by doubling. (Growing by smaller steps
-    was measured not to lower the peak: the tensors grow one layer at a time, so the copy's excess is one
-    layer's, docs/benchmarks-paged.md.)"""
+    """Block ids of one layer kind: reference counts and a free list; grows by doubling up to `limit` blocks, as
+    rows need them (never sized by max_tokens up front). Sizing it once for the rows admitted, and growing by
+    smaller steps, were measured not to lower the peak: the tensors grow one layer at a time, so the copy's
+    excess is one layer's (docs/benchmarks-paged.md)."""
 
     def __init__(self, block_size: int = BLOCK_SIZE, limit: int | None = None):
         if block_size < 1:

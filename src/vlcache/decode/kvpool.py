@@ -200,21 +200,6 @@ class KVPool:
                     self.pools[kind].release(block)
             del self.held[prefix]
 
-    def plan(self, prefix, ends: list[int]) -> dict[tuple, int]:
-        """Blocks per kind that writing `prefix` (unless held) and rows continuing it up to `ends` tokens take at
-        most (each row: its own tokens' blocks, the prefix's partly filled last one copied)."""
-        need = self.prefix_blocks(prefix)
-        for kind in need:
-            need[kind] += sum(blocks_for(end, self.block_size) - prefix.tokens // self.block_size for end in ends)
-        return need
-
-    def reserve(self, blocks: dict[tuple, int]) -> None:
-        """Room, made now in one step per kind, for `blocks` more blocks per kind than are in use (as far as the
-        bound allows): rows admitted together then take no copy of the tensors while they run."""
-        for kind, count in blocks.items():
-            pool = self.pools[kind]
-            pool.grow_to(RESERVED + pool.used + count)
-
     def prefix_blocks(self, prefix) -> dict[tuple, int]:
         """Blocks per kind that writing `prefix` would take (none if it is held already)."""
         if prefix in self.held or prefix.blocks is not None:

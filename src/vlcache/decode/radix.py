@@ -137,6 +137,15 @@ class RadixTree:
                     heapq.heappush(heap, (parent.used, id(parent), parent))
         return freed
 
+    def bytes(self) -> int:
+        """Bytes of the blocks the tree holds (every kind)."""
+        return sum(count * self.pool.block_bytes(kind) for kind, count in self.kept.items())
+
+    def fit(self, budget: int) -> None:
+        """Evict least recently used leaves no row uses until the tree's blocks take at most `budget` bytes."""
+        while self.bytes() > budget and self.evict(1, busy_too=False) > 0:
+            pass
+
     def reclaim(self) -> bool:
         """Free one least recently used leaf that no row uses (the pool wants a block beyond its bound)."""
         return self.evict(1, busy_too=False) > 0
@@ -155,6 +164,16 @@ class RadixTree:
     def clear(self) -> None:
         for root in list(self.roots):
             self.drop(root)
+
+    def abandon(self) -> None:
+        """Forget everything without touching the pool (it is being dropped: a failed forward's)."""
+        with self._lock:
+            stack = list(self.roots.values())
+            while stack:
+                node = stack.pop()
+                stack.extend(node.children.values())
+                node.alive = False
+            self.roots = {}
 
     def held(self) -> dict:
         """Per layer kind: how many references the tree holds on each block (for checks)."""

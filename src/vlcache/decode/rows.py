@@ -465,13 +465,6 @@ class RowsCache(DynamicCache):
         return [layer.tokens(slot, start, start + length) if isinstance(layer, RowsLayer) else (None, None)
                 for layer in self.layers]
 
-    def expect(self, prefix: Prefix, ends: list[int]) -> None:
-        """Size the pool now for rows about to start from `prefix` and run up to `ends` tokens (their worst case):
-        one allocation of its tensors, before the prefix is written, instead of copies as they grow."""
-        template = next((k for k, _ in prefix.kv if k is not None and k.dim() == 4), None)
-        self.pool.set_dtype(template.dtype if template is not None else None)
-        self.pool.reserve(self.pool.plan(prefix, ends))
-
     def _reserve(self, rows: int, length: int, prefix: Prefix | None = None, like: "RowsCache | None" = None) -> None:
         self.book.reserve(rows, length)
         template = None  # what gives the blocks their dtype (the model's, or the first state's)

@@ -140,6 +140,9 @@ class Scheduler:
         self._prefixes: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # group -> Prefix in use
         # Kept conversations: chains of the pool's blocks in a prefix tree keyed by token ids (one copy each).
         self._radix: RadixTree | None = None
+        # Bytes the tree may keep (None: only --kv-memory bounds it): the server gives what its state store's
+        # budget leaves, as kept conversations' copies counted against it before they were blocks.
+        self.kept_budget: Callable[[], int | None] = lambda: None
         self._tasks_turn = False
         self._thread = threading.Thread(target=self._run, name="vlcache-model", daemon=True)
         self._thread.start()
@@ -392,7 +395,6 @@ class Scheduler:
             chosen.append(self._waiting.popleft())
             self._reserve(row)
             budget -= row.remaining
-        self._expect(chosen + followers)
         batch = self._new_batch()
         now = time.perf_counter()
         rows = []
@@ -446,22 +448,6 @@ class Scheduler:
             own += block * (-(-end // size) - tokens // size)  # the state's partial last block: copied on write
             state += block * (-(-tokens // size))
         return own, state
-
-    def _expect(self, rows: list[_Row]) -> None:
-        """Size the pool now for rows about to start (their worst case, each state not yet written once): one
-        allocation of its tensors for rows that arrive together, not copies as they decode."""
-        pool = self._layout()
-        size = pool.block_size
-        need = {kind: 0 for kind in pool.kind_layers}
-        groups = set()
-        for row in rows:
-            history = row.job.history.shape[1]
-            end = history + row.job.new_ids.shape[1] + row.job.options.max_new_tokens
-            fresh = row.job.group not in groups and self._prefixes.get(row.job.group) is None
-            groups.add(row.job.group)
-            for kind in need:
-                need[kind] += blocks_for(end, size) - history // size + (blocks_for(history, size) if fresh else 0)
-        pool.reserve(need)
 
     def _fixed(self) -> int:
         pool = self._layout()
@@ -573,6 +559,9 @@ class Scheduler:
                 chains = {kind: tables.rows[slot][: blocks_for(ids.shape[1], tables.block_size)]
                           for kind, tables in cache.kinds.items()}
                 node = self._radix.insert(job.root, ids[0].tolist(), chains)
+                budget = self.kept_budget()
+                if budget is not None:
+                    self._radix.fit(budget)
             job.keep(ids, node, job.history.shape[1] + job.new_ids.shape[1])
         prompt = job.history.shape[1] + job.new_ids.shape[1]
         stopped = row.ended and len(tokens) < job.options.max_new_tokens  # a rule ended it, not the length limit
@@ -602,7 +591,7 @@ class Scheduler:
         self._running, self._prefill, self._batch = [], None, None
         self._pool = None  # the failed forward's blocks may be held by rows no one will remove: a fresh pool
         if self._radix is not None:
-            self._radix.clear()  # its conversations are no longer found (their records see dead nodes)
+            self._radix.abandon()  # its conversations are no longer found (their records see dead nodes)
             self._radix = None
         self._reserved, self._groups = 0, {}
         for row in rows:

@@ -68,6 +68,8 @@ class Service:
         self.scheduler = Scheduler(engine, max_batch=options.max_batch, prefill_chunk=options.prefill_chunk, stats=self.metrics,
                                    kv_memory=options.kv_memory)
         self.store.forget = self.scheduler.forget  # a deleted state's kept conversations go with it
+        # Kept conversations' blocks and the states held in memory share --memory-budget, as before they were blocks.
+        self.scheduler.kept_budget = lambda: max(0, options.memory_budget - self.store.hot_bytes)
         # Fetching and decoding media run on threads of their own: slow downloads or long videos never hold
         # the threads that text-only requests, uploads and lookups use.
         self.media_pool = concurrent.futures.ThreadPoolExecutor(options.media_workers, thread_name_prefix="vlcache-media")
