@@ -83,3 +83,14 @@ def family_engine(family_dir):
         return engines[kind]
 
     return load
+
+
+@pytest.fixture
+def live(engine, tmp_path):
+    """A real server of the tiny engine's on 127.0.0.1 (random port), for one test (modules that share one across
+    their tests define their own module-scoped `live`)."""
+    from test_server import LiveServer
+
+    server = LiveServer(engine, tmp_path / "states")
+    yield server
+    server.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from pathlib import Path
 
 from ..console import info
 from ..errors import VlcacheError
@@ -81,7 +82,13 @@ def model_named_by(meta) -> str:
     """The model a cache file names, when no --model or VLCACHE_MODEL says otherwise: a stranger's file must not
     decide what is downloaded, so only a local folder or a model already in the Hugging Face cache is taken."""
     from ..model import MODEL_ENV_VAR, is_available_locally
+    from ..model_folders import folder_for
 
+    # A file names a local folder by its name alone (no path in a header); its fingerprint says where it is here.
+    folder = folder_for(meta.fingerprint)
+    if folder is not None and Path(folder).name == meta.model:
+        info(f"using {folder}, the model folder the cache names")
+        return folder
     if not is_available_locally(meta.model):
         if os.environ.get(MODEL_ENV_VAR):
             return os.environ[MODEL_ENV_VAR]
@@ -99,8 +106,9 @@ def model_named_by(meta) -> str:
 
 
 def _is_folder_name(name: str) -> bool:
-    """A model named by a path, never a hub id ("org/name"): absolute, relative with ./ or ~, or deeper."""
-    return name.startswith(("/", ".", "~", "\\")) or ":" in name or name.count("/") > 1
+    """A model named by a path or a folder's name, never a hub id ("org/name"): absolute, relative with ./ or ~,
+    deeper, or one name alone (how files since issue 31 name a local folder)."""
+    return name.startswith(("/", ".", "~", "\\")) or ":" in name or name.count("/") != 1
 
 
 def _check_image_arg(path: str) -> None:

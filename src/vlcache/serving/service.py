@@ -101,10 +101,11 @@ class Service:
         """`function(*args)` on the media pool (fetching, decoding), awaited."""
         return await asyncio.get_running_loop().run_in_executor(self.media_pool, functools.partial(function, *args))
 
-    def keys(self, digests: list[tuple[str, str]], prefixes: list[list[dict]], salt: str | None) -> list[str]:
+    def keys(self, digests: list[tuple[str, str]], prefixes: list[list[dict]], salt: str | None,
+             at: str | None = None) -> list[str]:
         """The key of the state ending after each media part: (kind, sha256) of the parts up to it, the
-        messages it covers, the settings that decide their tokens."""
-        return [self.engine.state_key(digests[: j + 1], prefixes[j], self.options.media, salt) for j in range(len(digests))]
+        messages it covers, the settings that decide their tokens (and `at`, a clock-reading template's instant)."""
+        return [self.engine.state_key(digests[: j + 1], prefixes[j], self.options.media, salt, at) for j in range(len(digests))]
 
     async def state_for(self, sources: list[bytes], kinds: list[str], prefixes: list[list[dict]], salt: str | None = None):
         """The state for a conversation up to its last image or video: (key, state, cached tokens), computing
@@ -117,7 +118,10 @@ class Service:
         digests = [(kind, hashlib.sha256(data).hexdigest()) for kind, data in zip(kinds, sources)]
         if salt is None and self.store.share_all:  # every unsalted state is listed: its images get thumbnails
             self.add_thumbnails(kinds, sources)
-        keys = self.keys(digests, prefixes, salt)
+        # One instant for the keys and the state computed on a miss: a minute that turns between them would store
+        # a state rendered at 12:35 under its 12:34 key.
+        at = self.engine.pin_time()
+        keys = self.keys(digests, prefixes, salt, at)
         key = keys[-1]
         state, source = await run_in_threadpool(self.store.get, key)
         self.metrics.states.labels(result=source).inc()
@@ -131,7 +135,7 @@ class Service:
             owner = pending is None or pending.stop.is_set()  # one being stopped: start again
             if owner:  # a task of its own: a client that hangs up does not cancel what others wait for
                 pending = self._pending[key] = _Pending(stop=threading.Event())
-                pending.task = asyncio.ensure_future(self._computed(key, sources, prefixes[-1], keys[:-1], pending))
+                pending.task = asyncio.ensure_future(self._computed(key, sources, prefixes[-1], keys[:-1], pending, at))
                 # Retrieved even when every waiter left: a stopped computation is not an unhandled error.
                 pending.task.add_done_callback(lambda task: task.cancelled() or task.exception())
             pending.waiters += 1
@@ -153,9 +157,10 @@ class Service:
             self.media_pool.submit(self.thumbs.add, kind, hashlib.sha256(data).hexdigest(), data,
                                    self.options.max_image_pixels)
 
-    async def _computed(self, key: str, sources: list[bytes], messages: list[dict], earlier: list[str], pending: _Pending):
+    async def _computed(self, key: str, sources: list[bytes], messages: list[dict], earlier: list[str], pending: _Pending,
+                        at: str | None = None):
         try:
-            state = await self._compute(sources, messages, earlier, pending.stop)
+            state = await self._compute(sources, messages, earlier, pending.stop, at)
             await run_in_threadpool(self.store.put, key, state)
             return state
         except ImageError as exc:
@@ -170,7 +175,8 @@ class Service:
                 if self._pending.get(key) is pending:
                     del self._pending[key]
 
-    async def _compute(self, sources: list[bytes], messages: list[dict], earlier: list[str], stop: threading.Event):
+    async def _compute(self, sources: list[bytes], messages: list[dict], earlier: list[str], stop: threading.Event,
+                       at: str | None = None):
         """Compute a state on the model thread, continuing the longest known state among `earlier` keys."""
         base = None
         if self.engine.family.extends:
@@ -180,13 +186,13 @@ class Service:
                     break
         # Decoding and the processor run on the media pool, beside the model thread: a long video does not
         # pause answers; its decoding is bounded (--video-decode-pixels) and stops when no one waits.
-        prepared = await self.on_media_thread(self._prepare, sources, messages, video.DecodeBudget(self.options.video_decode_pixels, stop))
+        prepared = await self.on_media_thread(self._prepare, sources, messages, video.DecodeBudget(self.options.video_decode_pixels, stop), at)
         chunk = self.options.prefill_chunk
         return await asyncio.wrap_future(self.scheduler.compute(lambda: self.engine.prefill_media_steps(prepared, chunk, base)))
 
-    def _prepare(self, sources: list[bytes], messages: list[dict], budget: video.DecodeBudget):
+    def _prepare(self, sources: list[bytes], messages: list[dict], budget: video.DecodeBudget, at: str | None = None):
         with video.limited(budget):
-            prepared = self.engine.prepare_media(sources, messages, self.options.media, self.options.max_image_pixels)
+            prepared = self.engine.prepare_media(sources, messages, self.options.media, self.options.max_image_pixels, at)
         # The processor's grids gave the state's length: one the model cannot hold is refused before the vision
         # encoder runs (it would stall every running answer, and every question about it would be refused).
         tokens, context = int(prepared.inputs["input_ids"].shape[1]), self.context_length
