@@ -120,7 +120,7 @@ def one_server(folder: Path, rows: int, work: Path) -> dict:
 
     chat("Warm up.", 2)  # computes and keeps the state; allocator pools, lazy imports
     service = app.state.service
-    ((key, state),) = [(k, v) for k, v in service.store._hot.items()]
+    (state,) = list(service.store._hot.values())
     Path("/proc/self/clear_refs").write_text("5")
     before = _status("VmRSS")
     prompts = [QUESTIONS[i % len(QUESTIONS)] + f" ({i})" for i in range(rows)]

@@ -6,8 +6,8 @@ import threading
 import time
 
 import torch
+from conftest import photo
 
-from conftest import SYSTEM, photo
 from vlcache.decode.blocks import NULL, blocks_for
 from vlcache.decode.radix import RadixTree
 from vlcache.engine import GenerationOptions
@@ -194,7 +194,7 @@ def test_n_choices_reference_their_leaders_blocks(engine, astronaut_state):
         choices = [(leader, events, finished)]
         for _ in range(2):
             more, done = [], threading.Event()
-            emit = lambda kind, value, more=more, done=done: (more.append((kind, value)), kind != "delta" and done.set())  # noqa: E731
+            emit = lambda kind, value, more=more, done=done: (more.append((kind, value)), kind != "delta" and done.set())
             choices.append((dataclasses.replace(leader, emit=emit, leader=leader, cancelled=threading.Event()), more, done))
         for job, _, _ in choices:
             scheduler.submit(job)
@@ -316,7 +316,7 @@ def test_refcounts_return_to_zero_after_1000_random_joins_leaves_keeps_and_evict
 
 def test_a_pool_at_its_bound_takes_back_the_least_recently_used_kept_blocks(engine):
     """Allocating beyond --kv-memory evicts the tree's least recently used unused leaves, never a leaf in use."""
-    from vlcache.decode.blocks import PoolFull, RESERVED
+    from vlcache.decode.blocks import RESERVED, PoolFull
     from vlcache.decode.rows import Prefix, RowsCache
 
     config = engine.model.config
@@ -435,7 +435,7 @@ def _kv_gauges(live) -> dict:
     import urllib.request
 
     text = urllib.request.urlopen(live.url + "/metrics").read().decode()
-    found = re.findall(r'^vlcache_kv_blocks\{kind="full",state="(\w+)"\} ([0-9.e+]+)$', text, re.M)
+    found = re.findall(r'^vlcache_kv_blocks\{kind="full",state="(\w+)"\} ([0-9.e+]+)$', text, re.MULTILINE)
     return {state: int(float(value)) for state, value in found}
 
 
@@ -443,7 +443,7 @@ def test_a_kind_grows_within_the_bound_after_another_kind_emptied_and_control():
     """Two layer kinds under one bound: the full kind grew and emptied; the window kind then needs the bytes.
     The full kind's unused top is given back, so the window kind's blocks fit (control: without that, PoolFull
     with the bound not reached)."""
-    from vlcache.decode.blocks import PoolFull, RESERVED
+    from vlcache.decode.blocks import RESERVED, PoolFull
     from vlcache.decode.kvpool import KVPool
 
     full, window = (None, None), (4, None)

@@ -37,9 +37,9 @@ class Node:
     """One block of a kept conversation: `ids` (block_size token ids, fewer for a conversation's last, partly
     filled block), its block per layer kind, and where it sits in the tree."""
 
-    __slots__ = ("ids", "blocks", "parent", "children", "used", "alive")
+    __slots__ = ("alive", "blocks", "children", "ids", "parent", "used")
 
-    def __init__(self, ids: tuple, blocks: dict, parent: "Node | None"):
+    def __init__(self, ids: tuple, blocks: dict, parent: Node | None):
         self.ids, self.blocks, self.parent = ids, blocks, parent
         self.children: dict[tuple, Node] = {}
         self.used = 0  # the tree's clock when last matched or inserted (LRU)
@@ -103,7 +103,7 @@ class RadixTree:
             if node is None:
                 node = self.roots[root] = Node((), {}, None)
             now = next(self._clock)
-            for j in range(0, -(-len(ids) // size)):
+            for j in range(-(-len(ids) // size)):
                 piece = tuple(ids[j * size : (j + 1) * size])
                 child = node.children.get(piece)
                 if child is None:
