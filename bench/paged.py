@@ -118,6 +118,7 @@ def one_server(folder: Path, rows: int, work: Path) -> dict:
         return client.chat.completions.create(model="m", max_tokens=tokens, temperature=0, messages=[
             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": question}]}])
 
+    loaded = _status("VmRSS")
     chat("Warm up.", 2)  # computes and keeps the state; allocator pools, lazy imports
     service = app.state.service
     (state,) = list(service.store._hot.values())
@@ -131,7 +132,8 @@ def one_server(folder: Path, rows: int, work: Path) -> dict:
     stats = service.scheduler.kv_stats()["blocks"]
     server.should_exit = True
     out = {"rows": rows, "server": True, "state_tokens": state.num_tokens, "state_bytes": kv_nbytes(state.kv),
-           "peak_growth_bytes": peak, "blocks": stats}
+           "peak_growth_bytes": peak, "blocks": stats, "rest_after_warm_up_bytes": before - loaded,
+           "rss_after_bytes": _status("VmRSS") - loaded}
     out["peak_over_state"] = round(peak / out["state_bytes"], 2)
     return out
 
@@ -177,7 +179,9 @@ def main(argv=None) -> int:
         r = results[-1]
         if args.server:
             print(f"{rows:>3} concurrent chats: state {r['state_tokens']} tokens, {r['state_bytes'] / 2**20:.0f} MiB; peak "
-                  f"growth {r['peak_growth_bytes'] / 2**20:.0f} MiB ({r['peak_over_state']}x) {r['blocks']}", flush=True)
+                  f"growth {r['peak_growth_bytes'] / 2**20:.0f} MiB ({r['peak_over_state']}x); resident after the "
+                  f"warm-up chat {r['rest_after_warm_up_bytes'] / 2**20:.0f} MiB, after the chats "
+                  f"{r['rss_after_bytes'] / 2**20:.0f} MiB (both from the model loaded) {r['blocks']}", flush=True)
             continue
         print(f"{rows:>3} rows: state {r['state_tokens']} tokens, {r['state_bytes'] / 2**20:.0f} MiB; peak growth "
               f"{r['peak_growth_bytes'] / 2**20:.0f} MiB ({r['peak_over_state']}x); batch K/V held "
