@@ -34,9 +34,9 @@ class PoolFull(RuntimeError):
 
 class BlockPool:
     """Block ids of one layer kind: reference counts and a free list; grows by doubling up to `limit` blocks, as
-    rows need them (never sized by max_tokens up front). Sizing it once for the rows admitted, and growing by
-    smaller steps, were measured not to lower the peak: the tensors grow one layer at a time, so the copy's
-    excess is one layer's (docs/benchmarks-paged.md)."""
+    rows need them (never sized by max_tokens up front). Sizing it once for the rows admitted was measured not
+    to lower the peak: the tensors grow one layer at a time, so a copy's excess is one layer's
+    (docs/benchmarks-paged.md)."""
 
     def __init__(self, block_size: int = BLOCK_SIZE, limit: int | None = None):
         if block_size < 1:
@@ -108,7 +108,10 @@ class BlockPool:
             size = low
         if size <= have:
             raise PoolFull(f"all {have - RESERVED} K/V blocks are in use")
-        self.grow_to(size)
+        for listener in self.listeners:  # first: a failed allocation must not leave ids beyond the tensors
+            listener(size)
+        self.refs.extend([0] * (size - have))
+        self.free.extend(range(size - 1, have - 1, -1))  # lowest ids first out: a compact pool
 
     def shrink(self) -> int:
         """Drop the free ids above the highest block in use (the tensors are cut by the listener's owner);
@@ -118,19 +121,6 @@ class BlockPool:
             del self.refs[top:]
             self.free = [b for b in self.free if b < top]
         return top
-
-    def grow_to(self, size: int) -> bool:
-        """Capacity for `size` blocks (the reserved ones included) if it fits the bound; False if not."""
-        have = self.capacity
-        if size <= have:
-            return True
-        if (self.limit is not None and size > self.limit) or not self.fits(size):
-            return False
-        for listener in self.listeners:  # first: a failed allocation must not leave ids beyond the tensors
-            listener(size)
-        self.refs.extend([0] * (size - have))
-        self.free[:0] = range(size - 1, have - 1, -1)  # lowest ids first out (the free list pops its end): compact
-        return True
 
 
 def blocks_for(tokens: int, block_size: int) -> int:
