@@ -176,6 +176,7 @@ def _timings(answer, cached: int, started: float) -> dict:
     prefill), predicted_ms from the first token to the last; predicted_per_second counts the tokens after the
     first. cache_n: prompt tokens taken from a cached state, prompt_n: those computed."""
     total = time.perf_counter() - started
+    cached = min(cached, answer.cached_tokens)  # fewer when the kept conversation was evicted before the row ran
     decode = min(answer.timings.get("decode_s", 0.0), total)  # the scheduler's clock: first token to the answer
     prompt_s, completion = total - decode, len(answer.token_ids)
     computed = answer.prompt_tokens - cached

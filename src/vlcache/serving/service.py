@@ -67,6 +67,9 @@ class Service:
         self.metrics = Metrics()
         self.scheduler = Scheduler(engine, max_batch=options.max_batch, prefill_chunk=options.prefill_chunk, stats=self.metrics,
                                    kv_memory=options.kv_memory)
+        self.store.forget = self.scheduler.forget  # a deleted state's kept conversations go with it
+        # Kept conversations' blocks and the states held in memory share --memory-budget, as before they were blocks.
+        self.scheduler.kept_budget = lambda: max(0, options.memory_budget - self.store.hot_bytes)
         # Fetching and decoding media run on threads of their own: slow downloads or long videos never hold
         # the threads that text-only requests, uploads and lookups use.
         self.media_pool = concurrent.futures.ThreadPoolExecutor(options.media_workers, thread_name_prefix="vlcache-media")
@@ -245,6 +248,9 @@ class Service:
         self.metrics.running.set(self.scheduler.running)
         self.metrics.queued.set(self.scheduler.queued)
         self.metrics.write_errors.set(self.store.write_errors)
+        for kind, blocks in self.scheduler.kv_stats()["blocks"].items():
+            for state in ("used", "free", "shared", "kept"):
+                self.metrics.kv_blocks.labels(kind=kind, state=state).set(blocks.get(state, 0))
 
     async def prepare(self, request: ChatRequest) -> tuple[Job, int, asyncio.Queue]:
         """Build the generation job for a chat request; returns it with its cached-token count and event queue."""
@@ -262,12 +268,15 @@ class Service:
             key, state, cached, covered, after = await self._base(request)
             new_ids = await run_in_threadpool(self._encode, request.messages, covered, state.metadata.template_time)
             kv, history, delta, group = state.kv, state.input_ids, int(state.rope_deltas.view(-1)[0]), key
+            base = history.shape[1]
             cont, same = await self._continuation(request.messages[after + 1:], key, history, new_ids)
             if cont is not None:
-                kv = lambda cont=cont, same=same: cont.kv_until(same)  # noqa: E731 - built on the model thread, when the row starts
+                # The kept blocks of the first `same` tokens (the scheduler's prefix tree); rows with the same
+                # run of ids are one group (admission counts its blocks once).
                 ids = torch.cat([history, new_ids], dim=1)
-                history, new_ids, group, cached = ids[:, :same], ids[:, same:], f"{cont.key}:{same}", same
-            keep = None if engine.family.has_linear_layers else self._keeper(key, state, cont, history.shape[1])
+                digest = hashlib.sha256(ids[0, :same].cpu().numpy().tobytes()).hexdigest()[:32]
+                history, new_ids, group, cached = ids[:, :same], ids[:, same:], f"{key}:{digest}", same
+            keep = None if engine.family.has_linear_layers else self._keeper(key)
         self._fit_context(request, history.shape[1] + new_ids.shape[1])
         self._fit_memory(history.shape[1] + new_ids.shape[1] + request.options.max_new_tokens)
         loop = asyncio.get_running_loop()
@@ -276,8 +285,9 @@ class Service:
         def emit(kind, value):
             loop.call_soon_threadsafe(events.put_nowait, (kind, value))
 
+        root = key if keep is not None else ""  # the tree's conversations under the state's key (never linear layers')
         job = Job(group=group, kv=kv, history=history, new_ids=new_ids, rope_delta=delta, options=request.options, emit=emit,
-                  keep=keep)
+                  keep=keep, root=root, base=None if keep is None else base)
         return job, cached, events
 
     async def _base(self, request: ChatRequest):
@@ -401,16 +411,13 @@ class Service:
         same = _message_boundary(ids[0].tolist(), min(same, ids.shape[1] - 1), history.shape[1], cont, self.engine.eos_ids)
         return (cont, same) if same > history.shape[1] else (None, 0)
 
-    def _keeper(self, image_key: str, image_state, cont: Continuation | None, prefix_tokens: int):
-        """Keeps a finished row as a continuation of the image state (runs on the model thread)."""
-        extra = prefix_tokens - image_state.num_tokens  # tokens of a continuation the row started from
+    def _keeper(self, image_key: str):
+        """Records a finished row, whose blocks the scheduler's prefix tree keeps, as a continuation of the image
+        state (runs on the model thread)."""
 
-        def keep(ids, suffix_kv, answer_start):
-            if extra > 0:  # the continuation's part in front: the first `extra` tokens after the image state
-                suffix_kv = [(None, None) if sk is None else (torch.cat([ck[:, :, :extra], sk], dim=-2), torch.cat([cv[:, :, :extra], sv], dim=-2))
-                             for (ck, cv), (sk, sv) in zip(cont.suffix_kv, suffix_kv)]
-            self.store.add_continuation(image_key, Continuation(base=image_state, input_ids=ids, suffix_kv=suffix_kv,
-                                                                answer_start=answer_start))
+        def keep(ids, node, answer_start):
+            if node is not None:
+                self.store.add_continuation(image_key, Continuation(input_ids=ids, node=node, answer_start=answer_start))
 
         return keep
 
