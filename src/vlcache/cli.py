@@ -264,6 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-memory", metavar="SIZE", type=byte_size, default=None,
                        help="memory for the running requests' K/V blocks; a request that does not fit waits in the queue "
                             "(default: half the device's free memory at start)")
+    serve.add_argument("--max-context", metavar="N", type=positive_int, default=None,
+                       help="longest conversation (prompt and answer, in tokens) the server takes, and the positions "
+                            "every compiled decode step attends over (a smaller one makes them faster) (default: the "
+                            "model's context capped by what --kv-memory holds; compiled steps then cover 4096 positions "
+                            "and longer rows step eagerly)")
     serve.add_argument("--prefill-chunk", metavar="N", type=positive_int, default=256,
                        help="most prefill tokens between two decode steps (default: 256)")
     serve.add_argument("--max-state-bytes", metavar="SIZE", type=byte_size, default=None,

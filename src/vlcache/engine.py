@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from . import decode, generate, images, media, model as model_loading, prompt
+from . import decode, generate, images, media, model as model_loading, model_folders, paths, prompt
 from .families import GENERIC, LINEAR, family_class
 from .families.base import run_steps
 from .defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SYSTEM_PROMPT
@@ -91,11 +91,14 @@ class Engine:
                                  "(Engine.load(generation_config={...}))") from None
         # An unlisted model type gets the generic adapter (model.load lets it through once `vlcache check` passed).
         self.family = (family_class(self.model.config.model_type) or GENERIC)(self.model, self.processor)
+        # State files name a local folder by its name alone; this machine remembers where it is (model_folders).
+        model_folders.remember(loaded.fingerprint, loaded.name)
         self.eos_ids = _eos_ids(self.model.generation_config)
         self._dtype_notes: set[str] = set()
         self._grammars = None  # vlcache.structured.JsonGrammars, made on first use (Engine.grammars)
         decode.install(self.model)
         self.runner = None  # a decode.step.StepRunner once compiled steps are enabled (compile_steps)
+        self.max_context: int | None = None  # the longest conversation a server takes (--max-context); None: the model's
         self.compile_status = {"step": "eager", "reason": "compile off", "buckets": []}
         if self.device.type == "cuda" and self.dtype in (torch.bfloat16, torch.float16):
             # Measured (docs/benchmarks-cuda.md): fused SDPA kernels in generate and vlcache's shared-prefix
@@ -121,9 +124,12 @@ class Engine:
             engine.compile_steps(compile)
         return engine
 
-    def compile_steps(self, mode: str = "auto", buckets: Sequence[int] = (1,), backend: str | None = None) -> dict:
+    def compile_steps(self, mode: str = "auto", buckets: Sequence[int] = (1,), backend: str | None = None,
+                      max_context: int | None = None) -> dict:
         """Decode through compiled fixed-shape steps (decode.step), warmed up for `buckets` rows; return what
-        was chosen and why (also in self.compile_status, which /health reports).
+        was chosen and why (also in self.compile_status, which /health reports). `max_context`: the positions a
+        compiled step attends over (rounded up to whole K/V blocks; default the model's context, at most
+        decode.step.DEFAULT_SPAN), so that its shapes depend only on the batch size; a longer row steps eagerly.
 
         "on": compiled (inductor) steps. "auto": the step is compiled and kept only where, for this model, its
         greedy tokens equal transformers' generate() (fused kernels round differently) and, on a CPU, it is
@@ -132,7 +138,10 @@ class Engine:
         """
         from .decode import probe
 
-        self.compile_status = probe.choose(self, mode, list(buckets), backend)
+        from .decode.step import span_for
+
+        span = span_for(max_context) if max_context else None
+        self.compile_status = probe.choose(self, mode, list(buckets), backend, span)
         log.info(f"decode steps: {self.compile_status['step']} ({self.compile_status['reason']})")
         return self.compile_status
 
@@ -192,7 +201,7 @@ class Engine:
 
     def cache_media_steps(self, sources: Sequence, messages: list[dict], options: MediaOptions | None = None,
                           chunk: int | None = None, max_decode_pixels: int = images.MAX_DECODE_PIXELS,
-                          base: ImageState | None = None):
+                          base: ImageState | None = None, at: str | None = None):
         """The state of `messages` (ending in an open user turn whose last part is media), whose image and
         video parts are `sources` in order, as a generator: yields between units of work (the vision encoder,
         pieces of at most `chunk` prefix tokens where the family can split its prefill) and returns the
@@ -200,20 +209,22 @@ class Engine:
         they are decoded. `base`, a state of a leading part of the same conversation that ends after a media
         part, is continued instead of starting over where the family can (only the media after it are encoded).
         """
-        prepared = self.prepare_media(sources, messages, options, max_decode_pixels)
+        prepared = self.prepare_media(sources, messages, options, max_decode_pixels, at)  # `at`: see prepare_media
         return (yield from self.prefill_media_steps(prepared, chunk, base))
 
     def prepare_media(self, sources: Sequence, messages: list[dict], options: MediaOptions | None = None,
-                      max_decode_pixels: int = images.MAX_DECODE_PIXELS) -> "PreparedMedia":
+                      max_decode_pixels: int = images.MAX_DECODE_PIXELS, at: str | None = None) -> "PreparedMedia":
         """The model-free half of cache_media_steps: open the media, check they fit, run the processor. A
-        server runs this beside the model thread (decoding a long video must not pause running answers)."""
+        server runs this beside the model thread (decoding a long video must not pause running answers).
+        `at`: the instant a clock-reading template renders at (pin_time() when the state's key was made: the
+        state must be what its key names, even when the minute turns in between); None: now."""
         options = options or MediaOptions()
         # 1. Open the media (videos: probe and choose frames) and check that all of it fits in memory.
         prompt.check_messages(self.processor, messages)
         kinds = prompt.media_kinds(messages)
         if len(kinds) != len(sources):
             raise ImageError(f"the conversation has {len(kinds)} media parts but {len(sources)} sources were given")
-        at = self.pin_time()  # a template that stamps the time: the instant this state's text is rendered at
+        at = at or self.pin_time()  # a template that stamps the time: the instant this state's text is rendered at
         text = prompt.covered_text(self.processor, messages, at)
         prompt.check_video_placeholders(self.processor, text, kinds)
         images_kwargs = self.images_kwargs(options.max_pixels)
@@ -255,7 +266,7 @@ class Engine:
         grids = _part_grids(parts, inputs)
         settings = self.media_settings(options, [p.kind for p in parts])
         return StateMetadata(
-            model=self.model_name,
+            model=paths.served_name(self.model_name),  # a hub id, or a folder's own name: never a local path
             fingerprint=self.fingerprint,
             dtype=str(self.dtype).removeprefix("torch."),
             system_prompt=next((m["content"] for m in messages if m["role"] == "system"), None),
@@ -343,10 +354,12 @@ class Engine:
                 f"quantization mismatch: {source} was made by {made} model, but this engine runs {runs} model; "
                 f"re-create the cache with this model or load the model with {flag}")
         if meta.fingerprint != self.fingerprint:
+            # A file names a local folder by its name alone: where this machine has that folder, say where.
+            model = model_folders.folder_for(meta.fingerprint, meta.model) or meta.model
             raise ModelMismatchError(
-                f"model mismatch: {source} was made with {meta.model} (weights {meta.fingerprint[:12]}), but this "
+                f"model mismatch: {source} was made with {model} (weights {meta.fingerprint[:12]}), but this "
                 f"engine runs {self.model_name} (weights {self.fingerprint[:12]}); re-create the cache or pass "
-                f"--model {meta.model}"
+                f"--model {model}"
             )
 
     def layout(self) -> Layout:
@@ -580,14 +593,14 @@ class Engine:
         return self.family.processor_settings(max_pixels)
 
     def state_key(self, parts: Sequence[tuple[str, str]], messages: list[dict], options: MediaOptions,
-                  salt: str | None = None) -> str:
+                  salt: str | None = None, at: str | None = None) -> str:
         """The key of the state of `messages` whose media are `parts` ((kind, sha256) in order): what the server,
-        its store and the Ray batch name a state by."""
+        its store and the Ray batch name a state by. `at`: the instant pinned for the state (None: now)."""
         from .header import media_identity, state_key
 
         # A template that stamps the time renders these messages into another prefix on another day (or minute):
         # states are then found by the text rendered now.
-        at = self.pin_time()
+        at = at or self.pin_time()
         rendered = _sha256(prompt.covered_text(self.processor, messages, at)) if at else None
         return state_key(self.fingerprint, media_identity(list(parts)), messages,
                          self.media_settings(options, [kind for kind, _ in parts]), salt, rendered)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import paths
 from .client import Client, ServerError, server_url
-from .console import (UsageError, add_timings, chat_loop, check_output, check_prompt, info, print_answer, print_streamed,
+from .console import (EachSource, UsageError, add_timings, chat_loop, check_output, check_prompt, info, print_answer, print_streamed,
                       read_prompts)
 from .defaults import DEFAULT_SYSTEM_PROMPT
 from .errors import VlcacheError
@@ -51,19 +51,11 @@ def ask(args: argparse.Namespace, url: str) -> int:
             else:
                 print_answer(client.ask(None, messages, *options), args, cache=None, prompt=text)
         return 0
-    failed = 0
-    for cache in caches:
-        try:
-            start = time.perf_counter()
-            key = client.state_for(cache)
-            extra = {"state_lookup_s": time.perf_counter() - start}
-        except VlcacheError as exc:
-            if len(caches) == 1:
-                raise
-            print(f"error: {exc}", file=sys.stderr)
-            failed += 1
-            continue
-        _ask_state(client, key, str(cache), prompts, args, options, extra, single=len(prompts) == 1 and len(caches) == 1)
+    sources = EachSource(caches, client.state_for)
+    for cache, key, seconds in sources:
+        _ask_state(client, key, str(cache), prompts, args, options, {"state_lookup_s": seconds},
+                   single=len(prompts) == 1 and len(caches) == 1)
+    failed = sources.failed
     return 1 if failed else 0
 
 

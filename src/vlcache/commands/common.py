@@ -72,13 +72,13 @@ def one_command(args: argparse.Namespace) -> str:
     return "off" if mode == "auto" else mode
 
 
-def compile_steps(engine, mode: str, buckets: list[int]) -> None:
+def compile_steps(engine, mode: str, buckets: list[int], max_context: int | None = None) -> None:
     """Choose the decode step (decode.probe) and say which, and why, on stderr."""
     if mode == "off":
         return
     info(f"preparing decode steps ({mode}) for {len(buckets)} batch size(s): {', '.join(map(str, buckets))} (minutes on a "
          "first start, seconds once $VLCACHE_HOME/compile holds them; --compile off starts at once)...")
-    engine.compile_steps(mode, buckets)  # its last line says what was chosen and why (the logger "vlcache")
+    engine.compile_steps(mode, buckets, max_context=max_context)  # its last line says what was chosen and why
 
 
 def first_metadata(caches: list):
@@ -100,7 +100,13 @@ def model_named_by(meta) -> str:
     """The model a cache file names, when no --model or VLCACHE_MODEL says otherwise: a stranger's file must not
     decide what is downloaded, so only a local folder or a model already in the Hugging Face cache is taken."""
     from ..model import MODEL_ENV_VAR, is_available_locally
+    from ..model_folders import folder_for
 
+    # A file names a local folder by its name alone (no path in a header); its fingerprint says where it is here.
+    folder = folder_for(meta.fingerprint, meta.model)
+    if folder is not None:
+        info(f"using {folder}, the model folder the cache names")
+        return folder
     if not is_available_locally(meta.model):
         if os.environ.get(MODEL_ENV_VAR):
             return os.environ[MODEL_ENV_VAR]
@@ -118,8 +124,9 @@ def model_named_by(meta) -> str:
 
 
 def _is_folder_name(name: str) -> bool:
-    """A model named by a path, never a hub id ("org/name"): absolute, relative with ./ or ~, or deeper."""
-    return name.startswith(("/", ".", "~", "\\")) or ":" in name or name.count("/") > 1
+    """A model named by a path or a folder's name, never a hub id ("org/name"): absolute, relative with ./ or ~,
+    deeper, or one name alone (how files since issue 31 name a local folder)."""
+    return name.startswith(("/", ".", "~", "\\")) or ":" in name or name.count("/") != 1
 
 
 def _check_image_arg(path: str) -> None:

@@ -56,7 +56,8 @@ class CacheWorker:
             data = storage.read_bytes(source) if storage.is_url(source) else Path(source).read_bytes()
             kind = kind_of(source)
             messages = prompt.media_conversation(self.system_prompt, [kind])
-            key = self.engine.state_key([(kind, hashlib.sha256(data).hexdigest())], messages, self.options)
+            at = self.engine.pin_time()  # one instant for the key and the state (a clock-reading template)
+            key = self.engine.state_key([(kind, hashlib.sha256(data).hexdigest())], messages, self.options, at=at)
             target = storage.join(self.output_dir, f"{key}.safetensors")
             exists = storage.exists(str(target)) if storage.is_url(target) else os.path.exists(target)
             if exists and not self.force:
@@ -64,7 +65,7 @@ class CacheWorker:
             from ..families.base import run_steps
 
             state = run_steps(self.engine.cache_media_steps([source if not storage.is_url(source) else data], messages,
-                                                            self.options))
+                                                            self.options, at=at))
             state.save(target)
             return _row(source, target, "cached", None, state.num_tokens, start)
         except (VlcacheError, OSError) as exc:
