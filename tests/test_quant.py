@@ -142,3 +142,24 @@ def test_a_bad_thread_count_is_refused(value, capsys):
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert "error: argument --threads:" in err and "Traceback" not in err
+
+
+def test_the_server_runs_the_int8_model_exactly_and_refuses_flags_it_cannot_honour(int8_engine, tmp_path, capsys):
+    from test_server import LiveServer, image_messages
+
+    engine = int8_engine("qwen3_vl")
+    live = LiveServer(engine, tmp_path / "states")
+    try:
+        status, health = live.get("/health")
+        assert status == 200 and health["quantization"] == "int8" and health["fingerprint"] == engine.fingerprint
+        reply = live.client.chat.completions.create(model="any", messages=image_messages("rocket.jpg", QUESTION),
+                                                    max_tokens=N, temperature=0)
+        expected = reference_tokens(engine, photo("rocket.jpg"), SYSTEM, QUESTION, N)
+        assert reply.choices[0].message.content == engine.processor.tokenizer.decode(expected, skip_special_tokens=True)
+        for flags, fragment in ((["--threads", "2"], "--threads sets this process's threads"),
+                                (["--quantize", "none"], "--quantize none: the server at")):
+            assert cli.main(["ask", "--server", live.url, "--prompt", "hi", *flags]) == 1
+            out, err = capsys.readouterr()
+            assert out == "" and err.strip().splitlines()[-1].startswith("error: " + fragment), err
+    finally:
+        live.close()

@@ -156,7 +156,8 @@ def _diagnose_foreign(head: bytes, size: int, path: Path) -> str:
     if head.startswith(b"PK\x03\x04"):
         return (f"not a vlcache cache file: {path} is a zip archive (a torch.save checkpoint?); vlcache never "
                 "unpickles files. Re-create the cache with `vlcache cache`")
-    if head[:1] == b"\x80":
+    # PROTO opcode and a protocol 2-5: a safetensors length can start with 0x80 too (a header of 0x880 bytes)
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
         return (f"not a vlcache cache file: {path} looks like a Python pickle; vlcache never unpickles files. "
                 "Re-create the cache with `vlcache cache`")
     if _is_text(head):  # a safetensors file starts with a little-endian length, whose high bytes are zero
