@@ -86,3 +86,30 @@ def family_engine(family_dir):
         return engines[kind]
 
     return load
+
+
+@pytest.fixture
+def live(engine, tmp_path):
+    """A real server of the tiny engine's on 127.0.0.1 (random port), for one test (modules that share one across
+    their tests define their own module-scoped `live`)."""
+    from test_server import LiveServer
+
+    server = LiveServer(engine, tmp_path / "states")
+    yield server
+    server.close()
+@pytest.fixture(scope="session")
+def int8_engine(family_dir, tiny_model_dir):
+    """kind -> an Engine on that family's tiny checkpoint with --quantize int8 ("qwen3_vl": the suite's tiny model),
+    loaded once per test run. Skips where torchao (the quant extra) is not installed."""
+    pytest.importorskip("torchao")
+    from vlcache import Engine
+
+    engines: dict = {}
+
+    def load(kind):
+        if kind not in engines:
+            folder = tiny_model_dir if kind == "qwen3_vl" else family_dir(kind)
+            engines[kind] = Engine.load(str(folder), device="cpu", quantize="int8")
+        return engines[kind]
+
+    return load

@@ -89,6 +89,11 @@ def test_several_questions_text_only_and_uncached_image(engine, server, cache_fi
     got = [json.loads(line) for line in many.stdout.splitlines()]
     assert [g["prompt"] for g in got] == questions
     assert [g["token_ids"] for g in got] == [local(engine, cache_file, q).token_ids for q in questions]
+    # Several caches, one missing: its one error line, the other's answer, and the run fails (as it does locally).
+    mixed = run("ask", "--server", server.url, "--cache", cache_file, "--cache", cache_file.parent / "gone.pt",
+                "--prompt", QUESTION, "--max-new-tokens", N, "--temperature", "0", "--json")
+    assert mixed.returncode == 1 and mixed.stderr.count("error:") == 1 and "gone.pt" in mixed.stderr, mixed.stderr
+    assert [json.loads(line)["token_ids"] for line in mixed.stdout.splitlines()] == [local(engine, cache_file).token_ids]
     text = run("ask", "--server", server.url, "--prompt", "What is artificial intelligence?", "--max-new-tokens", N,
                "--temperature", "0", "--json")
     assert json.loads(text.stdout)["token_ids"] == engine.ask(None, "What is artificial intelligence?", max_new_tokens=N,

@@ -29,6 +29,7 @@ from .errors import VlcacheError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+QUANTIZATIONS = ("none", "int8")  # vlcache.quantize.QUANTIZATIONS (not imported here: it imports torch)
 
 
 # -- argument types: validated at parse time ---------------------------------------------------------------
@@ -108,6 +109,11 @@ def add_model_arguments(parser: argparse.ArgumentParser, model_help: str, dtype_
     parser.add_argument("--model", default=None, help=model_help)
     parser.add_argument("--device", choices=DEVICES, default="auto", help="where to run (default: auto, the GPU if any)")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help=f"compute dtype (default: {dtype_help})")
+    parser.add_argument("--quantize", choices=QUANTIZATIONS, default=None,
+                        help="int8: the language model's linear layers in int8 weights, faster decoding on a CPU, "
+                        "a different model whose states are its own (needs the quant extra; default: the cache's, else none)")
+    parser.add_argument("--threads", metavar="N", type=positive_int, default=None,
+                        help="CPU threads torch computes with (default: what torch chooses, the cores it sees)")
     parser.add_argument("--generation-config", metavar="KEY=VALUE|FILE", action="append", type=_generation_setting,
                         default=None, help="replace a setting of the model's generation_config.json (VALUE as JSON, "
                         "e.g. num_beams=1), or several from a JSON file; repeatable (default: none)")
@@ -421,6 +427,13 @@ def _quiet_libraries(verbose: bool) -> None:
 
     if not verbose:
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+        # With torchao installed (the quant extra), transformers imports it with every model, --quantize or not, and
+        # this torch logs a deprecation line about torchao's enums: torchao's to fix, nothing a user can act on.
+        logging.getLogger("torch.utils._pytree").addFilter(_not_torchao_enum_note)
+
+
+def _not_torchao_enum_note(record) -> bool:
+    return "is an Enum subclass and is now natively supported" not in str(record.msg)
 
 
 def main(argv: list[str] | None = None) -> int:

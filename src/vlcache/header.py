@@ -53,6 +53,9 @@ class StateMetadata:
     # state covers (part of its key: the server finds a state by what its template renders now). None otherwise.
     template_time: str | None = None
     template_sha256: str | None = None
+    # How the model that computed the K/V held its language model's weights (vlcache.quantize): "none" or "int8".
+    # The K/V itself is always in `dtype`; a state is used only by a model quantized the same way.
+    quantization: str = "none"
 
 
 def read_header(path: str | os.PathLike) -> dict:
@@ -184,7 +187,7 @@ def read_metadata(path: str | os.PathLike) -> StateMetadata:
 _FIELD_TYPES = {"model": str, "fingerprint": str, "dtype": str, "image_sha256": str, "image_size": list,
                 "prefix_tokens": int, "image_tokens": int, "created": str, "messages": list, "processor_settings": dict,
                 "versions": dict, "format_version": int, "family": str, "layer_kinds": list, "parts": list,
-                "reused_tokens": int}
+                "reused_tokens": int, "quantization": str}
 
 
 def _metadata(header: dict, path) -> StateMetadata:

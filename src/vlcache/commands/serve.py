@@ -101,7 +101,7 @@ def _serve_on_ray(args: argparse.Namespace, options) -> int:
     info(f"serving {model} with {args.replicas} replicas on Ray Serve at http://{args.host}:{args.port}/v1 "
          f"(states in {options.cache_dir})")
     ray_serve.run(model, args.device, args.dtype or "auto", options, args.replicas, args.host, args.port, blocking=True,
-                  verbose=getattr(args, "verbose", False))
+                  verbose=getattr(args, "verbose", False), quantize=args.quantize or "none", threads=args.threads)
     return 0
 
 

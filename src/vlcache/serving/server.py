@@ -76,7 +76,7 @@ def create_app(engine: Engine, options: ServeOptions, on_start: Callable[[Servic
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_id, "fingerprint": engine.fingerprint, "family": engine.family.name,
-                "dtype": str(engine.dtype).removeprefix("torch."), "hot_states": service.store.hot_count,
+                "dtype": str(engine.dtype).removeprefix("torch."), "quantization": engine.quantization, "hot_states": service.store.hot_count,
                 "hot_bytes": service.store.hot_bytes, "running": service.scheduler.running, "queued": service.scheduler.queued,
                 "decode": _decode_status(engine), "context_length": service.context_length,
                 "kv": service.scheduler.kv_stats()}
@@ -176,6 +176,7 @@ def _timings(answer, cached: int, started: float) -> dict:
     prefill), predicted_ms from the first token to the last; predicted_per_second counts the tokens after the
     first. cache_n: prompt tokens taken from a cached state, prompt_n: those computed."""
     total = time.perf_counter() - started
+    cached = min(cached, answer.cached_tokens)  # fewer when the kept conversation was evicted before the row ran
     decode = min(answer.timings.get("decode_s", 0.0), total)  # the scheduler's clock: first token to the answer
     prompt_s, completion = total - decode, len(answer.token_ids)
     computed = answer.prompt_tokens - cached
