@@ -297,9 +297,10 @@ def test_the_server_decodes_through_the_compiled_step_and_reports_it(engine, tmp
         assert answers(live) == expected
         health = live.get("/health")[1]
         assert health["decode"]["step"] == "traced (eager backend)" and health["decode"]["buckets"] == [1, 2, 4]
-        kv = health["kv"]  # all answered: nothing reserved or used, the pool's blocks per layer kind
-        assert kv["kv_memory"] == 64 * 2**20 and kv["reserved_bytes"] == kv["used_bytes"] == 0
-        assert kv["blocks"]["full"]["used"] == kv["blocks"]["full"]["shared"] == 0 and kv["blocks"]["full"]["peak"] > 0
+        kv = health["kv"]  # all answered: nothing reserved; the blocks still used are the kept conversations'
+        assert kv["kv_memory"] == 64 * 2**20 and kv["reserved_bytes"] == 0
+        full = kv["blocks"]["full"]
+        assert full["used"] == full["kept"] > 0 and full["used"] * 16 >= 3 * N and full["peak"] >= full["used"]
     finally:
         live.close()
         engine.compile_steps("off")
