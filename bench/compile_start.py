@@ -157,6 +157,7 @@ def main() -> None:
     parser.add_argument("--starts", type=int, default=2, help="first/second start pairs")
     parser.add_argument("--start-max-batch", type=int, default=4, help="--max-batch of the start-up servers")
     parser.add_argument("--joins", type=int, default=2, help="rounds of (compiled, eager) long answers")
+    parser.add_argument("--modes", nargs="+", default=["compiled", "eager"], help="which servers the joins run")
     parser.add_argument("--long-tokens", type=int, default=1000)
     parser.add_argument("--join-after", type=int, default=700)
     args = parser.parse_args()
@@ -170,7 +171,8 @@ def main() -> None:
     result = {"machine": _machine(), "model": "thin stand-in of bench/decode.py (Qwen3-VL-2B config, hidden 64), float32",
               "command": " ".join(["python", "bench/compile_start.py", *sys.argv[1:]]), "starts": [], "joins": []}
     for i in range(args.joins):  # first: a long first start would otherwise leave no result
-        order = [("compiled", ["--compile", "on"]), ("eager", ["--compile", "off"])]
+        order = [(name, flags) for name, flags in (("compiled", ["--compile", "on"]), ("eager", ["--compile", "off"]))
+                 if name in args.modes]
         for name, flags in (order if i % 2 == 0 else order[::-1]):
             result["joins"].append(long_with_join(model, args.work_dir, flags, banned, args.long_tokens,
                                                   args.join_after, name))

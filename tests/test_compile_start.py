@@ -103,7 +103,8 @@ def test_auto_is_decided_once_then_remembered_and_a_corrupted_decision_is_decide
             measured = probe.MEASUREMENTS[0]
             first = engine.compile_steps("auto", buckets=[1, 2], backend="eager", max_context=512)
             assert probe.MEASUREMENTS[0] == measured + 1 and first["remembered"] is False
-            path = tmp_path / "home" / "compile" / "decisions" / os.path.basename(first["decision_file"])
+            path = decision.path_for(decision.key(engine, 512, ["eager"]))
+            assert path.parent == tmp_path / "home" / "compile" / "decisions" and "decision_file" not in first
             saved = json.loads(path.read_text())
             assert saved["step"] == first["step"] and saved["reason"] == first["reason"]
             assert saved["key"]["model"] == engine.fingerprint and saved["key"]["span"] == 512

@@ -175,11 +175,9 @@ def _compile(runner: StepRunner, engine, buckets: list[int], doing: str) -> floa
 
 def _decided(fields: dict | None, status: dict, backend: str | None, measured: dict) -> dict:
     """Remember auto's decision (fields None: not auto, nothing to remember)."""
-    if fields is not None:
-        where = decision.write(fields, status["step"], backend, status["reason"], measured)
+    if fields is not None:  # (the file's path stays out of the status: /health shows it to every client)
+        decision.write(fields, status["step"], backend, status["reason"], measured)
         status["remembered"] = False
-        if where is not None:
-            status["decision_file"] = str(where)
     return status
 
 
