@@ -1,6 +1,8 @@
 """The one decode path (vlcache.decode): batched sampling on the device, invariance of a row's tokens to what
 it is batched with, where its state came from and which step ran it, and controls for stale buffers."""
 
+import time
+
 import pytest
 import torch
 from transformers.generation.logits_process import (
@@ -295,7 +297,10 @@ def test_the_server_decodes_through_the_compiled_step_and_reports_it(engine, tmp
     live = LiveServer(engine, tmp_path / "traced", kv_memory=64 * 2**20)  # --kv-memory: admission by blocks
     try:
         assert answers(live) == expected
-        health = live.get("/health")[1]
+        deadline = time.monotonic() + 10  # a client has its last token before the model thread keeps the row's blocks
+        while (health := live.get("/health")[1])["kv"]["blocks"]["full"]["used"] != \
+                health["kv"]["blocks"]["full"].get("kept") and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert health["decode"]["step"] == "traced (eager backend)" and health["decode"]["buckets"] == [1, 2, 4]
         kv = health["kv"]  # all answered: nothing reserved; the blocks still used are the kept conversations'
         assert kv["kv_memory"] == 64 * 2**20 and kv["reserved_bytes"] == 0
