@@ -163,3 +163,32 @@ def test_the_server_runs_the_int8_model_exactly_and_refuses_flags_it_cannot_hono
             assert out == "" and err.strip().splitlines()[-1].startswith("error: " + fragment), err
     finally:
         live.close()
+
+
+def test_in_bfloat16_a_rows_logits_do_not_depend_on_what_it_is_batched_with(tiny_model_dir):
+    """The packed kernel and the converted matmul round differently in bfloat16 (float32 hides it): which one runs
+    depends on one position per row or not, never on how many rows came together. A question's first-token
+    logits alone equal the same question's in a prefill of two, and in a decode step of 1, 2 and 5 rows."""
+    from vlcache import Engine, decode
+
+    engine = Engine.load(str(tiny_model_dir), device="cpu", dtype="bfloat16", quantize="int8")
+    state = engine.cache_image(photo("astronaut.png"), system_prompt="sys", max_pixels=PIXELS)
+    questions = ["What is it?", "Describe the colours of the picture.", "Is it day?", "Where?", "Who is there?"]
+    ids = [engine.question_ids(state.metadata.messages, q)[0] for q in questions]
+    prefix = decode.Prefix(kv=state.kv, tokens=state.num_tokens, rope_delta=int(state.rope_deltas.view(-1)[0]))
+
+    def steps(rows: int):
+        batch = engine.batch()
+        for question in ids[:rows]:
+            batch.add(prefix, decode.SamplingParams(temperature=0.0), 4, torch.cat([state.input_ids[0], question]))
+        first = batch.prefill(ids[:rows])
+        batch.sample(first)
+        second = batch.step()
+        batch.cache.close()
+        return first, second
+
+    alone, alone_step = steps(1)
+    for rows in (2, 5):
+        together, together_step = steps(rows)
+        assert torch.equal(alone[0], together[0])
+        assert torch.equal(alone_step[0], together_step[0])

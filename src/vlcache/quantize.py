@@ -2,8 +2,8 @@
 
 torchao quantizes each linear layer of the text decoder and the output projection symmetrically per output row
 (Int8WeightOnlyConfig: int8 values, one scale a row); the layers then hold only those int8 values and scales and
-multiply through ATen's packed CPU kernel for weight-only int8 (torch._weight_int8pack_mm) when few rows come at
-once: a decode step. Measured on a 2-core EPYC with AVX-512 BF16 (docs/benchmarks-quant.md): at one row that
+multiply through ATen's packed CPU kernel for weight-only int8 (torch._weight_int8pack_mm) in a decode step
+(one new position per row). Measured on a 2-core EPYC with AVX-512 BF16 (docs/benchmarks-quant.md): at one row that
 kernel reads the 2B's decoder weights several times faster than the bfloat16 matmul, while at prefill sizes it is
 slower than converting the int8 weights and multiplying in the compute dtype, which is what larger inputs do. Both
 paths compute (x @ q^T) * scale with the same scales. torchao's own dynamic int8 activations and its eager
@@ -24,11 +24,14 @@ import torch
 from .errors import ModelLoadError
 
 QUANTIZATIONS = ("none", "int8")
-# Inputs of at most PACKED_ROWS rows (tokens x sequences: decode steps up to the server's default 16 rows, short
-# questions) go through the packed kernel, PACKED_CHUNK rows a call (it is fast up to 4 rows and slows down past
-# them); larger inputs (prefill) are converted and multiplied. Measured in bench/quant.py (a): at 2B shapes the
-# packed kernel is 2-4x the bfloat16 matmul's speed at 1-8 rows, even with it at 32, behind it at 64 and more.
-PACKED_ROWS = 16
+# Which kernel multiplies depends only on the input's shape per row, never on how many rows came together: the
+# packed kernel and the converted matmul round differently (bfloat16: up to 0.25 on one layer), so a rule by row
+# count made a question's answer depend on what it was batched with, and a cached prefill of a short question
+# differ from generate()'s whole-prompt prefill. One new position per row ([rows, 1, features]: a decode step,
+# in vlcache's batches and in generate() alike) goes through the packed kernel, PACKED_CHUNK rows a call (each
+# row's product is its own: tested; the kernel is fast up to 4 rows and slows past them); every other input (a
+# prefill, flattened tokens) is converted and multiplied. Measured in bench/quant.py (a): at one row the packed
+# kernel is 2-4x the bfloat16 matmul's speed; at prefill sizes it is several times slower than converting.
 PACKED_CHUNK = 4
 
 
@@ -71,8 +74,7 @@ class Int8Linear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         scale = self.scale.to(x.dtype)
-        if flat.shape[0] <= PACKED_ROWS and flat.device.type == "cpu":
-            # Each row's product is its own (batched rows answer as each alone; tested).
+        if x.dim() == 3 and x.shape[1] == 1 and flat.device.type == "cpu":  # a decode step (see PACKED_CHUNK)
             parts = [torch._weight_int8pack_mm(chunk.contiguous(), self.weight, scale) for chunk in flat.split(PACKED_CHUNK)]
             y = parts[0] if len(parts) == 1 else torch.cat(parts)
         else:
