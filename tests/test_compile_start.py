@@ -119,9 +119,18 @@ def test_auto_is_decided_once_then_remembered_and_a_corrupted_decision_is_decide
                 assert engine.runner is not None and engine.runner.shapes == {(1, 512), (2, 512)}
             assert any("as decided on" in r.message for r in caplog.records)
 
-            # Another span is another decision (its step costs differ).
+            # Another span is another decision (its step costs differ); so is another transformers (new model code
+            # the probe has not seen) or a changed family adapter.
             other = decision.key(engine, 1024, ["eager"])
             assert decision.read(other) is None and decision.path_for(other) != path
+            import transformers
+
+            with monkeypatch.context() as patched:
+                patched.setattr(transformers, "__version__", "0.0.1")
+                assert decision.path_for(decision.key(engine, 512, ["eager"])) != path
+            with monkeypatch.context() as patched:
+                patched.setattr(decision, "_decode_code", lambda: "another adapter")
+                assert decision.path_for(decision.key(engine, 512, ["eager"])) != path
 
             # A corrupted file: one note, measured again, rewritten whole.
             for garbage in ("{not json", json.dumps({**saved, "step": "rm -rf"}), json.dumps([1, 2])):
@@ -154,6 +163,8 @@ def test_the_server_refuses_a_conversation_beyond_max_context(engine, tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--max-context", "5000"], "error: --max-context 5,000 is beyond the model's context of 4,096 tokens\n"),
     (["--max-context", "4000", "--kv-memory", "64KiB"], None),
+    (["--max-context", "1000", "--ray"], "error: --max-context is not supported with --ray (each replica takes the model's "
+                                         "context)\n"),
 ])
 def test_max_context_is_checked_at_start(tiny_model_dir, tmp_path, flags, message):
     from test_client import run

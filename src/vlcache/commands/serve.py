@@ -32,6 +32,8 @@ def run_serve(args: argparse.Namespace) -> int:
     cache_dir = cache_dir if storage.is_url(cache_dir) else Path(cache_dir)  # s3://bucket/prefix/: a fleet's store
     options = serve_options(args, cache_dir, local)
     if args.ray:
+        if args.max_context is not None:  # the replicas' engines take the model's context; never silently
+            raise VlcacheError("--max-context is not supported with --ray (each replica takes the model's context)")
         return _serve_on_ray(args, options)
     engine = load_engine(args.model, args)
     from ..decode.kvpool import default_kv_memory

@@ -4,8 +4,9 @@ Measuring whether a compiled step is exact and faster costs a compile, a probe a
 the timing alone could come out either way from one start to the next. So the first start decides (with a
 margin, decode.probe) and writes what it chose and why to $VLCACHE_HOME/compile/decisions/<key>.json; later
 starts on the same model (weights fingerprint), dtype, machine (CPU model and flags, or the GPU's name, and the
-threads torch uses), torch version, span and decode code (a hash of vlcache's decode package, so a changed step
-is decided again) reuse it without measuring. A file that cannot be read, or says something else, is ignored
+threads torch uses), torch and transformers versions, span and code (a hash of vlcache's decode package, the
+families' adapters and the int8 layers, so a changed step is decided again) reuse it without measuring. A file
+that cannot be read, or says something else, is ignored
 with one note and decided again (then rewritten).
 """
 
@@ -31,7 +32,8 @@ STEPS = ("eager", "compiled", "CUDA graphs of the eager step", "traced")  # what
 def key(engine, span: int, backends: list[str]) -> dict:
     """What a decision depends on (each field a string or a number)."""
     return {"model": engine.fingerprint, "dtype": str(engine.dtype).removeprefix("torch."), "machine": machine(engine.device),
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "decode_code": _decode_code(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": _transformers_version(),
+            "decode_code": _decode_code(),
             "span": span, "backends": ",".join(backends)}
 
 
@@ -55,11 +57,19 @@ def machine(device) -> str:
 
 
 def _decode_code() -> str:
-    folder = Path(__file__).parent
+    """A hash of the code a step runs beyond torch and transformers: vlcache's decode package, the families'
+    adapters and the int8 layers (a changed one is decided again: the exactness probe must see it)."""
+    package = Path(__file__).parent.parent
     digest = hashlib.sha256()
-    for path in sorted(folder.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    for path in [*sorted(package.glob("decode/*.py")), *sorted(package.glob("families/*.py")), package / "quantize.py"]:
+        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 def path_for(fields: dict) -> Path:
