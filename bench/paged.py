@@ -121,7 +121,7 @@ def one_server(folder: Path, rows: int, work: Path) -> dict:
     loaded = _status("VmRSS")
     chat("Warm up.", 2)  # computes and keeps the state; allocator pools, lazy imports
     service = app.state.service
-    (state,) = list(service.store._hot.values())
+    (state,) = [v for k, v in service.store._hot.items() if ":" not in k]  # the image state (not kept conversations)
     Path("/proc/self/clear_refs").write_text("5")
     before = _status("VmRSS")
     prompts = [QUESTIONS[i % len(QUESTIONS)] + f" ({i})" for i in range(rows)]

@@ -15,6 +15,11 @@ may need at most (its own tokens up to max_tokens, and its state's blocks unless
 already) fit beside what the rows already started may need; otherwise it waits in the queue, first come first
 served. So the pool never runs out of blocks; a request that could not fit even alone fails at once.
 
+Kept conversations (a finished row's blocks) stay in a prefix tree keyed by token ids (decode.radix): a later
+row whose history the tree holds references those blocks instead of writing its state again; the tree gives
+way, least recently used first, when the pool is at its bound or past `kept_budget` (the server's
+--memory-budget beside its states), never freeing a block a row uses.
+
 Rows about different image states (and text-only rows) share one batch: each attends to its own prefix,
 referenced through its block table (one copy of a state in the K/V blocks for all its rows, vlcache.decode).
 So a new question waits at most one prefill unit and one decode step before its own prefill starts, never for
