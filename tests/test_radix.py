@@ -496,3 +496,37 @@ def test_kept_conversations_are_evicted_to_stay_within_the_servers_memory_budget
                 assert nodes[-1].alive and nodes[1].alive and not nodes[0].alive  # the least recently used went
         finally:
             scheduler.stop()
+
+
+def test_admission_counts_the_tail_the_tree_lost_for_every_row_of_the_group(engine, astronaut_state):
+    """The tree lost a kept conversation's last blocks: each follow-up writes that tail itself, so each is counted
+    with it. Under a --kv-memory one block short of both rows together, they run one after the other and both
+    answer (before: both admitted on the history's count, the pool ran out mid-decode and both failed)."""
+    state = astronaut_state
+    question = "What is in the picture and what colours does it have?"
+    follow = [engine.processor.tokenizer(t, return_tensors="pt")["input_ids"] for t in (" And?", " Why?")]
+    sizing = Scheduler(engine, prefill_chunk=512)
+    try:
+        conversation, _ = _first_turn(engine, sizing, state, question)
+        pool = sizing._pool
+        (kind,) = pool.kind_layers
+        size, block = pool.block_size, pool.block_bytes(kind)
+    finally:
+        sizing.stop()
+    own = [blocks_for(conversation.shape[1] + ids.shape[1] + 16, size) - state.num_tokens // size for ids in follow]
+    kv_memory = (2 + blocks_for(state.num_tokens, size) + sum(own) - 1) * block
+    scheduler = Scheduler(engine, max_batch=4, prefill_chunk=512, kv_memory=kv_memory)
+    try:
+        assert torch.equal(_first_turn(engine, scheduler, state, question)[0], conversation)
+        assert scheduler.call(lambda: scheduler._radix.evict(3)).result(60) > 0  # the tree now holds < the state
+        blocker = _hold_thread(scheduler)
+        jobs = [_job(engine, state, conversation, ids, max_new_tokens=16, root="astronaut", group="conv")
+                for ids in follow]
+        for job, _, _ in jobs:
+            scheduler.submit(job)
+        blocker.set()
+        for _, events, finished in jobs:
+            assert finished.wait(120)
+            assert len(_answer(events).token_ids) == 16
+    finally:
+        scheduler.stop()

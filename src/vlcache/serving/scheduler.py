@@ -408,6 +408,8 @@ class Scheduler:
             try:
                 row.prefix = self._prefix(row.job)
                 _split(row.job, row.prefix.tokens)
+                self._unreserve(row)  # counted again as split (the tree may have lost blocks since it was counted)
+                self._reserve(row)
                 seen = torch.cat([row.job.history[0], row.job.new_ids[0]])
                 batch.add(row.prefix, row.sampling, row.job.options.max_new_tokens, seen, row.constraint)
             except (RuntimeError, ValueError, IndexError, TypeError) as exc:
@@ -445,7 +447,9 @@ class Scheduler:
         """Bytes of blocks a row may take at most: (its own tokens', its state's)."""
         pool = self._layout()
         size, history = pool.block_size, row.job.history.shape[1]
-        tokens = history
+        # What its prefix will hold, not its history: as far as the tree lost a kept conversation, the row writes
+        # the rest itself (_split), each row of the group its own copy.
+        tokens = self._prefix_tokens(row.job)
         end = history + row.job.new_ids.shape[1] + row.job.options.max_new_tokens
         own = state = 0
         for kind in pool.kind_layers:
@@ -453,6 +457,19 @@ class Scheduler:
             own += block * (-(-end // size) - tokens // size)  # the state's partial last block: copied on write
             state += block * (-(-tokens // size))
         return own, state
+
+    def _prefix_tokens(self, job: Job) -> int:
+        """The tokens `_prefix` would give the job now (the tree's match is what it reads, so the same)."""
+        history = job.history.shape[1]
+        prefix = self._prefixes.get(job.group)
+        if prefix is not None:
+            return min(prefix.tokens, history)
+        base = history if job.base is None else job.base
+        if job.root and self._radix is not None:
+            got = min(self._radix.match(job.root, job.history[0].tolist())[0], history)
+            if got and got >= base:
+                return got
+        return base
 
     def _fixed(self) -> int:
         pool = self._layout()
