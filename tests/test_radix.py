@@ -530,3 +530,35 @@ def test_admission_counts_the_tail_the_tree_lost_for_every_row_of_the_group(engi
             assert len(_answer(events).token_ids) == 16
     finally:
         scheduler.stop()
+
+
+def test_a_row_the_pool_cannot_give_a_block_fails_alone(engine, astronaut_state):
+    """Two rows on one state in a pool one block short of both (admission off, as if it had miscounted): the
+    first to need a block it cannot have fails with PoolFull; the other gets its blocks and answers."""
+    state = astronaut_state
+    questions = [engine.question_ids(state.metadata.messages, q) for q in ("What is this?", "Where is it?")]
+    scheduler = Scheduler(engine, max_batch=4, prefill_chunk=512, kv_memory=10**9)
+    try:
+        pool = scheduler.call(lambda: scheduler._layout()).result(60)
+        (kind,) = pool.kind_layers
+        size, block = pool.block_size, pool.block_bytes(kind)
+        history = state.num_tokens
+        own = [blocks_for(history + ids.shape[1] + 32, size) - history // size for ids in questions]
+        pool.limit_bytes = (2 + blocks_for(history, size) + sum(own) - 1) * block
+        scheduler.kv_memory = None  # every row admitted: only the pool's bound stops them
+        blocker = _hold_thread(scheduler)
+        jobs = [_job(engine, state, state.input_ids, ids, max_new_tokens=32, group="one") for ids in questions]
+        for job, _, _ in jobs:
+            scheduler.submit(job)
+        blocker.set()
+        ends = []
+        for _, events, finished in jobs:
+            assert finished.wait(120)
+            ends.append(events[-1])
+        assert sorted(kind for kind, _ in ends) == ["done", "error"]
+        ((_, message),) = [end for end in ends if end[0] == "error"]
+        assert "PoolFull" in message
+        ((ids, (_, answer)),) = [(ids, end) for ids, end in zip(questions, ends) if end[0] == "done"]
+        assert answer.token_ids == _alone(engine, state, torch.cat([state.input_ids, ids], dim=1), 32).token_ids
+    finally:
+        scheduler.stop()

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import decode
-from ..decode.blocks import blocks_for
+from ..decode.blocks import PoolFull, blocks_for
 from ..decode.kvpool import kind_name
 from ..decode.radix import RadixTree
 from ..engine import Answer, Engine, GenerationOptions, TextAssembler, _Timing
@@ -531,6 +531,9 @@ class Scheduler:
     # -- decode ----------------------------------------------------------------------------------------------
 
     def _decode(self) -> None:
+        self._make_room()
+        if not self._running:
+            return
         batch, running = self._batch, self._running
         logits = batch.step()
         self.stats.batch_size(len(running))
@@ -546,6 +549,19 @@ class Scheduler:
             if ok:
                 self._finish(running[slot], batch, slot)
             self._leave(slot)
+
+    def _make_room(self) -> None:
+        """Each row's next position made writable before the step (the step's own layout then takes no block): a
+        row the pool cannot give a block fails alone, instead of the step's failure ending every row."""
+        cache = self._batch.cache
+        for slot in reversed(range(len(self._running))):
+            start = cache.book.lengths[slot]
+            try:
+                for tables in cache.kinds.values():
+                    tables.writable(slot, start, start + 1)
+            except PoolFull as exc:
+                self._running[slot].job.emit("error", f"generation failed: {type(exc).__name__}: {exc}")
+                self._leave(slot)
 
     def _leave(self, slot: int) -> None:
         self._unreserve(self._running[slot])
