@@ -562,3 +562,30 @@ def test_a_row_the_pool_cannot_give_a_block_fails_alone(engine, astronaut_state)
         assert answer.token_ids == _alone(engine, state, torch.cat([state.input_ids, ids], dim=1), 32).token_ids
     finally:
         scheduler.stop()
+
+
+def test_records_of_conversations_the_tree_dropped_are_swept_and_live_ones_capped(tmp_path, monkeypatch):
+    """A record keeps its ids and node: those whose node died (evicted, or a failed forward's abandoned tree) go
+    at the next record, under any image key; live ones are capped, the least recently recorded key's first."""
+    from vlcache.serving import store as store_module
+    from vlcache.serving.store import Continuation, StateStore
+
+    class Node:
+        alive = True
+
+    store = StateStore(tmp_path / "cache", 10**9, "f" * 32, "cpu")
+    nodes = [Node() for _ in range(50)]
+    for i, node in enumerate(nodes):
+        store.add_continuation(f"{i:064x}", Continuation(input_ids=torch.full((1, 20), i), node=node))
+    assert sum(len(records) for records in store._continuations.values()) == 50  # control: all alive, all kept
+    for node in nodes:
+        node.alive = False
+    store.add_continuation("f" * 64, Continuation(input_ids=torch.zeros(1, 5, dtype=torch.long), node=Node()))
+    assert list(store._continuations) == ["f" * 64] and len(store._continuations["f" * 64]) == 1
+
+    monkeypatch.setattr(store_module, "CONTINUATIONS_KEPT", 8)
+    for i in range(10):
+        store.add_continuation("e" * 64, Continuation(input_ids=torch.full((1, 3), i), node=Node()))
+    records = store._continuations
+    assert sum(len(r) for r in records.values()) == 8 and "f" * 64 not in records  # the older key's went first
+    assert [int(c.input_ids[0, 0]) for c in records["e" * 64]] == list(range(2, 10))

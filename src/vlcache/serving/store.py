@@ -60,6 +60,9 @@ class StoredState:
     in_memory: bool
 
 
+CONTINUATIONS_KEPT = 4096  # records of kept conversations (token ids each): the tree's LRU usually drops them first
+
+
 @dataclass
 class Continuation:
     """A conversation after its image state, as the record of its token ids: its K/V are blocks the scheduler's
@@ -104,7 +107,10 @@ class StateStore:
         self.write_errors = 0  # states that could not be written to disk (kept in memory only)
         # Conversations that went on after an image state (records of ids; their K/V are in the scheduler's
         # prefix tree): image key -> continuations.
-        self._continuations: dict[str, list[Continuation]] = {}
+        # Records whose blocks the tree dropped are swept at each new one (a dead record keeps its ids and node,
+        # after a failed forward the whole old tree); at most CONTINUATIONS_KEPT live ones, least recently added
+        # image keys' oldest first.
+        self._continuations: OrderedDict[str, list[Continuation]] = OrderedDict()
         # States that may be listed and named by id: those made through /v1/images and /v1/vlcache/cache (a
         # marker file each, so a restarted server or another one sharing the folder agrees), or all with share_all.
         # A chat completion's state is another client's conversation and photo: it is found only by its contents.
@@ -269,11 +275,26 @@ class StateStore:
         """Record what followed an image state (its blocks are in the prefix tree): a next turn starts from it."""
         state.key = f"{image_key}:{uuid.uuid4().hex}"
         with self._lock:
-            kept = [known for known in self._continuations.get(image_key, []) if known.alive]
+            for key in list(self._continuations):
+                alive = [known for known in self._continuations[key] if known.alive]
+                if alive:
+                    self._continuations[key] = alive
+                else:
+                    del self._continuations[key]
+            kept = self._continuations.setdefault(image_key, [])
+            self._continuations.move_to_end(image_key)
             # Identical conversations are kept once (the tree holds their blocks once either way).
             if not any(torch.equal(known.input_ids, state.input_ids.to(known.input_ids.device)) for known in kept):
                 kept.append(state)
-            self._continuations[image_key] = kept
+            extra = sum(len(records) for records in self._continuations.values()) - CONTINUATIONS_KEPT
+            while extra > 0:
+                oldest = next(iter(self._continuations))
+                records = self._continuations[oldest]
+                dropped = min(extra, len(records))
+                del records[:dropped]
+                extra -= dropped
+                if not records:
+                    del self._continuations[oldest]
 
     def best_continuation(self, image_key: str, ids: torch.Tensor) -> tuple[Continuation | None, int]:
         """The kept continuation (its blocks still in the tree) sharing the longest run of leading tokens with
