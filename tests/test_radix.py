@@ -589,3 +589,32 @@ def test_records_of_conversations_the_tree_dropped_are_swept_and_live_ones_cappe
     records = store._continuations
     assert sum(len(r) for r in records.values()) == 8 and "f" * 64 not in records  # the older key's went first
     assert [int(c.input_ids[0, 0]) for c in records["e" * 64]] == list(range(2, 10))
+
+
+def test_kv_stats_between_a_pool_and_its_tree_being_set_or_cleared(engine, astronaut_state):
+    """/health reads the pool and the tree from another thread: the pool is set before its tree and cleared
+    after it, and a tree seen without its pool still reports (before: KeyError, a 500)."""
+    changes = []
+
+    class Recording(Scheduler):
+        def __setattr__(self, name, value):
+            if name in ("_pool", "_radix") and getattr(self, name, None) is not value:
+                changes.append((name, value is None))
+            super().__setattr__(name, value)
+
+    scheduler = Recording(engine, prefill_chunk=512)
+    try:
+        _first_turn(engine, scheduler, astronaut_state, "What is in the picture?")
+        stats = scheduler.kv_stats()
+        assert stats["blocks"]["full"]["kept"] == scheduler._radix.blocks > 0  # control: the tree's blocks
+        pool, scheduler._pool = scheduler._pool, None  # what another thread may see between the two changes
+        try:
+            stats = scheduler.kv_stats()
+        finally:
+            scheduler._pool = pool
+        assert stats["blocks"] == {"full": {"kept": scheduler._radix.blocks}} and stats["used_bytes"] == 0
+        changes.clear()
+        scheduler.call(lambda: (scheduler._fail_rows("a failed forward"), scheduler._layout())).result(60)
+        assert changes == [("_radix", True), ("_pool", True), ("_pool", False), ("_radix", False)]
+    finally:
+        scheduler.stop()

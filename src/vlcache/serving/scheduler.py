@@ -429,10 +429,13 @@ class Scheduler:
     def _new_batch(self) -> decode.Batch:
         batch = self.engine.batch(self._pool)
         if self._pool is None:
-            batch.cache.pool.limit_bytes = self.kv_memory  # before its first block: the CPU reserves this much
-            self._radix = RadixTree(batch.cache.pool)
-            batch.cache.pool.set_reclaim(self._radix.reclaim)  # kept conversations give way to running rows
-        self._pool = batch.cache.pool
+            pool = batch.cache.pool
+            pool.limit_bytes = self.kv_memory  # before its first block: the CPU reserves this much
+            radix = RadixTree(pool)
+            pool.set_reclaim(radix.reclaim)  # kept conversations give way to running rows
+            # The pool before its tree (and cleared after it): kv_stats, on another thread, reads both.
+            self._pool = pool
+            self._radix = radix
         return batch
 
     # -- admission by memory ---------------------------------------------------------------------------------
@@ -524,7 +527,7 @@ class Scheduler:
         blocks = pool.stats() if pool else {}
         if radix is not None:
             for kind, count in radix.kept.items():  # held by the prefix tree (kept conversations), used or not
-                blocks[kind_name(kind)]["kept"] = count
+                blocks.setdefault(kind_name(kind), {})["kept"] = count
         return {"kv_memory": self.kv_memory, "reserved_bytes": self._reserved,
                 "used_bytes": pool.bytes_used() if pool else 0, "blocks": blocks}
 
@@ -627,10 +630,10 @@ class Scheduler:
         for row in rows:
             row.job.emit("error", message)
         self._running, self._prefill, self._batch = [], None, None
+        radix, self._radix = self._radix, None  # the tree before its pool (kv_stats reads both)
+        if radix is not None:
+            radix.abandon()  # its conversations are no longer found (their records see dead nodes)
         self._pool = None  # the failed forward's blocks may be held by rows no one will remove: a fresh pool
-        if self._radix is not None:
-            self._radix.abandon()  # its conversations are no longer found (their records see dead nodes)
-            self._radix = None
         self._reserved, self._groups = 0, {}
         for row in rows:
             row.reserved = 0
