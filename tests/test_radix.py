@@ -618,3 +618,37 @@ def test_kv_stats_between_a_pool_and_its_tree_being_set_or_cleared(engine, astro
         assert changes == [("_radix", True), ("_pool", True), ("_pool", False), ("_radix", False)]
     finally:
         scheduler.stop()
+
+
+def test_fit_and_reclaim_visit_about_the_leaves_they_evict_not_every_leaf_each_time():
+    """2000 one-block conversations, the 5 oldest used by rows: 100 reclaims then a fit to half the bytes take
+    the least recently used unused leaves and look at a bounded number of leaves (before: every leaf per
+    eviction, 200,000 visits for the reclaims alone)."""
+    from vlcache.decode.kvpool import KVPool
+
+    kind = (None, None)
+    pool = KVPool({kind: [0]}, [(1, 4)], 16, "cpu", torch.float32)
+    tree, blocks = RadixTree(pool), pool.pools[kind]
+    nodes, busy = [], []
+    for i in range(2000):
+        block = blocks.allocate()
+        nodes.append(tree.insert("root", [i] * 16, {kind: [block]}))
+        if i < 5:
+            busy.append(block)  # a row still holds it: evicting it frees nothing
+        else:
+            blocks.release(block)
+    visits = []
+    leaves, is_busy = tree._leaves, tree._busy
+    tree._leaves = lambda: (visits.append("leaf") or leaf for leaf in leaves())
+    tree._busy = lambda node: visits.append("busy") or is_busy(node)
+    assert all(tree.reclaim() for _ in range(100))
+    assert [node.alive for node in nodes[:106]] == [True] * 5 + [False] * 100 + [True]  # LRU, busy ones skipped
+    budget = tree.bytes() // 2
+    tree.fit(budget)
+    assert tree.bytes() <= budget and tree.blocks == 950 and all(node.alive for node in nodes[:5] + nodes[-945:])
+    assert not nodes[-946].alive
+    assert len(visits) <= 100 * 6 + 955  # each reclaim: the 5 busy leaves and the one it takes; fit: one each
+    for block in busy:
+        blocks.release(block)
+    tree.fit(0)
+    assert tree.blocks == 0 and blocks.used == 0

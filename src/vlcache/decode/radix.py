@@ -55,6 +55,11 @@ class RadixTree:
         self.kept = {kind: 0 for kind in pool.kind_layers}  # per layer kind: blocks the nodes hold (NULLs not counted)
         self._clock = itertools.count(1)
         self._lock = threading.RLock()
+        # Leaves by when last used, kept as they change (an entry is stale once its node was touched again, got a
+        # child or died: skipped when it comes up, the heap rebuilt when stale ones outnumber the nodes), so
+        # evicting k leaves visits about k entries instead of every leaf each time.
+        self._heap: list = []  # (used, order, node)
+        self._order = itertools.count()  # ties broken by push order (nodes are not comparable)
 
     # -- lookups -----------------------------------------------------------------------------------------------
 
@@ -81,7 +86,7 @@ class RadixTree:
                     child, step = best, best_len
                 else:
                     step = size
-                child.used = now
+                self._touch(child, now)
                 for kind, block in child.blocks.items():
                     chains[kind].append(block)
                 matched += step
@@ -103,6 +108,7 @@ class RadixTree:
             if node is None:
                 node = self.roots[root] = Node((), {}, None)
             now = next(self._clock)
+            path = []
             for j in range(-(-len(ids) // size)):
                 piece = tuple(ids[j * size : (j + 1) * size])
                 child = node.children.get(piece)
@@ -113,28 +119,38 @@ class RadixTree:
                         self.kept[kind] += block != NULL
                     child = node.children[piece] = Node(piece, blocks, node)
                     self.blocks += 1
-                child.used = now
+                path.append(child)
                 node = child
+            for touched in path:  # after the loop: a node that got a child here is no leaf
+                self._touch(touched, now)
             return node if ids else None
 
     def evict(self, leaves: int | None = None, busy_too: bool = True) -> int:
         """Remove up to `leaves` least recently used leaves (all the tree's nodes by default), a parent becoming
         a leaf in turn; `busy_too` False: skip a leaf whose blocks a row also holds (removing it frees nothing).
         Returns the blocks the pool got back (for every kind together)."""
-        freed = 0
+        return self._evict(lambda removed: leaves is None or removed < leaves, busy_too)
+
+    def _evict(self, more, busy_too: bool) -> int:
+        """Remove least recently used leaves while `more(leaves removed so far)`; returns the blocks freed."""
+        freed = removed = 0
         with self._lock:
-            heap = [(leaf.used, id(leaf), leaf) for leaf in self._leaves()]
-            heapq.heapify(heap)
-            removed = 0
-            while heap and (leaves is None or removed < leaves):
-                _, _, leaf = heapq.heappop(heap)
+            heap, skipped = self._heap, []
+            while heap and more(removed):
+                entry = heapq.heappop(heap)
+                used, _, leaf = entry
+                if not leaf.alive or leaf.children or leaf.used != used:
+                    continue  # stale
                 if not busy_too and self._busy(leaf):
+                    skipped.append(entry)  # still a leaf: back in the heap afterwards
                     continue
                 freed += self._remove(leaf)
                 removed += 1
                 parent = leaf.parent
                 if parent is not None and parent.parent is not None and not parent.children:
-                    heapq.heappush(heap, (parent.used, id(parent), parent))
+                    heapq.heappush(heap, (parent.used, next(self._order), parent))
+            for entry in skipped:
+                heapq.heappush(heap, entry)
         return freed
 
     def bytes(self) -> int:
@@ -143,12 +159,11 @@ class RadixTree:
 
     def fit(self, budget: int) -> None:
         """Evict least recently used leaves no row uses until the tree's blocks take at most `budget` bytes."""
-        while self.bytes() > budget and self.evict(1, busy_too=False) > 0:
-            pass
+        self._evict(lambda removed: self.bytes() > budget, busy_too=False)
 
     def reclaim(self) -> bool:
         """Free one least recently used leaf that no row uses (the pool wants a block beyond its bound)."""
-        return self.evict(1, busy_too=False) > 0
+        return self._evict(lambda removed: removed < 1, busy_too=False) > 0
 
     def drop(self, root: str) -> None:
         """Forget every conversation under `root` (its state was deleted); rows using them keep their blocks."""
@@ -174,6 +189,7 @@ class RadixTree:
                 stack.extend(node.children.values())
                 node.alive = False
             self.roots = {}
+            self._heap = []
 
     def held(self) -> dict:
         """Per layer kind: how many references the tree holds on each block (for checks)."""
@@ -198,6 +214,14 @@ class RadixTree:
                 stack.extend(node.children.values())
             elif node.parent is not None:
                 yield node
+
+    def _touch(self, node: Node, now: int) -> None:
+        node.used = now
+        if not node.children:
+            heapq.heappush(self._heap, (now, next(self._order), node))
+            if len(self._heap) > 4 * self.blocks + 64:  # mostly stale entries: rebuilt from the leaves
+                self._heap = [(leaf.used, next(self._order), leaf) for leaf in self._leaves()]
+                heapq.heapify(self._heap)
 
     def _busy(self, node: Node) -> bool:
         return any(block != NULL and self.pool.pools[kind].refs[block] > 1 for kind, block in node.blocks.items())
