@@ -652,3 +652,31 @@ def test_fit_and_reclaim_visit_about_the_leaves_they_evict_not_every_leaf_each_t
         blocks.release(block)
     tree.fit(0)
     assert tree.blocks == 0 and blocks.used == 0
+
+
+def test_a_conversation_survives_another_clients_finish_when_states_fill_the_budget(engine, astronaut_state, tmp_path):
+    """States in memory fill --memory-budget (a busy server): the tree still keeps its share, so one client's
+    conversation outlives another client's answer (before: the tree's budget was what the states left, none,
+    and each finish evicted every other conversation). The states give way to what the tree keeps of its
+    share, so both together stay within the budget."""
+    from test_server import LiveServer, image_messages
+
+    budget = 6 * astronaut_state.kv_bytes
+    live = LiveServer(engine, tmp_path / "states", memory_budget=budget)
+    try:
+        store, scheduler = live.service.store, live.service.scheduler
+        kept = lambda: scheduler.call(lambda: scheduler._radix.bytes()).result(60)  # noqa: E731
+        ask = lambda question: live.client.chat.completions.create(  # noqa: E731
+            model="any", messages=image_messages("astronaut.png", question), max_tokens=N, temperature=0)
+        ask("What objects are visible in this image?")
+        ((image_key, (first,)),) = store._continuations.items()
+        state = store._hot[image_key]
+        for i in range(budget // state.kv_bytes):  # other states fill the budget (copies: same bytes)
+            store._keep_hot(f"{i:064x}", state)
+        assert store.hot_bytes >= budget - kept() - state.kv_bytes  # full, but for what the tree keeps
+        ask("What colors dominate the scene?")  # another client's conversation about the same photo
+        records = store._continuations[image_key]
+        assert len(records) == 2 and first in records and first.alive and all(r.alive for r in records)
+        assert 0 < store.hot_bytes and store.hot_bytes + kept() <= budget
+    finally:
+        live.close()

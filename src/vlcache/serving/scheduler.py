@@ -521,6 +521,11 @@ class Scheduler:
             self._reserved -= group[0]
             del self._groups[key]
 
+    def kept_bytes(self) -> int:
+        """Bytes of the blocks the prefix tree keeps (read from any thread: per kind counts, updated in place)."""
+        radix = self._radix
+        return radix.bytes() if radix is not None else 0
+
     def kv_stats(self) -> dict:
         """For /health: the K/V memory bound, what started rows may take, the pool's blocks per layer kind."""
         pool, radix = self._pool, self._radix

@@ -41,6 +41,7 @@ from .streaming import released, unless_disconnected
 from .thumbs import Thumbnails
 
 
+KEPT_SHARE = 0.5  # of --memory-budget: what kept conversations may hold however many states are in memory
 ROW_COPIES = 2  # a row's K/V is held twice at most: in the prefill's batch, then in the running batch
 FAILURE_SECONDS = 600.0  # a state that failed to compute (a broken or too costly video) is refused this long
 _FAILURES_KEPT = 1024
@@ -69,7 +70,14 @@ class Service:
                                    kv_memory=options.kv_memory)
         self.store.forget = self.scheduler.forget  # a deleted state's kept conversations go with it
         # Kept conversations' blocks and the states held in memory share --memory-budget, as before they were blocks.
-        self.scheduler.kept_budget = lambda: max(0, options.memory_budget - self.store.hot_bytes)
+        # The tree may always keep its share (KEPT_SHARE of the budget, less than the most recently used state
+        # leaves: that one stays in memory), the states leaving room for what it keeps of it, and more while the
+        # states leave more: else states filling the budget (any busy server) left the tree nothing, and every
+        # finish evicted the conversations of every other client.
+        share, budget = int(options.memory_budget * KEPT_SHARE), options.memory_budget
+        self.scheduler.kept_budget = lambda: max(min(share, budget - self.store.newest_bytes),
+                                                 budget - self.store.hot_bytes)
+        self.store.others = lambda: min(self.scheduler.kept_bytes(), share)
         # Fetching and decoding media run on threads of their own: slow downloads or long videos never hold
         # the threads that text-only requests, uploads and lookups use.
         self.media_pool = concurrent.futures.ThreadPoolExecutor(options.media_workers, thread_name_prefix="vlcache-media")
@@ -418,6 +426,7 @@ class Service:
         def keep(ids, node, answer_start):
             if node is not None:
                 self.store.add_continuation(image_key, Continuation(input_ids=ids, node=node, answer_start=answer_start))
+                self.store.make_room()  # the states give way to the tree's share, now fuller
 
         return keep
 

@@ -118,6 +118,9 @@ class StateStore:
         self._shared: set[str] = set()
         self._lock = threading.RLock()
         self.forget: Callable[[str], None] | None = None  # called with a deleted state's key (the server: its tree)
+        # Bytes kept beside the states under the same budget that the states leave room for (the server: the
+        # prefix tree's kept conversations, up to their share).
+        self.others: Callable[[], int] = lambda: 0
         remove_stale_uploads(self.upload_folder())
         self.rescan()
 
@@ -493,8 +496,21 @@ class StateStore:
                 return
             self._hot[key] = state
             self._hot_bytes += state.kv_bytes
-            while self._hot_bytes > self.budget and len(self._hot) > 1:
+            while self._hot_bytes + self.others() > self.budget and len(self._hot) > 1:
                 self._evict(next(iter(self._hot)))
+
+    def make_room(self) -> None:
+        """Evict states, least recently used first, until they and `others()` fit the budget (the most recently
+        used one stays: `others` leave room for it)."""
+        with self._lock:
+            while self._hot_bytes + self.others() > self.budget and len(self._hot) > 1:
+                self._evict(next(iter(self._hot)))
+
+    @property
+    def newest_bytes(self) -> int:
+        """Bytes of the most recently used state in memory (0 for none)."""
+        with self._lock:
+            return self._hot[next(reversed(self._hot))].kv_bytes if self._hot else 0
 
     def _evict(self, key: str) -> None:
         # Its continuations stay: their blocks are the prefix tree's (under --kv-memory), not this budget's.
