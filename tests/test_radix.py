@@ -665,8 +665,8 @@ def test_a_conversation_survives_another_clients_finish_when_states_fill_the_bud
     live = LiveServer(engine, tmp_path / "states", memory_budget=budget)
     try:
         store, scheduler = live.service.store, live.service.scheduler
-        kept = lambda: scheduler.call(lambda: scheduler._radix.bytes()).result(60)  # noqa: E731
-        ask = lambda question: live.client.chat.completions.create(  # noqa: E731
+        kept = lambda: scheduler.call(lambda: scheduler._radix.bytes()).result(60)
+        ask = lambda question: live.client.chat.completions.create(
             model="any", messages=image_messages("astronaut.png", question), max_tokens=N, temperature=0)
         ask("What objects are visible in this image?")
         ((image_key, (first,)),) = store._continuations.items()

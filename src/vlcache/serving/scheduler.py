@@ -17,8 +17,8 @@ served. So the pool never runs out of blocks; a request that could not fit even 
 
 Kept conversations (a finished row's blocks) stay in a prefix tree keyed by token ids (decode.radix): a later
 row whose history the tree holds references those blocks instead of writing its state again; the tree gives
-way, least recently used first, when the pool is at its bound or past `kept_budget` (the server's
---memory-budget beside its states), never freeing a block a row uses.
+way, least recently used first, when the pool is at its bound or past `kept_budget` (the server's: its share
+of --memory-budget, or what its states leave if more), never freeing a block a row uses.
 
 Rows about different image states (and text-only rows) share one batch: each attends to its own prefix,
 referenced through its block table (one copy of a state in the K/V blocks for all its rows, vlcache.decode).
