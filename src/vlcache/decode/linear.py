@@ -50,8 +50,11 @@ class _Packed:
         self.module, self.packed = module, packed
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.bfloat16 or x.device.type != "cpu" or torch.is_grad_enabled():
-            return F.linear(x, self.module.weight, self.module.bias)  # anything else: the layer as it was
+        # Anything else takes the layer as it was; so does a traced forward (inductor lowers this op only on
+        # weights it froze itself, and then packs them on its own).
+        if (x.dtype != torch.bfloat16 or x.device.type != "cpu" or torch.is_grad_enabled()
+                or torch.compiler.is_compiling()):
+            return F.linear(x, self.module.weight, self.module.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.module.bias, "none", [], "")
 
 
