@@ -55,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (each tool once a round)")
     parser.add_argument("--threads", type=int, default=THREADS)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--vlcache-arg", action="append", default=[], metavar="ARG",
+                        help="one more argument for `vlcache serve` (repeatable), e.g. --vlcache-arg=--compile=off")
     parser.add_argument("--skip-int8", action="store_true", help="leave out vlcache --quantize int8 vs Q8_0")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.threads < 1:
@@ -227,9 +229,9 @@ def warm_round(tool: Tool, server: Server, image: Path, k: int) -> dict:
             "decode_tokens": tokens}
 
 
-def vlcache_cmd(model: Path, cache_dir: Path, threads: int, quantize: str | None) -> list:
+def vlcache_cmd(model: Path, cache_dir: Path, threads: int, quantize: str | None, extra: list[str]) -> list:
     cmd = [sys.executable, "-m", "vlcache", "serve", "--model", model, "--port", "{port}", "--cache-dir", cache_dir,
-           "--device", "cpu"]
+           "--device", "cpu", "--no-web", *extra]
     if has_flag("--threads"):
         cmd += ["--threads", str(threads)]
     if quantize:
@@ -275,7 +277,7 @@ def compare_warm(pairs: list[tuple[Tool, Tool]], rounds: int) -> dict:
     return out
 
 
-def fresh_cached(bin_dir: Path, files: dict, model: Path, cache: Path, threads: int, rounds: int) -> dict:
+def fresh_cached(bin_dir: Path, files: dict, model: Path, cache: Path, threads: int, rounds: int, extra: list[str]) -> dict:
     """A fresh process answering about an image cached before: `vlcache ask --cache` against llama-server
     start + slot restore + the same kind of question (one token each)."""
     env = _env(threads)
@@ -286,16 +288,19 @@ def fresh_cached(bin_dir: Path, files: dict, model: Path, cache: Path, threads: 
     log = cache / "fresh.log"
     run([sys.executable, "-m", "vlcache", "cache", image, "--output", state, "--model", model, "--device", "cpu"], log, env=env)
     llama = llama_cmd(bin_dir, files["bf16"], files["mmproj"], threads, slots)
-    with Server(llama, env, log) as server:  # the slot's state after one question about the image, saved once
-        ask(server.url, image, QUESTIONS[0], 1)
-        _post(server.url + "/slots/0?action=save", {"filename": "astronaut.bin"})
-    times = {"vlcache ask --cache": [], "llama-server start + slot restore + ask": []}
     errors = {}
+    try:
+        with Server(llama, env, log) as server:  # the slot's state after one question about the image, saved once
+            ask(server.url, image, QUESTIONS[0], 1)
+            _post(server.url + "/slots/0?action=save", {"filename": "astronaut.bin"})
+    except (OSError, SystemExit) as exc:
+        errors["llama-server slot save"] = str(exc)[:200]
+    times = {"vlcache ask --cache": [], "llama-server start + slot restore + ask": []}
     for k in range(rounds):
         question = QUESTIONS[(k + 1) % len(QUESTIONS)]
         start = time.perf_counter()
         run([sys.executable, "-m", "vlcache", "ask", "--cache", state, "--prompt", question, "--max-new-tokens", "1",
-             "--model", model, "--device", "cpu"], log, env=env)
+             "--model", model, "--device", "cpu", *[a for a in extra if a.startswith("--compile")]], log, env=env)
         times["vlcache ask --cache"].append(time.perf_counter() - start)
         start = time.perf_counter()
         try:
@@ -386,7 +391,7 @@ def main(argv=None) -> int:
     notes = []
     states = args.cache / "states"
     shutil.rmtree(states, ignore_errors=True)
-    pairs = [(Tool("vlcache bf16", vlcache_cmd(model, states / "bf16", args.threads, None), env, log),
+    pairs = [(Tool("vlcache bf16", vlcache_cmd(model, states / "bf16", args.threads, None, args.vlcache_arg), env, log),
               Tool("llama.cpp BF16", llama_cmd(bin_dir, files["bf16"], files["mmproj"], args.threads), env, log,
                    {"ignore_eos": True}))]
     if args.skip_int8:
@@ -394,7 +399,7 @@ def main(argv=None) -> int:
     elif not has_flag("--quantize"):
         notes.append("vlcache int8 vs Q8_0: not measured, this tree's `vlcache serve` has no --quantize flag.")
     else:
-        pairs.append((Tool("vlcache int8", vlcache_cmd(model, states / "int8", args.threads, "int8"), env, log),
+        pairs.append((Tool("vlcache int8", vlcache_cmd(model, states / "int8", args.threads, "int8", args.vlcache_arg), env, log),
                       Tool("llama.cpp Q8_0", llama_cmd(bin_dir, files["q8_0"], files["mmproj"], args.threads), env, log,
                            {"ignore_eos": True})))
     if not has_flag("--threads"):
@@ -403,7 +408,7 @@ def main(argv=None) -> int:
     results = {"machine": cpu_facts(), "command": "python bench/peer_llamacpp.py " + " ".join(argv or sys.argv[1:]),
                "llamacpp": version, "threads": args.threads, "rounds": args.rounds}
     results["warm"] = compare_warm(pairs, args.rounds)
-    results["fresh"] = fresh_cached(bin_dir, files, model, args.cache, args.threads, args.rounds)
+    results["fresh"] = fresh_cached(bin_dir, files, model, args.cache, args.threads, args.rounds, args.vlcache_arg)
     if results["fresh"]["errors"]:
         notes += [f"{name}: {error}" for name, error in results["fresh"]["errors"].items()]
     results["notes"] = notes

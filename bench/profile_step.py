@@ -110,6 +110,47 @@ def step_times(engine, state, steps: int, rounds: int) -> dict:
                         for k, v in out.items()}, "same_tokens": tokens["packed"] == tokens["plain"]}
 
 
+def ttft_parts(engine, state, rounds: int) -> dict:
+    """Median ms of each part of a cached first token in-process (issue 33 item 5): the question's ids, a row
+    on the state (its blocks written), the prefill of the question, the first sampling; and the floor, one bare
+    forward of the same tokens over a plain cache of the state (bench/measure.py's)."""
+    from transformers import DynamicCache
+
+    from vlcache import decode
+
+    parts: dict[str, list[float]] = {k: [] for k in ("question ids", "row on the state (blocks written)",
+                                                     "prefill of the question", "first sampling", "total", "floor")}
+    for k in range(rounds):
+        question = QUESTION + f" ({k})"
+        t0 = time.perf_counter()
+        ids = engine.question_ids(state.metadata.messages, question)[0]
+        t1 = time.perf_counter()
+        batch = engine.batch()
+        batch.add(engine.state_prefix(state), decode.SamplingParams(temperature=0.0), 1, ids)
+        t2 = time.perf_counter()
+        logits = batch.prefill([ids])
+        t3 = time.perf_counter()
+        batch.sample(logits)
+        t4 = time.perf_counter()
+        batch.cache.close()
+        for name, (a, b) in zip(parts, ((t0, t1), (t1, t2), (t2, t3), (t3, t4), (t0, t4))):
+            parts[name].append((b - a) * 1e3)
+        cache = DynamicCache(config=engine.model.config)
+        for i, (key, value) in enumerate(state.kv):
+            cache.update(key.clone(), value.clone(), i)
+        n = state.num_tokens
+        where = engine.family.positions(torch.arange(n, n + ids.shape[0]).unsqueeze(0),
+                                        torch.arange(n, n + ids.shape[0]).unsqueeze(0), int(state.rope_deltas.view(-1)[0]))
+        start = time.perf_counter()
+        with torch.inference_mode():
+            engine.model(input_ids=ids.unsqueeze(0), position_ids=where, cache=cache, use_cache=True,
+                         logits_to_keep=1)
+        parts["floor"].append((time.perf_counter() - start) * 1e3)
+    return {"question_tokens": int(ids.shape[0]),
+            "ttft_parts_ms": {k: {"median": round(statistics.median(v), 1), "min": round(min(v), 1), "max": round(max(v), 1)}
+                              for k, v in parts.items()}}
+
+
 def head_alone(engine, runs: int = 20) -> float:
     head = engine.model.get_output_embeddings()
     x = torch.randn(1, 1, head.weight.shape[1], dtype=head.weight.dtype)
@@ -138,6 +179,7 @@ def main(argv=None) -> int:
     out["packing"] = engine.packing
     out.update(profile(engine, state, args.steps))
     out.update(step_times(engine, state, args.steps, args.rounds))
+    out.update(ttft_parts(engine, state, max(args.rounds, 5)))
     print(json.dumps(out, indent=1))
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
