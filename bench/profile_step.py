@@ -7,6 +7,7 @@ with each candidate (eager, inductor, inductor with frozen prepacked weights) al
 candidate's greedy tokens equal the eager step's.
 
 Usage: python bench/profile_step.py --model DIR [--steps 8] [--rounds 3] [--json out.json]
+       python bench/profile_step.py --model DIR --linear-only --rounds 7   # the linear layers alone, plain vs packed
 """
 
 from __future__ import annotations
@@ -151,6 +152,35 @@ def ttft_parts(engine, state, rounds: int) -> dict:
                               for k, v in parts.items()}}
 
 
+def linear_stack(rounds: int) -> dict:
+    """The 2B text model's linear layers alone (28 x q, k, v, o, gate, up, down, then the output projection),
+    bfloat16, one token: plain F.linear against the same weights packed once (decode.linear), alternating; ms a
+    pass and the GB/s of weights read that it implies."""
+    import torch.nn.functional as F
+
+    shapes = [(2048, 2048), (1024, 2048), (1024, 2048), (2048, 2048), (6144, 2048), (6144, 2048), (2048, 6144)] * 28
+    shapes.append((151936, 2048))
+    generator = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        weights = [(torch.randn(o, i, generator=generator) * 0.02).to(torch.bfloat16) for o, i in shapes]
+        packed = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in weights]
+        inputs = {i: torch.randn(1, i, generator=generator).to(torch.bfloat16) for i in (2048, 6144)}
+        runs = {"plain": lambda: [F.linear(inputs[w.shape[1]], w) for w in weights],
+                "packed": lambda: [torch.ops.mkldnn._linear_pointwise(inputs[w.shape[1]], p, None, "none", [], "")
+                                   for w, p in zip(weights, packed)]}
+        times: dict[str, list[float]] = {k: [] for k in runs}
+        for _ in range(rounds):
+            for name, fn in runs.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    size = sum(o * i * 2 for o, i in shapes)
+    return {"weights_gb": round(size / 1e9, 2), **{name: {"median_ms": round(statistics.median(v) * 1e3, 1),
+                                                           "min_ms": round(min(v) * 1e3, 1),
+                                                           "best_gb_s": round(size / min(v) / 1e9, 1)}
+                                                    for name, v in times.items()}}
+
+
 def head_alone(engine, runs: int = 20) -> float:
     head = engine.model.get_output_embeddings()
     x = torch.randn(1, 1, head.weight.shape[1], dtype=head.weight.dtype)
@@ -168,8 +198,15 @@ def main(argv=None) -> int:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--linear-only", action="store_true", help="only the linear layers' pass, plain vs packed")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.linear_only:
+        out = {"threads": torch.get_num_threads(), "linear_stack": linear_stack(args.rounds)}
+        print(json.dumps(out, indent=1))
+        if args.json:
+            args.json.write_text(json.dumps(out, indent=1))
+        return 0
     from vlcache import Engine
 
     engine = Engine.load(str(args.model), device="cpu", dtype="auto")
