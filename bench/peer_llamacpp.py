@@ -408,6 +408,8 @@ def main(argv=None) -> int:
     results = {"machine": cpu_facts(), "command": "python bench/peer_llamacpp.py " + " ".join(argv or sys.argv[1:]),
                "llamacpp": version, "threads": args.threads, "rounds": args.rounds}
     results["warm"] = compare_warm(pairs, args.rounds)
+    if args.json:  # what is measured so far, should the rest not finish
+        args.json.write_text(json.dumps(results, indent=1, default=str))
     results["fresh"] = fresh_cached(bin_dir, files, model, args.cache, args.threads, args.rounds, args.vlcache_arg)
     if results["fresh"]["errors"]:
         notes += [f"{name}: {error}" for name, error in results["fresh"]["errors"].items()]
