@@ -57,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--vlcache-arg", action="append", default=[], metavar="ARG",
                         help="one more argument for `vlcache serve` (repeatable), e.g. --vlcache-arg=--compile=off")
+    parser.add_argument("--llama-arg", action="append", default=[], metavar="ARG",
+                        help="one more argument for llama-server (repeatable), e.g. --llama-arg=--poll=0")
     parser.add_argument("--skip-int8", action="store_true", help="leave out vlcache --quantize int8 vs Q8_0")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.threads < 1:
@@ -249,9 +251,10 @@ def _env(threads: int) -> dict:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": str(threads)}
 
 
-def llama_cmd(bin_dir: Path, gguf: Path, mmproj: Path, threads: int, slots: Path | None = None) -> list:
+def llama_cmd(bin_dir: Path, gguf: Path, mmproj: Path, threads: int, slots: Path | None = None,
+              extra: tuple = ()) -> list:
     cmd = [bin_dir / "llama-server", "-m", gguf, "--mmproj", mmproj, "-t", str(threads), "-tb", str(threads),
-           "--host", "127.0.0.1", "--port", "{port}", "-c", "4096", "-np", "1", "--no-webui"]
+           "--host", "127.0.0.1", "--port", "{port}", "-c", "4096", "-np", "1", "--no-webui", *extra]
     if slots:
         cmd += ["--slot-save-path", slots]
     return cmd
@@ -277,7 +280,8 @@ def compare_warm(pairs: list[tuple[Tool, Tool]], rounds: int) -> dict:
     return out
 
 
-def fresh_cached(bin_dir: Path, files: dict, model: Path, cache: Path, threads: int, rounds: int, extra: list[str]) -> dict:
+def fresh_cached(bin_dir: Path, files: dict, model: Path, cache: Path, threads: int, rounds: int, extra: list[str],
+                 llama_extra: list[str]) -> dict:
     """A fresh process answering about an image cached before: `vlcache ask --cache` against llama-server
     start + slot restore + the same kind of question (one token each)."""
     env = _env(threads)
@@ -287,7 +291,7 @@ def fresh_cached(bin_dir: Path, files: dict, model: Path, cache: Path, threads: 
     slots.mkdir(exist_ok=True)
     log = cache / "fresh.log"
     run([sys.executable, "-m", "vlcache", "cache", image, "--output", state, "--model", model, "--device", "cpu"], log, env=env)
-    llama = llama_cmd(bin_dir, files["bf16"], files["mmproj"], threads, slots)
+    llama = llama_cmd(bin_dir, files["bf16"], files["mmproj"], threads, slots, llama_extra)
     errors = {}
     try:
         with Server(llama, env, log) as server:  # the slot's state after one question about the image, saved once
@@ -392,7 +396,7 @@ def main(argv=None) -> int:
     states = args.cache / "states"
     shutil.rmtree(states, ignore_errors=True)
     pairs = [(Tool("vlcache bf16", vlcache_cmd(model, states / "bf16", args.threads, None, args.vlcache_arg), env, log),
-              Tool("llama.cpp BF16", llama_cmd(bin_dir, files["bf16"], files["mmproj"], args.threads), env, log,
+              Tool("llama.cpp BF16", llama_cmd(bin_dir, files["bf16"], files["mmproj"], args.threads, extra=args.llama_arg), env, log,
                    {"ignore_eos": True}))]
     if args.skip_int8:
         notes.append("vlcache int8 vs Q8_0: left out (--skip-int8).")
@@ -400,7 +404,7 @@ def main(argv=None) -> int:
         notes.append("vlcache int8 vs Q8_0: not measured, this tree's `vlcache serve` has no --quantize flag.")
     else:
         pairs.append((Tool("vlcache int8", vlcache_cmd(model, states / "int8", args.threads, "int8", args.vlcache_arg), env, log),
-                      Tool("llama.cpp Q8_0", llama_cmd(bin_dir, files["q8_0"], files["mmproj"], args.threads), env, log,
+                      Tool("llama.cpp Q8_0", llama_cmd(bin_dir, files["q8_0"], files["mmproj"], args.threads, extra=args.llama_arg), env, log,
                            {"ignore_eos": True})))
     if not has_flag("--threads"):
         notes.append(f"This tree's vlcache has no --threads flag: its servers ran with OMP_NUM_THREADS={args.threads} "
@@ -410,7 +414,7 @@ def main(argv=None) -> int:
     results["warm"] = compare_warm(pairs, args.rounds)
     if args.json:  # what is measured so far, should the rest not finish
         args.json.write_text(json.dumps(results, indent=1, default=str))
-    results["fresh"] = fresh_cached(bin_dir, files, model, args.cache, args.threads, args.rounds, args.vlcache_arg)
+    results["fresh"] = fresh_cached(bin_dir, files, model, args.cache, args.threads, args.rounds, args.vlcache_arg, args.llama_arg)
     if results["fresh"]["errors"]:
         notes += [f"{name}: {error}" for name, error in results["fresh"]["errors"].items()]
     results["notes"] = notes
