@@ -254,7 +254,9 @@ def _env(threads: int) -> dict:
 def llama_cmd(bin_dir: Path, gguf: Path, mmproj: Path, threads: int, slots: Path | None = None,
               extra: tuple = ()) -> list:
     cmd = [bin_dir / "llama-server", "-m", gguf, "--mmproj", mmproj, "-t", str(threads), "-tb", str(threads),
-           "--host", "127.0.0.1", "--port", "{port}", "-c", "4096", "-np", "1", "--no-webui", *extra]
+           "--host", "127.0.0.1", "--port", "{port}", "-c", "4096", "-np", "1", "--no-webui"]
+    for arg in extra:  # llama-server takes "--poll 0", not "--poll=0"
+        cmd += arg.split("=", 1) if arg.startswith("--") else [arg]
     if slots:
         cmd += ["--slot-save-path", slots]
     return cmd
