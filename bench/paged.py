@@ -6,7 +6,11 @@ One photograph is cached (about 860 tokens), then ask_many asks R questions abou
 Each R runs in a fresh process (glibc's mmap threshold fixed at 64 KiB): peak RSS growth (VmHWM after, reset before, minus VmRSS before) during
 ask_many, and the bytes of K/V the batch held (its slot tensors before the pool; the most blocks in use after).
 
-Usage: python bench/paged.py --work-dir /tmp/bpaged [--rows 1 16 64] [--json docs/benchmarks-paged.json]
+`--server`: the same through the server instead (in this process: create_app on 127.0.0.1, a warm-up chat that
+computes and keeps the state, then R concurrent chats from R threads with the openai client, each its own
+question about the photograph, 8 new tokens): peak growth during the R chats against the state's bytes.
+
+Usage: python bench/paged.py --work-dir /tmp/bpaged [--rows 1 16 64] [--server] [--json docs/benchmarks-paged.json]
 """
 
 from __future__ import annotations
@@ -81,6 +85,59 @@ def one(folder: Path, rows: int) -> dict:
     return out
 
 
+def one_server(folder: Path, rows: int, work: Path) -> dict:
+    """In this process: a server on the thin model; after one warm-up chat about the photograph, `rows`
+    concurrent chats about it; the memory figures."""
+    import base64
+    import concurrent.futures
+    import tempfile
+    import threading
+    import time
+
+    import uvicorn
+    from openai import OpenAI
+
+    from vlcache import Engine
+    from vlcache.serving.options import ServeOptions
+    from vlcache.serving.server import create_app, server_config
+    from vlcache.state import kv_nbytes
+
+    torch.set_num_threads(1)
+    engine = Engine.load(str(folder), device="cpu", dtype="float32", compile="off")
+    app = create_app(engine, ServeOptions(cache_dir=Path(tempfile.mkdtemp(dir=work)), memory_budget=8 * 2**30,
+                                          max_batch=max(rows, 1)))
+    server = uvicorn.Server(server_config(app, "127.0.0.1", 0, log_level="error"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/v1"
+    client = OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=3600)
+    image = "data:image/jpeg;base64," + base64.b64encode(PHOTO.read_bytes()).decode()
+
+    def chat(question: str, tokens: int = 8):
+        return client.chat.completions.create(model="m", max_tokens=tokens, temperature=0, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": question}]}])
+
+    loaded = _status("VmRSS")
+    chat("Warm up.", 2)  # computes and keeps the state; allocator pools, lazy imports
+    service = app.state.service
+    (state,) = [v for k, v in service.store._hot.items() if ":" not in k]  # the image state (not kept conversations)
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status("VmRSS")
+    prompts = [QUESTIONS[i % len(QUESTIONS)] + f" ({i})" for i in range(rows)]
+    with concurrent.futures.ThreadPoolExecutor(rows) as pool:
+        answers = list(pool.map(chat, prompts))
+    peak = _status("VmHWM") - before
+    assert all(a.usage.prompt_tokens_details.cached_tokens > 0 for a in answers)
+    stats = service.scheduler.kv_stats()["blocks"]
+    server.should_exit = True
+    out = {"rows": rows, "server": True, "state_tokens": state.num_tokens, "state_bytes": kv_nbytes(state.kv),
+           "peak_growth_bytes": peak, "blocks": stats, "rest_after_warm_up_bytes": before - loaded,
+           "rss_after_bytes": _status("VmRSS") - loaded}
+    out["peak_over_state"] = round(peak / out["state_bytes"], 2)
+    return out
+
+
 def _held_bytes(cache) -> int:
     """Bytes of K/V a batch's cache holds: its slot tensors before issue 28; after, the most blocks in use at
     once (the pool's tensors are reserved, committed only where written)."""
@@ -101,21 +158,31 @@ def main(argv=None) -> int:
     parser.add_argument("--work-dir", type=Path, required=True)
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--server", action="store_true", help="through the server: R concurrent chats")
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     folder = build(args.work_dir / "kv2b-thin")
     if args.one is not None:
-        print(json.dumps(one(folder, args.one)))
+        print(json.dumps(one_server(folder, args.one, args.work_dir) if args.server else one(folder, args.one)))
         return 0
     results = []
     for rows in args.rows:
         # A fixed mmap threshold: freed tensors go back to the system, so the warm-up's memory is not reused
         # and the peak counts what ask_many itself takes.
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-        done = subprocess.run([sys.executable, __file__, "--work-dir", str(args.work_dir), "--one", str(rows)],
-                              capture_output=True, text=True, check=True, env=env)
+        done = subprocess.run([sys.executable, __file__, "--work-dir", str(args.work_dir), "--one", str(rows)]
+                              + (["--server"] if args.server else []), capture_output=True, text=True, env=env)
+        if done.returncode:
+            print(done.stderr[-3000:], file=sys.stderr)
+            return done.returncode
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
         r = results[-1]
+        if args.server:
+            print(f"{rows:>3} concurrent chats: state {r['state_tokens']} tokens, {r['state_bytes'] / 2**20:.0f} MiB; peak "
+                  f"growth {r['peak_growth_bytes'] / 2**20:.0f} MiB ({r['peak_over_state']}x); resident after the "
+                  f"warm-up chat {r['rest_after_warm_up_bytes'] / 2**20:.0f} MiB, after the chats "
+                  f"{r['rss_after_bytes'] / 2**20:.0f} MiB (both from the model loaded) {r['blocks']}", flush=True)
+            continue
         print(f"{rows:>3} rows: state {r['state_tokens']} tokens, {r['state_bytes'] / 2**20:.0f} MiB; peak growth "
               f"{r['peak_growth_bytes'] / 2**20:.0f} MiB ({r['peak_over_state']}x); batch K/V held "
               f"{r['batch_kv_bytes'] / 2**20:.0f} MiB ({r['held_over_state']}x) {r.get('blocks', '')}", flush=True)

@@ -9,9 +9,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["VLCACHE_HOME"] = tempfile.mkdtemp(prefix="vlcache-home-")
 # Compiled steps, though, are kept from one run to the next (as torch's own temporary cache kept them): a cold
 # compile of every served tiny model would cost minutes. This user's alone (0700), as vlcache requires.
+# Only inductor's caches: `--compile auto`'s remembered decisions (compile/decisions) stay this run's, so every run
+# decides (and tests) afresh.
 _COMPILED = Path(tempfile.gettempdir()) / f"vlcache-test-compile-{os.getuid()}"
-_COMPILED.mkdir(mode=0o700, exist_ok=True)
-(Path(os.environ["VLCACHE_HOME"]) / "compile").symlink_to(_COMPILED)
+(_COMPILED / "inductor").mkdir(mode=0o700, parents=True, exist_ok=True)
+(Path(os.environ["VLCACHE_HOME"]) / "compile").mkdir(mode=0o700)
+(Path(os.environ["VLCACHE_HOME"]) / "compile" / "inductor").symlink_to(_COMPILED / "inductor")
 
 import pytest  # noqa: E402
 
@@ -80,6 +83,33 @@ def family_engine(family_dir):
     def load(kind):
         if kind not in engines:
             engines[kind] = Engine.load(str(family_dir(kind)), device="cpu")
+        return engines[kind]
+
+    return load
+
+
+@pytest.fixture
+def live(engine, tmp_path):
+    """A real server of the tiny engine's on 127.0.0.1 (random port), for one test (modules that share one across
+    their tests define their own module-scoped `live`)."""
+    from test_server import LiveServer
+
+    server = LiveServer(engine, tmp_path / "states")
+    yield server
+    server.close()
+@pytest.fixture(scope="session")
+def int8_engine(family_dir, tiny_model_dir):
+    """kind -> an Engine on that family's tiny checkpoint with --quantize int8 ("qwen3_vl": the suite's tiny model),
+    loaded once per test run. Skips where torchao (the quant extra) is not installed."""
+    pytest.importorskip("torchao")
+    from vlcache import Engine
+
+    engines: dict = {}
+
+    def load(kind):
+        if kind not in engines:
+            folder = tiny_model_dir if kind == "qwen3_vl" else family_dir(kind)
+            engines[kind] = Engine.load(str(folder), device="cpu", quantize="int8")
         return engines[kind]
 
     return load

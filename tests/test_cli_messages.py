@@ -105,7 +105,7 @@ def test_ask_image_claims_no_cached_tokens_and_a_cache_does(tiny_model_dir, astr
     assert match and match.group(3) == f"{astronaut_state.num_tokens} cached", captured.err
 
 
-LOADED = r"loaded in \d+\.\ds on cpu as (\w+) \((.*)\)"
+LOADED = r"loaded in \d+\.\ds on cpu, \d+ threads?, as (\w+) \((.*)\)"
 
 
 def test_the_load_line_says_where_the_dtype_came_from(tiny_model_dir, astronaut_state, tmp_path, capsys):
@@ -204,7 +204,7 @@ def run(*args, env=None):
 
 OWN_LINES = [
     r"loading \S+ \(\w+, \w+\)\.\.\.",
-    r"loaded in \d+\.\ds on cpu as \w+ \(.*\)",
+    r"loaded in \d+\.\ds on cpu, \d+ threads?, as \w+ \(.*\)",
     r"cached \S+: \d+ tokens \(\d+ image tokens\) in \d+\.\d\ds -> \S+ \(\d+\.\d MiB\)",
     REPORT,
 ]
@@ -251,6 +251,12 @@ def test_a_moved_model_folder_is_not_offered_for_download(astronaut_state, tmp_p
     assert cli.main(["ask", "--cache", str(tmp_path / "moved.pt"), "--prompt", "x"]) == 1
     assert err_lines(capsys) == [f"error: the cache was made with the model folder {moved}, which is not on this "
                                  "machine; pass --model with where that model is now (or set VLCACHE_MODEL)"]
+    # A file written since issue 31 names a folder by its name alone (and not a folder this machine loaded).
+    meta = dataclasses.replace(astronaut_state.metadata, model="mv1", fingerprint="0" * 32)
+    dataclasses.replace(astronaut_state, metadata=meta).save(tmp_path / "named.pt")
+    assert cli.main(["ask", "--cache", str(tmp_path / "named.pt"), "--prompt", "x"]) == 1
+    assert err_lines(capsys) == ["error: the cache was made with the model folder mv1, which is not on this machine; "
+                                 "pass --model with where that model is now (or set VLCACHE_MODEL)"]
     assert cli.main(["chat", "--cache", str(tmp_path / "hub.pt")]) == 1
     assert err_lines(capsys) == [f"error: the cache was made with {hub}, which is not on this machine; pass --model "
                                  f"{hub} to download and use it (vlcache does not download what a cache file names on "

@@ -16,7 +16,7 @@ from conftest import REPO, SYSTEM, photo
 from test_cli import assert_one_line_error
 from test_server import LiveServer
 from vlcache.conversation import Conversation
-from vlcache.client import file_digest
+from vlcache.client import Client, file_digest
 from vlcache.header import metadata_key
 
 N = 12
@@ -89,6 +89,11 @@ def test_several_questions_text_only_and_uncached_image(engine, server, cache_fi
     got = [json.loads(line) for line in many.stdout.splitlines()]
     assert [g["prompt"] for g in got] == questions
     assert [g["token_ids"] for g in got] == [local(engine, cache_file, q).token_ids for q in questions]
+    # Several caches, one missing: its one error line, the other's answer, and the run fails (as it does locally).
+    mixed = run("ask", "--server", server.url, "--cache", cache_file, "--cache", cache_file.parent / "gone.pt",
+                "--prompt", QUESTION, "--max-new-tokens", N, "--temperature", "0", "--json")
+    assert mixed.returncode == 1 and mixed.stderr.count("error:") == 1 and "gone.pt" in mixed.stderr, mixed.stderr
+    assert [json.loads(line)["token_ids"] for line in mixed.stdout.splitlines()] == [local(engine, cache_file).token_ids]
     text = run("ask", "--server", server.url, "--prompt", "What is artificial intelligence?", "--max-new-tokens", N,
                "--temperature", "0", "--json")
     assert json.loads(text.stdout)["token_ids"] == engine.ask(None, "What is artificial intelligence?", max_new_tokens=N,
@@ -198,15 +203,28 @@ def test_serve_detach_status_and_stop(tiny_model_dir, tmp_path, cache_file, engi
         assert started.returncode == 0, started.stderr
         url = started.stdout.strip()
         assert url == f"http://127.0.0.1:{port}"
-        # Issue 32 items 3 and 4: the start shows the server's progress as it comes (the load, each decode step
-        # compiled, k of n with an estimate), each line once, and nothing but vlcache's lines (no torch notes).
+        # Issue 32 items 3 and 4: the start shows the server's progress as it comes (the load, the decode step's
+        # decision), each line once, and nothing but vlcache's lines (no torch notes). Issue 33 item 4: a first start
+        # listens at once with eager steps and decides (compiles each batch size, k of n) in the background.
         lines = started.stderr.splitlines()
         assert lines[0] == f"loading {tiny_model_dir} (auto, auto)..." and lines[-1].startswith(f"vlcache serve is up at {url}")
-        assert any(re.fullmatch(r"decode steps: compiling the step for batch size 16 \(5 of 5; about \d+(s| min) left\)\.\.\.",
-                                line) for line in lines), lines
-        assert len([line for line in lines if re.match(r"decode steps: (compiled|eager) \(", line)]) == 1, lines
-        ours = ("loading ", "loaded in ", "preparing decode steps ", "decode steps: ", "serving ", "vlcache serve is up ")
+        assert any(line.startswith("deciding the decode step in the background for 5 batch size(s)") for line in lines)
+        ours = ("loading ", "loaded in ", "deciding the decode step ", "decode steps: ", "serving ", "vlcache serve is up ")
         assert all(line.startswith(ours) for line in lines) and len(set(lines)) == len(lines), lines
+        deadline = time.time() + 600
+        while Client(url).health()["decode"]["reason"].startswith("deciding"):
+            assert time.time() < deadline, "the background decision did not end"
+            time.sleep(0.5)
+        log = (tmp_path / "home" / "serve.log").read_text().splitlines()
+        assert any(re.fullmatch(r"decode steps: compiling the step for batch size 16 \(5 of 5; about \d+(s| min) left\)\.\.\.",
+                                line) for line in log), log
+        assert len([line for line in log if re.match(r"decode steps: (switched to compiled steps|eager) \(", line)]) == 1, log
+        # Issues 28 and 33: inductor's caches really live under $VLCACHE_HOME/compile (files written by this start),
+        # beside auto's remembered decision for this model and machine.
+        compiled = [path for path in (tmp_path / "home" / "compile" / "inductor").rglob("*") if path.is_file()]
+        assert compiled, "no compiled artifact under $VLCACHE_HOME/compile/inductor"
+        decisions = list((tmp_path / "home" / "compile" / "decisions").glob("*.json"))
+        assert len(decisions) == 1 and json.loads(decisions[0].read_text())["step"] in ("compiled", "eager")
         status = run("status", "--json", env=env)  # finds the detached server from its record
         assert status.returncode == 0, status.stderr
         assert json.loads(status.stdout)["model"] == tiny_model_dir.name  # never the server's path
@@ -222,6 +240,18 @@ def test_serve_detach_status_and_stop(tiny_model_dir, tmp_path, cache_file, engi
     while run("status", env=env).returncode == 0 and time.time() < deadline:
         time.sleep(0.2)
     assert_one_line_error(run("status", env=env), "no server given")
+    # A second start on this machine: the remembered decision, applied before listening; nothing probed or timed.
+    second = run("serve", "--detach", "--model", tiny_model_dir, "--port", port, "--cache-dir", tmp_path / "states", env=env)
+    try:
+        assert second.returncode == 0, second.stderr
+        lines = second.stderr.splitlines()
+        assert any(re.match(r"decode steps: (compiled|eager), as decided on ", line) for line in lines), lines
+        assert not any("timing the step" in line or "checking the step's tokens" in line or "deciding" in line
+                       for line in lines), lines
+        decode = Client(url).health()["decode"]
+        assert decode["remembered"] is True and decode["reason"].startswith("remembered: ")
+    finally:
+        assert run("stop", env=env).returncode == 0
 
 
 def test_a_forged_upload_cannot_answer_another_clients_question(engine, server, tmp_path):
@@ -269,8 +299,9 @@ def test_which_server_and_model_is_never_silent(engine, server, cache_file, tiny
 
 
 def test_health_lists_the_decode_shapes_compiled_after_the_start(engine, tmp_path, cache_file):
-    """Issue 32 item 6: /health's decode shapes are the ones compiled so far, not the start's list (a traced step,
-    eager backend: cheap; a photograph's state needs a larger capacity than the start's text-only warm-up)."""
+    """Issue 32 item 6: /health's decode shapes are the ones compiled so far (a traced step, eager backend: cheap).
+    Since issue 28 a step's shape depends only on its batch size: a photograph's state, longer than the start's
+    text-only warm-up, compiles nothing new (dynamo's graph counter, shown by /health, does not move)."""
     from test_server import LiveServer
     from vlcache.client import Client
 
@@ -279,12 +310,14 @@ def test_health_lists_the_decode_shapes_compiled_after_the_start(engine, tmp_pat
         started = [tuple(s) for s in engine.compile_status["shapes"]]
         live = LiveServer(engine, tmp_path / "states")
         try:
-            assert [tuple(s) for s in Client(live.url).health()["decode"]["shapes"]] == started
+            before = Client(live.url).health()["decode"]
+            assert [tuple(s) for s in before["shapes"]] == started == [(1, engine.runner.span)]
             asked = run("ask", "--server", live.url, "--cache", cache_file, "--prompt", QUESTION, "--max-new-tokens", 3,
                         "--temperature", "0", "--json")
             assert asked.returncode == 0, asked.stderr
-            shapes = {tuple(s) for s in Client(live.url).health()["decode"]["shapes"]}
-            assert shapes == set(engine.runner.shapes) and len(shapes) > len(started), (started, shapes)
+            after = Client(live.url).health()["decode"]
+            assert {tuple(s) for s in after["shapes"]} == set(engine.runner.shapes) == set(started)
+            assert after["graphs_compiled"] == before["graphs_compiled"] > 0
         finally:
             live.close()
     finally:

@@ -36,13 +36,6 @@ from vlcache.state import load_state, read_metadata
 N = 8
 
 
-@pytest.fixture
-def live(engine, tmp_path):
-    server = LiveServer(engine, tmp_path / "states")
-    yield server
-    server.close()
-
-
 def post_json(live, body, path="/v1/chat/completions"):
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
     return live.post(path, raw)

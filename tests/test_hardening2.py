@@ -39,13 +39,6 @@ from vlcache.testing import clips
 STATES = "/v1/vlcache/states"
 
 
-@pytest.fixture
-def live(engine, tmp_path):
-    server = LiveServer(engine, tmp_path / "states")
-    yield server
-    server.close()
-
-
 @pytest.fixture(scope="module")
 def rocket_state(engine):
     return engine.cache_image(photo("rocket.jpg"), system_prompt=SYSTEM)

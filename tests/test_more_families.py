@@ -524,3 +524,51 @@ def test_gemma4_max_pixels_picks_the_image_budget(family_engine):
 
     width, height = Image.open(photo("chelsea.png")).size
     assert engine.image_tokens(width, height, engine.images_kwargs(PIXELS)) == large.metadata.image_tokens
+
+
+def glm_generate_by_token_type(engine, messages, sources):
+    """generate() on a GLM-4.1V conversation with images and a video. transformers' forward finds a video's
+    tokens by the image token id too, so generate() itself refuses such a prompt; this reference marks the
+    media tokens as the processor does (mm_token_type_ids: 1 image, 2 video), the positions vlcache fills."""
+    from transformers.models.glm4v import modeling_glm4v
+
+    seen = {}
+    real_forward, real_mask = modeling_glm4v.Glm4vModel.forward, modeling_glm4v.Glm4vModel.get_placeholder_mask
+
+    def forward(self, *args, mm_token_type_ids=None, **kwargs):
+        seen["types"] = mm_token_type_ids
+        return real_forward(self, *args, mm_token_type_ids=mm_token_type_ids, **kwargs)
+
+    def mask(self, input_ids, inputs_embeds, image_features=None, video_features=None):
+        types = seen.get("types")
+        if types is None or types.shape != input_ids.shape or not ((types == 1).any() and (types == 2).any()):
+            return real_mask(self, input_ids, inputs_embeds, image_features, video_features)
+        return tuple((types == code).unsqueeze(-1).to(inputs_embeds.device) for code in (1, 2))
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(modeling_glm4v.Glm4vModel, "forward", forward)
+        patch.setattr(modeling_glm4v.Glm4vModel, "get_placeholder_mask", mask)
+        expected = reference_for_parts(engine, messages, sources, N, max_pixels=PIXELS)
+    assert "types" in seen  # the patch was on the path
+    return expected
+
+
+@pytest.mark.parametrize("chunk", [None, 8, 40])
+def test_glm_images_and_a_video_in_one_state_whole_or_in_pieces_are_exact(chunk, family_engine, tmp_path):
+    """Images and a video in one GLM-4.1V state: before, every such state failed in the model's forward ("Image
+    features and image tokens do not match"): in pieces longer than --prefill-chunk and in one forward. Each
+    forward now gets every media token's features in token order; the answer equals generate's."""
+    from vlcache import prompt as prompt_module
+    from vlcache.families.base import run_steps
+    from vlcache.testing.clips import make_clip
+
+    engine = family_engine("glm4v")
+    clip = make_clip(tmp_path / "c.mp4", seconds=1.5, fps=8, size=(96, 64), source=photo("rocket.jpg"))
+    sources = [photo("coffee.png"), clip, photo("rocket.jpg")]
+    messages = prompt_module.media_conversation(SYSTEM, ["image", "video", "image"])
+    state = run_steps(engine.cache_media_steps(sources, messages, MediaOptions(max_pixels=PIXELS), chunk=chunk))
+    assert chunk is None or state.num_tokens > chunk
+    assert [p["type"] for p in state.metadata.parts] == ["image", "video", "image"]
+    asked = prompt_module.with_question(state.metadata.messages, QUESTIONS[0])
+    expected = glm_generate_by_token_type(engine, asked, sources)
+    assert engine.ask(state, QUESTIONS[0], max_new_tokens=N, temperature=0).token_ids == expected

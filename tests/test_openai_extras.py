@@ -432,8 +432,16 @@ def test_tools_are_part_of_the_state_and_earlier_calls_render(tool_live):
     assert with_tools.usage.prompt_tokens > plain.usage.prompt_tokens  # the template wrote the tools into the prompt
     hidden = live.client.chat.completions.create(model="any", messages=image_messages("coffee.png", question), tools=TOOLS,
                                                  tool_choice="none", max_tokens=4, temperature=0)
-    assert hidden.usage.prompt_tokens == plain.usage.prompt_tokens and hidden.choices[0].message.tool_calls is None
-    assert hidden.choices[0].message.content == plain.choices[0].message.content  # "none": the tools not shown
+    # "none", as OpenAI and vLLM: the tools are still in the prompt (the same state), the answer is text.
+    assert hidden.usage.prompt_tokens == with_tools.usage.prompt_tokens and hidden.choices[0].message.tool_calls is None
+    assert hidden.usage.prompt_tokens_details.cached_tokens > 0
+    assert hidden.choices[0].message.content == with_tools.choices[0].message.content
+    from vlcache.serving.requests import parse_chat
+
+    parsed = {c: parse_chat({"model": "m", "messages": [{"role": "user", "content": "Hi"}], "tools": TOOLS, "tool_choice": c}, 8)
+              for c in ("none", "auto")}
+    assert parsed["none"].messages == parsed["auto"].messages and len(parsed["none"].messages) == 2  # the tools' entry
+    assert parsed["none"].tools is False and parsed["auto"].tools is True  # "none": calls in the text are not parsed
     assert with_tools.usage.prompt_tokens_details.cached_tokens == 0  # another state: the system turn differs
     follow = image_messages("coffee.png", question) + [
         {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",

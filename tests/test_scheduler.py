@@ -269,8 +269,15 @@ def test_a_client_that_hangs_up_frees_its_row(busy_server):
 
 def test_metrics_show_the_batch(busy_server):
     with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
-        list(pool.map(lambda q: chat(busy_server, "astronaut.png", q), QUESTIONS[:4]))
-    metrics = urllib.request.urlopen(busy_server.url + "/metrics", timeout=30).read().decode()
+        answers = list(pool.map(lambda q: chat(busy_server, "astronaut.png", q), QUESTIONS[:4]))
+    assert [reason for _, reason in answers] == ["length"] * 4  # 12 tokens each, so the step counts below hold
+    # A client has its last token before the model thread takes its row out of the batch: wait for the gauges.
+    deadline = time.monotonic() + 10
+    while True:
+        metrics = urllib.request.urlopen(busy_server.url + "/metrics", timeout=30).read().decode()
+        if "vlcache_running_rows 0.0" in metrics or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     for name in ("vlcache_running_rows 0.0", "vlcache_queued_requests 0.0", "vlcache_queue_wait_seconds_count 4.0",
                  "vlcache_batch_size_count"):
         assert name in metrics, name

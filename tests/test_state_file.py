@@ -185,3 +185,15 @@ def test_a_header_length_that_starts_like_a_pickle_is_still_read(astronaut_state
     assert path.read_bytes()[0] == 0x80
     assert read_metadata(path).system_prompt.startswith(SYSTEM)
     assert state_module.load_state(path).num_tokens == astronaut_state.num_tokens
+
+
+def test_a_cut_file_whose_header_length_starts_with_0x80_is_truncated_not_a_pickle(tmp_path):
+    """A safetensors header of 0x880 bytes starts with the byte of pickle's PROTO opcode; a pickle has a protocol
+    of 2 to 5 after it."""
+    path = tmp_path / "c.pt"
+    path.write_bytes((0x880).to_bytes(8, "little")[:5])
+    with pytest.raises(CacheFileError, match="truncated"):
+        state_module.load_state(path)
+    path.write_bytes(b"\x80\x04\x95" + bytes(40))
+    with pytest.raises(CacheFileError, match="looks like a Python pickle"):
+        state_module.load_state(path)

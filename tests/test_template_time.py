@@ -244,3 +244,32 @@ def test_the_check_across_a_minute_boundary_holds_with_the_pin_and_fails_on_prom
     assert code == 1
     assert any(line.startswith("  DIFFERED  cached image: prompt ids differ at ") for line in out), out
     assert err[-1].startswith(f"error: vlcache is not exact for {model}: cached image (prompt ids")
+
+
+def test_a_minute_turning_while_the_server_computes_a_state_stores_it_under_the_key_of_its_own_instant(
+        minute_engine, clock, tmp_path, monkeypatch):
+    """The server keys a state by its text rendered at an instant; the state must be pinned at that same instant
+    even when the minute turns between the key and the computation (before: the key at 12:34, the state at 12:35,
+    stored under the 12:34 key, then refused from disk by the metadata key check)."""
+    from test_server import LiveServer, ask
+
+    from vlcache.header import metadata_key, read_metadata
+
+    real = minute_engine.prepare_media
+
+    def late(*args, **kwargs):
+        clock.current = AFTER  # the minute turns after the key was made, before the state's text is rendered
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(minute_engine, "prepare_media", late)
+    clock.current = BEFORE
+    live = LiveServer(minute_engine, tmp_path / "race")
+    try:
+        ask(live.client, "chelsea.png", QUESTION)
+        files = list(live.service.store.folder.location.glob("*.safetensors"))
+    finally:
+        live.close()
+    assert len(files) == 1
+    meta = read_metadata(files[0])
+    assert meta.template_time.startswith(BEFORE.isoformat()[:16])  # 12:34, the key's instant
+    assert metadata_key(meta) == files[0].stem  # what the store and a restarted server find it by

@@ -209,10 +209,10 @@ def _line(exc: BaseException, with_type: bool = True) -> str:
 
 
 def run(name: str | None, device: str = "auto", dtype: str = "auto", out=None, debug: bool = False,
-        generation_config: dict | None = None) -> int:
+        generation_config: dict | None = None, quantize: str = "none") -> int:
     """Load the model, run the probes, print one line each; 0 when all held (remembered), 1 naming what differed,
     what vlcache cannot run, or the bug. With `debug`, a probe's traceback goes to stderr. `generation_config`:
-    settings that replace the model's (Engine.load's)."""
+    settings that replace the model's (Engine.load's); `quantize`: the quantized model is checked (its pass is its own)."""
     from .engine import Engine
 
     out = out or sys.stdout
@@ -220,7 +220,8 @@ def run(name: str | None, device: str = "auto", dtype: str = "auto", out=None, d
     why = _refusal(name)
     if why:
         raise VlcacheError(f"cannot run: {why}")
-    engine = Engine.load(name, device=device, dtype=dtype, unchecked=True, generation_config=generation_config)
+    engine = Engine.load(name, device=device, dtype=dtype, unchecked=True, generation_config=generation_config,
+                         quantize=quantize)
     if not getattr(engine.processor, "chat_template", None):
         raise VlcacheError("cannot run: the processor has no chat template (vlcache renders every prompt with it); "
                            "give the model folder a chat_template.jinja")
@@ -228,7 +229,8 @@ def run(name: str | None, device: str = "auto", dtype: str = "auto", out=None, d
     listed = family_class(model_type) is not None
     how = f"family {engine.family.name}" if listed else "the generic adapter (plain positions, full-attention K/V)"
     tolerance = LOGITS_TOLERANCE.get(engine.dtype, 5e-2)
-    print(f"checking {engine.model_name} ({model_type}, {how}, {str(engine.dtype).removeprefix('torch.')}): cached "
+    weights = "" if engine.quantization == "none" else f", {engine.quantization} weights"
+    print(f"checking {engine.model_name} ({model_type}, {how}, {str(engine.dtype).removeprefix('torch.')}{weights}): cached "
           f"against uncached generate(): prompt ids, {PROBE_TOKENS} greedy tokens, first-step logits within "
           f"{tolerance:g} x the largest logit", file=out)
     if engine.pin_time():

@@ -29,6 +29,7 @@ from .errors import VlcacheError
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+QUANTIZATIONS = ("none", "int8")  # vlcache.quantize.QUANTIZATIONS (not imported here: it imports torch)
 
 
 # -- argument types: validated at parse time ---------------------------------------------------------------
@@ -108,6 +109,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, model_help: str, dtype_
     parser.add_argument("--model", default=None, help=model_help)
     parser.add_argument("--device", choices=DEVICES, default="auto", help="where to run (default: auto, the GPU if any)")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help=f"compute dtype (default: {dtype_help})")
+    parser.add_argument("--quantize", choices=QUANTIZATIONS, default=None, help="int8: the language model's linear "
+                        "layers in int8, a model whose states are its own (default: the cache's, else none)")
+    parser.add_argument("--threads", metavar="N", type=positive_int, default=None,
+                        help="CPU threads torch computes with (default: what torch chooses, the cores it sees)")
     parser.add_argument("--generation-config", metavar="KEY=VALUE|FILE", action="append", type=_generation_setting,
                         default=None, help="replace a setting of the model's generation_config.json (VALUE as JSON, "
                         "e.g. num_beams=1), or several from a JSON file; repeatable (default: none)")
@@ -258,6 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-memory", metavar="SIZE", type=byte_size, default=None,
                        help="memory for the running requests' K/V blocks; a request that does not fit waits in the queue "
                             "(default: half the device's free memory at start)")
+    serve.add_argument("--max-context", metavar="N", type=positive_int, default=None,
+                       help="longest conversation (prompt and answer, in tokens) the server takes, and the positions "
+                            "every compiled decode step attends over (a smaller one makes them faster) (default: the "
+                            "model's context capped by what --kv-memory holds; compiled steps then cover 4096 positions "
+                            "and longer rows step eagerly)")
     serve.add_argument("--prefill-chunk", metavar="N", type=positive_int, default=256,
                        help="most prefill tokens between two decode steps (default: 256)")
     serve.add_argument("--max-state-bytes", metavar="SIZE", type=byte_size, default=None,
@@ -416,6 +426,9 @@ def _quiet_libraries(verbose: bool) -> None:
 
     if not verbose:
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+        # With torchao installed (the quant extra), transformers imports it with every model, --quantize or not, and
+        # this torch logs a deprecation line about torchao's enums: torchao's to fix, nothing a user can act on.
+        logging.getLogger("torch.utils._pytree").addFilter(lambda r: "is an Enum subclass and is now" not in str(r.msg))
 
 
 def main(argv: list[str] | None = None) -> int:

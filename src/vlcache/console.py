@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from . import storage
@@ -80,6 +81,28 @@ def check_output(output: str, inputs: Sequence[str]) -> None:
 
 
 # -- answers ----------------------------------------------------------------------------------------------------
+
+class EachSource:
+    """Opens several sources (state files, server keys) one by one: iterating gives (source, what open_one made of
+    it, seconds it took) for each that opens. With one source its error is the run's error; with several, one that
+    fails prints its `error:` line, counts in `failed`, and the others go on."""
+
+    def __init__(self, sources: Sequence, open_one: Callable):
+        self.sources, self.open_one, self.failed = list(sources), open_one, 0
+
+    def __iter__(self) -> Iterator[tuple]:
+        for source in self.sources:
+            try:
+                start = time.perf_counter()
+                opened = self.open_one(source)
+            except VlcacheError as exc:
+                if len(self.sources) == 1:
+                    raise
+                print(f"error: {exc}", file=sys.stderr)
+                self.failed += 1
+                continue
+            yield source, opened, time.perf_counter() - start
+
 
 def print_streamed(stream, args: argparse.Namespace, extra: dict | None = None) -> None:
     """One answer: its text as it comes (stdout a terminal, or --stream), else whole (or as JSON); the report

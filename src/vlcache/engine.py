@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from . import decode, generate, images, media, model as model_loading, prompt
+from . import decode, generate, images, media, model as model_loading, model_folders, paths, prompt
 from .families import GENERIC, LINEAR, family_class
 from .families.base import run_steps
 from .defaults import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SYSTEM_PROMPT
@@ -91,6 +91,8 @@ class Engine:
                                  "(Engine.load(generation_config={...}))") from None
         # An unlisted model type gets the generic adapter (model.load lets it through once `vlcache check` passed).
         self.family = (family_class(self.model.config.model_type) or GENERIC)(self.model, self.processor)
+        # State files name a local folder by its name alone; this machine remembers where it is (model_folders).
+        model_folders.remember(loaded.fingerprint, loaded.name)
         self.eos_ids = _eos_ids(self.model.generation_config)
         self._dtype_notes: set[str] = set()
         self._grammars = None  # vlcache.structured.JsonGrammars, made on first use (Engine.grammars)
@@ -99,6 +101,7 @@ class Engine:
         self.packing = decode.linear.pack(self.model)
         log.debug(f"linear layers: {self.packing}")
         self.runner = None  # a decode.step.StepRunner once compiled steps are enabled (compile_steps)
+        self.max_context: int | None = None  # the longest conversation a server takes (--max-context); None: the model's
         self.compile_status = {"step": "eager", "reason": "compile off", "buckets": []}
         if self.device.type == "cuda" and self.dtype in (torch.bfloat16, torch.float16):
             # Measured (docs/benchmarks-cuda.md): fused SDPA kernels in generate and vlcache's shared-prefix
@@ -108,23 +111,28 @@ class Engine:
 
     @classmethod
     def load(cls, model: str | None = None, device: str = "auto", dtype: str = "auto", compile: str = "off",
-             unchecked: bool = False, generation_config: dict | None = None) -> "Engine":
+             unchecked: bool = False, generation_config: dict | None = None, quantize: str = "none") -> "Engine":
         """Load a model by hub id or local folder (default: $VLCACHE_MODEL or Qwen/Qwen3-VL-2B-Instruct).
 
         `compile`: "off" (eager decode steps), "on" (compiled fixed-shape steps), "auto" (compiled where the
         exactness probe holds and they measure faster; see compile_steps). `unchecked`: an unlisted model type
         loads before `vlcache check` passed for it (the check itself). `generation_config`: settings that replace
         the model's generation_config.json's ({"no_repeat_ngram_size": 0, "num_beams": 1, ...}); a setting
-        vlcache cannot honour (beam search, assistant models, watermarking, guidance) is refused here."""
+        vlcache cannot honour (beam search, assistant models, watermarking, guidance) is refused here.
+        `quantize`: "int8" holds the language model's linear layers in int8 (vlcache.quantize; needs the `quant`
+        extra); its states are its own (made and used only by a model quantized the same way)."""
         engine = cls(model_loading.load(model or model_loading.default_model(), device=device, dtype=dtype,
-                                        unchecked=unchecked), generation_config)
+                                        unchecked=unchecked, quantize=quantize), generation_config)
         if compile != "off":
             engine.compile_steps(compile)
         return engine
 
-    def compile_steps(self, mode: str = "auto", buckets: Sequence[int] = (1,), backend: str | None = None) -> dict:
+    def compile_steps(self, mode: str = "auto", buckets: Sequence[int] = (1,), backend: str | None = None,
+                      max_context: int | None = None) -> dict:
         """Decode through compiled fixed-shape steps (decode.step), warmed up for `buckets` rows; return what
-        was chosen and why (also in self.compile_status, which /health reports).
+        was chosen and why (also in self.compile_status, which /health reports). `max_context`: the positions a
+        compiled step attends over (rounded up to whole K/V blocks; default the model's context, at most
+        decode.step.DEFAULT_SPAN), so that its shapes depend only on the batch size; a longer row steps eagerly.
 
         "on": compiled (inductor) steps. "auto": the step is compiled and kept only where, for this model, its
         greedy tokens equal transformers' generate() (fused kernels round differently) and, on a CPU, it is
@@ -133,13 +141,21 @@ class Engine:
         """
         from .decode import probe
 
-        self.compile_status = probe.choose(self, mode, list(buckets), backend)
+        from .decode.step import span_for
+
+        span = span_for(max_context) if max_context else None
+        self.compile_status = probe.choose(self, mode, list(buckets), backend, span)
         log.info(f"decode steps: {self.compile_status['step']} ({self.compile_status['reason']})")
         return self.compile_status
 
     @property
     def model_name(self) -> str:
         return self._loaded.name
+
+    @property
+    def quantization(self) -> str:
+        """"none", or "int8" (vlcache.quantize)."""
+        return self._loaded.quantization
 
     @property
     def fingerprint(self) -> str:
@@ -188,7 +204,7 @@ class Engine:
 
     def cache_media_steps(self, sources: Sequence, messages: list[dict], options: MediaOptions | None = None,
                           chunk: int | None = None, max_decode_pixels: int = images.MAX_DECODE_PIXELS,
-                          base: ImageState | None = None):
+                          base: ImageState | None = None, at: str | None = None):
         """The state of `messages` (ending in an open user turn whose last part is media), whose image and
         video parts are `sources` in order, as a generator: yields between units of work (the vision encoder,
         pieces of at most `chunk` prefix tokens where the family can split its prefill) and returns the
@@ -196,20 +212,22 @@ class Engine:
         they are decoded. `base`, a state of a leading part of the same conversation that ends after a media
         part, is continued instead of starting over where the family can (only the media after it are encoded).
         """
-        prepared = self.prepare_media(sources, messages, options, max_decode_pixels)
+        prepared = self.prepare_media(sources, messages, options, max_decode_pixels, at)  # `at`: see prepare_media
         return (yield from self.prefill_media_steps(prepared, chunk, base))
 
     def prepare_media(self, sources: Sequence, messages: list[dict], options: MediaOptions | None = None,
-                      max_decode_pixels: int = images.MAX_DECODE_PIXELS) -> "PreparedMedia":
+                      max_decode_pixels: int = images.MAX_DECODE_PIXELS, at: str | None = None) -> "PreparedMedia":
         """The model-free half of cache_media_steps: open the media, check they fit, run the processor. A
-        server runs this beside the model thread (decoding a long video must not pause running answers)."""
+        server runs this beside the model thread (decoding a long video must not pause running answers).
+        `at`: the instant a clock-reading template renders at (pin_time() when the state's key was made: the
+        state must be what its key names, even when the minute turns in between); None: now."""
         options = options or MediaOptions()
         # 1. Open the media (videos: probe and choose frames) and check that all of it fits in memory.
         prompt.check_messages(self.processor, messages)
         kinds = prompt.media_kinds(messages)
         if len(kinds) != len(sources):
             raise ImageError(f"the conversation has {len(kinds)} media parts but {len(sources)} sources were given")
-        at = self.pin_time()  # a template that stamps the time: the instant this state's text is rendered at
+        at = at or self.pin_time()  # a template that stamps the time: the instant this state's text is rendered at
         text = prompt.covered_text(self.processor, messages, at)
         prompt.check_video_placeholders(self.processor, text, kinds)
         images_kwargs = self.images_kwargs(options.max_pixels)
@@ -251,7 +269,7 @@ class Engine:
         grids = _part_grids(parts, inputs)
         settings = self.media_settings(options, [p.kind for p in parts])
         return StateMetadata(
-            model=self.model_name,
+            model=paths.served_name(self.model_name),  # a hub id, or a folder's own name: never a local path
             fingerprint=self.fingerprint,
             dtype=str(self.dtype).removeprefix("torch."),
             system_prompt=next((m["content"] for m in messages if m["role"] == "system"), None),
@@ -271,6 +289,7 @@ class Engine:
             reused_tokens=reused,
             template_time=prepared.at,
             template_sha256=prepared.rendered,
+            quantization=self.quantization,
         )
 
     def cache_images(self, images: Sequence[str], output_dir: str | os.PathLike,
@@ -331,11 +350,19 @@ class Engine:
             raise ModelMismatchError(f"model mismatch: {exc}") from None
 
     def _check_fingerprint(self, meta: StateMetadata, source: str) -> None:
-        if meta.fingerprint != self.fingerprint:
+        if meta.quantization != self.quantization:  # the same weights quantized otherwise compute other K/V
+            made, runs = (_quantization_words(q) for q in (meta.quantization, self.quantization))
+            flag = f"--quantize {meta.quantization}"
             raise ModelMismatchError(
-                f"model mismatch: {source} was made with {meta.model} (weights {meta.fingerprint[:12]}), but this "
+                f"quantization mismatch: {source} was made by {made} model, but this engine runs {runs} model; "
+                f"re-create the cache with this model or load the model with {flag}")
+        if meta.fingerprint != self.fingerprint:
+            # A file names a local folder by its name alone: where this machine has that folder, say where.
+            model = model_folders.folder_for(meta.fingerprint, meta.model) or meta.model
+            raise ModelMismatchError(
+                f"model mismatch: {source} was made with {model} (weights {meta.fingerprint[:12]}), but this "
                 f"engine runs {self.model_name} (weights {self.fingerprint[:12]}); re-create the cache or pass "
-                f"--model {meta.model}"
+                f"--model {model}"
             )
 
     def layout(self) -> Layout:
@@ -569,14 +596,14 @@ class Engine:
         return self.family.processor_settings(max_pixels)
 
     def state_key(self, parts: Sequence[tuple[str, str]], messages: list[dict], options: MediaOptions,
-                  salt: str | None = None) -> str:
+                  salt: str | None = None, at: str | None = None) -> str:
         """The key of the state of `messages` whose media are `parts` ((kind, sha256) in order): what the server,
-        its store and the Ray batch name a state by."""
+        its store and the Ray batch name a state by. `at`: the instant pinned for the state (None: now)."""
         from .header import media_identity, state_key
 
         # A template that stamps the time renders these messages into another prefix on another day (or minute):
         # states are then found by the text rendered now.
-        at = self.pin_time()
+        at = at or self.pin_time()
         rendered = _sha256(prompt.covered_text(self.processor, messages, at)) if at else None
         return state_key(self.fingerprint, media_identity(list(parts)), messages,
                          self.media_settings(options, [kind for kind, _ in parts]), salt, rendered)
@@ -697,6 +724,10 @@ def _with_seed(params: decode.SamplingParams, seed: int) -> decode.SamplingParam
     from dataclasses import replace
 
     return replace(params, seed=seed)
+
+
+def _quantization_words(quantization: str) -> str:
+    return "a float (not quantized)" if quantization == "none" else f"an {quantization}-quantized"
 
 
 def _eos_ids(generation_config) -> frozenset[int]:

@@ -53,6 +53,9 @@ class StateMetadata:
     # state covers (part of its key: the server finds a state by what its template renders now). None otherwise.
     template_time: str | None = None
     template_sha256: str | None = None
+    # How the model that computed the K/V held its language model's weights (vlcache.quantize): "none" or "int8".
+    # The K/V itself is always in `dtype`; a state is used only by a model quantized the same way.
+    quantization: str = "none"
 
 
 def read_header(path: str | os.PathLike) -> dict:
@@ -153,7 +156,8 @@ def _diagnose_foreign(head: bytes, size: int, path: Path) -> str:
     if head.startswith(b"PK\x03\x04"):
         return (f"not a vlcache cache file: {path} is a zip archive (a torch.save checkpoint?); vlcache never "
                 "unpickles files. Re-create the cache with `vlcache cache`")
-    if head[:1] == b"\x80":
+    # PROTO opcode and a protocol 2-5: a safetensors length can start with 0x80 too (a header of 0x880 bytes)
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
         return (f"not a vlcache cache file: {path} looks like a Python pickle; vlcache never unpickles files. "
                 "Re-create the cache with `vlcache cache`")
     if _is_text(head):  # a safetensors file starts with a little-endian length, whose high bytes are zero
@@ -184,7 +188,7 @@ def read_metadata(path: str | os.PathLike) -> StateMetadata:
 _FIELD_TYPES = {"model": str, "fingerprint": str, "dtype": str, "image_sha256": str, "image_size": list,
                 "prefix_tokens": int, "image_tokens": int, "created": str, "messages": list, "processor_settings": dict,
                 "versions": dict, "format_version": int, "family": str, "layer_kinds": list, "parts": list,
-                "reused_tokens": int}
+                "reused_tokens": int, "quantization": str}
 
 
 def _metadata(header: dict, path) -> StateMetadata:

@@ -34,6 +34,7 @@ class LoadedModel:
     dtype: torch.dtype
     fingerprint: str
     dtype_reason: str = ""  # why this dtype: "requested", or what --dtype auto saw
+    quantization: str = "none"  # vlcache.quantize: "int8" when the language model's linear layers hold int8
 
 
 def default_model() -> str:
@@ -241,16 +242,21 @@ def available_memory(device: torch.device) -> int | None:
     return None
 
 
-def load(name: str, device: str = "auto", dtype: str | torch.dtype = "auto", unchecked: bool = False) -> LoadedModel:
+def load(name: str, device: str = "auto", dtype: str | torch.dtype = "auto", unchecked: bool = False,
+         quantize: str = "none") -> LoadedModel:
     """from_pretrained on a hub id or a local folder; errors become one-line ModelLoadErrors.
 
     A model type outside the supported families loads only if `vlcache check` passed for its weights, or with
-    `unchecked` (what the check itself uses)."""
+    `unchecked` (what the check itself uses). `quantize`: "int8" quantizes the language model's linear layers
+    (vlcache.quantize); such a model has a fingerprint of its own."""
     # Imported here so that `vlcache --help` and argument errors do not pay for transformers.
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+    from . import quantize as quantizing
+
     torch_device = resolve_device(device)
     requested = resolve_dtype(dtype)
+    quantizing.require(quantize)  # an unknown mode or a missing torchao fails before any weight is read
     check_hub_reachable(name)
     try:
         # 1. The config says the family and the stored dtype: enough to choose and check before the weights.
@@ -282,14 +288,17 @@ def load(name: str, device: str = "auto", dtype: str | torch.dtype = "auto", unc
     except (ValueError, KeyError) as exc:
         raise ModelLoadError(f"cannot load model {name!r}: {_first_line(exc)}") from None
     model.to(torch_device).eval()
+    weights = remembered_fingerprint(model, files or weight_files(name))  # of the float weights, as stored
+    quantizing.apply(model, quantize)
     loaded = LoadedModel(
         model=model,
         processor=processor,
         name=name,
         device=torch_device,
         dtype=model.dtype,
-        fingerprint=remembered_fingerprint(model, files or weight_files(name)),
+        fingerprint=quantizing.tagged_fingerprint(weights, quantize),
         dtype_reason=reason,
+        quantization=quantize,
     )
     # 3. An unlisted model type runs through the generic adapter only once `vlcache check` passed for its weights
     # with this generation config, chat template, processor settings and transformers version.

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import paths
 from .client import Client, ServerError, server_url
-from .console import (UsageError, add_timings, chat_loop, check_output, check_prompt, info, print_answer, print_streamed,
+from .console import (EachSource, UsageError, add_timings, chat_loop, check_output, check_prompt, info, print_answer, print_streamed,
                       read_prompts)
 from .defaults import DEFAULT_SYSTEM_PROMPT
 from .errors import VlcacheError
@@ -51,19 +51,11 @@ def ask(args: argparse.Namespace, url: str) -> int:
             else:
                 print_answer(client.ask(None, messages, *options), args, cache=None, prompt=text)
         return 0
-    failed = 0
-    for cache in caches:
-        try:
-            start = time.perf_counter()
-            key = client.state_for(cache)
-            extra = {"state_lookup_s": time.perf_counter() - start}
-        except VlcacheError as exc:
-            if len(caches) == 1:
-                raise
-            print(f"error: {exc}", file=sys.stderr)
-            failed += 1
-            continue
-        _ask_state(client, key, str(cache), prompts, args, options, extra, single=len(prompts) == 1 and len(caches) == 1)
+    sources = EachSource(caches, client.state_for)
+    for cache, key, seconds in sources:
+        _ask_state(client, key, str(cache), prompts, args, options, {"state_lookup_s": seconds},
+                   single=len(prompts) == 1 and len(caches) == 1)
+    failed = sources.failed
     return 1 if failed else 0
 
 
@@ -150,6 +142,14 @@ def _check_model(args: argparse.Namespace, client: Client) -> None:
     if not getattr(args, "model", None) and named and named != health["model"]:  # never ignored in silence
         raise VlcacheError(f"{MODEL_ENV_VAR}={named} is not the server's model ({health['model']} at {client.url}); "
                            f"unset {MODEL_ENV_VAR}, or pass --server '' to load it here")
+    # How the server's model computes is the server's: a flag for a model loaded here is refused, not ignored.
+    quantize, served = getattr(args, "quantize", None), health.get("quantization", "none")
+    if quantize and quantize != served:
+        raise VlcacheError(f"--quantize {quantize}: the server at {client.url} runs its model with quantization {served}; "
+                           "drop --quantize, or run without --server")
+    if getattr(args, "threads", None) is not None:
+        raise VlcacheError(f"--threads sets this process's threads, but the server at {client.url} computes the answer; "
+                           "drop --threads (give it to `vlcache serve`), or run without --server")
 
 
 # -- a server in the background ------------------------------------------------------------------------------

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
-from ..console import (UsageError, add_timings, check_prompt, print_answer, print_json_answers, print_streamed, read_prompts,
+from ..console import (EachSource, UsageError, add_timings, check_prompt, print_answer, print_json_answers, print_streamed, read_prompts,
                        read_schema)
 from ..defaults import DEFAULT_SYSTEM_PROMPT
-from ..errors import VlcacheError
 from .common import (check_media_arg, compile_steps, first_metadata, last, load_engine, model_named_by, one_command,
                      server_url_of)
 
@@ -47,21 +45,14 @@ def run_ask(args: argparse.Namespace) -> int:
         return _ask_state(engine, state, args.image, prompts, args, extra, single=len(prompts) == 1)
     if not caches:
         return _ask_text_only(engine, prompts, args, extra)
+    sources = EachSource(caches, engine.load_state)
     failed = 0
-    for cache in caches:
-        try:
-            start = time.perf_counter()
-            state = engine.load_state(cache)
-            extra["state_load_s"] = time.perf_counter() - start
-        except VlcacheError as exc:
-            if len(caches) == 1:
-                raise
-            print(f"error: {exc}", file=sys.stderr)
-            failed += 1
-            continue
+    for cache, state, seconds in sources:
+        extra["state_load_s"] = seconds
         # An answer --json-schema could not complete (cut by --max-new-tokens) fails the run, after the others.
         failed += bool(_ask_state(engine, state, str(cache), prompts, args, extra,
                                   single=len(prompts) == 1 and len(caches) == 1))
+    failed += sources.failed
     return 1 if failed else 0
 
 

@@ -73,7 +73,8 @@ def _cache_many(args: argparse.Namespace) -> int:
         info(f"caching on Ray with {args.workers} worker(s), each loading {args.model or default_model()}")
         results = cache_on_ray(args.images, args.output_dir, args.model or default_model(), args.device,
                                args.dtype or "auto", args.system_prompt, options, args.workers, args.force,
-                               on_start=on_start, on_result=on_result, verbose=getattr(args, "verbose", False))
+                               on_start=on_start, on_result=on_result, verbose=getattr(args, "verbose", False),
+                               quantize=args.quantize or "none", threads=args.threads)
     else:
         engine = load_engine(args.model, args)
         results = engine.cache_images(args.images, args.output_dir, args.system_prompt, args.max_pixels, args.force,

@@ -10,7 +10,8 @@ def run_check(args: argparse.Namespace) -> int:
     from ..model import quiet_transformers
 
     quiet_transformers(verbose=getattr(args, "verbose", False))  # as every command that loads a model
-    from .common import overrides
+    from .common import apply_threads, overrides, quantization
 
+    apply_threads(args)
     return run(args.model, device=args.device, dtype=args.dtype or "auto", debug=getattr(args, "debug", False),
-               generation_config=overrides(args))
+               generation_config=overrides(args), quantize=quantization(args))

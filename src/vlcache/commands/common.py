@@ -18,26 +18,45 @@ def server_url_of(args: argparse.Namespace) -> str | None:
 
 
 def load_engine(model: str | None, args: argparse.Namespace, meta=None):
-    """Load the model (--device, --dtype, else the dtype of the cache `meta` describes, else auto) with the CLI's
-    two stderr lines; transformers' own output only with --verbose."""
+    """Load the model (--device, --dtype, else the dtype of the cache `meta` describes, else auto; --quantize
+    likewise; --threads) with the CLI's two stderr lines; transformers' own output only with --verbose."""
     from ..engine import Engine
     from ..model import default_model, quiet_transformers
 
     quiet_transformers(verbose=getattr(args, "verbose", False))
+    threads = apply_threads(args)
     name = model or default_model()
     dtype = args.dtype or (meta.dtype if meta is not None else "auto")
+    quantize = quantization(args, meta)
     if args.dtype and args.dtype != "auto":
         why = f"--dtype {args.dtype}"
     elif not args.dtype and meta is not None:
         why = "the cache's dtype"
     else:
         why = None  # --dtype auto chose: the engine says why
-    info(f"loading {name} ({args.device}, {dtype})...")
+    weights = "" if quantize == "none" else f", {quantize} weights"
+    info(f"loading {name} ({args.device}, {dtype}{weights})...")
     start = time.perf_counter()
-    engine = Engine.load(name, device=args.device, dtype=dtype, generation_config=overrides(args))
-    info(f"loaded in {time.perf_counter() - start:.1f}s on {engine.device} as "
-         f"{str(engine.dtype).removeprefix('torch.')} ({why or engine.dtype_reason})")
+    engine = Engine.load(name, device=args.device, dtype=dtype, generation_config=overrides(args), quantize=quantize)
+    info(f"loaded in {time.perf_counter() - start:.1f}s on {engine.device}, {threads} thread{'s' * (threads != 1)}, as "
+         f"{str(engine.dtype).removeprefix('torch.')}{weights} ({why or engine.dtype_reason})")
     return engine
+
+
+def apply_threads(args: argparse.Namespace) -> int:
+    """--threads N: torch computes with N threads from here on (set before the model loads); without it, what
+    torch chose. Returns the count, for the load line."""
+    import torch
+
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def quantization(args: argparse.Namespace, meta=None) -> str:
+    """--quantize, else the quantization of the cache `meta` describes (its states are that model's), else none."""
+    return getattr(args, "quantize", None) or (meta.quantization if meta is not None else "none")
 
 
 def overrides(args: argparse.Namespace) -> dict | None:
@@ -53,13 +72,13 @@ def one_command(args: argparse.Namespace) -> str:
     return "off" if mode == "auto" else mode
 
 
-def compile_steps(engine, mode: str, buckets: list[int]) -> None:
+def compile_steps(engine, mode: str, buckets: list[int], max_context: int | None = None) -> None:
     """Choose the decode step (decode.probe) and say which, and why, on stderr."""
     if mode == "off":
         return
     info(f"preparing decode steps ({mode}) for {len(buckets)} batch size(s): {', '.join(map(str, buckets))} (minutes on a "
          "first start, seconds once $VLCACHE_HOME/compile holds them; --compile off starts at once)...")
-    engine.compile_steps(mode, buckets)  # its last line says what was chosen and why (the logger "vlcache")
+    engine.compile_steps(mode, buckets, max_context=max_context)  # its last line says what was chosen and why
 
 
 def first_metadata(caches: list):
@@ -81,7 +100,13 @@ def model_named_by(meta) -> str:
     """The model a cache file names, when no --model or VLCACHE_MODEL says otherwise: a stranger's file must not
     decide what is downloaded, so only a local folder or a model already in the Hugging Face cache is taken."""
     from ..model import MODEL_ENV_VAR, is_available_locally
+    from ..model_folders import folder_for
 
+    # A file names a local folder by its name alone (no path in a header); its fingerprint says where it is here.
+    folder = folder_for(meta.fingerprint, meta.model)
+    if folder is not None:
+        info(f"using {folder}, the model folder the cache names")
+        return folder
     if not is_available_locally(meta.model):
         if os.environ.get(MODEL_ENV_VAR):
             return os.environ[MODEL_ENV_VAR]
@@ -99,8 +124,9 @@ def model_named_by(meta) -> str:
 
 
 def _is_folder_name(name: str) -> bool:
-    """A model named by a path, never a hub id ("org/name"): absolute, relative with ./ or ~, or deeper."""
-    return name.startswith(("/", ".", "~", "\\")) or ":" in name or name.count("/") > 1
+    """A model named by a path or a folder's name, never a hub id ("org/name"): absolute, relative with ./ or ~,
+    deeper, or one name alone (how files since issue 31 name a local folder)."""
+    return name.startswith(("/", ".", "~", "\\")) or ":" in name or name.count("/") != 1
 
 
 def _check_image_arg(path: str) -> None:

@@ -29,7 +29,8 @@ def run_inspect(args: argparse.Namespace) -> int:
         f"model:         {meta.model}",
         f"family:        {meta.family}; layers: {_layer_summary(meta.layer_kinds)}",
         f"fingerprint:   {meta.fingerprint}",
-        f"dtype:         {meta.dtype}",
+        f"dtype:         {meta.dtype}" + ("" if meta.quantization == "none" else
+                                            f" (K/V; the model's language-model weights were {meta.quantization})"),
         f"system prompt: {meta.system_prompt!r}",
         *_part_lines(meta),
         f"max pixels:    {meta.max_pixels or 'processor default'}",

@@ -21,7 +21,9 @@ def run_serve(args: argparse.Namespace) -> int:
         return remote.detach(args, child + (["--verbose"] if args.verbose and "--verbose" not in child else []))
     import uvicorn
 
-    from ..serving.server import create_app, server_config
+    from ..decode.probe import remembered
+    from ..decode.step import DEFAULT_SPAN, span_for
+    from ..serving.server import compile_in_background, create_app, server_config
 
     local = Path(args.allow_local_files) if args.allow_local_files else None
     if local is not None and not local.is_dir():
@@ -30,20 +32,47 @@ def run_serve(args: argparse.Namespace) -> int:
     cache_dir = cache_dir if storage.is_url(cache_dir) else Path(cache_dir)  # s3://bucket/prefix/: a fleet's store
     options = serve_options(args, cache_dir, local)
     if args.ray:
+        if args.max_context is not None:  # the replicas' engines take the model's context; never silently
+            raise VlcacheError("--max-context is not supported with --ray (each replica takes the model's context)")
         return _serve_on_ray(args, options)
     engine = load_engine(args.model, args)
     from ..decode.kvpool import default_kv_memory
     from ..decode.rows import bucket
 
     options.kv_memory = args.kv_memory or default_kv_memory(engine.device)
+    engine.max_context = max_context(engine, args.max_context, options.kv_memory)
+    # The positions a compiled step attends over: --max-context when given, else at most decode.step.DEFAULT_SPAN
+    # (longer rows step eagerly: no compile, slower).
+    span_context = args.max_context or min(engine.max_context, DEFAULT_SPAN)
 
     buckets = sorted({bucket(n) for n in range(1, args.max_batch + 1)})
-    compile_steps(engine, args.compile, buckets)
-    app = create_app(engine, options)
-    info(f"serving {engine.model_name} on http://{args.host}:{args.port}/v1 (states in {cache_dir})"
+    on_start = None
+    if args.compile == "auto" and remembered(engine, span=span_for(span_context)) is None:
+        # First start on this machine: listen at once with eager steps, decide (and compile) meanwhile.
+        info(f"deciding the decode step in the background for {len(buckets)} batch size(s) (remembered in "
+             "$VLCACHE_HOME/compile for later starts); eager steps until then")
+        on_start = lambda service: compile_in_background(service, buckets, max_context=span_context)  # noqa: E731
+    else:
+        compile_steps(engine, args.compile, buckets, span_context)
+    app = create_app(engine, options, on_start)
+    info(f"serving {engine.model_name} on http://{args.host}:{args.port}/v1 (states in {cache_dir}; context "
+         f"{engine.max_context:,} tokens)"
          + ("" if args.no_web else f"; the chat page: http://{args.host}:{args.port}/"))
     uvicorn.Server(server_config(app, args.host, args.port, log_level="warning")).run()
     return 0
+
+
+def max_context(engine, asked: int | None, kv_memory: int) -> int:
+    """The longest conversation the server takes: --max-context, else the model's context; never more than the
+    model's context, nor than --kv-memory holds for one row (each compiled step attends over this many positions)."""
+    model = int(getattr(engine.model.config.get_text_config(), "max_position_embeddings", None) or 2**31)
+    if asked is not None and asked > model:
+        raise VlcacheError(f"--max-context {asked:,} is beyond the model's context of {model:,} tokens")
+    held = kv_memory // engine.kv_bytes_per_token()
+    if asked is not None and asked > held:
+        raise VlcacheError(f"--max-context {asked:,} needs more K/V than --kv-memory holds ({held:,} tokens); pass a "
+                           "larger --kv-memory or a smaller --max-context")
+    return asked or min(model, held)
 
 
 def serve_options(args: argparse.Namespace, cache_dir, local):
@@ -74,7 +103,7 @@ def _serve_on_ray(args: argparse.Namespace, options) -> int:
     info(f"serving {model} with {args.replicas} replicas on Ray Serve at http://{args.host}:{args.port}/v1 "
          f"(states in {options.cache_dir})")
     ray_serve.run(model, args.device, args.dtype or "auto", options, args.replicas, args.host, args.port, blocking=True,
-                  verbose=getattr(args, "verbose", False))
+                  verbose=getattr(args, "verbose", False), quantize=args.quantize or "none", threads=args.threads)
     return 0
 
 

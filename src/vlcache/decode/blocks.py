@@ -33,7 +33,10 @@ class PoolFull(RuntimeError):
 
 
 class BlockPool:
-    """Block ids of one layer kind: reference counts and a free list; grows (doubling) up to `limit` blocks."""
+    """Block ids of one layer kind: reference counts and a free list; grows by doubling up to `limit` blocks, as
+    rows need them (never sized by max_tokens up front). Sizing it once for the rows admitted was measured not
+    to lower the peak: the tensors grow one layer at a time, so a copy's excess is one layer's
+    (docs/benchmarks-paged.md)."""
 
     def __init__(self, block_size: int = BLOCK_SIZE, limit: int | None = None):
         if block_size < 1:
@@ -46,6 +49,11 @@ class BlockPool:
         self.peak = 0  # the most blocks held at once
         self.listeners: list[Callable[[int], None]] = []  # called with the new capacity when the pool grows
         self.fits: Callable[[int], bool] = lambda size: True  # whether a capacity fits (decode.kvpool: bytes)
+        # Called when no block is free and the pool is at its bound: frees blocks someone keeps only in case
+        # they are wanted again (kept conversations, decode.radix); False when it has none left to free.
+        self.reclaim: Callable[[], bool] = lambda: False
+        # Called when growing would pass the bound: gives back other kinds' unused capacity (decode.kvpool).
+        self.make_room: Callable[[], None] = lambda: None
 
     @property
     def capacity(self) -> int:
@@ -58,8 +66,12 @@ class BlockPool:
 
     def allocate(self) -> int:
         """A free block with one reference (the caller's); its contents are whatever was there."""
-        if not self.free:
-            self._grow()
+        while not self.free:
+            try:
+                self._grow()
+            except PoolFull:
+                if not self.reclaim():
+                    raise
         block = self.free.pop()
         self.refs[block] = 1
         self.used += 1
@@ -87,6 +99,8 @@ class BlockPool:
         if self.limit is not None:
             size = min(size, self.limit)
         if size > have and not self.fits(size):
+            self.make_room()
+        if size > have and not self.fits(size):
             low, high = have, size  # the largest capacity that fits: low fits (or is what we have), high not
             while high - low > 1:
                 middle = (low + high) // 2
@@ -98,6 +112,15 @@ class BlockPool:
             listener(size)
         self.refs.extend([0] * (size - have))
         self.free.extend(range(size - 1, have - 1, -1))  # lowest ids first out: a compact pool
+
+    def shrink(self) -> int:
+        """Drop the free ids above the highest block in use (the tensors are cut by the listener's owner);
+        returns the new capacity."""
+        top = next((b + 1 for b in range(self.capacity - 1, RESERVED - 1, -1) if self.refs[b]), RESERVED)
+        if top < self.capacity:
+            del self.refs[top:]
+            self.free = [b for b in self.free if b < top]
+        return top
 
 
 def blocks_for(tokens: int, block_size: int) -> int:

@@ -67,6 +67,7 @@ class KVPool:
             pool = self.pools[kind] = BlockPool(block_size)
             pool.listeners.append(lambda size, kind=kind: self._grow(kind, size))
             pool.fits = lambda size, kind=kind: self._fits(kind, size)
+            pool.make_room = lambda kind=kind: self._trim_others(kind)
         self.held: dict = {}  # Prefix -> Held: prefixes written into the blocks, while rows use them
 
     # -- sizes -------------------------------------------------------------------------------------------------
@@ -89,6 +90,19 @@ class KVPool:
         others = sum(pool.capacity * self.block_bytes(k) for k, pool in self.pools.items() if k != kind)
         return others + size * self.block_bytes(kind) <= self.limit_bytes
 
+    def _trim_others(self, kind: tuple) -> None:
+        """Give back the unused capacity at the top of the other kinds' tensors, so that a kind can grow within
+        the bound when the others grew earlier and have emptied since (each kind's capacity would only grow,
+        and a model with two kinds could then fail for want of blocks with the bound not reached)."""
+        for other, pool in self.pools.items():
+            if other == kind or pool.capacity <= RESERVED:
+                continue
+            top = pool.shrink()
+            for i in self.kind_layers[other]:
+                for tensors in (self.keys, self.values):
+                    if i in tensors and tensors[i].shape[0] > top:
+                        tensors[i] = tensors[i][:top].clone()
+
     def stats(self) -> dict:
         """Per layer kind ("full", "window 512", "chunk 8192"): block size, blocks used, shared, free (in the
         tensors), the most used at once, the bytes of one block."""
@@ -96,6 +110,12 @@ class KVPool:
                                   "free": pool.capacity - RESERVED - pool.used, "peak": pool.peak,
                                   "block_bytes": self.block_bytes(kind)}
                 for kind, pool in self.pools.items()}
+
+    def set_reclaim(self, reclaim) -> None:
+        """`reclaim()` frees a block kept only in case it is wanted again (decode.radix) when a kind's pool is at
+        the bound; False when nothing is left to free."""
+        for pool in self.pools.values():
+            pool.reclaim = reclaim
 
     # -- tensors -----------------------------------------------------------------------------------------------
 
@@ -152,6 +172,11 @@ class KVPool:
     def hold(self, prefix) -> Held:
         """The prefix's blocks per kind (written into the pool by its first row), held by one more row."""
         held = self.held.get(prefix)
+        if held is None and prefix.blocks is not None:  # blocks already in this pool (a kept conversation's)
+            for kind, chain in prefix.blocks.items():
+                for block in chain:
+                    self.pools[kind].hold(block)
+            held = self.held[prefix] = Held({kind: list(chain) for kind, chain in prefix.blocks.items()})
         if held is None:
             blocks = {}
             try:
@@ -177,7 +202,7 @@ class KVPool:
 
     def prefix_blocks(self, prefix) -> dict[tuple, int]:
         """Blocks per kind that writing `prefix` would take (none if it is held already)."""
-        if prefix in self.held:
+        if prefix in self.held or prefix.blocks is not None:
             return {kind: 0 for kind in self.kind_layers}
         return {kind: len(self._prefix_range(kind, prefix)) for kind in self.kind_layers}
 

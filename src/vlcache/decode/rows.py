@@ -47,11 +47,14 @@ from .kvpool import KVPool
 @dataclass(eq=False)
 class Prefix:
     """What a row continues from: per layer (K, V) [1, kv_heads, n, D] or a linear layer's (conv, recurrent)
-    state (None, None for a fresh one), `tokens` long (sliding-window layers store only the last of them)."""
+    state (None, None for a fresh one), `tokens` long (sliding-window layers store only the last of them).
+    `blocks`: per layer kind, the blocks of a KVPool that already hold the attention layers' K/V (a kept
+    conversation's, decode.radix; the same pool's only); `kv` then holds only the linear layers' states."""
 
     kv: list
     tokens: int
     rope_delta: int = 0
+    blocks: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -335,6 +338,8 @@ class RowsCache(DynamicCache):
                                                              or b.shape[1:] != self._linear[i][1].shape[1:]):
                     raise ValueError(f"layer {i}: a linear state of another shape")
                 continue
+            if prefix.blocks is not None:  # K/V already in the pool's blocks
+                continue
             if a is None or b is None or a.dim() != 4 or a.shape != b.shape:
                 raise ValueError(f"layer {i}: no K/V of one shape")
             if a.shape[0] != 1 or a.shape[1] != heads or a.shape[3] != dim or a.shape[2] > prefix.tokens:
@@ -448,6 +453,11 @@ class RowsCache(DynamicCache):
             else:
                 out.append((None, None))
         return out
+
+    def linear_state(self, slot: int) -> list:
+        """A row's linear layers' (conv, recurrent) states (copies), (None, None) for every other layer."""
+        return [tuple(b[slot : slot + 1].clone() for b in self._linear[i]) if i in self._linear else (None, None)
+                for i in range(len(self.layers))]
 
     def suffix_kv(self, slot: int, length: int) -> list:
         """A row's first `length` tokens after its prefix, per attention layer ([1, kv_heads, length, D])."""

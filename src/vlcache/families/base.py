@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ..pieces import in_pieces, vision_blocks
+
 FULL, SLIDING, LINEAR = "full_attention", "sliding_attention", "linear_attention"
 CHUNKED = "chunked_attention"  # chunked local attention (Llama 4): a query sees keys of its own chunk only
 SHARED = "shared_attention"  # "shared_attention:<i>": reads layer i's K/V, keeps none of its own (Gemma 4)
@@ -160,12 +162,15 @@ class Family:
 
     def prefill_steps(self, inputs, cache, dtype: torch.dtype, chunk: int | None, start: int = 0):
         """prefill() as a generator that yields between units of work of at most `chunk` prefix tokens (so a
-        server can decode for others in between) and returns the position shift. Here: one unit; families
-        that can run their prefix in pieces override it (and those that set `extends`, from `start` on)."""
+        server can decode for others in between) and returns the position shift. Here: the one forward,
+        paused at each of its vision blocks when `chunk` is given (a large image's encoder would otherwise
+        stall running answers for seconds; pausing changes nothing computed); families that can run their
+        prefix in pieces override it (and those that set `extends`, from `start` on)."""
         if start:
             raise ValueError(f"{self.name} cannot extend a state")
-        return self.prefill(inputs, cache, dtype)
-        yield  # noqa: unreachable - makes this a generator
+        if chunk is None:  # no one decodes in between: one unit
+            return self.prefill(inputs, cache, dtype)
+        return (yield from in_pieces(vision_blocks(self.model), lambda: self.prefill(inputs, cache, dtype)))
 
     # -- positions -------------------------------------------------------------------------------------------
 

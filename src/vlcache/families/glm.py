@@ -5,6 +5,9 @@ the cache slot, rows 1-3 t/h/w), and the delta after the media comes from the mo
 differs from Qwen is in the processor and the video path:
 - a video is one <|begin_of_image|>...<|end_of_image|>{timestamp} block per pair of frames (the processor
   writes the timestamps), its tokens carry the image token id, and mm_token_type_ids marks them 2;
+- the model's forward finds a video's tokens with the image token id too, so one call cannot take images and a
+  video (transformers counts the video's tokens as image tokens and refuses); vlcache gives the forward the
+  features of every media token of a piece, in token order, as one image output (what the mask covers);
 - GLM's frame samplers may pick a frame twice (GLM-4.1V repeats the last of an odd count, since frames are
   encoded in pairs; GLM-4.6V spreads a fixed count over short clips): the indices are kept as sampled, and each
   frame is decoded once and repeated, so the frames equal what transformers' own loader gives.
@@ -12,7 +15,10 @@ differs from Qwen is in the processor and the video path:
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
+import torch
 
 from .base import Family
 from .qwen import QwenMRoPE
@@ -41,3 +47,21 @@ class Glm4v(QwenMRoPE):
         kwargs = super().media_kwargs(images, videos, images_kwargs)
         kwargs.pop("cap_pixels_per_frame", None)  # not an argument of GLM's video processor
         return kwargs
+
+    def one_forward_ok(self, inputs) -> bool:
+        return inputs.get("pixel_values") is None or inputs.get("pixel_values_videos") is None
+
+    def piece_outputs(self, encoded: dict, types: torch.Tensor, piece: int, end: int) -> dict:
+        """Images and videos both in the piece: their features merged in token order as the "image" output,
+        since the forward's image mask covers the video's tokens too (its video mask is the same mask)."""
+        outputs = super().piece_outputs(encoded, types, piece, end)
+        if len(outputs) < 2:
+            return outputs
+        mine = types[0, piece:end]
+        kinds = mine[mine > 0]
+        image, video = (torch.cat(outputs[k].pooler_output, dim=0) for k in ("image", "video"))
+        merged = image.new_empty((len(kinds), image.shape[-1]))
+        merged[kinds == 1], merged[kinds == 2] = image, video
+        joined = copy.copy(outputs["image"])
+        joined["pooler_output"] = (merged,)
+        return {"image": joined}

@@ -14,6 +14,7 @@ import copy
 
 import torch
 
+from ..pieces import in_pieces, vision_blocks
 from .base import Family, run_steps
 
 
@@ -79,7 +80,7 @@ class QwenMRoPE(Family):
         positions = torch.cat([index, vision.to(ids.device)], dim=0)
         delta = int(deltas.view(-1)[0])
         n = ids.shape[1]
-        if start == 0 and (chunk is None or n <= chunk):  # all at once, as generate() does it
+        if start == 0 and (chunk is None or n <= chunk) and self.one_forward_ok(inputs):  # as generate() does it
             forward(self.model, ids, positions, cache, mm_token_type_ids=types, **_vision_inputs(inputs, dtype))
             return delta
         encoded = {}
@@ -94,20 +95,29 @@ class QwenMRoPE(Family):
         chunk = chunk or n
         for piece in range(start, n, chunk):
             end = min(n, piece + chunk)
-            outputs = {}
-            for kind, (features, skipped) in encoded.items():
-                mine = types[0] == _KINDS[kind][0]
-                first, count = int(mine[:piece].sum()) - skipped, int(mine[piece:end].sum())
-                if count:
-                    outputs[kind] = _slice_features(features, first, first + count)
+            outputs = self.piece_outputs(encoded, types, piece, end)
             forward(self.model, ids[:, piece:end], positions[..., piece:end], cache, mm_encoder_outputs=outputs or None,
                     mm_token_type_ids=types[:, piece:end])
             if end < n:
                 yield
         return delta
 
+    def one_forward_ok(self, inputs) -> bool:
+        """Whether the model's own forward takes these media in one call (GLM's cannot mix images and videos)."""
+        return True
+
+    def piece_outputs(self, encoded: dict, types: torch.Tensor, piece: int, end: int) -> dict:
+        """The encoder outputs of the media tokens in prefix[piece:end], by kind, as the forward takes them."""
+        outputs = {}
+        for kind, (features, skipped) in encoded.items():
+            mine = types[0] == _KINDS[kind][0]
+            first, count = int(mine[:piece].sum()) - skipped, int(mine[piece:end].sum())
+            if count:
+                outputs[kind] = _slice_features(features, first, first + count)
+        return outputs
+
     def _encode(self, inputs, kind: str, dtype: torch.dtype, start: int):
-        """(A generator: one unit of work per item.) The encoder's output for the `kind` media items whose tokens lie at or after `start`, and how many
+        """(A generator: a unit of work per item and per vision block.) The encoder's output for the `kind` media items whose tokens lie at or after `start`, and how many
         tokens of that kind come before the first of them (None if there are no such items)."""
         code, pixels_name, grid_name = _KINDS[kind]
         grids = inputs[grid_name]
@@ -123,12 +133,14 @@ class QwenMRoPE(Family):
         patches = int(grids[:skip].prod(-1).sum())
         encoder = self.model.model.get_image_features if kind == "image" else self.model.model.get_video_features
         # Item by item (the encoder attends within an image, or a video's frame, only), a unit of work between
-        # two: the outputs, per item already, are joined as one call over all of them gives them.
-        features, pooled, deep = None, [], None
+        # two and between two of an item's vision blocks: the outputs, per item already, are joined as one call
+        # over all of them gives them.
+        features, pooled, deep, blocks = None, [], None, vision_blocks(self.model)
         for i in range(skip, len(tokens)):
             size = int(grids[i].prod())
-            with torch.inference_mode():
-                out = encoder(inputs[pixels_name][patches : patches + size].to(dtype), grids[i : i + 1], return_dict=True)
+            pixels, grid = inputs[pixels_name][patches : patches + size].to(dtype), grids[i : i + 1]
+            # One item's encoder call in pieces at its vision blocks (exact: the call is only paused).
+            out = yield from in_pieces(blocks, lambda: encoder(pixels, grid, return_dict=True))
             patches += size
             features = features or out
             pooled += list(out.pooler_output)

@@ -32,10 +32,14 @@ class CacheWorker:
     """One Ray actor: loads the engine once, caches inputs one by one into the output folder."""
 
     def __init__(self, model: str, device: str, dtype: str, output_dir: str, system_prompt: str | None,
-                 options: dict, force: bool):
+                 options: dict, force: bool, quantize: str = "none", threads: int | None = None):
+        import torch
+
         from ..engine import Engine
 
-        self.engine = Engine.load(model, device=device, dtype=dtype)
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.engine = Engine.load(model, device=device, dtype=dtype, quantize=quantize)
         self.output_dir, self.system_prompt, self.force = output_dir, system_prompt, force
         self.options = MediaOptions(**options)
 
@@ -52,7 +56,8 @@ class CacheWorker:
             data = storage.read_bytes(source) if storage.is_url(source) else Path(source).read_bytes()
             kind = kind_of(source)
             messages = prompt.media_conversation(self.system_prompt, [kind])
-            key = self.engine.state_key([(kind, hashlib.sha256(data).hexdigest())], messages, self.options)
+            at = self.engine.pin_time()  # one instant for the key and the state (a clock-reading template)
+            key = self.engine.state_key([(kind, hashlib.sha256(data).hexdigest())], messages, self.options, at=at)
             target = storage.join(self.output_dir, f"{key}.safetensors")
             exists = storage.exists(str(target)) if storage.is_url(target) else os.path.exists(target)
             if exists and not self.force:
@@ -60,7 +65,7 @@ class CacheWorker:
             from ..families.base import run_steps
 
             state = run_steps(self.engine.cache_media_steps([source if not storage.is_url(source) else data], messages,
-                                                            self.options))
+                                                            self.options, at=at))
             state.save(target)
             return _row(source, target, "cached", None, state.num_tokens, start)
         except (VlcacheError, OSError) as exc:
@@ -90,9 +95,11 @@ def list_inputs(arguments: Sequence[str]) -> tuple[list[str], list[CacheResult]]
 def cache_on_ray(arguments: Sequence[str], output_dir: str, model: str, device: str = "auto", dtype: str = "auto",
                  system_prompt: str | None = None, options: MediaOptions | None = None, workers: int = 1,
                  force: bool = False, on_start: Callable[[int], None] | None = None,
-                 on_result: Callable[[CacheResult], None] | None = None, verbose: bool = False) -> list[CacheResult]:
+                 on_result: Callable[[CacheResult], None] | None = None, verbose: bool = False,
+                 quantize: str = "none", threads: int | None = None) -> list[CacheResult]:
     """Cache every input on Ray (RAY_ADDRESS, or a local cluster started for the call) into `output_dir`. Ray's
-    own log lines reach stderr only when `verbose`."""
+    own log lines reach stderr only when `verbose`. Each worker loads the model quantized by `quantize` and
+    computes with `threads` CPU threads (None: torch's choice)."""
     try:
         import pandas  # noqa: F401 - Ray Data needs it when the batch runs, long after `import ray` succeeded
         import ray
@@ -122,7 +129,8 @@ def cache_on_ray(arguments: Sequence[str], output_dir: str, model: str, device: 
                 CacheWorker, batch_size=1, concurrency=max(1, min(workers, len(sources))), num_gpus=gpus,
                 num_cpus=0 if gpus else 1, max_restarts=0, fn_constructor_kwargs={
                     "model": model, "device": device, "dtype": dtype, "output_dir": str(output_dir),
-                    "system_prompt": system_prompt, "options": asdict(options or MediaOptions()), "force": force},
+                    "system_prompt": system_prompt, "options": asdict(options or MediaOptions()), "force": force,
+                    "quantize": quantize, "threads": threads},
             )
         for row in computed.iter_rows():
             result = CacheResult(row["source"], row["output"] or None, row["status"], row["error"] or None,

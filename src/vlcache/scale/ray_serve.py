@@ -81,7 +81,8 @@ async def call_asgi(app, method: str, path: str, query: bytes, headers: list, bo
             task.cancel()
 
 
-def build(model: str, device: str, dtype: str, options, replicas: int, gpus: float):
+def build(model: str, device: str, dtype: str, options, replicas: int, gpus: float, quantize: str = "none",
+          threads: int | None = None):
     """The Ray Serve application: a router (the HTTP ingress) and `replicas` server replicas."""
     from ray import serve
 
@@ -89,10 +90,14 @@ def build(model: str, device: str, dtype: str, options, replicas: int, gpus: flo
                       max_ongoing_requests=options.max_batch + options.max_queue)
     class Replica:
         def __init__(self):
+            import torch
+
             from ..engine import Engine
             from ..serving.server import create_app
 
-            self.app = create_app(Engine.load(model, device=device, dtype=dtype), options)
+            if threads is not None:
+                torch.set_num_threads(threads)
+            self.app = create_app(Engine.load(model, device=device, dtype=dtype, quantize=quantize), options)
             self._lifespan = None
 
         @serve.multiplexed(max_num_models_per_replica=1024)
@@ -132,7 +137,7 @@ def build(model: str, device: str, dtype: str, options, replicas: int, gpus: flo
 
 
 def run(model: str, device: str, dtype: str, options, replicas: int, host: str, port: int, blocking: bool = True,
-        verbose: bool = False):
+        verbose: bool = False, quantize: str = "none", threads: int | None = None):
     """Start (or join, with RAY_ADDRESS) a Ray cluster and serve the application on host:port."""
 
     import ray
@@ -146,7 +151,7 @@ def run(model: str, device: str, dtype: str, options, replicas: int, host: str, 
     gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= replicas else 0.0
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(build(model, device, dtype, options, replicas, gpus), name="vlcache", route_prefix="/", blocking=blocking)
+        serve.run(build(model, device, dtype, options, replicas, gpus, quantize, threads), name="vlcache", route_prefix="/", blocking=blocking)
     except ray.exceptions.RayError as exc:  # a port in use, a replica that cannot load the model, ...
         reason = str(getattr(exc, "cause", None) or exc).strip().splitlines()[-1]
         raise VlcacheError(f"Ray Serve could not start vlcache on {host}:{port}: {reason}") from None

@@ -76,6 +76,7 @@ def message(chat: ChatRequest, text: str, finish: str) -> tuple[dict, str]:
 def usage(answers: list, cached: int) -> dict:
     completion = sum(len(a.token_ids) for a in answers)
     prompt = answers[0].prompt_tokens
+    cached = min(cached, answers[0].cached_tokens)  # fewer when the kept conversation was evicted before the row ran
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cached}}
 

@@ -26,6 +26,9 @@ class Metrics(Stats):
         self.batch = Histogram("vlcache_batch_size", "rows in each decode step", registry=self.registry,
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128))
         self.uploads = Counter("vlcache_state_uploads", "cache files uploaded by clients (--server)", registry=self.registry)
+        self.kv_blocks = Gauge("vlcache_kv_blocks", "K/V blocks per attention layer kind: used (held by rows, states or "
+                               "kept conversations), free (allocated, not held), shared (more than one holder), kept "
+                               "(held by the kept conversations' prefix tree)", ["kind", "state"], registry=self.registry)
         self.write_errors = Gauge("vlcache_state_write_errors", "states that could not be written to --cache-dir "
                                   "(disk full, read-only) and are served from memory only", registry=self.registry)
 

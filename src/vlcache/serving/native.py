@@ -193,7 +193,7 @@ def _listed(state: StoredState) -> dict:
 
 def _with_cached(answer, cached: int) -> dict:
     out = answer.to_dict()
-    out["cached_tokens"] = cached
+    out["cached_tokens"] = min(cached, answer.cached_tokens)  # fewer when the kept conversation was evicted
     return out
 
 

@@ -313,9 +313,9 @@ def parse_tools(body: dict, messages: list[dict], found: list) -> tuple[list[dic
         forced = {"schema": toolcalls.call_schema(checked, name)}
     elif choice not in (None, "auto", "none"):
         raise APIError(400, "'tool_choice' must be 'none', 'auto', 'required' or {'type': 'function', ...}", "tool_choice")
-    if choice == "none":
-        return messages, found, None  # the template still shows the tools; the answer is text (calls are not parsed)
     moved = [MediaRef(ref.kind, ref.url, (ref.at[0] + 1, ref.at[1])) for ref in found]
+    if choice == "none":  # as OpenAI and vLLM: the template still shows the tools; the answer is text, not parsed
+        return [toolcalls.tools_entry(checked), *messages], moved, None
     return [toolcalls.tools_entry(checked), *messages], moved, forced or {}
 
 

@@ -15,6 +15,11 @@ may need at most (its own tokens up to max_tokens, and its state's blocks unless
 already) fit beside what the rows already started may need; otherwise it waits in the queue, first come first
 served. So the pool never runs out of blocks; a request that could not fit even alone fails at once.
 
+Kept conversations (a finished row's blocks) stay in a prefix tree keyed by token ids (decode.radix): a later
+row whose history the tree holds references those blocks instead of writing its state again; the tree gives
+way, least recently used first, when the pool is at its bound or past `kept_budget` (the server's
+--memory-budget beside its states), never freeing a block a row uses.
+
 Rows about different image states (and text-only rows) share one batch: each attends to its own prefix,
 referenced through its block table (one copy of a state in the K/V blocks for all its rows, vlcache.decode).
 So a new question waits at most one prefill unit and one decode step before its own prefill starts, never for
@@ -36,6 +41,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import decode
+from ..decode.blocks import blocks_for
+from ..decode.kvpool import kind_name
+from ..decode.radix import RadixTree
 from ..engine import Answer, Engine, GenerationOptions, TextAssembler, _Timing
 
 log = logging.getLogger("vlcache")
@@ -54,9 +62,16 @@ class Job:
     group: str = ""  # jobs with the same group continue from the same prefix: the state key, "" for text-only
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
-    # Called with the row's ids, the K/V after the prefix (all but the answer's last token) and the number of
-    # tokens before the answer, to continue from.
-    keep: Callable[[torch.Tensor, list, int], None] | None = None
+    # Called with the row's ids (all but the answer's last token), the tree node that keeps their blocks
+    # (decode.radix: None when `root` is empty) and the number of tokens before the answer, to continue from.
+    keep: Callable[[torch.Tensor, object, int], None] | None = None
+    # The key of the state the row continues, under which its conversation is kept in the prefix tree (and its
+    # history looked up there before `kv` is written again): "" keeps and reuses nothing.
+    root: str = ""
+    # Tokens of the state `kv` gives (None: all of `history`). When `history` is longer (a kept conversation's
+    # tokens after the state), they are read from the prefix tree; as far as it no longer holds them (evicted
+    # meanwhile), the row prefills them again after the state.
+    base: int | None = None
     # Choice i > 0 of a request of n choices: the job of choice 0. Prefilled with it, such a row takes a copy of
     # its state after the prompt instead of running the prompt again (one prefill for the n choices).
     leader: "Job | None" = None
@@ -71,7 +86,7 @@ class _Row:
     fed: int = 0  # new ids prefilled so far
     first: float | None = None
     reserved: int = 0  # bytes of K/V blocks set aside for its own tokens (admission by memory)
-    reserved_key: str = ""  # the group its state's bytes are counted in (its own for a private copy)
+    reserved_key: str = ""  # the group its state's bytes are counted in (its own for a text-only row)
     constraint: object = None  # the row's grammar (decode.TokenConstraint), or None
     ended: bool = False  # the last sample ended the row (end of sequence, a rule, its grammar)
     logprobs: list = field(default_factory=list)  # per token, when the options ask for them
@@ -128,6 +143,11 @@ class Scheduler:
         # written once for all its rows, and a row moves into the running batch by reference.
         self._pool: decode.KVPool | None = None
         self._prefixes: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # group -> Prefix in use
+        # Kept conversations: chains of the pool's blocks in a prefix tree keyed by token ids (one copy each).
+        self._radix: RadixTree | None = None
+        # Bytes the tree may keep (None: only --kv-memory bounds it): the server gives what its state store's
+        # budget leaves, as kept conversations' copies counted against it before they were blocks.
+        self.kept_budget: Callable[[], int | None] = lambda: None
         self._tasks_turn = False
         self._thread = threading.Thread(target=self._run, name="vlcache-model", daemon=True)
         self._thread.start()
@@ -152,6 +172,10 @@ class Scheduler:
             yield  # noqa: unreachable - makes this a generator
 
         return self.compute(steps)
+
+    def forget(self, root: str) -> None:
+        """Drop the conversations kept under a state's key (it was deleted); rows using them go on."""
+        self.call(lambda: self._radix.drop(root) if self._radix is not None else None)
 
     def stop(self) -> None:
         self._inbox.put(None)
@@ -215,13 +239,32 @@ class Scheduler:
                     constraint=self.engine.constraint(job.options))
 
     def _prefix(self, job: Job) -> decode.Prefix:
-        """One Prefix object per state in use: a state made on demand (job.kv a function) is made once."""
+        """One Prefix object per state in use: the blocks the prefix tree keeps of the job's history, else its
+        state written into blocks (a state made on demand, job.kv a function, is made once). Its tokens may be
+        fewer than the history's (the tree no longer holds all of it): the row then prefills the rest."""
         prefix = self._prefixes.get(job.group)
         if prefix is None:
-            kv = job.kv() if callable(job.kv) else job.kv
-            prefix = decode.Prefix(kv=kv, tokens=job.history.shape[1], rope_delta=job.rope_delta)
+            prefix = self._kept_prefix(job)
+            if prefix is None:
+                kv = job.kv() if callable(job.kv) else job.kv
+                tokens = job.history.shape[1] if job.base is None else job.base
+                prefix = decode.Prefix(kv=kv, tokens=tokens, rope_delta=job.rope_delta)
             self._prefixes[job.group] = prefix
         return prefix
+
+    def _kept_prefix(self, job: Job) -> decode.Prefix | None:
+        """The job's history as far as the prefix tree holds it (at least its state's tokens), or None."""
+        if not job.root or self._radix is None:
+            return None
+        want = job.history.shape[1]
+        base = want if job.base is None else job.base
+        got, chains, _ = self._radix.match(job.root, job.history[0].tolist())
+        tokens = min(got, want)
+        if tokens == 0 or tokens < base:  # the state's own tokens come with its media: only the state has them
+            return None
+        blocks = {kind: chain[: blocks_for(tokens, self._pool.block_size)] for kind, chain in chains.items()}
+        return decode.Prefix(kv=[(None, None)] * len(self._pool.shapes), tokens=tokens, rope_delta=job.rope_delta,
+                             blocks=blocks)
 
     def _drop_cancelled(self) -> None:
         for row in [r for r in self._waiting if r.job.cancelled.is_set()]:
@@ -305,8 +348,10 @@ class Scheduler:
             prefill.settled.add(row)
 
     def _fork(self, prefill: _Prefill, logits: torch.Tensor) -> tuple[list[_Row], torch.Tensor]:
-        """The followers join the prefill batch as copies of their leader's row after the prompt (state, position,
-        rope delta) with their own sampling, and sample from their leader's logits: rows and logits of all."""
+        """The followers join the prefill batch referencing their leader's blocks after the prompt (its position
+        and rope delta; the partly filled last block is copied on write by whichever writes first; linear
+        layers' small states copied) with their own sampling, and sample from their leader's logits: rows and
+        logits of all."""
         rows, sources = list(prefill.rows), []
         cache = prefill.batch.cache
         for row in prefill.followers:
@@ -316,8 +361,12 @@ class Scheduler:
                 self._waiting.appendleft(row)
                 prefill.settled.add(row)
                 continue
-            row.prefix = decode.Prefix(kv=cache.row_state(i), tokens=cache.book.lengths[i],
-                                       rope_delta=prefill.rows[i].prefix.rope_delta)
+            row.job.history, row.job.new_ids = prefill.rows[i].job.history, prefill.rows[i].job.new_ids  # as split
+            tokens = cache.book.lengths[i]
+            blocks = {kind: list(tables.rows[i][: blocks_for(tokens, tables.block_size)])
+                      for kind, tables in cache.kinds.items()}
+            row.prefix = decode.Prefix(kv=cache.linear_state(i), tokens=tokens,
+                                       rope_delta=prefill.rows[i].prefix.rope_delta, blocks=blocks)
             seen = torch.cat([row.job.history[0], row.job.new_ids[0]])
             prefill.batch.add(row.prefix, row.sampling, row.job.options.max_new_tokens, seen, row.constraint)
             row.fed = row.job.new_ids.shape[1]
@@ -336,11 +385,12 @@ class Scheduler:
         while self._waiting and len(self._running) + len(chosen) + len(followers) < self.max_batch:
             row = self._waiting[0]
             if row.job.leader is not None and any(c.job is row.job.leader for c in chosen):
-                # A choice copies its leader's state after the prompt: a private copy, counted whole.
-                if not self._fits(row, private=True):
+                # A choice references its leader's blocks after the prompt: counted as a row of the leader's group
+                # (its prompt's blocks too, which the leader may give back first).
+                if not self._fits(row):
                     break
                 followers.append(self._waiting.popleft())
-                self._reserve(followers[-1], private=True)
+                self._reserve(followers[-1])
                 continue
             if row.remaining > budget or not self._fits(row):
                 break
@@ -357,6 +407,7 @@ class Scheduler:
             # A prefix that does not fit the model's layers fails its own row, before any forward.
             try:
                 row.prefix = self._prefix(row.job)
+                _split(row.job, row.prefix.tokens)
                 seen = torch.cat([row.job.history[0], row.job.new_ids[0]])
                 batch.add(row.prefix, row.sampling, row.job.options.max_new_tokens, seen, row.constraint)
             except (RuntimeError, ValueError, IndexError, TypeError) as exc:
@@ -377,6 +428,8 @@ class Scheduler:
         batch = self.engine.batch(self._pool)
         if self._pool is None:
             batch.cache.pool.limit_bytes = self.kv_memory  # before its first block: the CPU reserves this much
+            self._radix = RadixTree(batch.cache.pool)
+            batch.cache.pool.set_reclaim(self._radix.reclaim)  # kept conversations give way to running rows
         self._pool = batch.cache.pool
         return batch
 
@@ -388,12 +441,11 @@ class Scheduler:
             self._new_batch()
         return self._pool
 
-    def _needs(self, row: _Row, private: bool = False) -> tuple[int, int]:
-        """Bytes of blocks a row may take at most: (its own tokens', its state's). `private`: its state is a copy
-        of its leader's row after the prompt (n's choices), so the prompt is part of that state."""
+    def _needs(self, row: _Row) -> tuple[int, int]:
+        """Bytes of blocks a row may take at most: (its own tokens', its state's)."""
         pool = self._layout()
         size, history = pool.block_size, row.job.history.shape[1]
-        tokens = history + (row.job.new_ids.shape[1] if private else 0)
+        tokens = history
         end = history + row.job.new_ids.shape[1] + row.job.options.max_new_tokens
         own = state = 0
         for kind in pool.kind_layers:
@@ -406,11 +458,11 @@ class Scheduler:
         pool = self._layout()
         return sum(2 * pool.block_bytes(kind) for kind in pool.kind_layers)  # NULL and SCRATCH
 
-    def _fits(self, row: _Row, private: bool = False) -> bool:
+    def _fits(self, row: _Row) -> bool:
         if self.kv_memory is None:
             return True
-        own, state = self._needs(row, private)
-        shared = not private and row.job.group in self._groups and row.job.group != ""
+        own, state = self._needs(row)
+        shared = row.job.group in self._groups and row.job.group != ""
         return self._fixed() + self._reserved + own + (0 if shared else state) <= self.kv_memory
 
     def _refuse_too_large(self) -> None:
@@ -423,13 +475,12 @@ class Scheduler:
             row.job.emit("error", f"the request needs up to {own + state} bytes of K/V blocks (its state and "
                                   f"max_tokens), more than the server's --kv-memory of {self.kv_memory} allows")
 
-    def _reserve(self, row: _Row, private: bool = False) -> None:
-        """Count a started row's blocks: its own tokens', and its state's once per group of rows sharing it
-        (`private`: a copy of its own, as n's choices take)."""
+    def _reserve(self, row: _Row) -> None:
+        """Count a started row's blocks: its own tokens', and its state's once per group of rows sharing it."""
         if self.kv_memory is None:
             return
-        own, state = self._needs(row, private)
-        key = row.reserved_key = f"row {id(row)}" if private or row.job.group == "" else row.job.group
+        own, state = self._needs(row)
+        key = row.reserved_key = f"row {id(row)}" if row.job.group == "" else row.job.group
         group = self._groups.get(key)
         if group is None:
             group = self._groups[key] = [state, 0]
@@ -452,9 +503,13 @@ class Scheduler:
 
     def kv_stats(self) -> dict:
         """For /health: the K/V memory bound, what started rows may take, the pool's blocks per layer kind."""
-        pool = self._pool
+        pool, radix = self._pool, self._radix
+        blocks = pool.stats() if pool else {}
+        if radix is not None:
+            for kind, count in radix.kept.items():  # held by the prefix tree (kept conversations), used or not
+                blocks[kind_name(kind)]["kept"] = count
         return {"kv_memory": self.kv_memory, "reserved_bytes": self._reserved,
-                "used_bytes": pool.bytes_used() if pool else 0, "blocks": pool.stats() if pool else {}}
+                "used_bytes": pool.bytes_used() if pool else 0, "blocks": blocks}
 
     # -- decode ----------------------------------------------------------------------------------------------
 
@@ -501,9 +556,18 @@ class Scheduler:
         self._unreserve(row)
         job, tokens = row.job, row.text.token_ids
         if job.keep is not None and batch is not None and tokens and not job.cancelled.is_set():
-            length = job.new_ids.shape[1] + len(tokens) - 1  # the last token never went through the model
+            # The last token never went through the model: the row's blocks hold the ids before it.
             ids = torch.cat([job.history, job.new_ids, job.new_ids.new_tensor([tokens[:-1]])], dim=1)
-            job.keep(ids, batch.cache.suffix_kv(slot, length), job.history.shape[1] + job.new_ids.shape[1])
+            node = None
+            if job.root and self._radix is not None and batch.cache.pool is self._pool:
+                cache = batch.cache
+                chains = {kind: tables.rows[slot][: blocks_for(ids.shape[1], tables.block_size)]
+                          for kind, tables in cache.kinds.items()}
+                node = self._radix.insert(job.root, ids[0].tolist(), chains)
+                budget = self.kept_budget()
+                if budget is not None:
+                    self._radix.fit(budget)
+            job.keep(ids, node, job.history.shape[1] + job.new_ids.shape[1])
         prompt = job.history.shape[1] + job.new_ids.shape[1]
         stopped = row.ended and len(tokens) < job.options.max_new_tokens  # a rule ended it, not the length limit
         answer: Answer = self.engine.answer(tokens, job.history.shape[1], prompt, _Timing(job.submitted, row.first),
@@ -531,9 +595,19 @@ class Scheduler:
             row.job.emit("error", message)
         self._running, self._prefill, self._batch = [], None, None
         self._pool = None  # the failed forward's blocks may be held by rows no one will remove: a fresh pool
+        if self._radix is not None:
+            self._radix.abandon()  # its conversations are no longer found (their records see dead nodes)
+            self._radix = None
         self._reserved, self._groups = 0, {}
         for row in rows:
             row.reserved = 0
+
+
+def _split(job: Job, tokens: int) -> None:
+    """Move the job's history after `tokens` (what its prefix holds) to the front of its new ids."""
+    if tokens < job.history.shape[1]:
+        ids = torch.cat([job.history, job.new_ids], dim=1)
+        job.history, job.new_ids = ids[:, :tokens], ids[:, tokens:]
 
 
 def _fresh(row: _Row) -> bool:

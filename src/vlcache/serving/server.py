@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 import uuid
+from collections.abc import Callable
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -40,11 +42,14 @@ log = logging.getLogger("vlcache")
 HEADER_SECONDS = 10.0  # a connection whose request headers take longer is closed
 
 
-def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
+def create_app(engine: Engine, options: ServeOptions, on_start: Callable[[Service], object] | None = None) -> FastAPI:
+    """The app; `on_start(service)` runs as it starts (before it listens), e.g. compile_in_background."""
     service = Service(engine, options)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        if on_start is not None:
+            on_start(service)
         yield
         service.close()
 
@@ -71,7 +76,7 @@ def create_app(engine: Engine, options: ServeOptions) -> FastAPI:
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_id, "fingerprint": engine.fingerprint, "family": engine.family.name,
-                "dtype": str(engine.dtype).removeprefix("torch."), "hot_states": service.store.hot_count,
+                "dtype": str(engine.dtype).removeprefix("torch."), "quantization": engine.quantization, "hot_states": service.store.hot_count,
                 "hot_bytes": service.store.hot_bytes, "running": service.scheduler.running, "queued": service.scheduler.queued,
                 "decode": _decode_status(engine), "context_length": service.context_length,
                 "kv": service.scheduler.kv_stats()}
@@ -171,6 +176,7 @@ def _timings(answer, cached: int, started: float) -> dict:
     prefill), predicted_ms from the first token to the last; predicted_per_second counts the tokens after the
     first. cache_n: prompt tokens taken from a cached state, prompt_n: those computed."""
     total = time.perf_counter() - started
+    cached = min(cached, answer.cached_tokens)  # fewer when the kept conversation was evicted before the row ran
     decode = min(answer.timings.get("decode_s", 0.0), total)  # the scheduler's clock: first token to the answer
     prompt_s, completion = total - decode, len(answer.token_ids)
     computed = answer.prompt_tokens - cached
@@ -206,12 +212,37 @@ def server_config(app, host: str, port: int, **kwargs) -> uvicorn.Config:
     return uvicorn.Config(app, host=host, port=port, http=TimedH11Protocol, timeout_keep_alive=5, **kwargs)
 
 
+def compile_in_background(service: Service, buckets: list[int], backend: str | None = None,
+                          max_context: int | None = None) -> threading.Thread:
+    """`serve --compile auto`'s first start on a machine: decide the decode step (decode.probe.decide_aside) while
+    the server answers with eager steps; the compiled steps take over between two decode steps when ready."""
+    from ..decode.probe import decide_aside
+    from ..decode.step import span_for
+
+    scheduler = service.scheduler
+
+    def on_model_thread(fn):
+        return scheduler.call(fn).result()
+
+    def switch(runner, status) -> None:  # on the model thread, between steps
+        batch = scheduler._batch  # the running rows' batch (made before the runner existed); later ones get it
+        if batch is not None:
+            batch.runner = runner
+
+    return decide_aside(service.engine, buckets, on_model_thread, switch, backend,
+                        span_for(max_context) if max_context else None)
+
+
 def _decode_status(engine) -> dict:
-    """The decode step chosen at start, with the shapes compiled so far: a step compiles a new (rows, capacity)
-    shape the first time a batch needs it, after the start's list was taken."""
+    """The decode step chosen at start, with the (rows, span) shapes compiled so far (all of them before the server
+    listens) and dynamo's count of graphs compiled in this process, which stays put while the server runs."""
+    from ..decode.step import graphs_compiled
+
     status = dict(engine.compile_status)
     runner = engine.runner
     if runner is not None:
         shapes = sorted(runner.shapes)
-        status.update(shapes=shapes, buckets=sorted({rows for rows, _ in shapes}))
+        status.update(shapes=shapes, buckets=sorted({rows for rows, _ in shapes}), compiled_steps=runner.steps,
+                      eager_steps_beyond_span=runner.beyond_span)
+    status["graphs_compiled"] = graphs_compiled()
     return status

@@ -67,6 +67,9 @@ class Service:
         self.metrics = Metrics()
         self.scheduler = Scheduler(engine, max_batch=options.max_batch, prefill_chunk=options.prefill_chunk, stats=self.metrics,
                                    kv_memory=options.kv_memory)
+        self.store.forget = self.scheduler.forget  # a deleted state's kept conversations go with it
+        # Kept conversations' blocks and the states held in memory share --memory-budget, as before they were blocks.
+        self.scheduler.kept_budget = lambda: max(0, options.memory_budget - self.store.hot_bytes)
         # Fetching and decoding media run on threads of their own: slow downloads or long videos never hold
         # the threads that text-only requests, uploads and lookups use.
         self.media_pool = concurrent.futures.ThreadPoolExecutor(options.media_workers, thread_name_prefix="vlcache-media")
@@ -98,10 +101,11 @@ class Service:
         """`function(*args)` on the media pool (fetching, decoding), awaited."""
         return await asyncio.get_running_loop().run_in_executor(self.media_pool, functools.partial(function, *args))
 
-    def keys(self, digests: list[tuple[str, str]], prefixes: list[list[dict]], salt: str | None) -> list[str]:
+    def keys(self, digests: list[tuple[str, str]], prefixes: list[list[dict]], salt: str | None,
+             at: str | None = None) -> list[str]:
         """The key of the state ending after each media part: (kind, sha256) of the parts up to it, the
-        messages it covers, the settings that decide their tokens."""
-        return [self.engine.state_key(digests[: j + 1], prefixes[j], self.options.media, salt) for j in range(len(digests))]
+        messages it covers, the settings that decide their tokens (and `at`, a clock-reading template's instant)."""
+        return [self.engine.state_key(digests[: j + 1], prefixes[j], self.options.media, salt, at) for j in range(len(digests))]
 
     async def state_for(self, sources: list[bytes], kinds: list[str], prefixes: list[list[dict]], salt: str | None = None):
         """The state for a conversation up to its last image or video: (key, state, cached tokens), computing
@@ -114,7 +118,10 @@ class Service:
         digests = [(kind, hashlib.sha256(data).hexdigest()) for kind, data in zip(kinds, sources)]
         if salt is None and self.store.share_all:  # every unsalted state is listed: its images get thumbnails
             self.add_thumbnails(kinds, sources)
-        keys = self.keys(digests, prefixes, salt)
+        # One instant for the keys and the state computed on a miss: a minute that turns between them would store
+        # a state rendered at 12:35 under its 12:34 key.
+        at = self.engine.pin_time()
+        keys = self.keys(digests, prefixes, salt, at)
         key = keys[-1]
         state, source = await run_in_threadpool(self.store.get, key)
         self.metrics.states.labels(result=source).inc()
@@ -128,7 +135,7 @@ class Service:
             owner = pending is None or pending.stop.is_set()  # one being stopped: start again
             if owner:  # a task of its own: a client that hangs up does not cancel what others wait for
                 pending = self._pending[key] = _Pending(stop=threading.Event())
-                pending.task = asyncio.ensure_future(self._computed(key, sources, prefixes[-1], keys[:-1], pending))
+                pending.task = asyncio.ensure_future(self._computed(key, sources, prefixes[-1], keys[:-1], pending, at))
                 # Retrieved even when every waiter left: a stopped computation is not an unhandled error.
                 pending.task.add_done_callback(lambda task: task.cancelled() or task.exception())
             pending.waiters += 1
@@ -150,9 +157,10 @@ class Service:
             self.media_pool.submit(self.thumbs.add, kind, hashlib.sha256(data).hexdigest(), data,
                                    self.options.max_image_pixels)
 
-    async def _computed(self, key: str, sources: list[bytes], messages: list[dict], earlier: list[str], pending: _Pending):
+    async def _computed(self, key: str, sources: list[bytes], messages: list[dict], earlier: list[str], pending: _Pending,
+                        at: str | None = None):
         try:
-            state = await self._compute(sources, messages, earlier, pending.stop)
+            state = await self._compute(sources, messages, earlier, pending.stop, at)
             await run_in_threadpool(self.store.put, key, state)
             return state
         except ImageError as exc:
@@ -167,7 +175,8 @@ class Service:
                 if self._pending.get(key) is pending:
                     del self._pending[key]
 
-    async def _compute(self, sources: list[bytes], messages: list[dict], earlier: list[str], stop: threading.Event):
+    async def _compute(self, sources: list[bytes], messages: list[dict], earlier: list[str], stop: threading.Event,
+                       at: str | None = None):
         """Compute a state on the model thread, continuing the longest known state among `earlier` keys."""
         base = None
         if self.engine.family.extends:
@@ -177,13 +186,13 @@ class Service:
                     break
         # Decoding and the processor run on the media pool, beside the model thread: a long video does not
         # pause answers; its decoding is bounded (--video-decode-pixels) and stops when no one waits.
-        prepared = await self.on_media_thread(self._prepare, sources, messages, video.DecodeBudget(self.options.video_decode_pixels, stop))
+        prepared = await self.on_media_thread(self._prepare, sources, messages, video.DecodeBudget(self.options.video_decode_pixels, stop), at)
         chunk = self.options.prefill_chunk
         return await asyncio.wrap_future(self.scheduler.compute(lambda: self.engine.prefill_media_steps(prepared, chunk, base)))
 
-    def _prepare(self, sources: list[bytes], messages: list[dict], budget: video.DecodeBudget):
+    def _prepare(self, sources: list[bytes], messages: list[dict], budget: video.DecodeBudget, at: str | None = None):
         with video.limited(budget):
-            prepared = self.engine.prepare_media(sources, messages, self.options.media, self.options.max_image_pixels)
+            prepared = self.engine.prepare_media(sources, messages, self.options.media, self.options.max_image_pixels, at)
         # The processor's grids gave the state's length: one the model cannot hold is refused before the vision
         # encoder runs (it would stall every running answer, and every question about it would be refused).
         tokens, context = int(prepared.inputs["input_ids"].shape[1]), self.context_length
@@ -239,6 +248,9 @@ class Service:
         self.metrics.running.set(self.scheduler.running)
         self.metrics.queued.set(self.scheduler.queued)
         self.metrics.write_errors.set(self.store.write_errors)
+        for kind, blocks in self.scheduler.kv_stats()["blocks"].items():
+            for state in ("used", "free", "shared", "kept"):
+                self.metrics.kv_blocks.labels(kind=kind, state=state).set(blocks.get(state, 0))
 
     async def prepare(self, request: ChatRequest) -> tuple[Job, int, asyncio.Queue]:
         """Build the generation job for a chat request; returns it with its cached-token count and event queue."""
@@ -256,12 +268,15 @@ class Service:
             key, state, cached, covered, after = await self._base(request)
             new_ids = await run_in_threadpool(self._encode, request.messages, covered, state.metadata.template_time)
             kv, history, delta, group = state.kv, state.input_ids, int(state.rope_deltas.view(-1)[0]), key
+            base = history.shape[1]
             cont, same = await self._continuation(request.messages[after + 1:], key, history, new_ids)
             if cont is not None:
-                kv = lambda cont=cont, same=same: cont.kv_until(same)  # noqa: E731 - built on the model thread, when the row starts
+                # The kept blocks of the first `same` tokens (the scheduler's prefix tree); rows with the same
+                # run of ids are one group (admission counts its blocks once).
                 ids = torch.cat([history, new_ids], dim=1)
-                history, new_ids, group, cached = ids[:, :same], ids[:, same:], f"{cont.key}:{same}", same
-            keep = None if engine.family.has_linear_layers else self._keeper(key, state, cont, history.shape[1])
+                digest = hashlib.sha256(ids[0, :same].cpu().numpy().tobytes()).hexdigest()[:32]
+                history, new_ids, group, cached = ids[:, :same], ids[:, same:], f"{key}:{digest}", same
+            keep = None if engine.family.has_linear_layers else self._keeper(key)
         self._fit_context(request, history.shape[1] + new_ids.shape[1])
         self._fit_memory(history.shape[1] + new_ids.shape[1] + request.options.max_new_tokens)
         loop = asyncio.get_running_loop()
@@ -270,8 +285,9 @@ class Service:
         def emit(kind, value):
             loop.call_soon_threadsafe(events.put_nowait, (kind, value))
 
+        root = key if keep is not None else ""  # the tree's conversations under the state's key (never linear layers')
         job = Job(group=group, kv=kv, history=history, new_ids=new_ids, rope_delta=delta, options=request.options, emit=emit,
-                  keep=keep)
+                  keep=keep, root=root, base=None if keep is None else base)
         return job, cached, events
 
     async def _base(self, request: ChatRequest):
@@ -353,6 +369,8 @@ class Service:
 
     @staticmethod
     def _context_length(engine: Engine) -> int:
+        if engine.max_context:  # `serve --max-context` (or the model's context capped by --kv-memory)
+            return engine.max_context
         return int(getattr(engine.model.config.get_text_config(), "max_position_embeddings", None) or 2**31)
 
     def shared_metadata(self, key: str):
@@ -393,16 +411,13 @@ class Service:
         same = _message_boundary(ids[0].tolist(), min(same, ids.shape[1] - 1), history.shape[1], cont, self.engine.eos_ids)
         return (cont, same) if same > history.shape[1] else (None, 0)
 
-    def _keeper(self, image_key: str, image_state, cont: Continuation | None, prefix_tokens: int):
-        """Keeps a finished row as a continuation of the image state (runs on the model thread)."""
-        extra = prefix_tokens - image_state.num_tokens  # tokens of a continuation the row started from
+    def _keeper(self, image_key: str):
+        """Records a finished row, whose blocks the scheduler's prefix tree keeps, as a continuation of the image
+        state (runs on the model thread)."""
 
-        def keep(ids, suffix_kv, answer_start):
-            if extra > 0:  # the continuation's part in front: the first `extra` tokens after the image state
-                suffix_kv = [(None, None) if sk is None else (torch.cat([ck[:, :, :extra], sk], dim=-2), torch.cat([cv[:, :, :extra], sv], dim=-2))
-                             for (ck, cv), (sk, sv) in zip(cont.suffix_kv, suffix_kv)]
-            self.store.add_continuation(image_key, Continuation(base=image_state, input_ids=ids, suffix_kv=suffix_kv,
-                                                                answer_start=answer_start))
+        def keep(ids, node, answer_start):
+            if node is not None:
+                self.store.add_continuation(image_key, Continuation(input_ids=ids, node=node, answer_start=answer_start))
 
         return keep
 

@@ -29,7 +29,7 @@ from .. import storage
 from ..header import Layout
 from ..storage import Folder
 from ..header import media_identity, metadata_key, state_key  # noqa: F401 - keys are part of the store's interface
-from ..state import ImageState, StateMetadata, kv_nbytes, load_state, read_metadata
+from ..state import ImageState, StateMetadata, load_state, read_metadata
 
 KEY_PATTERN = re.compile(r"[0-9a-f]{64}")  # use fullmatch: "$" would also accept a trailing newline
 RESCAN_SECONDS = 1.0  # a miss looks for files others added at most this often
@@ -62,11 +62,12 @@ class StoredState:
 
 @dataclass
 class Continuation:
-    """A conversation after its image state: the state itself is shared, only what follows is held here."""
+    """A conversation after its image state, as the record of its token ids: its K/V are blocks the scheduler's
+    prefix tree keeps (decode.radix), one copy for every conversation that shares them, under the K/V bound
+    (--kv-memory) and evicted least recently used first; `node` (its last block's) says whether they still are."""
 
-    base: ImageState
     input_ids: torch.Tensor  # [1, n]: the base's ids, then the turn's new ids and answer
-    suffix_kv: list  # per layer, K/V of the tokens after the base
+    node: object  # decode.radix.Node
     answer_start: int = 0  # tokens before the kept answer (its assistant header included)
     key: str = ""  # set when kept
 
@@ -75,14 +76,8 @@ class Continuation:
         return int(self.input_ids.shape[1])
 
     @property
-    def kv_bytes(self) -> int:
-        return kv_nbytes(self.suffix_kv)
-
-    def kv_until(self, n: int) -> list:
-        """Contiguous K/V of the first n tokens (the base's and part of what follows)."""
-        extra = n - self.base.num_tokens
-        return [(None, None) if bk is None else (torch.cat([bk, sk[:, :, :extra]], dim=-2), torch.cat([bv, sv[:, :, :extra]], dim=-2))
-                for (bk, bv), (sk, sv) in zip(self.base.kv, self.suffix_kv)]  # None: a shared layer keeps nothing
+    def alive(self) -> bool:
+        return bool(getattr(self.node, "alive", False))
 
 
 class StateStore:
@@ -107,14 +102,16 @@ class StateStore:
         self._meta: dict[Path | str, StateMetadata] = {}  # file -> its metadata, read by the scan that indexed it
         self._used: dict[str, float] = {}  # key -> when this process last served or stored it (time.time())
         self.write_errors = 0  # states that could not be written to disk (kept in memory only)
-        # Conversations that went on after an image state, in memory only: image key -> continuation keys.
-        self._continuations: dict[str, list[str]] = {}
+        # Conversations that went on after an image state (records of ids; their K/V are in the scheduler's
+        # prefix tree): image key -> continuations.
+        self._continuations: dict[str, list[Continuation]] = {}
         # States that may be listed and named by id: those made through /v1/images and /v1/vlcache/cache (a
         # marker file each, so a restarted server or another one sharing the folder agrees), or all with share_all.
         # A chat completion's state is another client's conversation and photo: it is found only by its contents.
         self.share_all = share_all
         self._shared: set[str] = set()
         self._lock = threading.RLock()
+        self.forget: Callable[[str], None] | None = None  # called with a deleted state's key (the server: its tree)
         remove_stale_uploads(self.upload_folder())
         self.rescan()
 
@@ -269,35 +266,31 @@ class StateStore:
         return Download(state.pieces(DOWNLOAD_PIECE), lambda: None, None)
 
     def add_continuation(self, image_key: str, state: Continuation) -> None:
-        """Keep, in memory under the same budget, what followed an image state: a next turn starts from it."""
-        key = f"{image_key}:{uuid.uuid4().hex}"
-        state.key = key
+        """Record what followed an image state (its blocks are in the prefix tree): a next turn starts from it."""
+        state.key = f"{image_key}:{uuid.uuid4().hex}"
         with self._lock:
-            if image_key not in self._hot:  # its image state left memory meanwhile: keeping this would pin it
-                return
-            for known in self._continuations.get(image_key, []):  # identical conversations are kept once
-                kept = self._hot.get(known)
-                if kept is not None and torch.equal(kept.input_ids, state.input_ids.to(kept.input_ids.device)):
-                    self._hot.move_to_end(known)
-                    return
-            self._continuations.setdefault(image_key, []).append(key)
-        self._keep_hot(key, state)
+            kept = [known for known in self._continuations.get(image_key, []) if known.alive]
+            # Identical conversations are kept once (the tree holds their blocks once either way).
+            if not any(torch.equal(known.input_ids, state.input_ids.to(known.input_ids.device)) for known in kept):
+                kept.append(state)
+            self._continuations[image_key] = kept
 
     def best_continuation(self, image_key: str, ids: torch.Tensor) -> tuple[Continuation | None, int]:
-        """The kept continuation sharing the longest run of leading tokens with `ids` [1, n], and that length."""
-        best: tuple[str | None, Continuation | None, int] = (None, None, 0)
+        """The kept continuation (its blocks still in the tree) sharing the longest run of leading tokens with
+        `ids` [1, n], and that length."""
+        best: tuple[Continuation | None, int] = (None, 0)
         with self._lock:
-            keys = [k for k in self._continuations.get(image_key, []) if k in self._hot]
-            self._continuations[image_key] = keys
-            for key in keys:
-                state = self._hot[key]
+            kept = [known for known in self._continuations.get(image_key, []) if known.alive]
+            if kept:
+                self._continuations[image_key] = kept
+            else:
+                self._continuations.pop(image_key, None)
+            for state in kept:
                 n = min(state.num_tokens, ids.shape[1])
-                same = (state.input_ids[0, :n].to(ids.device) == ids[0, :n]).long().cumprod(0).sum()
-                if int(same) > best[2]:
-                    best = (key, state, int(same))
-            if best[0] is not None:
-                self._hot.move_to_end(best[0])
-        return best[1], best[2]
+                same = int((state.input_ids[0, :n].to(ids.device) == ids[0, :n]).long().cumprod(0).sum())
+                if same > best[1]:
+                    best = (state, same)
+        return best
 
     def share(self, key: str) -> None:
         """Mark a state as made through a sharing endpoint: listed, and answered by id (a marker beside it)."""
@@ -341,6 +334,10 @@ class StateStore:
         with self._lock:
             found = key in self._hot
             self._evict(key)
+            self._continuations.pop(key, None)
+        if self.forget is not None:
+            self.forget(key)  # the conversations the prefix tree keeps under it
+        with self._lock:
             self._shared.discard(key)
             path = self._index.pop(key, None) or self.folder.file(f"{key}.safetensors")
         self.folder.delete(self._marker(key))
@@ -479,10 +476,9 @@ class StateStore:
                 self._evict(next(iter(self._hot)))
 
     def _evict(self, key: str) -> None:
-        # A continuation holds its image state: they leave memory together, or the budget would be a fiction.
-        for dependent in [key] + self._continuations.pop(key, []):
-            if dependent in self._hot:
-                self._hot_bytes -= self._hot.pop(dependent).kv_bytes
+        # Its continuations stay: their blocks are the prefix tree's (under --kv-memory), not this budget's.
+        if key in self._hot:
+            self._hot_bytes -= self._hot.pop(key).kv_bytes
 
 
 def _named_for_another_key(path: Path | str, key: str) -> bool:

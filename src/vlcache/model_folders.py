@@ -1,0 +1,71 @@
+"""Where this machine keeps the model folders it loaded, by weight fingerprint.
+
+A state file names its model by hub id or by the folder's own name, never by the folder's absolute path (a
+file sent to a server or a colleague would tell them how this disk is laid out). `vlcache ask --cache FILE`
+without --model still finds a local model: the fingerprint in the file's header names the folder here, in
+$VLCACHE_HOME/model-folders.json, written when an engine loads a folder. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from . import paths
+
+_KEPT = 256  # the newest fingerprints: a bounded file
+_PER_WEIGHTS = 8  # copies of the same weights under other folders (a copy with another chat template)
+
+
+def _file() -> Path:
+    return paths.home() / "model-folders.json"
+
+
+def remember(fingerprint: str, model: str) -> None:
+    """Record that `model`, a local folder, holds the weights `fingerprint` (a hub id: nothing to record).
+    Best effort: a read-only home only means --model must name the folder."""
+    folder = Path(model).expanduser()
+    if not folder.is_dir():
+        return
+    known = _read()
+    where = str(folder.resolve())
+    folders = [f for f in _folders(known.pop(fingerprint, None)) if f != where] + [where]
+    known[fingerprint] = folders[-_PER_WEIGHTS:]
+    _write(dict(list(known.items())[-_KEPT:]))
+
+
+def folder_for(fingerprint: str, name: str) -> str | None:
+    """The folder called `name` on this machine last loaded with the weights `fingerprint`, if it is still there."""
+    for folder in reversed(_folders(_read().get(fingerprint))):
+        if Path(folder).name == name and Path(folder).is_dir():
+            return folder
+    return None
+
+
+def _folders(value) -> list[str]:
+    return [f for f in value if isinstance(f, str)] if isinstance(value, list) else []
+
+
+def _read() -> dict:
+    try:
+        data = json.loads(_file().read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write(data: dict) -> None:
+    path = _file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError:
+        return
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh)
+        os.replace(tmp, path)  # atomic: two processes loading at once leave one whole file
+    except OSError:
+        Path(tmp).unlink(missing_ok=True)
