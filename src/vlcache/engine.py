@@ -97,6 +97,9 @@ class Engine:
         self._dtype_notes: set[str] = set()
         self._grammars = None  # vlcache.structured.JsonGrammars, made on first use (Engine.grammars)
         decode.install(self.model)
+        # bfloat16 linear layers on a CPU: weights reordered for oneDNN once, not at every call (decode.linear).
+        self.packing = decode.linear.pack(self.model)
+        log.debug(f"linear layers: {self.packing}")
         self.runner = None  # a decode.step.StepRunner once compiled steps are enabled (compile_steps)
         self.max_context: int | None = None  # the longest conversation a server takes (--max-context); None: the model's
         self.compile_status = {"step": "eager", "reason": "compile off", "buckets": []}
