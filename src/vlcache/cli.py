@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from . import paths
+from . import paths, quiet_upstream_notes
 from .commands.ask import run_ask
 from .commands.cache import run_cache
 from .commands.chat import run_chat
@@ -426,9 +426,7 @@ def _quiet_libraries(verbose: bool) -> None:
 
     if not verbose:
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-        # With torchao installed (the quant extra), transformers imports it with every model, --quantize or not, and
-        # this torch logs a deprecation line about torchao's enums: torchao's to fix, nothing a user can act on.
-        logging.getLogger("torch.utils._pytree").addFilter(lambda r: "is an Enum subclass and is now" not in str(r.msg))
+        quiet_upstream_notes()
 
 
 def main(argv: list[str] | None = None) -> int:
