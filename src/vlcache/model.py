@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import platform
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -354,13 +353,13 @@ def check_identity(model, processor, fingerprint: str) -> dict:
 
 def checked(identity: dict) -> dict | None:
     """What `vlcache check` recorded when it passed for exactly this identity (check_identity), or None."""
-    record = _read_json(checks_path()).get(identity["weights"])
+    record = paths.read_json_dict(checks_path()).get(identity["weights"])
     return record if isinstance(record, dict) and record.get("identity") == identity else None
 
 
 def check_changes(identity: dict) -> list[str] | None:
     """None: `vlcache check` never passed for these weights; else what changed since it did (empty: nothing)."""
-    record = _read_json(checks_path()).get(identity["weights"])
+    record = paths.read_json_dict(checks_path()).get(identity["weights"])
     if not isinstance(record, dict):
         return None
     passed = record.get("identity") if isinstance(record.get("identity"), dict) else {}
@@ -370,11 +369,11 @@ def check_changes(identity: dict) -> list[str] | None:
 def remember_check(identity: dict, record: dict | None) -> None:
     """Record that `vlcache check` passed for this identity (or forget the weights' pass: `record` None after a
     failure). One pass is kept per weights: the latest."""
-    known = _read_json(checks_path())
+    known = paths.read_json_dict(checks_path())
     known.pop(identity["weights"], None)
     if record is not None:
         known[identity["weights"]] = {**record, "identity": identity}
-    _write_json(checks_path(), known)
+    paths.write_json_atomic(checks_path(), known)
 
 
 def _digest(value) -> str:
@@ -406,36 +405,13 @@ def remembered_fingerprint(model: torch.nn.Module, files: list[Path]) -> str:
     if identity is None:
         return fingerprint(model)
     path = fingerprint_cache_path()
-    known = _read_json(path)
+    known = paths.read_json_dict(path)
     if isinstance(known.get(identity), str):
         return known[identity]
     value = fingerprint(model)
     known[identity] = value
-    _write_json(path, dict(list(known.items())[-256:]))  # a bounded memory: the newest 256 checkpoints
+    paths.write_json_atomic(path, dict(list(known.items())[-256:]))  # a bounded memory: the newest 256 checkpoints
     return value
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _write_json(path: Path, data: dict) -> None:
-    """Atomic and best effort: a read-only home only costs recomputing the fingerprint next time."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError:
-        return
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh)
-        os.replace(tmp, path)
-    except OSError:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def fingerprint(model: torch.nn.Module) -> str:

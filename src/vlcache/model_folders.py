@@ -8,9 +8,6 @@ $VLCACHE_HOME/model-folders.json, written when an engine loads a folder. Nothing
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 
 from . import paths
@@ -29,16 +26,16 @@ def remember(fingerprint: str, model: str) -> None:
     folder = Path(model).expanduser()
     if not folder.is_dir():
         return
-    known = _read()
+    known = paths.read_json_dict(_file())
     where = str(folder.resolve())
     folders = [f for f in _folders(known.pop(fingerprint, None)) if f != where] + [where]
     known[fingerprint] = folders[-_PER_WEIGHTS:]
-    _write(dict(list(known.items())[-_KEPT:]))
+    paths.write_json_atomic(_file(), dict(list(known.items())[-_KEPT:]))
 
 
 def folder_for(fingerprint: str, name: str) -> str | None:
     """The folder called `name` on this machine last loaded with the weights `fingerprint`, if it is still there."""
-    for folder in reversed(_folders(_read().get(fingerprint))):
+    for folder in reversed(_folders(paths.read_json_dict(_file()).get(fingerprint))):
         if Path(folder).name == name and Path(folder).is_dir():
             return folder
     return None
@@ -46,26 +43,3 @@ def folder_for(fingerprint: str, name: str) -> str | None:
 
 def _folders(value) -> list[str]:
     return [f for f in value if isinstance(f, str)] if isinstance(value, list) else []
-
-
-def _read() -> dict:
-    try:
-        data = json.loads(_file().read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _write(data: dict) -> None:
-    path = _file()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError:
-        return
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh)
-        os.replace(tmp, path)  # atomic: two processes loading at once leave one whole file
-    except OSError:
-        Path(tmp).unlink(missing_ok=True)

@@ -3,7 +3,9 @@ so every command, the server and the tests agree on one folder."""
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 from pathlib import Path
 
 HOME_ENV_VAR = "VLCACHE_HOME"
@@ -79,3 +81,28 @@ def served_name(model: str) -> str:
     """The name a server's clients see for its model: a hub id as it is, a local folder by its own name alone (its
     absolute path would tell every client how the server's disk is laid out)."""
     return Path(model).name if Path(model).exists() else model
+
+
+def read_json_dict(path: Path) -> dict:
+    """A small JSON record file of vlcache's (fingerprints, checks, model folders): {} if absent or damaged."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Atomic (two processes writing at once leave one whole file), owner-only (mkstemp's 0600) and best effort:
+    a read-only home only costs recomputing the record next time."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError:
+        return
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh)
+        os.replace(tmp, path)
+    except OSError:
+        Path(tmp).unlink(missing_ok=True)
