@@ -328,16 +328,23 @@ def test_refcounts_return_to_zero_after_1000_random_joins_and_leaves_of_rows(eng
             logical = torch.tensor([[n + j for j in range(width)] for n in cache.book.next_logical()])
             with torch.inference_mode():
                 cache.begin(logical, counts)
-        holders = {}
-        for c in caches:
-            for row in c.kinds[kind].rows:
-                for block in row:
-                    holders[block] = holders.get(block, 0) + 1
-        for held in first.pool.held.values():
-            for block in held.blocks[kind]:
-                holders[block] = holders.get(block, 0) + 1
-        holders.pop(NULL, None)
+        holders = block_holders(caches, first.pool, kind)
         assert {b: r for b, r in enumerate(pool.refs) if r} == holders and pool.used == len(holders)
     for cache in caches:
         cache.close()
     assert pool.used == 0 and set(pool.refs) == {0} and not first.pool.held
+
+
+def block_holders(caches, pool, kind, holders: dict | None = None) -> dict:
+    """Block -> how many holders reference it: the rows of `caches`, the states `pool` holds, and `holders` (e.g. a
+    prefix tree's); the NULL block left out. A pool's refcounts must equal exactly this."""
+    holders = dict(holders or {})
+    for cache in caches:
+        for row in cache.kinds[kind].rows:
+            for block in row:
+                holders[block] = holders.get(block, 0) + 1
+    for held in pool.held.values():
+        for block in held.blocks[kind]:
+            holders[block] = holders.get(block, 0) + 1
+    holders.pop(NULL, None)
+    return holders

@@ -7,6 +7,7 @@ import time
 
 import torch
 from conftest import photo
+from test_paged import block_holders
 
 from vlcache.decode.blocks import NULL, blocks_for
 from vlcache.decode.radix import RadixTree
@@ -297,15 +298,7 @@ def test_refcounts_return_to_zero_after_1000_random_joins_leaves_keeps_and_evict
                 cache.begin(logical, counts)
             for slot, n in enumerate(counts):
                 rows[slot][1].extend(rng.randrange(5) for _ in range(n))  # few distinct ids: shared runs
-        holders = tree.held()[kind]
-        for c in caches:
-            for row in c.kinds[kind].rows:
-                for block in row:
-                    holders[block] = holders.get(block, 0) + 1
-        for held in first.pool.held.values():
-            for block in held.blocks[kind]:
-                holders[block] = holders.get(block, 0) + 1
-        holders.pop(NULL, None)
+        holders = block_holders(caches, first.pool, kind, tree.held()[kind])
         assert {b: r for b, r in enumerate(pool.refs) if r} == holders and pool.used == len(holders)
     assert kept and tree.blocks
     for cache in caches:
