@@ -182,15 +182,9 @@ def linear_stack(rounds: int) -> dict:
 
 
 def head_alone(engine, runs: int = 20) -> float:
-    head = engine.model.get_output_embeddings()
-    x = torch.randn(1, 1, head.weight.shape[1], dtype=head.weight.dtype)
-    times = []
-    with torch.inference_mode():
-        for _ in range(runs):
-            start = time.perf_counter()
-            head(x)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    from decode import _head_seconds  # bench/decode.py: the output projection alone, one row
+
+    return _head_seconds(engine.model, 1, runs)
 
 
 def main(argv=None) -> int:
