@@ -323,11 +323,7 @@ def test_refcounts_return_to_zero_after_1000_random_joins_and_leaves_of_rows(eng
         elif cache.rows < 12:
             cache.add(rng.choice(states))
         if cache.rows:
-            counts = [rng.randrange(0, 5) for _ in range(cache.rows)]
-            width = max(counts + [1])
-            logical = torch.tensor([[n + j for j in range(width)] for n in cache.book.next_logical()])
-            with torch.inference_mode():
-                cache.begin(logical, counts)
+            grow_randomly(cache, rng)
         holders = block_holders(caches, first.pool, kind)
         assert {b: r for b, r in enumerate(pool.refs) if r} == holders and pool.used == len(holders)
     for cache in caches:
@@ -348,3 +344,13 @@ def block_holders(caches, pool, kind, holders: dict | None = None) -> dict:
             holders[block] = holders.get(block, 0) + 1
     holders.pop(NULL, None)
     return holders
+
+
+def grow_randomly(cache, rng) -> list[int]:
+    """Every row of `cache` takes 0 to 4 new positions at once (as a prefill piece or a step would); the counts."""
+    counts = [rng.randrange(0, 5) for _ in range(cache.rows)]
+    width = max(counts + [1])
+    logical = torch.tensor([[n + j for j in range(width)] for n in cache.book.next_logical()])
+    with torch.inference_mode():
+        cache.begin(logical, counts)
+    return counts

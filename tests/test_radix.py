@@ -7,7 +7,7 @@ import time
 
 import torch
 from conftest import photo
-from test_paged import block_holders
+from test_paged import block_holders, grow_randomly
 
 from vlcache.decode.blocks import NULL, blocks_for
 from vlcache.decode.radix import RadixTree
@@ -291,11 +291,7 @@ def test_refcounts_return_to_zero_after_1000_random_joins_leaves_keeps_and_evict
                 cache.add(prefix)
                 rows.append((root, list(base)))
         if cache.rows:
-            counts = [rng.randrange(0, 5) for _ in range(cache.rows)]
-            width = max(counts + [1])
-            logical = torch.tensor([[n + j for j in range(width)] for n in cache.book.next_logical()])
-            with torch.inference_mode():
-                cache.begin(logical, counts)
+            counts = grow_randomly(cache, rng)
             for slot, n in enumerate(counts):
                 rows[slot][1].extend(rng.randrange(5) for _ in range(n))  # few distinct ids: shared runs
         holders = block_holders(caches, first.pool, kind, tree.held()[kind])
