@@ -169,3 +169,46 @@ def test_null_blocks_are_never_written_and_fresh_blocks_are_zeroed():
     tables.writable(slot, 5, 6)
     assert tables.rows[slot][0] == NULL and tables.rows[slot][1] == block
     assert torch.equal(store.data[block], torch.zeros(4)) and store.data[NULL].eq(0).all()
+
+
+def _written(pool, i, chain, start, end):
+    """Layer i's K at positions start..end of `chain`, read back one position at a time."""
+    size = pool.block_size
+    return torch.stack([pool.keys[i][chain[p // size], :, p % size] for p in range(start, end)], dim=1)
+
+
+@pytest.mark.parametrize("tokens,stored,scatter", [(37, 37, False), (37, 37, True), (37, 10, False), (32, 32, False),
+                                                   (5, 5, False), (40, 3, True)])
+def test_a_prefix_is_written_whole_blocks_at_once_and_reads_back_exactly(tokens, stored, scatter):
+    """KVPool writes a state's whole blocks in one copy (a slice for consecutive ids, an index otherwise) and its
+    partly covered ends per position: every position reads back what the state holds, the rest of a partly written
+    block is zeros (a stale NaN there would poison the masked matmul), and blocks before a sliding layer's window
+    stay NULL."""
+    from vlcache.decode.kvpool import KVPool
+    from vlcache.decode.rows import Prefix
+
+    kind = (None, None)
+    pool = KVPool({kind: [0, 1]}, [(2, 3), (2, 3)], block_size=8, device="cpu", dtype=torch.float32)
+    blocks = pool.pools[kind]
+    if scatter:  # stale NaN blocks handed out in a scrambled order: ids that do not run consecutively
+        taken = [blocks.allocate() for _ in range(12)]
+        pool.ensure()
+        for block in taken:
+            pool.keys[0][block] = pool.keys[1][block] = float("nan")
+        for block in taken[::2] + taken[1::2]:
+            blocks.release(block)
+    kv = [(torch.randn(1, 2, stored, 3), torch.randn(1, 2, stored, 3)) for _ in range(2)]
+    prefix = Prefix(kv, tokens)
+    chain = pool.hold(prefix).blocks[kind]
+    first = tokens - stored
+    assert all(b == NULL for b in chain[: first // 8]) and NULL not in chain[first // 8 :]
+    if scatter and len(chain) - first // 8 > 1:
+        ids = chain[first // 8 :]
+        assert ids != list(range(ids[0], ids[0] + len(ids)))  # the index path really ran
+    for i in range(2):
+        assert torch.equal(_written(pool, i, chain, first, tokens), kv[i][0][0])
+        assert torch.equal(torch.stack([pool.values[i][chain[p // 8], :, p % 8] for p in range(first, tokens)], 1), kv[i][1][0])
+    edge = [(first // 8 * 8, first), (tokens, -(-tokens // 8) * 8)]
+    for lo, hi in edge:
+        if lo < hi:
+            assert _written(pool, 0, chain, lo, hi).eq(0).all()

@@ -93,9 +93,18 @@ class BlockPool:
                 self.free.append(block)
                 self.used -= 1
 
-    def _grow(self) -> None:
+    def make_free(self, blocks: int) -> None:
+        """Grow at once (one copy of the tensors) so that `blocks` blocks are free, as far as the bound allows;
+        allocate() still raises PoolFull when they do not fit."""
+        if len(self.free) < blocks:
+            try:
+                self._grow(self.capacity + blocks - len(self.free))
+            except PoolFull:
+                pass
+
+    def _grow(self, at_least: int = 0) -> None:
         have = self.capacity
-        size = max(2 * have, RESERVED + 8)
+        size = max(2 * have, RESERVED + 8, at_least)
         if self.limit is not None:
             size = min(size, self.limit)
         if size > have and not self.fits(size):

@@ -34,6 +34,11 @@ class Held:
     users: int = 0
 
 
+# Blocks a pool grows by beyond a prefix it writes: room for a row's first question without a second growth
+# (each growth copies every layer's tensors; a fresh pool per Engine.ask paid three of them before its first token).
+PREFIX_HEADROOM = 4
+
+
 def default_kv_memory(device) -> int:
     """`vlcache serve`'s bound on K/V blocks when --kv-memory is not given: half the memory free on the device
     at start (CUDA: free GPU memory once the model is loaded; CPU: the system's MemAvailable)."""
@@ -155,13 +160,32 @@ class KVPool:
             self.keys[i][target] = self.keys[i][source]
             self.values[i][target] = self.values[i][source]
 
-    def put(self, i: int, blocks: torch.Tensor, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Write [kv_heads, n, D] K/V of layer i at positions start.. of `blocks` (by position)."""
+    def put(self, i: int, chain: list[int], start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write [kv_heads, n, D] K/V of layer i at positions start.. of the blocks `chain` (by position). The
+        whole blocks go in one copy (a slice where their ids run consecutively, as a fresh pool hands them out:
+        7x cheaper than an index per position), the partly covered ends per position."""
         n = keys.shape[-2]
-        if n:
-            block, offset = self.where(blocks, start, start + n)
-            self.keys[i][block, :, offset] = keys.transpose(0, 1)
-            self.values[i][block, :, offset] = values.transpose(0, 1)
+        if not n:
+            return
+        size, end = self.block_size, start + n
+        first, last = -(-start // size), end // size  # the whole blocks: first..last-1
+        if first >= last:
+            first = last = end  # no whole block: every position goes the per-position way
+        else:
+            heads, dim = keys.shape[0], keys.shape[-1]
+            a, b = first * size - start, last * size - start
+            ids = chain[first:last]
+            run = ids[-1] - ids[0] == len(ids) - 1 and ids == list(range(ids[0], ids[-1] + 1))
+            target = slice(ids[0], ids[-1] + 1) if run else torch.tensor(ids, device=self.device)
+            for pool, part in ((self.keys[i], keys), (self.values[i], values)):
+                pool[target] = part[:, a:b].reshape(heads, last - first, size, dim).transpose(0, 1)
+        table = None
+        for lo, hi in ((start, min(end, first * size)), (max(start, last * size), end)):
+            if lo < hi:
+                table = table if table is not None else torch.tensor(chain, dtype=torch.long, device=self.device)
+                block, offset = self.where(table, lo, hi)
+                self.keys[i][block, :, offset] = keys[:, lo - start : hi - start].transpose(0, 1)
+                self.values[i][block, :, offset] = values[:, lo - start : hi - start].transpose(0, 1)
 
     def where(self, blocks: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         position = torch.arange(start, end, device=blocks.device)
@@ -213,18 +237,21 @@ class KVPool:
     def _write_prefix(self, kind: tuple, prefix) -> list[int]:
         """Blocks holding the prefix's K/V of one kind's layers; NULL for positions none of them keeps (a sliding
         layer's before its window, a chunked layer's before its last chunk)."""
-        pool, tokens = self.pools[kind], prefix.tokens
-        blocks = [NULL] * blocks_for(tokens, self.block_size)
+        pool, tokens, size = self.pools[kind], prefix.tokens, self.block_size
+        blocks = [NULL] * blocks_for(tokens, size)
+        written = self._prefix_range(kind, prefix)
+        pool.make_free(len(written) + PREFIX_HEADROOM)
+        first = tokens - min(prefix.kv[i][0].shape[-2] for i in self.kind_layers[kind])  # written by every layer from here
         try:
-            for j in self._prefix_range(kind, prefix):
+            for j in written:
                 blocks[j] = pool.allocate()
-                self.zero(kind, blocks[j])
+                if j * size < first or (j + 1) * size > tokens:  # partly written: the rest must be zeros
+                    self.zero(kind, blocks[j])
         except PoolFull:
             for block in blocks:
                 pool.release(block)
             raise
-        table = torch.tensor(blocks, dtype=torch.long, device=self.device)
         for i in self.kind_layers[kind]:
             keys, values = prefix.kv[i]
-            self.put(i, table, tokens - keys.shape[-2], keys[0], values[0])
+            self.put(i, blocks, tokens - keys.shape[-2], keys[0], values[0])
         return blocks
