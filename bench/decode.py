@@ -167,7 +167,7 @@ def _head_seconds(model, rows: int, runs: int = 50) -> float:
     return statistics.median(times)
 
 
-def two_b(work: Path, steps: int) -> dict:
+def two_b(work: Path, steps: int, row_counts=(1, 8), clock=time.perf_counter) -> dict:
     from transformers import DynamicCache
 
     from vlcache import Engine
@@ -190,7 +190,7 @@ def two_b(work: Path, steps: int) -> dict:
         batch.add(engine.state_prefix(state), decode.SamplingParams(temperature=0.0), 1, question[0])
         copies.append(time.perf_counter() - start)
     out = {}
-    for rows in (1, 8):
+    for rows in row_counts:
         batch = engine.batch()
         for _ in range(rows):
             batch.add(engine.state_prefix(state), decode.SamplingParams(temperature=0.0), 10**6, question[0])
@@ -205,16 +205,16 @@ def two_b(work: Path, steps: int) -> dict:
             for i, (k, v) in enumerate(kv):
                 cache.update(k.expand(rows, -1, -1, -1).clone(), v.expand(rows, -1, -1, -1).clone(), i)
             where = engine.family.positions(torch.full((rows, 1), n), torch.full((rows, 1), n), delta)
-            start = time.perf_counter()
+            start = clock()
             with torch.inference_mode():
                 engine.model(input_ids=torch.full((rows, 1), 100), position_ids=where, cache=cache, use_cache=True,
                              logits_to_keep=1)
-            return time.perf_counter() - start
+            return clock() - start
 
         def step() -> float:
-            start = time.perf_counter()
+            start = clock()
             batch.sample(batch.step())
-            return time.perf_counter() - start
+            return clock() - start
 
         times, floor = [], []
         for _ in range(steps):  # alternating, so drift touches both alike
@@ -248,7 +248,7 @@ def markdown(results: dict) -> str:
     two = results.get("2b")
     if two:
         lines += ["", f"### (b) {two['model']}, {two['dtype']} ({two['dtype_reason']}), {two['threads']} torch threads, "
-                  f"{two['cached_tokens']} cached tokens", "",
+                  f"{two['cached_tokens']} cached tokens, {two.get('clock', 'wall')} clock", "",
                   "| rows | vlcache ms a step | floor (bare forward of one token a row) | vlcache / floor (target <= 1.1) |",
                   "| --- | --- | --- | --- |"]
         for rows, r in two["per_token_s"].items():
@@ -266,6 +266,11 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--skip-thin", action="store_true")
     parser.add_argument("--skip-2b", action="store_true")
+    parser.add_argument("--rows-2b", type=int, nargs="+", default=[1, 8], help="batch sizes of part (b)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="part (b): wall seconds, or CPU seconds of the main thread (with --threads 1: every "
+                             "kernel runs on it; other processes on a busy machine disturb it far less)")
+    parser.add_argument("--threads", type=int, default=None, help="part (b): torch threads (default: torch's)")
     args = parser.parse_args(argv)
     from dtype import cpu_facts  # bench/dtype.py: one place for what the CPU is
 
@@ -275,7 +280,11 @@ def main(argv=None) -> int:
     if not args.skip_thin:
         results["thin"] = thin(args.work_dir, args.rounds, args.steps)
     if not args.skip_2b:
-        results["2b"] = two_b(args.work_dir, args.steps)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+        results["2b"] = two_b(args.work_dir, args.steps, args.rows_2b, clock)
+        results["2b"]["clock"] = args.clock
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))
     print(markdown(results))
