@@ -149,18 +149,24 @@ class Scheduler:
         # budget leaves, as kept conversations' copies counted against it before they were blocks.
         self.kept_budget: Callable[[], int | None] = lambda: None
         self._tasks_turn = False
+        # Work taken and requests arrived, counted: a timing on another thread (decode.probe's background `auto`
+        # decision) that sees it unchanged and the scheduler idle before and after ran undisturbed by serving.
+        # (Increments from two threads may lose one another; the count still changes, which is all it is read for.)
+        self.activity = 0
         self._thread = threading.Thread(target=self._run, name="vlcache-model", daemon=True)
         self._thread.start()
 
     # -- called from other threads ---------------------------------------------------------------------------
 
     def submit(self, job: Job) -> None:
+        self.activity += 1
         self._inbox.put(job)
 
     def compute(self, make: Callable) -> Future:
         """Run `make()` (a generator of units of work that returns a result, e.g. Engine.prefill_media_steps)
         on the model thread, between decode steps; the Future carries the result."""
         future: Future = Future()
+        self.activity += 1
         self._inbox.put(_Task(make, future))
         return future
 
@@ -185,6 +191,11 @@ class Scheduler:
         return len(self._running)
 
     @property
+    def idle(self) -> bool:
+        """No running row, no queued question or task, nothing arrived that the model thread has not taken."""
+        return not (self._running or self._waiting or self._tasks or self._prefill) and self._inbox.empty()
+
+    @property
     def queued(self) -> int:
         """Questions admitted but not decoding yet (waiting for a row, or being prefilled)."""
         prefill = self._prefill
@@ -198,6 +209,7 @@ class Scheduler:
             idle = not (self._running or self._waiting or self._tasks or self._prefill)
             if not self._take(block=idle):
                 return
+            self.activity += 1
             try:
                 self._drop_cancelled()
                 try:
