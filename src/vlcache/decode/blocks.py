@@ -54,6 +54,8 @@ class BlockPool:
         self.reclaim: Callable[[], bool] = lambda: False
         # Called when growing would pass the bound: gives back other kinds' unused capacity (decode.kvpool).
         self.make_room: Callable[[], None] = lambda: None
+        # The capacity to grow to from `have`: double; a reserved pool (decode.kvpool, CUDA) its bound at once.
+        self.target: Callable[[int], int] = lambda have: max(2 * have, RESERVED + 8)
 
     @property
     def capacity(self) -> int:
@@ -95,7 +97,7 @@ class BlockPool:
 
     def _grow(self) -> None:
         have = self.capacity
-        size = max(2 * have, RESERVED + 8)
+        size = self.target(have)
         if self.limit is not None:
             size = min(size, self.limit)
         if size > have and not self.fits(size):

@@ -42,7 +42,7 @@ import torch
 
 from .. import decode
 from ..decode.blocks import PoolFull, blocks_for
-from ..decode.kvpool import kind_name
+from ..decode.kvpool import kind_name, serving_pool
 from ..decode.radix import RadixTree
 from ..engine import Answer, Engine, GenerationOptions, TextAssembler, _Timing
 
@@ -439,16 +439,16 @@ class Scheduler:
         return _Prefill(rows, batch, followers)
 
     def _new_batch(self) -> decode.Batch:
-        batch = self.engine.batch(self._pool)
         if self._pool is None:
-            pool = batch.cache.pool
-            pool.limit_bytes = self.kv_memory  # before its first block: the CPU reserves this much
+            layout = self.engine.batch()  # an empty batch: the model's layer kinds and shapes (no tensors yet)
+            pool = serving_pool(layout.cache.pool, self.kv_memory)  # reserved at --kv-memory on CUDA
+            layout.cache.close()
             radix = RadixTree(pool)
             pool.set_reclaim(radix.reclaim)  # kept conversations give way to running rows
             # The pool before its tree (and cleared after it): kv_stats, on another thread, reads both.
             self._pool = pool
             self._radix = radix
-        return batch
+        return self.engine.batch(self._pool)
 
     # -- admission by memory ---------------------------------------------------------------------------------
 
