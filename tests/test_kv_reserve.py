@@ -64,15 +64,16 @@ def test_a_reserved_pool_needs_a_bound_and_only_cuda_reserves():
     assert not kvpool.serving_pool(KVPool({FULL: [0]}, [(1, 8)], 16, "cpu"), 2**20).reserve
 
 
-def test_a_server_scheduler_on_a_reserved_pool_queues_what_does_not_fit_and_never_grows_it(engine, astronaut_state,
-                                                                                           monkeypatch):
-    """The scheduler's pool reserved (as on CUDA) at a --kv-memory that holds either of two questions about two
-    states but not both: the second waits in the queue, both answer as alone, and the pool's tensors are the same
-    ones, at the bound, from the first block to the end."""
+def test_a_server_on_a_reserved_pool_takes_it_at_start_queues_what_does_not_fit_and_never_grows_it(
+        engine, astronaut_state, monkeypatch, tmp_path):
+    """The server's pool reserved (as on CUDA) at a --kv-memory that holds either of two questions about two states
+    but not both: its tensors exist at the bound when the service starts, before any request; the second question
+    waits in the queue, both answer as alone, and the tensors are the same ones from start to end."""
     from churn import job_for
     from test_paged import QUESTIONS, _needs
 
-    from vlcache.serving.scheduler import Scheduler
+    from vlcache.serving.server import ServeOptions
+    from vlcache.serving.service import Service
 
     monkeypatch.setattr(kvpool, "reserves", lambda device, limit_bytes: limit_bytes is not None)
     other = engine.cache_image(photo("rocket.jpg"), system_prompt=SYSTEM)
@@ -80,8 +81,14 @@ def test_a_server_scheduler_on_a_reserved_pool_queues_what_does_not_fit_and_neve
     jobs = [job_for(engine, state, q, 16, key) for state, q, key in cases]
     fixed, needs = _needs(engine, jobs)
     bound = fixed + sum(own + state for own, state in needs) - 1
-    scheduler = Scheduler(engine, max_batch=8, prefill_chunk=512, kv_memory=bound)
+    service = Service(engine, ServeOptions(cache_dir=tmp_path / "states", memory_budget=2**30, max_batch=8,
+                                           prefill_chunk=512, kv_memory=bound))
+    scheduler = service.scheduler
     try:
+        pool = scheduler._pool
+        start = _tensors(pool)
+        assert pool.reserve and {blocks for _, blocks in start.values()} == {pool.reserved_blocks()}
+        assert pool.reserved_blocks() == bound // sum(pool.block_bytes(k) for k in pool.kind_layers) > RESERVED
         blocker, blocking = threading.Event(), threading.Event()
         scheduler.call(lambda: (blocking.set(), blocker.wait()))
         assert blocking.wait(30)
@@ -91,16 +98,24 @@ def test_a_server_scheduler_on_a_reserved_pool_queues_what_does_not_fit_and_neve
         most, seen = 0, []
         while not all(done.is_set() for _, _, done in jobs):
             running, tensors = scheduler.call(lambda: (len(scheduler._running), _tensors(scheduler._pool))).result(60)
-            most = max(most, running)
-            if tensors:
-                seen.append(tensors)
-        pool = scheduler._pool
-        assert pool.reserve and seen and all(t == seen[0] for t in seen) and _tensors(pool) == seen[0]
-        assert {blocks for _, blocks in seen[0].values()} == {pool.reserved_blocks()} == {bound // pool.block_bytes(FULL)}
+            most, _ = max(most, running), seen.append(tensors)
+        assert scheduler._pool is pool and all(t == start for t in seen) and _tensors(pool) == start
         assert most == 1  # the second question waited: blocks beyond the bound are queued, as without reserving
         for (state, question, _), (_, events, _) in zip(cases, jobs):
             kind, answer = events[-1]
             assert kind == "done", answer
             assert answer.token_ids == engine.ask(state, question, max_new_tokens=16, temperature=0).token_ids
     finally:
-        scheduler.stop()
+        service.close()
+
+
+def test_a_cpu_server_makes_no_pool_at_start(engine, tmp_path):
+    """Control for the above: on the CPU nothing is reserved at start (the pool grows by doubling when used)."""
+    from vlcache.serving.server import ServeOptions
+    from vlcache.serving.service import Service
+
+    service = Service(engine, ServeOptions(cache_dir=tmp_path / "states", memory_budget=2**30, kv_memory=2**30))
+    try:
+        assert service.scheduler._pool is None
+    finally:
+        service.close()

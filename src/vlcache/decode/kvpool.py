@@ -55,7 +55,7 @@ def kind_name(kind: tuple) -> str:
     return f"chunk {chunk}" if chunk else f"window {window}" if window else "full"
 
 
-def serving_pool(layout: "KVPool", limit_bytes: int | None) -> "KVPool":
+def serving_pool(layout: KVPool, limit_bytes: int | None) -> KVPool:
     """The server's pool (one per scheduler), of `layout`'s layer kinds and shapes, bounded to `limit_bytes`
     (--kv-memory): reserved at that bound on CUDA (see above), grown by doubling elsewhere or when unbounded."""
     return KVPool(layout.kind_layers, layout.shapes, layout.block_size, layout.device, layout.dtype, limit_bytes,

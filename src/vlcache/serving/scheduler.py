@@ -179,6 +179,11 @@ class Scheduler:
 
         return self.compute(steps)
 
+    def reserve_pool(self) -> None:
+        """Make the K/V pool now (a reserved one, on CUDA, takes its whole bound: memory the device cannot give
+        shows at start, not at the first request)."""
+        self.call(lambda: self._layout().ensure()).result()
+
     def forget(self, root: str) -> None:
         """Drop the conversations kept under a state's key (it was deleted); rows using them go on."""
         self.call(lambda: self._radix.drop(root) if self._radix is not None else None)
