@@ -247,6 +247,7 @@ def test_a_first_start_serves_eager_steps_while_it_decides_then_switches(engine,
             time.sleep(0.2)
         decode = _health(url)["decode"]
         assert decode["step"] == "traced (eager backend)" and decode["shapes"] == [[1, 1024], [2, 1024]]
+        assert decode["reason"].startswith("exact on the probe; ") and " ms a step vs eager " in decode["reason"]
         assert decode["discarded_rounds"] == 0 and probe.DISCARDED[0] == discarded
         steps = engine.runner.steps
         compiled = client.chat.completions.create(model="m", messages=question, max_tokens=12, temperature=0)
