@@ -1,6 +1,7 @@
 """Issue 28 item 3 and issue 33 item 4: compiled decode steps whose shapes depend only on the batch size, all compiled
 before `serve` listens and none at request time; `--compile auto`'s decision remembered on disk and reused."""
 
+import contextlib
 import json
 import os
 import socket
@@ -177,12 +178,47 @@ def test_max_context_is_checked_at_start(tiny_model_dir, tmp_path, flags, messag
         assert done.stderr.splitlines()[-1].startswith("error: --max-context 4,000 needs more K/V than --kv-memory holds (")
 
 
-def test_a_first_start_serves_eager_steps_while_it_decides_then_switches(engine, tmp_path, monkeypatch, caplog):
-    """Issue 33 item 4: the server answers while the step is decided and compiled aside (traced here: cheap); the
-    compiled steps take over when ready, with one line, and answer as the eager ones did."""
+@contextlib.contextmanager
+def _deciding_server(engine, tmp_path):
+    """A real server on 127.0.0.1 whose first `auto` start decides in the background (the traced eager step:
+    cheap); yields its URL and service. Its decision is remembered under tmp_path/home."""
     import uvicorn
 
     from vlcache.serving.server import ServeOptions, compile_in_background, create_app, server_config
+
+    services = []
+
+    def on_start(service):
+        services.append(service)
+        return compile_in_background(service, [1, 2], backend="eager", max_context=1024)
+
+    app = create_app(engine, ServeOptions(cache_dir=tmp_path / "states", memory_budget=2**30), on_start=on_start)
+    server = uvicorn.Server(server_config(app, "127.0.0.1", 0, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    try:
+        thread.start()
+        while not server.started:
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}", services[0]
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        engine.compile_steps("off")
+
+
+def _decided(url: str, waiting: str = "deciding in the background") -> dict:
+    deadline = time.time() + 300
+    while (decode := _health(url)["decode"])["reason"].startswith(waiting):
+        assert time.time() < deadline
+        time.sleep(0.2)
+    return decode
+
+
+def test_a_first_start_serves_eager_steps_while_it_decides_then_switches(engine, tmp_path, monkeypatch, caplog):
+    """Issue 33 item 4: the server answers while the step is decided and compiled aside (traced here: cheap); the
+    compiled steps take over when ready, with one line, and answer as the eager ones did. Timed on an idle server
+    (issue 28 review): no round discarded, and the decision is remembered."""
+    from vlcache.decode.step import span_for
 
     monkeypatch.setenv("VLCACHE_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(probe, "MARGIN", -10.0)  # keep the traced step whatever the timing says
@@ -197,33 +233,74 @@ def test_a_first_start_serves_eager_steps_while_it_decides_then_switches(engine,
         return real(*args)
 
     monkeypatch.setattr(probe, "_compile", held)
-    app = create_app(engine, ServeOptions(cache_dir=tmp_path / "states", memory_budget=2**30),
-                     on_start=lambda service: compile_in_background(service, [1, 2], backend="eager", max_context=1024))
-    server = uvicorn.Server(server_config(app, "127.0.0.1", 0, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    try:
-        with caplog.at_level("INFO", logger="vlcache"):
-            thread.start()
-            while not server.started:
-                time.sleep(0.02)
-            url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-            client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
-            decode = _health(url)["decode"]
-            assert decode["step"] == "eager" and decode["reason"].startswith("deciding in the background")
-            eager = client.chat.completions.create(model="m", messages=question, max_tokens=12, temperature=0)
-            assert eager.choices[0].message.content == expected and engine.runner is None
-            gate.set()
-            deadline = time.time() + 300
-            while _health(url)["decode"]["step"] == "eager":
-                assert time.time() < deadline
-                time.sleep(0.2)
-            decode = _health(url)["decode"]
-            assert decode["step"] == "traced (eager backend)" and decode["shapes"] == [[1, 1024], [2, 1024]]
-            steps = engine.runner.steps
-            compiled = client.chat.completions.create(model="m", messages=question, max_tokens=12, temperature=0)
-            assert compiled.choices[0].message.content == expected and engine.runner.steps >= steps + 11
-            assert sum("decode steps: switched to traced (eager backend) steps" in r.message for r in caplog.records) == 1
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        engine.compile_steps("off")
+    discarded = probe.DISCARDED[0]
+    with caplog.at_level("INFO", logger="vlcache"), _deciding_server(engine, tmp_path) as (url, _):
+        client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        decode = _health(url)["decode"]
+        assert decode["step"] == "eager" and decode["reason"].startswith("deciding in the background")
+        eager = client.chat.completions.create(model="m", messages=question, max_tokens=12, temperature=0)
+        assert eager.choices[0].message.content == expected and engine.runner is None
+        gate.set()
+        deadline = time.time() + 300
+        while _health(url)["decode"]["step"] == "eager":
+            assert time.time() < deadline
+            time.sleep(0.2)
+        decode = _health(url)["decode"]
+        assert decode["step"] == "traced (eager backend)" and decode["shapes"] == [[1, 1024], [2, 1024]]
+        assert decode["reason"].startswith("exact on the probe; ") and " ms a step vs eager " in decode["reason"]
+        assert decode["discarded_rounds"] == 0 and probe.DISCARDED[0] == discarded
+        steps = engine.runner.steps
+        compiled = client.chat.completions.create(model="m", messages=question, max_tokens=12, temperature=0)
+        assert compiled.choices[0].message.content == expected and engine.runner.steps >= steps + 11
+        assert sum("decode steps: switched to traced (eager backend) steps" in r.message for r in caplog.records) == 1
+        saved = probe.remembered(engine, "eager", span_for(1024))
+        assert saved["step"] == "traced (eager backend)" and saved["measured"]["eager"]["discarded_rounds"] == 0
+
+
+@pytest.mark.parametrize("busy_rounds", [2, 3])
+def test_timing_rounds_that_overlap_serving_work_are_discarded_and_never_remembered(engine, tmp_path, monkeypatch,
+                                                                                     caplog, busy_rounds):
+    """Issue 28 review: a real request answered during a background timing round discards that round. With 3
+    rounds needed and at most 3 discarded: 2 busy rounds -> decided from 3 quiet ones and remembered (2 counted);
+    3 busy rounds -> eager, no decision file, the reason in /health and one note on stderr."""
+    from vlcache.decode.step import span_for
+
+    monkeypatch.setenv("VLCACHE_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(probe, "MARGIN", -10.0)
+    monkeypatch.setattr(probe, "ROUNDS", 3)
+    monkeypatch.setattr(probe, "MAX_DISCARDED", 3)
+    question = image_messages("camera.png", "What is in this picture?")
+    answers, calls, real = [], [0], probe.time_steps
+    urls = []
+
+    def busy(batch, steps):  # the first timing of each of the first rounds: a request the model thread answers
+        if calls[0] % 2 == 0 and calls[0] < 2 * busy_rounds:
+            client = OpenAI(base_url=urls[0] + "/v1", api_key="unused", max_retries=0, timeout=120)
+            answer = client.chat.completions.create(model="m", messages=question, max_tokens=6, temperature=0)
+            answers.append(answer.choices[0].message.content)
+        calls[0] += 1
+        return real(batch, steps)
+
+    gate = threading.Event()
+    real_compile = probe._compile
+    monkeypatch.setattr(probe, "_compile", lambda *args: gate.wait(120) and real_compile(*args))
+    monkeypatch.setattr(probe, "time_steps", busy)
+    discarded = probe.DISCARDED[0]
+    with caplog.at_level("INFO", logger="vlcache"), _deciding_server(engine, tmp_path) as (url, service):
+        urls.append(url)
+        gate.set()
+        decode = _decided(url)
+        path = decision.path_for(decision.key(engine, span_for(1024), ["eager"]))
+        assert len(answers) == busy_rounds and len(set(answers)) == 1 and answers[0]  # served meanwhile, alike
+        assert probe.DISCARDED[0] == discarded + busy_rounds
+        notes = [r.message for r in caplog.records if r.levelname == "WARNING" and "stay eager" in r.message]
+        if busy_rounds == 3:
+            assert decode["step"] == "eager" and decode["decided"] is False and decode["discarded_rounds"] == 3
+            assert "3 timing rounds overlapped serving work and were discarded (0 of 3 undisturbed)" in decode["reason"]
+            assert decode["reason"].endswith("nothing remembered (the next start decides again)")
+            assert not path.exists() and probe.remembered(engine, "eager", span_for(1024)) is None
+            assert engine.runner is None and len(notes) == 1 and notes[0].startswith("note: decode steps stay eager:")
+        else:
+            assert decode["step"] == "traced (eager backend)" and decode["discarded_rounds"] == 2 and not notes
+            assert json.loads(path.read_text())["measured"]["eager"]["discarded_rounds"] == 2
+        assert service.scheduler.idle

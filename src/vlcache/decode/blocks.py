@@ -54,6 +54,8 @@ class BlockPool:
         self.reclaim: Callable[[], bool] = lambda: False
         # Called when growing would pass the bound: gives back other kinds' unused capacity (decode.kvpool).
         self.make_room: Callable[[], None] = lambda: None
+        # The capacity to grow to from `have`: double; a reserved pool (decode.kvpool, CUDA) its bound at once.
+        self.target: Callable[[int], int] = lambda have: max(2 * have, RESERVED + 8)
 
     @property
     def capacity(self) -> int:
@@ -104,7 +106,7 @@ class BlockPool:
 
     def _grow(self, at_least: int = 0) -> None:
         have = self.capacity
-        size = max(2 * have, RESERVED + 8, at_least)
+        size = max(self.target(have), at_least)
         if self.limit is not None:
             size = min(size, self.limit)
         if size > have and not self.fits(size):

@@ -10,10 +10,14 @@ the running one without copying the state again.
 `limit_bytes` bounds the blocks (all kinds together); a block that would pass it raises PoolFull (the
 server's admission keeps that from happening: it reserves a request's blocks before it starts).
 
-The tensors grow by doubling on every device (the old ones copied, then freed). Reserving the whole budget at
-once on the CPU, with pages committed only when written, was tried and dropped: Linux's heuristic overcommit
-charges a fork for all of a process's private writable memory, so a process holding a few such pools could no
-longer start a subprocess (Ray failed with ENOMEM).
+On the CPU the tensors grow by doubling (the old ones copied, then freed). Reserving the whole budget at once
+on the CPU, with pages committed only when written, was tried and dropped: Linux's heuristic overcommit charges a
+fork for all of a process's private writable memory, so a process holding a few such pools could no longer start
+a subprocess (Ray failed with ENOMEM). On CUDA the server's pool is reserved (`reserve=True`, chosen in
+`serving_pool`): made at its bound with its first block and never grown, as vLLM reserves its K/V at start,
+because the pool's block count is a dimension of the compiled step and on CUDA each new one is a CUDA graph
+recorded when a request makes the pool grow. A reserved pool gives every layer kind the same number of blocks:
+the bound over one block of each kind, as admission counts a row's blocks in every kind.
 """
 
 from __future__ import annotations
@@ -56,15 +60,29 @@ def kind_name(kind: tuple) -> str:
     return f"chunk {chunk}" if chunk else f"window {window}" if window else "full"
 
 
+def serving_pool(layout: KVPool, limit_bytes: int | None) -> KVPool:
+    """The server's pool (one per scheduler), of `layout`'s layer kinds and shapes, bounded to `limit_bytes`
+    (--kv-memory): reserved at that bound on CUDA (see above), grown by doubling elsewhere or when unbounded."""
+    return KVPool(layout.kind_layers, layout.shapes, layout.block_size, layout.device, layout.dtype, limit_bytes,
+                  reserve=reserves(layout.device, limit_bytes))
+
+
+def reserves(device, limit_bytes: int | None) -> bool:
+    """Whether the server's pool is reserved at its bound: on CUDA, when it has one."""
+    return torch.device(device).type == "cuda" and limit_bytes is not None
+
+
 class KVPool:
     def __init__(self, kind_layers: dict[tuple, list[int]], shapes: list, block_size: int, device,
-                 dtype: torch.dtype | None = None, limit_bytes: int | None = None):
+                 dtype: torch.dtype | None = None, limit_bytes: int | None = None, reserve: bool = False):
         self.kind_layers = kind_layers  # (window, chunk) -> the attention layers of that kind
         self.shapes = shapes  # per layer: (kv_heads, head_dim)
         self.block_size = block_size
         self.device = device
         self.dtype = dtype  # the blocks' dtype: the model's, or the first state's
         self.limit_bytes = limit_bytes
+        # Tensors made at the bound (limit_bytes, then required) with the first block, never grown nor trimmed.
+        self.reserve = reserve
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
         self.pools: dict[tuple, BlockPool] = {}
@@ -73,6 +91,9 @@ class KVPool:
             pool.listeners.append(lambda size, kind=kind: self._grow(kind, size))
             pool.fits = lambda size, kind=kind: self._fits(kind, size)
             pool.make_room = lambda kind=kind: self._trim_others(kind)
+            if reserve:
+                pool.target = lambda have: max(have, self.reserved_blocks())
+                pool.make_room = lambda: None
         self.held: dict = {}  # Prefix -> Held: prefixes written into the blocks, while rows use them
 
     # -- sizes -------------------------------------------------------------------------------------------------
@@ -88,6 +109,12 @@ class KVPool:
     def bytes_used(self) -> int:
         """Bytes of the blocks in use (all kinds)."""
         return sum(pool.used * self.block_bytes(kind) for kind, pool in self.pools.items())
+
+    def reserved_blocks(self) -> int:
+        """Blocks per kind of a reserved pool (the reserved ids included): the bound over one block of each kind."""
+        if self.limit_bytes is None:
+            raise ValueError("a reserved K/V pool needs limit_bytes")
+        return self.limit_bytes // sum(self.block_bytes(kind) for kind in self.kind_layers)
 
     def _fits(self, kind: tuple, size: int) -> bool:
         if self.limit_bytes is None:
@@ -146,8 +173,10 @@ class KVPool:
                 tensors[i] = buffer
 
     def ensure(self) -> None:
-        """Every layer's tensors exist (as large as its kind's pool)."""
+        """Every layer's tensors exist (as large as its kind's pool; a reserved pool's at its bound)."""
         for kind, pool in self.pools.items():
+            if self.reserve and pool.capacity < self.reserved_blocks():
+                pool._grow()  # (its listener, _grow here, makes the tensors)
             self._grow(kind, pool.capacity)
 
     def zero(self, kind: tuple, block: int) -> None:

@@ -7,7 +7,9 @@ change a token) and, on a CPU, where it is faster than the eager step by a margi
 otherwise the eager step stays (on CUDA, captured as CUDA graphs where that holds). One line says what was
 chosen and why. auto's decision is remembered (decode.decision): a later start compiles the chosen step from the
 compile cache and measures nothing. A server's first start may decide in the background (`decide_aside`) while
-it serves eager steps, and switch when the compiled ones are ready.
+it serves eager steps, and switch when the compiled ones are ready. Its timing rounds run only while the server
+has no work (`Quiet`): a round that overlapped serving work is discarded and tried again later, and when too many
+were, the server stays eager and nothing is remembered (a timing under load must not decide later starts).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from . import decision
 from .step import StepRunner, default_span, time_steps
@@ -26,6 +29,24 @@ WARM_TEXT = "Describe this."  # what the warm-up rows prefill (text only: no sta
 MARGIN = 0.10  # a compiled step is kept only if at least this much faster than the eager one (CPU)
 ROUNDS = 7  # alternating timing rounds, compiled and eager (their medians are compared)
 MEASUREMENTS = [0]  # how many times this process timed steps to decide (tests: a remembered decision measures nothing)
+# Background timing (a server's first `auto` start): rounds that overlapped serving work are discarded; after this
+# many discarded, or this long spent waiting for a quiet server, the decision is given up (eager, not remembered).
+MAX_DISCARDED = 3 * ROUNDS
+QUIET_WAIT_S = 600.0
+DISCARDED = [0]  # rounds this process discarded because the server worked during them (tests read it)
+
+
+@dataclass(frozen=True)
+class Quiet:
+    """How a background timing knows it ran undisturbed: `idle()` the server has no running row and no queued
+    request or task; `activity()` a count of the model thread's units of work and of arrived requests."""
+
+    idle: Callable[[], bool]
+    activity: Callable[[], int]
+
+
+class Disturbed(Exception):
+    """Not enough timing rounds ran while the server was idle: nothing to decide from."""
 
 _LABELS = {"inductor": "compiled", "cudagraphs": "CUDA graphs of the eager step"}
 _DOING = {"inductor": "compiling the step", "cudagraphs": "capturing CUDA graphs of the eager step"}
@@ -57,17 +78,18 @@ def remembered(engine, backend: str | None = None, span: int | None = None) -> d
 
 
 def decide_aside(engine, buckets: list[int], on_model_thread: Callable, switch: Callable, backend: str | None = None,
-                 span: int | None = None) -> threading.Thread:
+                 span: int | None = None, quiet: Quiet | None = None) -> threading.Thread:
     """auto's decision in a thread of its own, while the caller serves eager steps. The steps compile here (own
     batches, own K/V pool: nothing the serving rows use); the probe's prefill and generate() run through
     `on_model_thread(fn)` (the model's owner: they set state on the model that its forwards read); timing runs
-    here. When a compiled step is chosen, `switch(runner, status)` runs on the model thread: it starts using it."""
+    here, in rounds taken only while `quiet` says the server has no work. When a compiled step is chosen,
+    `switch(runner, status)` runs on the model thread: it starts using it."""
     backends, span, fields = _plan(engine, "auto", backend, span)
     engine.compile_status = {"step": "eager", "reason": "deciding in the background; eager steps until then", "buckets": []}
 
     def work():
         try:
-            status, runner = _decide(engine, "auto", backends, buckets, span, fields, on_model_thread)
+            status, runner = _decide(engine, "auto", backends, buckets, span, fields, on_model_thread, quiet)
         except Exception as exc:  # noqa: BLE001 - the server goes on with eager steps, with one note
             log.warning(f"note: deciding the decode step in the background failed ({type(exc).__name__}: {exc}); "
                         "eager steps stay")
@@ -76,7 +98,10 @@ def decide_aside(engine, buckets: list[int], on_model_thread: Callable, switch: 
             return
         if runner is None:
             engine.compile_status = status
-            log.info(f"decode steps: {status['step']} ({status['reason']})")
+            if status.get("decided") is False:  # not timed undisturbed: nothing remembered
+                log.warning(f"note: decode steps stay eager: {status['reason']}")  # the one stderr line
+            else:
+                log.info(f"decode steps: {status['step']} ({status['reason']})")
             return
 
         def apply():
@@ -99,13 +124,13 @@ def _plan(engine, mode: str, backend: str | None, span: int | None) -> tuple[lis
 
 
 def _decide(engine, mode: str, backends: list[str], buckets: list[int], span: int, fields: dict | None,
-            on_model_thread: Callable) -> tuple[dict, StepRunner | None]:
+            on_model_thread: Callable, quiet: Quiet | None = None) -> tuple[dict, StepRunner | None]:
     """Compile each backend's step for every bucket; with auto, probe and time it. (status, runner or None)."""
     from .. import uncached
 
     cuda = engine.device.type == "cuda"
     image = state = None
-    reasons, measured, decided = [], {}, False
+    reasons, measured, decided, untimed, disturbed = [], {}, False, False, 0
     for name in backends:
         # 1. Compile (or capture) the step for each bucket, timing the first (which pays for the compile).
         runner = StepRunner(engine.model, engine.device, name, span)
@@ -132,8 +157,15 @@ def _decide(engine, mode: str, backends: list[str], buckets: list[int], span: in
         # alternating, and kept only with a margin (a busy machine's noise must not decide).
         if not cuda:
             log.info("decode steps: timing the step against the eager one...")
-            fast, slow = _speed(engine, runner)
+            try:
+                fast, slow, discarded = _speed(engine, runner, quiet)
+            except Disturbed as exc:
+                reasons.append(f"{name} step not timed: {exc}")
+                untimed, disturbed = True, disturbed + exc.args[1]
+                continue
             measured[name] = {"compiled_ms": round(fast * 1e3, 3), "eager_ms": round(slow * 1e3, 3)}
+            if quiet is not None:
+                measured[name]["discarded_rounds"] = discarded
             if fast > slow * (1 - MARGIN):
                 reasons.append(f"{name} step not faster on this CPU by {MARGIN:.0%} ({fast * 1e3:.1f} ms vs eager "
                                f"{slow * 1e3:.1f} ms)")
@@ -141,9 +173,15 @@ def _decide(engine, mode: str, backends: list[str], buckets: list[int], span: in
                 continue
             status = _status(label, f"exact on the probe; {fast * 1e3:.1f} ms a step vs eager {slow * 1e3:.1f} ms",
                              runner, compile_s)
+            if quiet is not None:
+                status["discarded_rounds"] = disturbed + discarded
             return _decided(fields, status, name, measured), runner
         return _decided(fields, _status(label, "exact on the probe", runner, compile_s), name, measured), runner
     status = {"step": "eager", "reason": "; ".join(reasons) or "no compiled step", "buckets": []}
+    if untimed:  # a step not timed undisturbed might have been faster: the next start decides again
+        status.update(reason=status["reason"] + "; eager steps, nothing remembered (the next start decides again)",
+                      discarded_rounds=disturbed, decided=False)
+        return status, None
     # Remembered only where a probe or a timing said eager; a compile that failed may work at the next start.
     return (_decided(fields, status, None, measured) if decided else status), None
 
@@ -227,8 +265,11 @@ def _status(step: str, reason: str, runner: StepRunner, compile_s: float) -> dic
             "shapes": sorted(runner.shapes), "compile_s": round(compile_s, 2)}
 
 
-def _speed(engine, runner: StepRunner) -> tuple[float, float]:
-    """Median seconds of a batch-1 decode step, compiled and eager, alternating (same rows, same lengths)."""
+def _speed(engine, runner: StepRunner, quiet: Quiet | None = None) -> tuple[float, float, int]:
+    """Median seconds of a batch-1 decode step, compiled and eager, alternating (same rows, same lengths), and
+    the rounds discarded. With `quiet` (a serving server), a round starts only when the server is idle and counts
+    only if it still is and did no work meanwhile; Disturbed when MAX_DISCARDED rounds were discarded or the
+    server was not idle for QUIET_WAIT_S."""
     from . import Prefix, SamplingParams
 
     ids = engine.processor.tokenizer(WARM_TEXT, return_tensors="pt")["input_ids"][0].to(engine.device)
@@ -237,11 +278,38 @@ def _speed(engine, runner: StepRunner) -> tuple[float, float]:
     batch.sample(batch.prefill([ids]))
     MEASUREMENTS[0] += 1
     compiled, eager = [], []
-    for i in range(ROUNDS):  # alternating, one first then the other: a load that comes and goes hits both
-        for name in (("compiled", "eager") if i % 2 == 0 else ("eager", "compiled")):
-            batch.runner = runner if name == "compiled" else None
-            (compiled if name == "compiled" else eager).append(time_steps(batch, 3))
-    batch.runner = None
-    batch.cache.close()
+    discarded, deadline = 0, time.monotonic() + QUIET_WAIT_S
+    try:
+        while len(compiled) < ROUNDS:  # alternating, one first then the other: a load that comes and goes hits both
+            before = _await_quiet(quiet, deadline, discarded)
+            pair = {}
+            for name in (("compiled", "eager") if len(compiled) % 2 == 0 else ("eager", "compiled")):
+                batch.runner = runner if name == "compiled" else None
+                pair[name] = time_steps(batch, 3)
+            if quiet is not None and not (quiet.idle() and quiet.activity() == before):
+                discarded += 1  # the model thread worked, or a request came, during the round: its times are not quiet
+                DISCARDED[0] += 1
+                if discarded >= MAX_DISCARDED:
+                    raise Disturbed(f"{discarded} timing rounds overlapped serving work and were discarded "
+                                    f"({len(compiled)} of {ROUNDS} undisturbed)", discarded)
+                continue
+            compiled.append(pair["compiled"]), eager.append(pair["eager"])
+    finally:
+        batch.runner = None
+        batch.cache.close()
     compiled.sort(), eager.sort()
-    return compiled[ROUNDS // 2], eager[ROUNDS // 2]
+    return compiled[ROUNDS // 2], eager[ROUNDS // 2], discarded
+
+
+def _await_quiet(quiet: Quiet | None, deadline: float, discarded: int) -> int:
+    """Wait until the server is idle (polling: it has no event for that); its activity count then."""
+    if quiet is None:
+        return 0
+    while True:
+        before = quiet.activity()  # read first: work that starts after it changes it
+        if quiet.idle():
+            return before
+        if time.monotonic() > deadline:
+            raise Disturbed(f"the server was not idle for {QUIET_WAIT_S:.0f} s of timing ({discarded} rounds "
+                            "discarded)", discarded)
+        time.sleep(0.05)

@@ -42,7 +42,7 @@ import torch
 
 from .. import decode
 from ..decode.blocks import PoolFull, blocks_for
-from ..decode.kvpool import kind_name
+from ..decode.kvpool import kind_name, serving_pool
 from ..decode.radix import RadixTree
 from ..engine import Answer, Engine, GenerationOptions, TextAssembler, _Timing
 
@@ -149,18 +149,24 @@ class Scheduler:
         # budget leaves, as kept conversations' copies counted against it before they were blocks.
         self.kept_budget: Callable[[], int | None] = lambda: None
         self._tasks_turn = False
+        # Work taken and requests arrived, counted: a timing on another thread (decode.probe's background `auto`
+        # decision) that sees it unchanged and the scheduler idle before and after ran undisturbed by serving.
+        # (Increments from two threads may lose one another; the count still changes, which is all it is read for.)
+        self.activity = 0
         self._thread = threading.Thread(target=self._run, name="vlcache-model", daemon=True)
         self._thread.start()
 
     # -- called from other threads ---------------------------------------------------------------------------
 
     def submit(self, job: Job) -> None:
+        self.activity += 1
         self._inbox.put(job)
 
     def compute(self, make: Callable) -> Future:
         """Run `make()` (a generator of units of work that returns a result, e.g. Engine.prefill_media_steps)
         on the model thread, between decode steps; the Future carries the result."""
         future: Future = Future()
+        self.activity += 1
         self._inbox.put(_Task(make, future))
         return future
 
@@ -173,6 +179,11 @@ class Scheduler:
 
         return self.compute(steps)
 
+    def reserve_pool(self) -> None:
+        """Make the K/V pool now (a reserved one, on CUDA, takes its whole bound: memory the device cannot give
+        shows at start, not at the first request)."""
+        self.call(lambda: self._layout().ensure()).result()
+
     def forget(self, root: str) -> None:
         """Drop the conversations kept under a state's key (it was deleted); rows using them go on."""
         self.call(lambda: self._radix.drop(root) if self._radix is not None else None)
@@ -183,6 +194,11 @@ class Scheduler:
     @property
     def running(self) -> int:
         return len(self._running)
+
+    @property
+    def idle(self) -> bool:
+        """No running row, no queued question or task, nothing arrived that the model thread has not taken."""
+        return not (self._running or self._waiting or self._tasks or self._prefill) and self._inbox.empty()
 
     @property
     def queued(self) -> int:
@@ -198,6 +214,7 @@ class Scheduler:
             idle = not (self._running or self._waiting or self._tasks or self._prefill)
             if not self._take(block=idle):
                 return
+            self.activity += 1
             try:
                 self._drop_cancelled()
                 try:
@@ -427,16 +444,16 @@ class Scheduler:
         return _Prefill(rows, batch, followers)
 
     def _new_batch(self) -> decode.Batch:
-        batch = self.engine.batch(self._pool)
         if self._pool is None:
-            pool = batch.cache.pool
-            pool.limit_bytes = self.kv_memory  # before its first block: the CPU reserves this much
+            layout = self.engine.batch()  # an empty batch: the model's layer kinds and shapes (no tensors yet)
+            pool = serving_pool(layout.cache.pool, self.kv_memory)  # reserved at --kv-memory on CUDA
+            layout.cache.close()
             radix = RadixTree(pool)
             pool.set_reclaim(radix.reclaim)  # kept conversations give way to running rows
             # The pool before its tree (and cleared after it): kv_stats, on another thread, reads both.
             self._pool = pool
             self._radix = radix
-        return batch
+        return self.engine.batch(self._pool)
 
     # -- admission by memory ---------------------------------------------------------------------------------
 

@@ -216,7 +216,7 @@ def compile_in_background(service: Service, buckets: list[int], backend: str | N
                           max_context: int | None = None) -> threading.Thread:
     """`serve --compile auto`'s first start on a machine: decide the decode step (decode.probe.decide_aside) while
     the server answers with eager steps; the compiled steps take over between two decode steps when ready."""
-    from ..decode.probe import decide_aside
+    from ..decode.probe import Quiet, decide_aside
     from ..decode.step import span_for
 
     scheduler = service.scheduler
@@ -229,8 +229,10 @@ def compile_in_background(service: Service, buckets: list[int], backend: str | N
         if batch is not None:
             batch.runner = runner
 
+    # Its timing rounds count only while the server has no work (a timing under load must not be remembered).
+    quiet = Quiet(idle=lambda: scheduler.idle, activity=lambda: scheduler.activity)
     return decide_aside(service.engine, buckets, on_model_thread, switch, backend,
-                        span_for(max_context) if max_context else None)
+                        span_for(max_context) if max_context else None, quiet)
 
 
 def _decode_status(engine) -> dict:

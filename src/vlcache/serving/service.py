@@ -29,6 +29,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import model as model_loading
 from .. import prompt, toolcalls, video
+from ..decode import kvpool
 from ..engine import Engine
 from ..errors import ImageError, VlcacheError
 from .fetch import fetch_image_bytes
@@ -68,6 +69,8 @@ class Service:
         self.metrics = Metrics()
         self.scheduler = Scheduler(engine, max_batch=options.max_batch, prefill_chunk=options.prefill_chunk, stats=self.metrics,
                                    kv_memory=options.kv_memory)
+        if kvpool.reserves(engine.device, options.kv_memory):  # CUDA: the whole --kv-memory now, never grown (decode.kvpool)
+            self.scheduler.reserve_pool()
         self.store.forget = self.scheduler.forget  # a deleted state's kept conversations go with it
         # Kept conversations' blocks and the states held in memory share --memory-budget, as before they were blocks.
         # The tree may always keep its share (KEPT_SHARE of the budget, less than the most recently used state
