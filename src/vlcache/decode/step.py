@@ -4,9 +4,9 @@ A decode step of B rows runs with the rows padded to a bucket (1, 2, 4, 8, ...: 
 of positions fixed when the runner is made (`span`: the server's --max-context, a multiple of the block size), so
 its shapes depend only on the bucket: every shape is compiled at start (decode.probe) and none while requests
 wait, however long an answer grows. Rows beyond B are idle: they attend to one zero slot and their outputs are
-dropped. The K/V pool's tensors still grow (by doubling, decode.kvpool): their block count is a dynamic dimension
-of the one graph, never a new variant. A row longer than the span (the Engine API has no --max-context) steps
-eagerly: slower, never a compile.
+dropped. On the CPU the K/V pool's tensors still grow (by doubling, decode.kvpool): their block count is a
+dynamic dimension of the one graph, never a new variant; the server's pool on CUDA is reserved whole at start.
+A row longer than the span (the Engine API has no --max-context) steps eagerly: slower, never a compile.
 
 Backends: "inductor" (fused kernels: faster, but they round differently, so it is used only where the
 exactness probe holds for the loaded model) and, on CUDA, "cudagraphs" (the step's own kernels captured and
