@@ -212,3 +212,30 @@ def test_a_prefix_is_written_whole_blocks_at_once_and_reads_back_exactly(tokens,
     for lo, hi in edge:
         if lo < hi:
             assert _written(pool, 0, chain, lo, hi).eq(0).all()
+
+
+def test_two_kinds_fill_their_bound_exactly_after_a_state_left():
+    """A bound of 16 blocks, two layer kinds of equal block bytes (NULL and SCRATCH are 2 of each kind's). A state
+    of 5 + 1 blocks is written and released; then one of 7 + 5 blocks, which with the reserved ids takes the bound
+    exactly, must fit (the server admitted it by these bytes). The prefix headroom grew the first kind into the
+    room the second needed and its blocks went to the new top ids ahead of the ones freed below them, so the first
+    kind could not be trimmed and the second got PoolFull with the bound not passed."""
+    from vlcache.decode.kvpool import KVPool
+    from vlcache.decode.rows import Prefix
+
+    full, window = (None, None), (8, None)
+    pool = KVPool({full: [0], window: [1]}, [(1, 2), (1, 2)], block_size=4, device="cpu", dtype=torch.float32)
+    pool.limit_bytes = 16 * pool.block_bytes(full)
+
+    def state(tokens, windowed):
+        return Prefix([(torch.randn(1, 1, tokens, 2),) * 2, (torch.randn(1, 1, windowed, 2),) * 2], tokens)
+
+    first = state(19, 2)
+    assert pool.prefix_blocks(first) == {full: 5, window: 1}
+    pool.hold(first)
+    pool.release(first)
+    second = state(25, 14)
+    assert pool.prefix_blocks(second) == {full: 7, window: 5}
+    held = pool.hold(second)
+    assert [len([b for b in held.blocks[k] if b != NULL]) for k in (full, window)] == [7, 5]
+    assert sum(p.capacity for p in pool.pools.values()) <= 16 and pool.bytes_used() == 12 * pool.block_bytes(full)

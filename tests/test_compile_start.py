@@ -304,3 +304,38 @@ def test_timing_rounds_that_overlap_serving_work_are_discarded_and_never_remembe
             assert decode["step"] == "traced (eager backend)" and decode["discarded_rounds"] == 2 and not notes
             assert json.loads(path.read_text())["measured"]["eager"]["discarded_rounds"] == 2
         assert service.scheduler.idle
+
+
+def test_the_scheduler_is_not_idle_while_its_model_thread_starts_a_request(engine):
+    """A background timing round counts when the scheduler was idle before and after it with its activity count
+    unchanged. While the model thread starts a request (its state made on demand here, then its prefill), the
+    request has left the queue and is not yet prefilling: the scheduler said idle then, and a one-token answer
+    finished in that same unit of work left the count unchanged, so a round overlapping all of it counted as quiet."""
+    from churn import job_for
+    from vlcache.serving.scheduler import Scheduler
+
+    scheduler = Scheduler(engine, max_batch=2, prefill_chunk=512)
+    try:
+        assert scheduler.idle
+        job, events, finished = job_for(engine, None, "What is this?", 1, "")
+        kv, making, made = job.kv, threading.Event(), threading.Event()
+
+        def slow_kv():  # the model thread, between taking the request and prefilling it
+            making.set()
+            assert made.wait(30)
+            return kv
+
+        job.kv = slow_kv
+        scheduler.submit(job)
+        assert making.wait(30)
+        before, idle = scheduler.activity, scheduler.idle  # what a timing round reads as it starts
+        made.set()
+        assert finished.wait(60) and events[-1][0] == "done" and len(events[-1][1].token_ids) == 1
+        deadline = time.time() + 30
+        while not scheduler.idle:
+            assert time.time() < deadline
+            time.sleep(0.01)
+        assert not idle, "the scheduler said idle while its model thread made a request's state"
+        assert not (idle and scheduler.activity == before)  # such a round would have counted as quiet
+    finally:
+        scheduler.stop()

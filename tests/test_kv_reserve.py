@@ -119,3 +119,24 @@ def test_a_cpu_server_makes_no_pool_at_start(engine, tmp_path):
         assert service.scheduler._pool is None
     finally:
         service.close()
+
+
+def test_writing_a_state_into_a_nearly_full_reserved_pool_never_grows_it_into_the_bound_s_slack():
+    """The bound is 40 blocks of each kind plus one FULL block's bytes (the floor's remainder). A state written when
+    fewer blocks are free than it takes plus the headroom (make_free's `at_least`) must not grow the reserved pool
+    into that remainder: growing copies the kind's tensors (on CUDA twice its memory for a moment, and a new block
+    count for the compiled step), and a kind past its share leaves another kind short of its own. The state still
+    fits in the free blocks and reads back."""
+    from vlcache.decode.rows import Prefix
+
+    pool = KVPool({FULL: [0], WINDOW: [1]}, [(1, 8), (2, 8)], 16, "cpu", torch.float32, reserve=True)
+    pool.limit_bytes = 40 * (pool.block_bytes(FULL) + pool.block_bytes(WINDOW)) + pool.block_bytes(FULL)
+    pool.ensure()
+    start = _tensors(pool)
+    assert pool.reserved_blocks() == 40 and {blocks for _, blocks in start.values()} == {40}
+    taken = [pool.pools[FULL].allocate() for _ in range(30)]  # 8 FULL blocks left free
+    kv = [(torch.randn(1, 1, 80, 8), torch.randn(1, 1, 80, 8)), (torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8))]
+    chain = pool.hold(Prefix(kv, 80)).blocks[FULL]  # 5 FULL blocks, fewer than 5 + PREFIX_HEADROOM free
+    assert len(taken) == 30 and len(chain) == 5
+    assert torch.equal(torch.cat([pool.keys[0][b] for b in chain], dim=1), kv[0][0][0])
+    assert [p.capacity for p in pool.pools.values()] == [40, 40] and _tensors(pool) == start

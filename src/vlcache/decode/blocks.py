@@ -122,7 +122,7 @@ class BlockPool:
         for listener in self.listeners:  # first: a failed allocation must not leave ids beyond the tensors
             listener(size)
         self.refs.extend([0] * (size - have))
-        self.free.extend(range(size - 1, have - 1, -1))  # lowest ids first out: a compact pool
+        self.free[:0] = range(size - 1, have - 1, -1)  # lowest ids first out, ids freed before them first: a compact pool
 
     def shrink(self) -> int:
         """Drop the free ids above the highest block in use (the tensors are cut by the listener's owner);

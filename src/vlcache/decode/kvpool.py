@@ -93,6 +93,9 @@ class KVPool:
             pool.make_room = lambda kind=kind: self._trim_others(kind)
             if reserve:
                 pool.target = lambda have: max(have, self.reserved_blocks())
+                # Never past its share, even where the bound's remainder would fit a block more: make_free's
+                # `at_least` would otherwise grow (copy) a reserved kind and leave another kind short of its own.
+                pool.fits = lambda size, kind=kind: size <= self.reserved_blocks() and self._fits(kind, size)
                 pool.make_room = lambda: None
         self.held: dict = {}  # Prefix -> Held: prefixes written into the blocks, while rows use them
 

@@ -153,6 +153,9 @@ class Scheduler:
         # decision) that sees it unchanged and the scheduler idle before and after ran undisturbed by serving.
         # (Increments from two threads may lose one another; the count still changes, which is all it is read for.)
         self.activity = 0
+        # The model thread between taking work and waiting for more: a request it is starting has left the queues
+        # and is not yet prefilling (its state made, its prefix written), so the queues alone would read idle.
+        self._busy = False
         self._thread = threading.Thread(target=self._run, name="vlcache-model", daemon=True)
         self._thread.start()
 
@@ -197,8 +200,9 @@ class Scheduler:
 
     @property
     def idle(self) -> bool:
-        """No running row, no queued question or task, nothing arrived that the model thread has not taken."""
-        return not (self._running or self._waiting or self._tasks or self._prefill) and self._inbox.empty()
+        """No running row, no queued question or task, nothing arrived that the model thread has not taken, and
+        the model thread waiting for work."""
+        return not (self._busy or self._running or self._waiting or self._tasks or self._prefill) and self._inbox.empty()
 
     @property
     def queued(self) -> int:
@@ -212,8 +216,11 @@ class Scheduler:
     def _run(self) -> None:
         while True:
             idle = not (self._running or self._waiting or self._tasks or self._prefill)
+            if idle:
+                self._busy = False
             if not self._take(block=idle):
                 return
+            self._busy = True  # before the count: a timing that reads the count after it sees busy
             self.activity += 1
             try:
                 self._drop_cancelled()
