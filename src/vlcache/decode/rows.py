@@ -204,7 +204,10 @@ class RowsLayer(DynamicLayer):
         tables, keys, values = self.tables, self._keys, self._values
         keys[tables.write_block, :, tables.write_offset] = key_states.transpose(1, 2)
         values[tables.write_block, :, tables.write_offset] = value_states.transpose(1, 2)
-        return _gather(keys, tables.view), _gather(values, tables.view)
+        # The pool's tensors, not the rows' gathered K/V: RowsCache.attend gathers a few rows' blocks at a time
+        # (GATHER_BUDGET), so no forward holds every row's positions at once. A shared layer (Gemma 4) is handed
+        # these same tensors and reads them through its source kind's tables.
+        return keys, values
 
     def tokens(self, slot: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A row's K/V from `start` to `end` as fresh [1, kv_heads, n, D] tensors."""
@@ -218,11 +221,28 @@ class RowsLayer(DynamicLayer):
 
 
 def _gather(pool: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
-    """The K or V of a forward's rows [B, kv_heads, nb * block_size, D] through their block tables `view` [B, nb]:
-    the positions in a row's logical order, as the slot layout before had them (so the attention is unchanged)."""
+    """The K or V of some rows [b, heads, nb * block_size, D] through their block tables `view` [b, nb] (`pool`
+    [blocks, heads, block_size, D], maybe a view of some heads): the positions in a row's logical order, as the
+    slot layout before had them (so the attention is unchanged)."""
     rows, blocks = view.shape
     _, heads, size, dim = pool.shape
     return pool[view].transpose(1, 2).reshape(rows, heads, blocks * size, dim)
+
+
+GATHER_BUDGET = 16 * 2**20  # bytes an attention chunk's gathered K and V and float32 scores take at most (one
+# row's one head may take more: the smallest chunk); docs/benchmarks-paged.md
+gathered: list[int] | None = None  # when a test sets it to a list: the bytes of every chunk's gathered K and V
+
+
+def chunks(rows: int, heads: int, unit: int, budget: int | None = None) -> list[tuple[int, int, int, int]]:
+    """(row start, row end, head start, head end) of the chunks an attention over `rows` rows of `heads` K/V
+    heads runs in, a (row, head) costing `unit` bytes: whole rows while a row fits the budget, else one row a
+    few heads at a time. Depends only on the shapes (a compiled step's are fixed)."""
+    per = max((budget or GATHER_BUDGET) // max(unit, 1), 1)
+    if per >= heads:
+        step = per // heads
+        return [(r, min(r + step, rows), 0, heads) for r in range(0, rows, step)]
+    return [(r, r + 1, h, min(h + per, heads)) for r in range(rows) for h in range(0, heads, per)]
 
 
 class RowsLinearLayer(LinearAttentionLayer):
@@ -532,21 +552,46 @@ class RowsCache(DynamicCache):
         return Chunked(chunk) if chunk else window
 
     def attend(self, query, key, value, scaling, window, layer_idx: int | None = None):
-        """query [B, Hq, L, D], key/value [B, Hkv, S, D] (each row's positions, gathered from its blocks) -> [B, L, Hq, D].
+        """query [B, Hq, L, D], key/value the pool's blocks [blocks, Hkv, block_size, D] (RowsLayer.update) -> [B, L, Hq, D].
 
         transformers' eager attention, numerically: matmuls in the model dtype, softmax in float32; grouped
-        query heads folded into the query dimension so K/V are never repeated."""
+        query heads folded into the query dimension so K/V are never repeated. The rows' blocks are gathered a
+        chunk of rows (or of one row's heads) at a time (`chunks`), each chunk's output computed as the whole
+        batch's would be, so every row computes what it computes alone."""
         batch, q_heads, length, dim = query.shape
         kv_heads = key.shape[1]
         groups = q_heads // kv_heads
         scale = scaling if scaling is not None else dim**-0.5
         q = query.reshape(batch, kv_heads, groups * length, dim)
-        bias = self.book.masks[self.mask_key(layer_idx, window)]  # [B, 1, L, S]: broadcast, never copied
+        mask = self.mask_key(layer_idx, window)
+        bias = self.book.masks[mask]  # [B, 1, L, S]: broadcast, never copied
         if layer_idx is not None and isinstance(self.layers[layer_idx], DummyLayer):
             bias = shared_rows(bias, length)
-        scores = torch.matmul(q, key.transpose(-1, -2)).float() * scale
-        span = scores.shape[-1]
-        scores = (scores.view(batch, kv_heads, groups, length, span) + bias.unsqueeze(2)).view(batch, kv_heads, groups * length, span)
-        probs = torch.softmax(scores, dim=-1).to(value.dtype)
-        out = torch.matmul(probs, value)
+        # The tables of the layer kind whose blocks these are (a shared layer's are its source's, of its kind).
+        view = self.kinds[(None, mask.size) if isinstance(mask, Chunked) else (mask, None)].view
+        span = view.shape[1] * key.shape[2]
+        unit = span * (2 * dim * key.element_size() + groups * length * (8 + 2 * value.element_size()))
+        rows_out: list[list[torch.Tensor]] = []  # per chunk of rows, its outputs by chunk of heads
+        for r0, r1, h0, h1 in chunks(batch, kv_heads, unit):
+            rows = view[r0:r1]
+            k, v = _gather(key[:, h0:h1], rows), _gather(value[:, h0:h1], rows)
+            if gathered is not None:
+                gathered.append(k.nbytes + v.nbytes)
+            out = _attend(q[r0:r1, h0:h1], k, v, bias[r0:r1], scale, groups, length)
+            if h0 == 0:
+                rows_out.append([out])
+            else:
+                rows_out[-1].append(out)
+        parts = [p[0] if len(p) == 1 else torch.cat(p, dim=1) for p in rows_out]
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)  # [B, Hkv, g*L, D]
         return out.reshape(batch, q_heads, length, dim).transpose(1, 2).contiguous()
+
+
+def _attend(q, key, value, bias, scale, groups: int, length: int) -> torch.Tensor:
+    """One chunk: q [b, h, g*L, D], key/value [b, h, S, D], bias [b, 1, L, S] -> [b, h, g*L, D]."""
+    batch, kv_heads = q.shape[:2]
+    scores = torch.matmul(q, key.transpose(-1, -2)).float() * scale
+    span = scores.shape[-1]
+    scores = (scores.view(batch, kv_heads, groups, length, span) + bias.unsqueeze(2)).view(batch, kv_heads, groups * length, span)
+    probs = torch.softmax(scores, dim=-1).to(value.dtype)
+    return torch.matmul(probs, value)
