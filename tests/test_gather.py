@@ -59,3 +59,20 @@ def test_one_head_at_a_time_answers_as_alone_in_every_layer_kind(kind, family_en
     answers = engine.ask_many(state, QUESTIONS[:3], max_new_tokens=N, temperature=0)
     assert len(gathered) > len(whole_chunks) and max(gathered) < max(whole_chunks)  # one head of one row at a time
     assert [a.token_ids for a in answers] == [a.token_ids for a in whole]
+
+
+def test_the_traced_fixed_shape_step_runs_in_chunks_and_answers_as_alone(engine, astronaut_state, monkeypatch):
+    """The fixed-shape step (traced: the CPU stand-in for a CUDA graph) with its bucket's rows in several
+    chunks a layer: the chunk loop has sizes fixed by the bucket and the span, and every row answers as alone."""
+    from vlcache.decode.step import StepRunner
+
+    prompts = [QUESTIONS[i % 4] + f" ({i})" for i in range(5)]
+    alone = [engine.ask(astronaut_state, p, max_new_tokens=N, temperature=0).token_ids for p in prompts]
+    monkeypatch.setattr(rows, "GATHER_BUDGET", 1)  # one row's one head a chunk
+    engine.runner = StepRunner(engine.model, "cpu", "eager")
+    try:
+        answers = engine.ask_many(astronaut_state, prompts, max_new_tokens=N, temperature=0)
+        assert engine.runner.failed is None and engine.runner.steps > 0 and {b for b, _ in engine.runner.shapes} == {8}
+    finally:
+        engine.runner = None
+    assert [a.token_ids for a in answers] == alone
