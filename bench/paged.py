@@ -97,6 +97,7 @@ def one(folder: Path, rows: int, state_tokens: int | None = None, dtype: str = "
     """In this process: cache the photograph (or make a synthetic state), then ask_many with `rows` questions;
     the memory figures."""
     from vlcache import Engine
+    from vlcache.decode.blocks import BLOCK_SIZE, blocks_for
     from vlcache.state import kv_nbytes
 
     torch.set_num_threads(1)
@@ -118,11 +119,15 @@ def one(folder: Path, rows: int, state_tokens: int | None = None, dtype: str = "
     held = sum(_held_bytes(batch.cache) for batch in made)
     state_bytes = kv_nbytes(state.kv)
     # The floor: the state once and every token the rows write (question, answer but its last token).
-    written = sum(engine.question_ids(state.metadata.messages, p, state.metadata.template_time).shape[1]
-                  + len(a.token_ids) - 1 for p, a in zip(prompts, answers))
+    own = [engine.question_ids(state.metadata.messages, p, state.metadata.template_time).shape[1] + len(a.token_ids) - 1
+           for p, a in zip(prompts, answers)]
+    written = sum(own)
     out = {"rows": rows, "state_tokens": state.num_tokens, "state_bytes": state_bytes, "peak_growth_bytes": peak,
            "batch_kv_bytes": held, "dtype": dtype, "synthetic": bool(state_tokens), "max_new_tokens": max_new_tokens,
            "short": short, "row_tokens_written": written,
+           # Counted, not run: the blocks if each row's own tokens began a fresh block (no copy of the state's
+           # partly filled last block), with every row at once.
+           "blocks_if_rows_start_fresh": blocks_for(state.num_tokens, BLOCK_SIZE) + sum(blocks_for(n, BLOCK_SIZE) for n in own),
            "floor_bytes": state_bytes + written * state_bytes // state.num_tokens}
     out["peak_over_state"] = round(peak / state_bytes, 2)
     out["held_over_state"] = round(held / state_bytes, 2)

@@ -5,10 +5,11 @@ kv_heads, block_size, D] (decode.blocks); a row's block table names, for every b
 that holds them. A prefix (an image state's K/V) is written into blocks once, by the first row that uses it;
 every further row on the same Prefix object references those blocks (reference counts) and owns only the blocks
 of its own tokens (question and answer so far). The prefix's partly filled last block is copied when a row
-first writes into it (copy-on-write), so no row ever changes another's keys. A forward gathers each row's blocks
-into [rows, kv_heads, span, D] in position order, so the attention below is the one of a contiguous layout;
-every forward is one batched attention with shapes that depend only on the rows and the span (a multiple of
-the block size), which a compiled step can fix. A row that leaves releases its blocks and is replaced by the
+first writes into it (copy-on-write), so no row ever changes another's keys. A layer's attention gathers a few
+rows' blocks at a time into [rows, kv_heads, span, D] in position order (a chunk's K/V and scores within
+GATHER_BUDGET bytes, never every row's at once), so each chunk's attention is the one of a contiguous layout;
+the chunks' sizes depend only on the rows and the span (a multiple of the block size), which a compiled step
+can fix. A row that leaves releases its blocks and is replaced by the
 last one (its block table moves, no K/V is copied), so the running rows are always the first B.
 
 Which keys a query sees is decided from logical positions (a row's unpadded sequence index), kept per slot
