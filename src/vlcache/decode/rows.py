@@ -91,7 +91,11 @@ class RowsBook:
         self.chunks = chunks  # the model's attention chunk sizes (chunked local attention)
         self.align = align  # a forward's span is a multiple of this (the K/V block size)
         self.keys = torch.full((0, 0), -1, dtype=torch.long, device=device)
-        self.lengths: list[int] = []  # real tokens per running row (prefix included)
+        self.lengths: list[int] = []  # real tokens per running row (prefix included): its next logical position
+        # Per row: where its next token goes (its physical end) and the hole (logical position, size) its own
+        # tokens skip: they begin on a fresh block after the prefix's partly filled last one (RowsCache.add).
+        self.ends: list[int] = []
+        self.holes: list[tuple[int, int]] = []
         self.prefixes: list[Prefix] = []
         # Set by begin() for the forward in progress:
         self.batch = 0  # rows in the forward (the running rows, or a fixed bucket of them)
@@ -116,17 +120,22 @@ class RowsBook:
         """Each row's next logical position (its prefix and its real tokens before it)."""
         return list(self.lengths)
 
+    def physical(self, slot: int, position: int) -> int:
+        """Where a row's logical `position` is (past its hole, if it is after it)."""
+        at, size = self.holes[slot]
+        return position + size if position >= at and size else position
+
     def begin(self, logical: torch.Tensor, counts: list[int], batch: int | None = None, span: int | None = None) -> None:
         """Lay out a forward's new tokens: `logical` [B, L] positions, `counts` real (unpadded, right-aligned)
         tokens per row. `batch`/`span`: a fixed shape (rows beyond the running ones are idle and write nothing
         that is read; span the whole capacity); by default the running rows and the positions in use."""
         rows, width = logical.shape
         batch = batch or rows
-        need = max((n + width for n in self.lengths[:rows]), default=width)
+        need = max((n + width for n in self.ends[:rows]), default=width)
         self.reserve(batch, need)
         device = self.device
         counts_t = torch.tensor(counts + [0] * (batch - rows), device=device)
-        starts = torch.tensor(self.lengths[:rows] + [0] * (batch - rows), device=device)
+        starts = torch.tensor(self.ends[:rows] + [0] * (batch - rows), device=device)
         if batch > rows:
             logical = torch.cat([logical, logical.new_zeros(batch - rows, width)])
         column = torch.arange(width, device=device)
@@ -137,6 +146,7 @@ class RowsBook:
         self.keys[:batch].scatter_(1, self.write, torch.where(valid, logical, torch.full_like(logical, -1)))
         for i, n in enumerate(counts):
             self.lengths[i] += n
+            self.ends[i] += n
         self.batch = batch
         self.span = span or -(-need // self.align) * self.align  # every position a row has written or writes now
         keys = self.keys[:batch, : self.span]
@@ -211,11 +221,16 @@ class RowsLayer(DynamicLayer):
         return keys, values
 
     def tokens(self, slot: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A row's K/V from `start` to `end` as fresh [1, kv_heads, n, D] tensors."""
+        """A row's K/V of logical positions `start` to `end` as fresh [1, kv_heads, n, D] tensors."""
         if self._keys is None or end <= start:
             heads, dim = self.pool.shapes[self.index]
             empty = torch.zeros(1, heads, max(end - start, 0), dim, dtype=self.pool.dtype, device=self.book.device)
             return empty, empty.clone()
+        at, size = self.book.holes[slot]
+        if size and start < at < end:  # on both sides of the row's hole: the two runs, joined
+            (k1, v1), (k2, v2) = self.tokens(slot, start, at), self.tokens(slot, at, end)
+            return torch.cat([k1, k2], dim=2), torch.cat([v1, v2], dim=2)
+        start, end = self.book.physical(slot, start), self.book.physical(slot, end - 1) + 1
         block, offset = self.pool.where(self.tables.table[slot], start, end)
         return (self._keys[block, :, offset].transpose(0, 1).unsqueeze(0).contiguous(),
                 self._values[block, :, offset].transpose(0, 1).unsqueeze(0).contiguous())
@@ -260,7 +275,7 @@ class RowsCache(DynamicCache):
     """The cache of a batch of rows with their own prefixes (see the module docstring)."""
 
     def __init__(self, config, device, dtype: torch.dtype | None = None, block_size: int = BLOCK_SIZE,
-                 pool: KVPool | None = None):
+                 pool: KVPool | None = None, fresh_rows: bool = False):
         super().__init__(config=config)
         text = config.get_text_config()
         # transformers builds a chunked layer's cache as a sliding one (window = the chunk size): only the
@@ -290,6 +305,10 @@ class RowsCache(DynamicCache):
         for i, layer in enumerate(layers):
             if isinstance(layer, tuple):
                 kind_layers.setdefault(layer, []).append(i)
+        # fresh_rows: rows begin their own tokens on a fresh block (no copy of the prefix's partly filled last
+        # block; a hole the masks skip). Off where a row's blocks become chains of token ids, which must be
+        # contiguous (the server's kept conversations in decode.radix, its n > 1 choices' prefixes).
+        self.fresh_rows = fresh_rows
         if pool is None:
             pool = KVPool(kind_layers, self._shapes, block_size, device, dtype)
         elif pool.kind_layers != kind_layers or pool.shapes != self._shapes:
@@ -329,10 +348,13 @@ class RowsCache(DynamicCache):
         slot = self.rows
         book = self.book
         tokens = prefix.tokens
-        self._reserve(slot + 1, tokens + 1, prefix)
+        end = -(-tokens // self.pool.block_size) * self.pool.block_size if self.fresh_rows else tokens
+        self._reserve(slot + 1, end + 1, prefix)
         held = self.pool.hold(prefix)
         book.prefixes.append(prefix)
         book.lengths.append(tokens)
+        book.ends.append(end)
+        book.holes.append((tokens, end - tokens))
         book.keys[slot] = -1
         book.keys[slot, :tokens] = torch.arange(tokens, device=book.device)
         for kind, tables in self.kinds.items():
@@ -374,15 +396,18 @@ class RowsCache(DynamicCache):
         pool its blocks are referenced (the other cache still holds them until its row is removed); otherwise its
         prefix's blocks are this pool's (written once here) and its own blocks copied."""
         prefix, length = other.book.prefixes[other_slot], other.book.lengths[other_slot]
+        end = other.book.ends[other_slot]
         slot = self.rows
         book = self.book
-        self._reserve(slot + 1, length + 1, like=other)
+        self._reserve(slot + 1, end + 1, like=other)
         same = other.pool is self.pool
         held = self.pool.hold(prefix)
         book.prefixes.append(prefix)
         book.lengths.append(length)
+        book.ends.append(end)
+        book.holes.append(other.book.holes[other_slot])
         book.keys[slot] = -1
-        book.keys[slot, :length] = other.book.keys[other_slot, :length]
+        book.keys[slot, :end] = other.book.keys[other_slot, :end]
         for kind, tables in self.kinds.items():
             theirs = other.kinds[kind].rows[other_slot]
             if same:
@@ -422,11 +447,14 @@ class RowsCache(DynamicCache):
         if slot != last:
             book.keys[slot] = book.keys[last]
             book.lengths[slot], book.prefixes[slot] = book.lengths[last], book.prefixes[last]
+            book.ends[slot], book.holes[slot] = book.ends[last], book.holes[last]
             for i in self._linear:
                 for buffer in self._linear[i]:
                     buffer[slot] = buffer[last]
         book.keys[last] = -1
         book.lengths.pop()
+        book.ends.pop()
+        book.holes.pop()
         book.prefixes.pop()
         self.pool.release(prefix)
         self._bind()
@@ -441,8 +469,12 @@ class RowsCache(DynamicCache):
     def truncate(self, slot: int, length: int) -> None:
         """Cut a row back to its first `length` tokens (attention layers; linear states are restored apart)."""
         book = self.book
-        book.keys[slot, length:] = -1
-        book.lengths[slot] = length
+        at, size = book.holes[slot]
+        if length <= at:  # back into the prefix: no own token is left, none skips the hole any more
+            book.holes[slot] = (at, 0)
+        end = book.physical(slot, length)
+        book.keys[slot, end:] = -1
+        book.lengths[slot], book.ends[slot] = length, end
 
     @torch.inference_mode()
     def set_linear_states(self, slot: int, states: list) -> None:
@@ -506,7 +538,7 @@ class RowsCache(DynamicCache):
     def begin(self, logical: torch.Tensor, counts: list[int], batch: int | None = None, span: int | None = None) -> None:
         """Lay out a forward (RowsBook.begin) and where its K/V go: blocks of their own for the positions the rows
         write (a shared block copied first), the padding's and idle rows' K/V into the SCRATCH block."""
-        starts = self.book.lengths[: len(counts)]
+        starts = self.book.ends[: len(counts)]
         for tables in self.kinds.values():
             for i, n in enumerate(counts):
                 tables.writable(i, starts[i], starts[i] + n)

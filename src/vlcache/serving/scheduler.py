@@ -427,7 +427,7 @@ class Scheduler:
         return _Prefill(rows, batch, followers)
 
     def _new_batch(self) -> decode.Batch:
-        batch = self.engine.batch(self._pool)
+        batch = self.engine.batch(self._pool, fresh_rows=False)  # contiguous rows: their blocks become radix chains
         if self._pool is None:
             pool = batch.cache.pool
             pool.limit_bytes = self.kv_memory  # before its first block: the CPU reserves this much
