@@ -4,8 +4,12 @@ Rows join and leave between forwards. Every attention layer keeps its K/V in fix
 kv_heads, block_size, D] (decode.blocks); a row's block table names, for every block_size positions, the block
 that holds them. A prefix (an image state's K/V) is written into blocks once, by the first row that uses it;
 every further row on the same Prefix object references those blocks (reference counts) and owns only the blocks
-of its own tokens (question and answer so far). The prefix's partly filled last block is copied when a row
-first writes into it (copy-on-write), so no row ever changes another's keys. A layer's attention gathers a few
+of its own tokens (question and answer so far). Its own tokens begin on a fresh block after the prefix's last
+one (`fresh_rows`): the unused tail of a partly filled last block stays a hole, empty in `RowsBook.keys`, so
+the masks skip it and logical positions (RoPE) are unchanged; a row's physical end (`ends`) is then apart from
+its logical length, and whatever reads a row's positions maps them past the hole. Where rows stay contiguous
+(the server's: their blocks become chains of token ids), the prefix's partly filled last block is copied when
+a row first writes into it (copy-on-write). Either way no row ever changes another's keys. A layer's attention gathers a few
 rows' blocks at a time into [rows, kv_heads, span, D] in position order (a chunk's K/V and scores within
 GATHER_BUDGET bytes, never every row's at once), so each chunk's attention is the one of a contiguous layout;
 the chunks' sizes depend only on the rows and the span (a multiple of the block size), which a compiled step
