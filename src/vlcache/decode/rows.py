@@ -473,7 +473,7 @@ class RowsCache(DynamicCache):
     def truncate(self, slot: int, length: int) -> None:
         """Cut a row back to its first `length` tokens (attention layers; linear states are restored apart)."""
         book = self.book
-        at, size = book.holes[slot]
+        at, _ = book.holes[slot]
         if length <= at:  # back into the prefix: no own token is left, none skips the hole any more
             book.holes[slot] = (at, 0)
         end = book.physical(slot, length)
