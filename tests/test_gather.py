@@ -68,7 +68,8 @@ def test_the_traced_fixed_shape_step_runs_in_chunks_and_answers_as_alone(engine,
 
     prompts = [QUESTIONS[i % 4] + f" ({i})" for i in range(5)]
     alone = [engine.ask(astronaut_state, p, max_new_tokens=N, temperature=0).token_ids for p in prompts]
-    monkeypatch.setattr(rows, "GATHER_BUDGET", 1)  # one row's one head a chunk
+    monkeypatch.setattr(rows, "GATHER_BUDGET", 1)  # one row's one head a chunk, eager and traced
+    monkeypatch.setattr(rows, "COMPILED_GATHER_BUDGET", 1)
     engine.runner = StepRunner(engine.model, "cpu", "eager")
     try:
         answers = engine.ask_many(astronaut_state, prompts, max_new_tokens=N, temperature=0)
@@ -76,3 +77,26 @@ def test_the_traced_fixed_shape_step_runs_in_chunks_and_answers_as_alone(engine,
     finally:
         engine.runner = None
     assert [a.token_ids for a in answers] == alone
+
+
+def test_a_compiled_step_takes_the_compiled_budget(engine, astronaut_state, monkeypatch):
+    """Traced steps chunk by COMPILED_GATHER_BUDGET (an unrolled loop: fewer, larger chunks), eager forwards by
+    GATHER_BUDGET: with the eager budget at one (row, head) and the compiled one unbounded, the traced graph
+    holds one chunk a layer."""
+    from vlcache.decode.step import StepRunner
+
+    seen = []
+    real = rows.chunks
+    monkeypatch.setattr(rows, "chunks", lambda *a: seen.append(real(*a)) or seen[-1])
+    monkeypatch.setattr(rows, "GATHER_BUDGET", 1)
+    monkeypatch.setattr(rows, "COMPILED_GATHER_BUDGET", 10**12)
+    engine.runner = StepRunner(engine.model, "cpu", "eager")
+    try:
+        answers = engine.ask_many(astronaut_state, QUESTIONS[:3], max_new_tokens=N, temperature=0)
+        assert engine.runner.steps > 0 and engine.runner.failed is None
+    finally:
+        engine.runner = None
+    assert any(len(c) == 1 and c[0][:2] == (0, 4) for c in seen)  # traced: the bucket's 4 rows at once
+    assert any(len(c) > 3 for c in seen)  # eager (the prefill): a row's head at a time
+    for question, answer in zip(QUESTIONS, answers):
+        assert answer.token_ids == engine.ask(astronaut_state, question, max_new_tokens=N, temperature=0).token_ids

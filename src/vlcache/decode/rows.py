@@ -251,6 +251,9 @@ def _gather(pool: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
 
 GATHER_BUDGET = 16 * 2**20  # bytes an attention chunk's gathered K and V and float32 scores take at most (one
 # row's one head may take more: the smallest chunk); docs/benchmarks-paged.md
+# The same for a compiled step, larger: its chunk loop is unrolled into the graph, and 16 chunks a layer took
+# inductor 203 s to compile against 34 s for one (thin 2B geometry, 16 rows, span 1024; docs/benchmarks-paged.md).
+COMPILED_GATHER_BUDGET = 256 * 2**20
 gathered: list[int] | None = None  # when a test sets it to a list: the bytes of every chunk's gathered K and V
 
 
@@ -258,7 +261,7 @@ def chunks(rows: int, heads: int, unit: int, budget: int | None = None) -> list[
     """(row start, row end, head start, head end) of the chunks an attention over `rows` rows of `heads` K/V
     heads runs in, a (row, head) costing `unit` bytes: whole rows while a row fits the budget, else one row a
     few heads at a time. Depends only on the shapes (a compiled step's are fixed)."""
-    per = max((budget or GATHER_BUDGET) // max(unit, 1), 1)
+    per = max((budget or GATHER_BUDGET) // max(unit, 1), 1)  # (row, head) pairs a chunk may take
     if per >= heads:
         step = per // heads
         return [(r, min(r + step, rows), 0, heads) for r in range(0, rows, step)]
@@ -609,7 +612,8 @@ class RowsCache(DynamicCache):
         span = view.shape[1] * key.shape[2]
         unit = span * (2 * dim * key.element_size() + groups * length * (8 + 2 * value.element_size()))
         rows_out: list[list[torch.Tensor]] = []  # per chunk of rows, its outputs by chunk of heads
-        for r0, r1, h0, h1 in chunks(batch, kv_heads, unit):
+        budget = COMPILED_GATHER_BUDGET if torch.compiler.is_compiling() else GATHER_BUDGET
+        for r0, r1, h0, h1 in chunks(batch, kv_heads, unit, budget):
             rows = view[r0:r1]
             k, v = _gather(key[:, h0:h1], rows), _gather(value[:, h0:h1], rows)
             if gathered is not None:
