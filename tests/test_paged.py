@@ -24,18 +24,21 @@ def _tokens(batch, question_ids):
 
 
 def _own_blocks_only(cache, prefix_tokens: int) -> None:
-    """Per layer kind: every row shares the prefix's whole blocks and holds blocks of its own tokens only;
+    """Per layer kind: every row shares the prefix's blocks (all of them where its own tokens begin on a fresh
+    block, else the whole ones: the partly filled last one is copied) and holds blocks of its own tokens only;
     the pool holds exactly those."""
     held = next(iter(cache.pool.held.values())).blocks
     for kind, tables in cache.kinds.items():
         size = tables.block_size
-        shared = prefix_tokens // size
+        shared = blocks_for(prefix_tokens, size) if cache.fresh_rows else prefix_tokens // size
         prefix = [b for b in held[kind] if b != NULL]
         own = []
         for slot, row in enumerate(tables.rows):
             assert row[:shared] == held[kind][:shared]
             mine = [b for b in row[shared:] if b != NULL]
-            assert len(mine) == blocks_for(cache.book.lengths[slot], size) - shared
+            own_tokens = cache.book.lengths[slot] - prefix_tokens
+            assert len(mine) == (blocks_for(own_tokens, size) if cache.fresh_rows
+                                 else blocks_for(cache.book.lengths[slot], size) - shared)
             own += mine
         assert len(set(own)) == len(own) and not set(own) & set(prefix)  # no row's block is another's
         assert tables.pool.used == len(prefix) + len(own)
@@ -101,7 +104,7 @@ def test_a_shared_partial_block_is_copied_on_write_and_control(engine, astronaut
     prefix = engine.state_prefix(astronaut_state)
     questions = [QUESTIONS[1], QUESTIONS[0]]
     ids = [engine.question_ids(astronaut_state.metadata.messages, q)[0] for q in questions]
-    batch = engine.batch()
+    batch = engine.batch(fresh_rows=False)  # the server's rows: contiguous, so they write into that block
     for question in ids:
         batch.add(prefix, decode.SamplingParams(0.0), 12, question)
     for tables in batch.cache.kinds.values():

@@ -462,11 +462,13 @@ class Engine:
     def state_prefix(self, state: ImageState) -> decode.Prefix:
         return decode.Prefix(kv=state.kv, tokens=state.num_tokens, rope_delta=_delta(state))
 
-    def batch(self, pool: decode.KVPool | None = None) -> decode.Batch:
+    def batch(self, pool: decode.KVPool | None = None, fresh_rows: bool = True) -> decode.Batch:
         """An empty batch of rows on this engine's model: what every question decodes in. `pool`: K/V blocks
-        shared with other batches (a state written once for all their rows), else its own."""
+        shared with other batches (a state written once for all their rows), else its own. `fresh_rows`: rows'
+        own tokens begin on a fresh block (decode.rows); the server's, whose blocks become kept chains, do not."""
         return decode.Batch(self.model, self.family.positions, self.eos_ids, self.device, self.dtype, runner=self.runner,
-                            tokenizer=getattr(self.processor, "tokenizer", self.processor), pool=pool)
+                            tokenizer=getattr(self.processor, "tokenizer", self.processor), pool=pool,
+                            fresh_rows=fresh_rows)
 
     def stream_ids(self, prefix: decode.Prefix, history: torch.Tensor, new_ids: torch.Tensor,
                    options: GenerationOptions, batch: decode.Batch | None = None) -> Iterator[Delta]:

@@ -24,11 +24,12 @@ PREFILL_PIECE = 1024  # tokens of new ids a forward takes at most (a long text-o
 
 class Batch:
     def __init__(self, model, positions, eos_ids: frozenset[int], device, dtype, runner=None, tokenizer=None,
-                 pool=None):
+                 pool=None, fresh_rows: bool = False):
         self.model = model
         self.positions = positions  # the family's: (slots, logical, rope deltas [B, 1]) -> position ids
         self.device = device
-        self.cache = RowsCache(model.config, device, dtype, pool=pool)  # pool: a KVPool shared with other batches
+        # pool: a KVPool shared with other batches; fresh_rows: rows' own tokens on fresh blocks (RowsCache)
+        self.cache = RowsCache(model.config, device, dtype, pool=pool, fresh_rows=fresh_rows)
         vocab = model.get_output_embeddings().weight.shape[0]
         self.sampling = RowSampling(vocab, eos_ids, device, tokenizer)  # the tokenizer: for stop strings
         self.deltas = torch.zeros(0, 1, dtype=torch.long, device=device)

@@ -4,11 +4,16 @@ Rows join and leave between forwards. Every attention layer keeps its K/V in fix
 kv_heads, block_size, D] (decode.blocks); a row's block table names, for every block_size positions, the block
 that holds them. A prefix (an image state's K/V) is written into blocks once, by the first row that uses it;
 every further row on the same Prefix object references those blocks (reference counts) and owns only the blocks
-of its own tokens (question and answer so far). The prefix's partly filled last block is copied when a row
-first writes into it (copy-on-write), so no row ever changes another's keys. A forward gathers each row's blocks
-into [rows, kv_heads, span, D] in position order, so the attention below is the one of a contiguous layout;
-every forward is one batched attention with shapes that depend only on the rows and the span (a multiple of
-the block size), which a compiled step can fix. A row that leaves releases its blocks and is replaced by the
+of its own tokens (question and answer so far). Its own tokens begin on a fresh block after the prefix's last
+one (`fresh_rows`): the unused tail of a partly filled last block stays a hole, empty in `RowsBook.keys`, so
+the masks skip it and logical positions (RoPE) are unchanged; a row's physical end (`ends`) is then apart from
+its logical length, and whatever reads a row's positions maps them past the hole. Where rows stay contiguous
+(the server's: their blocks become chains of token ids), the prefix's partly filled last block is copied when
+a row first writes into it (copy-on-write). Either way no row ever changes another's keys. A layer's attention gathers a few
+rows' blocks at a time into [rows, kv_heads, span, D] in position order (a chunk's K/V and scores within
+GATHER_BUDGET bytes, never every row's at once), so each chunk's attention is the one of a contiguous layout;
+the chunks' sizes depend only on the rows and the span (a multiple of the block size), which a compiled step
+can fix. A row that leaves releases its blocks and is replaced by the
 last one (its block table moves, no K/V is copied), so the running rows are always the first B.
 
 Which keys a query sees is decided from logical positions (a row's unpadded sequence index), kept per slot
@@ -90,7 +95,11 @@ class RowsBook:
         self.chunks = chunks  # the model's attention chunk sizes (chunked local attention)
         self.align = align  # a forward's span is a multiple of this (the K/V block size)
         self.keys = torch.full((0, 0), -1, dtype=torch.long, device=device)
-        self.lengths: list[int] = []  # real tokens per running row (prefix included)
+        self.lengths: list[int] = []  # real tokens per running row (prefix included): its next logical position
+        # Per row: where its next token goes (its physical end) and the hole (logical position, size) its own
+        # tokens skip: they begin on a fresh block after the prefix's partly filled last one (RowsCache.add).
+        self.ends: list[int] = []
+        self.holes: list[tuple[int, int]] = []
         self.prefixes: list[Prefix] = []
         # Set by begin() for the forward in progress:
         self.batch = 0  # rows in the forward (the running rows, or a fixed bucket of them)
@@ -115,17 +124,22 @@ class RowsBook:
         """Each row's next logical position (its prefix and its real tokens before it)."""
         return list(self.lengths)
 
+    def physical(self, slot: int, position: int) -> int:
+        """Where a row's logical `position` is (past its hole, if it is after it)."""
+        at, size = self.holes[slot]
+        return position + size if position >= at and size else position
+
     def begin(self, logical: torch.Tensor, counts: list[int], batch: int | None = None, span: int | None = None) -> None:
         """Lay out a forward's new tokens: `logical` [B, L] positions, `counts` real (unpadded, right-aligned)
         tokens per row. `batch`/`span`: a fixed shape (rows beyond the running ones are idle and write nothing
         that is read; span the whole capacity); by default the running rows and the positions in use."""
         rows, width = logical.shape
         batch = batch or rows
-        need = max((n + width for n in self.lengths[:rows]), default=width)
+        need = max((n + width for n in self.ends[:rows]), default=width)
         self.reserve(batch, need)
         device = self.device
         counts_t = torch.tensor(counts + [0] * (batch - rows), device=device)
-        starts = torch.tensor(self.lengths[:rows] + [0] * (batch - rows), device=device)
+        starts = torch.tensor(self.ends[:rows] + [0] * (batch - rows), device=device)
         if batch > rows:
             logical = torch.cat([logical, logical.new_zeros(batch - rows, width)])
         column = torch.arange(width, device=device)
@@ -136,6 +150,7 @@ class RowsBook:
         self.keys[:batch].scatter_(1, self.write, torch.where(valid, logical, torch.full_like(logical, -1)))
         for i, n in enumerate(counts):
             self.lengths[i] += n
+            self.ends[i] += n
         self.batch = batch
         self.span = span or -(-need // self.align) * self.align  # every position a row has written or writes now
         keys = self.keys[:batch, : self.span]
@@ -204,25 +219,53 @@ class RowsLayer(DynamicLayer):
         tables, keys, values = self.tables, self._keys, self._values
         keys[tables.write_block, :, tables.write_offset] = key_states.transpose(1, 2)
         values[tables.write_block, :, tables.write_offset] = value_states.transpose(1, 2)
-        return _gather(keys, tables.view), _gather(values, tables.view)
+        # The pool's tensors, not the rows' gathered K/V: RowsCache.attend gathers a few rows' blocks at a time
+        # (GATHER_BUDGET), so no forward holds every row's positions at once. A shared layer (Gemma 4) is handed
+        # these same tensors and reads them through its source kind's tables.
+        return keys, values
 
     def tokens(self, slot: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A row's K/V from `start` to `end` as fresh [1, kv_heads, n, D] tensors."""
+        """A row's K/V of logical positions `start` to `end` as fresh [1, kv_heads, n, D] tensors."""
         if self._keys is None or end <= start:
             heads, dim = self.pool.shapes[self.index]
             empty = torch.zeros(1, heads, max(end - start, 0), dim, dtype=self.pool.dtype, device=self.book.device)
             return empty, empty.clone()
+        at, size = self.book.holes[slot]
+        if size and start < at < end:  # on both sides of the row's hole: the two runs, joined
+            (k1, v1), (k2, v2) = self.tokens(slot, start, at), self.tokens(slot, at, end)
+            return torch.cat([k1, k2], dim=2), torch.cat([v1, v2], dim=2)
+        start, end = self.book.physical(slot, start), self.book.physical(slot, end - 1) + 1
         block, offset = self.pool.where(self.tables.table[slot], start, end)
         return (self._keys[block, :, offset].transpose(0, 1).unsqueeze(0).contiguous(),
                 self._values[block, :, offset].transpose(0, 1).unsqueeze(0).contiguous())
 
 
 def _gather(pool: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
-    """The K or V of a forward's rows [B, kv_heads, nb * block_size, D] through their block tables `view` [B, nb]:
-    the positions in a row's logical order, as the slot layout before had them (so the attention is unchanged)."""
+    """The K or V of some rows [b, heads, nb * block_size, D] through their block tables `view` [b, nb] (`pool`
+    [blocks, heads, block_size, D], maybe a view of some heads): the positions in a row's logical order, as the
+    slot layout before had them (so the attention is unchanged)."""
     rows, blocks = view.shape
     _, heads, size, dim = pool.shape
     return pool[view].transpose(1, 2).reshape(rows, heads, blocks * size, dim)
+
+
+GATHER_BUDGET = 16 * 2**20  # bytes an attention chunk's gathered K and V and float32 scores take at most (one
+# row's one head may take more: the smallest chunk); docs/benchmarks-paged.md
+# The same for a compiled step, larger: its chunk loop is unrolled into the graph, and 16 chunks a layer took
+# inductor 203 s to compile against 34 s for one (thin 2B geometry, 16 rows, span 1024; docs/benchmarks-paged.md).
+COMPILED_GATHER_BUDGET = 256 * 2**20
+gathered: list[int] | None = None  # when a test sets it to a list: the bytes of every chunk's gathered K and V
+
+
+def chunks(rows: int, heads: int, unit: int, budget: int | None = None) -> list[tuple[int, int, int, int]]:
+    """(row start, row end, head start, head end) of the chunks an attention over `rows` rows of `heads` K/V
+    heads runs in, a (row, head) costing `unit` bytes: whole rows while a row fits the budget, else one row a
+    few heads at a time. Depends only on the shapes (a compiled step's are fixed)."""
+    per = max((budget or GATHER_BUDGET) // max(unit, 1), 1)  # (row, head) pairs a chunk may take
+    if per >= heads:
+        step = per // heads
+        return [(r, min(r + step, rows), 0, heads) for r in range(0, rows, step)]
+    return [(r, r + 1, h, min(h + per, heads)) for r in range(rows) for h in range(0, heads, per)]
 
 
 class RowsLinearLayer(LinearAttentionLayer):
@@ -239,7 +282,7 @@ class RowsCache(DynamicCache):
     """The cache of a batch of rows with their own prefixes (see the module docstring)."""
 
     def __init__(self, config, device, dtype: torch.dtype | None = None, block_size: int = BLOCK_SIZE,
-                 pool: KVPool | None = None):
+                 pool: KVPool | None = None, fresh_rows: bool = False):
         super().__init__(config=config)
         text = config.get_text_config()
         # transformers builds a chunked layer's cache as a sliding one (window = the chunk size): only the
@@ -269,6 +312,10 @@ class RowsCache(DynamicCache):
         for i, layer in enumerate(layers):
             if isinstance(layer, tuple):
                 kind_layers.setdefault(layer, []).append(i)
+        # fresh_rows: rows begin their own tokens on a fresh block (no copy of the prefix's partly filled last
+        # block; a hole the masks skip). Off where a row's blocks become chains of token ids, which must be
+        # contiguous (the server's kept conversations in decode.radix, its n > 1 choices' prefixes).
+        self.fresh_rows = fresh_rows
         if pool is None:
             pool = KVPool(kind_layers, self._shapes, block_size, device, dtype)
         elif pool.kind_layers != kind_layers or pool.shapes != self._shapes:
@@ -308,10 +355,13 @@ class RowsCache(DynamicCache):
         slot = self.rows
         book = self.book
         tokens = prefix.tokens
-        self._reserve(slot + 1, tokens + 1, prefix)
+        end = -(-tokens // self.pool.block_size) * self.pool.block_size if self.fresh_rows else tokens
+        self._reserve(slot + 1, end + 1, prefix)
         held = self.pool.hold(prefix)
         book.prefixes.append(prefix)
         book.lengths.append(tokens)
+        book.ends.append(end)
+        book.holes.append((tokens, end - tokens))
         book.keys[slot] = -1
         book.keys[slot, :tokens] = torch.arange(tokens, device=book.device)
         for kind, tables in self.kinds.items():
@@ -353,15 +403,18 @@ class RowsCache(DynamicCache):
         pool its blocks are referenced (the other cache still holds them until its row is removed); otherwise its
         prefix's blocks are this pool's (written once here) and its own blocks copied."""
         prefix, length = other.book.prefixes[other_slot], other.book.lengths[other_slot]
+        end = other.book.ends[other_slot]
         slot = self.rows
         book = self.book
-        self._reserve(slot + 1, length + 1, like=other)
+        self._reserve(slot + 1, end + 1, like=other)
         same = other.pool is self.pool
         held = self.pool.hold(prefix)
         book.prefixes.append(prefix)
         book.lengths.append(length)
+        book.ends.append(end)
+        book.holes.append(other.book.holes[other_slot])
         book.keys[slot] = -1
-        book.keys[slot, :length] = other.book.keys[other_slot, :length]
+        book.keys[slot, :end] = other.book.keys[other_slot, :end]
         for kind, tables in self.kinds.items():
             theirs = other.kinds[kind].rows[other_slot]
             if same:
@@ -401,11 +454,14 @@ class RowsCache(DynamicCache):
         if slot != last:
             book.keys[slot] = book.keys[last]
             book.lengths[slot], book.prefixes[slot] = book.lengths[last], book.prefixes[last]
+            book.ends[slot], book.holes[slot] = book.ends[last], book.holes[last]
             for i in self._linear:
                 for buffer in self._linear[i]:
                     buffer[slot] = buffer[last]
         book.keys[last] = -1
         book.lengths.pop()
+        book.ends.pop()
+        book.holes.pop()
         book.prefixes.pop()
         self.pool.release(prefix)
         self._bind()
@@ -420,8 +476,12 @@ class RowsCache(DynamicCache):
     def truncate(self, slot: int, length: int) -> None:
         """Cut a row back to its first `length` tokens (attention layers; linear states are restored apart)."""
         book = self.book
-        book.keys[slot, length:] = -1
-        book.lengths[slot] = length
+        at, _ = book.holes[slot]
+        if length <= at:  # back into the prefix: no own token is left, none skips the hole any more
+            book.holes[slot] = (at, 0)
+        end = book.physical(slot, length)
+        book.keys[slot, end:] = -1
+        book.lengths[slot], book.ends[slot] = length, end
 
     @torch.inference_mode()
     def set_linear_states(self, slot: int, states: list) -> None:
@@ -485,7 +545,7 @@ class RowsCache(DynamicCache):
     def begin(self, logical: torch.Tensor, counts: list[int], batch: int | None = None, span: int | None = None) -> None:
         """Lay out a forward (RowsBook.begin) and where its K/V go: blocks of their own for the positions the rows
         write (a shared block copied first), the padding's and idle rows' K/V into the SCRATCH block."""
-        starts = self.book.lengths[: len(counts)]
+        starts = self.book.ends[: len(counts)]
         for tables in self.kinds.values():
             for i, n in enumerate(counts):
                 tables.writable(i, starts[i], starts[i] + n)
@@ -532,21 +592,47 @@ class RowsCache(DynamicCache):
         return Chunked(chunk) if chunk else window
 
     def attend(self, query, key, value, scaling, window, layer_idx: int | None = None):
-        """query [B, Hq, L, D], key/value [B, Hkv, S, D] (each row's positions, gathered from its blocks) -> [B, L, Hq, D].
+        """query [B, Hq, L, D], key/value the pool's blocks [blocks, Hkv, block_size, D] (RowsLayer.update) -> [B, L, Hq, D].
 
         transformers' eager attention, numerically: matmuls in the model dtype, softmax in float32; grouped
-        query heads folded into the query dimension so K/V are never repeated."""
+        query heads folded into the query dimension so K/V are never repeated. The rows' blocks are gathered a
+        chunk of rows (or of one row's heads) at a time (`chunks`), each chunk's output computed as the whole
+        batch's would be, so every row computes what it computes alone."""
         batch, q_heads, length, dim = query.shape
         kv_heads = key.shape[1]
         groups = q_heads // kv_heads
         scale = scaling if scaling is not None else dim**-0.5
         q = query.reshape(batch, kv_heads, groups * length, dim)
-        bias = self.book.masks[self.mask_key(layer_idx, window)]  # [B, 1, L, S]: broadcast, never copied
+        mask = self.mask_key(layer_idx, window)
+        bias = self.book.masks[mask]  # [B, 1, L, S]: broadcast, never copied
         if layer_idx is not None and isinstance(self.layers[layer_idx], DummyLayer):
             bias = shared_rows(bias, length)
-        scores = torch.matmul(q, key.transpose(-1, -2)).float() * scale
-        span = scores.shape[-1]
-        scores = (scores.view(batch, kv_heads, groups, length, span) + bias.unsqueeze(2)).view(batch, kv_heads, groups * length, span)
-        probs = torch.softmax(scores, dim=-1).to(value.dtype)
-        out = torch.matmul(probs, value)
+        # The tables of the layer kind whose blocks these are (a shared layer's are its source's, of its kind).
+        view = self.kinds[(None, mask.size) if isinstance(mask, Chunked) else (mask, None)].view
+        span = view.shape[1] * key.shape[2]
+        unit = span * (2 * dim * key.element_size() + groups * length * (8 + 2 * value.element_size()))
+        rows_out: list[list[torch.Tensor]] = []  # per chunk of rows, its outputs by chunk of heads
+        budget = COMPILED_GATHER_BUDGET if torch.compiler.is_compiling() else GATHER_BUDGET
+        for r0, r1, h0, h1 in chunks(batch, kv_heads, unit, budget):
+            rows = view[r0:r1]
+            k, v = _gather(key[:, h0:h1], rows), _gather(value[:, h0:h1], rows)
+            if gathered is not None:
+                gathered.append(k.nbytes + v.nbytes)
+            out = _attend(q[r0:r1, h0:h1], k, v, bias[r0:r1], scale, groups, length)
+            if h0 == 0:
+                rows_out.append([out])
+            else:
+                rows_out[-1].append(out)
+        parts = [p[0] if len(p) == 1 else torch.cat(p, dim=1) for p in rows_out]
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)  # [B, Hkv, g*L, D]
         return out.reshape(batch, q_heads, length, dim).transpose(1, 2).contiguous()
+
+
+def _attend(q, key, value, bias, scale, groups: int, length: int) -> torch.Tensor:
+    """One chunk: q [b, h, g*L, D], key/value [b, h, S, D], bias [b, 1, L, S] -> [b, h, g*L, D]."""
+    batch, kv_heads = q.shape[:2]
+    scores = torch.matmul(q, key.transpose(-1, -2)).float() * scale
+    span = scores.shape[-1]
+    scores = (scores.view(batch, kv_heads, groups, length, span) + bias.unsqueeze(2)).view(batch, kv_heads, groups * length, span)
+    probs = torch.softmax(scores, dim=-1).to(value.dtype)
+    return torch.matmul(probs, value)

@@ -67,7 +67,7 @@ class StepRunner:
             return None  # fresh linear states live in the model's own layers, sized for these rows only: eager
         book = cache.book
         span = self.span
-        if max(book.lengths) + 1 > span:
+        if max(book.ends) + 1 > span:
             self.beyond_span += 1
             return None  # beyond the fixed block tables: an eager step (any length), never a new shape
         logical = torch.tensor(book.next_logical(), device=batch.device).unsqueeze(1)
@@ -174,7 +174,8 @@ def _undo(book, rows: int) -> None:
     """Take back what begin() recorded for a step that did not run (its token goes in again, eagerly)."""
     for i in range(rows):
         book.lengths[i] -= 1
-        book.keys[i, book.lengths[i]] = -1
+        book.ends[i] -= 1
+        book.keys[i, book.ends[i]] = -1
 
 
 def time_steps(batch, steps: int) -> float:

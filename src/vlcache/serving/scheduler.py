@@ -460,7 +460,7 @@ class Scheduler:
             # The pool before its tree (and cleared after it): kv_stats, on another thread, reads both.
             self._pool = pool
             self._radix = radix
-        return self.engine.batch(self._pool)
+        return self.engine.batch(self._pool, fresh_rows=False)  # contiguous rows: their blocks become radix chains
 
     # -- admission by memory ---------------------------------------------------------------------------------
 
