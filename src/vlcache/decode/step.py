@@ -126,9 +126,10 @@ class StepRunner:
         return logits[:rows]
 
 
-DEFAULT_SPAN = 4096  # positions a step attends over unless --max-context says: the step's cost and transient memory
-# grow with it (the eager gather reads every position of the span: 2B, bfloat16, 16 rows at 4,096 positions is
-# 134 MiB of K and as much of V per layer; at the 2B's 262,144 it would be 64 times that), so longer rows step eagerly
+DEFAULT_SPAN = 4096  # positions a step attends over unless --max-context says: the step's cost grows with it (the
+# attention gathers every position of the span, in chunks of rows within decode.rows.COMPILED_GATHER_BUDGET: 2B,
+# bfloat16, 16 rows at 4,096 positions is 134 MiB of K and as much of V per layer; at the 2B's 262,144 a single
+# row's would pass the budget), so longer rows step eagerly
 
 
 def default_span(model) -> int:
