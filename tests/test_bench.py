@@ -1,6 +1,7 @@
 """The benchmark script runs end to end on the tiny model and writes well-formed results (not timed)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -111,7 +112,9 @@ def test_the_decode_benchmark_measures_every_method(engine):
     ids = bench_decode._prompt_ids(engine, 2).cpu()
     assert bench_decode.vlcache_steps(engine, 2, 2) > 0
     assert bench_decode.vlcache_steps(engine, 2, 2, StepRunner(engine.model, "cpu", "eager")) > 0
-    assert bench_decode.generate_steps(engine.model, ids, 2, static=False) > 0
+    # generate()'s per-step figure is a difference of two timings (n + 1 tokens minus 1): on a busy machine it can
+    # come out below zero, so only that it ran and gave a number is checked here (no timed assertions in tests).
+    assert math.isfinite(bench_decode.generate_steps(engine.model, ids, 2, static=False))
     result = {"machine": {"cpu": "x", "cores": 2, "capability": "AVX2", "native_bf16": None, "torch": torch.__version__},
               "command": "c", "thin": {"model": "m", "threads": 1, "prompt_tokens": 5, "steps": 2, "rounds": 1,
                                        "per_step_s": {1: {"vlcache eager": 0.02, "vlcache compiled": 0.01, "generate eager": 0.04,
