@@ -98,3 +98,20 @@ def test_a_rows_state_suffix_and_truncation_step_over_the_hole(engine, astronaut
             assert _same(a, c) and _same(b, d) and a.shape[2] == cut + 8
     for batch in batches.values():
         batch.cache.close()
+
+
+def test_a_cut_back_to_the_states_end_stays_on_the_fresh_block(engine, astronaut_state, monkeypatch):
+    """A conversation rolled back to the state's end (Qwen3.5's first turn boundary; Conversation._sync) keeps
+    its row's own tokens on their fresh block: the next turn copies no block of the state, and answers as before."""
+    copies = _count_copies(monkeypatch)
+    n = astronaut_state.num_tokens
+    question = engine.question_ids(astronaut_state.metadata.messages, QUESTIONS[2])[0]
+    batch = engine.batch()
+    batch.add(engine.state_prefix(astronaut_state), decode.SamplingParams(0.0), N, question)
+    first = batch.prefill([question])
+    hole = batch.cache.book.holes[0]
+    batch.cache.truncate(0, n)
+    assert batch.cache.book.holes[0] == hole and batch.cache.book.ends[0] == n + hole[1]
+    again = batch.prefill([question])
+    assert copies == [] and torch.equal(again, first)
+    batch.cache.close()

@@ -477,7 +477,9 @@ class RowsCache(DynamicCache):
         """Cut a row back to its first `length` tokens (attention layers; linear states are restored apart)."""
         book = self.book
         at, _ = book.holes[slot]
-        if length <= at:  # back into the prefix: no own token is left, none skips the hole any more
+        # Back into the prefix: no own token is left, none skips the hole any more. Back to its very end (a
+        # conversation's first turn boundary) the hole stays: the next tokens go on the fresh block, no copy.
+        if length < at:
             book.holes[slot] = (at, 0)
         end = book.physical(slot, length)
         book.keys[slot, end:] = -1
