@@ -96,9 +96,8 @@ class RowsBook:
         self.align = align  # a forward's span is a multiple of this (the K/V block size)
         self.keys = torch.full((0, 0), -1, dtype=torch.long, device=device)
         self.lengths: list[int] = []  # real tokens per running row (prefix included): its next logical position
-        # Per row: where its next token goes (its physical end) and the hole (logical position, size) its own
-        # tokens skip: they begin on a fresh block after the prefix's partly filled last one (RowsCache.add).
-        self.ends: list[int] = []
+        # Per row: the hole (logical position, size) its own tokens skip: they begin on a fresh block after the
+        # prefix's partly filled last one (RowsCache.add). Its physical end follows from it (`ends`).
         self.holes: list[tuple[int, int]] = []
         self.prefixes: list[Prefix] = []
         # Set by begin() for the forward in progress:
@@ -124,6 +123,11 @@ class RowsBook:
         """Each row's next logical position (its prefix and its real tokens before it)."""
         return list(self.lengths)
 
+    @property
+    def ends(self) -> list[int]:
+        """Per row: where its next token goes (its physical end: its length past its hole)."""
+        return [self.physical(i, n) for i, n in enumerate(self.lengths)]
+
     def physical(self, slot: int, position: int) -> int:
         """Where a row's logical `position` is (past its hole, if it is after it)."""
         at, size = self.holes[slot]
@@ -135,11 +139,12 @@ class RowsBook:
         that is read; span the whole capacity); by default the running rows and the positions in use."""
         rows, width = logical.shape
         batch = batch or rows
-        need = max((n + width for n in self.ends[:rows]), default=width)
+        ends = self.ends[:rows]
+        need = max((n + width for n in ends), default=width)
         self.reserve(batch, need)
         device = self.device
         counts_t = torch.tensor(counts + [0] * (batch - rows), device=device)
-        starts = torch.tensor(self.ends[:rows] + [0] * (batch - rows), device=device)
+        starts = torch.tensor(ends + [0] * (batch - rows), device=device)
         if batch > rows:
             logical = torch.cat([logical, logical.new_zeros(batch - rows, width)])
         column = torch.arange(width, device=device)
@@ -150,7 +155,6 @@ class RowsBook:
         self.keys[:batch].scatter_(1, self.write, torch.where(valid, logical, torch.full_like(logical, -1)))
         for i, n in enumerate(counts):
             self.lengths[i] += n
-            self.ends[i] += n
         self.batch = batch
         self.span = span or -(-need // self.align) * self.align  # every position a row has written or writes now
         keys = self.keys[:batch, : self.span]
@@ -360,7 +364,6 @@ class RowsCache(DynamicCache):
         held = self.pool.hold(prefix)
         book.prefixes.append(prefix)
         book.lengths.append(tokens)
-        book.ends.append(end)
         book.holes.append((tokens, end - tokens))
         book.keys[slot] = -1
         book.keys[slot, :tokens] = torch.arange(tokens, device=book.device)
@@ -403,7 +406,7 @@ class RowsCache(DynamicCache):
         pool its blocks are referenced (the other cache still holds them until its row is removed); otherwise its
         prefix's blocks are this pool's (written once here) and its own blocks copied."""
         prefix, length = other.book.prefixes[other_slot], other.book.lengths[other_slot]
-        end = other.book.ends[other_slot]
+        end = other.book.physical(other_slot, length)
         slot = self.rows
         book = self.book
         self._reserve(slot + 1, end + 1, like=other)
@@ -411,7 +414,6 @@ class RowsCache(DynamicCache):
         held = self.pool.hold(prefix)
         book.prefixes.append(prefix)
         book.lengths.append(length)
-        book.ends.append(end)
         book.holes.append(other.book.holes[other_slot])
         book.keys[slot] = -1
         book.keys[slot, :end] = other.book.keys[other_slot, :end]
@@ -454,13 +456,12 @@ class RowsCache(DynamicCache):
         if slot != last:
             book.keys[slot] = book.keys[last]
             book.lengths[slot], book.prefixes[slot] = book.lengths[last], book.prefixes[last]
-            book.ends[slot], book.holes[slot] = book.ends[last], book.holes[last]
+            book.holes[slot] = book.holes[last]
             for i in self._linear:
                 for buffer in self._linear[i]:
                     buffer[slot] = buffer[last]
         book.keys[last] = -1
         book.lengths.pop()
-        book.ends.pop()
         book.holes.pop()
         book.prefixes.pop()
         self.pool.release(prefix)
@@ -483,7 +484,7 @@ class RowsCache(DynamicCache):
             book.holes[slot] = (at, 0)
         end = book.physical(slot, length)
         book.keys[slot, end:] = -1
-        book.lengths[slot], book.ends[slot] = length, end
+        book.lengths[slot] = length
 
     @torch.inference_mode()
     def set_linear_states(self, slot: int, states: list) -> None:

@@ -175,8 +175,7 @@ def _undo(book, rows: int) -> None:
     """Take back what begin() recorded for a step that did not run (its token goes in again, eagerly)."""
     for i in range(rows):
         book.lengths[i] -= 1
-        book.ends[i] -= 1
-        book.keys[i, book.ends[i]] = -1
+        book.keys[i, book.physical(i, book.lengths[i])] = -1
 
 
 def time_steps(batch, steps: int) -> float:
